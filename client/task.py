@@ -1,0 +1,140 @@
+"""A hospital's side of one round, as a typed function (the ClientApp only translates messages).
+
+Order of operations, each step before the next:
+
+1. read the prepared local dataset (the cache; DICOM files are not touched again);
+2. fix the noise multiplier: the run's plan in the ledger, else calibrate so that the run's
+   remaining rounds end at, never above, the budget given everything already spent — or use
+   the run's fixed σ when calibration is off;
+3. budget check: if this round would take ε above the budget, do not train (typed status);
+4. charge the round's steps to the ledger, durably;
+5. train (private D, post-processing G) and check the accountant counted what was charged;
+6. pack the update vector (delta, weight and losses together; see ``common.weights``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from client.ledger import NoisePlan, PrivacyLedger
+from client.prepare import load_or_create_salt, prepare_site
+from common.config import RunConfig, SiteConfig
+from common.dataset import LocalDataset, load_cache
+from common.dp_train import train_local_round
+from common.models import build_models, select_device
+from common.privacy import Charge, PrivacyBudgetExceeded, calibrate_noise_multiplier, check_budget
+from common.protocol import SiteReply, Status
+from common.weights import UpdateLayout, load_model_arrays, model_arrays
+
+class AccountingMismatch(RuntimeError):
+    """The optimizer took other steps than the ledger charged: a bug, so nothing is sent."""
+
+
+def load_site_dataset(site: SiteConfig, run: RunConfig) -> LocalDataset:
+    """The site's prepared dataset; prepares the DICOM folder first if the cache is stale."""
+    prepare_site(
+        site.data_dir,
+        site.cache_dir,
+        image_size=run.model.image_size,
+        salt=load_or_create_salt(site.salt_path),
+        progress=False,
+    )
+    return load_cache(site.cache_dir)
+
+
+def noise_for_round(
+    ledger: PrivacyLedger, run: RunConfig, *, sample_rate: float, run_id: int, server_round: int
+) -> float:
+    """σ for this round: fixed, or the run's calibrated plan (made at the site's first round).
+
+    The plan covers the run's remaining rounds (``num_rounds − round + 1``) on top of the whole
+    ledger history, so a resumed or later run only ever gets what is left of the budget.
+    """
+    if not run.privacy.calibrate:
+        return run.privacy.noise_multiplier
+    plan = ledger.plan(run_id)
+    if plan is not None and plan.sample_rate == sample_rate:
+        return plan.noise_multiplier
+    remaining = max(run.federation.num_rounds - server_round + 1, 1)
+    sigma = calibrate_noise_multiplier(
+        ledger.charges,
+        sample_rate=sample_rate,
+        planned_steps=remaining * run.train.local_steps,
+        delta=ledger.delta,
+        budget=ledger.epsilon_budget,
+        accountant=ledger.accountant,
+    )
+    ledger.set_plan(run_id, NoisePlan(noise_multiplier=sigma, sample_rate=sample_rate))
+    return sigma
+
+
+def train_round(
+    run: RunConfig,
+    site: SiteConfig,
+    global_arrays: dict[str, np.ndarray],
+    *,
+    run_id: int,
+    server_round: int,
+) -> SiteReply:
+    """Do one round at this hospital; see the module docstring for the order of operations."""
+    data = load_site_dataset(site, run)
+    with PrivacyLedger.locked(site.ledger_path):
+        ledger = PrivacyLedger.open(
+            site.ledger_path,
+            site=site.site_id,
+            accountant=run.privacy.accountant,
+            delta=run.privacy.delta,
+            epsilon_budget=site.epsilon_budget,
+        )
+
+        def outcome(status: Status, eps: float, sigma: float | None, update: np.ndarray | None) -> SiteReply:
+            return SiteReply(
+                site_id=site.site_id,
+                status=status,
+                epsilon=eps,
+                epsilon_budget=ledger.epsilon_budget,
+                delta=ledger.delta,
+                total_steps=ledger.total_steps,
+                noise_multiplier=sigma,
+                update=update,
+            )
+
+        sample_rate = run.train.batch_size / data.num_patients
+        try:
+            sigma = noise_for_round(
+                ledger, run, sample_rate=sample_rate, run_id=run_id, server_round=server_round
+            )
+            charge = Charge(sigma, sample_rate, run.train.local_steps)
+            eps_after = check_budget(
+                ledger.charges,
+                charge,
+                delta=ledger.delta,
+                budget=ledger.epsilon_budget,
+                accountant=ledger.accountant,
+            )
+        except PrivacyBudgetExceeded:
+            return outcome("budget-exhausted", ledger.epsilon(), None, None)
+        ledger.charge(charge, run=run_id, round=server_round)  # durable before any training
+
+    netG, netD = build_models(run.model)
+    load_model_arrays(netG, netD, global_arrays)
+    result = train_local_round(
+        netG,
+        netD,
+        data,
+        model=run.model,
+        train=run.train,
+        noise_multiplier=sigma,
+        max_grad_norm=run.privacy.max_grad_norm,
+        device=select_device(run.train.device),
+    )
+    if result.charge != charge:
+        raise AccountingMismatch(f"ledger charged {charge}, optimizer accounted {result.charge}")
+    layout = UpdateLayout.of(global_arrays)
+    update = layout.pack(
+        model_arrays(netG, netD),
+        global_arrays,
+        weight=float(data.num_patients),
+        metrics={"loss_d": result.loss_d, "loss_g": result.loss_g},
+    )
+    return outcome("ok", eps_after, sigma, update)

@@ -1,0 +1,50 @@
+"""Durable atomic file writes: a crash leaves either the old file or the new one, never a mix.
+
+Identity used: ``rename(2)`` within one folder is atomic; data is made durable by fsync of the
+temporary file before the rename and of the folder after it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+
+def write_bytes_atomic(path: Path, data: bytes, *, mode: int = 0o644) -> None:
+    """Temp file in the same folder → write → fsync → rename over ``path`` → fsync folder."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def json_safe(obj: Any) -> Any:
+    """Copy with NaN/inf replaced by None: strict JSON has neither."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
+def write_json_atomic(path: Path, payload: Any, *, mode: int = 0o644) -> None:
+    """Strict JSON (sorted keys, NaN/inf as null), written with ``write_bytes_atomic``."""
+    data = json.dumps(json_safe(payload), indent=1, sort_keys=True, allow_nan=False).encode()
+    write_bytes_atomic(path, data + b"\n", mode=mode)

@@ -1,0 +1,241 @@
+"""Typed, validated configuration, parsed once from Flower's run config and node config.
+
+Defaults live in ``[tool.flwr.app.config]`` of ``pyproject.toml``; Flower flattens nested keys
+(``dp.noise-multiplier``). Everything else in the code base receives these frozen dataclasses;
+nothing else reads ``run_config`` or ``node_config``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+ConfigValue = bool | int | float | str
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing or out of range; the message names the key and the fix."""
+
+
+def _get(cfg: Mapping[str, ConfigValue], key: str, kind: type, default: ConfigValue | None = None) -> ConfigValue:
+    if key not in cfg:
+        if default is None:
+            raise ConfigError(f"missing config key '{key}' (add it to [tool.flwr.app.config] or --run-config)")
+        return default
+    value = cfg[key]
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if kind is int and isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ConfigError(f"config key '{key}' must be {kind.__name__}, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """DCGAN shape: image side 32 or 64, latent size, channel widths, class conditioning."""
+
+    image_size: int = 32
+    latent_dim: int = 64
+    g_width: int = 64
+    d_width: int = 32
+    num_classes: int = 2
+    conditional: bool = True
+
+    def __post_init__(self) -> None:
+        if self.image_size not in (32, 64):
+            raise ConfigError(f"model.image-size must be 32 or 64, got {self.image_size}")
+        if self.latent_dim < 1 or self.g_width < 4 or self.d_width < 4:
+            raise ConfigError("model.latent-dim must be >= 1 and model.g-width/d-width >= 4")
+        if self.d_width % 4:
+            raise ConfigError(f"model.d-width must be a multiple of 4 (GroupNorm groups), got {self.d_width}")
+        if self.num_classes < 1:
+            raise ConfigError(f"model.num-classes must be >= 1, got {self.num_classes}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One local round: ``local_steps`` private D steps, one G step every ``d_steps_per_g``."""
+
+    local_steps: int = 20
+    d_steps_per_g: int = 1
+    batch_size: int = 32  # expected number of *patients* per D step (Poisson)
+    lr_d: float = 2e-4
+    lr_g: float = 2e-4
+    beta1: float = 0.5
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.local_steps < 1:
+            raise ConfigError(f"train.local-steps must be >= 1, got {self.local_steps}")
+        if self.d_steps_per_g < 1:
+            raise ConfigError(f"train.d-steps-per-g must be >= 1, got {self.d_steps_per_g}")
+        if self.batch_size < 1:
+            raise ConfigError(f"train.batch-size must be >= 1, got {self.batch_size}")
+        if not (self.lr_d > 0 and self.lr_g > 0):
+            raise ConfigError("train.lr-d and train.lr-g must be > 0")
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ConfigError(f"train.device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+
+
+@dataclass(frozen=True)
+class PrivacyConfig:
+    """DP-SGD on the discriminator, patient level.
+
+    ``calibrate``: choose the noise multiplier so that the planned rounds end at, never above,
+    each hospital's budget (given what its ledger already spent). Otherwise ``noise_multiplier``
+    is used as is and a hospital stops training once its next round would exceed its budget.
+    """
+
+    max_grad_norm: float = 1.0
+    noise_multiplier: float = 1.0
+    calibrate: bool = True
+    epsilon_budget: float = 10.0
+    delta: float = 1e-5
+    accountant: str = "prv"
+
+    def __post_init__(self) -> None:
+        if not self.max_grad_norm > 0:
+            raise ConfigError(f"dp.max-grad-norm must be > 0, got {self.max_grad_norm}")
+        if not self.noise_multiplier > 0:
+            raise ConfigError(f"dp.noise-multiplier must be > 0, got {self.noise_multiplier}")
+        if not (self.epsilon_budget > 0 and math.isfinite(self.epsilon_budget)):
+            raise ConfigError(f"dp.epsilon-budget must be a finite number > 0, got {self.epsilon_budget}")
+        if not 0 < self.delta < 1:
+            raise ConfigError(f"dp.delta must be in (0, 1), got {self.delta}")
+        if self.accountant not in ("prv", "rdp"):
+            raise ConfigError(f"dp.accountant must be 'prv' or 'rdp', got {self.accountant!r}")
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    """Server-side round loop."""
+
+    num_rounds: int = 3
+    min_nodes: int = 3
+    round_timeout_s: float = 900.0
+    wait_nodes_timeout_s: float = 300.0
+    seed: int = 0
+    output_dir: str = ""
+    sites_dir: str = ""  # simulation only: site-<partition-id>/ folders live here
+    secure_aggregation: bool = False
+
+    def __post_init__(self) -> None:
+        if self.num_rounds < 1:
+            raise ConfigError(f"num-server-rounds must be >= 1, got {self.num_rounds}")
+        if self.min_nodes < 1:
+            raise ConfigError(f"min-nodes must be >= 1, got {self.min_nodes}")
+        if not (self.round_timeout_s > 0 and self.wait_nodes_timeout_s > 0):
+            raise ConfigError("round-timeout and wait-nodes-timeout must be > 0 seconds")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything a run shares across the federation (from ``[tool.flwr.app.config]``)."""
+
+    model: ModelConfig
+    train: TrainConfig
+    privacy: PrivacyConfig
+    federation: FederationConfig
+
+    @staticmethod
+    def from_flower(cfg: Mapping[str, ConfigValue]) -> RunConfig:
+        """Parse Flower's flattened run config; raises ``ConfigError`` naming the bad key."""
+        model = ModelConfig(
+            image_size=int(_get(cfg, "model.image-size", int, ModelConfig.image_size)),
+            latent_dim=int(_get(cfg, "model.latent-dim", int, ModelConfig.latent_dim)),
+            g_width=int(_get(cfg, "model.g-width", int, ModelConfig.g_width)),
+            d_width=int(_get(cfg, "model.d-width", int, ModelConfig.d_width)),
+            num_classes=int(_get(cfg, "model.num-classes", int, ModelConfig.num_classes)),
+            conditional=bool(_get(cfg, "model.conditional", bool, ModelConfig.conditional)),
+        )
+        train = TrainConfig(
+            local_steps=int(_get(cfg, "train.local-steps", int, TrainConfig.local_steps)),
+            d_steps_per_g=int(_get(cfg, "train.d-steps-per-g", int, TrainConfig.d_steps_per_g)),
+            batch_size=int(_get(cfg, "train.batch-size", int, TrainConfig.batch_size)),
+            lr_d=float(_get(cfg, "train.lr-d", float, TrainConfig.lr_d)),
+            lr_g=float(_get(cfg, "train.lr-g", float, TrainConfig.lr_g)),
+            beta1=float(_get(cfg, "train.beta1", float, TrainConfig.beta1)),
+            device=str(_get(cfg, "train.device", str, TrainConfig.device)),
+        )
+        privacy = PrivacyConfig(
+            max_grad_norm=float(_get(cfg, "dp.max-grad-norm", float, PrivacyConfig.max_grad_norm)),
+            noise_multiplier=float(_get(cfg, "dp.noise-multiplier", float, PrivacyConfig.noise_multiplier)),
+            calibrate=bool(_get(cfg, "dp.calibrate", bool, PrivacyConfig.calibrate)),
+            epsilon_budget=float(_get(cfg, "dp.epsilon-budget", float, PrivacyConfig.epsilon_budget)),
+            delta=float(_get(cfg, "dp.delta", float, PrivacyConfig.delta)),
+            accountant=str(_get(cfg, "dp.accountant", str, PrivacyConfig.accountant)),
+        )
+        federation = FederationConfig(
+            num_rounds=int(_get(cfg, "num-server-rounds", int, FederationConfig.num_rounds)),
+            min_nodes=int(_get(cfg, "min-nodes", int, FederationConfig.min_nodes)),
+            round_timeout_s=float(_get(cfg, "round-timeout", float, FederationConfig.round_timeout_s)),
+            wait_nodes_timeout_s=float(
+                _get(cfg, "wait-nodes-timeout", float, FederationConfig.wait_nodes_timeout_s)
+            ),
+            seed=int(_get(cfg, "seed", int, FederationConfig.seed)),
+            output_dir=str(_get(cfg, "output-dir", str, FederationConfig.output_dir)),
+            sites_dir=str(_get(cfg, "sim.sites-dir", str, FederationConfig.sites_dir)),
+            secure_aggregation=bool(
+                _get(cfg, "secure-aggregation", bool, FederationConfig.secure_aggregation)
+            ),
+        )
+        return RunConfig(model=model, train=train, privacy=privacy, federation=federation)
+
+
+@dataclass(frozen=True)
+class SiteConfig:
+    """One hospital's own settings (node config in deployment; derived in simulation).
+
+    ``epsilon_budget`` is the hospital's, not the server's: in deployment it comes from the
+    node config, and a run config can never raise it.
+    """
+
+    site_id: str
+    data_dir: Path
+    cache_dir: Path
+    ledger_path: Path
+    salt_path: Path
+    epsilon_budget: float
+
+    def __post_init__(self) -> None:
+        if not self.site_id:
+            raise ConfigError("site-id must not be empty")
+        if not (self.epsilon_budget > 0 and math.isfinite(self.epsilon_budget)):
+            raise ConfigError(f"epsilon-budget must be a finite number > 0, got {self.epsilon_budget}")
+
+    @staticmethod
+    def from_flower(node_cfg: Mapping[str, ConfigValue], run: RunConfig) -> SiteConfig:
+        """Build from node config; in simulation (only ``partition-id``) from ``sim.sites-dir``.
+
+        Deployment node config keys: ``site-id``, ``data-path``, ``state-path`` (cache, ledger
+        and salt live there unless ``cache-path``/``ledger-path`` are given) and
+        ``epsilon-budget`` (required: the hospital sets its own budget). In simulation the
+        budget is the run's ``dp.epsilon-budget`` (``medsynth simulate --epsilon``).
+        """
+        if "data-path" in node_cfg:
+            data = Path(str(_get(node_cfg, "data-path", str)))
+            state = Path(str(_get(node_cfg, "state-path", str, str(data.parent / "medsynth-state"))))
+            site_id = str(_get(node_cfg, "site-id", str, data.name))
+            budget = float(_get(node_cfg, "epsilon-budget", float))
+        elif "partition-id" in node_cfg:
+            if not run.federation.sites_dir:
+                raise ConfigError("simulation needs run config 'sim.sites-dir' (set by `medsynth simulate`)")
+            pid = int(_get(node_cfg, "partition-id", int))
+            site_id = f"site-{pid}"
+            state = Path(run.federation.sites_dir) / site_id
+            data = state / "dicom"
+            budget = run.privacy.epsilon_budget
+        else:
+            raise ConfigError("node config needs 'data-path' (deployment) or 'partition-id' (simulation)")
+        return SiteConfig(
+            site_id=site_id,
+            data_dir=data,
+            cache_dir=Path(str(_get(node_cfg, "cache-path", str, str(state / "cache")))),
+            ledger_path=Path(str(_get(node_cfg, "ledger-path", str, str(state / "ledger.json")))),
+            salt_path=state / "salt.bin",
+            epsilon_budget=budget,
+        )

@@ -1,0 +1,122 @@
+"""DCGAN generator and discriminator for single-channel images (32×32 or 64×64).
+
+Radford, Metz, Chintala, "Unsupervised representation learning with deep convolutional GANs"
+(ICLR 2016), with two changes for private federated training:
+
+* the discriminator uses GroupNorm, not BatchNorm: BatchNorm mixes samples in a batch, so
+  per-sample gradients (and therefore DP-SGD) are undefined for it; Opacus's validator refuses it;
+* class conditioning (optional) so a user can ask for more images of a rare class: the
+  generator concatenates a label embedding to z, the discriminator uses a projection head
+  (Miyato & Koyama, "cGANs with projection discriminator", ICLR 2018).
+
+The generator may use BatchNorm: it never sees data, it is post-processing of the private D.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from common.config import ModelConfig
+
+
+def _groups(channels: int) -> int:
+    """GroupNorm group count: 8 when it divides the channels, else 4 (widths are multiples of 4)."""
+    return 8 if channels % 8 == 0 else 4
+
+
+class Generator(nn.Module):
+    """z (B, latent) [+ label (B,)] → image (B, 1, S, S) in [-1, 1] (tanh)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        stages = 3 if cfg.image_size == 32 else 4  # 4 → 32 or 4 → 64 by doubling
+        top = cfg.g_width * 2 ** (stages - 1)
+        in_dim = cfg.latent_dim * (2 if cfg.conditional else 1)
+        self.label_embedding = nn.Embedding(cfg.num_classes, cfg.latent_dim) if cfg.conditional else None
+        self.project = nn.Sequential(
+            nn.Linear(in_dim, top * 4 * 4, bias=False),
+            nn.BatchNorm1d(top * 4 * 4),
+            nn.ReLU(inplace=True),
+        )
+        layers: list[nn.Module] = []
+        ch = top
+        for _ in range(stages - 1):
+            layers += [
+                nn.ConvTranspose2d(ch, ch // 2, 4, 2, 1, bias=False),
+                nn.BatchNorm2d(ch // 2),
+                nn.ReLU(inplace=True),
+            ]
+            ch //= 2
+        layers += [nn.ConvTranspose2d(ch, 1, 4, 2, 1), nn.Tanh()]
+        self.body = nn.Sequential(*layers)
+        self._top = top
+
+    def forward(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        if self.label_embedding is not None:
+            if labels is None:
+                raise ValueError("conditional generator needs labels (B,) of class indices")
+            z = torch.cat([z, self.label_embedding(labels)], dim=1)  # (B, 2·latent)
+        h = self.project(z).view(z.shape[0], self._top, 4, 4)  # (B, top, 4, 4)
+        return self.body(h)  # (B, 1, S, S)
+
+
+class Discriminator(nn.Module):
+    """image (B, 1, S, S) [+ label (B,)] → logit (B,). No cross-sample operation anywhere."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        stages = 3 if cfg.image_size == 32 else 4  # S → 4 by halving
+        layers: list[nn.Module] = [nn.Conv2d(1, cfg.d_width, 4, 2, 1), nn.LeakyReLU(0.2)]
+        ch = cfg.d_width
+        for _ in range(stages - 1):
+            layers += [
+                nn.Conv2d(ch, ch * 2, 4, 2, 1, bias=False),
+                nn.GroupNorm(_groups(ch * 2), ch * 2),
+                nn.LeakyReLU(0.2),
+            ]
+            ch *= 2
+        self.body = nn.Sequential(*layers, nn.Flatten())
+        feat = ch * 4 * 4
+        self.head = nn.Linear(feat, 1)
+        # Projection as a bias-free Linear on a one-hot label (an embedding lookup, written so
+        # that its input can carry requires_grad; see forward).
+        self.label_projection = nn.Linear(cfg.num_classes, feat, bias=False) if cfg.conditional else None
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.body(x)  # (B, feat)
+        logit = self.head(h).squeeze(1)  # (B,)
+        if self.label_projection is not None:
+            if labels is None:
+                raise ValueError("conditional discriminator needs labels (B,) of class indices")
+            # The one-hot input requires grad only so that torch's full backward hooks (which
+            # Opacus registers for per-sample gradients) see a differentiable input and do not
+            # warn; the gradient w.r.t. the one-hot itself is never used.
+            onehot = F.one_hot(labels, self.cfg.num_classes).to(h.dtype).requires_grad_(True)
+            logit = logit + (self.label_projection(onehot) * h).sum(dim=1)  # (B,) projection
+        return logit
+
+
+def build_models(cfg: ModelConfig, seed: int | None = None) -> tuple[Generator, Discriminator]:
+    """Fresh G and D; DCGAN init N(0, 0.02) for conv weights. ``seed`` makes it reproducible."""
+    if seed is not None:
+        torch.manual_seed(seed)
+    g, d = Generator(cfg), Discriminator(cfg)
+    for m in list(g.modules()) + list(d.modules()):
+        if isinstance(m, nn.Conv2d | nn.ConvTranspose2d | nn.Linear):
+            nn.init.normal_(m.weight, 0.0, 0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+    return g, d
+
+
+def select_device(name: str) -> torch.device:
+    """``auto`` → CUDA when available, else CPU; ``cpu``/``cuda``/``cuda:N`` force it."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"train.device={name!r} but no CUDA device is available; use 'auto' or 'cpu'")
+    return torch.device(name)

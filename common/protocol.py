@@ -1,0 +1,101 @@
+"""What travels between server and hospitals, and its Flower record encoding.
+
+Server → hospital (``train``): ``global`` (ArrayRecord: every ``g.*``/``d.*`` tensor) and
+``round`` (ConfigRecord: ``round``).
+
+Hospital → server: ``update`` (ArrayRecord with one ``vector``: the packed update, see
+``common.weights``; absent when the hospital did not train) and ``privacy`` (ConfigRecord:
+site id, status, cumulative epsilon, budget, delta, total steps, σ). The privacy record is the
+only plain-text part: how much budget a hospital spent is not patient data, and the server
+reports it. Everything data-dependent is inside ``vector``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, cast
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+
+Status = Literal["ok", "budget-exhausted", "error"]
+STATUSES: tuple[str, ...] = ("ok", "budget-exhausted", "error")
+
+
+class ProtocolError(ValueError):
+    """A message lacks a record or field this protocol requires."""
+
+
+@dataclass(frozen=True)
+class SiteReply:
+    """A hospital's answer to one round. Only ``update`` is data-dependent."""
+
+    site_id: str
+    status: Status
+    epsilon: float  # cumulative, recomputed from the ledger after this round
+    epsilon_budget: float
+    delta: float
+    total_steps: int
+    noise_multiplier: float | None
+    update: np.ndarray | None  # (layout.size,) float64
+    reason: str = ""  # for status "error": a readable message, never a traceback
+
+
+def encode_train_request(arrays: dict[str, np.ndarray], server_round: int) -> RecordDict:
+    record = ArrayRecord()
+    for name, value in arrays.items():
+        record[name] = Array(np.ascontiguousarray(value))
+    return RecordDict({"global": record, "round": ConfigRecord({"round": server_round})})
+
+
+def decode_train_request(content: RecordDict) -> tuple[dict[str, np.ndarray], int]:
+    try:
+        record = content.array_records["global"]
+        server_round = int(cast(int, content.config_records["round"]["round"]))
+    except KeyError as exc:
+        raise ProtocolError(f"train request lacks {exc}") from exc
+    return {name: arr.numpy() for name, arr in record.items()}, server_round
+
+
+def encode_reply(reply: SiteReply) -> RecordDict:
+    privacy = ConfigRecord(
+        {
+            "site": reply.site_id,
+            "status": reply.status,
+            "epsilon": float(reply.epsilon),
+            "epsilon-budget": float(reply.epsilon_budget),
+            "delta": float(reply.delta),
+            "steps": int(reply.total_steps),
+            "noise-multiplier": float(reply.noise_multiplier or 0.0),
+            "reason": reply.reason,
+        }
+    )
+    content = RecordDict({"privacy": privacy})
+    if reply.update is not None:
+        content["update"] = ArrayRecord({"vector": Array(np.ascontiguousarray(reply.update))})
+    return content
+
+
+def decode_reply(content: RecordDict) -> SiteReply:
+    try:
+        p = content.config_records["privacy"]
+        status = str(p["status"])
+        if status not in STATUSES:
+            raise ProtocolError(f"unknown status {status!r}")
+        update = None
+        if "update" in content.array_records:
+            update = content.array_records["update"]["vector"].numpy().astype(np.float64)
+        sigma = float(cast(float, p["noise-multiplier"]))
+        return SiteReply(
+            site_id=str(p["site"]),
+            status=cast(Status, status),
+            epsilon=float(cast(float, p["epsilon"])),
+            epsilon_budget=float(cast(float, p["epsilon-budget"])),
+            delta=float(cast(float, p["delta"])),
+            total_steps=int(cast(int, p["steps"])),
+            noise_multiplier=sigma if sigma > 0 else None,
+            update=update,
+            reason=str(p["reason"]),
+        )
+    except KeyError as exc:
+        raise ProtocolError(f"reply lacks {exc}") from exc

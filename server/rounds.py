@@ -1,0 +1,183 @@
+"""The server's round loop over Flower's Grid: send the global model, sum the replies, FedAvg.
+
+Per round: wait for hospitals, send each the global model, collect replies within a timeout,
+sum the update vectors of those that trained, apply FedAvg, checkpoint atomically, save a
+sample grid, write the server state. Hospitals that hit their budget, failed, or did not
+answer in time are recorded and the round goes on with the others. The run ends early, and
+cleanly, when no hospital can train any more.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import Message, MessageType
+from flwr.serverapp import Grid
+
+from common.atomic import write_json_atomic
+from common.config import RunConfig
+from common.models import build_models
+from common.protocol import ProtocolError, SiteReply, decode_reply, encode_train_request
+from common.samples import sample_grid, save_png
+from common.weights import UpdateLayout, fedavg, load_model_arrays, model_arrays, sum_vectors
+from server.checkpoint import latest_valid_checkpoint, save_checkpoint
+
+log = logging.getLogger("medsynth.server")
+
+
+class NoHospitals(RuntimeError):
+    """Not enough hospitals connected within the wait timeout."""
+
+
+@dataclass(frozen=True)
+class ServerPaths:
+    """Where the server writes: checkpoints/, samples/ and server_state.json under ``root``."""
+
+    root: Path
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def samples(self) -> Path:
+        return self.root / "samples"
+
+    @property
+    def state(self) -> Path:
+        return self.root / "server_state.json"
+
+
+def wait_for_nodes(grid: Grid, minimum: int, timeout_s: float) -> list[int]:
+    """Node ids once at least ``minimum`` are connected; raises ``NoHospitals`` on timeout."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        nodes = sorted(grid.get_node_ids())
+        if len(nodes) >= minimum:
+            return nodes
+        if time.monotonic() > deadline:
+            raise NoHospitals(
+                f"only {len(nodes)} of the required {minimum} hospitals connected within "
+                f"{timeout_s:.0f} s; check that their nodes run and reach the SuperLink"
+            )
+        time.sleep(1.0)
+
+
+def collect_replies(replies: list[Message]) -> tuple[list[SiteReply], list[str]]:
+    """Decode replies; Flower-level errors and malformed replies become readable failure lines."""
+    decoded: list[SiteReply] = []
+    failures: list[str] = []
+    for msg in replies:
+        node = msg.metadata.src_node_id
+        if msg.has_error():
+            reason = (msg.error.reason or "").strip().splitlines()
+            failures.append(f"node {node}: {reason[-1] if reason else 'error ' + str(msg.error.code)}")
+            continue
+        try:
+            decoded.append(decode_reply(msg.content))
+        except ProtocolError as exc:
+            failures.append(f"node {node}: malformed reply ({exc})")
+    return decoded, failures
+
+
+def run_round(
+    grid: Grid,
+    nodes: list[int],
+    global_arrays: dict[str, np.ndarray],
+    layout: UpdateLayout,
+    server_round: int,
+    timeout_s: float,
+) -> tuple[dict[str, np.ndarray] | None, dict[str, Any]]:
+    """One round; returns (new global arrays or None if nobody trained, the round record)."""
+    t0 = time.monotonic()
+    content = encode_train_request(global_arrays, server_round)
+    messages = [
+        Message(content, dst_node_id=n, message_type=MessageType.TRAIN, group_id=str(server_round))
+        for n in nodes
+    ]
+    replies = list(grid.send_and_receive(messages, timeout=timeout_s))
+    decoded, failures = collect_replies(replies)
+    missing = len(nodes) - len(replies)
+    if missing:
+        failures.append(f"{missing} hospital(s) did not answer within {timeout_s:.0f} s")
+    failures += [f"{r.site_id}: {r.reason}" for r in decoded if r.status == "error"]
+    trained = [r for r in decoded if r.status == "ok" and r.update is not None]
+    record: dict[str, Any] = {
+        "round": server_round,
+        "sites_trained": sorted(r.site_id for r in trained),
+        "sites_budget_exhausted": sorted(r.site_id for r in decoded if r.status == "budget-exhausted"),
+        "failures": failures,
+        "privacy": {
+            r.site_id: {
+                "status": r.status,
+                "epsilon": r.epsilon,
+                "epsilon_budget": r.epsilon_budget,
+                "delta": r.delta,
+                "steps": r.total_steps,
+                "noise_multiplier": r.noise_multiplier,
+            }
+            for r in decoded
+            if r.status != "error"
+        },
+    }
+    new_arrays = None
+    if trained:
+        total = sum_vectors([r.update for r in trained if r.update is not None])  # plain sum
+        new_arrays, metrics = fedavg(global_arrays, layout, total)
+        record.update(metrics)
+    record["seconds"] = round(time.monotonic() - t0, 2)
+    return new_arrays, record
+
+
+def describe_round(record: dict[str, Any], num_rounds: int) -> str:
+    """One readable log line per round."""
+    eps = ", ".join(
+        f"{site} ε={p['epsilon']:.2f}/{p['epsilon_budget']:g}" + ("" if p["status"] == "ok" else " (budget spent)")
+        for site, p in sorted(record["privacy"].items())
+    )
+    losses = (
+        f"loss_d={record['loss_d']:.3f} loss_g={record['loss_g']:.3f}" if "loss_d" in record else "no update"
+    )
+    line = f"round {record['round']}/{num_rounds}: {len(record['sites_trained'])} trained; {losses}; {eps}; {record['seconds']:.1f} s"
+    if record["failures"]:
+        line += "; failures: " + "; ".join(record["failures"])
+    return line
+
+
+def run_federation(grid: Grid, run: RunConfig, paths: ServerPaths) -> dict[str, Any]:
+    """Run (or resume) the rounds of ``run`` and return the final server state."""
+    fed = run.federation
+    ckpt = latest_valid_checkpoint(paths.checkpoints)
+    netG, netD = build_models(run.model, seed=fed.seed)
+    if ckpt is not None:
+        load_model_arrays(netG, netD, ckpt.arrays)
+        arrays, history, start = ckpt.arrays, ckpt.history, ckpt.round + 1
+        log.info("resuming from %s (round %d)", ckpt.path, ckpt.round)
+    else:
+        arrays, history, start = model_arrays(netG, netD), [], 1
+    layout = UpdateLayout.of(arrays)
+    state: dict[str, Any] = {"rounds": history, "finished": False, "secure_aggregation": fed.secure_aggregation}
+    for server_round in range(start, fed.num_rounds + 1):
+        nodes = wait_for_nodes(grid, fed.min_nodes, fed.wait_nodes_timeout_s)
+        new_arrays, record = run_round(grid, nodes, arrays, layout, server_round, fed.round_timeout_s)
+        log.info(describe_round(record, fed.num_rounds))
+        if new_arrays is None:
+            state["stopped_early"] = f"round {server_round}: no hospital could train (budgets spent or failures)"
+            state["last_round_attempted"] = record
+            log.info("stopping: %s", state["stopped_early"])
+            break
+        arrays = new_arrays
+        history.append(record)
+        save_checkpoint(paths.checkpoints, server_round, arrays, history)
+        load_model_arrays(netG, netD, arrays)
+        save_png(sample_grid(netG, run.model, seed=fed.seed), paths.samples / f"round-{server_round:04d}.png")
+        write_json_atomic(paths.state, {**state, "rounds": history})
+    state.update(rounds=history, finished=True)
+    write_json_atomic(paths.state, state)
+    return state
+

@@ -1,0 +1,149 @@
+"""DP-SGD on the discriminator: the per-patient sensitivity bound and G-step hygiene."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from opacus.validators import ModuleValidator
+
+from common.config import ModelConfig, TrainConfig
+from common.dp_train import (
+    PatientSampler,
+    discriminator_loss,
+    generator_step,
+    make_private_discriminator,
+    sample_noise,
+    train_local_round,
+)
+from common.models import build_models
+from tests.helpers import toy_dataset
+
+CPU = torch.device("cpu")
+
+
+def _summed_clipped_grad(netD, cfg, train, real, y_real, fake, y_fake, clip) -> torch.Tensor:
+    """Σ_rows clip(g_row) as the real DPOptimizer computes it, with σ = 0 (no noise)."""
+    priv = make_private_discriminator(
+        netD, train=train, noise_multiplier=0.0, max_grad_norm=clip, n_fake=fake.shape[0],
+        sample_rate=0.5, device=CPU,
+    )
+    try:
+        loss, rows = discriminator_loss(priv.module, real, y_real, fake, y_fake, cfg.conditional)
+        priv.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        priv.optimizer.pre_step()  # clip, accumulate, add (zero) noise, divide by expected rows
+        expected_rows = train.batch_size + fake.shape[0]
+        return torch.cat([p.grad.flatten() for p in priv.module.parameters()]) * expected_rows
+    finally:
+        priv.module._close()
+
+
+@pytest.mark.parametrize("conditional", [True, False])
+def test_one_patients_contribution_is_at_most_the_clipping_norm(conditional: bool) -> None:
+    # prepare: a batch with and without one patient whose gradient is huge (clip binds)
+    cfg = ModelConfig(conditional=conditional)
+    train = TrainConfig(batch_size=8)
+    clip = 0.7
+    _, netD = build_models(cfg, seed=1)
+    gen = torch.Generator().manual_seed(2)
+    real = torch.rand(8, 1, 32, 32, generator=gen) * 2 - 1
+    real[0] *= 50.0  # an outlier patient
+    y_real = torch.tensor([0, 1] * 4)
+    fake = torch.rand(8, 1, 32, 32, generator=gen) * 2 - 1
+    y_fake = torch.tensor([1, 0] * 4)
+    # act
+    with_patient = _summed_clipped_grad(netD, cfg, train, real, y_real, fake, y_fake, clip)
+    without = _summed_clipped_grad(netD, cfg, train, real[1:], y_real[1:], fake, y_fake, clip)
+    # assert: removing the patient moves the summed clipped gradient by at most C
+    diff = float((with_patient - without).norm())
+    assert 0.5 * clip < diff <= clip * (1 + 1e-4)
+
+
+def test_every_row_is_clipped_separately() -> None:
+    # prepare: all-real and all-fake rows large, so every row's norm is cut to C
+    cfg = ModelConfig(conditional=False)
+    train = TrainConfig(batch_size=4)
+    _, netD = build_models(cfg, seed=3)
+    real = torch.full((4, 1, 32, 32), 30.0)
+    fake = torch.full((4, 1, 32, 32), -30.0)
+    y = torch.zeros(4, dtype=torch.long)
+    # act
+    total = _summed_clipped_grad(netD, cfg, train, real, y, fake, y, clip=1.0)
+    # assert: the sum of 8 clipped rows has norm ≤ 8·C (and the bound is per row, not per pair)
+    assert float(total.norm()) <= 8 * 1.0 * (1 + 1e-4)
+
+
+def test_discriminator_passes_opacus_validator() -> None:
+    for size in (32, 64):
+        _, netD = build_models(ModelConfig(image_size=size))
+        assert ModuleValidator.validate(netD, strict=False) == []
+        assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in netD.modules())
+
+
+def test_generator_step_leaves_no_per_sample_gradients_and_no_accountant_step() -> None:
+    # prepare: a private D after one real D step
+    cfg = ModelConfig()
+    train = TrainConfig(batch_size=4)
+    netG, netD = build_models(cfg, seed=0)
+    priv = make_private_discriminator(
+        netD, train=train, noise_multiplier=1.0, max_grad_norm=1.0, n_fake=4, sample_rate=0.1, device=CPU
+    )
+    z, y = sample_noise(4, cfg, CPU)
+    loss, _ = discriminator_loss(priv.module, torch.rand(3, 1, 32, 32), torch.tensor([0, 1, 0]),
+                                 netG(z, y).detach(), y, True)
+    loss.backward()
+    priv.optimizer.step()
+    history_before = list(priv.accountant.history)
+    d_before = [p.detach().clone() for p in netD.parameters()]
+    g_before = [p.detach().clone() for p in netG.parameters()]
+    optG = torch.optim.Adam(netG.parameters(), lr=1e-3)
+    # act
+    generator_step(netG, priv.module, optG, priv.optimizer, cfg, 4, CPU)
+    # assert
+    assert priv.accountant.history == history_before == [(1.0, 0.1, 1)]
+    for p in netD.parameters():
+        assert getattr(p, "grad_sample", None) is None
+        assert p.grad is None
+    assert all(torch.equal(a, b) for a, b in zip(d_before, netD.parameters(), strict=True))
+    assert any(not torch.equal(a, b) for a, b in zip(g_before, netG.parameters(), strict=True))
+    priv.module._close()
+
+
+def test_poisson_sampler_takes_at_most_one_image_per_patient_at_rate_q() -> None:
+    # prepare: 200 patients with 1..5 images each
+    rng = np.random.default_rng(0)
+    patients = np.repeat(np.arange(200), rng.integers(1, 6, 200))
+    sampler = PatientSampler(patients, sample_rate=0.25, seed=4)
+    # act
+    batches = [sampler.sample() for _ in range(400)]
+    # assert
+    for idx in batches:
+        assert len(set(patients[idx].tolist())) == idx.size
+    mean = np.mean([b.size for b in batches])
+    assert abs(mean - 50) < 2.5  # E[b] = qP = 50; sd of the mean ≈ 0.3
+
+
+def test_local_round_counts_exactly_the_configured_steps() -> None:
+    # prepare
+    data = toy_dataset()
+    cfg = ModelConfig()
+    train = TrainConfig(local_steps=6, batch_size=8, d_steps_per_g=2)
+    netG, netD = build_models(cfg, seed=0)
+    # act
+    result = train_local_round(netG, netD, data, model=cfg, train=train, noise_multiplier=1.3,
+                               max_grad_norm=1.0, device=CPU)
+    # assert
+    assert result.charge is not None
+    assert (result.charge.noise_multiplier, result.charge.sample_rate, result.charge.steps) == (1.3, 8 / 40, 6)
+    assert result.g_steps == 3
+    assert np.isfinite(result.loss_d) and np.isfinite(result.loss_g)
+    assert not hasattr(next(netD.parameters()), "grad_sample") or next(netD.parameters()).grad_sample is None
+
+
+def test_batch_larger_than_patients_is_refused() -> None:
+    data = toy_dataset(num_patients=5)
+    netG, netD = build_models(ModelConfig())
+    with pytest.raises(ValueError, match="exceeds this site's 5 patients"):
+        train_local_round(netG, netD, data, model=ModelConfig(), train=TrainConfig(batch_size=8),
+                          noise_multiplier=1.0, max_grad_norm=1.0, device=CPU)

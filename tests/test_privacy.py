@@ -1,0 +1,67 @@
+"""Accounting: composition across the whole history, calibration, budget checks."""
+
+from __future__ import annotations
+
+import pytest
+from opacus.accountants import PRVAccountant, RDPAccountant
+
+from common.privacy import (
+    Charge,
+    PrivacyBudgetExceeded,
+    calibrate_noise_multiplier,
+    check_budget,
+    epsilon_of,
+)
+
+
+def _stepwise(history: list[Charge], delta: float, accountant: str) -> float:
+    """Independent recomputation: a fresh Opacus accountant stepped once per DP step."""
+    acc = PRVAccountant() if accountant == "prv" else RDPAccountant()
+    for c in history:
+        for _ in range(c.steps):
+            acc.step(noise_multiplier=c.noise_multiplier, sample_rate=c.sample_rate)
+    return float(acc.get_epsilon(delta=delta))
+
+
+@pytest.mark.parametrize("accountant", ["prv", "rdp"])
+def test_epsilon_of_history_equals_stepwise_opacus(accountant: str) -> None:
+    history = [Charge(1.0, 0.05, 10), Charge(0.8, 0.04, 7), Charge(1.0, 0.05, 10)]
+    assert epsilon_of(history, 1e-5, accountant) == pytest.approx(_stepwise(history, 1e-5, accountant), rel=1e-6)
+
+
+def test_field_notes_golden_cumulative_vs_per_round() -> None:
+    # N=1000, B=32, σ=1, 20 rounds of one epoch (31 steps), δ=1e-5 (PRV): 5.14 vs 1.54
+    rounds = [Charge(1.0, 32 / 1000, 31)] * 20
+    assert epsilon_of(rounds, 1e-5) == pytest.approx(5.14, abs=0.02)
+    assert epsilon_of(rounds[:1], 1e-5) == pytest.approx(1.54, abs=0.02)
+
+
+def test_calibration_ends_at_never_above_budget() -> None:
+    # golden from FIELD_NOTES: N=4708, B=64, 20 rounds of one epoch → σ≈0.63 for ε=10
+    q, steps = 64 / 4708, 20 * 74
+    sigma = calibrate_noise_multiplier([], sample_rate=q, planned_steps=steps, delta=1e-5, budget=10.0)
+    eps = epsilon_of([Charge(sigma, q, steps)], 1e-5)
+    assert sigma == pytest.approx(0.63, abs=0.01)
+    assert 10.0 - 0.05 < eps <= 10.0
+
+
+def test_calibration_accounts_for_what_was_already_spent() -> None:
+    spent = [Charge(1.0, 0.1, 50)]
+    sigma = calibrate_noise_multiplier(spent, sample_rate=0.1, planned_steps=50, delta=1e-5, budget=8.0)
+    assert epsilon_of([*spent, Charge(sigma, 0.1, 50)], 1e-5) <= 8.0
+    assert sigma > calibrate_noise_multiplier([], sample_rate=0.1, planned_steps=50, delta=1e-5, budget=8.0)
+
+
+def test_budget_check_refuses_the_round_that_would_exceed() -> None:
+    history = [Charge(1.0, 0.1, 100)]
+    spent = epsilon_of(history, 1e-5)
+    with pytest.raises(PrivacyBudgetExceeded) as info:
+        check_budget(history, Charge(1.0, 0.1, 100), delta=1e-5, budget=spent + 0.01, accountant="prv")
+    assert info.value.spent == pytest.approx(spent)
+    assert info.value.would_be > info.value.budget
+
+
+def test_calibration_impossible_when_budget_already_spent() -> None:
+    history = [Charge(0.5, 0.2, 200)]
+    with pytest.raises(PrivacyBudgetExceeded):
+        calibrate_noise_multiplier(history, sample_rate=0.2, planned_steps=10, delta=1e-5, budget=1.0)
