@@ -37,6 +37,7 @@ def load_site_dataset(site: SiteConfig, run: RunConfig) -> LocalDataset:
         site.cache_dir,
         image_size=run.model.image_size,
         salt=load_or_create_salt(site.salt_path),
+        class_names=run.class_names,
         progress=False,
     )
     return load_cache(site.cache_dir)

@@ -34,6 +34,18 @@ def _get(cfg: Mapping[str, ConfigValue], key: str, kind: type, default: ConfigVa
     return value
 
 
+def parse_class_names(text: str) -> tuple[str, ...]:
+    """``"normal,lesion"`` → ("normal", "lesion"): the label folders, in class-index order.
+
+    Every hospital maps its label folders through this one list, so class 1 means the same
+    thing everywhere, even at a hospital that has no image of class 0.
+    """
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    if not names or len(set(names)) != len(names):
+        raise ConfigError(f"data.class-names must list distinct names separated by commas, got {text!r}")
+    return names
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """DCGAN shape: image side 32 or 64, latent size, channel widths, class conditioning."""
@@ -140,16 +152,25 @@ class RunConfig:
     train: TrainConfig
     privacy: PrivacyConfig
     federation: FederationConfig
+    class_names: tuple[str, ...] = ("normal", "lesion")  # label folder names, in index order
+
+    def __post_init__(self) -> None:
+        if len(self.class_names) != self.model.num_classes:
+            raise ConfigError(
+                f"{len(self.class_names)} class names {self.class_names} but model has "
+                f"{self.model.num_classes} classes"
+            )
 
     @staticmethod
     def from_flower(cfg: Mapping[str, ConfigValue]) -> RunConfig:
         """Parse Flower's flattened run config; raises ``ConfigError`` naming the bad key."""
+        class_names = parse_class_names(str(_get(cfg, "data.class-names", str, "normal,lesion")))
         model = ModelConfig(
             image_size=int(_get(cfg, "model.image-size", int, ModelConfig.image_size)),
             latent_dim=int(_get(cfg, "model.latent-dim", int, ModelConfig.latent_dim)),
             g_width=int(_get(cfg, "model.g-width", int, ModelConfig.g_width)),
             d_width=int(_get(cfg, "model.d-width", int, ModelConfig.d_width)),
-            num_classes=int(_get(cfg, "model.num-classes", int, ModelConfig.num_classes)),
+            num_classes=len(class_names),
             conditional=bool(_get(cfg, "model.conditional", bool, ModelConfig.conditional)),
         )
         train = TrainConfig(
@@ -183,7 +204,9 @@ class RunConfig:
                 _get(cfg, "secure-aggregation", bool, FederationConfig.secure_aggregation)
             ),
         )
-        return RunConfig(model=model, train=train, privacy=privacy, federation=federation)
+        return RunConfig(
+            model=model, train=train, privacy=privacy, federation=federation, class_names=class_names
+        )
 
 
 @dataclass(frozen=True)

@@ -132,8 +132,8 @@ def _open_cache(cache_dir: Path) -> dict[str, np.ndarray]:
     hint = "run `medsynth prepare` (client.prepare.prepare_site) to build it"
     if not path.is_file():
         raise DatasetError(f"no prepared dataset at {path}; {hint}")
-    try:
-        with np.load(path, allow_pickle=False) as npz:
+    try:  # we own the handle: np.load leaks it when the zip is corrupt
+        with path.open("rb") as fh, np.load(fh, allow_pickle=False) as npz:
             missing = [key for key in _KEYS if key not in npz.files]
             if missing:
                 raise DatasetError(f"prepared dataset {path} lacks {missing}; {hint} again")
@@ -166,7 +166,7 @@ def read_cache_fingerprint(cache_dir: Path) -> str | None:
     """
     path = cache_dir / CACHE_FILE
     try:
-        with np.load(path, allow_pickle=False) as npz:
+        with path.open("rb") as fh, np.load(fh, allow_pickle=False) as npz:
             return str(npz["fingerprint"])
     except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError):
         return None

@@ -1,0 +1,36 @@
+# medsynth: two commands on a fresh machine.
+#   make demo   create .venv, install, run the default federation (3 phantom hospitals)
+#   make test   create .venv, install with dev extras, lint, type-check, run the test suite
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+DEMO_OUT ?= medsynth-output/demo
+
+.PHONY: install demo test lint bench clean
+
+install: $(STAMP)
+
+# torch is pinned to the CPU wheel torch==2.13.0 in pyproject.toml; nothing else is downloaded
+# but packages from the registry.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+demo: install
+	$(BIN)/medsynth simulate --out $(DEMO_OUT)
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/mypy common client server simulation
+
+test: lint
+	$(BIN)/python -m pytest
+
+bench: install
+	$(BIN)/python -m simulation.bench_dp_step
+
+clean:
+	rm -rf medsynth-output .pytest_cache .mypy_cache .ruff_cache

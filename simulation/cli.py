@@ -1,0 +1,212 @@
+"""``medsynth``: the command a hospital ML engineer types.
+
+    medsynth simulate [options]              N virtual hospitals on this machine (default demo)
+    medsynth node prepare --data DIR --out CACHE
+                                             DICOM folder → local training cache, with a report
+    medsynth node privacy --ledger FILE      privacy spent per run and round, from the ledger
+
+Errors a user can fix are printed as one ``error:`` line (exit code 2), never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+from client.ledger import LedgerCorrupt, LedgerMismatch, PrivacyLedger
+from client.prepare import PrepareError, load_or_create_salt, prepare_site
+from common.config import ConfigError, parse_class_names
+from common.dataset import DatasetError
+from common.dicom import DicomRejected
+from common.privacy import PrivacyBudgetExceeded, epsilon_of
+from simulation.partition import PartitionError, SourceDataError
+from simulation.superlink import SuperLinkError
+
+USER_ERRORS = (
+    ConfigError,
+    DatasetError,
+    DicomRejected,
+    LedgerCorrupt,
+    LedgerMismatch,
+    PartitionError,
+    PrepareError,
+    PrivacyBudgetExceeded,
+    SourceDataError,
+    SuperLinkError,
+    FileNotFoundError,
+)
+
+
+def _simulate_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "simulate",
+        help="run N virtual hospitals through Flower's Simulation Engine",
+        description=(
+            "Train a DP-GAN across N virtual hospitals on this machine. Each hospital's data is "
+            "written as DICOM and prepared like a real node's; the run uses its own Flower "
+            "SuperLink (own FLWR_HOME and port) and stops it afterwards. Results: OUT/summary.json, "
+            "OUT/samples/*.png, OUT/checkpoints/, and each hospital's privacy ledger."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--out", type=Path, default=Path("medsynth-output/simulation"), help="results folder")
+    p.add_argument("--sites", type=int, default=3, help="number of virtual hospitals")
+    p.add_argument("--rounds", type=int, default=3, help="federated rounds")
+    p.add_argument("--epsilon", type=float, default=10.0,
+                   help="per-hospital privacy budget ε (patient level); no hospital ever exceeds it")
+    p.add_argument("--delta", type=float, default=1e-5, help="δ of the (ε, δ) guarantee")
+    p.add_argument("--noise-multiplier", type=float, default=None,
+                   help="fix σ instead of calibrating it; hospitals then stop when the budget is reached "
+                        "(default: calibrate σ so the planned rounds end at, never above, the budget)")
+    p.add_argument("--seed", type=int, default=0, help="seed for data generation, partitioning and model init")
+    p.add_argument("--dataset", type=Path, default=None,
+                   help="a MedMNIST v2 .npz (e.g. pneumoniamnist.npz); default: built-in DICOM phantoms")
+    p.add_argument("--max-images", type=int, default=None,
+                   help="use a random subset of this many training images of --dataset")
+    p.add_argument("--partition", default="iid",
+                   help="'iid' or 'dirichlet:ALPHA' (label skew; smaller ALPHA = more skew); never splits a patient")
+    p.add_argument("--patients-per-site", type=int, default=48, help="phantoms: patients per hospital")
+    p.add_argument("--images-per-patient", type=int, default=4, help="phantoms: images per patient")
+    p.add_argument("--image-size", type=int, default=32, choices=(32, 64), help="model image side")
+    p.add_argument("--local-steps", type=int, default=20, help="private D steps per hospital per round")
+    p.add_argument("--batch-size", type=int, default=16,
+                   help="expected patients per D step (Poisson sampling rate = batch / patients)")
+    p.add_argument("--d-steps-per-g", type=int, default=1, help="D steps per G step")
+    p.add_argument("--cpus-per-site", type=int, default=1, help="whole CPUs reserved per virtual hospital")
+    p.add_argument("--timeout", type=float, default=3600.0, help="seconds before the run is stopped")
+    p.add_argument("--resume", action="store_true",
+                   help="keep OUT's checkpoints and ledgers and continue from the last good round")
+
+
+def _node_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    node = sub.add_parser("node", help="hospital-side commands", description="Hospital-side commands.")
+    nsub = node.add_subparsers(dest="node_command", required=True, metavar="COMMAND")
+    p = nsub.add_parser(
+        "prepare",
+        help="turn a DICOM folder into the local training cache",
+        description=(
+            "Read every DICOM file under DATA (labels = first-level sub-folder names), apply the "
+            "modality LUT, VOI LUT/window and MONOCHROME1 inversion, resize, and write the cache "
+            "to OUT. Patient IDs are kept only as salted hashes. Prints a report of kept and "
+            "rejected files; the cache is rebuilt only when the folder changed."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--data", type=Path, required=True, help="folder of DICOM files, one sub-folder per label")
+    p.add_argument("--out", type=Path, required=True, help="cache folder to write")
+    p.add_argument("--image-size", type=int, default=32, choices=(32, 64), help="side of the cached images")
+    p.add_argument("--classes", default=None,
+                   help="comma-separated label folders in class order (default: sorted folder names)")
+    p.add_argument("--salt-file", type=Path, default=None,
+                   help="secret salt for patient hashes (created 0600 if missing; default OUT/../salt.bin)")
+    p.add_argument("--force", action="store_true", help="rebuild even if the folder did not change")
+    q = nsub.add_parser(
+        "privacy",
+        help="print the privacy ledger: ε spent, budget left, per run and round",
+        description="Read a hospital's privacy ledger and recompute ε from its full history.",
+    )
+    q.add_argument("--ledger", type=Path, required=True, help="the hospital's ledger.json")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="medsynth",
+        description=(
+            "Federated, differentially private GAN for synthetic medical images. Each hospital trains "
+            "locally with DP-SGD (patient-level privacy, ledger-enforced budget); the server averages."
+        ),
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="show library log lines")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _simulate_parser(sub)
+    _node_parser(sub)
+    return parser
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from simulation.runner import SimulateOptions, simulate
+
+    simulate(
+        SimulateOptions(
+            out=args.out,
+            sites=args.sites,
+            rounds=args.rounds,
+            epsilon=args.epsilon,
+            delta=args.delta,
+            noise_multiplier=args.noise_multiplier,
+            seed=args.seed,
+            dataset=args.dataset,
+            partition=args.partition,
+            patients_per_site=args.patients_per_site,
+            images_per_patient=args.images_per_patient,
+            max_images=args.max_images,
+            image_size=args.image_size,
+            local_steps=args.local_steps,
+            batch_size=args.batch_size,
+            d_steps_per_g=args.d_steps_per_g,
+            cpus_per_site=args.cpus_per_site,
+            timeout_s=args.timeout,
+            resume=args.resume,
+        )
+    )
+    return 0
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    salt_file = args.salt_file or args.out.parent / "salt.bin"
+    report = prepare_site(
+        args.data,
+        args.out,
+        image_size=args.image_size,
+        salt=load_or_create_salt(salt_file),
+        class_names=parse_class_names(args.classes) if args.classes else None,
+        force=args.force,
+        progress=True,
+    )
+    print(report.format())
+    print(f"cache: {args.out}  (report: {args.out / 'prepare_report.json'})")
+    return 0
+
+
+def cmd_privacy(args: argparse.Namespace) -> int:
+    ledger = PrivacyLedger.read(args.ledger)
+    print(f"ledger {args.ledger}  accountant {ledger.accountant}  δ = {ledger.delta:g}")
+    by_run: dict[int, list[str]] = defaultdict(list)
+    history = []
+    for entry in ledger.entries:
+        history.append(entry.charge)
+        eps = epsilon_of(history, ledger.delta, ledger.accountant)
+        by_run[entry.run].append(
+            f"    round {entry.round:>3}: {entry.steps} steps, σ = {entry.noise_multiplier:.4f}, "
+            f"q = {entry.sample_rate:.4f} → cumulative ε = {eps:.4f}"
+        )
+    for run, lines in by_run.items():
+        print(f"  run {run}:")
+        print("\n".join(lines))
+    spent = ledger.epsilon()
+    print(f"ε spent {spent:.4f} of budget {ledger.epsilon_budget:g}; left {max(ledger.epsilon_budget - spent, 0):.4f}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    try:
+        if args.command == "simulate":
+            return cmd_simulate(args)
+        if args.node_command == "prepare":
+            return cmd_prepare(args)
+        return cmd_privacy(args)
+    except USER_ERRORS as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,95 @@
+"""``summary.json``: the machine-readable result of a simulated federation.
+
+Layout (tests and later tools rely on it)::
+
+    {"rounds_completed": 2,
+     "secure_aggregation": false,
+     "sites": {"site-0": {"epsilon": 3.1, "delta": 1e-05, "epsilon_budget": 10.0,
+                          "steps": 40, "status": "ok", "ledger": "sites/site-0/ledger.json"}},
+     "rounds": [{"round": 1, "sites_trained": ["site-0", …], "loss_d": 1.3, "loss_g": 0.7}, …],
+     "checkpoints": "checkpoints", "samples": "samples"}
+
+Each site's epsilon is recomputed here from its ledger file alone (the same function the
+hospital uses), not copied from what the hospital reported; ``status`` is ``budget-exhausted``
+if the hospital ever declined a round for lack of budget.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from client.ledger import PrivacyLedger
+from common.atomic import write_json_atomic
+
+
+def site_summary(out: Path, site_id: str, ledger_path: Path, exhausted: bool) -> dict[str, Any]:
+    """One site's entry, from its ledger; a site that never trained has no ledger yet."""
+    if ledger_path.exists():
+        ledger = PrivacyLedger.read(ledger_path)
+        epsilon, delta, budget, steps = ledger.epsilon(), ledger.delta, ledger.epsilon_budget, ledger.total_steps
+    else:
+        epsilon, delta, budget, steps = 0.0, float("nan"), float("nan"), 0
+    return {
+        "epsilon": epsilon,
+        "delta": delta,
+        "epsilon_budget": budget,
+        "steps": steps,
+        "status": "budget-exhausted" if exhausted else "ok",
+        "ledger": str(ledger_path.relative_to(out)),
+    }
+
+
+def build_summary(out: Path, site_ledgers: dict[str, Path], extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Combine the server's state (``server_state.json``) with every site's ledger."""
+    state_path = out / "server_state.json"
+    state = json.loads(state_path.read_text()) if state_path.exists() else {"rounds": []}
+    rounds = state.get("rounds", [])
+    attempted = [*rounds, *([state["last_round_attempted"]] if "last_round_attempted" in state else [])]
+    exhausted = {s for r in attempted for s in r.get("sites_budget_exhausted", [])}
+    summary: dict[str, Any] = {
+        "rounds_completed": len(rounds),
+        "secure_aggregation": bool(state.get("secure_aggregation", False)),
+        "stopped_early": state.get("stopped_early"),
+        "sites": {
+            site: site_summary(out, site, path, site in exhausted) for site, path in sorted(site_ledgers.items())
+        },
+        "rounds": [
+            {
+                "round": r["round"],
+                "sites_trained": r["sites_trained"],
+                "sites_budget_exhausted": r.get("sites_budget_exhausted", []),
+                "loss_d": r.get("loss_d"),
+                "loss_g": r.get("loss_g"),
+                "failures": r.get("failures", []),
+                "seconds": r.get("seconds"),
+            }
+            for r in rounds
+        ],
+        "checkpoints": "checkpoints",
+        "samples": "samples",
+        **(extra or {}),
+    }
+    write_json_atomic(out / "summary.json", summary)
+    return summary
+
+
+def format_summary(summary: dict[str, Any], out: Path) -> str:
+    """What the user reads at the end of a run."""
+    lines = [f"rounds completed: {summary['rounds_completed']}"]
+    if summary.get("stopped_early"):
+        lines.append(f"stopped early: {summary['stopped_early']}")
+    lines.append("privacy spent per hospital (patient level):")
+    for site, s in summary["sites"].items():
+        lines.append(
+            f"  {site}: ε = {s['epsilon']:.3f} of budget {s['epsilon_budget']:g} at δ = {s['delta']:g}, "
+            f"{s['steps']} DP steps, status {s['status']}"
+        )
+    lines += [
+        f"results:   {out}",
+        f"  summary  {out / 'summary.json'}",
+        f"  samples  {out / 'samples'}",
+        f"  models   {out / 'checkpoints'}",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,187 @@
+"""``medsynth simulate``: N virtual hospitals through Flower's Simulation Engine, end to end.
+
+Steps, each visible to the user:
+1. source data: the built-in DICOM phantom generator (default) or a MedMNIST ``.npz``;
+2. split by patient (IID or Dirichlet label skew; a patient is never split across sites);
+3. write each hospital's share as real DICOM files, then ``prepare`` it exactly as a hospital
+   node would (same code), so the simulation exercises the real hospital path;
+4. start a private SuperLink (own FLWR_HOME and port), ``flwr run`` this app on it with
+   ``num-supernodes = sites``, follow the server's round lines, stop the SuperLink by PID;
+5. write ``summary.json`` (each site's epsilon recomputed from its ledger) and print it.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from client.prepare import PrepareReport, load_or_create_salt, prepare_site
+from common.config import ConfigError
+from simulation.partition import SourceData, load_medmnist_npz, parse_partition, split_by_patient, write_site_dicom
+from simulation.phantoms import phantom_population
+from simulation.report import build_summary, format_summary
+from simulation.superlink import LocalSuperLink, RunConfigValue, run_app
+
+ROUND_LINE = re.compile(r"round (\d+)/(\d+): .*")
+
+
+@dataclass(frozen=True)
+class SimulateOptions:
+    """Everything ``medsynth simulate`` can be told; defaults are the demo's."""
+
+    out: Path
+    sites: int = 3
+    rounds: int = 3
+    epsilon: float = 10.0
+    delta: float = 1e-5
+    noise_multiplier: float | None = None  # None: calibrate to end at the budget
+    seed: int = 0
+    dataset: Path | None = None  # MedMNIST .npz; None: phantoms
+    partition: str = "iid"
+    patients_per_site: int = 48
+    images_per_patient: int = 4
+    max_images: int | None = None  # subsample a large dataset (MedMNIST) for a quick run
+    image_size: int = 32
+    local_steps: int = 20
+    batch_size: int = 16
+    d_steps_per_g: int = 1
+    cpus_per_site: int = 1
+    timeout_s: float = 3600.0
+    resume: bool = False
+    extra_config: tuple[tuple[str, RunConfigValue], ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.sites < 1 or self.rounds < 1:
+            raise ConfigError("--sites and --rounds must be >= 1")
+        if not self.epsilon > 0 or not 0 < self.delta < 1:
+            raise ConfigError("--epsilon must be > 0 and --delta in (0, 1)")
+        if self.noise_multiplier is not None and not self.noise_multiplier > 0:
+            raise ConfigError("--noise-multiplier must be > 0")
+        parse_partition(self.partition)
+
+
+def project_dir() -> Path:
+    """The Flower App directory (this repository: pyproject.toml with [tool.flwr.app])."""
+    root = Path(__file__).resolve().parents[1]
+    if not (root / "pyproject.toml").is_file():
+        raise ConfigError(f"cannot find the medsynth project at {root}; install it with `make install`")
+    return root
+
+
+def load_source(opts: SimulateOptions) -> SourceData:
+    """Phantoms (default) or a MedMNIST split, optionally subsampled with the run's seed."""
+    if opts.dataset is None:
+        return phantom_population(
+            opts.sites * opts.patients_per_site, opts.images_per_patient, image_size=64, seed=opts.seed
+        )
+    source = load_medmnist_npz(opts.dataset, "train")
+    if opts.max_images is not None and opts.max_images < source.labels.size:
+        keep = np.sort(np.random.default_rng(opts.seed).choice(source.labels.size, opts.max_images, replace=False))
+        source = SourceData(
+            images=source.images[keep],
+            labels=source.labels[keep],
+            patient_ids=None if source.patient_ids is None else source.patient_ids[keep],
+            class_names=source.class_names,
+            mapping=source.mapping,
+        )
+    return source
+
+
+def build_sites(opts: SimulateOptions, source: SourceData, say: Callable[[str], None]) -> dict[str, Path]:
+    """Write and prepare every site; returns site id → ledger path."""
+    parts = split_by_patient(source, opts.sites, opts.partition, opts.seed)
+    ledgers: dict[str, Path] = {}
+    for i, indices in enumerate(parts):
+        site = f"site-{i}"
+        root = opts.out / "sites" / site
+        if not opts.resume and (root / "dicom").exists():
+            shutil.rmtree(root / "dicom")
+        if not (root / "dicom").exists():
+            write_site_dicom(source, indices, root / "dicom", site_name=site, seed=opts.seed)
+        report: PrepareReport = prepare_site(
+            root / "dicom",
+            root / "cache",
+            image_size=opts.image_size,
+            salt=load_or_create_salt(root / "salt.bin"),
+            class_names=source.class_names,
+            progress=True,
+        )
+        say(f"{site}: {report.images_kept} images of {report.patients} patients {dict(report.label_counts)}")
+        if not report.patient_identity:
+            say(f"{site}: the data has no patient identity; every image is treated as its own patient")
+        ledgers[site] = root / "ledger.json"
+    return ledgers
+
+
+def run_config_for(opts: SimulateOptions, class_names: tuple[str, ...], sites_dir: Path) -> dict[str, RunConfigValue]:
+    """The ``--run-config`` overrides (keys exist in pyproject's [tool.flwr.app.config])."""
+    cfg: dict[str, RunConfigValue] = {
+        "num-server-rounds": opts.rounds,
+        "min-nodes": opts.sites,
+        "seed": opts.seed,
+        "output-dir": str(opts.out.resolve()),
+        "sim.sites-dir": str(sites_dir.resolve()),
+        "data.class-names": ",".join(class_names),
+        "model.image-size": opts.image_size,
+        "train.local-steps": opts.local_steps,
+        "train.batch-size": opts.batch_size,
+        "train.d-steps-per-g": opts.d_steps_per_g,
+        "train.device": "cpu",
+        "dp.epsilon-budget": float(opts.epsilon),
+        "dp.delta": float(opts.delta),
+        "dp.calibrate": opts.noise_multiplier is None,
+        "dp.noise-multiplier": float(opts.noise_multiplier or 1.0),
+    }
+    cfg.update(dict(opts.extra_config))
+    return cfg
+
+
+def simulate(opts: SimulateOptions, say: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run the whole simulation; returns the summary dict (also written to summary.json)."""
+    t0 = time.monotonic()
+    opts.out.mkdir(parents=True, exist_ok=True)
+    if not opts.resume:
+        for stale in ("checkpoints", "samples", "server_state.json", "summary.json"):
+            path = opts.out / stale
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+        for ledger in (opts.out / "sites").glob("*/ledger.json"):
+            ledger.unlink()  # a fresh simulation starts with fresh (virtual) hospitals
+    source = load_source(opts)
+    say(f"data: {'phantoms' if opts.dataset is None else opts.dataset} — {source.labels.size} images, "
+        f"classes {list(source.class_names)}, partition {opts.partition}, {opts.sites} sites")
+    ledgers = build_sites(opts, source, say)
+    run_config = run_config_for(opts, source.class_names, opts.out / "sites")
+
+    def on_line(line: str) -> None:
+        match = ROUND_LINE.search(line)
+        if match:
+            say(match.group(0))
+
+    say(f"federation: {opts.rounds} rounds, budget ε={opts.epsilon:g} per hospital at δ={opts.delta:g}"
+        + ("" if opts.noise_multiplier is None else f", fixed σ={opts.noise_multiplier:g}"))
+    with LocalSuperLink(opts.out / ".flwr") as link:
+        result = run_app(
+            project_dir(),
+            link,
+            run_config=run_config,
+            num_supernodes=opts.sites,
+            num_cpus_per_node=opts.cpus_per_site,
+            log_path=opts.out / "flower.log",
+            timeout_s=opts.timeout_s,
+            on_line=on_line,
+        )
+    summary = build_summary(
+        opts.out, ledgers, extra={"run_id": result.run_id, "wall_seconds": round(time.monotonic() - t0, 1)}
+    )
+    say(format_summary(summary, opts.out))
+    return summary

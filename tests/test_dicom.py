@@ -1,0 +1,244 @@
+"""common.dicom: one file -> frames in [0, 1] or a typed rejection."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from pydicom.data import get_testdata_file
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+from common.dicom import (
+    DicomRejected,
+    apply_modality_lut,
+    apply_voi_lut,
+    frame_transform_dataset,
+    read_image_frames,
+    to_unit_frames,
+)
+
+
+def bundled(name: str) -> Path:
+    """A test file shipped inside the pydicom wheel."""
+    path = get_testdata_file(name)
+    if path is None:
+        pytest.skip(f"pydicom test file {name} not available")
+    return Path(str(path))
+
+
+def make_dataset(pixels: np.ndarray, photometric: str = "MONOCHROME2", bits_stored: int | None = None,
+                 **attrs: Any) -> Dataset:
+    """An in-memory Secondary Capture dataset with ``pixels`` and extra attributes."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = SecondaryCaptureImageStorage
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.Modality = "OT"
+    ds.set_pixel_data(pixels, photometric, bits_stored or pixels.dtype.itemsize * 8)
+    for keyword, value in attrs.items():
+        setattr(ds, keyword, value)
+    return ds
+
+
+def write_dicom(path: Path, pixels: np.ndarray, **kwargs: Any) -> Path:
+    make_dataset(pixels, **kwargs).save_as(path, enforce_file_format=True)
+    return path
+
+
+def test_modality_lut_is_slope_times_raw_plus_intercept_on_ct_small() -> None:
+    # prepare
+    ds = pydicom.dcmread(bundled("CT_small.dcm"))
+    raw = ds.pixel_array
+    # act
+    hu = apply_modality_lut(raw, ds)
+    # assert: RescaleSlope 1, RescaleIntercept -1024; golden raw values at fixed pixels
+    assert (float(ds.RescaleSlope), float(ds.RescaleIntercept)) == (1.0, -1024.0)
+    for (r, c), stored in {(0, 0): 175, (64, 64): 1928, (127, 127): 909, (30, 90): 223}.items():
+        assert raw[r, c] == stored
+        assert hu[r, c] == stored * 1.0 - 1024.0
+    assert hu.dtype == np.float64
+
+
+def test_ct_small_without_window_is_min_max_normalised() -> None:
+    image = read_image_frames(bundled("CT_small.dcm"))
+    frame = image.frames[0]
+    # raw range [128, 2191]: 175 -> (175 - 128) / 2063
+    assert image.frames.shape == (1, 128, 128) and image.frames.dtype == np.float32
+    assert (frame.min(), frame.max()) == (0.0, 1.0)
+    assert frame[0, 0] == pytest.approx(47 / 2063, abs=1e-6)
+    assert (image.patient_key, image.modality) == ("1CT1", "CT")
+
+
+def test_linear_window_golden_values(tmp_path: Path) -> None:
+    # prepare: 8-bit unsigned, Window Center 100 / Width 201 -> c' = 99.5, w' = 200 (PS3.3 C.11.2.1.2.1)
+    pixels = np.array([[0, 50, 100, 150, 250]], dtype=np.uint8)
+    path = write_dicom(tmp_path / "w.dcm", pixels, WindowCenter="100", WindowWidth="201")
+    # act
+    frame = read_image_frames(path).frames[0, 0]
+    # assert: (x - 99.5) / 200 + 0.5, clipped to [0, 1]
+    np.testing.assert_allclose(frame, [0.0025, 0.2525, 0.5025, 0.7525, 1.0], atol=1e-6)
+
+
+def test_monochrome1_is_the_inverse_of_monochrome2(tmp_path: Path) -> None:
+    pixels = np.arange(64, dtype=np.uint16).reshape(8, 8) * 37
+    for window in ({}, {"WindowCenter": "1000", "WindowWidth": "1500"}):
+        mono2 = read_image_frames(write_dicom(tmp_path / "m2.dcm", pixels, bits_stored=12, **window))
+        mono1 = read_image_frames(write_dicom(tmp_path / "m1.dcm", pixels, bits_stored=12,
+                                              photometric="MONOCHROME1", **window))
+        np.testing.assert_allclose(mono1.frames, 1.0 - mono2.frames, atol=1e-6)
+        assert mono1.frames[0, 0, 0] == 1.0  # lowest stored value is white in MONOCHROME1
+
+
+def test_synthetic_multiframe_keeps_frame_order(tmp_path: Path) -> None:
+    ramp = np.arange(16, dtype=np.uint16).reshape(4, 4)
+    pixels = np.stack([ramp + 100 * k for k in range(3)])  # (3, 4, 4)
+    path = write_dicom(tmp_path / "mf.dcm", pixels, bits_stored=12,
+                       WindowCenter="150", WindowWidth="300")
+    frames = read_image_frames(path).frames
+    assert frames.shape == (3, 4, 4)
+    assert frames[:, 0, 0].tolist() == sorted(frames[:, 0, 0].tolist())  # brighter frame by frame
+    assert frames[0, 0, 0] < frames[1, 0, 0] < frames[2, 0, 0]
+
+
+def test_enhanced_multiframe_files_yield_all_frames(shared_data_dir: Path) -> None:
+    mri = read_image_frames(shared_data_dir / "dicom/pydicom-data/emri_small.dcm")
+    assert mri.frames.shape == (10, 64, 64)
+    assert all(frame.max() == 1.0 and frame.min() == 0.0 for frame in mri.frames)
+
+
+def test_shared_functional_groups_supply_rescale_and_window(shared_data_dir: Path) -> None:
+    # prepare: Enhanced CT with Pixel Value Transformation and Frame VOI LUT only in (5200,9229)
+    path = shared_data_dir / "dicom/pydicom-data/eCT_Supplemental.dcm"
+    ds = pydicom.dcmread(path)
+    raw = ds.pixel_array  # (2, 512, 512)
+    # act
+    view = frame_transform_dataset(ds, 1)
+    frames = read_image_frames(path).frames
+    # assert: window 49/102 over HU = raw - 1024 (LINEAR: c' = 48.5, w' = 101)
+    assert "WindowCenter" not in ds and float(view.WindowCenter) == 49.0
+    assert float(view.RescaleIntercept) == -1024.0
+    expected = np.clip((raw[1].astype(np.float64) - 1024.0 - 48.5) / 101.0 + 0.5, 0.0, 1.0)
+    np.testing.assert_allclose(frames[1], expected, atol=1e-5)
+
+
+def test_rgb_becomes_bt601_luminance(tmp_path: Path) -> None:
+    pixels = np.array([[[255, 0, 0], [0, 255, 0], [0, 0, 255], [255, 255, 255]]], dtype=np.uint8)
+    frame = read_image_frames(write_dicom(tmp_path / "rgb.dcm", pixels, photometric="RGB")).frames[0, 0]
+    np.testing.assert_allclose(frame, [0.299, 0.587, 0.114, 1.0], atol=1e-6)
+
+
+def test_ybr_full_422_file_is_read_as_luminance() -> None:
+    image = read_image_frames(bundled("SC_ybr_full_422_uncompressed.dcm"))
+    assert image.frames.shape == (1, 100, 100)
+    assert 0.0 <= image.frames.min() < image.frames.max() <= 1.0
+
+
+@pytest.mark.parametrize("name", ["test-SR.dcm", "rtdose.dcm", "liver_1frame.dcm"])
+def test_bundled_non_images_are_rejected(name: str) -> None:
+    with pytest.raises(DicomRejected) as info:
+        read_image_frames(bundled(name))
+    assert info.value.reason == "not-an-image"
+
+
+@pytest.mark.parametrize("name", ["sr_document.dcm", "seg_image_ct_binary.dcm", "sm_annotations.dcm"])
+def test_highdicom_sr_and_seg_are_rejected(shared_data_dir: Path, name: str) -> None:
+    with pytest.raises(DicomRejected) as info:
+        read_image_frames(shared_data_dir / "dicom/highdicom" / name)
+    assert info.value.reason == "not-an-image"
+
+
+def test_palette_color_is_unsupported() -> None:
+    with pytest.raises(DicomRejected) as info:
+        read_image_frames(bundled("examples_palette.dcm"))
+    assert info.value.reason == "unsupported-photometric"
+
+
+def test_truncated_and_garbage_files_are_rejected(tmp_path: Path) -> None:
+    # prepare
+    data = bundled("CT_small.dcm").read_bytes()
+    cut_in_pixels = tmp_path / "cut.dcm"
+    cut_in_pixels.write_bytes(data[: len(data) - 5000])
+    garbage = tmp_path / "garbage.dcm"
+    garbage.write_bytes(b"\x00" * 128 + b"DICM" + bytes(range(256)) * 4)
+    empty = tmp_path / "empty.dcm"
+    empty.write_bytes(b"")
+    # act / assert
+    expected = {cut_in_pixels: "decode-failed", garbage: "unreadable", empty: "unreadable",
+                bundled("MR_truncated.dcm"): "decode-failed", tmp_path / "missing.dcm": "unreadable"}
+    for path, reason in expected.items():
+        with pytest.raises(DicomRejected) as info:
+            read_image_frames(path)
+        assert info.value.reason == reason, (path.name, info.value)
+
+
+def test_size_cap_is_checked_before_decoding(tmp_path: Path) -> None:
+    # prepare: a header declaring 60000 x 60000 x 1000 16-bit frames over 2 bytes of pixel data
+    ds = make_dataset(np.zeros((2, 2), dtype=np.uint16))
+    ds.Rows, ds.Columns, ds.NumberOfFrames = 60000, 60000, 1000
+    ds.PixelData = b"\x00\x00"
+    bomb = tmp_path / "bomb.dcm"
+    ds.save_as(bomb, enforce_file_format=True)
+    ct = bundled("CT_small.dcm")  # 128 x 128 x 16 bit = 32768 bytes
+    # act / assert: decoding would have failed with "decode-failed"; the cap answers first
+    with pytest.raises(DicomRejected) as info:
+        read_image_frames(bomb)
+    assert info.value.reason == "too-large"
+    with pytest.raises(DicomRejected) as info:
+        read_image_frames(ct, max_decoded_bytes=32767)
+    assert info.value.reason == "too-large"
+    assert read_image_frames(ct, max_decoded_bytes=32768).frames.shape == (1, 128, 128)
+
+
+def test_patient_key_falls_back_to_study_uid_then_none(tmp_path: Path) -> None:
+    pixels = np.arange(4, dtype=np.uint8).reshape(2, 2)
+    with_id = write_dicom(tmp_path / "a.dcm", pixels, PatientID="P-7", StudyInstanceUID="1.2.3")
+    study_only = write_dicom(tmp_path / "b.dcm", pixels, PatientID="  ", StudyInstanceUID="1.2.3")
+    neither = write_dicom(tmp_path / "c.dcm", pixels)
+    keys = [read_image_frames(p).patient_key for p in (with_id, study_only, neither)]
+    assert keys == ["P-7", "1.2.3", None]
+
+
+def test_wide_8bit_voi_lut_sequence_is_not_wrapped() -> None:
+    # prepare: 4096 entries of 8 bits, entry i = i // 16 (pydicom 3.0.2 alone wraps at 256)
+    item = Dataset()
+    item.LUTDescriptor = [4096, 0, 8]
+    item.LUTData = (np.arange(4096) // 16).tolist()
+    ds = Dataset()
+    ds.VOILUTSequence = [item]
+    # act
+    out = apply_voi_lut(np.array([0.0, 255.0, 256.0, 300.0, 4095.0, 9999.0]), ds)
+    # assert
+    assert out.values.tolist() == [0, 15, 16, 18, 255, 255]
+    assert (out.low, out.high) == (0.0, 255.0)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    values=st.lists(st.integers(0, 4095), min_size=2, max_size=40),
+    center=st.floats(-500, 4500),
+    width=st.floats(1, 5000),
+    monochrome1=st.booleans(),
+)
+def test_pipeline_output_is_unit_range_and_monotone(values: list[int], center: float, width: float,
+                                                    monochrome1: bool) -> None:
+    # prepare: one sorted row through Rescale + Window, either photometric
+    raw = np.array(sorted(values), dtype=np.uint16).reshape(1, 1, -1)
+    ds = make_dataset(raw[0], photometric="MONOCHROME1" if monochrome1 else "MONOCHROME2",
+                      bits_stored=12, RescaleSlope="1", RescaleIntercept="-1024",
+                      WindowCenter=f"{center:.4f}", WindowWidth=f"{width:.4f}")
+    # act
+    out = to_unit_frames(raw, ds)[0, 0]
+    # assert
+    assert out.dtype == np.float32 and out.min() >= 0.0 and out.max() <= 1.0
+    steps = np.diff(out.astype(np.float64))
+    assert (steps <= 1e-6).all() if monochrome1 else (steps >= -1e-6).all()
