@@ -12,9 +12,10 @@ Epsilon is always recomputed from the whole ``history`` (``common.privacy.epsilo
 anyone can verify it from the file alone. Steps are charged *before* training starts: a round
 that crashes or whose update is never sent is still counted (conservatively, in full).
 
-Writes are atomic and durable (``common.atomic``): temp file, fsync, rename, fsync folder. A crash at any point leaves either the
-old or the new ledger, never a torn one. A ledger that cannot be parsed is never replaced by an
-empty one (that would reset the privacy spent to zero): it raises ``LedgerCorrupt``.
+Writes are atomic and durable (``common.atomic``): temp file, fsync, rename, fsync folder.
+A crash at any point leaves either the old or the new ledger, never a torn one. A ledger that
+cannot be parsed is never replaced by an empty one (that would reset the privacy spent to
+zero): it raises ``LedgerCorrupt``.
 """
 
 from __future__ import annotations

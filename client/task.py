@@ -26,6 +26,7 @@ from common.privacy import Charge, PrivacyBudgetExceeded, calibrate_noise_multip
 from common.protocol import SiteReply, Status
 from common.weights import UpdateLayout, load_model_arrays, model_arrays
 
+
 class AccountingMismatch(RuntimeError):
     """The optimizer took other steps than the ledger charged: a bug, so nothing is sent."""
 

@@ -73,7 +73,7 @@ _GREY_PHOTOMETRICS = frozenset({"MONOCHROME1", "MONOCHROME2"})
 _COLOUR_PHOTOMETRICS = frozenset({"RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT"})
 
 
-class DicomRejected(Exception):  # noqa: N818 (name fixed by the API)
+class DicomRejected(Exception):
     """A file that cannot become training pixels; ``reason`` is a stable short code."""
 
     def __init__(self, reason: str, message: str) -> None:

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from opacus import GradSampleModule
+from opacus.accountants.accountant import IAccountant
 from opacus.optimizers import DPOptimizer
 from opacus.validators import ModuleValidator
 
@@ -38,7 +39,6 @@ from common.config import ModelConfig, TrainConfig
 from common.dataset import LocalDataset
 from common.models import Discriminator, Generator
 from common.privacy import Charge, make_accountant
-from opacus.accountants.accountant import IAccountant
 
 
 class DiscriminatorNotPrivate(ValueError):
@@ -253,8 +253,7 @@ def generator_step(
     device: torch.device,
 ) -> float:
     """Non-saturating G loss −log D(G(z)); D's hooks are off so no per-sample state is made."""
-    hooked = isinstance(d_module, GradSampleModule)
-    if hooked:
+    if isinstance(d_module, GradSampleModule):
         d_module.disable_hooks()
     try:
         z, y = sample_noise(n, model, device)
@@ -265,6 +264,6 @@ def generator_step(
         optG.step()
     finally:
         optD.zero_grad(set_to_none=True)  # D's .grad (and grad_sample) from this pass: gone
-        if hooked:
+        if isinstance(d_module, GradSampleModule):
             d_module.enable_hooks()
     return float(loss_g.detach())

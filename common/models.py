@@ -60,7 +60,8 @@ class Generator(nn.Module):
                 raise ValueError("conditional generator needs labels (B,) of class indices")
             z = torch.cat([z, self.label_embedding(labels)], dim=1)  # (B, 2·latent)
         h = self.project(z).view(z.shape[0], self._top, 4, 4)  # (B, top, 4, 4)
-        return self.body(h)  # (B, 1, S, S)
+        out: torch.Tensor = self.body(h)  # (B, 1, S, S)
+        return out
 
 
 class Discriminator(nn.Module):
@@ -97,7 +98,8 @@ class Discriminator(nn.Module):
             # warn; the gradient w.r.t. the one-hot itself is never used.
             onehot = F.one_hot(labels, self.cfg.num_classes).to(h.dtype).requires_grad_(True)
             logit = logit + (self.label_projection(onehot) * h).sum(dim=1)  # (B,) projection
-        return logit
+        out: torch.Tensor = logit
+        return out
 
 
 def build_models(cfg: ModelConfig, seed: int | None = None) -> tuple[Generator, Discriminator]:

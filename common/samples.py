@@ -30,7 +30,8 @@ def generate(
         out = netG(z, labels if cfg.conditional else None)  # (n, 1, S, S)
     finally:
         netG.train(was_training)
-    return out[:, 0].cpu().numpy()
+    images: np.ndarray = out[:, 0].cpu().numpy()
+    return images
 
 
 def sample_grid(netG: Generator, cfg: ModelConfig, *, per_class: int = 8, seed: int = 0) -> np.ndarray:

@@ -46,7 +46,9 @@ def model_arrays(netG: nn.Module, netD: nn.Module) -> Arrays:
 def load_model_arrays(netG: nn.Module, netD: nn.Module, arrays: Mapping[str, np.ndarray]) -> None:
     """Load ``g.*``/``d.*`` arrays into G and D (strict: every key must match)."""
     for prefix, net in (("g.", netG), ("d.", netD)):
-        state = {k[len(prefix) :]: torch.from_numpy(np.asarray(v).copy()) for k, v in arrays.items() if k.startswith(prefix)}
+        state = {
+            k[len(prefix) :]: torch.from_numpy(np.asarray(v).copy()) for k, v in arrays.items() if k.startswith(prefix)
+        }
         missing, unexpected = net.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise UpdateLayoutError(
@@ -131,4 +133,5 @@ def sum_vectors(vectors: Sequence[np.ndarray]) -> np.ndarray:
     """Plain (insecure) aggregation: the element-wise sum of the hospitals' vectors."""
     if not vectors:
         raise UpdateLayoutError("no update vectors to sum")
-    return np.sum(np.stack(vectors), axis=0)
+    total: np.ndarray = np.sum(np.stack(vectors), axis=0)
+    return total

@@ -21,10 +21,10 @@ from typing import Any
 
 import numpy as np
 from safetensors import SafetensorError
-
-from common.atomic import write_bytes_atomic
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
+
+from common.atomic import write_bytes_atomic
 
 log = logging.getLogger("medsynth.server")
 NAME = re.compile(r"^round-(\d{4,})\.safetensors$")

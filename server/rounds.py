@@ -143,7 +143,8 @@ def describe_round(record: dict[str, Any], num_rounds: int) -> str:
     losses = (
         f"loss_d={record['loss_d']:.3f} loss_g={record['loss_g']:.3f}" if "loss_d" in record else "no update"
     )
-    line = f"round {record['round']}/{num_rounds}: {len(record['sites_trained'])} trained; {losses}; {eps}; {record['seconds']:.1f} s"
+    trained = len(record["sites_trained"])
+    line = f"round {record['round']}/{num_rounds}: {trained} trained; {losses}; {eps}; {record['seconds']:.1f} s"
     if record["failures"]:
         line += "; failures: " + "; ".join(record["failures"])
     return line

@@ -24,7 +24,13 @@ import numpy as np
 
 from client.prepare import PrepareReport, load_or_create_salt, prepare_site
 from common.config import ConfigError
-from simulation.partition import SourceData, load_medmnist_npz, parse_partition, split_by_patient, write_site_dicom
+from simulation.partition import (
+    SourceData,
+    load_medmnist_npz,
+    parse_partition,
+    split_by_patient,
+    write_site_dicom,
+)
 from simulation.phantoms import phantom_population
 from simulation.report import build_summary, format_summary
 from simulation.superlink import LocalSuperLink, RunConfigValue, run_app
@@ -73,6 +79,21 @@ def project_dir() -> Path:
     if not (root / "pyproject.toml").is_file():
         raise ConfigError(f"cannot find the medsynth project at {root}; install it with `make install`")
     return root
+
+
+def check_out_dir(out: Path) -> None:
+    """Refuse an output folder inside the app folder unless git ignores it (``medsynth-output/``).
+
+    ``flwr run`` packs the app folder and walks everything in it that is not git-ignored; our
+    Flower home and site data below OUT would make it fail (or bundle patient-like data).
+    """
+    root = project_dir()
+    resolved = out.resolve()
+    if resolved.is_relative_to(root) and not resolved.is_relative_to(root / "medsynth-output"):
+        raise ConfigError(
+            f"--out {out} is inside the project folder {root}; use a folder outside it "
+            "or under medsynth-output/"
+        )
 
 
 def load_source(opts: SimulateOptions) -> SourceData:
@@ -146,6 +167,7 @@ def run_config_for(opts: SimulateOptions, class_names: tuple[str, ...], sites_di
 def simulate(opts: SimulateOptions, say: Callable[[str], None] = print) -> dict[str, Any]:
     """Run the whole simulation; returns the summary dict (also written to summary.json)."""
     t0 = time.monotonic()
+    check_out_dir(opts.out)
     opts.out.mkdir(parents=True, exist_ok=True)
     if not opts.resume:
         for stale in ("checkpoints", "samples", "server_state.json", "summary.json"):

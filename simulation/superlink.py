@@ -59,6 +59,7 @@ __all__ = [
     "TAG_ENV_VAR",
     "FlowerEnv",
     "LocalSuperLink",
+    "RunConfigValue",
     "RunFailedError",
     "RunResult",
     "SuperLinkError",
@@ -679,9 +680,7 @@ def run_app(
     t0 = time.monotonic()
     deadline = t0 + timeout_s
 
-    cfg_file = _write_run_config_file(
-        link.flwr_home / "run-configs" / f"{uuid.uuid4().hex[:12]}.toml", run_config
-    )
+    cfg_file = _write_run_config_file(link.flwr_home / "run-configs" / f"{uuid.uuid4().hex[:12]}.toml", run_config)
     submit = ["run", str(app_dir), env.connection]
     if run_config:
         submit += ["--run-config", str(cfg_file)]

@@ -21,3 +21,23 @@ def toy_dataset(num_patients: int = 40, per_patient: int = 3, size: int = 32, se
         class_names=("normal", "lesion"),
         patient_identity=True,
     )
+
+
+def default_run_config(**overrides: object) -> dict[str, object]:
+    """``[tool.flwr.app.config]`` flattened as Flower does (``dp.delta``), plus overrides."""
+    import tomllib
+    from pathlib import Path
+
+    raw = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    flat: dict[str, object] = {}
+
+    def walk(prefix: str, node: dict[str, object]) -> None:
+        for key, value in node.items():
+            if isinstance(value, dict):
+                walk(f"{prefix}{key}.", value)
+            else:
+                flat[prefix + key] = value
+
+    walk("", raw["tool"]["flwr"]["app"]["config"])
+    flat.update({k.replace("__", "."): v for k, v in overrides.items()})
+    return flat

@@ -29,7 +29,7 @@ def _summed_clipped_grad(netD, cfg, train, real, y_real, fake, y_fake, clip) -> 
         sample_rate=0.5, device=CPU,
     )
     try:
-        loss, rows = discriminator_loss(priv.module, real, y_real, fake, y_fake, cfg.conditional)
+        loss, _ = discriminator_loss(priv.module, real, y_real, fake, y_fake, cfg.conditional)
         priv.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         priv.optimizer.pre_step()  # clip, accumulate, add (zero) noise, divide by expected rows

@@ -133,9 +133,9 @@ def _cmdline(pid: int) -> str | None:
 
 def test_format_run_config_quotes_strings() -> None:
     rendered = format_run_config({"a": 1, "b": 0.5, "c": True, "d": "x y", "e": 'say "hi"'})
-    assert rendered == "a=1 b=0.5 c=true d=\"x y\" e='say \"hi\"'"
+    assert rendered == 'a=1 b=0.5 c=true d="x y" e=\'say "hi"\''
     with pytest.raises(ValueError, match="both quote kinds"):
-        format_run_config({"s": "it's \"x\""})
+        format_run_config({"s": 'it\'s "x"'})
     with pytest.raises(TypeError):
         format_run_config({"l": [1, 2]})  # type: ignore[dict-item]
 
@@ -204,9 +204,5 @@ def test_simulation_three_nodes_and_clean_shutdown(tmp_path: Path, toy_app: Path
     assert superlink_pid in seen_pids
     assert len(seen_pids) >= 5, seen_cmdlines
     assert find_tagged_pids(tag) == set()
-    survivors = {
-        pid: cmd
-        for pid, cmd in seen_cmdlines.items()
-        if cmd is not None and _cmdline(pid) == cmd
-    }
+    survivors = {pid: cmd for pid, cmd in seen_cmdlines.items() if cmd is not None and _cmdline(pid) == cmd}
     assert survivors == {}

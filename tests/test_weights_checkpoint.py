@@ -23,7 +23,7 @@ def test_summed_vectors_give_the_weighted_average() -> None:
     weights, losses = [10.0, 30.0, 60.0], [1.0, 2.0, 3.0]
     layout = UpdateLayout.of(glob)
     # act
-    vectors = [layout.pack(lo, glob, w, {"loss_d": l, "loss_g": 0.5}) for lo, w, l in
+    vectors = [layout.pack(lo, glob, w, {"loss_d": loss, "loss_g": 0.5}) for lo, w, loss in
                zip(locals_, weights, losses, strict=True)]
     new, metrics = fedavg(glob, layout, sum_vectors(vectors))
     # assert

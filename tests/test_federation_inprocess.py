@@ -1,0 +1,209 @@
+"""Server round loop + hospital code in one process: accounting, budgets, resume, dropouts.
+
+The transport is replaced by ``InProcessGrid``, which hands each message to the real
+ClientApp handler (``client.app.train``); everything else — prepare, ledger, DP training,
+packing, FedAvg, checkpoints — is the production code. The real Flower path (SuperLink,
+Simulation Engine) is covered by ``test_simulate_e2e.py``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import pytest
+from flwr.app import Context, Message, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+from opacus.accountants import PRVAccountant
+
+import client.task
+from client.app import train as client_train
+from client.ledger import PrivacyLedger
+from common.config import RunConfig
+from common.privacy import epsilon_of
+from server.checkpoint import latest_valid_checkpoint, load_checkpoint
+from server.rounds import ServerPaths, run_federation
+from simulation.partition import split_by_patient, write_site_dicom
+from simulation.phantoms import phantom_population
+from tests.helpers import default_run_config
+
+RUN_ID = 4242
+
+
+class InProcessGrid:
+    """The two Grid calls the round loop uses, delivering to ``client.app.train`` directly."""
+
+    def __init__(self, num_sites: int, run_config: dict[str, object], run_id: int = RUN_ID) -> None:
+        self.nodes = {101 + i: i for i in range(num_sites)}
+        self.run_config = run_config
+        self.run_id = run_id
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self.nodes)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        replies = []
+        for msg in messages:
+            node = msg.metadata.dst_node_id
+            ctx = Context(
+                run_id=self.run_id,
+                node_id=node,
+                node_config={"partition-id": self.nodes[node], "num-partitions": len(self.nodes)},
+                state=RecordDict(),
+                run_config=self.run_config,  # type: ignore[arg-type]
+            )
+            replies.append(client_train(msg, ctx))
+        return replies
+
+
+@pytest.fixture(autouse=True)
+def _task_identity() -> Iterator[None]:
+    TaskIdentity.run_id = RUN_ID  # what Flower's ServerApp process sets before main()
+    TaskIdentity.node_id = 1
+    TaskIdentity.task_id = 1
+    yield
+
+
+@pytest.fixture(scope="module")
+def sites_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Three phantom hospitals written as DICOM: 16 patients × 2 images each."""
+    root = tmp_path_factory.mktemp("sites")
+    source = phantom_population(48, 2, image_size=32, seed=5)
+    for i, idx in enumerate(split_by_patient(source, 3, "iid", seed=5)):
+        write_site_dicom(source, idx, root / f"site-{i}" / "dicom", site_name=f"site-{i}", seed=5)
+    return root
+
+
+def _fresh_state(sites_dir: Path) -> None:
+    for p in sites_dir.glob("site-*/ledger.json*"):
+        p.unlink()
+    for p in sites_dir.glob("site-*/*.lock"):
+        p.unlink()
+
+
+def _config(sites_dir: Path, out: Path, **overrides: object) -> dict[str, object]:
+    base: dict[str, object] = {
+        "sim__sites-dir": str(sites_dir),
+        "output-dir": str(out),
+        "train__local-steps": 3,
+        "train__batch-size": 4,
+        "model__g-width": 16,
+        "model__d-width": 16,
+        "dp__calibrate": False,
+        "dp__noise-multiplier": 1.2,
+        "wait-nodes-timeout": 5.0,
+    }
+    base.update(overrides)
+    return default_run_config(**base)
+
+
+def _stepwise_epsilon(ledger: PrivacyLedger) -> float:
+    """Independent recomputation: a fresh Opacus PRV accountant stepped once per ledger step."""
+    acc = PRVAccountant()
+    for entry in ledger.entries:
+        for _ in range(entry.steps):
+            acc.step(noise_multiplier=entry.noise_multiplier, sample_rate=entry.sample_rate)
+    return float(acc.get_epsilon(delta=ledger.delta))
+
+
+def test_reported_epsilon_is_cumulative_and_recomputable_from_the_ledger(sites_dir: Path, tmp_path: Path) -> None:
+    # prepare
+    _fresh_state(sites_dir)
+    cfg = _config(sites_dir, tmp_path, **{"num-server-rounds": 3})
+    # act
+    state = run_federation(InProcessGrid(3, cfg), RunConfig.from_flower(cfg), ServerPaths(tmp_path))  # type: ignore[arg-type]
+    # assert
+    assert [r["round"] for r in state["rounds"]] == [1, 2, 3]
+    last = state["rounds"][-1]["privacy"]
+    for site in ("site-0", "site-1", "site-2"):
+        ledger = PrivacyLedger.read(sites_dir / site / "ledger.json")
+        assert [(e.run, e.round, e.steps, e.noise_multiplier) for e in ledger.entries] == [
+            (RUN_ID, r, 3, 1.2) for r in (1, 2, 3)
+        ]
+        independent = _stepwise_epsilon(ledger)
+        assert last[site]["epsilon"] == pytest.approx(independent, rel=1e-6)
+        assert last[site]["steps"] == 9
+        per_round_reset = epsilon_of(ledger.charges[-1:], ledger.delta)  # Flower example's bug
+        assert last[site]["epsilon"] > 1.3 * per_round_reset
+
+
+def test_small_budget_stops_training_at_never_above_the_budget(sites_dir: Path, tmp_path: Path) -> None:
+    # prepare: a budget that fits two rounds at σ=1.2 but not three
+    _fresh_state(sites_dir)
+    q = 4 / 16
+    two, three = (epsilon_of([client.task.Charge(1.2, q, 3 * k)], 1e-5) for k in (2, 3))
+    budget = (two + three) / 2
+    cfg = _config(sites_dir, tmp_path, **{"num-server-rounds": 5, "dp__epsilon-budget": budget})
+    # act
+    state = run_federation(InProcessGrid(3, cfg), RunConfig.from_flower(cfg), ServerPaths(tmp_path))  # type: ignore[arg-type]
+    # assert: two rounds trained, the third declined by every hospital, the run ended cleanly
+    assert len(state["rounds"]) == 2
+    assert state["finished"] is True
+    assert "no hospital could train" in state["stopped_early"]
+    assert state["last_round_attempted"]["sites_budget_exhausted"] == ["site-0", "site-1", "site-2"]
+    for site in ("site-0", "site-1", "site-2"):
+        ledger = PrivacyLedger.read(sites_dir / site / "ledger.json")
+        assert ledger.total_steps == 6
+        assert ledger.epsilon() <= budget
+        assert state["last_round_attempted"]["privacy"][site]["status"] == "budget-exhausted"
+    saved = json.loads((tmp_path / "server_state.json").read_text())
+    assert saved["stopped_early"] == state["stopped_early"]
+
+
+def test_calibrated_noise_ends_the_planned_rounds_at_the_budget(sites_dir: Path, tmp_path: Path) -> None:
+    _fresh_state(sites_dir)
+    cfg = _config(sites_dir, tmp_path, **{"num-server-rounds": 2, "dp__calibrate": True, "dp__epsilon-budget": 4.0})
+    state = run_federation(InProcessGrid(3, cfg), RunConfig.from_flower(cfg), ServerPaths(tmp_path))  # type: ignore[arg-type]
+    for site in ("site-0", "site-1", "site-2"):
+        eps = PrivacyLedger.read(sites_dir / site / "ledger.json").epsilon()
+        assert 4.0 - 0.05 < eps <= 4.0
+        assert state["rounds"][-1]["privacy"][site]["epsilon"] == pytest.approx(eps)
+
+
+def test_resume_continues_round_numbering_without_touching_finished_rounds(sites_dir: Path, tmp_path: Path) -> None:
+    # prepare: two finished rounds
+    _fresh_state(sites_dir)
+    cfg2 = _config(sites_dir, tmp_path, **{"num-server-rounds": 2})
+    run_federation(InProcessGrid(3, cfg2), RunConfig.from_flower(cfg2), ServerPaths(tmp_path))  # type: ignore[arg-type]
+    hashes = {r: load_checkpoint(tmp_path / "checkpoints" / f"round-{r:04d}.safetensors").content_sha256
+              for r in (1, 2)}
+    # act: the server comes back (new Flower run id) and is asked for 3 rounds in all
+    cfg3 = _config(sites_dir, tmp_path, **{"num-server-rounds": 3})
+    state = run_federation(InProcessGrid(3, cfg3, run_id=RUN_ID + 1), RunConfig.from_flower(cfg3),  # type: ignore[arg-type]
+                           ServerPaths(tmp_path))
+    # assert
+    assert [r["round"] for r in state["rounds"]] == [1, 2, 3]
+    for r, digest in hashes.items():
+        assert load_checkpoint(tmp_path / "checkpoints" / f"round-{r:04d}.safetensors").content_sha256 == digest
+    ckpt = latest_valid_checkpoint(tmp_path / "checkpoints")
+    assert ckpt is not None and ckpt.round == 3
+    ledger = PrivacyLedger.read(sites_dir / "site-0" / "ledger.json")
+    assert [(e.run, e.round) for e in ledger.entries] == [(RUN_ID, 1), (RUN_ID, 2), (RUN_ID + 1, 3)]
+
+
+def test_a_hospital_crashing_mid_round_is_still_charged_and_the_round_goes_on(
+    sites_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # prepare: site-1's training dies after its steps were charged
+    _fresh_state(sites_dir)
+    real_train = client.task.train_local_round
+
+    def crash_at_site_1(*args: object, **kwargs: object) -> object:
+        data = args[2]
+        if data.num_patients == 16 and crash_at_site_1.calls == 1:  # type: ignore[attr-defined]
+            crash_at_site_1.calls += 1  # type: ignore[attr-defined]
+            raise client.task.AccountingMismatch("simulated crash during training")
+        crash_at_site_1.calls += 1  # type: ignore[attr-defined]
+        return real_train(*args, **kwargs)  # type: ignore[arg-type]
+
+    crash_at_site_1.calls = 0  # type: ignore[attr-defined]
+    monkeypatch.setattr(client.task, "train_local_round", crash_at_site_1)
+    cfg = _config(sites_dir, tmp_path, **{"num-server-rounds": 1})
+    # act
+    state = run_federation(InProcessGrid(3, cfg), RunConfig.from_flower(cfg), ServerPaths(tmp_path))  # type: ignore[arg-type]
+    # assert: the round finished with the two others; site-1's ledger still counts its steps
+    record = state["rounds"][0]
+    assert record["sites_trained"] == ["site-0", "site-2"]
+    assert any("simulated crash" in f for f in record["failures"])
+    assert PrivacyLedger.read(sites_dir / "site-1" / "ledger.json").total_steps == 3

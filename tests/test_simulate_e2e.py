@@ -1,0 +1,82 @@
+"""End to end: ``medsynth simulate`` with real Flower processes (SuperLink + Simulation Engine)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from client.ledger import PrivacyLedger
+from common.privacy import epsilon_of
+from server.checkpoint import latest_valid_checkpoint, load_checkpoint
+
+pytestmark = pytest.mark.slow
+
+
+def _medsynth(*args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "simulation.cli", *args], capture_output=True, text=True, timeout=timeout
+    )
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess[str]]:
+    out = tmp_path_factory.mktemp("sim") / "out"
+    proc = _medsynth(
+        "simulate", "--out", str(out), "--sites", "3", "--rounds", "2", "--epsilon", "8",
+        "--patients-per-site", "16", "--images-per-patient", "3", "--local-steps", "4", "--batch-size", "4",
+    )
+    return out, proc
+
+
+def test_three_phantom_hospitals_two_rounds_complete(demo_run: tuple[Path, subprocess.CompletedProcess[str]]) -> None:
+    out, proc = demo_run
+    assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    # summary layout
+    assert summary["rounds_completed"] == 2
+    assert summary["secure_aggregation"] is False
+    assert [r["round"] for r in summary["rounds"]] == [1, 2]
+    assert all(r["sites_trained"] == ["site-0", "site-1", "site-2"] for r in summary["rounds"])
+    assert all(np.isfinite(r["loss_d"]) and np.isfinite(r["loss_g"]) for r in summary["rounds"])
+    assert set(summary["sites"]) == {"site-0", "site-1", "site-2"}
+    for site, s in summary["sites"].items():
+        assert {"epsilon", "delta", "steps", "status", "ledger"} <= set(s)
+        assert s["status"] == "ok" and s["delta"] == 1e-5 and s["steps"] == 8
+        # ledger layout, and epsilon recomputable from it; calibration ends at ≤ budget
+        raw = json.loads((out / s["ledger"]).read_text())
+        assert raw["accountant"] == "prv" and raw["delta"] == 1e-5 and raw["epsilon_budget"] == 8.0
+        assert [(h["round"], h["steps"]) for h in raw["history"]] == [(1, 4), (2, 4)]
+        assert len({h["run"] for h in raw["history"]}) == 1
+        ledger = PrivacyLedger.read(out / s["ledger"])
+        assert s["epsilon"] == pytest.approx(epsilon_of(ledger.charges, 1e-5))
+        assert 8.0 - 0.05 < s["epsilon"] <= 8.0, site
+    # checkpoints: pickle-free, verified, one per round
+    names = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert names == ["round-0001.safetensors", "round-0002.safetensors"]
+    ckpt = latest_valid_checkpoint(out / "checkpoints")
+    assert ckpt is not None and ckpt.round == 2
+    assert load_checkpoint(out / "checkpoints" / names[0]).round == 1
+    # samples: one PNG grid per round, one row per class
+    for r in (1, 2):
+        img = Image.open(out / "samples" / f"round-{r:04d}.png")
+        assert img.mode == "L" and img.size[0] > img.size[1] > 0
+    # the user sees where results are and each hospital's epsilon
+    assert "ε =" in proc.stdout and str(out) in proc.stdout
+
+
+def test_no_flower_process_outlives_the_simulation(demo_run: tuple[Path, subprocess.CompletedProcess[str]]) -> None:
+    out, _ = demo_run
+    own = subprocess.run(["pgrep", "-f", str(out)], capture_output=True, text=True).stdout.split()
+    assert own == []
+
+
+def test_user_errors_are_one_line_without_traceback(tmp_path: Path) -> None:
+    proc = _medsynth("simulate", "--out", str(tmp_path / "x"), "--partition", "dirichlet:abc", timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr
