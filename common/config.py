@@ -53,7 +53,7 @@ class ModelConfig:
     image_size: int = 32
     latent_dim: int = 64
     g_width: int = 64
-    d_width: int = 32
+    d_width: int = 16
     num_classes: int = 2
     conditional: bool = True
 

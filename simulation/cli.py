@@ -54,7 +54,7 @@ def _simulate_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
     )
     p.add_argument("--out", type=Path, default=Path("medsynth-output/simulation"), help="results folder")
     p.add_argument("--sites", type=int, default=3, help="number of virtual hospitals")
-    p.add_argument("--rounds", type=int, default=3, help="federated rounds")
+    p.add_argument("--rounds", type=int, default=4, help="federated rounds")
     p.add_argument("--epsilon", type=float, default=10.0,
                    help="per-hospital privacy budget ε (patient level); no hospital ever exceeds it")
     p.add_argument("--delta", type=float, default=1e-5, help="δ of the (ε, δ) guarantee")
@@ -68,11 +68,11 @@ def _simulate_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
                    help="use a random subset of this many training images of --dataset")
     p.add_argument("--partition", default="iid",
                    help="'iid' or 'dirichlet:ALPHA' (label skew; smaller ALPHA = more skew); never splits a patient")
-    p.add_argument("--patients-per-site", type=int, default=48, help="phantoms: patients per hospital")
-    p.add_argument("--images-per-patient", type=int, default=4, help="phantoms: images per patient")
+    p.add_argument("--patients-per-site", type=int, default=200, help="phantoms: patients per hospital")
+    p.add_argument("--images-per-patient", type=int, default=2, help="phantoms: images per patient")
     p.add_argument("--image-size", type=int, default=32, choices=(32, 64), help="model image side")
-    p.add_argument("--local-steps", type=int, default=20, help="private D steps per hospital per round")
-    p.add_argument("--batch-size", type=int, default=16,
+    p.add_argument("--local-steps", type=int, default=50, help="private D steps per hospital per round")
+    p.add_argument("--batch-size", type=int, default=32,
                    help="expected patients per D step (Poisson sampling rate = batch / patients)")
     p.add_argument("--d-steps-per-g", type=int, default=1, help="D steps per G step")
     p.add_argument("--cpus-per-site", type=int, default=1, help="whole CPUs reserved per virtual hospital")

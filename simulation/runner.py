@@ -44,19 +44,19 @@ class SimulateOptions:
 
     out: Path
     sites: int = 3
-    rounds: int = 3
+    rounds: int = 4
     epsilon: float = 10.0
     delta: float = 1e-5
     noise_multiplier: float | None = None  # None: calibrate to end at the budget
     seed: int = 0
     dataset: Path | None = None  # MedMNIST .npz; None: phantoms
     partition: str = "iid"
-    patients_per_site: int = 48
-    images_per_patient: int = 4
+    patients_per_site: int = 200
+    images_per_patient: int = 2
     max_images: int | None = None  # subsample a large dataset (MedMNIST) for a quick run
     image_size: int = 32
-    local_steps: int = 20
-    batch_size: int = 16
+    local_steps: int = 50
+    batch_size: int = 32
     d_steps_per_g: int = 1
     cpus_per_site: int = 1
     timeout_s: float = 3600.0
