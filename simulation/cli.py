@@ -76,6 +76,8 @@ def _simulate_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
                    help="expected patients per D step (Poisson sampling rate = batch / patients)")
     p.add_argument("--d-steps-per-g", type=int, default=1, help="D steps per G step")
     p.add_argument("--cpus-per-site", type=int, default=1, help="whole CPUs reserved per virtual hospital")
+    p.add_argument("--device", default="auto",
+                   help="auto (CUDA when a GPU is visible to the virtual hospitals, else CPU), cpu, cuda")
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds before the run is stopped")
     p.add_argument("--resume", action="store_true",
                    help="keep OUT's checkpoints and ledgers and continue from the last good round")
@@ -148,6 +150,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             d_steps_per_g=args.d_steps_per_g,
             cpus_per_site=args.cpus_per_site,
+            device=args.device,
             timeout_s=args.timeout,
             resume=args.resume,
         )

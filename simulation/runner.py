@@ -59,6 +59,7 @@ class SimulateOptions:
     batch_size: int = 32
     d_steps_per_g: int = 1
     cpus_per_site: int = 1
+    device: str = "auto"
     timeout_s: float = 3600.0
     resume: bool = False
     extra_config: tuple[tuple[str, RunConfigValue], ...] = ()
@@ -154,7 +155,7 @@ def run_config_for(opts: SimulateOptions, class_names: tuple[str, ...], sites_di
         "train.local-steps": opts.local_steps,
         "train.batch-size": opts.batch_size,
         "train.d-steps-per-g": opts.d_steps_per_g,
-        "train.device": "cpu",
+        "train.device": opts.device,
         "dp.epsilon-budget": float(opts.epsilon),
         "dp.delta": float(opts.delta),
         "dp.calibrate": opts.noise_multiplier is None,
@@ -189,6 +190,7 @@ def simulate(opts: SimulateOptions, say: Callable[[str], None] = print) -> dict[
         if match:
             say(match.group(0))
 
+    say("starting a private Flower SuperLink and the Simulation Engine (round 1 includes start-up)")
     say(f"federation: {opts.rounds} rounds, budget ε={opts.epsilon:g} per hospital at δ={opts.delta:g}"
         + ("" if opts.noise_multiplier is None else f", fixed σ={opts.noise_multiplier:g}"))
     with LocalSuperLink(opts.out / ".flwr") as link:

@@ -80,3 +80,23 @@ def test_user_errors_are_one_line_without_traceback(tmp_path: Path) -> None:
     proc = _medsynth("simulate", "--out", str(tmp_path / "x"), "--partition", "dirichlet:abc", timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr
+
+
+def test_fixed_noise_small_budget_stops_cleanly_with_status(tmp_path: Path) -> None:
+    # prepare: σ=3 fixed, q=4/12, 6 steps a round: ε after 1..4 rounds = 1.23, 1.72, 2.11, 2.45
+    out = tmp_path / "budget"
+    # act
+    proc = _medsynth(
+        "simulate", "--out", str(out), "--sites", "3", "--rounds", "4", "--epsilon", "2.0",
+        "--noise-multiplier", "3.0", "--patients-per-site", "12", "--images-per-patient", "2",
+        "--local-steps", "6", "--batch-size", "4",
+    )
+    # assert: the run ended normally, fewer rounds than asked, every site at or below budget
+    assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["rounds_completed"] == 2
+    assert "no hospital could train" in summary["stopped_early"]
+    for s in summary["sites"].values():
+        assert s["status"] == "budget-exhausted"
+        assert s["epsilon"] == pytest.approx(1.72, abs=0.01)
+        assert s["steps"] == 12
