@@ -30,11 +30,10 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from common.atomic import write_json_atomic
+from common.atomic import fsync_dir, write_json_atomic
 from common.dataset import (
     DatasetError,
     LocalDataset,
-    fsync_dir,
     read_cache_fingerprint,
     save_cache,
 )

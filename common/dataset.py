@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from common.atomic import fsync_dir
+
 CACHE_FILE = "dataset.npz"
 FORMAT_VERSION = 1
 _KEYS = ("images", "labels", "patients", "class_names", "patient_hashes", "patient_identity",
@@ -115,21 +117,9 @@ def save_cache(ds: LocalDataset, cache_dir: Path, fingerprint: str, patient_hash
     return target
 
 
-def fsync_dir(path: Path) -> None:
-    """Make a rename inside ``path`` durable (POSIX); a no-op where folders cannot be opened."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _open_cache(cache_dir: Path) -> dict[str, np.ndarray]:
     path = cache_dir / CACHE_FILE
-    hint = "run `medsynth prepare` (client.prepare.prepare_site) to build it"
+    hint = "run `medsynth node prepare` (client.prepare.prepare_site) to build it"
     if not path.is_file():
         raise DatasetError(f"no prepared dataset at {path}; {hint}")
     try:  # we own the handle: np.load leaks it when the zip is corrupt
