@@ -1,50 +1,96 @@
-"""Flower ClientApp: translates a train message into ``client.task.train_round`` and back.
+"""Flower ClientApp: translates messages into typed calls (``client.task``, ``client.secure``).
 
-Typed failures a hospital can fix (a bad node config, an unreadable ledger, an unusable data
-folder) become an ``error`` reply with a readable reason, so the server logs one line and
-carries on with the others; nothing else is caught.
+Actions: ``train`` (a round: plain update, or masked when the request carries a secure-
+aggregation session), ``train.secagg_keys`` / ``train.secagg_share`` (session setup) and
+``train.secagg_unmask``. Failures a hospital can act on — a bad node config, an unreadable
+ledger or data folder, a secure-aggregation abort (key swap, replay, …) — become an ``error``
+reply with a one-line reason and a log line; the server carries on with the others.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
-from flwr.app import Context, Message
+from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
+from client import secure
 from client.ledger import LedgerCorrupt, LedgerMismatch
 from client.task import AccountingMismatch, train_round
 from common.config import ConfigError, RunConfig, SiteConfig
 from common.dataset import DatasetError
-from common.protocol import SiteReply, decode_train_request, encode_reply
+from common.protocol import ProtocolError, SiteReply, decode_train_request, encode_reply
+from common.secagg import SecAggAbort
 
 log = logging.getLogger("medsynth.client")
 app = ClientApp()
 
-HOSPITAL_FIXABLE = (ConfigError, DatasetError, LedgerCorrupt, LedgerMismatch, AccountingMismatch)
+HOSPITAL_FIXABLE = (
+    ConfigError,
+    DatasetError,
+    LedgerCorrupt,
+    LedgerMismatch,
+    AccountingMismatch,
+    ProtocolError,
+    SecAggAbort,
+    FileNotFoundError,
+)
+
+
+def _error_reply(msg: Message, site_id: str, exc: Exception) -> Message:
+    log.error("site %s: %s: %s", site_id, type(exc).__name__, exc)
+    reply = SiteReply(
+        site_id=site_id,
+        status="error",
+        epsilon=float("nan"),
+        epsilon_budget=float("nan"),
+        delta=float("nan"),
+        total_steps=0,
+        noise_multiplier=None,
+        update=None,
+        reason=f"{type(exc).__name__}: {exc}",
+    )
+    return Message(encode_reply(reply), reply_to=msg)
+
+
+def _handle(msg: Message, context: Context, action: Callable[[RunConfig, SiteConfig], RecordDict]) -> Message:
+    site_id = str(context.node_config.get("site-id", context.node_config.get("partition-id", "?")))
+    try:
+        run = RunConfig.from_flower(context.run_config)
+        site = SiteConfig.from_flower(context.node_config, run)
+        site_id = site.site_id
+        return Message(action(run, site), reply_to=msg)
+    except HOSPITAL_FIXABLE as exc:
+        return _error_reply(msg, site_id, exc)
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """One local round; the reply carries the update vector and the plain privacy record."""
-    run = RunConfig.from_flower(context.run_config)
-    site_id = str(context.node_config.get("site-id", context.node_config.get("partition-id", "?")))
-    try:
-        site = SiteConfig.from_flower(context.node_config, run)
-        site_id = site.site_id
+    """One local round; masked when the server runs secure aggregation."""
+
+    def act(run: RunConfig, site: SiteConfig) -> RecordDict:
+        if "secagg" in msg.content.config_records:
+            return secure.masked_update(run, site, msg.content, context.state, run_id=context.run_id)
         arrays, server_round = decode_train_request(msg.content)
-        reply = train_round(run, site, arrays, run_id=context.run_id, server_round=server_round)
-    except HOSPITAL_FIXABLE as exc:
-        log.error("site %s: %s", site_id, exc)
-        reply = SiteReply(
-            site_id=site_id,
-            status="error",
-            epsilon=float("nan"),
-            epsilon_budget=float("nan"),
-            delta=float("nan"),
-            total_steps=0,
-            noise_multiplier=None,
-            update=None,
-            reason=f"{type(exc).__name__}: {exc}",
-        )
-    return Message(encode_reply(reply), reply_to=msg)
+        return encode_reply(train_round(run, site, arrays, run_id=context.run_id, server_round=server_round))
+
+    return _handle(msg, context, act)
+
+
+@app.train("secagg_keys")
+def secagg_keys(msg: Message, context: Context) -> Message:
+    return _handle(msg, context, lambda run, site: secure.advertise_keys(site, msg.content, context.state))
+
+
+@app.train("secagg_share")
+def secagg_share(msg: Message, context: Context) -> Message:
+    return _handle(msg, context, lambda run, site: secure.share_keys(site, msg.content, context.state))
+
+
+@app.train("secagg_unmask")
+def secagg_unmask(msg: Message, context: Context) -> Message:
+    return _handle(msg, context, lambda run, site: secure.unmask(site, msg.content, context.state))
+
+
+__all__ = ["app"]

@@ -41,7 +41,7 @@ from common.dicom import DEFAULT_MAX_DECODED_BYTES, DicomRejected, read_image_fr
 
 log = logging.getLogger(__name__)
 
-PIPELINE_VERSION = 1  # bump when decoding/resizing changes, so caches rebuild
+PIPELINE_VERSION = 2  # bump when decoding, resizing or patient indexing changes, so caches rebuild
 REPORT_FILE = "prepare_report.json"
 SALT_BYTES = 32
 
@@ -244,7 +244,12 @@ def prepare_site(data_dir: Path, cache_dir: Path, *, image_size: int, salt: byte
         raise PrepareError(f"no usable images in {data_dir} ({len(files)} files; rejected: "
                            f"{dict(rejected)}); expected <data_dir>/<class>/<file>.dcm")
 
-    patient_hashes, patients = np.unique(np.array(hashes, dtype=np.str_), return_inverse=True)
+    # Patient index = order of first appearance in the (sorted) file list, not hash order, so
+    # the index does not depend on the secret salt (seeded test runs stay comparable).
+    first_seen = dict.fromkeys(hashes)
+    index_of = {h: i for i, h in enumerate(first_seen)}
+    patient_hashes = np.array(list(first_seen), dtype=np.str_)
+    patients = np.array([index_of[h] for h in hashes], dtype=np.int64)
     dataset = LocalDataset(
         images=np.clip(np.stack(images), -1.0, 1.0).astype(np.float32)[:, None],
         labels=np.array(labels, dtype=np.int64),

@@ -14,21 +14,37 @@ Order of operations, each step before the next:
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 
 from client.ledger import NoisePlan, PrivacyLedger
 from client.prepare import load_or_create_salt, prepare_site
-from common.config import RunConfig, SiteConfig
+from common.config import ConfigError, RunConfig, SiteConfig
 from common.dataset import LocalDataset, load_cache
 from common.dp_train import train_local_round
 from common.models import build_models, select_device
 from common.privacy import Charge, PrivacyBudgetExceeded, calibrate_noise_multiplier, check_budget
 from common.protocol import SiteReply, Status
-from common.weights import UpdateLayout, load_model_arrays, model_arrays
+from common.weights import WEIGHT_SCALE, UpdateLayout, load_model_arrays, model_arrays
 
 
 class AccountingMismatch(RuntimeError):
     """The optimizer took other steps than the ledger charged: a bug, so nothing is sent."""
+
+
+def round_seed(run: RunConfig, site: SiteConfig, server_round: int) -> int | None:
+    """``None`` (OS randomness) except in a simulation run with ``sim.deterministic-noise``.
+
+    Deterministic noise lets a test compare secure and plain aggregation on identical updates;
+    it is refused outside simulation because noise the server can recompute protects nothing.
+    """
+    if not run.federation.deterministic_noise:
+        return None
+    if not site.simulated:
+        raise ConfigError("sim.deterministic-noise is for simulations only; this hospital refuses it")
+    digest = hashlib.sha256(f"{run.federation.seed}|{site.site_id}|{server_round}".encode()).digest()
+    return int.from_bytes(digest[:8], "little")
 
 
 def load_site_dataset(site: SiteConfig, run: RunConfig) -> LocalDataset:
@@ -129,6 +145,7 @@ def train_round(
         noise_multiplier=sigma,
         max_grad_norm=run.privacy.max_grad_norm,
         device=select_device(run.train.device),
+        seed=round_seed(run, site, server_round),
     )
     if result.charge != charge:
         raise AccountingMismatch(f"ledger charged {charge}, optimizer accounted {result.charge}")
@@ -136,7 +153,7 @@ def train_round(
     update = layout.pack(
         model_arrays(netG, netD),
         global_arrays,
-        weight=float(data.num_patients),
+        weight=data.num_patients / WEIGHT_SCALE,
         metrics={"loss_d": result.loss_d, "loss_g": result.loss_g},
     )
     return outcome("ok", eps_after, sigma, update)

@@ -133,7 +133,10 @@ class FederationConfig:
     seed: int = 0
     output_dir: str = ""
     sites_dir: str = ""  # simulation only: site-<partition-id>/ folders live here
-    secure_aggregation: bool = False
+    secure_aggregation: bool = True
+    secagg_threshold: int = 0  # 0: default max(3, n // 2 + 1); never below 3
+    secagg_max_retries: int = 2  # protocol restarts of one round after early dropouts
+    deterministic_noise: bool = False  # simulation tests only: seeded DP noise, NOT private
 
     def __post_init__(self) -> None:
         if self.num_rounds < 1:
@@ -142,6 +145,10 @@ class FederationConfig:
             raise ConfigError(f"min-nodes must be >= 1, got {self.min_nodes}")
         if not (self.round_timeout_s > 0 and self.wait_nodes_timeout_s > 0):
             raise ConfigError("round-timeout and wait-nodes-timeout must be > 0 seconds")
+        if self.secagg_threshold and self.secagg_threshold < 3:
+            raise ConfigError(f"secagg.threshold must be 0 (default) or >= 3, got {self.secagg_threshold}")
+        if self.secagg_max_retries < 0:
+            raise ConfigError(f"secagg.max-retries must be >= 0, got {self.secagg_max_retries}")
 
 
 @dataclass(frozen=True)
@@ -203,6 +210,11 @@ class RunConfig:
             secure_aggregation=bool(
                 _get(cfg, "secure-aggregation", bool, FederationConfig.secure_aggregation)
             ),
+            secagg_threshold=int(_get(cfg, "secagg.threshold", int, FederationConfig.secagg_threshold)),
+            secagg_max_retries=int(_get(cfg, "secagg.max-retries", int, FederationConfig.secagg_max_retries)),
+            deterministic_noise=bool(
+                _get(cfg, "sim.deterministic-noise", bool, FederationConfig.deterministic_noise)
+            ),
         )
         return RunConfig(
             model=model, train=train, privacy=privacy, federation=federation, class_names=class_names
@@ -223,6 +235,9 @@ class SiteConfig:
     ledger_path: Path
     salt_path: Path
     epsilon_budget: float
+    signing_key_path: Path  # Ed25519 key that signs this site's secure-aggregation adverts
+    roster_path: Path  # every site's Ed25519 public key, given at setup
+    simulated: bool = False
 
     def __post_init__(self) -> None:
         if not self.site_id:
@@ -236,7 +251,8 @@ class SiteConfig:
 
         Deployment node config keys: ``site-id``, ``data-path``, ``state-path`` (cache, ledger
         and salt live there unless ``cache-path``/``ledger-path`` are given) and
-        ``epsilon-budget`` (required: the hospital sets its own budget). In simulation the
+        ``epsilon-budget`` (required: the hospital sets its own budget), ``signing-key`` and
+        ``roster`` (secure aggregation; default under ``state-path``). In simulation the
         budget is the run's ``dp.epsilon-budget`` (``medsynth simulate --epsilon``).
         """
         if "data-path" in node_cfg:
@@ -244,6 +260,9 @@ class SiteConfig:
             state = Path(str(_get(node_cfg, "state-path", str, str(data.parent / "medsynth-state"))))
             site_id = str(_get(node_cfg, "site-id", str, data.name))
             budget = float(_get(node_cfg, "epsilon-budget", float))
+            signing_key = Path(str(_get(node_cfg, "signing-key", str, str(state / "secagg_key.pem"))))
+            roster = Path(str(_get(node_cfg, "roster", str, str(state / "roster.json"))))
+            simulated = False
         elif "partition-id" in node_cfg:
             if not run.federation.sites_dir:
                 raise ConfigError("simulation needs run config 'sim.sites-dir' (set by `medsynth simulate`)")
@@ -252,6 +271,9 @@ class SiteConfig:
             state = Path(run.federation.sites_dir) / site_id
             data = state / "dicom"
             budget = run.privacy.epsilon_budget
+            signing_key = state / "secagg_key.pem"
+            roster = Path(run.federation.sites_dir) / "roster.json"
+            simulated = True
         else:
             raise ConfigError("node config needs 'data-path' (deployment) or 'partition-id' (simulation)")
         return SiteConfig(
@@ -261,4 +283,7 @@ class SiteConfig:
             ledger_path=Path(str(_get(node_cfg, "ledger-path", str, str(state / "ledger.json")))),
             salt_path=state / "salt.bin",
             epsilon_budget=budget,
+            signing_key_path=signing_key,
+            roster_path=roster,
+            simulated=simulated,
         )

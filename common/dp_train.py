@@ -118,13 +118,16 @@ def make_private_discriminator(
     n_fake: int,
     sample_rate: float,
     device: torch.device,
+    noise_seed: int | None = None,
 ) -> PrivateDiscriminator:
-    """Wrap D for DP-SGD. Noise comes from a generator seeded by the OS, never a fixed seed."""
+    """Wrap D for DP-SGD. Noise is seeded by the OS unless a test passes ``noise_seed``."""
     errors = ModuleValidator.validate(netD, strict=False)
     if errors:
         raise DiscriminatorNotPrivate(f"discriminator is not DP-compatible: {errors}")
     gsm = GradSampleModule(netD, batch_first=True, loss_reduction="sum")
-    noise_gen = torch.Generator(device=device).manual_seed(secrets.randbits(63))
+    noise_gen = torch.Generator(device=device).manual_seed(
+        secrets.randbits(63) if noise_seed is None else noise_seed
+    )
     optD = DPOptimizer(
         torch.optim.Adam(gsm.parameters(), lr=train.lr_d, betas=(train.beta1, 0.999)),
         noise_multiplier=noise_multiplier,
@@ -169,13 +172,19 @@ def train_local_round(
     noise_multiplier: float | None,
     max_grad_norm: float,
     device: torch.device,
-    sampler_seed: int | None = None,
+    seed: int | None = None,
     on_step: Callable[[int], None] | None = None,
 ) -> RoundResult:
     """Train G and D in place for ``train.local_steps`` D steps.
 
     ``noise_multiplier=None`` trains D without DP (benchmark / non-private reference only).
+    ``seed`` fixes every random draw of the round (patient sampling, fake latents, DP noise);
+    only for tests and benchmarks: noise anyone can recompute protects nothing. ``None``
+    (the default) draws all three seeds from the OS.
     """
+    seeds = np.random.SeedSequence(secrets.randbits(128) if seed is None else seed).generate_state(3)
+    sampler_seed, latent_seed, noise_seed = (int(x) for x in seeds)
+    latent_gen = torch.Generator(device=device).manual_seed(latent_seed)
     num_patients = data.num_patients
     sample_rate = train.batch_size / num_patients
     if sample_rate > 1:
@@ -202,6 +211,7 @@ def train_local_round(
             n_fake=n_fake,
             sample_rate=sample_rate,
             device=device,
+            noise_seed=noise_seed,
         )
         d_module, optD = private_d.module, private_d.optimizer
     else:
@@ -214,7 +224,7 @@ def train_local_round(
             # ---- D step: one forward over [real; fake], one per-sample gradient per row ----
             idx = torch.from_numpy(sampler.sample())
             real, y_real = images[idx].to(device), labels[idx].to(device)  # (b,1,S,S), (b,)
-            z, y_fake = sample_noise(n_fake, model, device)
+            z, y_fake = sample_noise(n_fake, model, device, latent_gen)
             with torch.no_grad():
                 fake = netG(z, y_fake if model.conditional else None)  # (m,1,S,S)
             loss_d, rows = discriminator_loss(d_module, real, y_real, fake, y_fake, model.conditional)
@@ -225,7 +235,7 @@ def train_local_round(
 
             # ---- G step (post-processing): hooks off, then clear D's gradients ----
             if (step + 1) % train.d_steps_per_g == 0:
-                loss_g_sum += generator_step(netG, d_module, optG, optD, model, n_fake, device)
+                loss_g_sum += generator_step(netG, d_module, optG, optD, model, n_fake, device, latent_gen)
                 g_steps += 1
             if on_step is not None:
                 on_step(step + 1)
@@ -251,12 +261,13 @@ def generator_step(
     model: ModelConfig,
     n: int,
     device: torch.device,
+    gen: torch.Generator | None = None,
 ) -> float:
     """Non-saturating G loss −log D(G(z)); D's hooks are off so no per-sample state is made."""
     if isinstance(d_module, GradSampleModule):
         d_module.disable_hooks()
     try:
-        z, y = sample_noise(n, model, device)
+        z, y = sample_noise(n, model, device, gen)
         logits = d_module(netG(z, y if model.conditional else None), y if model.conditional else None)
         loss_g = F.binary_cross_entropy_with_logits(logits, torch.ones(n, device=device))
         optG.zero_grad(set_to_none=True)

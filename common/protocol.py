@@ -99,3 +99,13 @@ def decode_reply(content: RecordDict) -> SiteReply:
         )
     except KeyError as exc:
         raise ProtocolError(f"reply lacks {exc}") from exc
+
+
+def content_bytes(content: RecordDict) -> int:
+    """Payload size of a message: array bytes plus bytes/str values of config records."""
+    total = sum(len(arr.data) for rec in content.array_records.values() for arr in rec.values())
+    for rec in content.config_records.values():
+        for value in rec.values():
+            items = value if isinstance(value, list) else [value]
+            total += sum(len(v) if isinstance(v, bytes | str) else 8 for v in items)
+    return total

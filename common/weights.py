@@ -135,3 +135,44 @@ def sum_vectors(vectors: Sequence[np.ndarray]) -> np.ndarray:
         raise UpdateLayoutError("no update vectors to sum")
     total: np.ndarray = np.sum(np.stack(vectors), axis=0)
     return total
+
+
+# ---- bounds for quantising an update vector into the secure-sum ring -------------------------
+WEIGHT_SCALE = float(2**20)  # ω = patients / 2^20 ∈ (0, 1] for any site up to ~1M patients
+METRIC_BOUND = 1e3  # |ω·loss| ≤ 1e3: a mean BCE above that (logits ≈ ∓1000) is a diverged model, refused
+ADAM_BETA2 = 0.999  # the β2 both optimizers use (common.dp_train)
+
+
+def adam_step_bound(beta1: float, beta2: float, steps: int) -> float:
+    """Largest |Δθ| / lr of one Adam step, for any gradients (ε = 0, no weight decay).
+
+    With a_i = (1−β1)β1^(t−i) and b_i = (1−β2)β2^(t−i), m_t = Σ a_i g_i and v_t = Σ b_i g_i²;
+    Cauchy–Schwarz gives |m_t| ≤ sqrt(Σ a_i²/b_i) · sqrt(v_t), so
+        |m̂_t / sqrt(v̂_t)| ≤ (1−β1)/sqrt(1−β2) · sqrt(1/(1−β1²/β2)) · sqrt(1−β2^t)/(1−β1^t),
+    maximised over t ≤ steps (Kingma & Ba, ICLR 2015, §2.1 state the looser
+    (1−β1)/sqrt(1−β2) for the case 1−β1 > sqrt(1−β2)). Needs β1² < β2.
+    """
+    if not beta1**2 < beta2 < 1:
+        raise ValueError(f"Adam bound needs beta1² < beta2 < 1, got {beta1}, {beta2}")
+    t = np.arange(1, max(steps, 1) + 1, dtype=np.float64)
+    bias = float(np.max(np.sqrt(1 - beta2**t) / (1 - beta1**t)))
+    return float((1 - beta1) / np.sqrt(1 - beta2) * np.sqrt(1 / (1 - beta1**2 / beta2)) * bias)
+
+
+def update_bounds(
+    layout: UpdateLayout, *, lr_d: float, lr_g: float, beta1: float, d_steps: int, g_steps: int
+) -> np.ndarray:
+    """Per-element bounds (layout.size,) for [ω·Δ | ω | ω·metrics] of one local round.
+
+    |Δθ| ≤ steps · lr · adam_step_bound for every parameter of the model it belongs to, and
+    ω ≤ 1 only shrinks it. Example (defaults: lr 2e-4, β1 0.5, 50 D steps): 0.18 for D.
+    """
+    d_bound = d_steps * lr_d * adam_step_bound(beta1, ADAM_BETA2, d_steps)
+    g_bound = max(g_steps, 1) * lr_g * adam_step_bound(beta1, ADAM_BETA2, max(g_steps, 1))
+    parts = [
+        np.full(int(np.prod(shape)), d_bound if name.startswith("d.") else g_bound)
+        for name, shape in zip(layout.names, layout.shapes, strict=True)
+    ]
+    parts.append(np.ones(1))  # ω ∈ (0, 1]
+    parts.append(np.full(len(layout.metric_names), METRIC_BOUND))
+    return np.concatenate(parts).astype(np.float64)

@@ -20,4 +20,4 @@ def main(grid: Grid, context: Context) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     run = RunConfig.from_flower(context.run_config)
     root = Path(run.federation.output_dir or "medsynth-output").resolve()
-    run_federation(grid, run, ServerPaths(root))
+    run_federation(grid, run, ServerPaths(root), run_id=context.run_id)

@@ -22,10 +22,11 @@ from flwr.serverapp import Grid
 from common.atomic import write_json_atomic
 from common.config import RunConfig
 from common.models import build_models
-from common.protocol import ProtocolError, SiteReply, decode_reply, encode_train_request
+from common.protocol import ProtocolError, SiteReply, content_bytes, decode_reply, encode_train_request
 from common.samples import sample_grid, save_png
 from common.weights import UpdateLayout, fedavg, load_model_arrays, model_arrays, sum_vectors
 from server.checkpoint import latest_valid_checkpoint, save_checkpoint
+from server.secure_rounds import SecureRounds, privacy_entry
 
 log = logging.getLogger("medsynth.server")
 
@@ -102,6 +103,11 @@ def run_round(
     ]
     replies = list(grid.send_and_receive(messages, timeout=timeout_s))
     decoded, failures = collect_replies(replies)
+    costs = {
+        str(m.content.config_records["privacy"]["site"]): {"bytes_up": float(content_bytes(m.content))}
+        for m in replies
+        if not m.has_error() and "privacy" in m.content.config_records
+    }
     missing = len(nodes) - len(replies)
     if missing:
         failures.append(f"{missing} hospital(s) did not answer within {timeout_s:.0f} s")
@@ -112,18 +118,8 @@ def run_round(
         "sites_trained": sorted(r.site_id for r in trained),
         "sites_budget_exhausted": sorted(r.site_id for r in decoded if r.status == "budget-exhausted"),
         "failures": failures,
-        "privacy": {
-            r.site_id: {
-                "status": r.status,
-                "epsilon": r.epsilon,
-                "epsilon_budget": r.epsilon_budget,
-                "delta": r.delta,
-                "steps": r.total_steps,
-                "noise_multiplier": r.noise_multiplier,
-            }
-            for r in decoded
-            if r.status != "error"
-        },
+        "privacy": {r.site_id: privacy_entry(r) for r in decoded if r.status != "error"},
+        "costs": costs,
     }
     new_arrays = None
     if trained:
@@ -150,8 +146,11 @@ def describe_round(record: dict[str, Any], num_rounds: int) -> str:
     return line
 
 
-def run_federation(grid: Grid, run: RunConfig, paths: ServerPaths) -> dict[str, Any]:
-    """Run (or resume) the rounds of ``run`` and return the final server state."""
+def run_federation(grid: Grid, run: RunConfig, paths: ServerPaths, run_id: int) -> dict[str, Any]:
+    """Run (or resume) the rounds of ``run`` and return the final server state.
+
+    Secure aggregation (default) or, only when ``secure-aggregation = false``, plain sums.
+    """
     fed = run.federation
     ckpt = latest_valid_checkpoint(paths.checkpoints)
     netG, netD = build_models(run.model, seed=fed.seed)
@@ -162,10 +161,16 @@ def run_federation(grid: Grid, run: RunConfig, paths: ServerPaths) -> dict[str, 
     else:
         arrays, history, start = model_arrays(netG, netD), [], 1
     layout = UpdateLayout.of(arrays)
+    secure = SecureRounds(grid, run, run_id, layout) if fed.secure_aggregation else None
+    if secure is None:
+        log.warning("plain aggregation: the server sees every hospital's update (secure-aggregation = false)")
     state: dict[str, Any] = {"rounds": history, "finished": False, "secure_aggregation": fed.secure_aggregation}
     for server_round in range(start, fed.num_rounds + 1):
         nodes = wait_for_nodes(grid, fed.min_nodes, fed.wait_nodes_timeout_s)
-        new_arrays, record = run_round(grid, nodes, arrays, layout, server_round, fed.round_timeout_s)
+        if secure is not None:
+            new_arrays, record = secure.run_round(nodes, arrays, server_round)
+        else:
+            new_arrays, record = run_round(grid, nodes, arrays, layout, server_round, fed.round_timeout_s)
         log.info(describe_round(record, fed.num_rounds))
         if new_arrays is None:
             state["stopped_early"] = f"round {server_round}: no hospital could train (budgets spent or failures)"

@@ -52,7 +52,7 @@ def time_round(
         noise_multiplier=1.0 if private else None,
         max_grad_norm=1.0,
         device=device,
-        sampler_seed=0,
+        seed=0,
     )
     if device.type == "cuda":
         torch.cuda.synchronize()

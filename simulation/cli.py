@@ -79,6 +79,9 @@ def _simulate_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
     p.add_argument("--device", default="auto",
                    help="auto (CUDA when a GPU is visible to the virtual hospitals, else CPU), cpu, cuda")
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds before the run is stopped")
+    p.add_argument("--plain-aggregation", action="store_true",
+                   help="turn secure aggregation OFF: the server then sees every hospital's update "
+                        "(default: secure aggregation, the server learns only the sum)")
     p.add_argument("--resume", action="store_true",
                    help="keep OUT's checkpoints and ledgers and continue from the last good round")
 
@@ -153,6 +156,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             device=args.device,
             timeout_s=args.timeout,
             resume=args.resume,
+            secure_aggregation=not args.plain_aggregation,
         )
     )
     return 0

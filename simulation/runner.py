@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from common.secagg import Roster, SiteIdentity
 
 from client.prepare import PrepareReport, load_or_create_salt, prepare_site
 from common.config import ConfigError
@@ -62,6 +63,7 @@ class SimulateOptions:
     device: str = "auto"
     timeout_s: float = 3600.0
     resume: bool = False
+    secure_aggregation: bool = True
     extra_config: tuple[tuple[str, RunConfigValue], ...] = ()
 
     def __post_init__(self) -> None:
@@ -116,8 +118,26 @@ def load_source(opts: SimulateOptions) -> SourceData:
     return source
 
 
+def make_site_keys(sites_dir: Path, site_ids: list[str]) -> Path:
+    """Each virtual hospital's Ed25519 signing key (0600, in its own folder) and the roster.
+
+    In deployment every hospital makes its key on its own machine and only public keys are
+    collected into the roster; here one process plays all hospitals.
+    """
+    keys: dict[str, bytes] = {}
+    for site in site_ids:
+        path = sites_dir / site / "secagg_key.pem"
+        identity = SiteIdentity.load(path, site) if path.exists() else SiteIdentity.generate(site)
+        if not path.exists():
+            identity.save(path)
+        keys[site] = identity.public_key()
+    roster_path = sites_dir / "roster.json"
+    Roster(keys).save(roster_path)
+    return roster_path
+
+
 def build_sites(opts: SimulateOptions, source: SourceData, say: Callable[[str], None]) -> dict[str, Path]:
-    """Write and prepare every site; returns site id → ledger path."""
+    """Write and prepare every site, make their keys; returns site id → ledger path."""
     parts = split_by_patient(source, opts.sites, opts.partition, opts.seed)
     ledgers: dict[str, Path] = {}
     for i, indices in enumerate(parts):
@@ -139,6 +159,7 @@ def build_sites(opts: SimulateOptions, source: SourceData, say: Callable[[str], 
         if not report.patient_identity:
             say(f"{site}: the data has no patient identity; every image is treated as its own patient")
         ledgers[site] = root / "ledger.json"
+    make_site_keys(opts.out / "sites", list(ledgers))
     return ledgers
 
 
@@ -160,6 +181,7 @@ def run_config_for(opts: SimulateOptions, class_names: tuple[str, ...], sites_di
         "dp.delta": float(opts.delta),
         "dp.calibrate": opts.noise_multiplier is None,
         "dp.noise-multiplier": float(opts.noise_multiplier or 1.0),
+        "secure-aggregation": opts.secure_aggregation,
     }
     cfg.update(dict(opts.extra_config))
     return cfg
@@ -191,7 +213,8 @@ def simulate(opts: SimulateOptions, say: Callable[[str], None] = print) -> dict[
             say(match.group(0))
 
     say("starting a private Flower SuperLink and the Simulation Engine (round 1 includes start-up)")
-    say(f"federation: {opts.rounds} rounds, budget ε={opts.epsilon:g} per hospital at δ={opts.delta:g}"
+    say(f"federation: {opts.rounds} rounds, {'secure' if opts.secure_aggregation else 'PLAIN'} aggregation, "
+        f"budget ε={opts.epsilon:g} per hospital at δ={opts.delta:g}"
         + ("" if opts.noise_multiplier is None else f", fixed σ={opts.noise_multiplier:g}"))
     with LocalSuperLink(opts.out / ".flwr") as link:
         result = run_app(

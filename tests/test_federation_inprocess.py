@@ -9,52 +9,24 @@ Simulation Engine) is covered by ``test_simulate_e2e.py``.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
-from flwr.app import Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 from opacus.accountants import PRVAccountant
 
 import client.task
-from client.app import train as client_train
 from client.ledger import PrivacyLedger
 from common.config import RunConfig
 from common.privacy import epsilon_of
 from server.checkpoint import latest_valid_checkpoint, load_checkpoint
 from server.rounds import ServerPaths, run_federation
-from simulation.partition import split_by_patient, write_site_dicom
-from simulation.phantoms import phantom_population
 from tests.helpers import default_run_config
+from tests.inprocess import InProcessGrid, fresh_state, write_phantom_sites
 
 RUN_ID = 4242
-
-
-class InProcessGrid:
-    """The two Grid calls the round loop uses, delivering to ``client.app.train`` directly."""
-
-    def __init__(self, num_sites: int, run_config: dict[str, object], run_id: int = RUN_ID) -> None:
-        self.nodes = {101 + i: i for i in range(num_sites)}
-        self.run_config = run_config
-        self.run_id = run_id
-
-    def get_node_ids(self) -> Iterable[int]:
-        return list(self.nodes)
-
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        replies = []
-        for msg in messages:
-            node = msg.metadata.dst_node_id
-            ctx = Context(
-                run_id=self.run_id,
-                node_id=node,
-                node_config={"partition-id": self.nodes[node], "num-partitions": len(self.nodes)},
-                state=RecordDict(),
-                run_config=self.run_config,  # type: ignore[arg-type]
-            )
-            replies.append(client_train(msg, ctx))
-        return replies
 
 
 @pytest.fixture(autouse=True)
@@ -68,18 +40,7 @@ def _task_identity() -> Iterator[None]:
 @pytest.fixture(scope="module")
 def sites_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Three phantom hospitals written as DICOM: 16 patients × 2 images each."""
-    root = tmp_path_factory.mktemp("sites")
-    source = phantom_population(48, 2, image_size=32, seed=5)
-    for i, idx in enumerate(split_by_patient(source, 3, "iid", seed=5)):
-        write_site_dicom(source, idx, root / f"site-{i}" / "dicom", site_name=f"site-{i}", seed=5)
-    return root
-
-
-def _fresh_state(sites_dir: Path) -> None:
-    for p in sites_dir.glob("site-*/ledger.json*"):
-        p.unlink()
-    for p in sites_dir.glob("site-*/*.lock"):
-        p.unlink()
+    return write_phantom_sites(tmp_path_factory.mktemp("sites"), 3)
 
 
 def _config(sites_dir: Path, out: Path, **overrides: object) -> dict[str, object]:
@@ -93,9 +54,15 @@ def _config(sites_dir: Path, out: Path, **overrides: object) -> dict[str, object
         "dp__calibrate": False,
         "dp__noise-multiplier": 1.2,
         "wait-nodes-timeout": 5.0,
+        "secure-aggregation": False,  # these tests are about the plain loop; see test_secure_federation
     }
     base.update(overrides)
     return default_run_config(**base)
+
+
+def _run(cfg: dict[str, object], out: Path, run_id: int = RUN_ID) -> dict[str, Any]:
+    grid = InProcessGrid(3, cfg, run_id)
+    return run_federation(grid, RunConfig.from_flower(cfg), ServerPaths(out), run_id)  # type: ignore[arg-type]
 
 
 def _stepwise_epsilon(ledger: PrivacyLedger) -> float:
@@ -109,10 +76,10 @@ def _stepwise_epsilon(ledger: PrivacyLedger) -> float:
 
 def test_reported_epsilon_is_cumulative_and_recomputable_from_the_ledger(sites_dir: Path, tmp_path: Path) -> None:
     # prepare
-    _fresh_state(sites_dir)
+    fresh_state(sites_dir)
     cfg = _config(sites_dir, tmp_path, **{"num-server-rounds": 3})
     # act
-    state = run_federation(InProcessGrid(3, cfg), RunConfig.from_flower(cfg), ServerPaths(tmp_path))  # type: ignore[arg-type]
+    state = _run(cfg, tmp_path)
     # assert
     assert [r["round"] for r in state["rounds"]] == [1, 2, 3]
     last = state["rounds"][-1]["privacy"]
@@ -130,13 +97,13 @@ def test_reported_epsilon_is_cumulative_and_recomputable_from_the_ledger(sites_d
 
 def test_small_budget_stops_training_at_never_above_the_budget(sites_dir: Path, tmp_path: Path) -> None:
     # prepare: a budget that fits two rounds at σ=1.2 but not three
-    _fresh_state(sites_dir)
+    fresh_state(sites_dir)
     q = 4 / 16
     two, three = (epsilon_of([client.task.Charge(1.2, q, 3 * k)], 1e-5) for k in (2, 3))
     budget = (two + three) / 2
     cfg = _config(sites_dir, tmp_path, **{"num-server-rounds": 5, "dp__epsilon-budget": budget})
     # act
-    state = run_federation(InProcessGrid(3, cfg), RunConfig.from_flower(cfg), ServerPaths(tmp_path))  # type: ignore[arg-type]
+    state = _run(cfg, tmp_path)
     # assert: two rounds trained, the third declined by every hospital, the run ended cleanly
     assert len(state["rounds"]) == 2
     assert state["finished"] is True
@@ -152,9 +119,9 @@ def test_small_budget_stops_training_at_never_above_the_budget(sites_dir: Path, 
 
 
 def test_calibrated_noise_ends_the_planned_rounds_at_the_budget(sites_dir: Path, tmp_path: Path) -> None:
-    _fresh_state(sites_dir)
+    fresh_state(sites_dir)
     cfg = _config(sites_dir, tmp_path, **{"num-server-rounds": 2, "dp__calibrate": True, "dp__epsilon-budget": 4.0})
-    state = run_federation(InProcessGrid(3, cfg), RunConfig.from_flower(cfg), ServerPaths(tmp_path))  # type: ignore[arg-type]
+    state = _run(cfg, tmp_path)
     for site in ("site-0", "site-1", "site-2"):
         eps = PrivacyLedger.read(sites_dir / site / "ledger.json").epsilon()
         assert 4.0 - 0.05 < eps <= 4.0
@@ -163,15 +130,14 @@ def test_calibrated_noise_ends_the_planned_rounds_at_the_budget(sites_dir: Path,
 
 def test_resume_continues_round_numbering_without_touching_finished_rounds(sites_dir: Path, tmp_path: Path) -> None:
     # prepare: two finished rounds
-    _fresh_state(sites_dir)
+    fresh_state(sites_dir)
     cfg2 = _config(sites_dir, tmp_path, **{"num-server-rounds": 2})
-    run_federation(InProcessGrid(3, cfg2), RunConfig.from_flower(cfg2), ServerPaths(tmp_path))  # type: ignore[arg-type]
+    _run(cfg2, tmp_path)
     hashes = {r: load_checkpoint(tmp_path / "checkpoints" / f"round-{r:04d}.safetensors").content_sha256
               for r in (1, 2)}
     # act: the server comes back (new Flower run id) and is asked for 3 rounds in all
     cfg3 = _config(sites_dir, tmp_path, **{"num-server-rounds": 3})
-    state = run_federation(InProcessGrid(3, cfg3, run_id=RUN_ID + 1), RunConfig.from_flower(cfg3),  # type: ignore[arg-type]
-                           ServerPaths(tmp_path))
+    state = _run(cfg3, tmp_path, RUN_ID + 1)
     # assert
     assert [r["round"] for r in state["rounds"]] == [1, 2, 3]
     for r, digest in hashes.items():
@@ -186,7 +152,7 @@ def test_a_hospital_crashing_mid_round_is_still_charged_and_the_round_goes_on(
     sites_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # prepare: site-1's training dies after its steps were charged
-    _fresh_state(sites_dir)
+    fresh_state(sites_dir)
     real_train = client.task.train_local_round
 
     def crash_at_site_1(*args: object, **kwargs: object) -> object:
@@ -201,7 +167,7 @@ def test_a_hospital_crashing_mid_round_is_still_charged_and_the_round_goes_on(
     monkeypatch.setattr(client.task, "train_local_round", crash_at_site_1)
     cfg = _config(sites_dir, tmp_path, **{"num-server-rounds": 1})
     # act
-    state = run_federation(InProcessGrid(3, cfg), RunConfig.from_flower(cfg), ServerPaths(tmp_path))  # type: ignore[arg-type]
+    state = _run(cfg, tmp_path)
     # assert: the round finished with the two others; site-1's ledger still counts its steps
     record = state["rounds"][0]
     assert record["sites_trained"] == ["site-0", "site-2"]

@@ -1,0 +1,256 @@
+"""One site's side of secure aggregation: key setup, masking, unmasking.
+
+Protocol of Bonawitz et al., "Practical Secure Aggregation for Privacy-Preserving Machine
+Learning", CCS 2017 (Fig. 4), on the complete graph of participants. Bell et al., "Secure
+Single-Server Aggregation with (Poly)Logarithmic Overhead", CCS 2020 (SecAgg+) replace the
+complete graph by a random k-regular one with k = O(log n) to cut the O(n) per-site cost; with
+k >= n - 1 their graph *is* the complete graph, which is the right choice for a hospital
+consortium of a handful of sites (the cost is n X25519 + n PRG streams per round, and the
+survival analysis of the sparse graph is not needed).
+
+One key setup serves rounds r = 1, 2, ...: the pairwise seed s_uv is re-derived per round by
+HKDF, the self-mask seed b_u is fresh per round. Reusing the s keys across rounds adds one rule
+(kept in ``b_revealed``/``s_revealed``): once this site released a b-share of u in any round,
+it never releases an s-share of u in this setup, and vice versa, because s_u together with any
+b_u^r unmasks u's round-r input. With a majority threshold no honest quorum can then be
+assembled for the second kind, so a site that drops out after its first aggregated round needs
+a new setup (new ``setup_id``) to be excluded; the server knows this in advance.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+from common.secagg.client_state import open_state, seal_state
+from common.secagg.encoding import check_u64
+from common.secagg.errors import (
+    ActiveDeadOverlap,
+    InconsistentShares,
+    KeySwapDetected,
+    OutOfOrder,
+    ReplayDetected,
+    TooFewSurvivors,
+    UnknownParticipant,
+)
+from common.secagg.identity import KeyAdvert, Roster, SiteIdentity
+from common.secagg.messages import MaskedInput, UnmaskReply
+from common.secagg.primitives import (
+    KIND_B,
+    KIND_S,
+    mask_seed,
+    open_share,
+    prg_words,
+    seal_share,
+    share_ad,
+    share_key,
+    x25519,
+)
+from common.secagg.session import MIN_THRESHOLD, Session, check_threshold_rules
+from common.secagg.shamir import Share, split_secret
+
+SETUP_ROUND = 0  # the "round" bound into setup (s-share) ciphertexts
+
+
+class SecAggClient:
+    """Protocol state of one site in one session; ``to_bytes``/``from_bytes`` carry it between messages.
+
+    Before ``share_keys``: ``participants == ()`` and ``threshold == 0``. ``round`` is the last
+    round this site masked (0: none yet); ``unmask`` only answers for that round.
+    """
+
+    def __init__(
+        self, identity: SiteIdentity, session: Session, c_sk: X25519PrivateKey, s_sk: X25519PrivateKey
+    ) -> None:
+        self.identity = identity
+        self.session = session
+        self._c_sk = c_sk  # X25519, share encryption
+        self._s_sk = s_sk  # X25519, pairwise masks; its shares are what a dropout costs
+        self.participants: tuple[str, ...] = ()  # sorted site ids; index i ↔ Shamir x = i + 1
+        self.threshold = 0
+        self._c_pks: dict[str, bytes] = {}
+        self._s_pks: dict[str, bytes] = {}
+        self.round = 0
+        self._b_revealed: set[str] = set()  # sites whose b-share this site released (any round)
+        self._s_revealed: set[str] = set()  # sites whose s-share this site released
+
+    @property
+    def site_id(self) -> str:
+        return self.identity.site_id
+
+    @staticmethod
+    def start(identity: SiteIdentity, session: Session) -> tuple[SecAggClient, KeyAdvert]:
+        """Round 0: fresh c and s key pairs and the signed advert of their public halves."""
+        client = SecAggClient(identity, session, X25519PrivateKey.generate(), X25519PrivateKey.generate())
+        return client, client.advert()
+
+    def advert(self) -> KeyAdvert:
+        c_pk = self._c_sk.public_key().public_bytes_raw()
+        return KeyAdvert.signed(self.identity, self.session, c_pk, self._s_sk.public_key().public_bytes_raw())
+
+    def share_keys(self, adverts: Mapping[str, KeyAdvert], roster: Roster, threshold: int) -> dict[str, bytes]:
+        """Round 1: verify every advert, then t-of-n share s_u; returns receiver → encrypted s-share."""
+        if self.participants:
+            raise OutOfOrder(f"site {self.site_id!r} already shared its keys in session {self.session}")
+        check_threshold_rules(threshold, len(adverts))
+        for key, advert in adverts.items():
+            if key != advert.site_id:
+                raise KeySwapDetected(f"advert of {advert.site_id!r} was delivered as {key!r}; aborting setup")
+            roster.verify(advert.site_id, advert.signed_payload(), advert.signature)
+        for advert in adverts.values():
+            if advert.session != self.session:
+                raise ReplayDetected(
+                    f"advert of {advert.site_id!r} is for {advert.session}, this setup is {self.session}: "
+                    "a stale advert was replayed; the server must collect fresh adverts"
+                )
+        own = adverts.get(self.site_id)
+        if own is None:
+            raise UnknownParticipant(f"this site {self.site_id!r} is not among the adverts {sorted(adverts)}")
+        if own != self.advert():
+            raise KeySwapDetected(f"the advert under this site's name {self.site_id!r} is not the one it sent")
+        if len(adverts) < max(MIN_THRESHOLD, threshold):
+            raise TooFewSurvivors(
+                f"{len(adverts)} sites advertised keys, need at least {max(MIN_THRESHOLD, threshold)}"
+            )
+        keys = [k for a in adverts.values() for k in (a.c_pk, a.s_pk)]
+        if len(set(keys)) != len(keys):  # Bonawitz et al. round 1: all public keys distinct
+            raise KeySwapDetected("two adverts (or one advert's two keys) carry the same public key; aborting setup")
+        participants = tuple(sorted(adverts))
+        c_pks = {site: a.c_pk for site, a in adverts.items()}
+        s_pks = {site: a.s_pk for site, a in adverts.items()}
+        for site, pk in s_pks.items():
+            x25519(self._s_sk, pk, peer=site)  # reject low-order mask keys now rather than in a round
+        shares = split_secret(self._s_sk.private_bytes_raw(), len(participants), threshold)
+        cts = {
+            v: self._seal(v, c_pks[v], SETUP_ROUND, KIND_S, share)
+            for v, share in zip(participants, shares, strict=True)
+        }
+        self.participants, self.threshold, self._c_pks, self._s_pks = participants, threshold, c_pks, s_pks
+        return cts
+
+    def mask(self, round: int, x: np.ndarray) -> MaskedInput:
+        """Round 2: y = x + PRG(b_u) + Σ_{v≠u} sign(u,v)·PRG(s_uv,r) mod 2^64, and encrypted shares of b_u."""
+        self._require_setup("mask")
+        check_u64("round", round)
+        if round <= self.round:
+            raise ReplayDetected(f"round {round} is not after this site's last masked round {self.round}")
+        if not isinstance(x, np.ndarray) or x.dtype != np.uint64 or x.ndim != 1 or x.size == 0:
+            raise TypeError("x must be a non-empty 1-D np.uint64 array (quantize it with Quantizer.encode)")
+        me, length = self.site_id, x.shape[0]
+        b_seed = secrets.token_bytes(32)  # fresh self-mask seed b_u for this round only
+        y = x.copy()  # (L,) uint64; numpy wraps mod 2^64
+        np.add(y, prg_words(b_seed, length), out=y)
+        for v in self.participants:
+            if v == me:
+                continue
+            seed = mask_seed(x25519(self._s_sk, self._s_pks[v], peer=v), self.session, me, v, round)
+            # sign(u, v) = +1 if u < v else -1: the pair's two masks cancel in the sum
+            (np.add if me < v else np.subtract)(y, prg_words(seed, length), out=y)
+        shares = split_secret(b_seed, len(self.participants), self.threshold)
+        cts = {
+            v: self._seal(v, self._c_pks[v], round, KIND_B, share)
+            for v, share in zip(self.participants, shares, strict=True)
+        }
+        self.round = round
+        return MaskedInput(y, cts)
+
+    def unmask(
+        self,
+        round: int,
+        alive: Sequence[str],
+        dead: Sequence[str],
+        s_share_cts: Mapping[str, bytes],
+        b_share_cts: Mapping[str, bytes],
+    ) -> UnmaskReply:
+        """Round 4: decrypt b-shares of ``alive`` senders and s-shares of ``dead`` ones, after every guard."""
+        self._require_setup("unmask")
+        if self.round == 0 or round != self.round:
+            raise ReplayDetected(f"unmask request for round {round}, but this site's current round is {self.round}")
+        alive_set, dead_set, s_from, b_from = set(alive), set(dead), set(s_share_cts), set(b_share_cts)
+        if alive_set & dead_set:
+            raise ActiveDeadOverlap(f"sites {sorted(alive_set & dead_set)} are declared both alive and dead")
+        if s_from & b_from:
+            raise ActiveDeadOverlap(f"asked for both b- and s-shares of {sorted(s_from & b_from)}; refusing")
+        unknown = (alive_set | dead_set | s_from | b_from) - set(self.participants)
+        if unknown:
+            raise UnknownParticipant(f"sites {sorted(unknown)} took no part in setup {self.session}")
+        if self.site_id not in alive_set:
+            raise UnknownParticipant(f"this site {self.site_id!r} is asked to unmask but is not in the alive set")
+        if s_from & alive_set or b_from & dead_set:
+            both = sorted((s_from & alive_set) | (b_from & dead_set))
+            raise ActiveDeadOverlap(f"asked for shares of {both} of the kind that contradicts their alive/dead status")
+        if s_from - dead_set or b_from - alive_set:
+            undeclared = sorted((s_from - dead_set) | (b_from - alive_set))
+            raise UnknownParticipant(f"asked for shares of {undeclared}, declared neither alive nor dead")
+        if len(alive_set) < max(MIN_THRESHOLD, self.threshold):
+            raise TooFewSurvivors(
+                f"only {len(alive_set)} sites alive in round {round}, need {max(MIN_THRESHOLD, self.threshold)}"
+            )
+        if alive_set & self._s_revealed or dead_set & self._b_revealed:
+            flipped = sorted((alive_set & self._s_revealed) | (dead_set & self._b_revealed))
+            raise ActiveDeadOverlap(
+                f"sites {flipped} changed between alive and dead across rounds of setup {self.session}: releasing "
+                "the other share kind would unmask an earlier update; run a new setup without them"
+            )
+        b_shares = {u: self._open(u, round, KIND_B, ct) for u, ct in sorted(b_share_cts.items())}
+        s_shares = {u: self._open(u, SETUP_ROUND, KIND_S, ct) for u, ct in sorted(s_share_cts.items())}
+        self._b_revealed |= b_from
+        self._s_revealed |= s_from
+        return UnmaskReply(b_shares, s_shares)
+
+    def _require_setup(self, step: str) -> None:
+        if not self.participants:
+            raise OutOfOrder(f"{step} before share_keys: site {self.site_id!r} has no key setup yet")
+
+    def _seal(self, receiver: str, receiver_c_pk: bytes, round: int, kind: str, share: Share) -> bytes:
+        key = share_key(self._c_sk, receiver_c_pk, self.session, self.site_id, receiver)
+        return seal_share(key, share_ad(self.session, round, self.site_id, receiver, kind), share)
+
+    def _open(self, sender: str, round: int, kind: str, ct: bytes) -> Share:
+        key = share_key(self._c_sk, self._c_pks[sender], self.session, self.site_id, sender)
+        ad = share_ad(self.session, round, sender, self.site_id, kind)
+        share = open_share(key, ad, ct, what=f"{kind}-share from {sender!r} (round {round})")
+        if share.x != self.participants.index(self.site_id) + 1:
+            raise InconsistentShares(f"{kind}-share from {sender!r} is for x={share.x}, not this site's point")
+        return share
+
+    def to_bytes(self) -> bytes:
+        """Sealed JSON of the whole state (see ``client_state``); holds private keys, keep it local."""
+        return seal_state(
+            self.identity,
+            {
+                "site_id": self.site_id,
+                "run_id": self.session.run_id,
+                "setup_id": self.session.setup_id,
+                "c_sk": self._c_sk.private_bytes_raw().hex(),
+                "s_sk": self._s_sk.private_bytes_raw().hex(),
+                "participants": list(self.participants),
+                "threshold": self.threshold,
+                "c_pks": {k: v.hex() for k, v in self._c_pks.items()},
+                "s_pks": {k: v.hex() for k, v in self._s_pks.items()},
+                "round": self.round,
+                "b_revealed": sorted(self._b_revealed),
+                "s_revealed": sorted(self._s_revealed),
+            },
+        )
+
+    @staticmethod
+    def from_bytes(b: bytes, identity: SiteIdentity) -> SecAggClient:
+        st = open_state(identity, b)
+        client = SecAggClient(
+            identity,
+            Session(int(st["run_id"]), int(st["setup_id"])),
+            X25519PrivateKey.from_private_bytes(bytes.fromhex(st["c_sk"])),
+            X25519PrivateKey.from_private_bytes(bytes.fromhex(st["s_sk"])),
+        )
+        client.participants = tuple(st["participants"])
+        client.threshold = int(st["threshold"])
+        client._c_pks = {k: bytes.fromhex(v) for k, v in st["c_pks"].items()}
+        client._s_pks = {k: bytes.fromhex(v) for k, v in st["s_pks"].items()}
+        client.round = int(st["round"])
+        client._b_revealed = set(st["b_revealed"])
+        client._s_revealed = set(st["s_revealed"])
+        return client

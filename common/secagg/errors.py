@@ -1,0 +1,62 @@
+"""Typed aborts of the secure-aggregation protocol.
+
+Every way a round can be refused is its own exception, so the Flower bindings can log *why* a
+round was abandoned and decide whether a fresh setup (new ``setup_id``) can recover. All derive
+from ``SecAggAbort``; catching that one class is enough to abandon a round safely: no abort is
+raised after a secret (share, mask seed) has been released.
+
+The checks follow the abort conditions of Bonawitz et al., "Practical Secure Aggregation for
+Privacy-Preserving Machine Learning", CCS 2017 (Fig. 4, rounds 1-4): too few survivors,
+signatures that do not verify, and a server asking for both kinds of shares of one user.
+"""
+
+from __future__ import annotations
+
+
+class SecAggAbort(Exception):
+    """Base of every protocol abort; ``reason`` is the human-readable cause."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class KeySwapDetected(SecAggAbort):
+    """A key advert is not signed by the roster key of the site it names (MITM key substitution)."""
+
+
+class ActiveDeadOverlap(SecAggAbort):
+    """The server asked for a site's self-mask shares *and* its mask-key shares (would unmask it)."""
+
+
+class TooFewSurvivors(SecAggAbort):
+    """Fewer than ``threshold`` (or fewer than 3) sites remain; the sum would expose too little mixing."""
+
+
+class UnknownParticipant(SecAggAbort):
+    """A site named in a request did not take part in the session's key setup."""
+
+
+class ReplayDetected(SecAggAbort):
+    """Material from another run, setup or round (advert, ciphertext, request) was presented."""
+
+
+class ValueOutOfRange(SecAggAbort):
+    """A value to quantize lies outside its declared bound or is not finite (never clipped silently)."""
+
+
+class InconsistentShares(SecAggAbort):
+    """Shares that do not agree: a reply carrying the wrong evaluation point, or a reconstructed
+    mask key whose public key differs from the one advertised (a cheating or corrupted site)."""
+
+
+class IncompleteSetup(SecAggAbort):
+    """A participant's key shares are missing: its masks could not be removed if it dropped out."""
+
+
+class OutOfOrder(SecAggAbort):
+    """A protocol step was called before the step it depends on (e.g. ``mask`` before ``share_keys``)."""
+
+
+class StateRejected(SecAggAbort):
+    """Serialized client state failed authentication (other site's state, tampered or truncated)."""

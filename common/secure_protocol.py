@@ -1,0 +1,112 @@
+"""Flower record encoding of the secure-aggregation messages (no Flower logic, no crypto).
+
+Message types (ClientApp named actions) and what each carries, all in one ConfigRecord
+``secagg`` (Flower run ids exceed int64, so run ids travel as strings):
+
+    train.secagg_keys    server → site  {run, setup}
+                         site → server  {site, advert}
+    train.secagg_share   server → site  {run, setup, threshold, adverts[]}
+                         site → server  {site, receivers[], cts[]}          s-key shares, encrypted
+    train                server → site  global model + round + {run, setup}
+                         site → server  privacy record + masked vector ``masked/y`` (uint64)
+                                        + {receivers[], cts[]}              b-seed shares, encrypted
+    train.secagg_unmask  server → site  {run, setup, round, alive[], dead[], s_senders[], s_cts[],
+                                         b_senders[], b_cts[]}
+                         site → server  {site, b_sites[], b_shares[], s_sites[], s_shares[]}
+
+Per run: 2 setup messages per site (again only after a dropout burned a session); per round:
+``train`` and ``train.secagg_unmask``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import cast
+
+from flwr.app import ConfigRecord, RecordDict
+
+from common.config import RunConfig
+from common.protocol import ProtocolError
+from common.secagg import Quantizer
+from common.weights import UpdateLayout, update_bounds
+
+KEYS, SHARE, UNMASK = "train.secagg_keys", "train.secagg_share", "train.secagg_unmask"
+
+
+@dataclass(frozen=True)
+class SessionRef:
+    """Which protocol session a message belongs to: Flower run and setup attempt."""
+
+    run_id: int
+    setup_id: int
+
+    def fields(self) -> dict[str, str | int]:
+        return {"run": str(self.run_id), "setup": self.setup_id}
+
+
+def _rec(content: RecordDict) -> ConfigRecord:
+    try:
+        return content.config_records["secagg"]
+    except KeyError as exc:
+        raise ProtocolError("message lacks the 'secagg' record") from exc
+
+
+def session_of(content: RecordDict) -> SessionRef:
+    rec = _rec(content)
+    try:
+        return SessionRef(int(str(rec["run"])), int(cast(int, rec["setup"])))
+    except (KeyError, ValueError) as exc:
+        raise ProtocolError(f"secagg record lacks a valid session ({exc})") from exc
+
+
+def field(content: RecordDict, key: str) -> object:
+    try:
+        return _rec(content)[key]
+    except KeyError as exc:
+        raise ProtocolError(f"secagg record lacks '{key}'") from exc
+
+
+def str_list(content: RecordDict, key: str) -> list[str]:
+    return [str(v) for v in cast(list[str], field(content, key))]
+
+
+def bytes_list(content: RecordDict, key: str) -> list[bytes]:
+    return [bytes(v) for v in cast(list[bytes], field(content, key))]
+
+
+def pairs(content: RecordDict, keys: str, values: str) -> dict[str, bytes]:
+    k, v = str_list(content, keys), bytes_list(content, values)
+    if len(k) != len(v):
+        raise ProtocolError(f"'{keys}' and '{values}' differ in length")
+    return dict(zip(k, v, strict=True))
+
+
+def secagg_record(session: SessionRef | None = None, **values: object) -> RecordDict:
+    """A RecordDict holding one ``secagg`` ConfigRecord (session fields first)."""
+    data: dict[str, object] = dict(session.fields()) if session else {}
+    data.update(values)
+    return RecordDict({"secagg": ConfigRecord(data)})  # type: ignore[arg-type]
+
+
+def split_pairs(mapping: Mapping[str, bytes]) -> tuple[list[str], list[bytes]]:
+    keys = sorted(mapping)
+    return keys, [mapping[k] for k in keys]
+
+
+def join(items: Sequence[str]) -> list[str]:
+    return sorted(items)
+
+
+def quantizer_for(run: RunConfig, layout: UpdateLayout) -> Quantizer:
+    """The ring encoding both sides agree on; bounds follow from the training config."""
+    return Quantizer(
+        update_bounds(
+            layout,
+            lr_d=run.train.lr_d,
+            lr_g=run.train.lr_g,
+            beta1=run.train.beta1,
+            d_steps=run.train.local_steps,
+            g_steps=run.train.local_steps // run.train.d_steps_per_g,
+        )
+    )
