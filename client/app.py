@@ -72,6 +72,11 @@ def train(msg: Message, context: Context) -> Message:
     def act(run: RunConfig, site: SiteConfig) -> RecordDict:
         if "secagg" in msg.content.config_records:
             return secure.masked_update(run, site, msg.content, context.state, run_id=context.run_id)
+        if not site.allow_plain_aggregation:
+            raise ConfigError(
+                "the server asked for an unmasked update (plain aggregation) and this hospital's node "
+                "config does not allow it (allow-plain-aggregation = false); nothing was trained or sent"
+            )
         arrays, server_round = decode_train_request(msg.content)
         return encode_reply(train_round(run, site, arrays, run_id=context.run_id, server_round=server_round))
 

@@ -238,6 +238,7 @@ class SiteConfig:
     signing_key_path: Path  # Ed25519 key that signs this site's secure-aggregation adverts
     roster_path: Path  # every site's Ed25519 public key, given at setup
     simulated: bool = False
+    allow_plain_aggregation: bool = False  # the hospital's own consent to send unmasked updates
 
     def __post_init__(self) -> None:
         if not self.site_id:
@@ -252,7 +253,8 @@ class SiteConfig:
         Deployment node config keys: ``site-id``, ``data-path``, ``state-path`` (cache, ledger
         and salt live there unless ``cache-path``/``ledger-path`` are given) and
         ``epsilon-budget`` (required: the hospital sets its own budget), ``signing-key`` and
-        ``roster`` (secure aggregation; default under ``state-path``). In simulation the
+        ``roster`` (secure aggregation; default under ``state-path``), ``allow-plain-aggregation``
+        (default false: the node refuses to send an unmasked update). In simulation the
         budget is the run's ``dp.epsilon-budget`` (``medsynth simulate --epsilon``).
         """
         if "data-path" in node_cfg:
@@ -263,6 +265,7 @@ class SiteConfig:
             signing_key = Path(str(_get(node_cfg, "signing-key", str, str(state / "secagg_key.pem"))))
             roster = Path(str(_get(node_cfg, "roster", str, str(state / "roster.json"))))
             simulated = False
+            allow_plain = bool(_get(node_cfg, "allow-plain-aggregation", bool, False))
         elif "partition-id" in node_cfg:
             if not run.federation.sites_dir:
                 raise ConfigError("simulation needs run config 'sim.sites-dir' (set by `medsynth simulate`)")
@@ -274,6 +277,7 @@ class SiteConfig:
             signing_key = state / "secagg_key.pem"
             roster = Path(run.federation.sites_dir) / "roster.json"
             simulated = True
+            allow_plain = True  # virtual hospitals follow the run's --plain-aggregation flag
         else:
             raise ConfigError("node config needs 'data-path' (deployment) or 'partition-id' (simulation)")
         return SiteConfig(
@@ -286,4 +290,5 @@ class SiteConfig:
             signing_key_path=signing_key,
             roster_path=roster,
             simulated=simulated,
+            allow_plain_aggregation=allow_plain,
         )

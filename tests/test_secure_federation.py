@@ -112,3 +112,21 @@ def test_after_a_dead_site_the_next_round_uses_a_fresh_session(sites4: Path, tmp
     assert first["secure"]["dead"] == ["site-2"] and len(first["sites_trained"]) == 3
     assert second["secure"]["session"] == first["secure"]["session"] + 1
     assert second["sites_trained"] == ["site-0", "site-1", "site-2", "site-3"]
+
+
+def test_a_deployed_hospital_refuses_plain_aggregation_unless_it_allows_it(tmp_path: Path) -> None:
+    # prepare: a deployment-style node config (data-path), a plain train request
+    from flwr.app import Context, Message, RecordDict
+
+    from client.app import train
+    from common.protocol import decode_reply, encode_train_request
+
+    cfg = default_run_config(**{"secure-aggregation": False})
+    msg = Message(encode_train_request({}, 1), dst_node_id=5, message_type="train", group_id="1")
+    node_config = {"data-path": str(tmp_path / "dicom"), "state-path": str(tmp_path), "epsilon-budget": 5.0}
+    ctx = Context(run_id=1, node_id=5, node_config=node_config, state=RecordDict(), run_config=cfg)  # type: ignore[arg-type]
+    # act
+    reply = decode_reply(train(msg, ctx).content)
+    # assert: an error reply, nothing charged
+    assert reply.status == "error" and "allow-plain-aggregation" in reply.reason
+    assert not (tmp_path / "ledger.json").exists()
