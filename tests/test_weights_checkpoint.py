@@ -60,3 +60,35 @@ def test_altered_checkpoint_fails_its_hash(tmp_path: Path) -> None:
     blob[-10] ^= 0xFF  # flip a byte of tensor data
     path.write_bytes(bytes(blob))
     assert latest_valid_checkpoint(tmp_path) is None
+
+
+def test_adam_step_bound_holds_for_adversarial_gradients() -> None:
+    # prepare: gradient sequences built to push Adam's |m̂/√v̂| up (one spike after tiny ones,
+    # constant sign, alternating sign, heavy-tailed noise)
+    import torch
+
+    from common.weights import adam_step_bound
+
+    rng = np.random.default_rng(0)
+    steps = 60
+    sequences = [
+        np.r_[np.full(steps - 1, 1e-6), 1e3],
+        np.ones(steps),
+        np.tile([1.0, -1.0], steps // 2),
+        rng.standard_cauchy(steps),
+        np.r_[1e3, np.full(steps - 1, 1e-9)],
+    ]
+    bound = adam_step_bound(0.5, 0.999, steps)
+    for grads in sequences:
+        p = torch.zeros(1, requires_grad=True)
+        opt = torch.optim.Adam([p], lr=1.0, betas=(0.5, 0.999), eps=0.0)
+        worst = 0.0
+        # act
+        for g in grads:
+            before = float(p)
+            p.grad = torch.tensor([float(g)])
+            opt.step()
+            worst = max(worst, abs(float(p) - before))
+        # assert: every single step is within the bound, so steps·lr·bound bounds the round
+        assert worst <= bound * (1 + 1e-6)
+    assert adam_step_bound(0.5, 0.999, 50) == pytest.approx(4.0336, abs=1e-3)  # the default round
