@@ -117,7 +117,7 @@ def _cached(state: RecordDict, run_id: int, server_round: int) -> tuple[np.ndarr
         epsilon_budget=float(cast(float, meta["epsilon-budget"])),
         delta=float(cast(float, meta["delta"])),
         total_steps=int(cast(int, meta["steps"])),
-        noise_multiplier=float(cast(float, meta["noise-multiplier"])) or None,
+        noise_multiplier=None,
         update=None,
     )
     return state.array_records[STATE_UPDATE]["x"].numpy(), reply

@@ -5,9 +5,11 @@ Server → hospital (``train``): ``global`` (ArrayRecord: every ``g.*``/``d.*`` 
 
 Hospital → server: ``update`` (ArrayRecord with one ``vector``: the packed update, see
 ``common.weights``; absent when the hospital did not train) and ``privacy`` (ConfigRecord:
-site id, status, cumulative epsilon, budget, delta, total steps, σ). The privacy record is the
+site id, status, cumulative epsilon, budget, delta, total steps). The privacy record is the
 only plain-text part: how much budget a hospital spent is not patient data, and the server
-reports it. Everything data-dependent is inside ``vector``.
+reports it. σ is deliberately absent: calibrated to the budget it is a function of the
+sampling rate q = batch / patients and would reveal the hospital's size. Everything
+data-dependent is inside ``vector``.
 """
 
 from __future__ import annotations
@@ -66,7 +68,6 @@ def encode_reply(reply: SiteReply) -> RecordDict:
             "epsilon-budget": float(reply.epsilon_budget),
             "delta": float(reply.delta),
             "steps": int(reply.total_steps),
-            "noise-multiplier": float(reply.noise_multiplier or 0.0),
             "reason": reply.reason,
         }
     )
@@ -85,7 +86,6 @@ def decode_reply(content: RecordDict) -> SiteReply:
         update = None
         if "update" in content.array_records:
             update = content.array_records["update"]["vector"].numpy().astype(np.float64)
-        sigma = float(cast(float, p["noise-multiplier"]))
         return SiteReply(
             site_id=str(p["site"]),
             status=cast(Status, status),
@@ -93,7 +93,7 @@ def decode_reply(content: RecordDict) -> SiteReply:
             epsilon_budget=float(cast(float, p["epsilon-budget"])),
             delta=float(cast(float, p["delta"])),
             total_steps=int(cast(int, p["steps"])),
-            noise_multiplier=sigma if sigma > 0 else None,
+            noise_multiplier=None,  # never sent: a calibrated σ reveals q = batch / patients
             update=update,
             reason=str(p["reason"]),
         )

@@ -231,5 +231,4 @@ def privacy_entry(r: SiteReply) -> dict[str, Any]:
         "epsilon_budget": r.epsilon_budget,
         "delta": r.delta,
         "steps": r.total_steps,
-        "noise_multiplier": r.noise_multiplier,
     }

@@ -39,6 +39,7 @@ class InProcessGrid:
         self.drop = drop
         self.states: dict[int, RecordDict] = {n: RecordDict() for n in self.nodes}
         self.sent: Counter[tuple[str, int]] = Counter()
+        self.replies: list[Message] = []  # everything the "server" received, for inspection
 
     def get_node_ids(self) -> Iterable[int]:
         return list(self.nodes)
@@ -61,6 +62,7 @@ class InProcessGrid:
                 run_config=self.run_config,  # type: ignore[arg-type]
             )
             replies.append(HANDLERS[kind](msg, ctx))
+        self.replies += replies
         return replies
 
 

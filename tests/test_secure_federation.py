@@ -44,10 +44,12 @@ def _config(sites: Path, out: Path, secure: bool, rounds: int = 1) -> dict[str, 
     })
 
 
-def _run(sites: Path, out: Path, secure: bool, drop: DropRule | None = None, rounds: int = 1) -> dict[str, Any]:
+def _run(sites: Path, out: Path, secure: bool, drop: DropRule | None = None, rounds: int = 1,
+         grid: InProcessGrid | None = None) -> dict[str, Any]:
     fresh_state(sites)
     cfg = _config(sites, out, secure, rounds)
-    grid = InProcessGrid(4, cfg, RUN_ID, drop=drop)
+    grid = grid or InProcessGrid(4, cfg, RUN_ID, drop=drop)
+    grid.run_config = cfg
     return run_federation(grid, RunConfig.from_flower(cfg), ServerPaths(out), RUN_ID)  # type: ignore[arg-type]
 
 
@@ -78,6 +80,24 @@ def test_secure_aggregation_gives_the_plain_model(sites4: Path, tmp_path: Path) 
     assert secure["rounds"][0]["loss_d"] == pytest.approx(plain["rounds"][0]["loss_d"], abs=metric_error)
     assert secure["secure_aggregation"] is True and plain["secure_aggregation"] is False
     assert secure["rounds"][0]["secure"]["dead"] == []
+
+
+def test_in_a_secure_round_only_the_ledger_figures_travel_in_plain_text(sites4: Path, tmp_path: Path) -> None:
+    # act
+    grid = InProcessGrid(4, {}, RUN_ID)
+    _run(sites4, tmp_path, secure=True, grid=grid)
+    # assert: every train reply holds a uint64 masked vector, encrypted shares, and a privacy
+    # record with ledger figures only (no σ, no patient count, no loss)
+    train_replies = [m for m in grid.replies if "masked" in m.content.array_records]
+    assert len(train_replies) == 4
+    for msg in train_replies:
+        assert set(msg.content.array_records) == {"masked"}
+        assert msg.content.array_records["masked"]["y"].numpy().dtype == np.uint64
+        assert set(msg.content.config_records["privacy"]) == {
+            "site", "status", "epsilon", "epsilon-budget", "delta", "steps", "reason"}
+        assert set(msg.content.config_records["secagg"]) == {
+            "run", "setup", "receivers", "cts", "train-cpu-s", "cpu-s"}
+    assert all(not m.content.metric_records for m in grid.replies)
 
 
 def _drop_once(kind: str, pid: int) -> DropRule:
