@@ -20,12 +20,12 @@ from collections.abc import Callable
 from typing import cast
 
 import numpy as np
-from common.secagg import KeyAdvert, ReplayDetected, Roster, SecAggClient, Session, SiteIdentity
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
 from client.task import train_round
 from common.config import RunConfig, SiteConfig
 from common.protocol import SiteReply, decode_train_request, encode_reply
+from common.secagg import KeyAdvert, ReplayDetected, Roster, SecAggClient, Session, SiteIdentity
 from common.secure_protocol import (
     SessionRef,
     bytes_list,
