@@ -21,10 +21,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from common.secagg import Roster, SiteIdentity
 
 from client.prepare import PrepareReport, load_or_create_salt, prepare_site
 from common.config import ConfigError
+from common.secagg import Roster, SiteIdentity
 from simulation.partition import (
     SourceData,
     load_medmnist_npz,
