@@ -16,26 +16,23 @@ from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from client import secure
-from client.ledger import LedgerCorrupt, LedgerMismatch
-from client.task import AccountingMismatch, train_round
 from common.config import ConfigError, RunConfig, SiteConfig
-from common.dataset import DatasetError
 from common.protocol import ProtocolError, SiteReply, decode_train_request, encode_reply
 from common.secagg import SecAggAbort
 
 log = logging.getLogger("medsynth.client")
 app = ClientApp()
 
-HOSPITAL_FIXABLE = (
-    ConfigError,
-    DatasetError,
-    LedgerCorrupt,
-    LedgerMismatch,
-    AccountingMismatch,
-    ProtocolError,
-    SecAggAbort,
-    FileNotFoundError,
-)
+
+def hospital_fixable() -> tuple[type[Exception], ...]:
+    """Errors a hospital can act on. Imported on demand: in deployment every message starts a
+    fresh process, and the key/share/unmask steps should not pay for importing torch."""
+    from client.ledger import LedgerCorrupt, LedgerMismatch
+    from client.task import AccountingMismatch
+    from common.dataset import DatasetError
+
+    return (ConfigError, DatasetError, LedgerCorrupt, LedgerMismatch, AccountingMismatch, ProtocolError,
+            SecAggAbort, FileNotFoundError)
 
 
 def _error_reply(msg: Message, site_id: str, exc: Exception) -> Message:
@@ -61,7 +58,9 @@ def _handle(msg: Message, context: Context, action: Callable[[RunConfig, SiteCon
         site = SiteConfig.from_flower(context.node_config, run)
         site_id = site.site_id
         return Message(action(run, site), reply_to=msg)
-    except HOSPITAL_FIXABLE as exc:
+    except Exception as exc:
+        if not isinstance(exc, hospital_fixable()):
+            raise
         return _error_reply(msg, site_id, exc)
 
 
@@ -77,6 +76,8 @@ def train(msg: Message, context: Context) -> Message:
                 "the server asked for an unmasked update (plain aggregation) and this hospital's node "
                 "config does not allow it (allow-plain-aggregation = false); nothing was trained or sent"
             )
+        from client.task import train_round  # torch & Opacus: loaded only by the step that trains
+
         arrays, server_round = decode_train_request(msg.content)
         return encode_reply(train_round(run, site, arrays, run_id=context.run_id, server_round=server_round))
 

@@ -22,7 +22,6 @@ from typing import cast
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
-from client.task import train_round
 from common.config import RunConfig, SiteConfig
 from common.protocol import SiteReply, decode_train_request, encode_reply
 from common.secagg import KeyAdvert, ReplayDetected, Roster, SecAggClient, Session, SiteIdentity
@@ -135,6 +134,8 @@ def masked_update(
     cached = _cached(state, run_id, server_round)
     train_cpu = 0.0
     if cached is None:
+        from client.task import train_round  # torch & Opacus: only the step that trains loads them
+
         t_train = time.process_time()
         reply = train_round(run, site, arrays, run_id=run_id, server_round=server_round)
         train_cpu = time.process_time() - t_train

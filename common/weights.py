@@ -20,10 +20,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-from torch import nn
+
+if TYPE_CHECKING:  # torch is imported where models are touched: the secure-aggregation steps of a
+    from torch import nn  # hospital (a fresh process per message in deployment) never need it
 
 Arrays = dict[str, np.ndarray]
 
@@ -45,6 +47,8 @@ def model_arrays(netG: nn.Module, netD: nn.Module) -> Arrays:
 
 def load_model_arrays(netG: nn.Module, netD: nn.Module, arrays: Mapping[str, np.ndarray]) -> None:
     """Load ``g.*``/``d.*`` arrays into G and D (strict: every key must match)."""
+    import torch
+
     for prefix, net in (("g.", netG), ("d.", netD)):
         state = {
             k[len(prefix) :]: torch.from_numpy(np.asarray(v).copy()) for k, v in arrays.items() if k.startswith(prefix)
