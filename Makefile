@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 DEMO_OUT ?= medsynth-output/demo
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test lint bench bench-secagg clean
 
 install: $(STAMP)
 
@@ -31,6 +31,9 @@ test: lint
 
 bench: install
 	$(BIN)/python -m simulation.bench_dp_step
+
+bench-secagg: install
+	$(BIN)/python -m simulation.bench_secagg
 
 clean:
 	rm -rf medsynth-output .pytest_cache .mypy_cache .ruff_cache

@@ -134,9 +134,9 @@ def masked_update(
     cached = _cached(state, run_id, server_round)
     train_cpu = 0.0
     if cached is None:
+        t_train = time.process_time()  # training, including importing torch, is not protocol time
         from client.task import train_round  # torch & Opacus: only the step that trains loads them
 
-        t_train = time.process_time()
         reply = train_round(run, site, arrays, run_id=run_id, server_round=server_round)
         train_cpu = time.process_time() - t_train
         vector = reply.update if reply.update is not None else np.zeros(layout.size)  # declined: weight 0

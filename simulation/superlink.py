@@ -51,12 +51,13 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Any
+from typing import IO, Any, Protocol
 
 import tomli_w
 
 __all__ = [
     "TAG_ENV_VAR",
+    "FlowerConnection",
     "FlowerEnv",
     "LocalSuperLink",
     "RunConfigValue",
@@ -290,6 +291,29 @@ def _tail(path: Path, lines: int = 40) -> str:
     except OSError:
         return f"<no log at {path}>"
     return "\n".join(text.splitlines()[-lines:])
+
+
+class FlowerConnection(Protocol):
+    """What :func:`run_app` needs from a running SuperLink: its environment and folders.
+
+    Satisfied by :class:`LocalSuperLink` (Simulation Engine) and by
+    ``simulation.deployment.LocalDeployment`` (Deployment Engine).
+    """
+
+    @property
+    def env(self) -> FlowerEnv:
+        """Connection name, address, ``FLWR_HOME`` and subprocess environment for ``flwr``."""
+        ...
+
+    @property
+    def flwr_home(self) -> Path:
+        """The SuperLink's ``FLWR_HOME`` (holds ``config.toml``; ``flwr`` runs in it)."""
+        ...
+
+    @property
+    def log_path(self) -> Path:
+        """The SuperLink's own log, named in error messages."""
+        ...
 
 
 class LocalSuperLink:
@@ -593,7 +617,7 @@ def _parse_json_output(stdout: str, what: str) -> dict[str, Any]:
     return data
 
 
-def _flwr_json(args: list[str], link: LocalSuperLink, timeout_s: float) -> dict[str, Any]:
+def _flwr_json(args: list[str], link: FlowerConnection, timeout_s: float) -> dict[str, Any]:
     """Run ``flwr ARGS --format json``; raise unless it reports ``success``."""
     cmd = [str(_executable("flwr")), *args, "--format", "json"]
     what = "flwr " + " ".join(args[:2])
@@ -616,7 +640,7 @@ def _flwr_json(args: list[str], link: LocalSuperLink, timeout_s: float) -> dict[
     return data
 
 
-def _run_status(link: LocalSuperLink, run_id: int, timeout_s: float) -> tuple[str, str]:
+def _run_status(link: FlowerConnection, run_id: int, timeout_s: float) -> tuple[str, str]:
     data = _flwr_json(["ls", link.env.connection, "--run-id", str(run_id)], link, timeout_s)
     runs = data.get("runs") or []
     if not runs:
@@ -641,10 +665,10 @@ def _kill_session(proc: subprocess.Popen[str]) -> None:
 
 def run_app(
     app_dir: Path,
-    link: LocalSuperLink,
+    link: FlowerConnection,
     *,
     run_config: Mapping[str, RunConfigValue],
-    num_supernodes: int,
+    num_supernodes: int | None = None,
     num_cpus_per_node: int = 1,
     log_path: Path,
     timeout_s: float,
@@ -652,11 +676,15 @@ def run_app(
 ) -> RunResult:
     """Submit ``app_dir`` to ``link`` with ``flwr run`` and follow it to the end.
 
-    Steps: ``flwr run APP CONN --run-config FILE.toml --federation-config
-    'num-supernodes=N client-resources-num-cpus=C' --format json`` (run id), then
+    Steps: ``flwr run APP CONN --run-config FILE.toml [--federation-config
+    'num-supernodes=N client-resources-num-cpus=C'] --format json`` (run id), then
     ``flwr log RUN CONN --stream`` (ends when the run is finished; each line, ANSI
     colours stripped, goes to ``log_path`` and ``on_line``), then ``flwr ls CONN
     --run-id RUN --format json`` (final status).
+
+    ``num_supernodes`` (and ``num_cpus_per_node``) size the Simulation Engine's virtual
+    federation. Pass ``None`` (the default) for a Deployment Engine connection: no
+    ``--federation-config`` is sent, and the federation is whichever SuperNodes are connected.
 
     Override keys must exist in ``[tool.flwr.app.config]`` (else the SuperLink rejects
     the run) and should keep the default's type (flwr does not convert).
@@ -672,7 +700,7 @@ def run_app(
     app_dir = Path(app_dir).absolute()
     if not (app_dir / "pyproject.toml").is_file():
         raise SuperLinkError(f"{app_dir} has no pyproject.toml; pass the Flower App directory.")
-    if num_supernodes < 1 or num_cpus_per_node < 1:
+    if (num_supernodes is not None and num_supernodes < 1) or num_cpus_per_node < 1:
         raise ValueError("num_supernodes and num_cpus_per_node must be >= 1 (whole CPUs).")
     if timeout_s <= 0:
         raise ValueError("timeout_s must be positive.")
@@ -684,10 +712,11 @@ def run_app(
     submit = ["run", str(app_dir), env.connection]
     if run_config:
         submit += ["--run-config", str(cfg_file)]
-    submit += [
-        "--federation-config",
-        f"num-supernodes={num_supernodes} client-resources-num-cpus={num_cpus_per_node}",
-    ]
+    if num_supernodes is not None:
+        submit += [
+            "--federation-config",
+            f"num-supernodes={num_supernodes} client-resources-num-cpus={num_cpus_per_node}",
+        ]
     data = _flwr_json(submit, link, deadline - time.monotonic())
     run_id = int(data["run-id"])
 

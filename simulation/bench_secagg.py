@@ -1,0 +1,376 @@
+"""Benchmark: secure against plain aggregation on Flower's Deployment Engine, on loopback.
+
+What runs
+---------
+N phantom hospitals (default 5) are written as DICOM and prepared, each with a signing key, and
+one roster is made (``simulation.runner``). One :class:`simulation.deployment.LocalDeployment`
+starts a real ``flower-superlink`` and one ``flower-supernode`` per hospital with a deployment
+node config (``data-path``, ``state-path``, ``site-id``, ``epsilon-budget``, ``signing-key``,
+``roster``, and ``allow-plain-aggregation = true``: a hospital sends an unmasked update only if
+its own node config consents). On that same deployment, back to back in this one process, medsynth runs R rounds
+with plain aggregation (``secure-aggregation = false``), then R rounds with secure aggregation.
+Each run starts from empty ledgers (a fresh consortium, same budget and so the same calibrated
+noise) and writes to its own output folder. The model is the default of ``pyproject.toml``;
+only the training length (``--local-steps``, ``--batch-size``) can be changed. The default of 20
+local steps (the app's is 50) keeps the whole benchmark under about 10 minutes on 2 CPUs.
+
+What is reported (per hospital per round unless noted; medians)
+----------------------------------------------------------------
+* round wall time: the server's ``seconds`` for the round in ``server_state.json`` (first
+  message sent → sum aggregated; the checkpoint and sample grid are not included). The ratio
+  secure / plain is the figure to compare with the goal (≤ 1.3×). It is given over all rounds
+  and over steady rounds only.
+* setup vs steady rounds: a secure round that opened a session (key adverts and encrypted
+  key shares: round 1, or the round after a dropout) is a *setup* round; the others are
+  *steady*. For plain aggregation round 1 is listed as "first" for comparison (it pays the
+  one-off installation of the app on each SuperNode).
+* protocol CPU: ``costs.protocol_cpu_s``, the CPU seconds each hospital reports spending in the
+  secure-aggregation protocol (key agreement, sharing, masking, unmasking). It does not include
+  starting a ClientApp process, which Flower does for every message (see "ClientApp time").
+* bytes up: ``costs.bytes_up``, the payload bytes of everything the hospital sent in the round.
+* messages: messages each SuperNode received, read from its log (``[RUN r, ROUND g]`` /
+  ``Receiving: ...``); session setup messages count in the round they preceded.
+* ClientApp time: Flower's own ``compute-time.clientapp-seconds`` for the run (``flwr ls``),
+  divided by hospitals × rounds. Per message it is the wall time from the ClientApp process
+  pulling the message to pushing its reply: installing the app bundle and importing the app
+  (torch, opacus) are included, starting the Python interpreter is not.
+
+Nothing is asserted; timings depend on the machine and on anything else running on it (the
+load average is printed).
+
+    python -m simulation.bench_secagg [--sites 5] [--rounds 3] [--local-steps 20] [--batch-size 32] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from common.config import ConfigError
+from simulation.deployment import LocalDeployment, NodeConfig
+from simulation.runner import ROUND_LINE, SimulateOptions, build_sites, check_out_dir, load_source, project_dir
+from simulation.superlink import RunConfigValue, SuperLinkError, _flwr_json, run_app
+
+_NUMERIC_GROUP = re.compile(r"^\d+$")
+
+
+@dataclass(frozen=True)
+class ModeResult:
+    """Everything measured for one run (one aggregation mode)."""
+
+    secure: bool
+    run_id: int
+    run_wall_s: float
+    rounds: list[dict[str, Any]]  # server_state.json round records
+    setup_rounds: frozenset[int]  # rounds that opened a secure session (plain: round 1, "first")
+    messages: dict[str, dict[int, int]]  # site → round → messages received
+    clientapp_s: float | None  # Flower's compute-time.clientapp-seconds for the run
+
+    @property
+    def label(self) -> str:
+        """``secure`` or ``plain``."""
+        return "secure" if self.secure else "plain"
+
+
+def _median(values: Sequence[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
+def messages_per_round(deployment: LocalDeployment, run_id: int) -> dict[str, dict[int, int]]:
+    """Site → round → messages its SuperNode received; ``setup-N`` groups count in the next round."""
+    counts: dict[str, dict[int, int]] = {}
+    for site in deployment.sites:
+        per_round: dict[int, int] = defaultdict(int)
+        pending = 0
+        for msg in deployment.received_messages(site, run_id):
+            if _NUMERIC_GROUP.match(msg.group):
+                per_round[int(msg.group)] += 1 + pending
+                pending = 0
+            else:
+                pending += 1
+        counts[site] = dict(per_round)
+    return counts
+
+
+def setup_rounds_of(rounds: list[dict[str, Any]], secure: bool) -> frozenset[int]:
+    """Rounds that opened a secure-aggregation session (plain: just round 1, for comparison)."""
+    if not secure:
+        return frozenset(r["round"] for r in rounds[:1])
+    found: set[int] = set()
+    last_session = None
+    for record in rounds:
+        session = record.get("secure", {}).get("session")
+        if session != last_session:
+            found.add(int(record["round"]))
+        last_session = session
+    return frozenset(found)
+
+
+def clientapp_seconds(deployment: LocalDeployment, run_id: int) -> float | None:
+    """Flower's ``compute-time.clientapp-seconds`` for a run, or None if ``flwr ls`` does not say."""
+    try:
+        data = _flwr_json(["ls", deployment.env.connection, "--run-id", str(run_id)], deployment, 30.0)
+    except SuperLinkError:
+        return None
+    runs = data.get("runs") or [{}]
+    value = runs[0].get("compute-time", {}).get("clientapp-seconds")
+    return float(value) if isinstance(value, int | float) else None
+
+
+def run_mode(
+    deployment: LocalDeployment,
+    *,
+    secure: bool,
+    out: Path,
+    ledgers: dict[str, Path],
+    base_config: dict[str, RunConfigValue],
+    timeout_s: float,
+    say: Callable[[str], None],
+) -> ModeResult:
+    """One run of R rounds in one aggregation mode, from empty ledgers, into ``out``."""
+    for ledger in ledgers.values():
+        ledger.unlink(missing_ok=True)
+    if out.exists():
+        shutil.rmtree(out)
+    run_config = {**base_config, "output-dir": str(out), "secure-aggregation": secure}
+    label = "secure" if secure else "plain"
+
+    def on_line(line: str) -> None:
+        if match := ROUND_LINE.search(line):
+            say(f"  [{label}] {match.group(0)}")
+
+    say(f"{label}: {base_config['num-server-rounds']} rounds ...")
+    result = run_app(
+        project_dir(), deployment, run_config=run_config, log_path=out / "run.log", timeout_s=timeout_s, on_line=on_line
+    )
+    state_path = out / "server_state.json"
+    try:
+        state = json.loads(state_path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise SuperLinkError(f"{label} run {result.run_id} left no readable {state_path}: {err}") from err
+    rounds: list[dict[str, Any]] = state.get("rounds", [])
+    if not state.get("finished") or len(rounds) != base_config["num-server-rounds"]:
+        raise SuperLinkError(
+            f"{label} run {result.run_id} did not complete all rounds "
+            f"({len(rounds)} done; stopped early: {state.get('stopped_early')}). Log: {out / 'run.log'}"
+        )
+    return ModeResult(
+        secure=secure,
+        run_id=result.run_id,
+        run_wall_s=result.wall_s,
+        rounds=rounds,
+        setup_rounds=setup_rounds_of(rounds, secure),
+        messages=messages_per_round(deployment, result.run_id),
+        clientapp_s=clientapp_seconds(deployment, result.run_id),
+    )
+
+
+def _per_site_round(mode: ModeResult, key: str, setup: bool | None) -> list[float]:
+    """``costs[site][key]`` for every (hospital, round), restricted to setup/steady rounds."""
+    values = []
+    for record in mode.rounds:
+        if setup is not None and (record["round"] in mode.setup_rounds) != setup:
+            continue
+        values += [float(c[key]) for c in record.get("costs", {}).values() if key in c]
+    return values
+
+
+def _round_seconds(mode: ModeResult, setup: bool | None) -> list[float]:
+    return [
+        float(r["seconds"])
+        for r in mode.rounds
+        if setup is None or (r["round"] in mode.setup_rounds) == setup
+    ]
+
+
+def _messages(mode: ModeResult, setup: bool | None) -> list[float]:
+    return [
+        float(n)
+        for per_round in mode.messages.values()
+        for rnd, n in per_round.items()
+        if setup is None or (rnd in mode.setup_rounds) == setup
+    ]
+
+
+def _fmt(value: float | None, unit: str = "") -> str:
+    if value is None:
+        return "—"
+    if unit == "MB":
+        return f"{value / 1e6:.3f}"
+    if abs(value) >= 100:
+        return f"{value:.0f}"
+    return f"{value:.2f}" if abs(value) >= 1 else f"{value:.3f}"
+
+
+def _ratio(a: float | None, b: float | None) -> str:
+    return "—" if a is None or b is None or b == 0 else f"{a / b:.2f}×"
+
+
+def format_table(plain: ModeResult, secure: ModeResult) -> str:
+    """The comparison table (medians; per hospital per round unless the row says otherwise)."""
+    header = ("", "plain first", "plain steady", "secure setup", "secure steady", "steady ratio")
+    rows: list[tuple[str, ...]] = []
+
+    def row(name: str, get: Callable[[ModeResult, bool | None], list[float]], unit: str = "") -> None:
+        p1, ps = _median(get(plain, True)), _median(get(plain, False))
+        s1, ss = _median(get(secure, True)), _median(get(secure, False))
+        rows.append((name, _fmt(p1, unit), _fmt(ps, unit), _fmt(s1, unit), _fmt(ss, unit), _ratio(ss, ps)))
+
+    row("round wall time (s)", _round_seconds)
+    row("protocol CPU / hospital (s)", lambda m, s: _per_site_round(m, "protocol_cpu_s", s))
+    row("bytes up / hospital (MB)", lambda m, s: _per_site_round(m, "bytes_up", s), "MB")
+    row("messages / hospital", _messages)
+    widths = [max(len(r[i]) for r in (header, *rows)) for i in range(len(header))]
+    lines = ["  ".join(cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in enumerate(zip(r, widths, strict=True)))
+             for r in (header, *rows)]
+    lines.insert(1, "-" * len(lines[0]))
+
+    p_all, s_all = _median(_round_seconds(plain, None)), _median(_round_seconds(secure, None))
+    p_steady, s_steady = _median(_round_seconds(plain, False)), _median(_round_seconds(secure, False))
+    per_msg = []
+    for mode in (plain, secure):
+        n = len(mode.messages) * len(mode.rounds)
+        per_msg.append(None if mode.clientapp_s is None or not n else mode.clientapp_s / n)
+    lines += [
+        "",
+        f"median round wall time, all rounds: plain {_fmt(p_all)} s, secure {_fmt(s_all)} s, "
+        f"ratio {_ratio(s_all, p_all)} (goal ≤ 1.3×); steady rounds only: ratio {_ratio(s_steady, p_steady)}",
+        f"ClientApp time / hospital / round (Flower compute-time, all rounds): plain {_fmt(per_msg[0])} s, "
+        f"secure {_fmt(per_msg[1])} s",
+        f"run wall time (submit → finished): plain {_fmt(plain.run_wall_s)} s, secure {_fmt(secure.run_wall_s)} s",
+        f"secure setup rounds: {sorted(secure.setup_rounds)}; plain 'first' round: {sorted(plain.setup_rounds)}",
+    ]
+    return "\n".join(lines)
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m simulation.bench_secagg",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--sites", type=int, default=5, help="hospitals (SuperNodes), at least 3; default 5")
+    p.add_argument("--rounds", type=int, default=3, help="rounds per mode (secure round 1 includes setup); default 3")
+    p.add_argument(
+        "--local-steps",
+        type=int,
+        default=20,
+        help="private D steps per hospital per round; default 20 (the app's default, 50, makes a round "
+        "about 130 s with 5 hospitals on 2 CPUs and the whole benchmark about 15 minutes)",
+    )
+    p.add_argument("--batch-size", type=int, default=32, help="expected patients per step (Poisson); default 32")
+    p.add_argument("--patients-per-site", type=int, default=200, help="phantom patients per hospital; default 200")
+    p.add_argument("--images-per-patient", type=int, default=2, help="phantom images per patient; default 2")
+    p.add_argument("--epsilon", type=float, default=10.0, help="each hospital's ε budget (node config); default 10")
+    p.add_argument("--timeout", type=float, default=1800.0, help="seconds allowed per run; default 1800")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="keep everything here (sites, Flower homes and logs, both runs' outputs, results.json); "
+        "default: a temporary folder that is deleted at the end",
+    )
+    args = p.parse_args(argv)
+    if args.sites < 3:
+        p.error("--sites must be >= 3 (secure aggregation's threshold is never below 3)")
+    if args.rounds < 1 or args.local_steps < 1 or args.batch_size < 1:
+        p.error("--rounds, --local-steps and --batch-size must be >= 1")
+    if args.patients_per_site < 1 or args.images_per_patient < 1 or args.timeout <= 0:
+        p.error("--patients-per-site and --images-per-patient must be >= 1 and --timeout > 0")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark and print the table; returns the process exit code."""
+    args = _parse_args(argv)
+
+    def say(line: str) -> None:
+        print(line, flush=True)
+
+    keep = args.out is not None
+    root = Path(args.out).absolute() if keep else Path(tempfile.mkdtemp(prefix="medsynth-bench-secagg-"))
+    t0 = time.monotonic()
+    try:
+        check_out_dir(root)
+        root.mkdir(parents=True, exist_ok=True)
+        opts = SimulateOptions(
+            out=root,
+            sites=args.sites,
+            rounds=args.rounds,
+            patients_per_site=args.patients_per_site,
+            images_per_patient=args.images_per_patient,
+            local_steps=args.local_steps,
+            batch_size=args.batch_size,
+        )
+        say(f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs; writing {args.sites} phantom "
+            f"hospitals to {root / 'sites'}")
+        source = load_source(opts)
+        ledgers = build_sites(opts, source, say=lambda line: say(f"  {line}"))
+        sites_dir = root / "sites"
+        nodes: dict[str, NodeConfig] = {
+            site: {
+                "site-id": site,
+                "data-path": str(sites_dir / site / "dicom"),
+                "state-path": str(sites_dir / site),
+                "epsilon-budget": float(args.epsilon),
+                "signing-key": str(sites_dir / site / "secagg_key.pem"),
+                "roster": str(sites_dir / "roster.json"),
+                "allow-plain-aggregation": True,  # consent to the plain half of the comparison
+            }
+            for site in ledgers
+        }
+        base_config: dict[str, RunConfigValue] = {
+            "num-server-rounds": args.rounds,
+            "min-nodes": args.sites,
+            "data.class-names": ",".join(source.class_names),
+            "train.local-steps": args.local_steps,
+            "train.batch-size": args.batch_size,
+            "wait-nodes-timeout": 120.0,
+        }
+        say(f"starting the Deployment Engine: 1 SuperLink + {args.sites} SuperNodes on loopback")
+        with LocalDeployment(root / "flwr", nodes) as deployment:
+            say(f"all {args.sites} SuperNodes online after {time.monotonic() - t0:.0f} s (incl. data); "
+                "plain, then secure, back to back on the same processes")
+            results = [
+                run_mode(deployment, secure=secure, out=root / f"out-{'secure' if secure else 'plain'}",
+                         ledgers=ledgers, base_config=base_config, timeout_s=args.timeout, say=say)
+                for secure in (False, True)
+            ]
+        plain, secure_result = results
+        say("")
+        say(f"{args.sites} hospitals, {args.rounds} rounds per mode, {args.local_steps} local steps, batch "
+            f"{args.batch_size}, default model; medians per hospital per round; load average now "
+            f"{os.getloadavg()[0]:.2f}; total {time.monotonic() - t0:.0f} s")
+        say(format_table(plain, secure_result))
+        if keep:
+            summary = {
+                "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+                "runs": {r.label: {"run_id": r.run_id, "run_wall_s": r.run_wall_s, "rounds": r.rounds,
+                                   "setup_rounds": sorted(r.setup_rounds), "messages": r.messages,
+                                   "clientapp_s": r.clientapp_s} for r in results},
+            }
+            (root / "results.json").write_text(json.dumps(summary, indent=2))
+            say(f"details: {root / 'results.json'}")
+    except (SuperLinkError, ConfigError) as err:
+        print(f"bench_secagg: {err}", file=sys.stderr)
+        return 1
+    finally:
+        if not keep:
+            shutil.rmtree(root, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

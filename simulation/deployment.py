@@ -1,0 +1,601 @@
+"""A local Flower *Deployment Engine* on loopback: one real SuperLink plus N real SuperNodes.
+
+Why this module exists
+----------------------
+The Simulation Engine (``simulation.superlink``) runs every ClientApp inside one Ray cluster
+and gives nodes only ``partition-id``. A hospital in production runs ``flower-supernode`` with
+its own ``--node-config`` (data path, state path, ε budget, signing key, roster), and every
+message it receives starts a fresh ``flwr-clientapp`` process. :class:`LocalDeployment` runs
+exactly that on one machine, so tests and benchmarks exercise the deployment path: a
+``flower-superlink`` without ``--simulation`` on a free loopback port with its own
+``FLWR_HOME`` (and optional ``--database``), and one ``flower-supernode`` per site, each with
+its own ``FLWR_HOME`` subfolder, its own free Runtime API ``--port`` and its own node config.
+Runs are submitted with :func:`simulation.superlink.run_app` (``num_supernodes=None``).
+
+Process tree (flwr 1.41.0, Linux), and how it is cleaned up
+------------------------------------------------------------
+::
+
+    flower-superlink                 session S0 (start_new_session), tag T
+      └ flower-superexec             its own session (the SuperLink uses start_new_session)
+          └ flwr-serverapp           one per run
+    flower-supernode  (site k)       session Sk (start_new_session), tag T-node<k>
+      └ flower-superexec             same process group as its SuperNode
+          └ flwr-clientapp           one per *message*, same process group
+    flwr run / log / ls / supernode  short-lived CLI calls (run_app), tag T
+
+Every process inherits the environment tag ``MEDSYNTH_SUPERLINK_TAG`` from the process we
+started, so :func:`simulation.superlink.find_tagged_pids` finds all of them, whatever session
+or process group Flower put them in. The SuperLink side carries the deployment's tag ``T``;
+each SuperNode carries its own tag ``T-node<k>`` so that :meth:`LocalDeployment.kill_node`
+can SIGKILL exactly one site's processes (for crash tests). :meth:`LocalDeployment.stop`
+SIGTERMs the SuperNodes' process groups first (a SuperNode whose SuperLink is gone retries
+forever), then the SuperLink's; then SIGTERM, and after ``stop_grace_s`` SIGKILL, to every
+tagged process left; and raises :class:`DeploymentError` if any survives.
+
+Readiness signal
+----------------
+A SuperNode logs ``SuperNode ID: <id>`` once the SuperLink has registered and activated it.
+Start-up waits until (1) the SuperLink answers ``GET /health`` with 200, (2) every SuperNode
+has logged its node id, and (3) ``flwr supernode list --format json`` (the SuperLink's own
+Control API view) lists each of those ids with ``status == "online"``. Matching ids, rather
+than counting online nodes, keeps stale nodes of a reused ``--database`` from counting.
+
+Later options (a later issue)
+-----------------------------
+TLS (SuperLink ``--ssl-certfile/--ssl-keyfile/--ssl-ca-certfile``, SuperNode
+``--root-certificates``) and node authentication (``--enable-supernode-auth``,
+``--auth-supernode-private-key``) go into :meth:`LocalDeployment._superlink_command` and
+:meth:`LocalDeployment._supernode_command`, the only places that build command lines, plus
+the ``insecure`` flag that :meth:`FlowerEnv.write_config` writes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+
+import tomli_w
+
+from simulation.superlink import (
+    FlowerEnv,
+    RunConfigValue,
+    SuperLinkError,
+    _cmdline,
+    _executable,
+    _flwr_json,
+    _signal_pids,
+    _tail,
+    find_tagged_pids,
+    format_run_config,
+    free_port,
+)
+
+__all__ = ["DeploymentError", "LocalDeployment", "NodeConfig", "ReceivedMessage", "node_config_argument"]
+
+#: A SuperNode's ``--node-config`` as a flat mapping (keys may use ``.`` for nesting).
+NodeConfig = Mapping[str, RunConfigValue]
+
+_SITE_RE = re.compile(r"^[A-Za-z0-9_-]+$")
+_NODE_ID_RE = re.compile(r"SuperNode ID: (\d+)")
+_ANSI_RE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+_RUN_HEADER_RE = re.compile(r"\[RUN (\d+)(?:, ROUND ([^\]]*))?\]")
+_RECEIVING_RE = re.compile(r"Receiving: (\S+) message")
+_BIND_ERROR = "address already in use"
+#: The Deployment Engine never starts Ray, but FlowerEnv needs a short RAY_TMPDIR value.
+_FALLBACK_RAY_TMPDIR = Path("/tmp")
+
+
+class DeploymentError(SuperLinkError):
+    """A SuperNode or the deployment SuperLink did not start, connect, or stop; the message says where to look."""
+
+
+@dataclass(frozen=True)
+class ReceivedMessage:
+    """One message a SuperNode pulled from the SuperLink, as its log records it.
+
+    Attributes
+    ----------
+    run_id : int
+        The Flower run the message belongs to.
+    group : str
+        The message's ``group_id`` (medsynth: the round number, or ``setup-N`` for a
+        secure-aggregation session setup); empty if it had none.
+    message_type : str
+        E.g. ``train`` or ``train.secagg_unmask``.
+    """
+
+    run_id: int
+    group: str
+    message_type: str
+
+
+def node_config_argument(config: NodeConfig, toml_path: Path) -> str | None:
+    """The value for ``flower-supernode --node-config``, or ``None`` for an empty config.
+
+    Normally the inline form ``k=v k2="str"`` (strings TOML-quoted, see
+    :func:`simulation.superlink.format_run_config`), which shows up in ``ps``. flwr's inline
+    parser cannot take a string holding both quote kinds or a newline; such a config is
+    written to ``toml_path`` instead, whose path flwr accepts in place of the inline form.
+    """
+    if not config:
+        return None
+    inline_ok = all(
+        not isinstance(v, str) or ("\n" not in v and not ('"' in v and "'" in v)) for v in config.values()
+    )
+    if inline_ok:
+        return format_run_config(config)  # also validates keys and value types
+    format_run_config({k: "" if isinstance(v, str) else v for k, v in config.items()})  # validate keys/types
+    toml_path.parent.mkdir(parents=True, exist_ok=True)
+    toml_path.write_text(tomli_w.dumps(dict(config)), encoding="utf-8")
+    return str(toml_path)
+
+
+@dataclass
+class _Node:
+    """Book-keeping for one SuperNode (mutable: restarted on a port clash, killed in crash tests)."""
+
+    site: str
+    config: dict[str, RunConfigValue]
+    env: FlowerEnv  # FLWR_HOME = this node's folder; tag = this node's own tag
+    log_path: Path
+    runtime_port: int = 0
+    proc: subprocess.Popen[bytes] | None = None
+    node_id: int | None = None
+    killed: bool = False
+
+
+class LocalDeployment:
+    """A private Deployment Engine (SuperLink + one SuperNode per site) for a ``with`` block.
+
+    On enter: starts ``flower-superlink`` (no ``--simulation``) on a free loopback port with
+    ``FLWR_HOME = flwr_home`` (log: ``flwr_home/superlink.log``), waits for ``/health``,
+    writes the ``flwr`` connection into ``flwr_home/config.toml``, starts one
+    ``flower-supernode`` per site (``FLWR_HOME = flwr_home/supernodes/<site>``, log
+    ``supernode.log`` there, its own free ``--port``, ``--node-config`` from ``nodes[site]``)
+    and waits until the SuperLink lists every one of them online (see module docstring).
+    Then ``run_app(app_dir, deployment, run_config=..., log_path=..., timeout_s=...)`` submits
+    a run. On exit: stops every process it started and verifies that none is left.
+
+    Parameters
+    ----------
+    flwr_home : Path
+        The SuperLink's private Flower home; created if missing. Must not lie inside the app
+        folder being run unless git ignores it (``flwr run`` packs the app folder).
+    nodes : Mapping[str, NodeConfig]
+        Site name (``[A-Za-z0-9_-]+``, used as the node's folder name) → its node config,
+        e.g. ``{"site-0": {"data-path": "/data/site-0", "epsilon-budget": 10.0}}``.
+    port : int | None
+        Fixed SuperLink port, or ``None`` for a free one (retried on a bind race).
+    database : Path | None
+        SQLite file for the SuperLink's state (``--database``), or ``None`` for in-memory.
+    startup_timeout_s : float
+        Budget for the SuperLink to become healthy and, separately, for all nodes to be online.
+    stop_grace_s : float
+        Time between SIGTERM and SIGKILL on exit.
+    """
+
+    _START_ATTEMPTS = 3
+
+    def __init__(
+        self,
+        flwr_home: Path,
+        nodes: Mapping[str, NodeConfig],
+        *,
+        port: int | None = None,
+        database: Path | None = None,
+        startup_timeout_s: float = 60.0,
+        stop_grace_s: float = 15.0,
+    ) -> None:
+        if not sys.platform.startswith("linux"):
+            raise DeploymentError("LocalDeployment needs Linux (/proc is used to find processes).")
+        if not nodes:
+            raise ValueError("LocalDeployment needs at least one node (site name → node config).")
+        for site in nodes:
+            if not _SITE_RE.match(site):
+                raise ValueError(f"Site name {site!r} must match [A-Za-z0-9_-]+ (it names the node's FLWR_HOME).")
+        if startup_timeout_s <= 0 or stop_grace_s < 0:
+            raise ValueError("startup_timeout_s must be > 0 and stop_grace_s >= 0.")
+        self._flwr_home = Path(flwr_home).absolute()
+        self._log_path = self._flwr_home / "superlink.log"
+        self._nodes_spec = {site: dict(cfg) for site, cfg in nodes.items()}
+        self._fixed_port = port
+        self._database = None if database is None else Path(database).absolute()
+        self._startup_timeout_s = startup_timeout_s
+        self._stop_grace_s = stop_grace_s
+        self._tag = uuid.uuid4().hex
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._env: FlowerEnv | None = None
+        self._nodes: dict[str, _Node] = {}
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def flwr_home(self) -> Path:
+        """The SuperLink's ``FLWR_HOME`` (``config.toml``, installed apps, ``superlink.log``)."""
+        return self._flwr_home
+
+    @property
+    def log_path(self) -> Path:
+        """The SuperLink's log (stdout and stderr)."""
+        return self._log_path
+
+    @property
+    def env(self) -> FlowerEnv:
+        """The SuperLink's :class:`FlowerEnv`: connection name, address, ``flwr`` CLI environment."""
+        if self._env is None:
+            raise DeploymentError("LocalDeployment is not started; use it in a `with` block.")
+        return self._env
+
+    @property
+    def pid(self) -> int:
+        """PID (and process group id) of the ``flower-superlink`` process."""
+        if self._proc is None:
+            raise DeploymentError("LocalDeployment is not started; use it in a `with` block.")
+        return self._proc.pid
+
+    @property
+    def sites(self) -> tuple[str, ...]:
+        """Site names, in the order given."""
+        return tuple(self._nodes_spec)
+
+    @property
+    def node_ids(self) -> dict[str, int]:
+        """Site → Flower node id (as ``Message.metadata.src_node_id`` shows it), once online."""
+        return {site: node.node_id for site, node in self._nodes.items() if node.node_id is not None}
+
+    @property
+    def tags(self) -> tuple[str, ...]:
+        """Every process tag in use: the SuperLink side's first, then one per SuperNode."""
+        return (self._tag, *(self._node_tag(i) for i in range(len(self._nodes_spec))))
+
+    def node_log(self, site: str) -> Path:
+        """Path of a SuperNode's log (its ClientApps' output goes there too)."""
+        return self._node(site).log_path
+
+    def node_pid(self, site: str) -> int:
+        """PID (and process group id) of a site's ``flower-supernode`` process."""
+        proc = self._node(site).proc
+        if proc is None:
+            raise DeploymentError(f"SuperNode {site!r} is not running.")
+        return proc.pid
+
+    def node_pids(self, site: str) -> set[int]:
+        """Live processes of one site: its SuperNode, SuperExec and ClientApps."""
+        return find_tagged_pids(self._node(site).env.tag)
+
+    def owned_pids(self) -> set[int]:
+        """Live processes started by this deployment (SuperLink side, every SuperNode, ``flwr`` calls)."""
+        found: set[int] = set()
+        for tag in self.tags:
+            found |= find_tagged_pids(tag)
+        return found
+
+    # ------------------------------------------------------------------ lifecycle
+    def __enter__(self) -> LocalDeployment:
+        """Start the SuperLink and the SuperNodes; return once every node is online."""
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        """Stop everything we started (see :meth:`stop`)."""
+        self.stop()
+
+    def start(self) -> None:
+        """Start the SuperLink, then the SuperNodes, and wait until all nodes are online."""
+        if self._proc is not None:
+            raise DeploymentError("LocalDeployment already started.")
+        for name in ("flower-superlink", "flower-supernode", "flower-superexec", "flwr"):
+            _executable(name)
+        self._flwr_home.mkdir(parents=True, exist_ok=True)
+        try:
+            self._start_superlink()
+            for index, (site, config) in enumerate(self._nodes_spec.items()):
+                node_home = self._flwr_home / "supernodes" / site
+                node = _Node(
+                    site=site,
+                    config=config,
+                    env=FlowerEnv(
+                        flwr_home=node_home,
+                        port=self.env.port,
+                        ray_tmpdir=self.env.ray_tmpdir,
+                        host=self.env.host,
+                        connection=self.env.connection,
+                        tag=self._node_tag(index),
+                    ),
+                    log_path=node_home / "supernode.log",
+                )
+                self._nodes[site] = node
+                self._start_node(node)
+            self._wait_nodes_online()
+        except BaseException:
+            self.stop(raise_on_leftovers=False)
+            raise
+
+    def stop(self, *, raise_on_leftovers: bool = True) -> None:
+        """Stop every SuperNode and the SuperLink, then every tagged leftover; verify none is left.
+
+        Order: SIGTERM each SuperNode's process group (SuperNode, SuperExec, ClientApps) and
+        the SuperLink's; wait up to ``stop_grace_s``; SIGTERM every remaining tagged process
+        (the SuperLink's SuperExec and ServerApp live in another session), wait; SIGKILL the
+        rest; reap our children. Raises :class:`DeploymentError` listing survivors.
+        """
+        procs = [n.proc for n in self._nodes.values() if n.proc is not None]
+        if self._proc is not None:
+            procs.append(self._proc)
+        for proc in procs:
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + self._stop_grace_s
+        for proc in procs:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=max(deadline - time.monotonic(), 0.1))
+        self._signal_all_tagged(signal.SIGTERM, self._stop_grace_s)
+        if self.owned_pids() or any(p.poll() is None for p in procs):
+            for proc in procs:
+                if proc.poll() is None:
+                    with contextlib.suppress(ProcessLookupError, PermissionError):
+                        os.killpg(proc.pid, signal.SIGKILL)
+            self._signal_all_tagged(signal.SIGKILL, 5.0)
+        for proc in procs:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=5.0)
+        remaining = self.owned_pids()
+        alive = [p.pid for p in procs if p.poll() is None]
+        self._proc = None
+        for node in self._nodes.values():
+            node.proc = None
+        if raise_on_leftovers and (remaining or alive):
+            listing = "\n".join(f"  {pid}: {_cmdline(pid)}" for pid in sorted(remaining | set(alive)))
+            raise DeploymentError(
+                "Processes started by LocalDeployment survived SIGKILL (uninterruptible I/O?). "
+                f"Inspect with `ps -o pid,stat,cmd -p PID`:\n{listing}"
+            )
+
+    # ------------------------------------------------------------------ crash tests and inspection
+    def kill_node(self, site: str) -> set[int]:
+        """SIGKILL one site's SuperNode, its SuperExec and any running ClientApp (a crash).
+
+        The SuperLink notices only through missed heartbeats (about a minute in flwr 1.41);
+        until then it still lists the node online. Returns the PIDs that were killed; raises
+        :class:`DeploymentError` if one of them survives.
+        """
+        node = self._node(site)
+        pids = find_tagged_pids(node.env.tag)
+        if node.proc is not None and node.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(node.proc.pid, signal.SIGKILL)
+        _signal_pids(pids, signal.SIGKILL, node.env.tag)
+        deadline = time.monotonic() + 5.0
+        while (left := find_tagged_pids(node.env.tag)) and time.monotonic() < deadline:
+            _signal_pids(left, signal.SIGKILL, node.env.tag)
+            time.sleep(0.1)
+        if node.proc is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                node.proc.wait(timeout=5.0)
+        node.killed = True
+        if left:
+            listing = "\n".join(f"  {pid}: {_cmdline(pid)}" for pid in sorted(left))
+            raise DeploymentError(f"SuperNode {site!r}: processes survived SIGKILL:\n{listing}")
+        return pids
+
+    def list_nodes(self, timeout_s: float = 30.0) -> dict[int, str]:
+        """The SuperLink's view (``flwr supernode list``): node id → status (``online``, ``offline``, ...)."""
+        data = _flwr_json(["supernode", "list", self.env.connection], self, timeout_s)
+        nodes = data.get("nodes") or []
+        return {int(n["node-id"]): str(n.get("status", "unknown")) for n in nodes}
+
+    def received_messages(self, site: str, run_id: int | None = None) -> list[ReceivedMessage]:
+        """Messages a site's SuperNode pulled, in order (parsed from its log), optionally for one run.
+
+        flwr 1.41 logs ``[RUN r, ROUND g]`` then ``Receiving: <type> message (ID: ...)`` for each.
+        """
+        try:
+            text = self._node(site).log_path.read_text(encoding="utf-8", errors="replace")
+        except OSError as err:
+            raise DeploymentError(f"Cannot read the log of SuperNode {site!r}: {err}") from err
+        found: list[ReceivedMessage] = []
+        header: tuple[int, str] | None = None
+        for raw in text.splitlines():
+            line = _ANSI_RE.sub("", raw)
+            if match := _RUN_HEADER_RE.search(line):
+                header = (int(match.group(1)), match.group(2) or "")
+            elif (match := _RECEIVING_RE.search(line)) and header is not None:
+                if run_id is None or header[0] == run_id:
+                    found.append(ReceivedMessage(header[0], header[1], match.group(1)))
+                header = None
+        return found
+
+    # ------------------------------------------------------------------ command lines (TLS/auth seams)
+    def _superlink_command(self, env: FlowerEnv) -> list[str]:
+        """``flower-superlink`` in deployment mode (no ``--simulation``); TLS flags would go here."""
+        cmd = [
+            str(_executable("flower-superlink")),
+            "--insecure",
+            "--isolation",
+            "subprocess",
+            "--host",
+            env.host,
+            "--port",
+            str(env.port),
+            "--disable-runtime-dependency-installation",
+        ]
+        if self._database is not None:
+            cmd += ["--database", str(self._database)]
+        return cmd
+
+    def _supernode_command(self, node: _Node) -> list[str]:
+        """``flower-supernode`` for one site; root certificates and auth key flags would go here."""
+        cmd = [
+            str(_executable("flower-supernode")),
+            "--insecure",
+            "--superlink",
+            self.env.address,
+            "--isolation",
+            "subprocess",
+            "--host",
+            self.env.host,
+            "--port",
+            str(node.runtime_port),
+        ]
+        node_config = node_config_argument(node.config, node.env.flwr_home / "node-config.toml")
+        if node_config is not None:
+            cmd += ["--node-config", node_config]
+        return cmd
+
+    # ------------------------------------------------------------------ internals
+    def _node_tag(self, index: int) -> str:
+        return f"{self._tag}-node{index}"
+
+    def _node(self, site: str) -> _Node:
+        if site not in self._nodes_spec:
+            raise KeyError(f"Unknown site {site!r}; this deployment has {list(self._nodes_spec)}.")
+        if site not in self._nodes:
+            raise DeploymentError("LocalDeployment is not started; use it in a `with` block.")
+        return self._nodes[site]
+
+    def _ray_tmpdir(self) -> Path:
+        candidate = self._flwr_home / "ray"
+        return candidate if len(str(candidate)) <= 36 else _FALLBACK_RAY_TMPDIR
+
+    def _start_superlink(self) -> None:
+        last_error = ""
+        for _ in range(1 if self._fixed_port is not None else self._START_ATTEMPTS):
+            port = self._fixed_port if self._fixed_port is not None else free_port()
+            env = FlowerEnv(
+                flwr_home=self._flwr_home,
+                port=port,
+                ray_tmpdir=self._ray_tmpdir(),
+                connection="medsynth-deployment",
+                tag=self._tag,
+            )
+            with self._log_path.open("wb") as log_fh:
+                self._proc = subprocess.Popen(
+                    self._superlink_command(env),
+                    env=env.environ(),
+                    stdin=subprocess.DEVNULL,
+                    stdout=log_fh,
+                    stderr=subprocess.STDOUT,
+                    cwd=self._flwr_home,
+                    start_new_session=True,
+                )
+            self._env = env
+            ready, last_error = self._wait_superlink_healthy()
+            if ready:
+                env.write_config()
+                return
+            self.stop(raise_on_leftovers=False)
+            self._env = None
+            if self._fixed_port is not None or _BIND_ERROR not in last_error.lower():
+                break
+        raise DeploymentError(
+            f"flower-superlink did not become healthy within {self._startup_timeout_s:.0f} s. "
+            f"Check {self._log_path}. Last lines:\n{last_error}"
+        )
+
+    def _wait_superlink_healthy(self) -> tuple[bool, str]:
+        """Poll ``/health`` until it answers 200, the process dies, or time runs out."""
+        if self._proc is None or self._env is None:
+            return False, "not started"
+        url = f"http://{self._env.address}/health"
+        deadline = time.monotonic() + self._startup_timeout_s
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                return False, _tail(self._log_path)
+            try:
+                with urllib.request.urlopen(url, timeout=1.0) as resp:
+                    if resp.status == 200:
+                        return True, ""
+            except (urllib.error.URLError, OSError):
+                pass
+            time.sleep(0.2)
+        return False, _tail(self._log_path)
+
+    def _start_node(self, node: _Node) -> None:
+        """(Re)start one SuperNode on a fresh free Runtime API port."""
+        node.env.flwr_home.mkdir(parents=True, exist_ok=True)
+        node.runtime_port = free_port(self.env.host)
+        node.node_id = None
+        with node.log_path.open("wb") as log_fh:
+            node.proc = subprocess.Popen(
+                self._supernode_command(node),
+                env=node.env.environ(),
+                stdin=subprocess.DEVNULL,
+                stdout=log_fh,
+                stderr=subprocess.STDOUT,
+                cwd=node.env.flwr_home,
+                start_new_session=True,
+            )
+
+    def _wait_nodes_online(self) -> None:
+        """Wait until the SuperLink lists every SuperNode's id online (see module docstring)."""
+        deadline = time.monotonic() + self._startup_timeout_s
+        restarts = dict.fromkeys(self._nodes, 0)
+        statuses: dict[int, str] = {}
+        while True:
+            for node in self._nodes.values():
+                if node.proc is None:
+                    raise DeploymentError(f"SuperNode {node.site!r} was not started.")
+                if node.proc.poll() is not None:
+                    tail = _tail(node.log_path)
+                    if _BIND_ERROR in tail.lower() and restarts[node.site] < self._START_ATTEMPTS:
+                        restarts[node.site] += 1  # lost the race for its free port: new port
+                        self._start_node(node)
+                        continue
+                    raise DeploymentError(
+                        f"SuperNode {node.site!r} exited with code {node.proc.returncode} before "
+                        f"connecting. Check {node.log_path}. Last lines:\n{tail}"
+                    )
+                if node.node_id is None:
+                    with contextlib.suppress(OSError):
+                        text = node.log_path.read_text(encoding="utf-8", errors="replace")
+                        if match := _NODE_ID_RE.search(text):
+                            node.node_id = int(match.group(1))
+            ids = [n.node_id for n in self._nodes.values()]
+            if all(i is not None for i in ids):
+                statuses = self.list_nodes(timeout_s=max(deadline - time.monotonic(), 5.0))
+                if all(statuses.get(i) == "online" for i in ids if i is not None):
+                    return
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        lines = []
+        for node in self._nodes.values():
+            status = "no node id logged yet" if node.node_id is None else statuses.get(node.node_id, "not listed")
+            lines.append(f"  {node.site}: {status} (log {node.log_path})")
+        raise DeploymentError(
+            f"Not every SuperNode was online at the SuperLink within {self._startup_timeout_s:.0f} s:\n"
+            + "\n".join(lines)
+            + f"\nSuperLink log: {self._log_path}"
+        )
+
+    def _signal_all_tagged(self, sig: signal.Signals, wait_s: float) -> None:
+        """Send ``sig`` to every live tagged process; wait until none is left or ``wait_s`` passes."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            alive = False
+            for tag in self.tags:
+                pids = find_tagged_pids(tag)
+                if pids:
+                    alive = True
+                    _signal_pids(pids, sig, tag)
+            if not alive or time.monotonic() >= deadline:
+                return
+            time.sleep(0.2)
