@@ -85,10 +85,10 @@ def test_adam_step_bound_holds_for_adversarial_gradients() -> None:
         worst = 0.0
         # act
         for g in grads:
-            before = float(p)
+            before = float(p.detach())
             p.grad = torch.tensor([float(g)])
             opt.step()
-            worst = max(worst, abs(float(p) - before))
+            worst = max(worst, abs(float(p.detach()) - before))
         # assert: every single step is within the bound, so steps·lr·bound bounds the round
         assert worst <= bound * (1 + 1e-6)
     assert adam_step_bound(0.5, 0.999, 50) == pytest.approx(4.0336, abs=1e-3)  # the default round
