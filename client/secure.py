@@ -23,7 +23,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
 from common.config import RunConfig, SiteConfig
-from common.protocol import SiteReply, decode_train_request, encode_reply
+from common.protocol import SiteReply, decode_reply, decode_train_request, encode_reply
 from common.secagg import KeyAdvert, ReplayDetected, Roster, SecAggClient, Session, SiteIdentity
 from common.secure_protocol import (
     SessionRef,
@@ -109,16 +109,7 @@ def _cached(state: RecordDict, run_id: int, server_round: int) -> tuple[np.ndarr
     meta = state.config_records.get(STATE_PRIVACY)
     if meta is None or (str(meta["run"]), meta["round"]) != (str(run_id), server_round):
         return None
-    reply = SiteReply(
-        site_id=str(meta["site"]),
-        status="ok" if meta["status"] == "ok" else "budget-exhausted",
-        epsilon=float(cast(float, meta["epsilon"])),
-        epsilon_budget=float(cast(float, meta["epsilon-budget"])),
-        delta=float(cast(float, meta["delta"])),
-        total_steps=int(cast(int, meta["steps"])),
-        noise_multiplier=None,
-        update=None,
-    )
+    reply = decode_reply(RecordDict({"privacy": meta}))  # the record this site sent for the round
     return state.array_records[STATE_UPDATE]["x"].numpy(), reply
 
 

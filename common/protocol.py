@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Literal, cast
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 
 Status = Literal["ok", "budget-exhausted", "error"]
 STATUSES: tuple[str, ...] = ("ok", "budget-exhausted", "error")
@@ -41,6 +41,12 @@ class SiteReply:
     noise_multiplier: float | None
     update: np.ndarray | None  # (layout.size,) float64
     reason: str = ""  # for status "error": a readable message, never a traceback
+
+
+def flower_error_line(msg: Message) -> str:
+    """A Flower-level error reply as one readable line (the last line of its traceback)."""
+    lines = (msg.error.reason or "").strip().splitlines()
+    return f"node {msg.metadata.src_node_id}: {lines[-1] if lines else 'error ' + str(msg.error.code)}"
 
 
 def encode_train_request(arrays: dict[str, np.ndarray], server_round: int) -> RecordDict:

@@ -20,7 +20,7 @@ Per run: 2 setup messages per site (again only after a dropout burned a session)
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import cast
 
@@ -92,10 +92,6 @@ def secagg_record(session: SessionRef | None = None, **values: object) -> Record
 def split_pairs(mapping: Mapping[str, bytes]) -> tuple[list[str], list[bytes]]:
     keys = sorted(mapping)
     return keys, [mapping[k] for k in keys]
-
-
-def join(items: Sequence[str]) -> list[str]:
-    return sorted(items)
 
 
 def quantizer_for(run: RunConfig, layout: UpdateLayout) -> Quantizer:

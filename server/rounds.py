@@ -22,7 +22,14 @@ from flwr.serverapp import Grid
 from common.atomic import write_json_atomic
 from common.config import RunConfig
 from common.models import build_models
-from common.protocol import ProtocolError, SiteReply, content_bytes, decode_reply, encode_train_request
+from common.protocol import (
+    ProtocolError,
+    SiteReply,
+    content_bytes,
+    decode_reply,
+    encode_train_request,
+    flower_error_line,
+)
 from common.samples import sample_grid, save_png
 from common.weights import UpdateLayout, fedavg, load_model_arrays, model_arrays, sum_vectors
 from server.checkpoint import latest_valid_checkpoint, save_checkpoint
@@ -74,15 +81,13 @@ def collect_replies(replies: list[Message]) -> tuple[list[SiteReply], list[str]]
     decoded: list[SiteReply] = []
     failures: list[str] = []
     for msg in replies:
-        node = msg.metadata.src_node_id
         if msg.has_error():
-            reason = (msg.error.reason or "").strip().splitlines()
-            failures.append(f"node {node}: {reason[-1] if reason else 'error ' + str(msg.error.code)}")
+            failures.append(flower_error_line(msg))
             continue
         try:
             decoded.append(decode_reply(msg.content))
         except ProtocolError as exc:
-            failures.append(f"node {node}: malformed reply ({exc})")
+            failures.append(f"node {msg.metadata.src_node_id}: malformed reply ({exc})")
     return decoded, failures
 
 

@@ -25,7 +25,14 @@ from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from common.config import RunConfig
-from common.protocol import ProtocolError, SiteReply, content_bytes, decode_reply, encode_train_request
+from common.protocol import (
+    ProtocolError,
+    SiteReply,
+    content_bytes,
+    decode_reply,
+    encode_train_request,
+    flower_error_line,
+)
 from common.secagg import (
     KeyAdvert,
     MaskedInput,
@@ -69,8 +76,7 @@ def _ok(replies: list[Message], failures: list[str], step: str) -> list[Message]
     good = []
     for msg in replies:
         if msg.has_error():
-            lines = (msg.error.reason or "").strip().splitlines()
-            failures.append(f"{step}: node {msg.metadata.src_node_id}: {lines[-1] if lines else msg.error.code}")
+            failures.append(f"{step}: {flower_error_line(msg)}")
         elif "privacy" in msg.content.config_records and msg.content.config_records["privacy"]["status"] == "error":
             privacy = msg.content.config_records["privacy"]
             failures.append(f"{step}: {privacy['site']!s}: {privacy['reason']!s}")
