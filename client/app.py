@@ -2,7 +2,8 @@
 
 Actions: ``train`` (a round: plain update, or masked when the request carries a secure-
 aggregation session), ``train.secagg_keys`` / ``train.secagg_share`` (session setup) and
-``train.secagg_unmask``. Failures a hospital can act on — a bad node config, an unreadable
+``train.secagg_unmask``. Every reply is first written to the hospital's audit log
+(``client.audit``). Failures a hospital can act on — a bad node config, an unreadable
 ledger or data folder, a secure-aggregation abort (key swap, replay, …) — become an ``error``
 reply with a one-line reason and a log line; the server carries on with the others.
 """
@@ -16,6 +17,7 @@ from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from client import secure
+from client.audit import append_entry, entry_for
 from common.config import ConfigError, RunConfig, SiteConfig
 from common.protocol import ProtocolError, SiteReply, decode_train_request, encode_reply
 from common.secagg import SecAggAbort
@@ -51,17 +53,25 @@ def _error_reply(msg: Message, site_id: str, exc: Exception) -> Message:
     return Message(encode_reply(reply), reply_to=msg)
 
 
+def _audited(msg: Message, reply: Message, site: SiteConfig | None, site_id: str) -> Message:
+    """Record the outgoing reply in the hospital's audit log (when the site config is known)."""
+    if site is not None and site.audit_path is not None:
+        append_entry(site.audit_path, entry_for(msg, reply.content, site_id))
+    return reply
+
+
 def _handle(msg: Message, context: Context, action: Callable[[RunConfig, SiteConfig], RecordDict]) -> Message:
     site_id = str(context.node_config.get("site-id", context.node_config.get("partition-id", "?")))
+    site: SiteConfig | None = None
     try:
         run = RunConfig.from_flower(context.run_config)
         site = SiteConfig.from_flower(context.node_config, run)
         site_id = site.site_id
-        return Message(action(run, site), reply_to=msg)
+        return _audited(msg, Message(action(run, site), reply_to=msg), site, site_id)
     except Exception as exc:
         if not isinstance(exc, hospital_fixable()):
             raise
-        return _error_reply(msg, site_id, exc)
+        return _audited(msg, _error_reply(msg, site_id, exc), site, site_id)
 
 
 @app.train()

@@ -19,6 +19,7 @@ def write_bytes_atomic(path: Path, data: bytes, *, mode: int = 0o644) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     try:
+        os.fchmod(fd, mode)  # a stale temp file from a crash may carry wider permissions; the umask narrower
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view) :]

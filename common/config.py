@@ -239,6 +239,7 @@ class SiteConfig:
     roster_path: Path  # every site's Ed25519 public key, given at setup
     simulated: bool = False
     allow_plain_aggregation: bool = False  # the hospital's own consent to send unmasked updates
+    audit_path: Path | None = None  # JSON lines: every message that left the hospital (client.audit)
 
     def __post_init__(self) -> None:
         if not self.site_id:
@@ -254,7 +255,8 @@ class SiteConfig:
         and salt live there unless ``cache-path``/``ledger-path`` are given) and
         ``epsilon-budget`` (required: the hospital sets its own budget), ``signing-key`` and
         ``roster`` (secure aggregation; default under ``state-path``), ``allow-plain-aggregation``
-        (default false: the node refuses to send an unmasked update). In simulation the
+        (default false: the node refuses to send an unmasked update), ``audit-log`` (default
+        ``state-path/audit.jsonl``). In simulation the
         budget is the run's ``dp.epsilon-budget`` (``medsynth simulate --epsilon``).
         """
         if "data-path" in node_cfg:
@@ -266,6 +268,7 @@ class SiteConfig:
             roster = Path(str(_get(node_cfg, "roster", str, str(state / "roster.json"))))
             simulated = False
             allow_plain = bool(_get(node_cfg, "allow-plain-aggregation", bool, False))
+            audit = Path(str(_get(node_cfg, "audit-log", str, str(state / "audit.jsonl"))))
         elif "partition-id" in node_cfg:
             if not run.federation.sites_dir:
                 raise ConfigError("simulation needs run config 'sim.sites-dir' (set by `medsynth simulate`)")
@@ -278,6 +281,7 @@ class SiteConfig:
             roster = Path(run.federation.sites_dir) / "roster.json"
             simulated = True
             allow_plain = True  # virtual hospitals follow the run's --plain-aggregation flag
+            audit = state / "audit.jsonl"
         else:
             raise ConfigError("node config needs 'data-path' (deployment) or 'partition-id' (simulation)")
         return SiteConfig(
@@ -291,4 +295,5 @@ class SiteConfig:
             roster_path=roster,
             simulated=simulated,
             allow_plain_aggregation=allow_plain,
+            audit_path=audit,
         )

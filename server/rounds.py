@@ -33,7 +33,7 @@ from common.protocol import (
 from common.samples import sample_grid, save_png
 from common.weights import UpdateLayout, fedavg, load_model_arrays, model_arrays, sum_vectors
 from server.checkpoint import latest_valid_checkpoint, save_checkpoint
-from server.secure_rounds import SecureRounds, privacy_entry
+from server.secure_rounds import SecureRounds, privacy_entry, received_entry
 
 log = logging.getLogger("medsynth.server")
 
@@ -109,7 +109,9 @@ def run_round(
     replies = list(grid.send_and_receive(messages, timeout=timeout_s))
     decoded, failures = collect_replies(replies)
     costs = {
-        str(m.content.config_records["privacy"]["site"]): {"bytes_up": float(content_bytes(m.content))}
+        str(m.content.config_records["privacy"]["site"]): {
+            "bytes_up": float(content_bytes(m.content)), "received": [received_entry(m)]
+        }
         for m in replies
         if not m.has_error() and "privacy" in m.content.config_records
     }

@@ -32,6 +32,7 @@ from common.protocol import (
     decode_reply,
     encode_train_request,
     flower_error_line,
+    payload_digest,
 )
 from common.secagg import (
     KeyAdvert,
@@ -95,16 +96,17 @@ class SecureRounds:
         self.setup_id = 0
         self.server: SecAggServer | None = None
         self.nodes_of: dict[str, int] = {}  # site id → Flower node id
-        self.costs: dict[str, dict[str, float]] = {}  # per site this round: bytes up, protocol CPU s
+        self.costs: dict[str, dict[str, Any]] = {}  # per site this round: bytes up, protocol CPU s, digests
 
     def _account(self, replies: list[Message]) -> list[Message]:
         """Add each reply's payload bytes and reported protocol CPU seconds to its site's costs."""
         for msg in replies:
             recs = msg.content.config_records
             site = str(recs["privacy"]["site"]) if "privacy" in recs else str(recs["secagg"]["site"])
-            cost = self.costs.setdefault(site, {"bytes_up": 0.0, "protocol_cpu_s": 0.0})
+            cost = self.costs.setdefault(site, {"bytes_up": 0.0, "protocol_cpu_s": 0.0, "received": []})
             cost["bytes_up"] += content_bytes(msg.content)
             cost["protocol_cpu_s"] += float(cast(float, recs["secagg"].get("cpu-s", 0.0)))
+            cost["received"].append(received_entry(msg))
         return replies
 
     @property
@@ -228,6 +230,13 @@ class SecureRounds:
         record.update(sites_trained=[], sites_budget_exhausted=[], privacy={},
                       seconds=round(time.monotonic() - t0, 2))
         return None, record
+
+
+def received_entry(msg: Message) -> dict[str, Any]:
+    """What the server records of one reply: its type, size and payload digest (matches the
+    hospital's audit log line for the same message)."""
+    return {"type": msg.metadata.message_type, "group": msg.metadata.group_id,
+            "bytes": content_bytes(msg.content), "sha256": payload_digest(msg.content)}
 
 
 def privacy_entry(r: SiteReply) -> dict[str, Any]:

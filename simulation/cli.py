@@ -4,6 +4,9 @@
     medsynth node prepare --data DIR --out CACHE
                                              DICOM folder → local training cache, with a report
     medsynth node privacy --ledger FILE      privacy spent per run and round, from the ledger
+    medsynth node start --config node.toml   the hospital daemon (see simulation/cli_deploy.py)
+    medsynth server start --config server.toml
+    medsynth certs ca|server|node|roster     keys and certificates
 
 Errors a user can fix are printed as one ``error:`` line (exit code 2), never a traceback.
 """
@@ -22,6 +25,7 @@ from common.config import ConfigError, parse_class_names
 from common.dataset import DatasetError
 from common.dicom import DicomRejected
 from common.privacy import PrivacyBudgetExceeded, epsilon_of
+from simulation import cli_deploy
 from simulation.partition import PartitionError, SourceDataError
 from simulation.superlink import SuperLinkError
 
@@ -113,7 +117,9 @@ def _node_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         help="print the privacy ledger: ε spent, budget left, per run and round",
         description="Read a hospital's privacy ledger and recompute ε from its full history.",
     )
-    q.add_argument("--ledger", type=Path, required=True, help="the hospital's ledger.json")
+    q.add_argument("--ledger", type=Path, default=None, help="the hospital's ledger.json")
+    q.add_argument("--config", type=Path, default=None, help="node.toml instead of --ledger (deployed node)")
+    cli_deploy.add_node_parsers(nsub)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -128,6 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _simulate_parser(sub)
     _node_parser(sub)
+    cli_deploy.add_certs_parser(sub)
+    cli_deploy.add_server_parser(sub)
     return parser
 
 
@@ -179,6 +187,12 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_privacy(args: argparse.Namespace) -> int:
+    if args.ledger is None and args.config is None:
+        raise ConfigError("give --ledger ledger.json or --config node.toml")
+    if args.ledger is None:
+        from client.daemon_config import NodeDeployConfig
+
+        args.ledger = NodeDeployConfig.load(args.config).ledger_path
     ledger = PrivacyLedger.read(args.ledger)
     print(f"ledger {args.ledger}  accountant {ledger.accountant}  δ = {ledger.delta:g}")
     by_run: dict[int, list[str]] = defaultdict(list)
@@ -204,10 +218,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "simulate":
             return cmd_simulate(args)
+        if args.command == "certs":
+            return cli_deploy.run_certs(args)
+        if args.command == "server":
+            return cli_deploy.run_server(args)
         if args.node_command == "prepare":
             return cmd_prepare(args)
-        return cmd_privacy(args)
-    except USER_ERRORS as exc:
+        if args.node_command == "privacy":
+            return cmd_privacy(args)
+        return cli_deploy.run_node(args)
+    except USER_ERRORS + cli_deploy.user_errors() as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

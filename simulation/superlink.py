@@ -162,6 +162,9 @@ class FlowerEnv:
         Name of the SuperLink connection written to ``config.toml``.
     tag : str
         Value of :data:`TAG_ENV_VAR` inherited by every process we start.
+    root_certificates : Path | None
+        CA certificate that signed the SuperLink's TLS certificate, or ``None`` for a
+        plain-HTTP loopback SuperLink (simulation and the insecure test deployment).
     """
 
     flwr_home: Path
@@ -170,6 +173,7 @@ class FlowerEnv:
     host: str = "127.0.0.1"
     connection: str = "medsynth-local"
     tag: str = field(default_factory=lambda: uuid.uuid4().hex)
+    root_certificates: Path | None = None
 
     def __post_init__(self) -> None:
         """Validate values that would otherwise fail deep inside flwr or Ray."""
@@ -188,6 +192,11 @@ class FlowerEnv:
     def address(self) -> str:
         """``host:port`` of the SuperLink, as ``flwr`` and SuperNodes expect it."""
         return f"{self.host}:{self.port}"
+
+    @property
+    def base_url(self) -> str:
+        """``https://host:port`` with TLS, else ``http://host:port``."""
+        return f"{'https' if self.root_certificates else 'http'}://{self.address}"
 
     @property
     def config_path(self) -> Path:
@@ -229,12 +238,12 @@ class FlowerEnv:
     def write_config(self) -> Path:
         """Write ``$FLWR_HOME/config.toml`` with our connection as the default."""
         self.flwr_home.mkdir(parents=True, exist_ok=True)
-        doc = {
-            "superlink": {
-                "default": self.connection,
-                self.connection: {"address": self.address, "insecure": True},
-            }
-        }
+        link: dict[str, str | bool] = {"address": self.address}
+        if self.root_certificates is not None:
+            link["root-certificates"] = str(self.root_certificates)
+        else:
+            link["insecure"] = True
+        doc = {"superlink": {"default": self.connection, self.connection: link}}
         self.config_path.write_text(tomli_w.dumps(doc), encoding="utf-8")
         return self.config_path
 

@@ -1,0 +1,211 @@
+"""``medsynth node start``: the hospital daemon around ``flower-supernode``.
+
+In order:
+
+1. ``node.toml`` is validated (:class:`client.daemon_config.NodeDeployConfig`): data folder,
+   CA certificate, both private keys (mode 0600), the roster entry of this site;
+2. a TLS handshake with the SuperLink checks its certificate against the configured CA
+   (a wrong CA or host name fails here, with a message saying so; an unreachable server is
+   not an error: the node waits for it);
+3. the local dataset is prepared if the cache is missing or stale (``client.prepare``);
+4. ``flower-supernode`` runs with ``--root-certificates``, ``--auth-supernode-private-key``
+   and the node config; its Runtime API listens on loopback only, and it only ever dials
+   out. With an app allow-list, ``flwr-clientapp`` is the hash gate of ``client.fab_gate``.
+
+Supervision: the SuperNode itself retries a lost connection for ever; if it exits, the daemon
+restarts it with exponential back-off (network loss, a restarted server), except when the
+SuperLink refused this node's key or certificate: that needs a person, so the daemon exits
+with status 2 and says what to do. SIGTERM stops the SuperNode and its ClientApps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import ssl
+import subprocess
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from types import FrameType
+
+from client.daemon_config import NodeDeployConfig
+from client.fab_gate import ALLOWLIST_ENV, write_wrapper
+from client.prepare import PrepareReport, load_or_create_salt, prepare_site
+from common.atomic import write_json_atomic
+from common.config import ConfigError, parse_class_names
+from simulation.deployment import node_config_argument
+from simulation.superlink import FlowerEnv, _executable, _signal_pids, _tail, find_tagged_pids
+
+MAX_BACKOFF_S = 60.0
+
+
+class NodeRejected(ConfigError):
+    """The SuperLink refused this node (unregistered key, untrusted certificate); a person must act."""
+
+
+def check_superlink_certificate(cfg: NodeDeployConfig, timeout_s: float = 10.0) -> bool:
+    """TLS handshake against the configured CA and host name.
+
+    Returns True when verified, False when the server is unreachable (the node will keep
+    trying); raises :class:`NodeRejected` when it answers with a certificate the CA does not vouch for.
+    """
+    context = ssl.create_default_context(cafile=str(cfg.ca_certificate))
+    try:
+        with socket.create_connection((cfg.superlink_host, cfg.superlink_port), timeout=timeout_s) as sock, \
+                context.wrap_socket(sock, server_hostname=cfg.superlink_host):
+            return True
+    except ssl.SSLCertVerificationError as exc:
+        raise NodeRejected(
+            f"the server at {cfg.superlink} presented a certificate that {cfg.ca_certificate} does not vouch for "
+            f"({exc.verify_message}); check [tls] ca-certificate (the consortium's ca.pem) and [node] superlink"
+        ) from exc
+    except ssl.SSLError as exc:
+        raise NodeRejected(f"TLS with {cfg.superlink} failed ({exc}); is this the SuperLink's TLS port?") from exc
+    except OSError:
+        return False
+
+
+def diagnose_exit(log_text: str) -> str | None:
+    """A person-actionable reason for a SuperNode exit, or None for a transient one (retry)."""
+    if "Failed to activate SuperNode" in log_text:
+        return ("the SuperLink refused this hospital's authentication key: it is not registered. Send "
+                "<site>.auth.pub to the consortium operator (server.toml [hospitals]) and start again")
+    if "CERTIFICATE_VERIFY_FAILED" in log_text:
+        return "the SuperLink's certificate does not verify against [tls] ca-certificate"
+    if "Unable to parse the private key file" in log_text:
+        return "flower-supernode cannot parse [keys] auth-private-key"
+    return None
+
+
+class NodeDaemon:
+    """Supervises one hospital's ``flower-supernode``."""
+
+    def __init__(self, cfg: NodeDeployConfig, say: Callable[[str], None] = print, runtime_port: int = 9094) -> None:
+        self.cfg = cfg
+        self.say = say
+        self.tag = uuid.uuid4().hex
+        self.runtime_port = runtime_port
+        self.log_path = cfg.state_path / "supernode.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.stopping = False
+        self.last_output = ""
+
+    def supernode_command(self) -> list[str]:
+        """The exact command line (``deploy/`` files mirror it)."""
+        c = self.cfg
+        cmd = [
+            str(_executable("flower-supernode")),
+            "--superlink", c.superlink,
+            "--root-certificates", str(c.ca_certificate),
+            "--auth-supernode-private-key", str(c.auth_private_key),
+            "--isolation", "subprocess",
+            "--host", "127.0.0.1",  # Runtime API for its own ClientApps: loopback only
+            "--port", str(self.runtime_port),
+        ]
+        node_config = node_config_argument(c.flower_node_config(), c.state_path / "node-config.toml")
+        if node_config is not None:
+            cmd += ["--node-config", node_config]
+        return cmd
+
+    def environ(self) -> dict[str, str]:
+        env = FlowerEnv(flwr_home=self.cfg.state_path / "flwr-home", port=self.cfg.superlink_port,
+                        ray_tmpdir=Path("/tmp"), tag=self.tag).environ()
+        if self.cfg.allowed_fabs:
+            wrapper = write_wrapper(self.cfg.state_path / "bin")
+            env["PATH"] = os.pathsep.join([str(wrapper.parent), env["PATH"]])
+            env[ALLOWLIST_ENV] = ",".join(self.cfg.allowed_fabs)
+        return env
+
+    def prepare(self) -> PrepareReport:
+        """Build (or reuse) the training cache so the first round does not pay for it."""
+        return prepare_site(
+            self.cfg.data_path, self.cfg.cache_path, image_size=self.cfg.image_size,
+            salt=load_or_create_salt(self.cfg.state_path / "salt.bin"),
+            class_names=parse_class_names(self.cfg.class_names) if self.cfg.class_names else None,
+            progress=True,
+        )
+
+    def run_once(self) -> int:
+        """Run the SuperNode until it exits; returns its exit code."""
+        self.cfg.state_path.mkdir(parents=True, exist_ok=True)
+        (self.cfg.state_path / "flwr-home").mkdir(exist_ok=True)
+        start = self.log_path.stat().st_size if self.log_path.exists() else 0
+        with self.log_path.open("ab") as log_fh:
+            self.proc = subprocess.Popen(self.supernode_command(), env=self.environ(), stdin=subprocess.DEVNULL,
+                                         stdout=log_fh, stderr=subprocess.STDOUT, cwd=self.cfg.state_path,
+                                         start_new_session=True)
+        write_json_atomic(self.cfg.state_path / "daemon.json",
+                          {"pid": os.getpid(), "supernode_pid": self.proc.pid, "tag": self.tag})
+        self.say(f"node {self.cfg.site_id}: SuperNode started (pid {self.proc.pid}), dialing {self.cfg.superlink}")
+        code = self.proc.wait()
+        self._kill_leftovers()
+        with self.log_path.open("rb") as fh:
+            fh.seek(start)
+            self.last_output = fh.read().decode(errors="replace")
+        return code
+
+    def supervise(self) -> None:
+        """Restart the SuperNode with back-off until stopped or rejected."""
+        backoff = 1.0
+        while not self.stopping:
+            started = time.monotonic()
+            code = self.run_once()
+            if self.stopping:
+                return
+            reason = diagnose_exit(self.last_output)
+            if reason is not None:
+                raise NodeRejected(f"node {self.cfg.site_id}: {reason} (log: {self.log_path})")
+            if time.monotonic() - started > 300:
+                backoff = 1.0
+            self.say(f"node {self.cfg.site_id}: SuperNode exited with code {code}; restarting in {backoff:.0f} s. "
+                     f"Last lines:\n{_tail(self.log_path, 5)}")
+            time.sleep(backoff)
+            backoff = min(backoff * 2, MAX_BACKOFF_S)
+
+    def stop(self) -> None:
+        self.stopping = True
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(timeout=15.0)
+        self._kill_leftovers()
+
+    def _kill_leftovers(self) -> None:
+        deadline = time.monotonic() + 10.0
+        while (left := find_tagged_pids(self.tag)) and time.monotonic() < deadline:
+            _signal_pids(left, signal.SIGTERM, self.tag)
+            time.sleep(0.3)
+        _signal_pids(find_tagged_pids(self.tag), signal.SIGKILL, self.tag)
+
+
+def start_node(cfg: NodeDeployConfig, say: Callable[[str], None] = print, runtime_port: int = 9094) -> None:
+    """``medsynth node start``: checks, prepares, then supervises the SuperNode until SIGTERM."""
+    if check_superlink_certificate(cfg):
+        say(f"node {cfg.site_id}: the server at {cfg.superlink} presents a certificate signed by your CA")
+    else:
+        say(f"node {cfg.site_id}: the server at {cfg.superlink} is not reachable yet; the node will keep trying")
+    cfg.state_path.mkdir(parents=True, exist_ok=True)
+    daemon = NodeDaemon(cfg, say, runtime_port)
+    report = daemon.prepare()
+    say(report.format())
+    if not cfg.allowed_fabs:
+        say(f"node {cfg.site_id}: WARNING: [apps] allowed-fab-sha256 is empty: this node runs any app the "
+            "server sends; list the agreed app's hash (`medsynth server fab-hash`)")
+
+    def on_term(signum: int, frame: FrameType | None) -> None:
+        daemon.stopping = True
+        if daemon.proc is not None and daemon.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(daemon.proc.pid, signal.SIGTERM)
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+    try:
+        daemon.supervise()
+    finally:
+        daemon.stop()
+        signal.signal(signal.SIGTERM, previous)

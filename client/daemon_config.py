@@ -1,0 +1,179 @@
+"""``node.toml``: a hospital node's settings, parsed once and checked before anything starts.
+
+Example (every key is explained in ``deploy/node.example.toml``)::
+
+    [node]
+    site-id = "site-0"
+    superlink = "fl.consortium.example:443"   # host:port hospitals dial (outbound only)
+    data-path = "/data/dicom"                  # the DICOM export, read-only
+    state-path = "/var/lib/medsynth-node"      # ledger, audit log, cache, salt
+    epsilon-budget = 10.0                      # this hospital's own budget; no run can raise it
+    [tls]
+    ca-certificate = "/etc/medsynth/ca.pem"
+    [keys]
+    auth-private-key = "/etc/medsynth/site-0.auth.key"
+    secagg-private-key = "/etc/medsynth/site-0.secagg.key"
+    roster = "/etc/medsynth/roster.json"
+    [apps]
+    allowed-fab-sha256 = ["<sha256 from `medsynth server fab-hash`>"]
+
+There is no ``insecure`` setting: a medsynth node connects only over TLS.
+"""
+
+from __future__ import annotations
+
+import math
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from common.certs import CertificateError, check_private_mode
+from common.config import ConfigError
+from common.secagg.identity import Roster, SiteIdentity
+
+NodeConfigValue = bool | int | float | str
+
+
+def _resolve(value: Any, base: Path, what: str) -> Path:
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{what} is required (a path)")
+    path = Path(value)
+    return path if path.is_absolute() else base / path
+
+
+@dataclass(frozen=True)
+class NodeDeployConfig:
+    """Validated ``node.toml``; relative paths are relative to the file's folder."""
+
+    site_id: str
+    superlink: str  # host:port
+    data_path: Path
+    state_path: Path
+    epsilon_budget: float
+    ca_certificate: Path
+    auth_private_key: Path
+    secagg_private_key: Path
+    roster: Path
+    allowed_fabs: tuple[str, ...]
+    image_size: int = 32
+    class_names: str = ""
+    allow_plain_aggregation: bool = False
+
+    @property
+    def superlink_host(self) -> str:
+        return self.superlink.rsplit(":", 1)[0].strip("[]")
+
+    @property
+    def superlink_port(self) -> int:
+        return int(self.superlink.rsplit(":", 1)[1])
+
+    @property
+    def ledger_path(self) -> Path:
+        return self.state_path / "ledger.json"
+
+    @property
+    def audit_path(self) -> Path:
+        return self.state_path / "audit.jsonl"
+
+    @property
+    def cache_path(self) -> Path:
+        return self.state_path / "cache"
+
+    def flower_node_config(self) -> dict[str, NodeConfigValue]:
+        """What ``flower-supernode --node-config`` carries to every ClientApp (``SiteConfig``)."""
+        return {
+            "site-id": self.site_id,
+            "data-path": str(self.data_path),
+            "state-path": str(self.state_path),
+            "cache-path": str(self.cache_path),
+            "ledger-path": str(self.ledger_path),
+            "audit-log": str(self.audit_path),
+            "epsilon-budget": self.epsilon_budget,
+            "signing-key": str(self.secagg_private_key),
+            "roster": str(self.roster),
+            "allow-plain-aggregation": self.allow_plain_aggregation,
+        }
+
+    @staticmethod
+    def load(path: Path) -> NodeDeployConfig:
+        """Parse ``path`` and run every check of :meth:`check`; raises ``ConfigError`` naming the key."""
+        try:
+            doc = tomllib.loads(path.read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise ConfigError(f"cannot read {path}: {exc.strerror}") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path} is not valid TOML: {exc}") from exc
+        base = path.parent.resolve()
+        node: Mapping[str, Any] = doc.get("node", {})
+        tls: Mapping[str, Any] = doc.get("tls", {})
+        keys: Mapping[str, Any] = doc.get("keys", {})
+        if "insecure" in node or "insecure" in tls:
+            raise ConfigError("`insecure` is not a node.toml setting: medsynth nodes connect only over TLS")
+        budget = node.get("epsilon-budget")
+        if (not isinstance(budget, int | float) or isinstance(budget, bool)
+                or not (math.isfinite(budget) and budget > 0)):
+            raise ConfigError(f"[node] epsilon-budget = {budget!r}: required, a finite number > 0 (this hospital's ε)")
+        superlink = node.get("superlink")
+        if not isinstance(superlink, str) or ":" not in superlink or not superlink.rsplit(":", 1)[1].isdigit():
+            raise ConfigError(f"[node] superlink = {superlink!r}: expected host:port of the consortium server")
+        fabs = doc.get("apps", {}).get("allowed-fab-sha256", [])
+        if not isinstance(fabs, list) or not all(isinstance(h, str) and len(h) == 64 for h in fabs):
+            raise ConfigError("[apps] allowed-fab-sha256 must be a list of 64-hex-digit SHA-256 strings")
+        prepare: Mapping[str, Any] = doc.get("prepare", {})
+        cfg = NodeDeployConfig(
+            site_id=str(node.get("site-id", "")),
+            superlink=superlink,
+            data_path=_resolve(node.get("data-path"), base, "[node] data-path"),
+            state_path=_resolve(node.get("state-path", "medsynth-node-state"), base, "[node] state-path"),
+            epsilon_budget=float(budget),
+            ca_certificate=_resolve(tls.get("ca-certificate"), base, "[tls] ca-certificate"),
+            auth_private_key=_resolve(keys.get("auth-private-key"), base, "[keys] auth-private-key"),
+            secagg_private_key=_resolve(keys.get("secagg-private-key"), base, "[keys] secagg-private-key"),
+            roster=_resolve(keys.get("roster"), base, "[keys] roster"),
+            allowed_fabs=tuple(h.lower() for h in fabs),
+            image_size=int(prepare.get("image-size", 32)),
+            class_names=str(prepare.get("class-names", "")),
+            allow_plain_aggregation=bool(node.get("allow-plain-aggregation", False)),
+        )
+        cfg.check()
+        return cfg
+
+    def check(self) -> None:
+        """Site id, data folder, CA certificate, both private keys (and 0600), roster entry."""
+        if not self.site_id:
+            raise ConfigError("[node] site-id is required (the name the roster and the server use)")
+        if not self.data_path.is_dir():
+            raise ConfigError(f"[node] data-path = {self.data_path}: no such folder")
+        try:
+            x509.load_pem_x509_certificate(self.ca_certificate.read_bytes())
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"[tls] ca-certificate = {self.ca_certificate}: not a readable PEM certificate "
+                              f"({exc})") from exc
+        try:
+            for key_path in (self.auth_private_key, self.secagg_private_key):
+                check_private_mode(key_path)
+        except CertificateError as exc:
+            raise ConfigError(str(exc)) from exc
+        try:
+            auth = serialization.load_ssh_private_key(self.auth_private_key.read_bytes(), password=None)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"[keys] auth-private-key = {self.auth_private_key}: not an OpenSSH private key "
+                              f"({exc}); make it with `medsynth certs node`") from exc
+        if not isinstance(auth, ec.EllipticCurvePrivateKey):
+            raise ConfigError(f"[keys] auth-private-key = {self.auth_private_key}: Flower needs an EC key")
+        try:
+            identity = SiteIdentity.load(self.secagg_private_key, self.site_id)
+            roster = Roster.load(self.roster)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"secure-aggregation key or roster unreadable: {exc}") from exc
+        if roster.keys.get(self.site_id) != identity.public_key():
+            raise ConfigError(
+                f"[keys] roster = {self.roster} has no entry for {self.site_id!r} matching this hospital's "
+                "signing key; ask the operator for the roster built from your <site>.secagg.json"
+            )

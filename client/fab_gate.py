@@ -1,0 +1,104 @@
+"""A hospital runs only the app bundles it agreed to: the FAB hash allow-list.
+
+Why not Flower's own check: ``flower-supernode --trusted-entities`` accepts only FABs whose
+verification records say ``valid_license``, and in flwr 1.41 the SuperLink writes those only for
+apps fetched from Flower Hub (``control_handlers._format_verification``); a FAB submitted with
+``flwr run`` from a local folder is always refused, so the open-source SuperNode has no usable
+allow-list for a private consortium.
+
+What the node daemon does instead: the SuperNode's SuperExec starts every ClientApp by running
+``flwr-clientapp`` from ``PATH``. ``medsynth node start`` puts a folder first on that ``PATH``
+whose ``flwr-clientapp`` runs :func:`main`: Flower's own ClientApp process, except that the
+step that installs the received bundle first checks SHA-256 of the bundle's bytes (computed
+here, not taken from the server) against ``allowed-fab-sha256`` in ``node.toml``. A bundle not
+on the list is never installed or imported: the ClientApp process fails before any app code
+runs, Flower sends the server an error reply naming :class:`AppNotAllowed`, and the refusal is
+logged. The gate depends on one name in Flower's internals
+(``flwr.supernode.runtime.run_clientapp.install_from_fab``); ``tests/test_fab_gate.py`` fails
+if a Flower upgrade moves it.
+
+The operator publishes the hash with ``medsynth server fab-hash`` (the FAB is built
+deterministically from the app folder), and hospitals copy it into ``node.toml``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+ALLOWLIST_ENV = "MEDSYNTH_ALLOWED_FABS"
+log = logging.getLogger("medsynth.node")
+
+
+class AppNotAllowed(PermissionError):
+    """The SuperLink sent an app bundle whose hash is not on this hospital's allow-list."""
+
+
+def fab_sha256(content: bytes) -> str:
+    return hashlib.sha256(content).hexdigest()
+
+
+def allowed_hashes(environ: dict[str, str] | None = None) -> frozenset[str]:
+    raw = (environ if environ is not None else dict(os.environ)).get(ALLOWLIST_ENV, "")
+    return frozenset(h.strip().lower() for h in raw.split(",") if h.strip())
+
+
+def gated_installer(install: Callable[..., Path], allowed: frozenset[str]) -> Callable[..., Path]:
+    """``install`` (Flower's ``install_from_fab``) that refuses bundles outside ``allowed``."""
+
+    def install_if_allowed(fab_file: bytes | Path, *args: object, **kwargs: object) -> Path:
+        content = fab_file if isinstance(fab_file, bytes) else Path(fab_file).read_bytes()
+        digest = fab_sha256(content)
+        if digest not in allowed:
+            raise AppNotAllowed(
+                f"app bundle sha256 {digest} is not on this hospital's allow-list (node.toml "
+                "[apps] allowed-fab-sha256); it was not installed or run"
+            )
+        return install(fab_file, *args, **kwargs)
+
+    return install_if_allowed
+
+
+def fab_hash_of_app(app_dir: Path) -> str:
+    """SHA-256 of the FAB ``flwr run``/``flwr build`` makes from ``app_dir`` (deterministic)."""
+    from flwr.cli.build import build_fab_from_disk
+
+    return fab_sha256(build_fab_from_disk(app_dir))
+
+
+def main() -> None:
+    """Entry point of the ``flwr-clientapp`` wrapper that ``medsynth node start`` installs."""
+    from flwr.supernode.cli.flwr_clientapp import flwr_clientapp
+    from flwr.supernode.runtime import run_clientapp
+
+    allowed = allowed_hashes()
+    if not allowed:
+        sys.exit(f"{ALLOWLIST_ENV} is empty: the FAB gate would refuse every app; check node.toml [apps]")
+    installer = getattr(run_clientapp, "install_from_fab")  # noqa: B009 - Flower-internal name, checked by a test
+    setattr(run_clientapp, "install_from_fab", gated_installer(installer, allowed))  # noqa: B010
+    flwr_clientapp()
+
+
+def write_wrapper(bin_dir: Path) -> Path:
+    """Write ``bin_dir/flwr-clientapp`` running :func:`main` with this interpreter.
+
+    The wrapper loads this file under another module name and never imports the ``client``
+    package: the app bundle's own ``client`` package must be the one Flower imports next.
+    """
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    path = bin_dir / "flwr-clientapp"
+    path.write_text(
+        f"#!{sys.executable}\n"
+        "import importlib.util\n"
+        f"spec = importlib.util.spec_from_file_location('medsynth_fab_gate', {str(Path(__file__).resolve())!r})\n"
+        "gate = importlib.util.module_from_spec(spec)\n"
+        "spec.loader.exec_module(gate)\n"
+        "gate.main()\n",
+        encoding="utf-8",
+    )
+    path.chmod(0o755)
+    return path

@@ -1,0 +1,257 @@
+"""``medsynth server start|status``: the consortium's SuperLink with TLS, node authentication and
+SQLite state, running (or resuming) the training run.
+
+``start`` does, in order:
+
+1. validates ``server.toml`` (:class:`server.daemon_config.ServerDeployConfig`);
+2. starts ``flower-superlink`` with ``--ssl-ca-certfile/--ssl-certfile/--ssl-keyfile``,
+   ``--enable-supernode-auth`` and ``--database STATE/state.db``, runtime dependency
+   installation off, and waits for ``GET /health`` over TLS;
+3. registers every hospital's authentication public key (``flwr supernode register``; a
+   key already registered in the database is fine);
+4. submits the run (``flwr run`` with ``output-dir = STATE/results``) and prints its log:
+   one line per round with who trained and each hospital's cumulative ε. The ServerApp
+   resumes from the last checkpoint that verifies, so a restart after a crash continues the
+   round numbering and loses no completed round;
+5. stops the SuperLink when the run is finished.
+
+If the SuperLink dies under it (killed, out of memory) the daemon stops what is left of it,
+including the ServerApp, and exits with status 1 and a message saying the next start resumes;
+the service manager (systemd ``Restart=on-failure``, compose ``restart: on-failure``) restarts it.
+``STATE/daemon.json`` names the running processes (PIDs and the process tag).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import ssl
+import subprocess
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from common.atomic import write_json_atomic
+from common.config import ConfigError
+from server.daemon_config import ServerDeployConfig
+from simulation.superlink import (
+    FlowerEnv,
+    RunFailedError,
+    SuperLinkError,
+    _executable,
+    _flwr_json,
+    _signal_pids,
+    _tail,
+    find_tagged_pids,
+    run_app,
+)
+
+STARTUP_TIMEOUT_S = 60.0
+
+
+class ServerCrashed(SuperLinkError):
+    """The SuperLink or its run ended unexpectedly; a restart resumes from the last checkpoint."""
+
+
+class SuperLinkDaemon:
+    """One ``medsynth server start``: owns a SuperLink process and the run it serves.
+
+    Satisfies :class:`simulation.superlink.FlowerConnection` (``env``, ``flwr_home``,
+    ``log_path``), so the run is submitted and followed with the same ``run_app`` the
+    simulation uses.
+    """
+
+    def __init__(self, cfg: ServerDeployConfig, say: Callable[[str], None] = print) -> None:
+        self.cfg = cfg
+        self.say = say
+        self.tag = uuid.uuid4().hex
+        self.flwr_home = cfg.flwr_home
+        self.log_path = cfg.state_dir / "superlink.log"
+        self.env = FlowerEnv(
+            flwr_home=cfg.flwr_home,
+            port=cfg.port,
+            ray_tmpdir=Path("/tmp"),
+            host=cfg.local_host,
+            connection="medsynth-server",
+            tag=self.tag,
+            root_certificates=cfg.ca_certificate,
+        )
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    # ---------------------------------------------------------------- the SuperLink process
+    def superlink_command(self) -> list[str]:
+        """The exact command line (``deploy/`` files mirror it)."""
+        c = self.cfg
+        return [
+            str(_executable("flower-superlink")),
+            "--ssl-ca-certfile", str(c.ca_certificate),
+            "--ssl-certfile", str(c.certificate),
+            "--ssl-keyfile", str(c.private_key),
+            "--enable-supernode-auth",
+            "--database", str(c.database),
+            "--isolation", "subprocess",
+            "--host", c.host,
+            "--port", str(c.port),
+            "--disable-runtime-dependency-installation",
+        ]
+
+    def start_superlink(self) -> None:
+        """Start the SuperLink and wait until ``/health`` answers over TLS."""
+        self.cfg.state_dir.mkdir(parents=True, exist_ok=True)
+        self.flwr_home.mkdir(parents=True, exist_ok=True)
+        with self.log_path.open("ab") as log_fh:
+            self.proc = subprocess.Popen(
+                self.superlink_command(),
+                env=self.env.environ(),
+                stdin=subprocess.DEVNULL,
+                stdout=log_fh,
+                stderr=subprocess.STDOUT,
+                cwd=self.flwr_home,
+                start_new_session=True,
+            )
+        self.write_pid_file()
+        context = ssl.create_default_context(cafile=str(self.cfg.ca_certificate))
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise ServerCrashed(f"flower-superlink exited with code {self.proc.returncode} while starting. "
+                                    f"Last lines of {self.log_path}:\n{_tail(self.log_path, 15)}")
+            try:
+                with urllib.request.urlopen(f"{self.env.base_url}/health", timeout=2.0, context=context) as resp:
+                    if resp.status == 200:
+                        self.env.write_config()
+                        return
+            except (urllib.error.URLError, OSError) as exc:
+                if isinstance(getattr(exc, "reason", None), ssl.SSLCertVerificationError):
+                    raise ServerCrashed(
+                        f"the SuperLink's certificate does not verify for {self.cfg.local_host} against "
+                        f"{self.cfg.ca_certificate}: {exc}. Issue it with `medsynth certs server` (it names "
+                        "localhost and 127.0.0.1 as well as your --host names)."
+                    ) from exc
+            time.sleep(0.3)
+        raise ServerCrashed(f"flower-superlink did not answer /health within {STARTUP_TIMEOUT_S:.0f} s; "
+                            f"see {self.log_path}")
+
+    def register_hospitals(self) -> None:
+        """Register each hospital's public key; keys already in the SQLite state are kept."""
+        for site, key in sorted(self.cfg.hospitals.items()):
+            try:
+                data = _flwr_json(["supernode", "register", str(key), self.env.connection, "--name", site], self, 60.0)
+                self.say(f"registered hospital {site} (node {data.get('node-id')})")
+            except SuperLinkError as exc:
+                if "already in use" not in str(exc):
+                    raise
+                self.say(f"hospital {site} already registered")
+
+    def write_pid_file(self) -> None:
+        write_json_atomic(self.cfg.state_dir / "daemon.json", {
+            "pid": os.getpid(), "superlink_pid": self.proc.pid if self.proc else None, "tag": self.tag,
+            "address": self.env.address, "started": time.time(),
+        })
+
+    def stop(self) -> None:
+        """SIGTERM the SuperLink's group and every process it started (ServerApp, flwr CLI); then SIGKILL."""
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 15.0
+        while (left := find_tagged_pids(self.tag)) and time.monotonic() < deadline:
+            _signal_pids(left, signal.SIGTERM, self.tag)
+            time.sleep(0.3)
+        _signal_pids(find_tagged_pids(self.tag), signal.SIGKILL, self.tag)
+        if self.proc is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(timeout=10.0)
+
+    # ---------------------------------------------------------------- the run
+    def run(self) -> dict[str, Any]:
+        """Start, register, run to the end; returns the final server state."""
+        self.start_superlink()
+        self.say(f"SuperLink up at {self.env.base_url} (TLS, node authentication, state {self.cfg.database})")
+        self.register_hospitals()
+        state = read_server_state(self.cfg.results_dir)
+        done = len(state.get("rounds", []))
+        if done:
+            self.say(f"resuming: {done} round(s) completed before; continuing from the last good checkpoint")
+        overrides = {**self.cfg.run_overrides, "output-dir": str(self.cfg.results_dir)}
+        try:
+            run_app(self.cfg.app_dir, self, run_config=overrides, log_path=self.cfg.state_dir / "run.log",
+                    timeout_s=self.cfg.run_timeout_s, on_line=self.say)
+        except (RunFailedError, SuperLinkError) as exc:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise ServerCrashed(
+                    f"the SuperLink exited unexpectedly (code {self.proc.returncode}). Start the server again: "
+                    "the run resumes from the last completed round's checkpoint."
+                ) from exc
+            raise
+        return read_server_state(self.cfg.results_dir)
+
+
+def read_server_state(results_dir: Path) -> dict[str, Any]:
+    path = results_dir / "server_state.json"
+    if not path.exists():
+        return {"rounds": []}
+    try:
+        state: dict[str, Any] = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path} is not valid JSON ({exc}); it is written atomically, so inspect it") from exc
+    return state
+
+
+def _raise_on_sigterm(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def start_server(cfg: ServerDeployConfig, say: Callable[[str], None] = print) -> dict[str, Any]:
+    """``medsynth server start``: run the federation; the SuperLink is stopped however this ends."""
+    if cfg.state_dir.resolve().is_relative_to(cfg.app_dir.resolve()):
+        raise ConfigError(f"[superlink] state-dir {cfg.state_dir} lies inside the app folder {cfg.app_dir}; "
+                          "`flwr run` would bundle it. Use a folder outside it.")
+    previous = signal.signal(signal.SIGTERM, _raise_on_sigterm)
+    daemon = SuperLinkDaemon(cfg, say)
+    try:
+        state = daemon.run()
+    finally:
+        daemon.stop()
+        signal.signal(signal.SIGTERM, previous)
+    say(format_status(state, cfg))
+    return state
+
+
+def format_status(state: dict[str, Any], cfg: ServerDeployConfig) -> str:
+    """Rounds, who took part, and each hospital's cumulative ε (budget spending is not patient data)."""
+    rounds = state.get("rounds", [])
+    total = cfg.run_overrides.get("num-server-rounds", "?")
+    lines = [f"rounds completed: {len(rounds)} of {total}" + (" (finished)" if state.get("finished") else "")]
+    latest: dict[str, dict[str, Any]] = {}
+    for r in rounds:
+        lines.append(f"  round {r['round']}: trained {', '.join(r.get('sites_trained', [])) or 'nobody'}"
+                     + (f"; {len(r['failures'])} failure(s)" if r.get("failures") else ""))
+        latest.update(r.get("privacy", {}))
+    if latest:
+        lines.append("privacy spent per hospital (cumulative, patient level):")
+        for site, p in sorted(latest.items()):
+            lines.append(f"  {site}: ε = {p['epsilon']:.3f} of {p['epsilon_budget']:g} at δ = {p['delta']:g} "
+                         f"({p['steps']} steps, {p['status']})")
+    if state.get("stopped_early"):
+        lines.append(f"stopped early: {state['stopped_early']}")
+    lines.append(f"results: {cfg.results_dir}")
+    return "\n".join(lines)
+
+
+def server_status(cfg: ServerDeployConfig) -> str:
+    """``medsynth server status``: whether the daemon runs, and the run's progress and privacy."""
+    info_path = cfg.state_dir / "daemon.json"
+    running = "not running"
+    if info_path.exists():
+        info = json.loads(info_path.read_text())
+        alive = bool(info.get("pid")) and Path(f"/proc/{info['pid']}").exists()
+        running = f"running (pid {info['pid']}, {info['address']})" if alive else "not running"
+    return f"server: {running}\n" + format_status(read_server_state(cfg.results_dir), cfg)

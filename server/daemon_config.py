@@ -1,0 +1,173 @@
+"""``server.toml``: the aggregation server's deployment settings, parsed once and validated.
+
+Example (every key is explained in ``deploy/server.example.toml``)::
+
+    [superlink]
+    host = "0.0.0.0"            # where the SuperLink listens (put the reverse proxy in front)
+    port = 9093
+    state-dir = "/var/lib/medsynth-server"   # Flower home, SQLite state, results
+    [tls]
+    ca-certificate = "/etc/medsynth/ca.pem"
+    certificate = "/etc/medsynth/server.pem"
+    private-key = "/etc/medsynth/server.key"
+    [hospitals]                 # site id → its SuperNode authentication public key
+    site-0 = "/etc/medsynth/hospitals/site-0.auth.pub"
+    [run]                       # overrides of [tool.flwr.app.config] (pyproject.toml)
+    num-server-rounds = 10
+
+TLS and node authentication are not options: a deployed SuperLink always runs with both.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from common.certs import CertificateError, check_private_mode, check_tls_pair
+from common.config import ConfigError, RunConfig
+
+RunValue = bool | int | float | str
+
+
+def app_defaults(app_dir: Path) -> dict[str, RunValue]:
+    """``[tool.flwr.app.config]`` of the app, flattened the way Flower flattens it."""
+    try:
+        doc = tomllib.loads((app_dir / "pyproject.toml").read_text(encoding="utf-8"))
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"cannot read {app_dir / 'pyproject.toml'}: {exc}") from exc
+    flat: dict[str, RunValue] = {}
+
+    def walk(prefix: str, node: Mapping[str, Any]) -> None:
+        for key, value in node.items():
+            if isinstance(value, Mapping):
+                walk(f"{prefix}{key}.", value)
+            else:
+                flat[f"{prefix}{key}"] = value
+
+    walk("", doc["tool"]["flwr"]["app"]["config"])
+    return flat
+
+
+def check_run_overrides(overrides: Mapping[str, Any], defaults: Mapping[str, RunValue]) -> dict[str, RunValue]:
+    """Overrides with known keys and the default's type (ints accepted for floats), validated
+    by parsing the merged config into :class:`RunConfig`."""
+    checked: dict[str, RunValue] = {}
+    for key, value in overrides.items():
+        if key not in defaults:
+            raise ConfigError(f"[run] {key}: unknown setting; known: {', '.join(sorted(defaults))}")
+        default = defaults[key]
+        if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if type(value) is not type(default):
+            raise ConfigError(f"[run] {key} = {value!r}: expected a {type(default).__name__} like {default!r}")
+        checked[key] = value
+    RunConfig.from_flower({**defaults, **checked})
+    return checked
+
+
+def _path(doc: Mapping[str, Any], table: str, key: str, base: Path) -> Path:
+    value = doc.get(table, {}).get(key)
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"[{table}] {key} is required (a file path)")
+    path = Path(value)
+    return path if path.is_absolute() else (base / path)
+
+
+@dataclass(frozen=True)
+class ServerDeployConfig:
+    """Validated ``server.toml``; relative paths are relative to the file's folder."""
+
+    host: str
+    port: int
+    state_dir: Path
+    ca_certificate: Path
+    certificate: Path
+    private_key: Path
+    hospitals: dict[str, Path]  # site id → SuperNode auth public key (OpenSSH)
+    run_overrides: dict[str, RunValue]
+    app_dir: Path
+    run_timeout_s: float = 48 * 3600.0
+
+    @property
+    def database(self) -> Path:
+        return self.state_dir / "state.db"
+
+    @property
+    def flwr_home(self) -> Path:
+        return self.state_dir / "flwr-home"
+
+    @property
+    def results_dir(self) -> Path:
+        """``output-dir`` of the run: checkpoints, samples, server_state.json."""
+        return self.state_dir / "results"
+
+    @property
+    def local_host(self) -> str:
+        """How this machine reaches its own SuperLink (named in the server certificate)."""
+        if self.host in ("0.0.0.0", "::", ""):
+            return "127.0.0.1"
+        return self.host
+
+    @staticmethod
+    def load(path: Path, app_dir: Path) -> ServerDeployConfig:
+        """Parse and check ``path``: files exist, key matches certificate, 0600 key, known run keys."""
+        try:
+            doc = tomllib.loads(path.read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise ConfigError(f"cannot read {path}: {exc.strerror}") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path} is not valid TOML: {exc}") from exc
+        base = path.parent.resolve()
+        link = doc.get("superlink", {})
+        host = str(link.get("host", "0.0.0.0"))
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            if not host.replace("-", "").replace(".", "").isalnum():
+                raise ConfigError(f"[superlink] host = {host!r} is neither an IP address nor a host name") from None
+        port = link.get("port", 9093)
+        if not isinstance(port, int) or not 0 < port < 65536:
+            raise ConfigError(f"[superlink] port = {port!r}: expected an integer in 1..65535")
+        state = Path(str(link.get("state-dir", "medsynth-server")))
+        hours = link.get("run-timeout-hours", 48)
+        if not isinstance(hours, int | float) or hours <= 0:
+            raise ConfigError(f"[superlink] run-timeout-hours = {hours!r}: expected a number > 0")
+        cfg = ServerDeployConfig(
+            host=host,
+            port=port,
+            state_dir=state if state.is_absolute() else base / state,
+            ca_certificate=_path(doc, "tls", "ca-certificate", base),
+            certificate=_path(doc, "tls", "certificate", base),
+            private_key=_path(doc, "tls", "private-key", base),
+            hospitals={str(site): _path(doc, "hospitals", str(site), base) for site in doc.get("hospitals", {})},
+            run_overrides=check_run_overrides(doc.get("run", {}), app_defaults(app_dir)),
+            app_dir=app_dir,
+            run_timeout_s=float(hours) * 3600.0,
+        )
+        cfg.check_files()
+        return cfg
+
+    def check_files(self) -> None:
+        """Fail fast, naming the file, on anything the SuperLink would otherwise trip over later."""
+        for what, p in (("[tls] ca-certificate", self.ca_certificate), ("[tls] certificate", self.certificate),
+                        ("[tls] private-key", self.private_key)):
+            if not p.is_file():
+                raise ConfigError(f"{what} = {p}: no such file (make it with `medsynth certs`)")
+        try:
+            check_tls_pair(self.certificate, self.private_key)
+            check_private_mode(self.private_key)
+        except CertificateError as exc:
+            raise ConfigError(str(exc)) from exc
+        if not self.hospitals:
+            raise ConfigError("[hospitals] is empty: list each hospital's site id = its .auth.pub file")
+        for site, key in self.hospitals.items():
+            if not key.is_file():
+                raise ConfigError(f"[hospitals] {site} = {key}: no such file (the hospital's <site>.auth.pub)")
+            if not key.read_text(encoding="utf-8", errors="replace").startswith("ecdsa-sha2-"):
+                raise ConfigError(
+                    f"[hospitals] {site} = {key}: not an OpenSSH EC public key (from `medsynth certs node`)"
+                )
