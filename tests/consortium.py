@@ -115,6 +115,7 @@ class Consortium:
     class_names: tuple[str, ...]
     port: int
     daemons: list[Daemon] = field(default_factory=list)
+    allowed_fabs: list[str] = field(default_factory=list)
 
     @property
     def server_state(self) -> Path:
@@ -141,11 +142,11 @@ class Consortium:
                      "secagg-private-key": str(d / "keys" / f"{site}.secagg.key"),
                      "roster": str(d / "roster.json")},
             "prepare": {"class-names": ",".join(self.class_names)},
+            "apps": {"allowed-fab-sha256": list(self.allowed_fabs)},
         }
         for key, value in changes.items():
-            for table in doc.values():
-                if key in table:
-                    table[key] = value
+            table = next((t for t in doc.values() if key in t), doc["node"])  # new keys go to [node]
+            table[key] = value
         path.write_text(tomli_w.dumps(doc), encoding="utf-8")
         return path
 
@@ -181,13 +182,15 @@ class Consortium:
             d.stop()
 
 
-def make_consortium(root: Path, num_sites: int, patients_per_site: int = 12, seed: int = 3) -> Consortium:
+def make_consortium(root: Path, num_sites: int, patients_per_site: int = 12, seed: int = 3,
+                    allowed_fabs: list[str] | None = None) -> Consortium:
     """Phantom DICOM per hospital, the operator's CA and server certificate, each hospital's keys
-    (made 'at the hospital'), the public halves copied to the operator, and the roster back."""
+    (made 'at the hospital'), the public halves copied to the operator, and the roster back.
+    ``allowed_fabs``: the app hashes every hospital's node.toml allows (empty: any app)."""
     source = phantom_population(num_sites * patients_per_site, 2, image_size=32, seed=seed)
     parts = split_by_patient(source, num_sites, "iid", seed=seed)
     sites = [f"site-{i}" for i in range(num_sites)]
-    c = Consortium(root, sites, source.class_names, free_port())
+    c = Consortium(root, sites, source.class_names, free_port(), allowed_fabs=list(allowed_fabs or []))
     op = root / "operator"
     medsynth("certs", "ca", "--out", op / "ca")
     medsynth("certs", "server", "--ca", op / "ca", "--host", "127.0.0.1", "--out", op / "tls")

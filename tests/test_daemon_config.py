@@ -1,0 +1,121 @@
+"""server.toml and node.toml: what loads, and each refusal with the key it names."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import tomli_w
+
+from client.daemon_config import NodeDeployConfig
+from common.certs import (
+    build_roster,
+    create_ca,
+    create_node_auth_keys,
+    create_secagg_identity,
+    issue_server_certificate,
+)
+from common.config import ConfigError
+from server.daemon_config import ServerDeployConfig, check_run_overrides
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _server_doc(tmp: Path) -> dict[str, Any]:
+    ca = create_ca(tmp / "ca")
+    tls = issue_server_certificate(ca, ["fl.example.org"], tmp / "tls")
+    auth = create_node_auth_keys(tmp / "h", "site-0")
+    return {
+        "superlink": {"host": "0.0.0.0", "port": 9093, "state-dir": str(tmp / "state")},
+        "tls": {"ca-certificate": str(ca.public), "certificate": str(tls.public), "private-key": str(tls.private)},
+        "hospitals": {"site-0": str(auth.public)},
+        "run": {"num-server-rounds": 7, "dp.epsilon-budget": 8},
+    }
+
+
+def _write(path: Path, doc: dict[str, Any]) -> Path:
+    path.write_text(tomli_w.dumps(doc))
+    return path
+
+
+def test_server_toml_loads_with_typed_run_overrides(tmp_path: Path) -> None:
+    cfg = ServerDeployConfig.load(_write(tmp_path / "server.toml", _server_doc(tmp_path)), REPO)
+    assert cfg.run_overrides == {"num-server-rounds": 7, "dp.epsilon-budget": 8.0}  # int accepted for a float
+    assert cfg.local_host == "127.0.0.1" and cfg.database == tmp_path / "state" / "state.db"
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda d: d["run"].update({"num-rounds": 3}), "unknown setting"),
+        (lambda d: d["run"].update({"num-server-rounds": "3"}), "expected a int"),
+        (lambda d: d["run"].update({"train.batch-size": 0}), "batch"),
+        (lambda d: d["tls"].update({"certificate": "/nonexistent.pem"}), "no such file"),
+        (lambda d: d.update({"hospitals": {}}), "empty"),
+        (lambda d: d["superlink"].update({"port": 70000}), "port"),
+    ],
+)
+def test_server_toml_refusals_name_the_key(tmp_path: Path, change: Any, message: str) -> None:
+    doc = _server_doc(tmp_path)
+    change(doc)
+    with pytest.raises(ConfigError, match=message):
+        ServerDeployConfig.load(_write(tmp_path / "server.toml", doc), REPO)
+
+
+def test_server_private_key_readable_by_others_is_refused(tmp_path: Path) -> None:
+    doc = _server_doc(tmp_path)
+    Path(doc["tls"]["private-key"]).chmod(0o640)
+    with pytest.raises(ConfigError, match="0600"):
+        ServerDeployConfig.load(_write(tmp_path / "server.toml", doc), REPO)
+
+
+def test_run_overrides_keep_the_defaults_types() -> None:
+    defaults = {"num-server-rounds": 4, "dp.delta": 1e-5, "secure-aggregation": True}
+    with pytest.raises(ConfigError, match="expected a bool"):
+        check_run_overrides({"secure-aggregation": 1}, defaults)
+
+
+def _node_doc(tmp: Path, site: str = "site-0") -> dict[str, Any]:
+    ca = create_ca(tmp / "ca")
+    auth = create_node_auth_keys(tmp / "k", site)
+    secagg = create_secagg_identity(tmp / "k", site)
+    build_roster([secagg.public], tmp / "roster.json")
+    (tmp / "dicom").mkdir()
+    return {
+        "node": {"site-id": site, "superlink": "fl.example.org:443", "data-path": str(tmp / "dicom"),
+                 "state-path": str(tmp / "state"), "epsilon-budget": 10.0},
+        "tls": {"ca-certificate": str(ca.public)},
+        "keys": {"auth-private-key": str(auth.private), "secagg-private-key": str(secagg.private),
+                 "roster": str(tmp / "roster.json")},
+    }
+
+
+def test_node_toml_loads_and_becomes_the_flower_node_config(tmp_path: Path) -> None:
+    cfg = NodeDeployConfig.load(_write(tmp_path / "node.toml", _node_doc(tmp_path)))
+    node_config = cfg.flower_node_config()
+    assert node_config["site-id"] == "site-0" and node_config["epsilon-budget"] == 10.0
+    assert node_config["audit-log"] == str(tmp_path / "state" / "audit.jsonl")
+    assert node_config["allow-plain-aggregation"] is False
+    assert (cfg.superlink_host, cfg.superlink_port) == ("fl.example.org", 443)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda d, t: d["node"].update({"insecure": True}), "only over TLS"),
+        (lambda d, t: d["node"].pop("epsilon-budget"), "epsilon-budget"),
+        (lambda d, t: d["node"].update({"epsilon-budget": float("inf")}), "epsilon-budget"),
+        (lambda d, t: d["node"].update({"superlink": "fl.example.org"}), "host:port"),
+        (lambda d, t: d["node"].update({"data-path": str(t / "nope")}), "no such folder"),
+        (lambda d, t: d["node"].update({"site-id": "site-9"}), "no entry for 'site-9'"),
+        (lambda d, t: d["tls"].update({"ca-certificate": d["keys"]["roster"]}), "not a readable PEM"),
+        (lambda d, t: d.update({"apps": {"allowed-fab-sha256": ["abc"]}}), "64-hex-digit"),
+        (lambda d, t: Path(d["keys"]["auth-private-key"]).chmod(0o644), "0600"),
+    ],
+)
+def test_node_toml_refusals_name_the_problem(tmp_path: Path, change: Any, message: str) -> None:
+    doc = _node_doc(tmp_path)
+    change(doc, tmp_path)
+    with pytest.raises(ConfigError, match=message):
+        NodeDeployConfig.load(_write(tmp_path / "node.toml", doc))

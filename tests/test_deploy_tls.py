@@ -1,0 +1,193 @@
+"""The deployed product on loopback: ``medsynth server start`` (SuperLink with TLS, node
+authentication and SQLite state) and ``medsynth node start`` daemons, as real processes, training
+for real with secure aggregation; nodes that must be refused; crashes that must lose nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from client.audit import read_entries
+from client.fab_gate import fab_hash_of_app
+from client.ledger import PrivacyLedger
+from simulation.superlink import free_port
+from tests.consortium import Consortium, Daemon, make_consortium, medsynth
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _state(c: Consortium) -> dict:  # type: ignore[type-arg]
+    return json.loads((c.results / "server_state.json").read_text())
+
+
+def _no_leftovers(daemons: list[Daemon]) -> None:
+    from simulation.superlink import find_tagged_pids
+
+    left = {d.name: find_tagged_pids(tag) for d in daemons if (tag := d.tag())}
+    assert not any(left.values()), f"processes outlived their daemon: {left}"
+
+
+def _assert_ledgers_and_audits_agree_with_server(c: Consortium, sites: list[str]) -> None:
+    state = _state(c)
+    for site in sites:
+        ledger = PrivacyLedger.read(c.site_dir(site) / "state" / "ledger.json")
+        audit = read_entries(c.site_dir(site) / "state" / "audit.jsonl")
+        by_digest = {e.sha256: e for e in audit}
+        trained_rounds = [r for r in state["rounds"] if site in r["sites_trained"]]
+        for r in trained_rounds:
+            # every message the server received from this hospital is in the hospital's audit log
+            for got in r["costs"][site]["received"]:
+                entry = by_digest.get(got["sha256"])
+                assert entry is not None, (site, r["round"], got)
+                assert (entry.bytes, entry.action, entry.group) == (got["bytes"], got["type"], got["group"])
+                if got["type"] == "train":  # the ε the server reported is the one the hospital logged
+                    assert entry.epsilon == pytest.approx(r["privacy"][site]["epsilon"], rel=1e-12)
+            assert any(g["type"] == "train" for g in r["costs"][site]["received"])
+        # the hospital's ledger, recomputed from its history, is the last ε the server saw
+        assert ledger.epsilon() == pytest.approx(trained_rounds[-1]["privacy"][site]["epsilon"], rel=1e-9)
+        assert ledger.epsilon() <= ledger.epsilon_budget
+
+
+def test_three_hospitals_over_tls_with_node_auth_and_refused_nodes(tmp_path: Path) -> None:
+    # prepare: an operator, three registered hospitals that allow only this app's bundle, and
+    # three nodes that must be refused
+    c = make_consortium(tmp_path, 3, allowed_fabs=[fab_hash_of_app(REPO)])
+    other_ca = tmp_path / "other-ca"
+    medsynth("certs", "ca", "--out", other_ca)
+    rogue = c.site_dir("rogue")
+    medsynth("certs", "node", "--site", "rogue", "--out", rogue / "keys")
+    medsynth("certs", "roster", "--out", rogue / "roster.json", rogue / "keys" / "rogue.secagg.json")
+    c.write_node_toml("rogue", rogue / "node.toml", **{"data-path": str(c.site_dir("site-0") / "dicom")})
+    no_tls = c.write_node_toml("site-0", tmp_path / "no-tls.toml", insecure=True)
+    wrong_ca = c.write_node_toml("site-0", tmp_path / "wrong-ca.toml",
+                                 **{"ca-certificate": str(other_ca / "ca.pem"), "state-path": str(tmp_path / "w")})
+    raw_log = tmp_path / "raw-insecure-supernode.log"
+    raw: subprocess.Popen[bytes] | None = None
+    server = c.start_server(c.write_server_toml(rounds=2))
+    try:
+        server.wait_for("SuperLink up", 90)
+        nodes = [c.start_node(site) for site in c.sites]
+        # act: the refused ones try while the federation runs
+        rogue_node = c.start_node("rogue", rogue / "node.toml")
+        refused_tls = medsynth("node", "start", "--config", no_tls, check=False)
+        refused_ca = medsynth("node", "start", "--config", wrong_ca, check=False)
+        with raw_log.open("wb") as fh:
+            env = {**os.environ, "FLWR_HOME": str(tmp_path / "raw-home"),
+                   "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
+            raw = subprocess.Popen(
+                [str(Path(sys.executable).parent / "flower-supernode"), "--insecure", "--superlink",
+                 f"127.0.0.1:{c.port}", "--port", str(free_port())],
+                stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        rogue_node.proc.wait(timeout=180)
+        server.wait_for("round 1/2", 400)
+        status = medsynth("server", "status", "--config", c.root / "operator" / "server.toml")
+        server.proc.wait(timeout=400)
+    finally:
+        if raw is not None:
+            os.killpg(raw.pid, signal.SIGKILL)
+            raw.wait(timeout=10)
+        c.stop_all()
+
+    # assert: the federation ran both rounds with exactly the three registered hospitals
+    assert server.proc.returncode == 0, server.text()[-3000:]
+    state = _state(c)
+    assert state["finished"] is True and state["secure_aggregation"] is True
+    assert [r["round"] for r in state["rounds"]] == [1, 2]
+    for r in state["rounds"]:
+        assert r["sites_trained"] == c.sites and r["failures"] == [], r
+        assert r["secure"]["dead"] == []
+    assert "server: running" in status.stdout and "ε" in status.stdout
+    assert "privacy spent per hospital" in server.text()
+    _assert_ledgers_and_audits_agree_with_server(c, c.sites)
+    # each refusal is clear, and touched nothing
+    assert rogue_node.proc.returncode == 2
+    assert "authentication key: it is not registered" in rogue_node.text()
+    assert not (rogue / "state" / "ledger.json").exists()
+    assert refused_tls.returncode == 2 and "only over TLS" in refused_tls.stderr
+    assert refused_ca.returncode == 2 and "does not vouch for" in refused_ca.stderr
+    raw_text = raw_log.read_text(errors="replace")
+    assert "SuperNode ID" not in raw_text and "Connection attempt failed" in raw_text
+    for node in nodes:
+        assert "Traceback" not in node.text(), node.text()[-2000:]
+    for site in c.sites:  # every ClientApp went through the hash gate, and the hash matched
+        assert (c.site_dir(site) / "state" / "bin" / "flwr-clientapp").exists()
+        assert "AppNotAllowed" not in (c.site_dir(site) / "state" / "supernode.log").read_text()
+    _no_leftovers(c.daemons)
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _wait_file(path: Path, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not path.exists():
+        assert time.monotonic() < deadline, f"{path} did not appear within {timeout_s:.0f} s"
+        time.sleep(0.5)
+
+
+def _wait_ledger_round(path: Path, server_round: int, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if path.exists() and any(e.round == server_round for e in PrivacyLedger.read(path).entries):
+            return
+        assert time.monotonic() < deadline, f"{path} has no round {server_round} within {timeout_s:.0f} s"
+        time.sleep(0.3)
+
+
+def test_server_sigkill_resumes_and_a_killed_hospital_keeps_its_steps(tmp_path: Path) -> None:
+    # prepare: four hospitals (secure aggregation keeps a 3-of-4 threshold when one dies)
+    c = make_consortium(tmp_path, 4, patients_per_site=10)
+    config = c.write_server_toml(rounds=3)
+    ckpts = c.results / "checkpoints"
+    victim = "site-3"
+    server = c.start_server(config)
+    try:
+        server.wait_for("SuperLink up", 90)
+        nodes = {site: c.start_node(site) for site in c.sites}
+        _wait_file(ckpts / "round-0001.safetensors", 500)
+        round1_hash = _sha256(ckpts / "round-0001.safetensors")
+        # act 1: SIGKILL the server daemon, its SuperLink and its ServerApp mid-run
+        server.kill_tree(signal.SIGKILL)
+        server.proc.wait(timeout=30)
+        # a half-written checkpoint of round 2 (as if the crash hit mid-write without the atomic rename)
+        (ckpts / "round-0002.safetensors").write_bytes((ckpts / "round-0001.safetensors").read_bytes()[:5000])
+        restarted = c.start_server(config)
+        restarted.wait_for("resuming", 120)
+        # act 2: a hospital dies mid-round 3, after its ledger charged the round and training began
+        _wait_ledger_round(c.site_dir(victim) / "state" / "ledger.json", 3, 700)
+        nodes[victim].kill_tree(signal.SIGKILL)
+        restarted.proc.wait(timeout=600)
+    finally:
+        c.stop_all()
+
+    # assert: no completed round lost, numbering continued, round 1 untouched, the corrupt file replaced
+    assert restarted.proc.returncode == 0, restarted.text()[-3000:]
+    state = _state(c)
+    assert [r["round"] for r in state["rounds"]] == [1, 2, 3] and state["finished"] is True
+    assert _sha256(ckpts / "round-0001.safetensors") == round1_hash
+    assert "resuming from" in (c.server_state / "run.log").read_text()
+    from server.checkpoint import load_checkpoint
+
+    assert load_checkpoint(ckpts / "round-0002.safetensors").round == 2  # verifies its content hash
+    # the round with the dead hospital finished with the other three
+    last = state["rounds"][-1]
+    assert last["sites_trained"] == ["site-0", "site-1", "site-2"], last
+    assert victim in last["secure"]["dead"] or victim not in last["secure"]["alive"]
+    # the killed hospital's ledger still counts round 3 (charged before training), and its ε includes it
+    ledger = PrivacyLedger.read(c.site_dir(victim) / "state" / "ledger.json")
+    assert any(e.round == 3 for e in ledger.entries)
+    reported = state["rounds"][1]["privacy"][victim]["epsilon"]
+    assert ledger.epsilon() > reported
+    _assert_ledgers_and_audits_agree_with_server(c, ["site-0", "site-1", "site-2"])
+    _no_leftovers(c.daemons)
