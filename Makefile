@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 DEMO_OUT ?= medsynth-output/demo
 
-.PHONY: install demo test lint bench bench-secagg clean
+.PHONY: install demo test test-quick lint bench bench-secagg bench-prepare clean
 
 install: $(STAMP)
 
@@ -29,11 +29,18 @@ lint: install
 test: lint
 	$(BIN)/python -m pytest
 
+# the suite without the end-to-end tests marked slow (those start real Flower processes)
+test-quick: lint
+	$(BIN)/python -m pytest -m "not slow"
+
 bench: install
 	$(BIN)/python -m simulation.bench_dp_step
 
 bench-secagg: install
 	$(BIN)/python -m simulation.bench_secagg
+
+bench-prepare: install
+	$(BIN)/python -m simulation.bench_prepare
 
 clean:
 	rm -rf medsynth-output .pytest_cache .mypy_cache .ruff_cache

@@ -1,14 +1,18 @@
-"""A hospital's DICOM folder -> the local training cache (``common.dataset``).
+"""A hospital's DICOM folder -> the local training cache (``common.dataset``), with a report.
 
-Layout: ``<data_dir>/<class name>/**/<file>``. The first path component under ``data_dir`` is
-the label; files directly in ``data_dir`` are rejected as ``no-label``. Hidden entries (name
-starting with ".") are skipped. Every other file is read by ``common.dicom.read_image_frames``;
-each of its frames becomes one image. Nothing from the header is kept except a salted hash of
-the patient key: SHA-256(salt + Patient ID (0010,0020), else Study Instance UID (0020,000D)).
+Every entry under the data folder is listed without following links (``common.dicom_paths``;
+hidden entries, whose name starts with ".", are skipped);
+each regular file is read in a sandboxed worker (``client.prepare_workers``: time and memory
+limit per file) by ``common.dicom.read_image_frames``, selected by modality / body part and
+labelled (``client.prepare_labels``: sub-folder, CSV or attribute); each of its frames becomes
+one image, resized to the model size. Files are processed by ``os.cpu_count()`` workers; results
+are ordered by path, so the cache does not depend on which worker finished first.
 
-The cache is rebuilt only when the folder changes: its fingerprint covers every file's
-(relative path, size, mtime_ns), the image size, the class list, the decode cap, the pipeline
-version and a hash of the salt.
+Nothing from the header is kept except the label and a salted hash of the patient key:
+SHA-256(salt + Patient ID (0010,0020), else Study Instance UID (0020,000D)), used only for
+patient-level sampling. The cache is rebuilt only when the folder changes: its fingerprint
+covers every entry's (relative path, size, mtime_ns) and every setting that changes the result
+(image size, labels and their CSV's digest, selection, caps, limits, pipeline version, salt hash).
 """
 
 from __future__ import annotations
@@ -22,76 +26,44 @@ import secrets
 import stat
 import tempfile
 from collections import Counter
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, replace
+from collections.abc import Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 from tqdm import tqdm
 
-from common.atomic import fsync_dir, write_json_atomic
-from common.dataset import (
-    DatasetError,
-    LocalDataset,
-    read_cache_fingerprint,
-    save_cache,
+from client.prepare_labels import LabelError, LabelRule, Selection, attribute_rule, csv_rule, folder_rule
+from client.prepare_report import PrepareReport
+from client.prepare_workers import (
+    DEFAULT_MEMORY_LIMIT_BYTES,
+    DEFAULT_TIME_LIMIT_S,
+    FileJob,
+    FileOutcome,
+    PrepareSettings,
+    SandboxPool,
+    WorkerError,
+    process_file,
+    resize_to_square,
 )
-from common.dicom import DEFAULT_MAX_DECODED_BYTES, DicomRejected, read_image_frames
+from common.atomic import fsync_dir, write_json_atomic
+from common.dataset import DatasetError, LocalDataset, read_cache_fingerprint, save_cache
+from common.dicom import DEFAULT_MAX_DECODED_BYTES, ReadLimits
+from common.dicom_errors import DicomRejected
+from common.dicom_paths import FolderEntry, walk_data_folder
+
+__all__ = ["PIPELINE_VERSION", "REPORT_FILE", "PrepareError", "PrepareReport", "load_or_create_salt",
+           "prepare_site", "resize_to_square", "site_fingerprint"]
 
 log = logging.getLogger(__name__)
 
-PIPELINE_VERSION = 2  # bump when decoding, resizing or patient indexing changes, so caches rebuild
+PIPELINE_VERSION = 3  # bump when decoding, resizing or patient indexing changes, so caches rebuild
 REPORT_FILE = "prepare_report.json"
 SALT_BYTES = 32
 
 
 class PrepareError(Exception):
-    """The folder cannot be turned into a dataset (nothing usable, bad salt, bad layout)."""
-
-
-@dataclass(frozen=True)
-class PrepareReport:
-    """What ``prepare_site`` found; safe to show and log (counts only, no identifiers)."""
-
-    files_seen: int
-    images_kept: int
-    patients: int
-    patient_identity: bool
-    label_counts: dict[str, int] = field(default_factory=dict)
-    rejected: dict[str, int] = field(default_factory=dict)
-    from_cache: bool = False
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2, sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> PrepareReport:
-        data = json.loads(text)
-        return cls(
-            files_seen=int(data["files_seen"]),
-            images_kept=int(data["images_kept"]),
-            patients=int(data["patients"]),
-            patient_identity=bool(data["patient_identity"]),
-            label_counts={str(k): int(v) for k, v in data["label_counts"].items()},
-            rejected={str(k): int(v) for k, v in data["rejected"].items()},
-            from_cache=bool(data["from_cache"]),
-        )
-
-    def format(self) -> str:
-        """A short human-readable table."""
-        lines = [
-            f"{'files seen':<24}{self.files_seen:>8}",
-            f"{'images kept':<24}{self.images_kept:>8}",
-            f"{'patients':<24}{self.patients:>8}",
-        ]
-        lines += [f"{'  label ' + name:<24}{n:>8}" for name, n in sorted(self.label_counts.items())]
-        lines += [f"{'  rejected ' + why:<24}{n:>8}" for why, n in sorted(self.rejected.items())]
-        lines.append(f"{'from cache':<24}{'yes' if self.from_cache else 'no':>8}")
-        if not self.patient_identity:
-            lines.append("note: some files have no Patient ID (0010,0020) nor Study Instance UID "
-                         "(0020,000D); each such file counts as its own patient")
-        return "\n".join(lines)
+    """The folder cannot be turned into a dataset (nothing usable, bad salt, bad options)."""
 
 
 def load_or_create_salt(path: Path) -> bytes:
@@ -123,47 +95,21 @@ def load_or_create_salt(path: Path) -> bytes:
     return salt
 
 
-def list_site_files(data_dir: Path) -> list[tuple[str, os.stat_result]]:
-    """(relative POSIX path, lstat) of every non-hidden entry, sorted; symlinks not followed."""
-    found: list[tuple[str, os.stat_result]] = []
-    for root, dirs, files in os.walk(data_dir, followlinks=False):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        for name in files:
-            if not name.startswith("."):
-                full = Path(root) / name
-                found.append((full.relative_to(data_dir).as_posix(), full.lstat()))
-    return sorted(found, key=lambda item: item[0])
-
-
-def site_fingerprint(files: Sequence[tuple[str, os.stat_result]], *, image_size: int, salt: bytes,
-                     class_names: Sequence[str], max_decoded_bytes: int) -> str:
+def site_fingerprint(entries: Sequence[FolderEntry], settings: PrepareSettings, salt: bytes) -> str:
     """SHA-256 over sorted (path, size, mtime_ns) and every setting that changes the cache."""
     h = hashlib.sha256()
-    settings = {"pipeline": PIPELINE_VERSION, "image_size": image_size, "classes": list(class_names),
-                "max_decoded_bytes": max_decoded_bytes, "salt": hashlib.sha256(salt).hexdigest()}
-    h.update(json.dumps(settings, sort_keys=True).encode())
-    for rel, st in files:
+    config = {
+        "pipeline": PIPELINE_VERSION, "image_size": settings.image_size,
+        "labels": settings.labels.describe(), "selection": settings.selection.describe(),
+        "limits": [settings.limits.max_decoded_bytes, settings.limits.max_file_bytes,
+                   settings.limits.max_inflated_bytes, settings.time_limit_s,
+                   settings.memory_limit_bytes],
+        "salt": hashlib.sha256(salt).hexdigest(),
+    }
+    h.update(json.dumps(config, sort_keys=True).encode())
+    for rel, st in entries:
         h.update(f"\n{rel}\0{st.st_size}\0{st.st_mtime_ns}".encode("utf-8", "surrogateescape"))
     return h.hexdigest()
-
-
-def resize_to_square(frame: np.ndarray, size: int) -> np.ndarray:
-    """(H, W) in [0, 1] -> (size, size) float32 in [0, 1].
-
-    The frame is zero-padded (black) to a centred square, so the aspect ratio is kept and no
-    content is cropped, then resized with Pillow's BILINEAR filter on 32-bit float ("F" mode):
-    bilinear interpolation when enlarging (28 -> 32), a triangle filter widened by the scale
-    factor when shrinking, i.e. antialiased, no overshoot.
-    """
-    h, w = frame.shape
-    side = max(h, w)
-    square = np.zeros((side, side), dtype=np.float32)
-    top, left = (side - h) // 2, (side - w) // 2
-    square[top:top + h, left:left + w] = frame
-    if side == size:
-        return square
-    resized = Image.fromarray(square).resize((size, size), Image.Resampling.BILINEAR)
-    return np.clip(np.asarray(resized, dtype=np.float32), 0.0, 1.0)
 
 
 def _cached_report(cache_dir: Path, fingerprint: str) -> PrepareReport | None:
@@ -179,14 +125,74 @@ def _cached_report(cache_dir: Path, fingerprint: str) -> PrepareReport | None:
         return None
 
 
+def label_rule_for(data_dir: Path, class_names: Sequence[str] | None, labels_csv: Path | None,
+                   label_attribute: str | None) -> LabelRule:
+    """The one label source the options name (sub-folders by default)."""
+    classes = tuple(class_names) if class_names is not None else None
+    if classes is not None and (not classes or len(set(classes)) != len(classes)):
+        raise PrepareError(f"class names must be non-empty and unique, got {list(classes)}")
+    try:
+        if labels_csv is not None and label_attribute:
+            raise LabelError("give labels by CSV or by attribute, not both")
+        if labels_csv is not None:
+            rule = csv_rule(labels_csv, classes)
+        elif label_attribute:
+            rule = attribute_rule(label_attribute, classes)
+        else:
+            rule = folder_rule(data_dir, classes)
+    except LabelError as exc:
+        raise PrepareError(str(exc)) from exc
+    if rule.classes is not None and (not rule.classes or len(set(rule.classes)) != len(rule.classes)):
+        raise PrepareError(f"need unique labels: sub-folders of {data_dir} or labels in the CSV, "
+                           f"got {list(rule.classes)}")
+    return rule
+
+
+def triage(entries: Sequence[FolderEntry], rule: LabelRule) -> tuple[list[FileJob], list[FileOutcome]]:
+    """Split entries into files to read and those refused from their listing alone."""
+    jobs: list[FileJob] = []
+    refused: list[FileOutcome] = []
+    for rel, st in entries:
+        try:
+            if stat.S_ISLNK(st.st_mode):
+                raise DicomRejected("symlink", "a symbolic link; links are not followed")
+            if not stat.S_ISREG(st.st_mode):
+                raise DicomRejected("not-a-regular-file", "not a regular file")
+            rule.label_without_header(rel)
+        except DicomRejected as exc:
+            refused.append(FileOutcome(rel, reason=exc.reason, message=exc.message))
+            continue
+        jobs.append(FileJob(rel, st))
+    return jobs, refused
+
+
+def run_jobs(jobs: list[FileJob], settings: PrepareSettings, workers: int) -> Iterator[FileOutcome]:
+    """Outcomes of ``jobs``: in sandboxed workers, or in this process when ``workers`` is 0."""
+    if workers == 0:  # no time or memory limit: for debugging only
+        yield from (process_file(job, settings) for job in jobs)
+        return
+    try:
+        with SandboxPool(settings, workers) as pool:
+            yield from pool.run(jobs)
+    except WorkerError as exc:
+        raise PrepareError(str(exc)) from exc
+
+
 def prepare_site(data_dir: Path, cache_dir: Path, *, image_size: int, salt: bytes,
                  progress: bool = True, force: bool = False,
                  class_names: Sequence[str] | None = None,
-                 max_decoded_bytes: int = DEFAULT_MAX_DECODED_BYTES) -> PrepareReport:
+                 max_decoded_bytes: int = DEFAULT_MAX_DECODED_BYTES,
+                 labels_csv: Path | None = None, label_attribute: str | None = None,
+                 modalities: Sequence[str] = (), body_parts: Sequence[str] = (),
+                 workers: int | None = None, limits: ReadLimits | None = None,
+                 time_limit_s: float = DEFAULT_TIME_LIMIT_S,
+                 memory_limit_bytes: int | None = DEFAULT_MEMORY_LIMIT_BYTES) -> PrepareReport:
     """Decode ``data_dir`` into ``cache_dir`` (or reuse the cache) and report what happened.
 
     ``class_names`` fixes the label order across sites; by default it is the sorted list of
-    sub-folders. Files under an unlisted folder are rejected as ``unknown-label``.
+    sub-folders, of CSV labels, or of the attribute values found. ``workers`` defaults to
+    ``os.cpu_count()``; 0 decodes in this process without time or memory limits (debugging).
+    ``limits`` overrides ``max_decoded_bytes``.
     """
     data_dir, cache_dir = data_dir.resolve(), cache_dir.resolve()
     if not data_dir.is_dir():
@@ -195,75 +201,28 @@ def prepare_site(data_dir: Path, cache_dir: Path, *, image_size: int, salt: byte
         raise PrepareError(f"cache folder {cache_dir} must be outside the data folder {data_dir}")
     if image_size < 1:
         raise PrepareError(f"image_size must be positive, got {image_size}")
-    if class_names is None:
-        class_names = sorted(p.name for p in data_dir.iterdir()
-                             if p.is_dir() and not p.is_symlink() and not p.name.startswith("."))
-    if not class_names or len(set(class_names)) != len(class_names):
-        raise PrepareError(f"need unique class folders under {data_dir}, got {list(class_names)}")
-    files = list_site_files(data_dir)
-    fingerprint = site_fingerprint(files, image_size=image_size, salt=salt,
-                                   class_names=class_names, max_decoded_bytes=max_decoded_bytes)
+    rule = label_rule_for(data_dir, class_names, labels_csv, label_attribute)
+    settings = PrepareSettings(root=data_dir, image_size=image_size, labels=rule,
+                               selection=Selection.of(modalities, body_parts),
+                               limits=limits or ReadLimits(max_decoded_bytes=max_decoded_bytes),
+                               time_limit_s=time_limit_s, memory_limit_bytes=memory_limit_bytes)
+    try:
+        entries = walk_data_folder(data_dir)
+    except OSError as exc:
+        raise PrepareError(f"cannot list {data_dir}: {exc}") from exc
+    fingerprint = site_fingerprint(entries, settings, salt)
     if not force and (cached := _cached_report(cache_dir, fingerprint)) is not None:
         return cached
 
-    class_index = {name: i for i, name in enumerate(class_names)}
-    rejected: Counter[str] = Counter()
-    images: list[np.ndarray] = []
-    labels: list[int] = []
-    hashes: list[str] = []
-    identity = True
-    for rel, st in tqdm(files, desc="prepare", unit="file", disable=not progress):
-        parts = rel.split("/")
-        reason = None
-        if not stat.S_ISREG(st.st_mode):
-            reason = "not-a-regular-file"
-        elif len(parts) < 2:
-            reason = "no-label"
-        elif parts[0] not in class_index:
-            reason = "unknown-label"
-        if reason is not None:
-            rejected[reason] += 1
-            continue
-        try:
-            image = read_image_frames(data_dir / rel, max_decoded_bytes=max_decoded_bytes)
-        except DicomRejected as exc:
-            rejected[exc.reason] += 1
-            log.debug("rejected %s: %s", rel, exc)
-            continue
-        if image.patient_key is None:
-            identity = False  # NUL cannot occur in Patient ID (LO), so no collision with keys
-            key = b"\0file:" + rel.encode("utf-8", "surrogateescape")
-        else:
-            key = image.patient_key.encode("utf-8", "surrogateescape")
-        digest = hashlib.sha256(salt + key).hexdigest()
-        for frame in image.frames:
-            images.append(resize_to_square(frame, image_size) * 2.0 - 1.0)
-            labels.append(class_index[parts[0]])
-            hashes.append(digest)
-    if not images:
-        raise PrepareError(f"no usable images in {data_dir} ({len(files)} files; rejected: "
-                           f"{dict(rejected)}); expected <data_dir>/<class>/<file>.dcm")
-
-    # Patient index = order of first appearance in the (sorted) file list, not hash order, so
-    # the index does not depend on the secret salt (seeded test runs stay comparable).
-    first_seen = dict.fromkeys(hashes)
-    index_of = {h: i for i, h in enumerate(first_seen)}
-    patient_hashes = np.array(list(first_seen), dtype=np.str_)
-    patients = np.array([index_of[h] for h in hashes], dtype=np.int64)
-    dataset = LocalDataset(
-        images=np.clip(np.stack(images), -1.0, 1.0).astype(np.float32)[:, None],
-        labels=np.array(labels, dtype=np.int64),
-        patients=patients.astype(np.int64).reshape(-1),
-        class_names=tuple(class_names),
-        patient_identity=identity,
-    )
-    counts = np.bincount(dataset.labels, minlength=len(class_names))
-    report = PrepareReport(
-        files_seen=len(files), images_kept=len(images), patients=dataset.num_patients,
-        patient_identity=identity,
-        label_counts={name: int(counts[i]) for i, name in enumerate(class_names)},
-        rejected=dict(sorted(rejected.items())), from_cache=False,
-    )
+    jobs, outcomes = triage(entries, rule)
+    workers = (os.cpu_count() or 1) if workers is None else workers
+    with tqdm(total=len(entries), initial=len(outcomes), desc="prepare", unit="file",
+              disable=not progress) as bar:
+        for outcome in run_jobs(jobs, settings, min(workers, len(jobs))):
+            outcomes.append(outcome)
+            bar.update(1)
+    outcomes.sort(key=lambda o: o.rel)
+    dataset, patient_hashes, report = build_dataset(outcomes, rule, salt, len(entries))
     cache_dir.mkdir(parents=True, exist_ok=True)
     envelope = {"fingerprint": fingerprint, "report": json.loads(report.to_json())}
     write_json_atomic(cache_dir / REPORT_FILE, envelope)  # first; the dataset is the commit point
@@ -272,3 +231,59 @@ def prepare_site(data_dir: Path, cache_dir: Path, *, image_size: int, salt: byte
     except DatasetError as exc:
         raise PrepareError(f"cannot write the cache in {cache_dir}: {exc}") from exc
     return report
+
+
+def build_dataset(outcomes: Sequence[FileOutcome], rule: LabelRule, salt: bytes,
+                  files_seen: int) -> tuple[LocalDataset, np.ndarray, PrepareReport]:
+    """The dataset, its patient hashes and the report, from per-file outcomes sorted by path."""
+    rejected: Counter[str] = Counter()
+    kept = [(o, o.images) for o in outcomes if o.images is not None]
+    for outcome in outcomes:
+        if outcome.reason is not None:
+            rejected[outcome.reason] += 1
+            log_call = log.warning if outcome.reason == "internal-error" else log.info
+            log_call("rejected %s: %s: %s", outcome.rel, outcome.reason, outcome.message)
+        for warning in outcome.warnings:
+            log.info("%s: pydicom warned: %s", outcome.rel, warning)
+    if not kept:
+        raise PrepareError(f"no usable images ({files_seen} files; rejected: {dict(sorted(rejected.items()))}); "
+                           "expected DICOM images under <data_dir>/<label>/, or labels by CSV or "
+                           "attribute; run with -v to see why each file was rejected")
+    class_names = rule.classes or tuple(sorted({o.label for o, _ in kept}))
+    class_index = {name: i for i, name in enumerate(class_names)}
+    images: list[np.ndarray] = []
+    labels: list[int] = []
+    hashes: list[str] = []
+    identity = True
+    for outcome, frames in kept:
+        if outcome.patient_key is None:
+            identity = False  # NUL cannot occur in Patient ID (LO), so no collision with keys
+            key = b"\\0file:" + outcome.rel.encode("utf-8", "surrogateescape")
+        else:
+            key = outcome.patient_key.encode("utf-8", "surrogateescape")
+        digest = hashlib.sha256(salt + key).hexdigest()
+        images.extend(frames)
+        labels.extend([class_index[outcome.label]] * len(frames))
+        hashes.extend([digest] * len(frames))
+    # Patient index = order of first appearance in the (sorted) file list, not hash order, so
+    # the index does not depend on the secret salt (seeded test runs stay comparable).
+    first_seen = dict.fromkeys(hashes)
+    index_of = {h: i for i, h in enumerate(first_seen)}
+    dataset = LocalDataset(
+        images=np.clip(np.stack(images), -1.0, 1.0).astype(np.float32)[:, None],
+        labels=np.array(labels, dtype=np.int64),
+        patients=np.array([index_of[h] for h in hashes], dtype=np.int64),
+        class_names=class_names,
+        patient_identity=identity,
+    )
+    counts = np.bincount(dataset.labels, minlength=len(class_names))
+    used_keys = {o.label_key for o, _ in kept} | {o.rel for o in outcomes}
+    report = PrepareReport(
+        files_seen=files_seen, images_kept=len(images), patients=dataset.num_patients,
+        patient_identity=identity,
+        label_counts={name: int(counts[i]) for i, name in enumerate(class_names)},
+        rejected=dict(sorted(rejected.items())), from_cache=False, files_kept=len(kept),
+        files_with_warnings=sum(1 for o, _ in kept if o.warnings),
+        csv_rows_unmatched=len(set(rule.by_path) - used_keys) if rule.mode == "csv" else 0,
+    )
+    return dataset, np.array(list(first_seen), dtype=np.str_), report

@@ -97,7 +97,8 @@ def _node_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         "prepare",
         help="turn a DICOM folder into the local training cache",
         description=(
-            "Read every DICOM file under DATA (labels = first-level sub-folder names), apply the "
+            "Read every DICOM file under DATA (labels = first-level sub-folder names, or a CSV, or a "
+            "DICOM attribute), apply the "
             "modality LUT, VOI LUT/window and MONOCHROME1 inversion, resize, and write the cache "
             "to OUT. Patient IDs are kept only as salted hashes. Prints a report of kept and "
             "rejected files; the cache is rebuilt only when the folder changed."
@@ -108,7 +109,16 @@ def _node_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p.add_argument("--out", type=Path, required=True, help="cache folder to write")
     p.add_argument("--image-size", type=int, default=32, choices=(32, 64), help="side of the cached images")
     p.add_argument("--classes", default=None,
-                   help="comma-separated label folders in class order (default: sorted folder names)")
+                   help="comma-separated labels in class order (default: sorted folder names, CSV labels "
+                        "or attribute values)")
+    p.add_argument("--labels-csv", type=Path, default=None,
+                   help="labels from a CSV of 'path-or-SOPInstanceUID,label' rows (paths relative to DATA)")
+    p.add_argument("--label-attribute", default=None, metavar="KEYWORD",
+                   help="labels from this DICOM attribute, e.g. BodyPartExamined")
+    p.add_argument("--modality", default=None,
+                   help="keep only these Modality (0008,0060) values, comma-separated, e.g. CT,MR")
+    p.add_argument("--body-part", default=None,
+                   help="keep only these Body Part Examined (0018,0015) values, comma-separated, e.g. CHEST")
     p.add_argument("--salt-file", type=Path, default=None,
                    help="secret salt for patient hashes (created 0600 if missing; default OUT/../salt.bin)")
     p.add_argument("--force", action="store_true", help="rebuild even if the folder did not change")
@@ -180,6 +190,10 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         class_names=parse_class_names(args.classes) if args.classes else None,
         force=args.force,
         progress=True,
+        labels_csv=args.labels_csv,
+        label_attribute=args.label_attribute,
+        modalities=(args.modality or "").split(","),
+        body_parts=(args.body_part or "").split(","),
     )
     print(report.format())
     print(f"cache: {args.out}  (report: {args.out / 'prepare_report.json'})")

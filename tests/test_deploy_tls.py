@@ -109,6 +109,10 @@ def test_three_hospitals_over_tls_with_node_auth_and_refused_nodes(tmp_path: Pat
     assert "server: running" in status.stdout and "ε" in status.stdout
     assert "privacy spent per hospital" in server.text()
     _assert_ledgers_and_audits_agree_with_server(c, c.sites)
+    audit = medsynth("node", "audit", "--config", c.node_toml("site-0"))
+    assert "6 message(s) left this hospital" in audit.stdout  # keys, shares, 2 × (train, unmask)
+    privacy = medsynth("node", "privacy", "--config", c.node_toml("site-0"))
+    assert "ε spent" in privacy.stdout and "round   2" in privacy.stdout
     # each refusal is clear, and touched nothing
     assert rogue_node.proc.returncode == 2
     assert "authentication key: it is not registered" in rogue_node.text()

@@ -14,12 +14,12 @@ from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
-from common.dicom import (
-    DicomRejected,
+from common.dicom import DicomRejected, read_image_frames
+from common.dicom_lut import (
+    DEFAULT_WINDOWS,
     apply_modality_lut,
     apply_voi_lut,
     frame_transform_dataset,
-    read_image_frames,
     to_unit_frames,
 )
 
@@ -69,14 +69,29 @@ def test_modality_lut_is_slope_times_raw_plus_intercept_on_ct_small() -> None:
     assert hu.dtype == np.float64
 
 
-def test_ct_small_without_window_is_min_max_normalised() -> None:
-    image = read_image_frames(bundled("CT_small.dcm"))
+def test_ct_small_without_window_gets_the_ct_default_window() -> None:
+    # prepare: CT_small has no VOI attributes; HU = raw - 1024; default CT window L 40 / W 400
+    path = bundled("CT_small.dcm")
+    # act
+    image = read_image_frames(path)
     frame = image.frames[0]
-    # raw range [128, 2191]: 175 -> (175 - 128) / 2063
+    # assert: LINEAR window (HU - 39.5) / 399 + 0.5, clipped
+    assert DEFAULT_WINDOWS["CT"] == (40.0, 400.0)
     assert image.frames.shape == (1, 128, 128) and image.frames.dtype == np.float32
-    assert (frame.min(), frame.max()) == (0.0, 1.0)
-    assert frame[0, 0] == pytest.approx(47 / 2063, abs=1e-6)
+    assert frame[0, 48] == pytest.approx((958 - 1024 - 39.5) / 399 + 0.5, abs=1e-6)  # HU -66
+    assert frame[0, 0] == 0.0 and frame[64, 64] == 1.0  # HU -849 (air), HU 904 (bone)
     assert (image.patient_key, image.modality) == ("1CT1", "CT")
+
+
+def test_mr_without_window_is_min_max_normalised(tmp_path: Path) -> None:
+    # prepare: MR has no absolute unit, so no default window: the frame's range is the window
+    pixels = np.array([[100, 300, 500, 400]], dtype=np.uint16)
+    path = write_dicom(tmp_path / "mr.dcm", pixels, bits_stored=12, Modality="MR")
+    # act
+    frame = read_image_frames(path).frames[0, 0]
+    # assert
+    assert "MR" not in DEFAULT_WINDOWS
+    np.testing.assert_allclose(frame, [0.0, 0.5, 1.0, 0.75], atol=1e-6)
 
 
 def test_linear_window_golden_values(tmp_path: Path) -> None:
@@ -173,8 +188,8 @@ def test_truncated_and_garbage_files_are_rejected(tmp_path: Path) -> None:
     empty = tmp_path / "empty.dcm"
     empty.write_bytes(b"")
     # act / assert
-    expected = {cut_in_pixels: "decode-failed", garbage: "unreadable", empty: "unreadable",
-                bundled("MR_truncated.dcm"): "decode-failed", tmp_path / "missing.dcm": "unreadable"}
+    expected = {cut_in_pixels: "truncated", garbage: "not-dicom", empty: "not-dicom",
+                bundled("MR_truncated.dcm"): "truncated", tmp_path / "missing.dcm": "unreadable"}
     for path, reason in expected.items():
         with pytest.raises(DicomRejected) as info:
             read_image_frames(path)
@@ -189,7 +204,7 @@ def test_size_cap_is_checked_before_decoding(tmp_path: Path) -> None:
     bomb = tmp_path / "bomb.dcm"
     ds.save_as(bomb, enforce_file_format=True)
     ct = bundled("CT_small.dcm")  # 128 x 128 x 16 bit = 32768 bytes
-    # act / assert: decoding would have failed with "decode-failed"; the cap answers first
+    # act / assert: the 2-byte Pixel Data is also truncated; the cap answers first
     with pytest.raises(DicomRejected) as info:
         read_image_frames(bomb)
     assert info.value.reason == "too-large"

@@ -46,7 +46,8 @@ def test_phantoms_prepare_to_expected_counts_shapes_and_patients(phantom_site: t
     assert (report.files_seen, report.images_kept, report.patients) == (21, 18, 6)
     assert report.patient_identity and ds.patient_identity and not report.from_cache
     assert report.label_counts == {"lesion": 9, "normal": 9}
-    assert report.rejected == {"decode-failed": 1, "no-label": 1, "not-an-image": 1}
+    assert report.rejected == {"no-label": 1, "not-an-image": 1, "truncated": 1}
+    assert report.files_kept == 18
     assert ds.class_names == ("lesion", "normal")  # sorted folder names
     assert ds.images.shape == (18, 1, 32, 32) and ds.images.dtype == np.float32
     assert ds.images.min() == -1.0 and ds.images.max() <= 1.0  # air is black
@@ -83,7 +84,7 @@ def test_second_call_reads_cache_and_a_touched_folder_rebuilds(phantom_site: tup
         raise AssertionError("a cache hit must not decode any file")
 
     with monkeypatch.context() as patch:
-        patch.setattr(prepare_module, "read_image_frames", refuse)
+        patch.setattr(prepare_module, "run_jobs", refuse)
         second = prepare_site(data_dir, cache, image_size=32, salt=SALT, progress=False)
     assert second.from_cache and second == replace(first, from_cache=True)
 

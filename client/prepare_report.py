@@ -1,0 +1,74 @@
+"""What ``prepare`` found in a hospital's folder: counts only, safe to print, log and keep.
+
+The report never holds a file name, a UID or any header value other than the label names the
+user chose: ``rejected`` groups files by reason (see ``common.dicom_errors.REJECTION_REASONS``),
+and the per-file details go to the log (``medsynth -v node prepare``), never to disk.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from common.dicom_errors import REJECTION_REASONS
+
+
+@dataclass(frozen=True)
+class PrepareReport:
+    """Counts of one ``prepare_site`` run (or of the run that built the cache)."""
+
+    files_seen: int
+    images_kept: int
+    patients: int
+    patient_identity: bool
+    label_counts: dict[str, int] = field(default_factory=dict)  # images per class
+    rejected: dict[str, int] = field(default_factory=dict)  # files per reason
+    from_cache: bool = False
+    files_kept: int = 0  # files that gave at least one image (multi-frame files give several)
+    files_with_warnings: int = 0  # kept files whose header made pydicom warn (details in the log)
+    csv_rows_unmatched: int = 0  # CSV rows matching no listed path nor a kept file's UID
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> PrepareReport:
+        data: dict[str, Any] = json.loads(text)
+        return cls(
+            files_seen=int(data["files_seen"]),
+            images_kept=int(data["images_kept"]),
+            patients=int(data["patients"]),
+            patient_identity=bool(data["patient_identity"]),
+            label_counts={str(k): int(v) for k, v in data["label_counts"].items()},
+            rejected={str(k): int(v) for k, v in data["rejected"].items()},
+            from_cache=bool(data["from_cache"]),
+            files_kept=int(data.get("files_kept", 0)),
+            files_with_warnings=int(data.get("files_with_warnings", 0)),
+            csv_rows_unmatched=int(data.get("csv_rows_unmatched", 0)),
+        )
+
+    def format(self) -> str:
+        """A short human-readable table, each rejection reason with what it means."""
+        lines = [
+            f"{'files seen':<34}{self.files_seen:>8}",
+            f"{'files kept':<34}{self.files_kept:>8}",
+            f"{'images kept':<34}{self.images_kept:>8}",
+            f"{'patients':<34}{self.patients:>8}",
+        ]
+        lines += [f"{'  label ' + name:<34}{n:>8}" for name, n in sorted(self.label_counts.items())]
+        lines += [f"{'  rejected ' + why:<34}{n:>8}  {REJECTION_REASONS.get(why, '')}"
+                  for why, n in sorted(self.rejected.items())]
+        lines.append(f"{'from cache':<34}{'yes' if self.from_cache else 'no':>8}")
+        if self.rejected:
+            lines.append("note: `medsynth -v node prepare ... --force` lists every rejected file "
+                         "with the exact reason")
+        if self.files_with_warnings:
+            lines.append(f"note: {self.files_with_warnings} kept files had header warnings "
+                         "(listed with -v)")
+        if self.csv_rows_unmatched:
+            lines.append(f"note: {self.csv_rows_unmatched} rows of the labels CSV matched no file")
+        if not self.patient_identity:
+            lines.append("note: some files have no Patient ID (0010,0020) nor Study Instance UID "
+                         "(0020,000D); each such file counts as its own patient")
+        return "\n".join(lines)

@@ -1,0 +1,304 @@
+"""Each DICOM file decoded in a worker process with a time limit and a memory limit.
+
+A hostile file may hang a native decoder or make it allocate without bound; neither can be
+stopped from inside the process. :class:`SandboxPool` therefore runs :func:`process_file` in
+``workers`` separate Python processes:
+
+* memory: each worker, once its imports are done, caps its own address space with
+  ``setrlimit(RLIMIT_AS)`` at its current size + ``memory_limit_bytes``; an allocation past it
+  fails with MemoryError (``out-of-memory``) or kills the process (``worker-crashed``);
+* time: the parent kills a worker whose file is not done after ``time_limit_s`` (``timeout``)
+  and starts a fresh one; a worker that dies (a native crash) yields ``worker-crashed``.
+
+Each outcome carries the frames already resized to the model size (small to send back).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import subprocess
+import sys
+import time
+import traceback
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection, wait
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from pydicom.dataset import Dataset
+
+from client.prepare_labels import LabelRule, Selection
+from common.dicom import ReadLimits, read_image_frames
+from common.dicom_errors import DicomRejected
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TIME_LIMIT_S = 60.0
+DEFAULT_MEMORY_LIMIT_BYTES = 3 * 2**30
+_START_TIMEOUT_S = 120.0
+_MAX_FAILED_STARTS = 3
+_JOBS_PER_WORKER = 2
+_WORKER_COMMAND = "import sys; from client.prepare_workers import worker_main; worker_main()"
+
+
+@dataclass(frozen=True)
+class PrepareSettings:
+    """Everything a worker needs to turn one file into training images."""
+
+    root: Path
+    image_size: int
+    labels: LabelRule
+    selection: Selection = field(default_factory=Selection)
+    limits: ReadLimits = field(default_factory=ReadLimits)
+    time_limit_s: float = DEFAULT_TIME_LIMIT_S
+    memory_limit_bytes: int | None = DEFAULT_MEMORY_LIMIT_BYTES
+
+
+@dataclass(frozen=True)
+class FileJob:
+    rel: str  # POSIX path relative to the data folder
+    stat: os.stat_result  # lstat when the folder was listed
+
+
+@dataclass(frozen=True, eq=False)
+class FileOutcome:
+    """One file's result: images (F, S, S) float32 in [-1, 1], or a rejection reason."""
+
+    rel: str
+    images: np.ndarray | None = None
+    label: str = ""
+    label_key: str = ""  # the CSV key, folder or attribute that gave the label
+    patient_key: str | None = None
+    reason: str | None = None
+    message: str = ""
+    warnings: tuple[str, ...] = ()
+
+
+Handler = Callable[[FileJob, PrepareSettings], FileOutcome]
+
+
+def resize_to_square(frame: np.ndarray, size: int) -> np.ndarray:
+    """(H, W) in [0, 1] -> (size, size) float32 in [0, 1].
+
+    The frame is zero-padded (black) to a centred square, so the aspect ratio is kept and no
+    content is cropped, then resized with Pillow's BILINEAR filter on 32-bit float ("F" mode):
+    bilinear interpolation when enlarging (28 -> 32), a triangle filter widened by the scale
+    factor when shrinking, i.e. antialiased, no overshoot.
+    """
+    h, w = frame.shape
+    side = max(h, w)
+    square = np.zeros((side, side), dtype=np.float32)
+    top, left = (side - h) // 2, (side - w) // 2
+    square[top:top + h, left:left + w] = frame
+    if side == size:
+        return square
+    resized = Image.fromarray(square).resize((size, size), Image.Resampling.BILINEAR)
+    return np.clip(np.asarray(resized, dtype=np.float32), 0.0, 1.0)
+
+
+def process_file(job: FileJob, settings: PrepareSettings) -> FileOutcome:
+    """Read, select, label and resize one file; every failure becomes a rejection outcome."""
+    found: list[tuple[str, str]] = []
+
+    def screen(ds: Dataset) -> None:
+        settings.selection.check(ds)
+        found.append(settings.labels.label_for(job.rel, ds))
+
+    try:
+        image = read_image_frames(settings.root / job.rel, limits=settings.limits, screen=screen,
+                                  root=settings.root, expected=job.stat)
+        images = np.stack([resize_to_square(f, settings.image_size) for f in image.frames])
+        (label, key), = found  # the screen ran exactly once, before decoding
+    except DicomRejected as exc:
+        return FileOutcome(job.rel, reason=exc.reason, message=exc.message)
+    except MemoryError:
+        return FileOutcome(job.rel, reason="out-of-memory", message="out of memory while decoding")
+    except Exception as exc:  # a bug in medsynth, not a verdict on the file: report it as such
+        detail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
+        log.error("internal error on %s:\n%s", job.rel, traceback.format_exc())
+        return FileOutcome(job.rel, reason="internal-error", message=detail)
+    return FileOutcome(job.rel, images=images * 2.0 - 1.0, label=label, label_key=key,
+                       patient_key=image.patient_key, warnings=image.warnings)
+
+
+def _limit_address_space(extra_bytes: int) -> None:
+    """RLIMIT_AS = current virtual size + ``extra_bytes`` (Linux; elsewhere no limit)."""
+    try:
+        import resource
+
+        status = Path("/proc/self/status").read_text()
+        vm_kib = int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmSize:")))
+    except (ImportError, OSError, StopIteration, ValueError):
+        log.warning("no per-file memory limit on this platform")
+        return
+    soft = vm_kib * 1024 + extra_bytes
+    hard = resource.getrlimit(resource.RLIMIT_AS)[1]
+    if hard != resource.RLIM_INFINITY:
+        soft = min(soft, hard)
+    resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+
+
+def worker_main() -> None:
+    """Entry point of a worker process (``python -c``): argv[1] is its socket's descriptor.
+
+    Receives (settings, handler), limits itself, says "ready", then answers jobs until None.
+    """
+    conn = Connection(int(sys.argv[1]))
+    settings, handler = conn.recv()
+    if settings.memory_limit_bytes is not None:
+        _limit_address_space(settings.memory_limit_bytes)
+    conn.send("ready")
+    try:
+        while (job := conn.recv()) is not None:
+            conn.send(handler(job, settings))
+    except (EOFError, BrokenPipeError):
+        pass  # the parent is gone (killed, interrupted): nothing left to answer
+    conn.close()
+
+
+@dataclass
+class _Worker:
+    process: subprocess.Popen[bytes]
+    conn: Connection
+    ready: bool = False
+    jobs: deque[FileJob] = field(default_factory=deque)  # sent, not answered; the first runs
+    started: float = field(default_factory=time.monotonic)  # start of the first job (or of start-up)
+
+
+class WorkerError(RuntimeError):
+    """Decoding workers could not be started, or answered out of protocol (the message says)."""
+
+
+class SandboxPool:
+    """``workers`` sandboxed processes running ``handler`` (default :func:`process_file`).
+
+    Workers are fresh interpreters (``python -c "...worker_main()"``) talking over a socket
+    pair: nothing of the caller is inherited (threads, open files, the main script), and a
+    worker can be killed without harming the others. Each worker holds up to two jobs, so it
+    never waits for the parent between files; the time limit of a job starts when the worker
+    finished the previous one. A job queued behind one that hangs or crashes is re-queued.
+    """
+
+    def __init__(self, settings: PrepareSettings, workers: int, handler: Handler = process_file) -> None:
+        if workers < 1:
+            raise ValueError(f"workers must be >= 1, got {workers}")
+        self.settings, self.handler, self.size = settings, handler, workers
+        self._workers: list[_Worker] = []
+        self._pending: deque[FileJob] = deque()
+        self._failed_starts = 0
+
+    def __enter__(self) -> SandboxPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _start(self) -> _Worker:
+        ours, theirs = socket.socketpair()
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p),
+               "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+        try:
+            process = subprocess.Popen(
+                [sys.executable, "-c", _WORKER_COMMAND, str(theirs.fileno())],
+                pass_fds=[theirs.fileno()], env=env, stdin=subprocess.DEVNULL,
+            )
+        finally:
+            theirs.close()
+        conn = Connection(ours.detach())
+        worker = _Worker(process, conn)
+        self._workers.append(worker)
+        conn.send((self.settings, self.handler))
+        return worker
+
+    def _stop(self, worker: _Worker) -> None:
+        if worker.process.poll() is None:
+            worker.process.kill()
+        worker.process.wait()
+        worker.conn.close()
+        self._workers.remove(worker)
+
+    def close(self) -> None:
+        """Ask idle workers to exit, kill the rest."""
+        for worker in list(self._workers):
+            if worker.ready and not worker.jobs:
+                try:
+                    worker.conn.send(None)
+                    worker.process.wait(5)
+                except (OSError, subprocess.TimeoutExpired):
+                    pass  # gone or stuck: _stop kills and reaps whatever is left
+            self._stop(worker)
+
+    def _dead(self, worker: _Worker, reason: str, message: str) -> FileOutcome | None:
+        """Replace a worker that died or overran; the outcome of the file it was running."""
+        self._stop(worker)
+        if not worker.ready:
+            self._failed_starts += 1
+            if self._failed_starts >= _MAX_FAILED_STARTS:
+                raise WorkerError(f"decoding workers die at start ({message}); check the "
+                                       "memory limit and the Python environment")
+        self._start()
+        if not worker.jobs:
+            return None
+        running = worker.jobs.popleft()
+        self._pending.extendleft(reversed(worker.jobs))  # queued behind it: not their fault
+        return FileOutcome(running.rel, reason=reason, message=message)
+
+    def run(self, jobs: Iterable[FileJob]) -> Iterator[FileOutcome]:
+        """Yield one outcome per job, in completion order."""
+        self._pending = deque(jobs)
+        while len(self._workers) < min(self.size, max(len(self._pending), 1)):
+            self._start()
+        while self._pending or any(w.jobs for w in self._workers):
+            for worker in self._workers:
+                while worker.ready and len(worker.jobs) < _JOBS_PER_WORKER and self._pending:
+                    if not worker.jobs:
+                        worker.started = time.monotonic()
+                    worker.jobs.append(self._pending.popleft())
+                    worker.conn.send(worker.jobs[-1])
+            yield from self._collect()
+
+    def _deadline(self, worker: _Worker) -> float | None:
+        """When a busy or starting worker is overdue; None for an idle one."""
+        if not worker.ready:
+            return worker.started + _START_TIMEOUT_S
+        return worker.started + self.settings.time_limit_s if worker.jobs else None
+
+    def _collect(self) -> Iterator[FileOutcome]:
+        deadlines = [d for w in self._workers if (d := self._deadline(w)) is not None]
+        timeout = max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
+        ready = wait([w.conn for w in self._workers], timeout=timeout)
+        for worker in list(self._workers):
+            outcome: FileOutcome | None = None
+            deadline = self._deadline(worker)
+            if worker.conn in ready:
+                outcome = self._receive(worker)
+            elif deadline is not None and time.monotonic() > deadline:
+                what = "decoding" if worker.ready else "starting the worker"
+                limit = self.settings.time_limit_s if worker.ready else _START_TIMEOUT_S
+                outcome = self._dead(worker, "timeout", f"{what} took longer than {limit:g} s; "
+                                     "the process was stopped")
+            if outcome is not None:
+                yield outcome
+
+    def _receive(self, worker: _Worker) -> FileOutcome | None:
+        """A worker's message: "ready", an outcome, or end of file when it died."""
+        try:
+            message = worker.conn.recv()
+        except (EOFError, OSError):
+            code = worker.process.wait()
+            return self._dead(worker, "worker-crashed", f"the decoding process died (exit code "
+                              f"{code}); a native decoder crashed or was killed")
+        worker.started = time.monotonic()  # start-up done, or the next queued job starts now
+        if message == "ready":
+            worker.ready = True
+            return None
+        if not isinstance(message, FileOutcome) or not worker.jobs or message.rel != worker.jobs[0].rel:
+            raise WorkerError(f"unexpected message from a decoding worker: {type(message)}")
+        worker.jobs.popleft()
+        return message
