@@ -23,7 +23,6 @@ There is no ``insecure`` setting: a medsynth node connects only over TLS.
 from __future__ import annotations
 
 import math
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +33,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from common.certs import CertificateError, check_private_mode
-from common.config import ConfigError
+from common.config import ConfigError, read_toml
 from common.secagg.identity import Roster, SiteIdentity
 
 NodeConfigValue = bool | int | float | str
@@ -103,12 +102,7 @@ class NodeDeployConfig:
     @staticmethod
     def load(path: Path) -> NodeDeployConfig:
         """Parse ``path`` and run every check of :meth:`check`; raises ``ConfigError`` naming the key."""
-        try:
-            doc = tomllib.loads(path.read_text(encoding="utf-8"))
-        except OSError as exc:
-            raise ConfigError(f"cannot read {path}: {exc.strerror}") from exc
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{path} is not valid TOML: {exc}") from exc
+        doc = read_toml(path)
         base = path.parent.resolve()
         node: Mapping[str, Any] = doc.get("node", {})
         tls: Mapping[str, Any] = doc.get("tls", {})

@@ -8,9 +8,11 @@ nothing else reads ``run_config`` or ``node_config``.
 from __future__ import annotations
 
 import math
+import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 ConfigValue = bool | int | float | str
 
@@ -297,3 +299,14 @@ class SiteConfig:
             allow_plain_aggregation=allow_plain,
             audit_path=audit,
         )
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    """A deployment TOML file (``server.toml``, ``node.toml``, ``pyproject.toml``) as a dict;
+    ``ConfigError`` naming the file when it is missing or not valid TOML."""
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path} is not valid TOML: {exc}") from exc

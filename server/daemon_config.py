@@ -21,24 +21,20 @@ TLS and node authentication are not options: a deployed SuperLink always runs wi
 from __future__ import annotations
 
 import ipaddress
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from common.certs import CertificateError, check_private_mode, check_tls_pair
-from common.config import ConfigError, RunConfig
+from common.config import ConfigError, RunConfig, read_toml
 
 RunValue = bool | int | float | str
 
 
 def app_defaults(app_dir: Path) -> dict[str, RunValue]:
     """``[tool.flwr.app.config]`` of the app, flattened the way Flower flattens it."""
-    try:
-        doc = tomllib.loads((app_dir / "pyproject.toml").read_text(encoding="utf-8"))
-    except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise ConfigError(f"cannot read {app_dir / 'pyproject.toml'}: {exc}") from exc
+    doc = read_toml(app_dir / "pyproject.toml")
     flat: dict[str, RunValue] = {}
 
     def walk(prefix: str, node: Mapping[str, Any]) -> None:
@@ -115,12 +111,7 @@ class ServerDeployConfig:
     @staticmethod
     def load(path: Path, app_dir: Path) -> ServerDeployConfig:
         """Parse and check ``path``: files exist, key matches certificate, 0600 key, known run keys."""
-        try:
-            doc = tomllib.loads(path.read_text(encoding="utf-8"))
-        except OSError as exc:
-            raise ConfigError(f"cannot read {path}: {exc.strerror}") from exc
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{path} is not valid TOML: {exc}") from exc
+        doc = read_toml(path)
         base = path.parent.resolve()
         link = doc.get("superlink", {})
         host = str(link.get("host", "0.0.0.0"))
