@@ -27,7 +27,7 @@ lint: install
 	$(BIN)/mypy common client server simulation
 
 test: lint
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest --durations=15
 
 # the suite without the end-to-end tests marked slow (those start real Flower processes)
 test-quick: lint
