@@ -38,7 +38,7 @@ from client.prepare import PrepareReport, load_or_create_salt, prepare_site
 from common.atomic import write_json_atomic
 from common.config import ConfigError, parse_class_names
 from simulation.deployment import node_config_argument
-from simulation.superlink import FlowerEnv, _executable, _signal_pids, _tail, find_tagged_pids
+from simulation.superlink import FlowerEnv, _executable, _tail, signal_tagged_until_gone
 
 MAX_BACKOFF_S = 60.0
 
@@ -176,11 +176,8 @@ class NodeDaemon:
         self._kill_leftovers()
 
     def _kill_leftovers(self) -> None:
-        deadline = time.monotonic() + 10.0
-        while (left := find_tagged_pids(self.tag)) and time.monotonic() < deadline:
-            _signal_pids(left, signal.SIGTERM, self.tag)
-            time.sleep(0.3)
-        _signal_pids(find_tagged_pids(self.tag), signal.SIGKILL, self.tag)
+        if signal_tagged_until_gone([self.tag], signal.SIGTERM, 10.0):
+            signal_tagged_until_gone([self.tag], signal.SIGKILL, 5.0)
 
 
 def start_node(cfg: NodeDeployConfig, say: Callable[[str], None] = print, runtime_port: int = 9094) -> None:

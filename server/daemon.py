@@ -40,17 +40,16 @@ from typing import Any
 
 from common.atomic import write_json_atomic
 from common.config import ConfigError
-from server.daemon_config import ServerDeployConfig
+from server.daemon_config import ServerDeployConfig, app_defaults
 from simulation.superlink import (
     FlowerEnv,
     RunFailedError,
     SuperLinkError,
     _executable,
     _flwr_json,
-    _signal_pids,
     _tail,
-    find_tagged_pids,
     run_app,
+    signal_tagged_until_gone,
 )
 
 STARTUP_TIMEOUT_S = 60.0
@@ -161,11 +160,8 @@ class SuperLinkDaemon:
         if self.proc is not None and self.proc.poll() is None:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(self.proc.pid, signal.SIGTERM)
-        deadline = time.monotonic() + 15.0
-        while (left := find_tagged_pids(self.tag)) and time.monotonic() < deadline:
-            _signal_pids(left, signal.SIGTERM, self.tag)
-            time.sleep(0.3)
-        _signal_pids(find_tagged_pids(self.tag), signal.SIGKILL, self.tag)
+        if signal_tagged_until_gone([self.tag], signal.SIGTERM, 15.0):
+            signal_tagged_until_gone([self.tag], signal.SIGKILL, 5.0)
         if self.proc is not None:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.proc.wait(timeout=10.0)
@@ -228,7 +224,7 @@ def start_server(cfg: ServerDeployConfig, say: Callable[[str], None] = print) ->
 def format_status(state: dict[str, Any], cfg: ServerDeployConfig) -> str:
     """Rounds, who took part, and each hospital's cumulative ε (budget spending is not patient data)."""
     rounds = state.get("rounds", [])
-    total = cfg.run_overrides.get("num-server-rounds", "?")
+    total = {**app_defaults(cfg.app_dir), **cfg.run_overrides}["num-server-rounds"]
     lines = [f"rounds completed: {len(rounds)} of {total}" + (" (finished)" if state.get("finished") else "")]
     latest: dict[str, dict[str, Any]] = {}
     for r in rounds:

@@ -76,11 +76,11 @@ from simulation.superlink import (
     _cmdline,
     _executable,
     _flwr_json,
-    _signal_pids,
     _tail,
     find_tagged_pids,
     format_run_config,
     free_port,
+    signal_tagged_until_gone,
 )
 
 __all__ = ["DeploymentError", "LocalDeployment", "NodeConfig", "ReceivedMessage", "node_config_argument"]
@@ -347,13 +347,13 @@ class LocalDeployment:
         for proc in procs:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=max(deadline - time.monotonic(), 0.1))
-        self._signal_all_tagged(signal.SIGTERM, self._stop_grace_s)
+        signal_tagged_until_gone(self.tags, signal.SIGTERM, self._stop_grace_s)
         if self.owned_pids() or any(p.poll() is None for p in procs):
             for proc in procs:
                 if proc.poll() is None:
                     with contextlib.suppress(ProcessLookupError, PermissionError):
                         os.killpg(proc.pid, signal.SIGKILL)
-            self._signal_all_tagged(signal.SIGKILL, 5.0)
+            signal_tagged_until_gone(self.tags, signal.SIGKILL, 5.0)
         for proc in procs:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=5.0)
@@ -382,11 +382,7 @@ class LocalDeployment:
         if node.proc is not None and node.proc.poll() is None:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(node.proc.pid, signal.SIGKILL)
-        _signal_pids(pids, signal.SIGKILL, node.env.tag)
-        deadline = time.monotonic() + 5.0
-        while (left := find_tagged_pids(node.env.tag)) and time.monotonic() < deadline:
-            _signal_pids(left, signal.SIGKILL, node.env.tag)
-            time.sleep(0.1)
+        left = signal_tagged_until_gone([node.env.tag], signal.SIGKILL, 5.0)
         if node.proc is not None:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 node.proc.wait(timeout=5.0)
@@ -585,17 +581,3 @@ class LocalDeployment:
             + "\n".join(lines)
             + f"\nSuperLink log: {self._log_path}"
         )
-
-    def _signal_all_tagged(self, sig: signal.Signals, wait_s: float) -> None:
-        """Send ``sig`` to every live tagged process; wait until none is left or ``wait_s`` passes."""
-        deadline = time.monotonic() + wait_s
-        while True:
-            alive = False
-            for tag in self.tags:
-                pids = find_tagged_pids(tag)
-                if pids:
-                    alive = True
-                    _signal_pids(pids, sig, tag)
-            if not alive or time.monotonic() >= deadline:
-                return
-            time.sleep(0.2)

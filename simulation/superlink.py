@@ -47,7 +47,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -68,6 +68,7 @@ __all__ = [
     "format_run_config",
     "free_port",
     "run_app",
+    "signal_tagged_until_gone",
 ]
 
 #: Environment variable that marks every process started through this module.
@@ -294,6 +295,22 @@ def _signal_pids(pids: set[int], sig: signal.Signals, tag: str) -> None:
             os.kill(pid, sig)
 
 
+def signal_tagged_until_gone(tags: Iterable[str], sig: signal.Signals, wait_s: float) -> set[int]:
+    """Send ``sig`` to every live process carrying one of ``tags``, again every 0.2 s, until none
+    is left or ``wait_s`` passes; returns the PIDs still alive (empty when all are gone)."""
+    tags = tuple(tags)
+    deadline = time.monotonic() + wait_s
+    while True:
+        alive: set[int] = set()
+        for tag in tags:
+            pids = find_tagged_pids(tag)
+            alive |= pids
+            _signal_pids(pids, sig, tag)
+        if not alive or time.monotonic() >= deadline:
+            return alive
+        time.sleep(0.2)
+
+
 def _tail(path: Path, lines: int = 40) -> str:
     try:
         text = path.read_text(encoding="utf-8", errors="replace")
@@ -501,13 +518,13 @@ class LocalSuperLink:
                 os.killpg(proc.pid, signal.SIGTERM)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=grace)
-        self._terminate_tagged(signal.SIGTERM, grace)
+        signal_tagged_until_gone([self._tag], signal.SIGTERM, grace)
         leftovers = self.owned_pids()
         if leftovers or (proc is not None and proc.poll() is None):
             if proc is not None and proc.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGKILL)
-            self._terminate_tagged(signal.SIGKILL, 5.0)
+            signal_tagged_until_gone([self._tag], signal.SIGKILL, 5.0)
         if proc is not None:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=5.0)
@@ -524,14 +541,6 @@ class LocalSuperLink:
                 f"I/O?). Inspect with `ps -o pid,stat,cmd -p PID`:\n{listing}"
             )
 
-    def _terminate_tagged(self, sig: signal.Signals, wait_s: float) -> None:
-        deadline = time.monotonic() + wait_s
-        pids = self.owned_pids()
-        if pids:
-            _signal_pids(pids, sig, self._tag)
-        while pids and time.monotonic() < deadline:
-            time.sleep(0.2)
-            pids = self.owned_pids()
 
 
 @dataclass(frozen=True)
