@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 DEMO_OUT ?= medsynth-output/demo
 
-.PHONY: install demo test test-quick lint bench bench-secagg bench-prepare clean
+.PHONY: install demo test test-quick lint bench bench-secagg bench-prepare bench-quality clean
 
 install: $(STAMP)
 
@@ -41,6 +41,10 @@ bench-secagg: install
 
 bench-prepare: install
 	$(BIN)/python -m simulation.bench_prepare
+
+# needs ../shared/data/medmnist/pneumoniamnist.npz; about an hour on 2 CPU cores
+bench-quality: install
+	$(BIN)/python -m simulation.bench_quality
 
 clean:
 	rm -rf medsynth-output .pytest_cache .mypy_cache .ruff_cache

@@ -25,7 +25,7 @@ from common.config import ConfigError, parse_class_names
 from common.dataset import DatasetError
 from common.dicom import DicomRejected
 from common.privacy import PrivacyBudgetExceeded, epsilon_of
-from simulation import cli_deploy
+from simulation import cli_deploy, cli_evaluate
 from simulation.partition import PartitionError, SourceDataError
 from simulation.superlink import SuperLinkError
 
@@ -41,6 +41,7 @@ USER_ERRORS = (
     SourceDataError,
     SuperLinkError,
     FileNotFoundError,
+    *cli_evaluate.USER_ERRORS,
 )
 
 
@@ -88,6 +89,9 @@ def _simulate_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
                         "(default: secure aggregation, the server learns only the sum)")
     p.add_argument("--resume", action="store_true",
                    help="keep OUT's checkpoints and ledgers and continue from the last good round")
+    p.add_argument("--reference", type=Path, default=None,
+                   help="real images (MedMNIST .npz or prepared cache) to evaluate the final model against; "
+                        "results go to summary.json under 'evaluation' and to report.html")
 
 
 def _node_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -144,6 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _simulate_parser(sub)
     _node_parser(sub)
+    cli_evaluate.add_parsers(sub)
     cli_deploy.add_certs_parser(sub)
     cli_deploy.add_server_parser(sub)
     return parser
@@ -175,6 +180,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             timeout_s=args.timeout,
             resume=args.resume,
             secure_aggregation=not args.plain_aggregation,
+            reference=args.reference,
         )
     )
     return 0
@@ -232,6 +238,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "simulate":
             return cmd_simulate(args)
+        if args.command in ("evaluate", "sample"):
+            return cli_evaluate.run(args)
         if args.command == "certs":
             return cli_deploy.run_certs(args)
         if args.command == "server":

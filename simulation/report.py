@@ -7,7 +7,9 @@ Layout (tests and later tools rely on it)::
      "sites": {"site-0": {"epsilon": 3.1, "delta": 1e-05, "epsilon_budget": 10.0,
                           "steps": 40, "status": "ok", "ledger": "sites/site-0/ledger.json"}},
      "rounds": [{"round": 1, "sites_trained": ["site-0", …], "loss_d": 1.3, "loss_g": 0.7}, …],
-     "checkpoints": "checkpoints", "samples": "samples"}
+     "checkpoints": "checkpoints", "samples": "samples",
+     "evaluation": {"fd": 12.3, "kid": 0.01, "tstr_auc": 0.9, "tstr_acc": 0.8, "trtr_auc": 0.95,
+                    "trtr_acc": 0.85, "memorization_rate": 0.0, …}}   # only with --reference
 
 Each site's epsilon is recomputed here from its ledger file alone (the same function the
 hospital uses), not copied from what the hospital reported; ``status`` is ``budget-exhausted``
@@ -41,8 +43,16 @@ def site_summary(out: Path, site_id: str, ledger_path: Path, exhausted: bool) ->
     }
 
 
-def build_summary(out: Path, site_ledgers: dict[str, Path], extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Combine the server's state (``server_state.json``) with every site's ledger."""
+def build_summary(
+    out: Path,
+    site_ledgers: dict[str, Path],
+    extra: dict[str, Any] | None = None,
+    evaluation: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Combine the server's state (``server_state.json``) with every site's ledger.
+
+    ``evaluation``: the result of ``simulation.evaluate`` when the run was given a reference.
+    """
     state_path = out / "server_state.json"
     state = json.loads(state_path.read_text()) if state_path.exists() else {"rounds": []}
     rounds = state.get("rounds", [])
@@ -71,6 +81,8 @@ def build_summary(out: Path, site_ledgers: dict[str, Path], extra: dict[str, Any
         "samples": "samples",
         **(extra or {}),
     }
+    if evaluation is not None:
+        summary["evaluation"] = evaluation
     write_json_atomic(out / "summary.json", summary)
     return summary
 
@@ -86,8 +98,14 @@ def format_summary(summary: dict[str, Any], out: Path) -> str:
             f"  {site}: ε = {s['epsilon']:.3f} of budget {s['epsilon_budget']:g} at δ = {s['delta']:g}, "
             f"{s['steps']} DP steps, status {s['status']}"
         )
+    evaluation = summary.get("evaluation")
+    if evaluation:
+        from simulation.evaluate import format_evaluation
+
+        lines += ["evaluation against the reference:", format_evaluation(evaluation)]
     lines += [
         f"results:   {out}",
+        f"  report   {out / 'report.html'}",
         f"  summary  {out / 'summary.json'}",
         f"  samples  {out / 'samples'}",
         f"  models   {out / 'checkpoints'}",

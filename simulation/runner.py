@@ -7,7 +7,9 @@ Steps, each visible to the user:
    node would (same code), so the simulation exercises the real hospital path;
 4. start a private SuperLink (own FLWR_HOME and port), ``flwr run`` this app on it with
    ``num-supernodes = sites``, follow the server's round lines, stop the SuperLink by PID;
-5. write ``summary.json`` (each site's epsilon recomputed from its ledger) and print it.
+5. with ``--reference``: evaluate the last checkpoint against real images (``simulation.evaluate``);
+6. write ``summary.json`` (each site's epsilon recomputed from its ledger; the evaluation) and
+   ``report.html`` (plots and tables, one offline file), and print the summary.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import numpy as np
 
 from client.prepare import PrepareReport, load_or_create_salt, prepare_site
 from common.config import ConfigError
+from common.report_html import write_report
 from common.secagg import Roster, SiteIdentity
 from simulation.partition import (
     SourceData,
@@ -65,6 +68,7 @@ class SimulateOptions:
     resume: bool = False
     secure_aggregation: bool = True
     extra_config: tuple[tuple[str, RunConfigValue], ...] = ()
+    reference: Path | None = None  # real images to evaluate the final model against (.npz or prepared cache)
 
     def __post_init__(self) -> None:
         if self.sites < 1 or self.rounds < 1:
@@ -74,6 +78,8 @@ class SimulateOptions:
         if self.noise_multiplier is not None and not self.noise_multiplier > 0:
             raise ConfigError("--noise-multiplier must be > 0")
         parse_partition(self.partition)
+        if self.reference is not None and not self.reference.exists():  # found out now, not after training
+            raise ConfigError(f"--reference {self.reference} not found: pass a MedMNIST .npz or a prepared cache")
 
 
 def project_dir() -> Path:
@@ -193,7 +199,7 @@ def simulate(opts: SimulateOptions, say: Callable[[str], None] = print) -> dict[
     check_out_dir(opts.out)
     opts.out.mkdir(parents=True, exist_ok=True)
     if not opts.resume:
-        for stale in ("checkpoints", "samples", "server_state.json", "summary.json"):
+        for stale in ("checkpoints", "samples", "server_state.json", "summary.json", "report.html", "evaluation"):
             path = opts.out / stale
             if path.is_dir():
                 shutil.rmtree(path)
@@ -227,8 +233,23 @@ def simulate(opts: SimulateOptions, say: Callable[[str], None] = print) -> dict[
             timeout_s=opts.timeout_s,
             on_line=on_line,
         )
-    summary = build_summary(
-        opts.out, ledgers, extra={"run_id": result.run_id, "wall_seconds": round(time.monotonic() - t0, 1)}
-    )
+    extra = {"run_id": result.run_id, "wall_seconds": round(time.monotonic() - t0, 1),
+             "class_names": list(source.class_names)}
+    evaluation = evaluate_run(opts, say)
+    summary = build_summary(opts.out, ledgers, extra=extra, evaluation=evaluation)
+    write_report(opts.out, closest_pairs=opts.out / "evaluation" / "closest_pairs.png")
     say(format_summary(summary, opts.out))
     return summary
+
+
+def evaluate_run(opts: SimulateOptions, say: Callable[[str], None]) -> dict[str, Any] | None:
+    """The evaluation of the run's newest checkpoint against ``opts.reference`` (None without one)."""
+    if opts.reference is None:
+        return None
+    from simulation.evaluate import EvaluateOptions, evaluate  # torch: only when evaluating
+
+    if not any((opts.out / "checkpoints").glob("round-*.safetensors")):
+        say("evaluation skipped: the run produced no checkpoint")
+        return None
+    say(f"evaluating the final model against {opts.reference}")
+    return evaluate(EvaluateOptions(checkpoint=opts.out, reference=opts.reference, seed=opts.seed), say=say)

@@ -70,6 +70,16 @@ def test_three_phantom_hospitals_two_rounds_complete(demo_run: tuple[Path, subpr
     assert "ε =" in proc.stdout and str(out) in proc.stdout
 
 
+def test_report_html_is_written_with_the_plots(demo_run: tuple[Path, subprocess.CompletedProcess[str]]) -> None:
+    out, proc = demo_run
+    page = (out / "report.html").read_text()
+    for alt in ("Per-round losses", "Epsilon per round", "Epsilon against budget",
+                "Sample grid round-0001", "Sample grid round-0002"):
+        assert f'<img alt="{alt}" src="data:image/png;base64,' in page, alt
+    assert "<td>site-2</td>" in page and "http" not in page  # exact figures; nothing fetched when opened
+    assert str(out / "report.html") in proc.stdout
+
+
 def test_no_flower_process_outlives_the_simulation(demo_run: tuple[Path, subprocess.CompletedProcess[str]]) -> None:
     out, _ = demo_run
     own = subprocess.run(["pgrep", "-f", str(out)], capture_output=True, text=True).stdout.split()

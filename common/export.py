@@ -1,0 +1,188 @@
+"""Export synthetic images as PNG, NPZ or DICOM, always with a provenance sidecar.
+
+Every export folder holds ``medsynth_export.json``: the model's content hash and round, the
+run, and the (ε, δ) of every hospital that trained the model, so whoever receives the images
+can tell what produced them and under which privacy guarantee. Images are post-processing of
+the DP generator; the export touches no patient data.
+
+DICOM output is Secondary Capture (PS3.3 A.8.1) and says it is synthetic everywhere a viewer
+or a PACS looks: Conversion Type ``SYN`` (synthetic image), Image Type
+``DERIVED\\SECONDARY\\SYNTHETIC``, a Series Description and Image Comments saying so, Patient
+Name/ID ``SYNTHETIC`` (no attribute of any real patient), fresh random UIDs for study, series
+and every instance, no dates. Labels are written as the sub-folder name (``<out>/<class>/``),
+the layout ``medsynth node prepare`` reads.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from PIL import Image
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+from common.atomic import write_json_atomic
+
+SIDECAR = "medsynth_export.json"
+ExportFormat = Literal["png", "npz", "dicom"]
+FORMATS: tuple[ExportFormat, ...] = ("png", "npz", "dicom")
+SERIES_DESCRIPTION = "SYNTHETIC - medsynth DP-GAN - not a patient"
+_SAFE = re.compile(r"[^A-Za-z0-9_.-]+")
+
+
+class ExportError(ValueError):
+    """An export cannot be written as asked (bad format, bad folder, class unknown)."""
+
+
+@dataclass(frozen=True)
+class SitePrivacy:
+    """One hospital's cumulative (ε, δ) as it reported it, recomputed from its own ledger."""
+
+    epsilon: float
+    delta: float
+    epsilon_budget: float
+    steps: int
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """What made the images: model hash and config, checkpoint round, run, per-hospital privacy."""
+
+    model_sha256: str
+    checkpoint: str
+    round: int
+    run_id: int | None
+    model_config: Mapping[str, Any]
+    class_names: tuple[str, ...]
+    sites: Mapping[str, SitePrivacy]
+    secure_aggregation: bool | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        eps = [s.epsilon for s in self.sites.values()]
+        return {
+            "model": {"content_sha256": self.model_sha256, "checkpoint": self.checkpoint, "round": self.round,
+                      "config": dict(self.model_config), "class_names": list(self.class_names)},
+            "run": {"run_id": self.run_id, "secure_aggregation": self.secure_aggregation},
+            "privacy": {
+                "unit": "patient",
+                "source": "each hospital's report in the checkpoint's round history, recomputed from its ledger",
+                "sites": {k: asdict(v) for k, v in sorted(self.sites.items())},
+                "max_epsilon": max(eps) if eps else None,
+            },
+        }
+
+
+def privacy_from_history(history: Sequence[Mapping[str, Any]]) -> dict[str, SitePrivacy]:
+    """Latest (ε, δ) of every hospital that trained in any round of a checkpoint's history."""
+    trained = {s for r in history for s in r.get("sites_trained", [])}
+    latest: dict[str, SitePrivacy] = {}
+    for record in history:
+        for site, p in record.get("privacy", {}).items():
+            if site in trained:
+                latest[site] = SitePrivacy(float(p["epsilon"]), float(p["delta"]),
+                                           float(p["epsilon_budget"]), int(p["steps"]))
+    return latest
+
+
+def to_uint8(images: np.ndarray) -> np.ndarray:
+    """(N, S, S) or (N, 1, S, S) in [-1, 1] → uint8 (N, S, S)."""
+    arr = images[:, 0] if images.ndim == 4 else images
+    return np.clip((arr + 1.0) * 127.5, 0, 255).round().astype(np.uint8)
+
+
+def _class_folder(name: str) -> str:
+    return _SAFE.sub("_", name).strip("._") or "class"
+
+
+def synthetic_dicom(pixels: np.ndarray, *, label: str, study_uid: str, series_uid: str, number: int,
+                    provenance: Provenance) -> Dataset:
+    """One uint8 (S, S) image as a Secondary Capture dataset carrying the synthetic markers."""
+    sop_uid = generate_uid()
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = sop_uid
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = SecondaryCaptureImageStorage
+    ds.SOPInstanceUID = sop_uid
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, series_uid
+    ds.PatientName, ds.PatientID = "SYNTHETIC", "SYNTHETIC"
+    ds.PatientBirthDate, ds.PatientSex = "", ""
+    ds.StudyDate, ds.StudyTime, ds.ReferringPhysicianName, ds.AccessionNumber = "", "", "", ""
+    ds.StudyID, ds.SeriesNumber, ds.InstanceNumber = "SYNTH", 1, number
+    ds.Modality, ds.ConversionType = "OT", "SYN"
+    ds.ImageType = ["DERIVED", "SECONDARY", "SYNTHETIC"]
+    ds.SeriesDescription = SERIES_DESCRIPTION
+    ds.ImageComments = f"synthetic image, class {label}; not a real patient"
+    ds.DerivationDescription = (
+        f"generated by a differentially private GAN (medsynth), model sha256 {provenance.model_sha256[:16]}, "
+        f"round {provenance.round}; see {SIDECAR}"
+    )
+    ds.Manufacturer, ds.BurnedInAnnotation = "medsynth", "NO"
+    ds.set_pixel_data(np.ascontiguousarray(pixels), "MONOCHROME2", 8, generate_instance_uid=False)
+    return ds
+
+
+def export_images(
+    images: np.ndarray,
+    labels: np.ndarray,
+    out: Path,
+    fmt: ExportFormat,
+    provenance: Provenance,
+    *,
+    sampling: Mapping[str, Any] | None = None,
+) -> list[Path]:
+    """Write images (N, [1,] S, S) in [-1, 1] with class labels (N,) to ``out`` and the sidecar.
+
+    Returns the written image files (the sidecar is ``out / SIDECAR``). Refuses a non-empty
+    ``out`` that already holds an export, so two exports never mix under one sidecar.
+    """
+    if fmt not in FORMATS:
+        raise ExportError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    if labels.shape != (images.shape[0],):
+        raise ExportError(f"labels ({labels.shape}) must match images ({images.shape[0]})")
+    if (out / SIDECAR).exists():
+        raise ExportError(f"{out} already holds an export ({SIDECAR}); choose an empty folder")
+    out.mkdir(parents=True, exist_ok=True)
+    pixels = to_uint8(images)
+    names = provenance.class_names
+    files: list[Path] = []
+    if fmt == "npz":
+        path = out / "synthetic.npz"
+        np.savez_compressed(path, images=pixels, labels=labels.astype(np.int64),
+                            class_names=np.array(names, dtype=np.str_))
+        files.append(path)
+    else:
+        study_uid, series_uid = generate_uid(), generate_uid()
+        for k, (img, label) in enumerate(zip(pixels, labels, strict=True)):
+            folder = out / _class_folder(names[int(label)])
+            folder.mkdir(exist_ok=True)
+            if fmt == "png":
+                path = folder / f"synthetic_{k:06d}.png"
+                Image.fromarray(img).save(path, format="PNG")
+            else:
+                path = folder / f"synthetic_{k:06d}.dcm"
+                ds = synthetic_dicom(img, label=names[int(label)], study_uid=study_uid, series_uid=series_uid,
+                                     number=k + 1, provenance=provenance)
+                ds.save_as(path, enforce_file_format=True)
+            files.append(path)
+    sidecar = {
+        "synthetic": True,
+        "notice": "synthetic images generated by a differentially private GAN; no image shows a real patient",
+        "format": fmt,
+        "count": int(images.shape[0]),
+        "class_counts": {names[c]: int((labels == c).sum()) for c in range(len(names))},
+        "files": [str(p.relative_to(out)) for p in files],
+        "sampling": dict(sampling or {}),
+        "created_utc": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        **provenance.to_json(),
+    }
+    write_json_atomic(out / SIDECAR, sidecar)
+    return files

@@ -1,0 +1,164 @@
+"""``report.html``: one self-contained page about a run, readable offline.
+
+Sources, all in the run folder: ``server_state.json`` (the server's record of every round:
+losses, each hospital's reported ε), ``summary.json`` when a simulation wrote one (ε recomputed
+from each ledger; the evaluation), ``samples/round-NNNN.png`` (sample grids) and, when an
+evaluation ran, its ``closest_pairs.png``. Plots come first (losses over rounds, each
+hospital's ε against its budget, sample grids over rounds, TSTR against TRTR), tables give the
+exact figures. Pictures are PNGs inlined as ``data:`` URIs, so the page is a single file.
+
+It lives in ``common`` (not ``simulation``) so that the server in deployment, which ships only
+``server/``, ``client/`` and ``common/``, can write the same report; it imports neither.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import html
+import json
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from common.atomic import write_bytes_atomic
+from common.plots import bar_chart, line_chart
+
+REPORT_FILE = "report.html"
+MAX_GRIDS = 8
+_CSS = """body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}
+table{border-collapse:collapse;margin:.5em 0 1.5em}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}
+th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}img{max-width:100%}
+.grids figure{display:inline-block;margin:0 12px 12px 0}.note{color:#555;font-size:90%}"""
+
+
+def _img(png: bytes, alt: str) -> str:
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
+
+
+def _num(v: Any, digits: int = 4) -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "–"
+    if isinstance(v, float):
+        return f"{v:.{digits}g}"
+    return html.escape(str(v))
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{_num(c)}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _load(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _training(rounds: list[dict[str, Any]]) -> str:
+    series = {name: [(float(r["round"]), float(r[name])) for r in rounds if r.get(name) is not None]
+              for name in ("loss_d", "loss_g")}
+    parts = ["<h2>Training</h2>"]
+    if rounds:
+        parts.append(_img(line_chart(series, title="Mean local losses per round (all hospitals, FedAvg-weighted)",
+                                     xlabel="round", ylabel="loss", integer_x=True), "Per-round losses"))
+    parts.append(_table(
+        ["round", "hospitals trained", "loss D", "loss G", "seconds", "failures"],
+        [[r["round"], ", ".join(r.get("sites_trained", [])), r.get("loss_d"), r.get("loss_g"), r.get("seconds"),
+          "; ".join(r.get("failures", [])) or "–"] for r in rounds],
+    ))
+    return "".join(parts)
+
+
+def _privacy(rounds: list[dict[str, Any]], sites: Mapping[str, Mapping[str, Any]]) -> str:
+    per_round: dict[str, list[tuple[float, float]]] = {}
+    budgets: dict[str, float] = {}
+    for r in rounds:
+        for site, p in sorted(r.get("privacy", {}).items()):
+            per_round.setdefault(site, []).append((float(r["round"]), float(p["epsilon"])))
+            budgets[site] = float(p["epsilon_budget"])
+    final = {s: dict(v) for s, v in sites.items()} or {
+        s: {"epsilon": pts[-1][1], "epsilon_budget": budgets[s]} for s, pts in per_round.items()}
+    parts = ["<h2>Privacy spent per hospital</h2>",
+             '<p class="note">ε per patient at the hospital\'s δ, cumulative over every step its ledger holds. '
+             "Dashed: the hospital's budget; no hospital trains past it.</p>"]
+    if per_round:
+        hlines = {f"budget {b:g}": b for b in sorted(set(budgets.values()))}
+        parts.append(_img(line_chart(per_round, title="Cumulative epsilon of each hospital after each round",
+                                     xlabel="round", ylabel="epsilon", hlines=hlines, integer_x=True),
+                          "Epsilon per round"))
+    if final:
+        names = sorted(final)
+        parts.append(_img(bar_chart(
+            names, {"epsilon spent": [float(final[s].get("epsilon", math.nan)) for s in names]},
+            markers={"budget": [float(final[s].get("epsilon_budget", math.nan) or math.nan) for s in names]},
+            title="Epsilon spent by each hospital against its budget", ylabel="epsilon"), "Epsilon against budget"))
+        parts.append(_table(["hospital", "ε", "δ", "budget", "DP steps", "status"],
+                            [[s, final[s].get("epsilon"), final[s].get("delta"), final[s].get("epsilon_budget"),
+                              final[s].get("steps"), final[s].get("status", "–")] for s in names]))
+    return "".join(parts)
+
+
+def _grids(root: Path) -> str:
+    files = sorted((root / "samples").glob("round-*.png"))
+    if not files:
+        return ""
+    if len(files) > MAX_GRIDS:
+        picks = sorted({round(i * (len(files) - 1) / (MAX_GRIDS - 1)) for i in range(MAX_GRIDS)})
+        files = [files[i] for i in picks]
+    figs = "".join(f"<figure>{_img(f.read_bytes(), f'Sample grid {f.stem}')}"
+                   f"<figcaption>{html.escape(f.stem)}</figcaption></figure>" for f in files)
+    return ('<h2>Samples over rounds</h2><p class="note">Same latent vectors every round; one row per class.</p>'
+            f'<div class="grids">{figs}</div>')
+
+
+def _evaluation(ev: Mapping[str, Any], closest_pairs: Path | None) -> str:
+    parts = ["<h2>Evaluation against real images</h2>",
+             f'<p class="note">{html.escape(str(ev.get("fd_kind", "")))}</p>']
+    scores = [float(v) for k in ("tstr_auc", "trtr_auc", "tstr_acc", "trtr_acc")
+              if isinstance(v := ev.get(k), int | float)]
+    if len(scores) == 4:
+        parts.append(_img(bar_chart(["AUC", "accuracy"], {"synthetic (TSTR)": [scores[0], scores[2]],
+                                                         "real (TRTR)": [scores[1], scores[3]]},
+                                    title="Classifier trained on synthetic or on real images, tested on real",
+                                    ylabel="score"),
+                          "TSTR against TRTR"))
+    labels = {"fd": "Fréchet distance (domain features)", "kid": "KID", "precision": "precision",
+              "recall": "recall", "density": "density", "coverage": "coverage", "tstr_auc": "TSTR AUC",
+              "tstr_acc": "TSTR accuracy", "trtr_auc": "TRTR AUC", "trtr_acc": "TRTR accuracy",
+              "memorization_rate": "memorization rate", "nearer_train_share": "nearer to train than held-out",
+              "n_synthetic": "synthetic images", "extractor_sha256": "feature extractor sha256",
+              "reference": "reference", "model_sha256": "model sha256"}
+    parts.append(_table(["metric", "value"], [[labels[k], ev[k]] for k in labels if k in ev]))
+    if closest_pairs is not None and closest_pairs.is_file():
+        parts.append("<h3>Closest synthetic–training pairs</h3>"
+                     '<p class="note">The synthetic images nearest (relative to the held-out set) to a training '
+                     "image. Copies would look identical to their neighbour.</p>")
+        parts.append(_img(closest_pairs.read_bytes(), "Closest pairs"))
+    return "".join(parts)
+
+
+def write_report(root: Path, *, evaluation: Mapping[str, Any] | None = None, closest_pairs: Path | None = None,
+                 title: str = "medsynth run report") -> Path:
+    """Write ``root/report.html`` from the run folder (and an evaluation, if given); returns its path."""
+    state, summary = _load(root / "server_state.json"), _load(root / "summary.json")
+    rounds = [r for r in state.get("rounds", []) if isinstance(r, dict)]
+    ev = evaluation if evaluation is not None else summary.get("evaluation")
+    facts = [["rounds completed", len(rounds)], ["secure aggregation", state.get("secure_aggregation", "–")],
+             ["stopped early", state.get("stopped_early") or "no"], ["run id", summary.get("run_id", "–")],
+             ["wall seconds", summary.get("wall_seconds", "–")]]
+    body = [f"<h1>{html.escape(title)}</h1>",
+            f'<p class="note">{html.escape(str(root))} — written '
+            f'{dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}</p>',
+            _table(["", ""], facts), _training(rounds), _privacy(rounds, summary.get("sites", {})), _grids(root)]
+    if ev:
+        body.append(_evaluation(ev, closest_pairs))
+    page = (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+            f"<style>{_CSS}</style></head><body>{''.join(body)}</body></html>\n")
+    path = root / REPORT_FILE
+    write_bytes_atomic(path, page.encode())
+    return path

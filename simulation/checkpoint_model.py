@@ -1,0 +1,139 @@
+"""A checkpoint → a ready generator, its model config and its provenance (for evaluate and sample).
+
+A checkpoint (``server.checkpoint``) holds the tensors of G and D, the round history and a
+content hash, but not the model config nor the class names. The config is read back from
+the tensor shapes (unambiguous for ``common.models``: the label embedding gives the classes
+and latent size, the projection the top width, the number of transposed convolutions the image
+side, D's first conv its width), then the generator is built and loaded *strictly*, so a
+mismatch fails loudly. Class names come, in order, from the user (``--classes``), the checkpoint
+metadata (``class_names``, if the server writes it), the run's ``summary.json`` next to the
+checkpoints folder, the caller (e.g. the reference data set), else ``class0, class1, …``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from common.config import ModelConfig
+from common.export import Provenance, privacy_from_history
+from common.models import Generator, build_models
+from common.weights import UpdateLayoutError, load_model_arrays
+from server.checkpoint import Checkpoint, CheckpointInvalid, latest_valid_checkpoint, load_checkpoint
+
+
+class CheckpointUnusable(ValueError):
+    """The checkpoint cannot be found, verified or turned into a generator; the message says why."""
+
+
+@dataclass(frozen=True, eq=False)
+class LoadedGenerator:
+    """The generator of one checkpoint, in eval mode, with what it needs to sample and to be cited."""
+
+    generator: Generator
+    cfg: ModelConfig
+    class_names: tuple[str, ...]
+    provenance: Provenance
+
+    @torch.no_grad()
+    def sample(self, labels: np.ndarray, *, seed: int, batch_size: int = 512) -> np.ndarray:
+        """Images (n, 1, S, S) float32 in [-1, 1] for class labels (n,); latents from ``seed``."""
+        gen = torch.Generator().manual_seed(seed)
+        self.generator.eval()
+        out = []
+        for i in range(0, labels.shape[0], batch_size):
+            y = torch.from_numpy(np.asarray(labels[i : i + batch_size], dtype=np.int64))
+            z = torch.randn(y.shape[0], self.cfg.latent_dim, generator=gen)
+            out.append(self.generator(z, y if self.cfg.conditional else None))
+        return torch.cat(out).numpy() if out else np.zeros((0, 1, self.cfg.image_size, self.cfg.image_size), np.float32)
+
+
+def model_config_from_arrays(arrays: dict[str, np.ndarray], num_classes: int | None = None) -> ModelConfig:
+    """The :class:`ModelConfig` that made these ``g.*``/``d.*`` tensors."""
+    try:
+        project = arrays["g.project.weight"]  # (top·16, latent·(2 if conditional))
+        convs = [k for k, v in arrays.items() if k.startswith("g.body.") and k.endswith(".weight") and v.ndim == 4]
+        d_width = int(arrays["d.body.0.weight"].shape[0])
+    except KeyError as exc:
+        raise CheckpointUnusable(f"checkpoint lacks {exc}; it was not written by medsynth") from exc
+    conditional = "g.label_embedding.weight" in arrays
+    if conditional:
+        classes, latent = (int(n) for n in arrays["g.label_embedding.weight"].shape)
+    else:
+        classes, latent = num_classes or 1, int(project.shape[1])
+    stages = len(convs)
+    top = int(project.shape[0]) // 16
+    return ModelConfig(image_size=4 * 2**stages, latent_dim=latent, g_width=top // 2 ** (stages - 1),
+                       d_width=d_width, num_classes=classes, conditional=conditional)
+
+
+def resolve_checkpoint(path: Path) -> Checkpoint:
+    """A checkpoint file, or the newest valid one in a run folder or its ``checkpoints/``."""
+    try:
+        if path.is_file():
+            return load_checkpoint(path)
+        for folder in (path / "checkpoints", path):
+            if folder.is_dir():
+                found = latest_valid_checkpoint(folder)
+                if found is not None:
+                    return found
+    except CheckpointInvalid as exc:
+        raise CheckpointUnusable(f"checkpoint {path} is invalid: {exc}") from exc
+    raise CheckpointUnusable(f"no valid checkpoint at {path}: pass a round-NNNN.safetensors file or a run folder")
+
+
+def _run_file(ckpt: Checkpoint, name: str) -> dict[str, object]:
+    path = ckpt.path.parent.parent / name
+    try:
+        data = json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _metadata_class_names(ckpt: Checkpoint) -> tuple[str, ...] | None:
+    with ckpt.path.open("rb") as fh:  # the header was read and verified by load_checkpoint already
+        header = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
+    raw = header.get("__metadata__", {}).get("class_names")
+    return tuple(json.loads(raw)) if raw else None
+
+
+def load_generator(path: Path, *, class_names: tuple[str, ...] | None = None,
+                   override_names: tuple[str, ...] | None = None) -> LoadedGenerator:
+    """Load, verify and build the generator of ``path`` (file or run folder).
+
+    ``class_names``: used when the run does not record them; ``override_names``: used always.
+    """
+    ckpt = resolve_checkpoint(path)
+    summary = _run_file(ckpt, "summary.json")
+    names = override_names or _metadata_class_names(ckpt)
+    listed = summary.get("class_names")
+    if names is None and isinstance(listed, list):
+        names = tuple(str(n) for n in listed)
+    cfg = model_config_from_arrays(ckpt.arrays, len(names or class_names or ()) or None)
+    names = names or class_names or tuple(f"class{i}" for i in range(cfg.num_classes))
+    if len(names) != cfg.num_classes:
+        raise CheckpointUnusable(f"the model has {cfg.num_classes} classes but the class names are {list(names)}")
+    netG, netD = build_models(cfg, seed=0)
+    try:
+        load_model_arrays(netG, netD, ckpt.arrays)
+    except UpdateLayoutError as exc:
+        raise CheckpointUnusable(f"{ckpt.path.name}: {exc}") from exc
+    netG.eval()
+    state = _run_file(ckpt, "server_state.json")
+    run_id = summary.get("run_id")
+    provenance = Provenance(
+        model_sha256=ckpt.content_sha256,
+        checkpoint=ckpt.path.name,
+        round=ckpt.round,
+        run_id=int(run_id) if isinstance(run_id, int) else None,
+        model_config=asdict(cfg),
+        class_names=tuple(names),
+        sites=privacy_from_history(ckpt.history),
+        secure_aggregation=bool(state["secure_aggregation"]) if "secure_aggregation" in state else None,
+    )
+    return LoadedGenerator(netG, cfg, tuple(names), provenance)

@@ -1,0 +1,220 @@
+"""``medsynth evaluate``: how good are a checkpoint's synthetic images, and do they copy anyone?
+
+Steps (each reported as it runs):
+1. load and verify the checkpoint, rebuild its generator (``simulation.checkpoint_model``);
+2. load the reference (MedMNIST ``.npz`` or prepared cache) at the generator's image side;
+3. the domain feature extractor for that reference: cached, else trained with a fixed seed
+   (``common.features``); its weights' SHA-256 is part of the result;
+4. sample N synthetic images, class-conditionally, with the real training split's class balance
+   (or uniform), latents from a fixed seed;
+5. domain FD and KID, precision/recall and density/coverage in the extractor's feature space
+   against the real training split (``common.metrics``);
+6. TSTR and TRTR (``common.tstr``); TRTR depends only on the reference and is cached next to
+   the extractor;
+7. memorization in pixel space against the training and held-out splits, and (unless
+   ``aggregate_only``) a picture of the closest pairs.
+
+``aggregate_only`` is for a hospital evaluating on its own data: only aggregate numbers are
+written or printed, no picture holding a real image. Nothing is sent anywhere in any mode.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import numpy as np
+
+from common.atomic import write_bytes_atomic, write_json_atomic
+from common.config import ModelConfig
+from common.export import Provenance
+from common.features import FeatureExtractor, default_cache_dir, load_or_train_extractor
+from common.metrics import Memorization, frechet_distance, kernel_distance, memorization, precision_recall
+from common.plots import image_table
+from common.reference import ReferenceData, load_reference
+from common.tstr import TSTR_CONFIG, ClassifierScore, balanced_labels, train_and_score
+from simulation.checkpoint_model import load_generator
+
+FD_KIND = ("domain FD/KID: features of a small CNN trained (fixed seed) on the reference's own training split; "
+           "not Inception FID, not comparable with published FIDs")
+EVALUATION_DIR = "evaluation"
+
+
+class EvaluationError(ValueError):
+    """The evaluation was asked for something it cannot do; the message says what to change."""
+
+
+class ImageSource(Protocol):
+    """What the evaluation needs from a generator (``LoadedGenerator`` is one)."""
+
+    @property
+    def cfg(self) -> ModelConfig: ...
+    @property
+    def class_names(self) -> tuple[str, ...]: ...
+    @property
+    def provenance(self) -> Provenance: ...
+    def sample(self, labels: np.ndarray, *, seed: int) -> np.ndarray: ...
+
+
+@dataclass(frozen=True)
+class EvaluateOptions:
+    """What ``medsynth evaluate`` can be told; ``out`` defaults to ``<run folder>/evaluation``."""
+
+    checkpoint: Path
+    reference: Path
+    out: Path | None = None
+    held_out: Path | None = None
+    n_synthetic: int | None = None  # None: as many as real training images (≤ max_synthetic)
+    max_synthetic: int = 5000
+    class_balance: Literal["real", "uniform"] = "real"
+    seed: int = 0
+    aggregate_only: bool = False
+    memorization_ratio: float = 0.5
+    cache_dir: Path | None = None
+
+    def __post_init__(self) -> None:
+        if self.n_synthetic is not None and self.n_synthetic < 10:
+            raise EvaluationError("--n must be at least 10 synthetic images")
+        if self.class_balance not in ("real", "uniform"):
+            raise EvaluationError(f"class balance must be 'real' or 'uniform', got {self.class_balance!r}")
+
+
+def run_folder(checkpoint: Path) -> Path:
+    """The run folder a checkpoint file or folder belongs to (``RUN/checkpoints/round-NNNN…``)."""
+    folder = checkpoint if checkpoint.is_dir() else checkpoint.parent
+    return folder.parent if folder.name == "checkpoints" else folder
+
+
+def output_dir(opts: EvaluateOptions) -> Path:
+    return opts.out if opts.out is not None else run_folder(opts.checkpoint) / EVALUATION_DIR
+
+
+def tstr_score(images: np.ndarray, labels: np.ndarray, reference: ReferenceData, *,
+               desc: str = "TSTR classifier") -> ClassifierScore:
+    """Train the judge on (images, labels), score it on the reference's real test split."""
+    return train_and_score(images, labels, reference.test.images, reference.test.labels,
+                           len(reference.class_names), TSTR_CONFIG, desc=desc)
+
+
+def trtr_score(reference: ReferenceData, cache_dir: Path | None) -> ClassifierScore:
+    """TRTR: :func:`tstr_score` of the real training split; cached (it never depends on the model)."""
+    spec = json.dumps({"ref": reference.sha256, "size": reference.image_size, "cfg": asdict(TSTR_CONFIG)},
+                      sort_keys=True)
+    key = hashlib.sha256(spec.encode()).hexdigest()[:32]
+    path = (cache_dir or default_cache_dir()) / "trtr" / f"{key}.json"
+    if path.is_file():
+        raw = json.loads(path.read_text())
+        return ClassifierScore(float(raw["accuracy"]), float(raw["auc"]))
+    score = tstr_score(reference.train.images, reference.train.labels, reference, desc="TRTR classifier")
+    write_json_atomic(path, {"accuracy": score.accuracy, "auc": score.auc})
+    return score
+
+
+def closest_pairs_png(mem: Memorization, fake: np.ndarray, reference: ReferenceData, n: int = 8) -> bytes:
+    """Rows of [synthetic | nearest training | nearest held-out] for the n most train-near samples."""
+    assert reference.held_out is not None
+    u8 = [np.clip((x[:, 0] + 1.0) * 127.5, 0, 255).round().astype(np.uint8)
+          for x in (fake, reference.train.images, reference.held_out.images)]
+    rows, captions = [], []
+    for i in mem.closest(min(n, fake.shape[0])):
+        rows.append([u8[0][i], u8[1][mem.i_train[i]], u8[2][mem.i_held[i]]])
+        captions.append(f"d_train {mem.d_train[i]:.2f}  d_held {mem.d_held[i]:.2f}")
+    return image_table(rows, columns=["synthetic", "nearest train", "nearest held-out"], captions=captions)
+
+
+def _fidelity(extractor: FeatureExtractor, fake: np.ndarray, real: np.ndarray, seed: int) -> dict[str, float]:
+    f_fake, f_real = extractor(fake), extractor(real)
+    kid, kid_std = kernel_distance(f_real, f_fake, seed=seed)
+    fid = precision_recall(f_real, f_fake)
+    return {"fd": frechet_distance(f_real, f_fake), "kid": kid, "kid_std": kid_std, "precision": fid.precision,
+            "recall": fid.recall, "density": fid.density, "coverage": fid.coverage}
+
+
+def evaluate(
+    opts: EvaluateOptions, say: Callable[[str], None] = print, *, generator: ImageSource | None = None
+) -> dict[str, Any]:
+    """Run the whole evaluation; writes ``evaluation.json`` (and the picture) and returns the result.
+
+    ``generator`` replaces the checkpoint's generator (tests: a generator that copies training
+    images, or one that draws noise); by default it is loaded from ``opts.checkpoint``.
+    """
+    t0 = time.monotonic()
+    loaded = generator is None
+    if generator is None:
+        generator = load_generator(opts.checkpoint)
+    reference = load_reference(opts.reference, generator.cfg.image_size, held_out=opts.held_out, seed=opts.seed)
+    if loaded and generator.class_names != reference.class_names:  # names unknown to the checkpoint: take the data's
+        generator = load_generator(opts.checkpoint, class_names=reference.class_names)
+    if len(generator.class_names) != len(reference.class_names) and generator.cfg.conditional:
+        raise EvaluationError(f"the model has classes {list(generator.class_names)}, the reference "
+                              f"{list(reference.class_names)}: evaluate against data with the same classes")
+    if generator.class_names != reference.class_names:
+        say(f"note: the model's classes {list(generator.class_names)} are matched by index with the "
+            f"reference's {list(reference.class_names)}")
+    out = output_dir(opts)
+    say(f"model {generator.provenance.checkpoint} (round {generator.provenance.round}, sha256 "
+        f"{generator.provenance.model_sha256[:12]}…); reference {reference.name}: {len(reference.train)} train / "
+        f"{len(reference.test)} test / {len(reference.held_out) if reference.held_out else 0} held-out images")
+    extractor = load_or_train_extractor(reference, cache_dir=opts.cache_dir)
+    say(f"feature extractor {'trained and cached' if extractor.trained_now else 'from cache'}: {extractor.path} "
+        f"(sha256 {extractor.sha256[:12]}…)")
+    n = opts.n_synthetic or min(len(reference.train), opts.max_synthetic)
+    num_classes = len(reference.class_names)
+    shares = reference.class_shares() if opts.class_balance == "real" else np.full(num_classes, 1.0 / num_classes)
+    labels = balanced_labels(n, shares, seed=opts.seed)
+    fake = generator.sample(labels, seed=opts.seed)
+    real_cap = reference.train.images[: opts.max_synthetic]
+    result: dict[str, Any] = {"fd_kind": FD_KIND, "n_synthetic": n, "class_balance": opts.class_balance,
+                              **_fidelity(extractor, fake, real_cap, opts.seed)}
+    say(f"domain FD {result['fd']:.3f}, KID {result['kid']:.4f}, precision {result['precision']:.3f}, "
+        f"recall {result['recall']:.3f}")
+    if generator.cfg.conditional:
+        tstr = tstr_score(fake, labels, reference)
+    else:
+        tstr = ClassifierScore(float("nan"), float("nan"))
+        say("the generator is not class-conditional: no TSTR")
+    trtr = trtr_score(reference, opts.cache_dir)
+    result.update(tstr_auc=tstr.auc, tstr_acc=tstr.accuracy, trtr_auc=trtr.auc, trtr_acc=trtr.accuracy)
+    say(f"TSTR AUC {tstr.auc:.3f} ACC {tstr.accuracy:.3f}; TRTR AUC {trtr.auc:.3f} ACC {trtr.accuracy:.3f}")
+    result.update(memorization_rate=None, nearer_train_share=None, memorization_ratio=opts.memorization_ratio)
+    out.mkdir(parents=True, exist_ok=True)
+    if reference.held_out is not None:
+        mem = memorization(fake, reference.train.images, reference.held_out.images, ratio=opts.memorization_ratio)
+        result.update(memorization_rate=mem.rate, nearer_train_share=mem.nearer_share)
+        say(f"memorization: {mem.rate:.2%} of synthetic images are < {opts.memorization_ratio:g}× as far from "
+            f"a training image as from any held-out one ({mem.nearer_share:.2%} simply nearer)")
+        if not opts.aggregate_only:
+            write_bytes_atomic(out / "closest_pairs.png", closest_pairs_png(mem, fake, reference))
+    else:
+        say("memorization: skipped, no held-out real images (pass --held-out with a prepared folder)")
+    result.update(
+        reference=reference.name, reference_sha256=reference.sha256, extractor_sha256=extractor.sha256,
+        model_sha256=generator.provenance.model_sha256, checkpoint=generator.provenance.checkpoint,
+        round=generator.provenance.round, seed=opts.seed, aggregate_only=opts.aggregate_only,
+        seconds=round(time.monotonic() - t0, 1),
+    )
+    write_json_atomic(out / "evaluation.json", result)
+    say(f"evaluation written to {out / 'evaluation.json'}")
+    return result
+
+
+def format_evaluation(ev: dict[str, Any]) -> str:
+    """The table a user reads at the end of ``medsynth evaluate``."""
+    def f(key: str, digits: int = 4) -> str:
+        v = ev.get(key)
+        return "–" if v is None or (isinstance(v, float) and not np.isfinite(v)) else f"{v:.{digits}g}"
+
+    return "\n".join([
+        f"  domain FD  {f('fd')}    KID {f('kid')} ± {f('kid_std', 2)}    ({FD_KIND})",
+        f"  precision  {f('precision', 3)}    recall {f('recall', 3)}    density {f('density', 3)}    "
+        f"coverage {f('coverage', 3)}",
+        f"  TSTR       AUC {f('tstr_auc', 3)}  ACC {f('tstr_acc', 3)}    (trained on synthetic, tested on real)",
+        f"  TRTR       AUC {f('trtr_auc', 3)}  ACC {f('trtr_acc', 3)}    (same classifier trained on real)",
+        f"  memorization rate {f('memorization_rate', 3)}    nearer to train than held-out "
+        f"{f('nearer_train_share', 3)}",
+    ])

@@ -1,0 +1,129 @@
+"""Federated DP-GAN training in one process, without Flower: for the benchmark's references and for tuning.
+
+The same local round as a hospital (``common.dp_train.train_local_round``), the same noise
+calibration (``common.privacy.calibrate_noise_multiplier``: σ chosen so the planned rounds end
+at, never above, ε), FedAvg weighted by patient count, checkpoints written by
+``server.checkpoint`` with the same round records (losses, each site's ε) and sample grids, so
+``medsynth evaluate``/``sample`` and ``report.html`` work on its output unchanged.
+
+What it is not: there is no ledger file, no secure aggregation and no message passing. Its
+two uses are the non-private upper reference of the quality benchmark (``epsilon=None``:
+plain Adam on D, no clipping, no noise — a path ``medsynth simulate`` does not offer on
+purpose) and quick tuning of training settings, whose privacy arithmetic is the production one.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from common.atomic import write_json_atomic
+from common.config import ModelConfig, TrainConfig
+from common.dataset import LocalDataset
+from common.dp_train import train_local_round
+from common.models import build_models
+from common.privacy import Charge, calibrate_noise_multiplier, epsilon_of
+from common.reference import to_model_range, unit_per_image
+from common.samples import sample_grid, save_png
+from common.weights import load_model_arrays, model_arrays
+from server.checkpoint import save_checkpoint
+from simulation.partition import split_by_patient
+from simulation.runner import SimulateOptions, load_source
+
+
+@dataclass(frozen=True)
+class FedPlan:
+    """Rounds, model, local training and privacy of an in-process federation (``epsilon`` None: no DP)."""
+
+    rounds: int
+    model: ModelConfig
+    train: TrainConfig
+    epsilon: float | None = 10.0
+    delta: float = 1e-5
+    max_grad_norm: float = 1.0
+    seed: int = 0
+
+
+def medmnist_sites(npz: Path, sites: int, partition: str, seed: int, image_size: int,
+                   max_images: int | None = None) -> list[LocalDataset]:
+    """The sites ``medsynth simulate`` would make of a MedMNIST file: same subsample, same split, same pixels.
+
+    Pixels as ``prepare`` makes them of the simulation's DICOM files (``common.reference``).
+    """
+    opts = SimulateOptions(out=Path("unused"), sites=sites, dataset=npz, partition=partition, seed=seed,
+                           max_images=max_images, image_size=image_size)
+    source = load_source(opts)
+    out = []
+    for idx in split_by_patient(source, sites, partition, seed):
+        images = to_model_range(unit_per_image(source.images[idx]), image_size)
+        out.append(LocalDataset(images=images, labels=source.labels[idx], patients=np.arange(idx.size, dtype=np.int64),
+                                class_names=source.class_names, patient_identity=False))
+    return out
+
+
+def _average(results: Sequence[tuple[dict[str, np.ndarray], float]]) -> dict[str, np.ndarray]:
+    total = sum(w for _, w in results)
+    first = results[0][0]
+    out: dict[str, np.ndarray] = {}
+    for name, value in first.items():
+        if np.issubdtype(value.dtype, np.floating):
+            mean = np.sum([a[name].astype(np.float64) * w for a, w in results], axis=0) / total
+            out[name] = mean.astype(value.dtype)
+        else:
+            out[name] = value
+    return out
+
+
+def train_federated(sites: Sequence[LocalDataset], plan: FedPlan, out: Path,
+                    say: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run ``plan.rounds`` rounds over ``sites``; writes checkpoints/, samples/, server_state.json."""
+    t0 = time.monotonic()
+    netG, netD = build_models(plan.model, seed=plan.seed)
+    arrays = model_arrays(netG, netD)
+    steps = plan.rounds * plan.train.local_steps
+    sigmas: list[float | None] = []
+    for i, site in enumerate(sites):
+        q = plan.train.batch_size / site.num_patients
+        sigma = None if plan.epsilon is None else calibrate_noise_multiplier(
+            [], sample_rate=q, planned_steps=steps, delta=plan.delta, budget=plan.epsilon)
+        sigmas.append(sigma)
+        say(f"site-{i}: {site.num_patients} patients {np.bincount(site.labels).tolist()}, q={q:.4f}, "
+            f"σ={'none (no DP)' if sigma is None else f'{sigma:.3f}'}")
+    history: list[dict[str, Any]] = []
+    device = torch.device("cpu")
+    for rnd in range(1, plan.rounds + 1):
+        t_round = time.monotonic()
+        results, losses, privacy = [], [], {}
+        for i, site in enumerate(sites):
+            load_model_arrays(netG, netD, arrays)
+            res = train_local_round(netG, netD, site, model=plan.model, train=plan.train, noise_multiplier=sigmas[i],
+                                    max_grad_norm=plan.max_grad_norm, device=device,
+                                    seed=plan.seed * 1_000_003 + rnd * 101 + i)
+            results.append((model_arrays(netG, netD), float(site.num_patients)))
+            losses.append((res.loss_d, res.loss_g, float(site.num_patients)))
+            sigma = sigmas[i]
+            eps = 0.0 if sigma is None else epsilon_of(
+                [Charge(sigma, plan.train.batch_size / site.num_patients, rnd * plan.train.local_steps)], plan.delta)
+            privacy[f"site-{i}"] = {"status": "ok", "epsilon": eps, "epsilon_budget": plan.epsilon or float("inf"),
+                                    "delta": plan.delta, "steps": rnd * plan.train.local_steps}
+        arrays = _average(results)
+        weight = sum(w for _, _, w in losses)
+        record = {"round": rnd, "sites_trained": sorted(privacy), "sites_budget_exhausted": [], "failures": [],
+                  "privacy": privacy, "loss_d": sum(d * w for d, _, w in losses) / weight,
+                  "loss_g": sum(g * w for _, g, w in losses) / weight, "seconds": round(time.monotonic() - t_round, 2)}
+        history.append(record)
+        save_checkpoint(out / "checkpoints", rnd, arrays, history)
+        load_model_arrays(netG, netD, arrays)
+        save_png(sample_grid(netG, plan.model, seed=plan.seed), out / "samples" / f"round-{rnd:04d}.png")
+        say(f"round {rnd}/{plan.rounds}: loss_d={record['loss_d']:.3f} loss_g={record['loss_g']:.3f} "
+            f"{record['seconds']:.0f} s")
+    state = {"rounds": history, "finished": True, "secure_aggregation": False, "in_process": True,
+             "wall_seconds": round(time.monotonic() - t0, 1)}
+    write_json_atomic(out / "server_state.json", state)
+    return state

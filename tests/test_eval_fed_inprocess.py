@@ -1,0 +1,35 @@
+"""The benchmark's in-process federation: production privacy arithmetic, output the evaluation can read."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from common.config import ModelConfig, TrainConfig
+from simulation.checkpoint_model import load_generator
+from simulation.fed_inprocess import FedPlan, train_federated
+from tests.helpers import toy_dataset
+
+MODEL = ModelConfig(g_width=8, d_width=8, latent_dim=8)
+TRAIN = TrainConfig(local_steps=3, batch_size=4, device="cpu")
+
+
+@pytest.mark.parametrize("epsilon", [2.0, None])
+def test_rounds_end_at_the_budget_and_leave_a_loadable_checkpoint(tmp_path: Path, epsilon: float | None) -> None:
+    # prepare: two sites of 20 and 30 patients
+    sites = [toy_dataset(num_patients=20, per_patient=1, seed=0), toy_dataset(num_patients=30, per_patient=1, seed=1)]
+    plan = FedPlan(rounds=2, model=MODEL, train=TRAIN, epsilon=epsilon)
+    # act
+    state = train_federated(sites, plan, tmp_path, say=lambda _: None)
+    generator = load_generator(tmp_path)
+    # assert
+    assert [r["round"] for r in state["rounds"]] == [1, 2]
+    assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == ["round-0001.png", "round-0002.png"]
+    assert generator.provenance.round == 2 and generator.cfg == MODEL
+    last = state["rounds"][-1]["privacy"]
+    if epsilon is None:
+        assert all(p["epsilon"] == 0.0 for p in last.values())
+    else:  # calibrated to end at, never above, the budget
+        assert all(epsilon - 0.05 < p["epsilon"] <= epsilon for p in last.values())
+        assert generator.provenance.sites["site-0"].epsilon == last["site-0"]["epsilon"]

@@ -1,0 +1,117 @@
+"""Distances between image sets and the memorization check, on sets whose answer is known."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from common.metrics import frechet_distance, kernel_distance, memorization, precision_recall
+from common.tstr import auc, balanced_labels, binary_auc
+
+
+def _features(n: int = 400, d: int = 8, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).normal(size=(n, d))
+
+
+def test_fd_of_a_set_against_itself_is_zero() -> None:
+    # prepare
+    a = _features()
+    # act
+    fd = frechet_distance(a, a)
+    # assert
+    assert fd == pytest.approx(0.0, abs=1e-9)
+
+
+def test_fd_golden_values_for_a_shift_and_a_scaling() -> None:
+    # prepare: same covariance, mean moved by (3, 4, 0, …): FD = |μ|² = 25 exactly
+    a = _features()
+    shift = np.zeros(a.shape[1])
+    shift[:2] = (3.0, 4.0)
+    # act
+    fd_shift = frechet_distance(a, a + shift)
+    fd_scaled = frechet_distance(a, 2.0 * a)  # |μ|² + Tr(Σ + 4Σ − 2·2Σ) = |μ|² + Tr Σ
+    # assert
+    assert fd_shift == pytest.approx(25.0, rel=1e-9)
+    expected = float((a.mean(0) ** 2).sum() + np.trace(np.cov(a, rowvar=False)))
+    assert fd_scaled == pytest.approx(expected, rel=1e-9)
+
+
+def test_fd_grows_with_added_noise() -> None:
+    # prepare
+    a = _features()
+    rng = np.random.default_rng(1)
+    # act
+    fds = [frechet_distance(a, a + s * rng.normal(size=a.shape)) for s in (0.1, 0.5, 1.0, 2.0)]
+    # assert
+    assert fds == sorted(fds) and fds[0] < 0.2 < fds[-1]
+
+
+def test_kid_is_near_zero_for_one_distribution_and_positive_for_another() -> None:
+    # prepare
+    a, b = _features(seed=0), _features(seed=1)
+    # act
+    same, _ = kernel_distance(a, b, subsets=20, subset_size=200)
+    moved, _ = kernel_distance(a, b + 1.0, subsets=20, subset_size=200)
+    # assert: unbiased, so one distribution gives ≈ 0 (either sign)
+    assert abs(same) < 0.05
+    assert moved > 1.0
+
+
+def test_precision_recall_golden_cases() -> None:
+    # prepare
+    a = _features()
+    far = a + 100.0
+    # act
+    same = precision_recall(a, a.copy())
+    apart = precision_recall(a, far)
+    # assert
+    assert (same.precision, same.recall, same.coverage) == (1.0, 1.0, 1.0)
+    assert same.density == pytest.approx(1.0, abs=0.3)
+    assert (apart.precision, apart.recall, apart.density, apart.coverage) == (0.0, 0.0, 0.0, 0.0)
+
+
+def test_memorization_copies_score_high_and_noise_low() -> None:
+    # prepare: "training" and "held-out" images from one distribution (smooth blobs), 16×16
+    rng = np.random.default_rng(0)
+    grid = np.linspace(-1, 1, 16)
+    xx, yy = np.meshgrid(grid, grid)
+
+    def blobs(n: int) -> np.ndarray:
+        cx, cy = rng.uniform(-0.6, 0.6, (2, n, 1, 1))
+        out: np.ndarray = (2 * np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / 0.1) - 1).reshape(n, 1, 16, 16)
+        return out
+
+    train, held = blobs(200), blobs(200)
+    copier = train[rng.choice(200, 100)]  # a generator that returns training images
+    noise = rng.uniform(-1, 1, (100, 1, 16, 16))  # a generator that returns noise
+    fresh = blobs(100)  # a generator that learnt the distribution, not the images
+    # act
+    m_copy = memorization(copier, train, held)
+    m_noise = memorization(noise, train, held)
+    m_fresh = memorization(fresh, train, held)
+    # assert
+    assert m_copy.rate == 1.0 and m_copy.nearer_share == 1.0
+    assert m_noise.rate == 0.0
+    # one that learnt the distribution: nearer to train about half the time (equal set sizes), and
+    # flagged only where two of these low-dimensional blobs happen to nearly coincide
+    assert m_fresh.nearer_share == pytest.approx(0.5, abs=0.1)
+    assert m_fresh.rate == pytest.approx(0.15)
+    assert m_copy.d_train.max() < 1e-5  # zero up to the round-off of |a|² + |b|² − 2a·b
+    assert m_noise.closest(1)[0] == int(np.argmin(m_noise.d_train / m_noise.d_held))
+
+
+def test_auc_golden_values() -> None:
+    # prepare / act / assert: the textbook example, ties, and one-vs-rest
+    assert binary_auc(np.array([0.1, 0.4, 0.35, 0.8]), np.array([0, 0, 1, 1]) == 1) == 0.75
+    assert binary_auc(np.array([0.5, 0.5, 0.5, 0.5]), np.array([0, 1, 0, 1]) == 1) == 0.5
+    proba = np.eye(3)[[0, 1, 2, 0]]
+    assert auc(proba, np.array([0, 1, 2, 0])) == 1.0
+    assert np.isnan(binary_auc(np.array([0.2, 0.3]), np.array([True, True])))
+
+
+def test_balanced_labels_follow_the_shares_exactly() -> None:
+    # act
+    labels = balanced_labels(10, np.array([0.25, 0.75]), seed=3)
+    # assert: 2.5/7.5 → largest remainder gives 3/7 (ties → lower class first)
+    assert np.bincount(labels).tolist() == [3, 7]
+    assert np.bincount(balanced_labels(4708, np.array([1214, 3494]) / 4708)).tolist() == [1214, 3494]

@@ -1,0 +1,134 @@
+"""``medsynth sample``: exported images read back, carry the synthetic markers and the privacy sidecar.
+
+The checkpoint comes from a real (tiny) federation in one process: the server's round loop and
+the hospitals' code (prepare, ledger, DP training) with ``tests.inprocess.InProcessGrid`` as the
+transport, so the sidecar's ε can be checked against the hospitals' own ledgers.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from flwr.supercore.task_identity import TaskIdentity
+from PIL import Image
+from pydicom.uid import SecondaryCaptureImageStorage
+
+from client.ledger import PrivacyLedger
+from common.config import RunConfig
+from common.export import SERIES_DESCRIPTION, SIDECAR
+from server.rounds import ServerPaths, run_federation
+from simulation.cli import main
+from tests.helpers import default_run_config
+from tests.inprocess import InProcessGrid, write_phantom_sites
+
+RUN_ID = 777
+# The server's checkpoints do not record class names (simulate's summary.json does): name them here.
+CLASSES = ("--classes", "normal,lesion")
+
+
+@pytest.fixture(autouse=True)
+def _task_identity() -> Iterator[None]:
+    TaskIdentity.run_id = RUN_ID
+    TaskIdentity.node_id = 1
+    TaskIdentity.task_id = 1
+    yield
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(run folder with checkpoints, sites folder with DICOM and ledgers) after 2 tiny rounds."""
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = RUN_ID, 1, 1
+    sites = write_phantom_sites(tmp_path_factory.mktemp("sites"), 3)
+    out = tmp_path_factory.mktemp("run")
+    cfg = default_run_config(**{
+        "sim__sites-dir": str(sites), "output-dir": str(out), "num-server-rounds": 2, "train__local-steps": 2,
+        "train__batch-size": 4, "model__g-width": 8, "model__d-width": 8, "dp__calibrate": False,
+        "dp__noise-multiplier": 1.3, "wait-nodes-timeout": 5.0, "secure-aggregation": False,
+    })
+    run_federation(InProcessGrid(3, cfg, RUN_ID), RunConfig.from_flower(cfg), ServerPaths(out), RUN_ID)  # type: ignore[arg-type]
+    return out, sites
+
+
+def _identifiers(ds: pydicom.Dataset) -> set[str]:
+    """Values of identifying kinds (UIDs, names, IDs, dates), less the standard's own UIDs (SOP classes)."""
+    return {str(e.value) for e in ds.iterall() if e.VR in ("UI", "LO", "PN", "SH", "DA") and e.value
+            and not str(e.value).startswith("1.2.840.10008.")}
+
+
+def _training_identifiers(sites: Path) -> set[str]:
+    """Every patient attribute and instance UID in the hospitals' DICOM files."""
+    return set().union(*(_identifiers(pydicom.dcmread(p)) for p in sites.glob("site-*/dicom/*/*.dcm")))
+
+
+def test_dicom_export_reads_back_marked_synthetic_without_patient_data(trained: tuple[Path, Path], tmp_path: Path,
+                                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    # prepare
+    run, sites = trained
+    out = tmp_path / "dicom"
+    # act
+    code = main(["sample", "--checkpoint", str(run), "--n", "6", "--format", "dicom", "--out", str(out), "--seed", "1",
+                 *CLASSES])
+    # assert
+    assert code == 0, capsys.readouterr().err
+    files = sorted(out.glob("*/*.dcm"))
+    assert len(files) == 6 and {f.parent.name for f in files} == {"normal", "lesion"}
+    training = _training_identifiers(sites)
+    assert len(training) > 96  # the source did carry identifiers: Patient IDs and UIDs of 96 files
+    uids = set()
+    for f in files:
+        ds = pydicom.dcmread(f)
+        assert ds.file_meta.MediaStorageSOPClassUID == SecondaryCaptureImageStorage
+        assert ds.ConversionType == "SYN"
+        assert list(ds.ImageType) == ["DERIVED", "SECONDARY", "SYNTHETIC"]
+        assert ds.SeriesDescription == SERIES_DESCRIPTION and "SYNTHETIC" in ds.SeriesDescription
+        assert ds.PatientID == "SYNTHETIC" and str(ds.PatientName) == "SYNTHETIC"
+        assert ds.pixel_array.shape == (32, 32) and ds.pixel_array.dtype == np.uint8
+        assert f.parent.name in ds.ImageComments
+        assert not _identifiers(ds) & training  # no patient attribute or UID of any training file
+        uids.add(ds.SOPInstanceUID)
+    assert len(uids) == 6  # every instance its own new UID
+
+
+def test_sidecar_epsilon_matches_the_ledgers(trained: tuple[Path, Path], tmp_path: Path) -> None:
+    # prepare
+    run, sites = trained
+    # act
+    code = main(["sample", "--checkpoint", str(run), "--n", "4", "--format", "png", "--out", str(tmp_path), *CLASSES])
+    sidecar = json.loads((tmp_path / SIDECAR).read_text())
+    # assert
+    assert code == 0
+    assert sidecar["synthetic"] is True and sidecar["count"] == 4
+    assert sidecar["model"]["round"] == 2 and len(sidecar["model"]["content_sha256"]) == 64
+    assert sidecar["model"]["config"]["g_width"] == 8 and sidecar["model"]["class_names"] == ["normal", "lesion"]
+    assert set(sidecar["privacy"]["sites"]) == {"site-0", "site-1", "site-2"}
+    for site, p in sidecar["privacy"]["sites"].items():
+        ledger = PrivacyLedger.read(sites / site / "ledger.json")
+        assert p["epsilon"] == pytest.approx(ledger.epsilon(), rel=1e-9)
+        assert p["delta"] == ledger.delta and p["steps"] == ledger.total_steps == 4
+    for name in sidecar["files"]:
+        assert Image.open(tmp_path / name).size == (32, 32)
+
+
+def test_npz_export_of_one_class_and_refusals(trained: tuple[Path, Path], tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    # prepare
+    run, _ = trained
+    args = ["sample", "--checkpoint", str(run), "--n", "5", "--class", "lesion", "--format", "npz", "--seed", "3",
+            *CLASSES]
+    # act
+    first = main([*args, "--out", str(tmp_path / "a")])
+    again = main([*args, "--out", str(tmp_path / "a")])  # the folder already holds an export
+    unknown = main(["sample", "--checkpoint", str(run), "--n", "1", "--class", "tumour", "--out", str(tmp_path / "b"),
+                    *CLASSES])
+    # assert
+    assert first == 0 and again == 2 and unknown == 2
+    err = capsys.readouterr().err
+    assert "already holds an export" in err and "unknown class 'tumour'" in err and "Traceback" not in err
+    with np.load(tmp_path / "a" / "synthetic.npz") as npz:
+        assert npz["images"].shape == (5, 32, 32) and npz["images"].dtype == np.uint8
+        assert npz["labels"].tolist() == [1] * 5 and npz["class_names"].tolist() == ["normal", "lesion"]
