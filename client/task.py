@@ -20,6 +20,7 @@ import numpy as np
 
 from client.ledger import NoisePlan, PrivacyLedger
 from client.prepare import load_or_create_salt, prepare_site
+from common.checkpoint import save_checkpoint
 from common.config import ConfigError, RunConfig, SiteConfig
 from common.dataset import LocalDataset, load_cache
 from common.dp_train import train_local_round
@@ -60,6 +61,23 @@ def load_site_dataset(site: SiteConfig, run: RunConfig) -> LocalDataset:
     return load_cache(site.cache_dir)
 
 
+def keep_global_model(
+    site: SiteConfig, run: RunConfig, arrays: dict[str, np.ndarray], *, run_id: int, model_round: int
+) -> None:
+    """Keep the newest global model the server sent, so ``medsynth node evaluate`` can judge it here.
+
+    The global model is what every hospital receives anyway (a sum of masked updates, not this
+    site's data); it is written under the site's state folder and never sent anywhere. Older
+    copies are removed: one model is enough to evaluate and the folder must not grow per round.
+    """
+    if site.model_dir is None:
+        return
+    path = save_checkpoint(site.model_dir, model_round, arrays, [], class_names=run.class_names, run_id=run_id)
+    for older in site.model_dir.glob("round-*.safetensors"):
+        if older != path:
+            older.unlink(missing_ok=True)
+
+
 def noise_for_round(
     ledger: PrivacyLedger, run: RunConfig, *, sample_rate: float, run_id: int, server_round: int
 ) -> float:
@@ -95,6 +113,7 @@ def train_round(
     server_round: int,
 ) -> SiteReply:
     """Do one round at this hospital; see the module docstring for the order of operations."""
+    keep_global_model(site, run, global_arrays, run_id=run_id, model_round=server_round - 1)
     data = load_site_dataset(site, run)
     with PrivacyLedger.locked(site.ledger_path):
         ledger = PrivacyLedger.open(

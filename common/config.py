@@ -58,6 +58,7 @@ class ModelConfig:
     d_width: int = 16
     num_classes: int = 2
     conditional: bool = True
+    aux_classifier: bool = True  # AC-GAN class head on D (needs conditional); see common/models.py
 
     def __post_init__(self) -> None:
         if self.image_size not in (32, 64):
@@ -80,6 +81,7 @@ class TrainConfig:
     lr_d: float = 2e-4
     lr_g: float = 2e-4
     beta1: float = 0.5
+    diversity_weight: float = 0.0  # λ of G's diversity term (common.dp_train.diversity_term); 0: off
     device: str = "auto"
 
     def __post_init__(self) -> None:
@@ -91,6 +93,8 @@ class TrainConfig:
             raise ConfigError(f"train.batch-size must be >= 1, got {self.batch_size}")
         if not (self.lr_d > 0 and self.lr_g > 0):
             raise ConfigError("train.lr-d and train.lr-g must be > 0")
+        if not (self.diversity_weight >= 0 and math.isfinite(self.diversity_weight)):
+            raise ConfigError(f"train.diversity-weight must be a finite number >= 0, got {self.diversity_weight}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ConfigError(f"train.device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
 
@@ -181,6 +185,7 @@ class RunConfig:
             d_width=int(_get(cfg, "model.d-width", int, ModelConfig.d_width)),
             num_classes=len(class_names),
             conditional=bool(_get(cfg, "model.conditional", bool, ModelConfig.conditional)),
+            aux_classifier=bool(_get(cfg, "model.aux-classifier", bool, ModelConfig.aux_classifier)),
         )
         train = TrainConfig(
             local_steps=int(_get(cfg, "train.local-steps", int, TrainConfig.local_steps)),
@@ -189,6 +194,7 @@ class RunConfig:
             lr_d=float(_get(cfg, "train.lr-d", float, TrainConfig.lr_d)),
             lr_g=float(_get(cfg, "train.lr-g", float, TrainConfig.lr_g)),
             beta1=float(_get(cfg, "train.beta1", float, TrainConfig.beta1)),
+            diversity_weight=float(_get(cfg, "train.diversity-weight", float, TrainConfig.diversity_weight)),
             device=str(_get(cfg, "train.device", str, TrainConfig.device)),
         )
         privacy = PrivacyConfig(
@@ -242,6 +248,7 @@ class SiteConfig:
     simulated: bool = False
     allow_plain_aggregation: bool = False  # the hospital's own consent to send unmasked updates
     audit_path: Path | None = None  # JSON lines: every message that left the hospital (client.audit)
+    model_dir: Path | None = None  # the newest global model received, for evaluation at the node
 
     def __post_init__(self) -> None:
         if not self.site_id:
@@ -298,7 +305,11 @@ class SiteConfig:
             simulated=simulated,
             allow_plain_aggregation=allow_plain,
             audit_path=audit,
+            model_dir=state / GLOBAL_MODEL_DIR,
         )
+
+
+GLOBAL_MODEL_DIR = "global-model"  # under a site's state folder (``medsynth node evaluate`` reads it)
 
 
 def read_toml(path: Path) -> dict[str, Any]:

@@ -7,7 +7,14 @@ Radford, Metz, Chintala, "Unsupervised representation learning with deep convolu
   per-sample gradients (and therefore DP-SGD) are undefined for it; Opacus's validator refuses it;
 * class conditioning (optional) so a user can ask for more images of a rare class: the
   generator concatenates a label embedding to z, the discriminator uses a projection head
-  (Miyato & Koyama, "cGANs with projection discriminator", ICLR 2018).
+  (Miyato & Koyama, "cGANs with projection discriminator", ICLR 2018);
+* an auxiliary classifier head on the discriminator (``model.aux-classifier``; Odena, Olah,
+  Shlens, "Conditional image synthesis with auxiliary classifier GANs", ICML 2017). Under DP
+  noise the projection term alone carries too weak a class signal: generators tuned on
+  PneumoniaMNIST at ε = 10 often drew images whose content did not follow the requested
+  class (TSTR AUC down to 0.19, i.e. classes swapped). The head is trained on real rows only
+  (a classifier of the site's real images, privately, inside the same clipped per-row
+  gradient), and G is asked to make images it classifies as the requested class.
 
 The generator could use BatchNorm (it never sees data), but it uses GroupNorm too: BatchNorm's
 running statistics made eval-mode samples 4-6× less diverse than train-mode ones after a few
@@ -65,7 +72,11 @@ class Generator(nn.Module):
 
 
 class Discriminator(nn.Module):
-    """image (B, 1, S, S) [+ label (B,)] → logit (B,). No cross-sample operation anywhere."""
+    """image (B, 1, S, S) [+ label (B,)] → (real/fake logit (B,), class logits (B, K) or None).
+
+    No cross-sample operation anywhere. Class logits come only with ``cfg.aux_classifier``
+    (and a conditional model).
+    """
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -86,9 +97,14 @@ class Discriminator(nn.Module):
         # Projection as a bias-free Linear on a one-hot label (an embedding lookup, written so
         # that its input can carry requires_grad; see forward).
         self.label_projection = nn.Linear(cfg.num_classes, feat, bias=False) if cfg.conditional else None
+        aux = cfg.conditional and cfg.aux_classifier
+        self.classify = nn.Linear(feat, cfg.num_classes) if aux else None
 
-    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, labels: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         h = self.body(x)  # (B, feat)
+        class_logits = self.classify(h) if self.classify is not None else None  # (B, K)
         logit = self.head(h).squeeze(1)  # (B,)
         if self.label_projection is not None:
             if labels is None:
@@ -98,8 +114,7 @@ class Discriminator(nn.Module):
             # warn; the gradient w.r.t. the one-hot itself is never used.
             onehot = F.one_hot(labels, self.cfg.num_classes).to(h.dtype).requires_grad_(True)
             logit = logit + (self.label_projection(onehot) * h).sum(dim=1)  # (B,) projection
-        out: torch.Tensor = logit
-        return out
+        return logit, class_logits
 
 
 def build_models(cfg: ModelConfig, seed: int | None = None) -> tuple[Generator, Discriminator]:

@@ -149,7 +149,8 @@ def write_report(root: Path, *, evaluation: Mapping[str, Any] | None = None, clo
     rounds = [r for r in state.get("rounds", []) if isinstance(r, dict)]
     ev = evaluation if evaluation is not None else summary.get("evaluation")
     facts = [["rounds completed", len(rounds)], ["secure aggregation", state.get("secure_aggregation", "–")],
-             ["stopped early", state.get("stopped_early") or "no"], ["run id", summary.get("run_id", "–")],
+             ["stopped early", state.get("stopped_early") or "no"],
+             ["run id", summary.get("run_id", state.get("run_id", "–"))],
              ["wall seconds", summary.get("wall_seconds", "–")]]
     body = [f"<h1>{html.escape(title)}</h1>",
             f'<p class="note">{html.escape(str(root))} — written '

@@ -20,6 +20,7 @@ from flwr.app import Message, MessageType
 from flwr.serverapp import Grid
 
 from common.atomic import write_json_atomic
+from common.checkpoint import latest_valid_checkpoint, save_checkpoint
 from common.config import RunConfig
 from common.models import build_models
 from common.protocol import (
@@ -30,9 +31,9 @@ from common.protocol import (
     encode_train_request,
     flower_error_line,
 )
+from common.report_html import write_report
 from common.samples import sample_grid, save_png
 from common.weights import UpdateLayout, fedavg, load_model_arrays, model_arrays, sum_vectors
-from server.checkpoint import latest_valid_checkpoint, save_checkpoint
 from server.secure_rounds import SecureRounds, privacy_entry, received_entry
 
 log = logging.getLogger("medsynth.server")
@@ -171,7 +172,8 @@ def run_federation(grid: Grid, run: RunConfig, paths: ServerPaths, run_id: int) 
     secure = SecureRounds(grid, run, run_id, layout) if fed.secure_aggregation else None
     if secure is None:
         log.warning("plain aggregation: the server sees every hospital's update (secure-aggregation = false)")
-    state: dict[str, Any] = {"rounds": history, "finished": False, "secure_aggregation": fed.secure_aggregation}
+    state: dict[str, Any] = {"rounds": history, "finished": False, "secure_aggregation": fed.secure_aggregation,
+                             "run_id": run_id}
     for server_round in range(start, fed.num_rounds + 1):
         nodes = wait_for_nodes(grid, fed.min_nodes, fed.wait_nodes_timeout_s)
         if secure is not None:
@@ -186,11 +188,13 @@ def run_federation(grid: Grid, run: RunConfig, paths: ServerPaths, run_id: int) 
             break
         arrays = new_arrays
         history.append(record)
-        save_checkpoint(paths.checkpoints, server_round, arrays, history)
+        save_checkpoint(paths.checkpoints, server_round, arrays, history, class_names=run.class_names, run_id=run_id)
         load_model_arrays(netG, netD, arrays)
         save_png(sample_grid(netG, run.model, seed=fed.seed), paths.samples / f"round-{server_round:04d}.png")
         write_json_atomic(paths.state, {**state, "rounds": history})
+        write_report(paths.root)  # readable while the run goes on, and after a crash
     state.update(rounds=history, finished=True)
     write_json_atomic(paths.state, state)
+    write_report(paths.root)
     return state
 

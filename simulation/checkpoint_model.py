@@ -1,12 +1,12 @@
 """A checkpoint → a ready generator, its model config and its provenance (for evaluate and sample).
 
-A checkpoint (``server.checkpoint``) holds the tensors of G and D, the round history and a
-content hash, but not the model config nor the class names. The config is read back from
+A checkpoint (``common.checkpoint``) holds the tensors of G and D, the round history, a content
+hash, the class names and the run id, but not the model config. The config is read back from
 the tensor shapes (unambiguous for ``common.models``: the label embedding gives the classes
 and latent size, the projection the top width, the number of transposed convolutions the image
 side, D's first conv its width), then the generator is built and loaded *strictly*, so a
 mismatch fails loudly. Class names come, in order, from the user (``--classes``), the checkpoint
-metadata (``class_names``, if the server writes it), the run's ``summary.json`` next to the
+metadata (``class_names``), the run's ``summary.json`` next to the
 checkpoints folder, the caller (e.g. the reference data set), else ``class0, class1, …``.
 """
 
@@ -19,11 +19,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common.checkpoint import Checkpoint, CheckpointInvalid, latest_valid_checkpoint, load_checkpoint
 from common.config import ModelConfig
 from common.export import Provenance, privacy_from_history
 from common.models import Generator, build_models
 from common.weights import UpdateLayoutError, load_model_arrays
-from server.checkpoint import Checkpoint, CheckpointInvalid, latest_valid_checkpoint, load_checkpoint
 
 
 class CheckpointUnusable(ValueError):
@@ -68,7 +68,8 @@ def model_config_from_arrays(arrays: dict[str, np.ndarray], num_classes: int | N
     stages = len(convs)
     top = int(project.shape[0]) // 16
     return ModelConfig(image_size=4 * 2**stages, latent_dim=latent, g_width=top // 2 ** (stages - 1),
-                       d_width=d_width, num_classes=classes, conditional=conditional)
+                       d_width=d_width, num_classes=classes, conditional=conditional,
+                       aux_classifier="d.classify.weight" in arrays)
 
 
 def resolve_checkpoint(path: Path) -> Checkpoint:
@@ -95,13 +96,6 @@ def _run_file(ckpt: Checkpoint, name: str) -> dict[str, object]:
     return data if isinstance(data, dict) else {}
 
 
-def _metadata_class_names(ckpt: Checkpoint) -> tuple[str, ...] | None:
-    with ckpt.path.open("rb") as fh:  # the header was read and verified by load_checkpoint already
-        header = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
-    raw = header.get("__metadata__", {}).get("class_names")
-    return tuple(json.loads(raw)) if raw else None
-
-
 def load_generator(path: Path, *, class_names: tuple[str, ...] | None = None,
                    override_names: tuple[str, ...] | None = None) -> LoadedGenerator:
     """Load, verify and build the generator of ``path`` (file or run folder).
@@ -110,7 +104,7 @@ def load_generator(path: Path, *, class_names: tuple[str, ...] | None = None,
     """
     ckpt = resolve_checkpoint(path)
     summary = _run_file(ckpt, "summary.json")
-    names = override_names or _metadata_class_names(ckpt)
+    names = override_names or ckpt.class_names
     listed = summary.get("class_names")
     if names is None and isinstance(listed, list):
         names = tuple(str(n) for n in listed)
@@ -125,7 +119,7 @@ def load_generator(path: Path, *, class_names: tuple[str, ...] | None = None,
         raise CheckpointUnusable(f"{ckpt.path.name}: {exc}") from exc
     netG.eval()
     state = _run_file(ckpt, "server_state.json")
-    run_id = summary.get("run_id")
+    run_id = ckpt.run_id if ckpt.run_id is not None else summary.get("run_id")
     provenance = Provenance(
         model_sha256=ckpt.content_sha256,
         checkpoint=ckpt.path.name,

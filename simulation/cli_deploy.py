@@ -9,6 +9,7 @@
     medsynth server fab-hash                          SHA-256 of the app bundle hospitals allow
     medsynth node start --config node.toml            the hospital daemon
     medsynth node audit --config node.toml            every message that left the hospital
+    medsynth node evaluate --config node.toml         the newest global model against local images
 """
 
 from __future__ import annotations
@@ -68,6 +69,18 @@ def add_node_parsers(nsub: SubParsers) -> None:
     p = nsub.add_parser("audit", help="print the audit log: every message that left this hospital")
     p.add_argument("--config", type=Path, default=None, help="node.toml (the log is STATE/audit.jsonl)")
     p.add_argument("--log", type=Path, default=None, help="an audit.jsonl file instead of --config")
+    p = nsub.add_parser(
+        "evaluate", help="judge the newest global model against this hospital's own images (aggregates only)",
+        description="Run `medsynth evaluate` at the hospital: the newest global model the server sent (kept in "
+                    "STATE/global-model) against the prepared local images (STATE/cache, split 80/20 by patient). "
+                    "Only aggregate numbers are printed and written (STATE/evaluation/evaluation.json); no picture "
+                    "of a real image is made and nothing is sent. The local test patients were also training "
+                    "patients of the federation; for memorization, and for a TSTR free of that overlap, give "
+                    "--held-out: a prepared folder of patients that never took part.")
+    p.add_argument("--config", type=Path, required=True, help="node.toml")
+    p.add_argument("--held-out", type=Path, default=None,
+                   help="prepared cache (`medsynth node prepare`) of patients the federation never saw")
+    p.add_argument("--seed", type=int, default=0, help="seed of the latent vectors and the split (default: 0)")
 
 
 def _app_dir() -> Path:
@@ -132,10 +145,29 @@ def run_node(args: argparse.Namespace) -> int:
         path = args.log if args.log is not None else NodeDeployConfig.load(args.config).audit_path
         print(format_entries(read_entries(path)))
         return 0
+    if args.node_command == "evaluate":
+        cfg = NodeDeployConfig.load(args.config)
+        return evaluate_at_node(cfg.state_path, cfg.cache_path, held_out=args.held_out, seed=args.seed)
     from client.daemon import start_node
 
     start_node(NodeDeployConfig.load(args.config), say=lambda line: print(line, flush=True),
                runtime_port=args.runtime_port)
+    return 0
+
+
+def evaluate_at_node(state: Path, cache: Path, *, held_out: Path | None, seed: int) -> int:
+    """``medsynth node evaluate``: aggregate-only evaluation of the kept global model on local data."""
+    from common.config import GLOBAL_MODEL_DIR, ConfigError
+    from simulation.evaluate import EvaluateOptions, evaluate, format_evaluation
+
+    models = state / GLOBAL_MODEL_DIR
+    if not any(models.glob("round-*.safetensors")):
+        raise ConfigError(f"no global model at {models} yet: the node keeps the newest model the server sends "
+                          "with each training round; evaluate after this hospital has taken part in one")
+    result = evaluate(EvaluateOptions(
+        checkpoint=models, reference=cache, out=state / "evaluation", held_out=held_out,
+        aggregate_only=True, cache_dir=state / "evaluation-cache", seed=seed))
+    print(format_evaluation(result))
     return 0
 
 

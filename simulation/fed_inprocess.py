@@ -3,7 +3,7 @@
 The same local round as a hospital (``common.dp_train.train_local_round``), the same noise
 calibration (``common.privacy.calibrate_noise_multiplier``: σ chosen so the planned rounds end
 at, never above, ε), FedAvg weighted by patient count, checkpoints written by
-``server.checkpoint`` with the same round records (losses, each site's ε) and sample grids, so
+``common.checkpoint`` with the same round records (losses, each site's ε) and sample grids, so
 ``medsynth evaluate``/``sample`` and ``report.html`` work on its output unchanged.
 
 What it is not: there is no ledger file, no secure aggregation and no message passing. Its
@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from common.atomic import write_json_atomic
+from common.checkpoint import save_checkpoint
 from common.config import ModelConfig, TrainConfig
 from common.dataset import LocalDataset
 from common.dp_train import train_local_round
@@ -32,7 +33,6 @@ from common.privacy import Charge, calibrate_noise_multiplier, epsilon_of
 from common.reference import to_model_range, unit_per_image
 from common.samples import sample_grid, save_png
 from common.weights import load_model_arrays, model_arrays
-from server.checkpoint import save_checkpoint
 from simulation.partition import split_by_patient
 from simulation.runner import SimulateOptions, load_source
 
@@ -118,7 +118,7 @@ def train_federated(sites: Sequence[LocalDataset], plan: FedPlan, out: Path,
                   "privacy": privacy, "loss_d": sum(d * w for d, _, w in losses) / weight,
                   "loss_g": sum(g * w for _, g, w in losses) / weight, "seconds": round(time.monotonic() - t_round, 2)}
         history.append(record)
-        save_checkpoint(out / "checkpoints", rnd, arrays, history)
+        save_checkpoint(out / "checkpoints", rnd, arrays, history, class_names=sites[0].class_names)
         load_model_arrays(netG, netD, arrays)
         save_png(sample_grid(netG, plan.model, seed=plan.seed), out / "samples" / f"round-{rnd:04d}.png")
         say(f"round {rnd}/{plan.rounds}: loss_d={record['loss_d']:.3f} loss_g={record['loss_g']:.3f} "

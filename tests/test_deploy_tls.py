@@ -181,7 +181,7 @@ def test_server_sigkill_resumes_and_a_killed_hospital_keeps_its_steps(tmp_path: 
     assert [r["round"] for r in state["rounds"]] == [1, 2, 3] and state["finished"] is True
     assert _sha256(ckpts / "round-0001.safetensors") == round1_hash
     assert "resuming from" in (c.server_state / "run.log").read_text()
-    from server.checkpoint import load_checkpoint
+    from common.checkpoint import load_checkpoint
 
     assert load_checkpoint(ckpts / "round-0002.safetensors").round == 2  # verifies its content hash
     # the round with the dead hospital finished with the other three

@@ -5,12 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from opacus.validators import ModuleValidator
 
 from common.config import ModelConfig, TrainConfig
 from common.dp_train import (
+    DIVERSITY_CAP,
     PatientSampler,
     discriminator_loss,
+    diversity_term,
     generator_step,
     make_private_discriminator,
     sample_noise,
@@ -147,3 +150,37 @@ def test_batch_larger_than_patients_is_refused() -> None:
     with pytest.raises(ValueError, match="exceeds this site's 5 patients"):
         train_local_round(netG, netD, data, model=ModelConfig(), train=TrainConfig(batch_size=8),
                           noise_multiplier=1.0, max_grad_norm=1.0, device=CPU)
+
+
+def test_class_head_learns_from_real_rows_only() -> None:
+    # prepare: an AC-GAN discriminator and a batch of 3 real and 2 fake rows
+    cfg = ModelConfig(aux_classifier=True)
+    _, netD = build_models(cfg, seed=3)
+    gen = torch.Generator().manual_seed(4)
+    real, fake = torch.rand(3, 1, 32, 32, generator=gen), torch.rand(2, 1, 32, 32, generator=gen)
+    y_real, y_fake = torch.tensor([0, 1, 1]), torch.tensor([1, 0])
+    # act
+    loss, rows = discriminator_loss(netD, real, y_real, fake, y_fake, True)
+    # assert: Σ BCE over all rows + Σ CE over the real rows, by hand
+    logits, class_logits = netD(torch.cat([real, fake]), torch.cat([y_real, y_fake]))
+    assert class_logits is not None and class_logits.shape == (5, 2)
+    target = torch.tensor([1.0, 1, 1, 0, 0])
+    by_hand = F.binary_cross_entropy_with_logits(logits, target, reduction="sum") + F.cross_entropy(
+        class_logits[:3], y_real, reduction="sum")
+    assert rows == 5 and float(loss) == pytest.approx(float(by_hand), rel=1e-6)
+
+
+def test_diversity_term_is_zero_for_a_collapsed_generator_and_capped() -> None:
+    # prepare
+    gen = torch.Generator().manual_seed(5)
+    z = torch.randn(8, 16, generator=gen)
+    same = torch.rand(1, 1, 32, 32, generator=gen).expand(8, 1, 32, 32)  # one image for every latent
+    spread = torch.rand(8, 1, 32, 32, generator=gen) * 2 - 1
+    # act
+    collapsed, varied, huge = diversity_term(same, z), diversity_term(spread, z), diversity_term(spread * 100, z)
+    # assert: pairs (i, i+4); collapse scores 0, spread scores > 0, never above the cap
+    d_img = (spread[:4] - spread[4:]).abs().flatten(1).mean(1)
+    d_z = (z[:4] - z[4:]).abs().mean(1)
+    assert float(collapsed) == 0.0
+    assert float(varied) == pytest.approx(float((d_img / d_z).clamp(max=DIVERSITY_CAP).mean()), rel=1e-6)
+    assert float(huge) == pytest.approx(DIVERSITY_CAP)

@@ -19,9 +19,9 @@ from opacus.accountants import PRVAccountant
 
 import client.task
 from client.ledger import PrivacyLedger
+from common.checkpoint import latest_valid_checkpoint, load_checkpoint
 from common.config import RunConfig
 from common.privacy import epsilon_of
-from server.checkpoint import latest_valid_checkpoint, load_checkpoint
 from server.rounds import ServerPaths, run_federation
 from tests.helpers import default_run_config
 from tests.inprocess import InProcessGrid, fresh_state, write_phantom_sites
@@ -173,3 +173,52 @@ def test_a_hospital_crashing_mid_round_is_still_charged_and_the_round_goes_on(
     assert record["sites_trained"] == ["site-0", "site-2"]
     assert any("simulated crash" in f for f in record["failures"])
     assert PrivacyLedger.read(sites_dir / "site-1" / "ledger.json").total_steps == 3
+
+
+def test_checkpoints_say_what_they_draw_and_hospitals_keep_the_model_they_received(
+    sites_dir: Path, tmp_path: Path
+) -> None:
+    # prepare
+    fresh_state(sites_dir)
+    cfg = _config(sites_dir, tmp_path, **{"num-server-rounds": 2})
+    # act
+    _run(cfg, tmp_path)
+    # assert: the server's checkpoint names its classes and run; report.html is there after the run
+    server_ckpt = load_checkpoint(tmp_path / "checkpoints" / "round-0001.safetensors")
+    assert server_ckpt.class_names == ("normal", "lesion") and server_ckpt.run_id == RUN_ID
+    report = (tmp_path / "report.html").read_text()
+    assert report.count("data:image/png;base64,") >= 3 and str(RUN_ID) in report
+    # every hospital kept exactly one model: the global model after round 1, which round 2 sent
+    for site in ("site-0", "site-1", "site-2"):
+        kept = sorted((sites_dir / site / "global-model").glob("round-*.safetensors"))
+        assert [p.name for p in kept] == ["round-0001.safetensors"]
+        received = load_checkpoint(kept[0])
+        assert received.content_sha256 == server_ckpt.content_sha256
+        assert received.class_names == ("normal", "lesion") and received.run_id == RUN_ID
+
+
+def test_node_evaluation_writes_aggregates_only(sites_dir: Path, tmp_path: Path) -> None:
+    # prepare: one round, so each hospital holds the initial global model (round 0)
+    from simulation.cli_deploy import evaluate_at_node
+
+    fresh_state(sites_dir)
+    _run(_config(sites_dir, tmp_path, **{"num-server-rounds": 1}), tmp_path)
+    site = sites_dir / "site-0"
+    # act
+    code = evaluate_at_node(site, site / "cache", held_out=None, seed=0)
+    # assert: aggregate numbers only; no picture (a picture would hold real images)
+    written = sorted(p.name for p in (site / "evaluation").iterdir())
+    result = json.loads((site / "evaluation" / "evaluation.json").read_text())
+    assert code == 0 and written == ["evaluation.json"]
+    assert result["aggregate_only"] is True and result["round"] == 0
+    assert {"fd", "kid", "tstr_auc", "trtr_auc"} <= set(result)
+
+
+def test_node_evaluation_before_any_round_says_why(tmp_path: Path) -> None:
+    # prepare
+    from common.config import ConfigError
+    from simulation.cli_deploy import evaluate_at_node
+
+    # act / assert
+    with pytest.raises(ConfigError, match="no global model"):
+        evaluate_at_node(tmp_path, tmp_path / "cache", held_out=None, seed=0)

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from flwr.supercore.task_identity import TaskIdentity
 
+from common.checkpoint import latest_valid_checkpoint
 from common.config import RunConfig
-from server.checkpoint import latest_valid_checkpoint
 from server.rounds import ServerPaths, run_federation
 from tests.helpers import default_run_config
 from tests.inprocess import DropRule, InProcessGrid, fresh_state, write_phantom_sites

@@ -12,8 +12,8 @@ import pytest
 from PIL import Image
 
 from client.ledger import PrivacyLedger
+from common.checkpoint import latest_valid_checkpoint, load_checkpoint
 from common.privacy import epsilon_of
-from server.checkpoint import latest_valid_checkpoint, load_checkpoint
 
 pytestmark = pytest.mark.slow
 

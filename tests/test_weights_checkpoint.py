@@ -7,10 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from common.checkpoint import latest_valid_checkpoint, load_checkpoint, save_checkpoint
 from common.config import ModelConfig
 from common.models import build_models
 from common.weights import UpdateLayout, fedavg, model_arrays, sum_vectors
-from server.checkpoint import latest_valid_checkpoint, save_checkpoint
 
 
 def test_summed_vectors_give_the_weighted_average() -> None:
@@ -92,3 +92,16 @@ def test_adam_step_bound_holds_for_adversarial_gradients() -> None:
         # assert: every single step is within the bound, so steps·lr·bound bounds the round
         assert worst <= bound * (1 + 1e-6)
     assert adam_step_bound(0.5, 0.999, 50) == pytest.approx(4.0336, abs=1e-3)  # the default round
+
+
+def test_checkpoint_metadata_names_classes_and_run(tmp_path: Path) -> None:
+    # prepare
+    arrays = {"g.w": np.arange(6, dtype=np.float32).reshape(2, 3)}
+    # act
+    with_meta = load_checkpoint(save_checkpoint(tmp_path / "a", 3, arrays, [], class_names=["normal", "pneumonia"],
+                                                run_id=77))
+    without = load_checkpoint(save_checkpoint(tmp_path / "b", 3, arrays, []))
+    # assert
+    assert with_meta.class_names == ("normal", "pneumonia") and with_meta.run_id == 77
+    assert without.class_names is None and without.run_id is None
+    assert with_meta.content_sha256 == without.content_sha256  # metadata is not model content

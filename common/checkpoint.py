@@ -2,7 +2,9 @@
 
 Format: safetensors (a JSON header and raw little-endian tensor bytes, no code execution on
 load; ``torch.load`` has had ``weights_only`` bypasses, CVE-2025-32434). The header's metadata
-holds the round, the server's round history (JSON) and ``content_sha256``, a hash over every
+holds the round, the server's round history (JSON), the class names and Flower run id (so a
+checkpoint file alone says what its generator draws and where it came from) and
+``content_sha256``, a hash over every
 tensor's name, dtype, shape and bytes, checked on load. A file is written to a temporary name,
 fsynced and renamed, so a crash leaves no half-written ``round-NNNN.safetensors``; a file that
 is truncated or altered anyway fails its hash and is skipped, and resume takes the newest
@@ -15,6 +17,7 @@ import hashlib
 import json
 import logging
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +29,7 @@ from safetensors.numpy import save as st_save
 
 from common.atomic import write_bytes_atomic
 
-log = logging.getLogger("medsynth.server")
+log = logging.getLogger("medsynth.checkpoint")
 NAME = re.compile(r"^round-(\d{4,})\.safetensors$")
 
 
@@ -43,6 +46,8 @@ class Checkpoint:
     history: list[dict[str, Any]]
     path: Path
     content_sha256: str
+    class_names: tuple[str, ...] | None = None  # None: written before the names were recorded
+    run_id: int | None = None
 
 
 def content_hash(arrays: dict[str, np.ndarray]) -> str:
@@ -60,12 +65,22 @@ def checkpoint_path(folder: Path, server_round: int) -> Path:
 
 
 def save_checkpoint(
-    folder: Path, server_round: int, arrays: dict[str, np.ndarray], history: list[dict[str, Any]]
+    folder: Path,
+    server_round: int,
+    arrays: dict[str, np.ndarray],
+    history: list[dict[str, Any]],
+    *,
+    class_names: Sequence[str] = (),
+    run_id: int | None = None,
 ) -> Path:
     """Write round ``server_round`` atomically and durably; returns its path."""
     folder.mkdir(parents=True, exist_ok=True)
     digest = content_hash(arrays)
     meta = {"round": str(server_round), "history": json.dumps(history), "content_sha256": digest}
+    if class_names:
+        meta["class_names"] = json.dumps(list(class_names))
+    if run_id is not None:
+        meta["run_id"] = str(run_id)
     blob = st_save({k: np.ascontiguousarray(v) for k, v in arrays.items()}, metadata=meta)
     final = checkpoint_path(folder, server_round)
     write_bytes_atomic(final, blob)
@@ -103,9 +118,11 @@ def load_checkpoint(path: Path) -> Checkpoint:
     try:
         server_round = int(meta["round"])
         history = json.loads(meta["history"])
-    except (KeyError, ValueError) as exc:
+        names = tuple(str(n) for n in json.loads(meta["class_names"])) if "class_names" in meta else None
+        run_id = int(meta["run_id"]) if "run_id" in meta else None
+    except (KeyError, ValueError, TypeError) as exc:
         raise CheckpointInvalid(f"{path.name}: bad metadata ({exc})") from exc
-    return Checkpoint(server_round, dict(arrays), history, path, digest)
+    return Checkpoint(server_round, dict(arrays), history, path, digest, names, run_id)
 
 
 def latest_valid_checkpoint(folder: Path) -> Checkpoint | None:
