@@ -55,7 +55,7 @@ class ModelConfig:
     image_size: int = 32
     latent_dim: int = 64
     g_width: int = 64
-    d_width: int = 16
+    d_width: int = 8
     num_classes: int = 2
     conditional: bool = True
     aux_classifier: bool = True  # AC-GAN class head on D (needs conditional); see common/models.py
@@ -76,12 +76,12 @@ class TrainConfig:
     """One local round: ``local_steps`` private D steps, one G step every ``d_steps_per_g``."""
 
     local_steps: int = 20
-    d_steps_per_g: int = 1
+    d_steps_per_g: int = 5
     batch_size: int = 32  # expected number of *patients* per D step (Poisson)
     lr_d: float = 2e-4
     lr_g: float = 2e-4
     beta1: float = 0.5
-    diversity_weight: float = 0.0  # λ of G's diversity term (common.dp_train.diversity_term); 0: off
+    diversity_weight: float = 10.0  # λ of G's diversity term (common.dp_train.diversity_term); 0: off
     device: str = "auto"
 
     def __post_init__(self) -> None:

@@ -59,6 +59,8 @@ class BenchSettings:
     lr_d: float = 2e-4
     lr_g: float = 2e-4
     beta1: float = 0.5
+    diversity_weight: float = 10.0  # G's diversity term: without it G drew ~one image per class
+    aux_classifier: bool = True
     g_width: int = 32
     d_width: int = 8  # fewer private parameters, less noise in total (‖noise‖ grows with √params)
     latent_dim: int = 64
@@ -71,6 +73,7 @@ class BenchSettings:
 
     def extra_config(self) -> tuple[tuple[str, RunConfigValue], ...]:
         return (("train.lr-d", self.lr_d), ("train.lr-g", self.lr_g), ("train.beta1", self.beta1),
+                ("train.diversity-weight", self.diversity_weight), ("model.aux-classifier", self.aux_classifier),
                 ("model.g-width", self.g_width), ("model.d-width", self.d_width),
                 ("model.latent-dim", self.latent_dim), ("dp.max-grad-norm", self.max_grad_norm))
 
@@ -99,10 +102,11 @@ def run_inprocess(name: str, epsilon: float | None, s: BenchSettings, data: Path
     sites = medmnist_sites(data, s.sites, s.partition, s.seed, 32, s.max_images)
     plan = FedPlan(
         rounds=s.rounds,
-        model=ModelConfig(g_width=s.g_width, d_width=s.d_width, latent_dim=s.latent_dim),
+        model=ModelConfig(g_width=s.g_width, d_width=s.d_width, latent_dim=s.latent_dim,
+                          aux_classifier=s.aux_classifier),
         train=TrainConfig(local_steps=s.local_steps, batch_size=s.batch_size, lr_d=s.lr_d, lr_g=s.lr_g,
                           d_steps_per_g=s.d_steps_per_g if epsilon is not None else s.nodp_d_steps_per_g,
-                          beta1=s.beta1, device="cpu"),
+                          beta1=s.beta1, diversity_weight=s.diversity_weight, device="cpu"),
         epsilon=epsilon, delta=s.delta, max_grad_norm=s.max_grad_norm, seed=s.seed,
     )
     t0 = time.monotonic()
@@ -130,6 +134,14 @@ def format_table(rows: Sequence[tuple[str, dict[str, Any]]]) -> str:
     return "\n".join(lines)
 
 
+def _flag(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
 def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, BenchSettings]:
     d = BenchSettings()
     p = argparse.ArgumentParser(prog="python -m simulation.bench_quality", description=__doc__,
@@ -142,7 +154,8 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, BenchSet
                    help="DP rows through medsynth simulate (default) or in process (tuning)")
     for field, kind in (("rounds", int), ("local_steps", int), ("batch_size", int), ("d_steps_per_g", int),
                         ("nodp_d_steps_per_g", int),
-                        ("lr_d", float), ("lr_g", float), ("beta1", float), ("g_width", int), ("d_width", int),
+                        ("lr_d", float), ("lr_g", float), ("beta1", float), ("diversity_weight", float),
+                        ("aux_classifier", _flag), ("g_width", int), ("d_width", int),
                         ("latent_dim", int), ("max_grad_norm", float), ("sites", int), ("partition", str),
                         ("delta", float), ("max_images", int), ("seed", int)):
         p.add_argument(f"--{field.replace('_', '-')}", type=kind, default=getattr(d, field),

@@ -79,7 +79,8 @@ def _simulate_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
     p.add_argument("--local-steps", type=int, default=50, help="private D steps per hospital per round")
     p.add_argument("--batch-size", type=int, default=32,
                    help="expected patients per D step (Poisson sampling rate = batch / patients)")
-    p.add_argument("--d-steps-per-g", type=int, default=1, help="D steps per G step")
+    p.add_argument("--d-steps-per-g", type=int, default=5,
+                   help="private D steps per G step (default 5: under DP noise D must keep up with G)")
     p.add_argument("--cpus-per-site", type=int, default=1, help="whole CPUs reserved per virtual hospital")
     p.add_argument("--device", default="auto",
                    help="auto (CUDA when a GPU is visible to the virtual hospitals, else CPU), cpu, cuda")

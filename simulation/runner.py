@@ -61,7 +61,7 @@ class SimulateOptions:
     image_size: int = 32
     local_steps: int = 50
     batch_size: int = 32
-    d_steps_per_g: int = 1
+    d_steps_per_g: int = 5
     cpus_per_site: int = 1
     device: str = "auto"
     timeout_s: float = 3600.0
