@@ -44,10 +44,9 @@ from client.prepare_workers import (
     SandboxPool,
     WorkerError,
     process_file,
-    resize_to_square,
 )
 from common.atomic import fsync_dir, write_json_atomic
-from common.dataset import DatasetError, LocalDataset, read_cache_fingerprint, save_cache
+from common.dataset import DatasetError, LocalDataset, read_cache_fingerprint, resize_to_square, save_cache
 from common.dicom import DEFAULT_MAX_DECODED_BYTES, ReadLimits
 from common.dicom_errors import DicomRejected
 from common.dicom_paths import FolderEntry, walk_data_folder

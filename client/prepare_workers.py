@@ -29,10 +29,10 @@ from multiprocessing.connection import Connection, wait
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 from pydicom.dataset import Dataset
 
 from client.prepare_labels import LabelRule, Selection
+from common.dataset import resize_to_square
 from common.dicom import ReadLimits, read_image_frames
 from common.dicom_errors import DicomRejected
 
@@ -80,25 +80,6 @@ class FileOutcome:
 
 
 Handler = Callable[[FileJob, PrepareSettings], FileOutcome]
-
-
-def resize_to_square(frame: np.ndarray, size: int) -> np.ndarray:
-    """(H, W) in [0, 1] -> (size, size) float32 in [0, 1].
-
-    The frame is zero-padded (black) to a centred square, so the aspect ratio is kept and no
-    content is cropped, then resized with Pillow's BILINEAR filter on 32-bit float ("F" mode):
-    bilinear interpolation when enlarging (28 -> 32), a triangle filter widened by the scale
-    factor when shrinking, i.e. antialiased, no overshoot.
-    """
-    h, w = frame.shape
-    side = max(h, w)
-    square = np.zeros((side, side), dtype=np.float32)
-    top, left = (side - h) // 2, (side - w) // 2
-    square[top:top + h, left:left + w] = frame
-    if side == size:
-        return square
-    resized = Image.fromarray(square).resize((size, size), Image.Resampling.BILINEAR)
-    return np.clip(np.asarray(resized, dtype=np.float32), 0.0, 1.0)
 
 
 def process_file(job: FileJob, settings: PrepareSettings) -> FileOutcome:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from common.atomic import fsync_dir
 
@@ -165,3 +166,25 @@ def read_cache_fingerprint(cache_dir: Path) -> str | None:
 def load_patient_hashes(cache_dir: Path) -> np.ndarray:
     """Salted patient hashes (P,), aligned with ``LocalDataset.patients`` indices."""
     return _open_cache(cache_dir)["patient_hashes"]
+
+
+def resize_to_square(frame: np.ndarray, size: int) -> np.ndarray:
+    """(H, W) in [0, 1] -> (size, size) float32 in [0, 1]: how every image gets its model side.
+
+    Used by ``client.prepare`` for the hospitals' caches and by ``common.reference`` for the
+    evaluation's real images, so both are resized by this one function.
+
+    The frame is zero-padded (black) to a centred square, so the aspect ratio is kept and no
+    content is cropped, then resized with Pillow's BILINEAR filter on 32-bit float ("F" mode):
+    bilinear interpolation when enlarging (28 -> 32), a triangle filter widened by the scale
+    factor when shrinking, i.e. antialiased, no overshoot.
+    """
+    h, w = frame.shape
+    side = max(h, w)
+    square = np.zeros((side, side), dtype=np.float32)
+    top, left = (side - h) // 2, (side - w) // 2
+    square[top : top + h, left : left + w] = frame
+    if side == size:
+        return square
+    resized = Image.fromarray(square).resize((size, size), Image.Resampling.BILINEAR)
+    return np.clip(np.asarray(resized, dtype=np.float32), 0.0, 1.0)

@@ -28,9 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
-from common.dataset import CACHE_FILE, DatasetError, load_cache
+from common.dataset import CACHE_FILE, DatasetError, load_cache, resize_to_square
 
 _MEDMNIST_CLASSES = {"pneumoniamnist": ("normal", "pneumonia")}
 TEST_SHARE = 0.2  # share of patients of a prepared cache used as the real test split
@@ -86,24 +85,6 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def resize_unit(frame: np.ndarray, size: int) -> np.ndarray:
-    """(H, W) float in [0, 1] → (size, size) float32 in [0, 1], as ``prepare`` resizes.
-
-    Zero-pad to a centred square, then Pillow BILINEAR on 32-bit float (antialiased when
-    shrinking). Kept identical to ``client.prepare.resize_to_square`` (common may not import
-    client), so reference pixels match what the hospitals trained on.
-    """
-    h, w = frame.shape
-    side = max(h, w)
-    square = np.zeros((side, side), dtype=np.float32)
-    top, left = (side - h) // 2, (side - w) // 2
-    square[top : top + h, left : left + w] = frame
-    if side == size:
-        return square
-    resized = Image.fromarray(square).resize((size, size), Image.Resampling.BILINEAR)
-    return np.clip(np.asarray(resized, dtype=np.float32), 0.0, 1.0)
-
-
 def unit_per_image(images: np.ndarray) -> np.ndarray:
     """(N, H, W) → float64 in [0, 1], each image by its own min–max (a constant image → 0).
 
@@ -119,7 +100,7 @@ def to_model_range(unit: np.ndarray, size: int) -> np.ndarray:
     """(N, H, W) in [0, 1] → (N, 1, size, size) float32 in [-1, 1]."""
     out = np.empty((unit.shape[0], 1, size, size), dtype=np.float32)
     for i, frame in enumerate(unit):
-        out[i, 0] = resize_unit(frame, size) * 2.0 - 1.0
+        out[i, 0] = resize_to_square(frame, size) * 2.0 - 1.0
     return out
 
 
