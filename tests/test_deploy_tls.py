@@ -113,6 +113,12 @@ def test_three_hospitals_over_tls_with_node_auth_and_refused_nodes(tmp_path: Pat
     assert "6 message(s) left this hospital" in audit.stdout  # keys, shares, 2 × (train, unmask)
     privacy = medsynth("node", "privacy", "--config", c.node_toml("site-0"))
     assert "ε spent" in privacy.stdout and "round   2" in privacy.stdout
+    # the server's report.html, and the evaluation of the received model at a hospital (aggregates only)
+    page = (c.results / "report.html").read_text()
+    assert '<img alt="Per-round losses"' in page and '<img alt="Sample grid round-0002"' in page
+    evaluated = medsynth("node", "evaluate", "--config", c.node_toml("site-0"))
+    assert "domain FD" in evaluated.stdout and "TSTR" in evaluated.stdout
+    assert sorted(p.name for p in (c.site_dir("site-0") / "state" / "evaluation").iterdir()) == ["evaluation.json"]
     # each refusal is clear, and touched nothing
     assert rogue_node.proc.returncode == 2
     assert "authentication key: it is not registered" in rogue_node.text()
