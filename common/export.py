@@ -25,7 +25,7 @@ from typing import Any, Literal
 import numpy as np
 from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+from pydicom.uid import UID, ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
 from common.atomic import write_json_atomic
 
@@ -100,10 +100,12 @@ def _class_folder(name: str) -> str:
     return _SAFE.sub("_", name).strip("._") or "class"
 
 
-def synthetic_dicom(pixels: np.ndarray, *, label: str, study_uid: str, series_uid: str, number: int,
-                    provenance: Provenance) -> Dataset:
-    """One uint8 (S, S) image as a Secondary Capture dataset carrying the synthetic markers."""
-    sop_uid = generate_uid()
+def secondary_capture(sop_uid: UID) -> Dataset:
+    """An empty Secondary Capture Image Storage instance (PS3.3 A.8.1), explicit VR little endian.
+
+    File meta (0002,0002)/(0002,0003)/(0002,0010) and SOP Class/Instance UID (0008,0016)/(0008,0018);
+    the caller adds patient, study, series and pixel attributes.
+    """
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
     meta.MediaStorageSOPInstanceUID = sop_uid
@@ -112,6 +114,13 @@ def synthetic_dicom(pixels: np.ndarray, *, label: str, study_uid: str, series_ui
     ds.file_meta = meta
     ds.SOPClassUID = SecondaryCaptureImageStorage
     ds.SOPInstanceUID = sop_uid
+    return ds
+
+
+def synthetic_dicom(pixels: np.ndarray, *, label: str, study_uid: str, series_uid: str, number: int,
+                    provenance: Provenance) -> Dataset:
+    """One uint8 (S, S) image as a Secondary Capture dataset carrying the synthetic markers."""
+    ds = secondary_capture(generate_uid())
     ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, series_uid
     ds.PatientName, ds.PatientID = "SYNTHETIC", "SYNTHETIC"
     ds.PatientBirthDate, ds.PatientSex = "", ""

@@ -30,6 +30,7 @@ from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
 from common.atomic import write_bytes_atomic
+from common.checkpoint import content_hash
 from common.classifier import ClassifierConfig, SmallCNN, embed, train_classifier
 from common.reference import ReferenceData
 
@@ -58,16 +59,6 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("MEDSYNTH_CACHE", Path.home() / ".cache" / "medsynth"))
 
 
-def tensors_sha256(arrays: dict[str, np.ndarray]) -> str:
-    """SHA-256 over (name, dtype, shape, bytes) of every array, in name order."""
-    h = hashlib.sha256()
-    for name in sorted(arrays):
-        a = np.ascontiguousarray(arrays[name])
-        h.update(f"{name}|{a.dtype.str}|{a.shape}\n".encode())
-        h.update(a.tobytes())
-    return h.hexdigest()
-
-
 def extractor_key(reference: ReferenceData, cfg: ClassifierConfig) -> str:
     spec = {
         "version": EXTRACTOR_VERSION,
@@ -91,7 +82,7 @@ def _load(path: Path, num_classes: int, cfg: ClassifierConfig) -> FeatureExtract
         meta = json.loads(blob[8 : 8 + header_len]).get("__metadata__", {})
     except (SafetensorError, ValueError) as exc:
         raise ExtractorCacheCorrupt(f"cached extractor {path} is unreadable ({exc}); delete it to retrain") from exc
-    digest = tensors_sha256(arrays)
+    digest = content_hash(arrays)
     if digest != meta.get("content_sha256"):
         raise ExtractorCacheCorrupt(f"cached extractor {path} fails its hash check; delete it to retrain")
     model = SmallCNN(num_classes, cfg.width)
@@ -112,7 +103,7 @@ def load_or_train_extractor(
     model = train_classifier(reference.train.images, reference.train.labels, num_classes, cfg,
                              desc="feature extractor")
     arrays = _state_arrays(model)
-    digest = tensors_sha256(arrays)
+    digest = content_hash(arrays)
     meta = {
         "content_sha256": digest,
         "reference_sha256": reference.sha256,

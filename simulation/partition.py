@@ -21,8 +21,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import UID, ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+from pydicom.dataset import Dataset
+from pydicom.uid import UID, generate_uid
+
+from common.export import secondary_capture
 
 # BT.601 luma, the same rule as common.dicom for colour DICOM.
 _LUMA = np.array([0.299, 0.587, 0.114])
@@ -224,15 +226,7 @@ def _secondary_capture(source: SourceData, idx: int, site_name: str, seed: int,
                        bits_stored: int) -> Dataset:
     """One image as a Secondary Capture Image Storage dataset."""
     pixels = source.images[idx]
-    sop_uid = _uid(seed, site_name, "sop", str(idx))
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = sop_uid
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID = SecondaryCaptureImageStorage
-    ds.SOPInstanceUID = sop_uid
+    ds = secondary_capture(_uid(seed, site_name, "sop", str(idx)))
     ds.Modality = source.mapping.modality
     ds.ConversionType = "SYN"  # synthetic image, Secondary Capture module
     if source.patient_ids is not None:
