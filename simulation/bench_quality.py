@@ -2,7 +2,9 @@
 
 The reference experiment of issue 6: PneumoniaMNIST (``../shared/data/medmnist/pneumoniamnist.npz``),
 4 hospitals, Dirichlet label skew 0.5, patient-level (ε, δ = 1e-5) per hospital, secure
-aggregation on. Rows:
+aggregation on. Every row is run once per seed (``--seeds``, default 0, 1, 2: the seed picks the
+partition, the model's initial weights and the latents; DP noise always comes from the OS),
+followed by the mean of the seeds, with the range of TSTR AUC. Rows:
 
 * ``eps=10`` and ``eps=1``: ``medsynth simulate`` (Flower's Simulation Engine, secure
   aggregation, calibrated σ, ledgers), evaluated against the reference by the run itself
@@ -35,7 +37,7 @@ import shutil
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -117,6 +119,23 @@ def run_inprocess(name: str, epsilon: float | None, s: BenchSettings, data: Path
     return {"train_s": train_s, "evaluation": ev, "epsilon_max": max(eps) if eps else None, "secure": False}
 
 
+METRICS = ("fd", "kid", "tstr_auc", "tstr_acc", "trtr_auc", "trtr_acc", "memorization_rate")
+
+
+def mean_row(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The mean of several seeds' rows (each metric; wall times summed), with the TSTR AUC range."""
+    def mean(values: list[Any]) -> float | None:
+        finite = [float(v) for v in values if v is not None]
+        return sum(finite) / len(finite) if finite else None
+
+    evaluation: dict[str, Any] = {k: mean([r["evaluation"].get(k) for r in runs]) for k in (*METRICS, "seconds")}
+    aucs = [r["evaluation"]["tstr_auc"] for r in runs if r["evaluation"].get("tstr_auc") is not None]
+    evaluation["tstr_auc_range"] = (min(aucs), max(aucs)) if aucs else None
+    eps = [r["epsilon_max"] for r in runs if r["epsilon_max"] is not None]
+    return {"train_s": sum(r["train_s"] for r in runs), "evaluation": evaluation,
+            "epsilon_max": max(eps) if eps else None, "secure": all(r["secure"] for r in runs)}
+
+
 def format_table(rows: Sequence[tuple[str, dict[str, Any]]]) -> str:
     """The benchmark's one table (Markdown, so it can be pasted into a note as is)."""
     def f(v: Any, fmt: str) -> str:
@@ -126,9 +145,13 @@ def format_table(rows: Sequence[tuple[str, dict[str, Any]]]) -> str:
              "|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in rows:
         e = r["evaluation"]
+        auc = f(e.get("tstr_auc"), ".3f")
+        if e.get("tstr_auc_range") is not None:
+            low, high = e["tstr_auc_range"]
+            auc = f"**{auc}** ({low:.3f}–{high:.3f})"
         lines.append(
             f"| {name} | {f(r['epsilon_max'], '.2f')} | {f(e.get('fd'), '.2f')} | {f(e.get('kid'), '.4f')} | "
-            f"{f(e.get('tstr_auc'), '.3f')} | {f(e.get('tstr_acc'), '.3f')} | {f(e.get('trtr_auc'), '.3f')} | "
+            f"{auc} | {f(e.get('tstr_acc'), '.3f')} | {f(e.get('trtr_auc'), '.3f')} | "
             f"{f(e.get('trtr_acc'), '.3f')} | {f(e.get('memorization_rate'), '.3f')} | "
             f"{r['train_s'] / 60:.1f} min ({f(e.get('seconds'), '.0f')} s) |")
     return "\n".join(lines)
@@ -150,6 +173,9 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, BenchSet
     p.add_argument("--out", type=Path, default=Path("medsynth-output/bench-quality"), help="results folder")
     p.add_argument("--epsilons", default="10,1", help="DP rows, comma-separated budgets (default: 10,1)")
     p.add_argument("--no-reference-row", action="store_true", help="skip the non-private row")
+    p.add_argument("--seeds", default="0,1,2",
+                   help="repeat every row with these seeds (partition, model init, sampling; DP noise is always "
+                        "fresh) and add their mean (default: 0,1,2; one seed is not a measurement)")
     p.add_argument("--engine", choices=("flower", "inprocess"), default="flower",
                    help="DP rows through medsynth simulate (default) or in process (tuning)")
     for field, kind in (("rounds", int), ("local_steps", int), ("batch_size", int), ("d_steps_per_g", int),
@@ -157,11 +183,11 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, BenchSet
                         ("lr_d", float), ("lr_g", float), ("beta1", float), ("diversity_weight", float),
                         ("aux_classifier", _flag), ("g_width", int), ("d_width", int),
                         ("latent_dim", int), ("max_grad_norm", float), ("sites", int), ("partition", str),
-                        ("delta", float), ("max_images", int), ("seed", int)):
+                        ("delta", float), ("max_images", int)):
         p.add_argument(f"--{field.replace('_', '-')}", type=kind, default=getattr(d, field),
                        help=f"default: {getattr(d, field)}")
     args = p.parse_args(argv)
-    fields = {k: getattr(args, k) for k in BenchSettings.__dataclass_fields__}
+    fields = {k: getattr(args, k) for k in BenchSettings.__dataclass_fields__ if k != "seed"}
     return args, BenchSettings(**fields)
 
 
@@ -171,25 +197,38 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {args.data} not found; the benchmark needs PneumoniaMNIST (see ../shared/data/README.md)",
               file=sys.stderr)
         return 2
-    print(f"settings: {json.dumps(s.__dict__)}; engine {args.engine}; load average {os.getloadavg()[0]:.2f}",
+    print(f"settings: {json.dumps(s.__dict__)}; seeds {args.seeds}; engine {args.engine}; "
+          f"load average {os.getloadavg()[0]:.2f}",
           flush=True)
     t0 = time.monotonic()
-    rows: list[tuple[str, dict[str, Any]]] = []
-    for eps in (float(e) for e in args.epsilons.split(",") if e.strip()):
-        name = f"eps={eps:g}"
-        out = args.out / name.replace("=", "")
-        run = run_flower if args.engine == "flower" else run_inprocess
-        rows.append((name, run(name, eps, s, args.data, out)))
+    seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
+    settings: list[tuple[str, float | None]] = [
+        (f"eps={float(e):g}", float(e)) for e in args.epsilons.split(",") if e.strip()]
     if not args.no_reference_row:
-        name = f"no DP (nD={s.nodp_d_steps_per_g})"
-        rows.append((name, run_inprocess(name, None, s, args.data, args.out / "nodp")))
+        settings.append((f"no DP (nD={s.nodp_d_steps_per_g})", None))
+    rows: list[tuple[str, dict[str, Any]]] = []
+    for name, eps in settings:
+        runs = []
+        for seed in seeds:
+            label = f"{name} seed {seed}"
+            out = args.out / name.split(" ")[0].replace("=", "") / f"seed{seed}"
+            seeded = replace(s, seed=seed)
+            if eps is None:
+                runs.append(run_inprocess(label, None, seeded, args.data, out))
+            elif args.engine == "flower":
+                runs.append(run_flower(label, eps, seeded, args.data, out))
+            else:
+                runs.append(run_inprocess(label, eps, seeded, args.data, out))
+            rows.append((label, runs[-1]))
+        if len(runs) > 1:
+            rows.append((f"**{name} mean**", mean_row(runs)))
     table = format_table(rows)
     total = time.monotonic() - t0
     print(f"\n{table}\n\n{BASELINE}. FD/KID: domain features, not Inception. Total wall time {total / 60:.1f} min "
           f"(goal: 60 min on 2 cores); load average {os.getloadavg()[0]:.2f}.")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "bench_quality.json").write_text(json.dumps(
-        {"settings": s.__dict__, "engine": args.engine, "total_s": round(total, 1),
+        {"settings": s.__dict__, "seeds": args.seeds, "engine": args.engine, "total_s": round(total, 1),
          "rows": {name: r for name, r in rows}}, indent=1, default=str))
     (args.out / "bench_quality.md").write_text(table + "\n")
     return 0

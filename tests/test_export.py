@@ -27,8 +27,6 @@ from tests.helpers import default_run_config
 from tests.inprocess import InProcessGrid, write_phantom_sites
 
 RUN_ID = 777
-# The server's checkpoints do not record class names (simulate's summary.json does): name them here.
-CLASSES = ("--classes", "normal,lesion")
 
 
 @pytest.fixture(autouse=True)
@@ -71,8 +69,7 @@ def test_dicom_export_reads_back_marked_synthetic_without_patient_data(trained: 
     run, sites = trained
     out = tmp_path / "dicom"
     # act
-    code = main(["sample", "--checkpoint", str(run), "--n", "6", "--format", "dicom", "--out", str(out), "--seed", "1",
-                 *CLASSES])
+    code = main(["sample", "--checkpoint", str(run), "--n", "6", "--format", "dicom", "--out", str(out), "--seed", "1"])
     # assert
     assert code == 0, capsys.readouterr().err
     files = sorted(out.glob("*/*.dcm"))
@@ -98,13 +95,15 @@ def test_sidecar_epsilon_matches_the_ledgers(trained: tuple[Path, Path], tmp_pat
     # prepare
     run, sites = trained
     # act
-    code = main(["sample", "--checkpoint", str(run), "--n", "4", "--format", "png", "--out", str(tmp_path), *CLASSES])
+    code = main(["sample", "--checkpoint", str(run), "--n", "4", "--format", "png", "--out", str(tmp_path)])
     sidecar = json.loads((tmp_path / SIDECAR).read_text())
     # assert
     assert code == 0
     assert sidecar["synthetic"] is True and sidecar["count"] == 4
     assert sidecar["model"]["round"] == 2 and len(sidecar["model"]["content_sha256"]) == 64
-    assert sidecar["model"]["config"]["g_width"] == 8 and sidecar["model"]["class_names"] == ["normal", "lesion"]
+    assert sidecar["model"]["config"]["g_width"] == 8
+    assert sidecar["model"]["class_names"] == ["normal", "lesion"]  # from the checkpoint's metadata
+    assert sidecar["run"]["run_id"] == RUN_ID
     assert set(sidecar["privacy"]["sites"]) == {"site-0", "site-1", "site-2"}
     for site, p in sidecar["privacy"]["sites"].items():
         ledger = PrivacyLedger.read(sites / site / "ledger.json")
@@ -118,13 +117,11 @@ def test_npz_export_of_one_class_and_refusals(trained: tuple[Path, Path], tmp_pa
                                               capsys: pytest.CaptureFixture[str]) -> None:
     # prepare
     run, _ = trained
-    args = ["sample", "--checkpoint", str(run), "--n", "5", "--class", "lesion", "--format", "npz", "--seed", "3",
-            *CLASSES]
+    args = ["sample", "--checkpoint", str(run), "--n", "5", "--class", "lesion", "--format", "npz", "--seed", "3"]
     # act
     first = main([*args, "--out", str(tmp_path / "a")])
     again = main([*args, "--out", str(tmp_path / "a")])  # the folder already holds an export
-    unknown = main(["sample", "--checkpoint", str(run), "--n", "1", "--class", "tumour", "--out", str(tmp_path / "b"),
-                    *CLASSES])
+    unknown = main(["sample", "--checkpoint", str(run), "--n", "1", "--class", "tumour", "--out", str(tmp_path / "b")])
     # assert
     assert first == 0 and again == 2 and unknown == 2
     err = capsys.readouterr().err
