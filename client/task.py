@@ -23,7 +23,7 @@ from client.prepare import load_or_create_salt, prepare_site
 from common.checkpoint import save_checkpoint
 from common.config import ConfigError, RunConfig, SiteConfig
 from common.dataset import LocalDataset, load_cache
-from common.dp_train import train_local_round
+from common.dp_train import patient_sample_rate, train_local_round
 from common.models import build_models, select_device
 from common.privacy import Charge, PrivacyBudgetExceeded, calibrate_noise_multiplier, check_budget
 from common.protocol import SiteReply, Status
@@ -136,7 +136,7 @@ def train_round(
                 update=update,
             )
 
-        sample_rate = run.train.batch_size / data.num_patients
+        sample_rate = patient_sample_rate(run.train.batch_size, data.num_patients)
         try:
             sigma = noise_for_round(
                 ledger, run, sample_rate=sample_rate, run_id=run_id, server_round=server_round

@@ -27,7 +27,7 @@ from common.atomic import write_json_atomic
 from common.checkpoint import save_checkpoint
 from common.config import ModelConfig, TrainConfig
 from common.dataset import LocalDataset
-from common.dp_train import train_local_round
+from common.dp_train import patient_sample_rate, train_local_round
 from common.models import build_models
 from common.privacy import Charge, calibrate_noise_multiplier, epsilon_of
 from common.reference import to_model_range, unit_per_image
@@ -89,7 +89,7 @@ def train_federated(sites: Sequence[LocalDataset], plan: FedPlan, out: Path,
     steps = plan.rounds * plan.train.local_steps
     sigmas: list[float | None] = []
     for i, site in enumerate(sites):
-        q = plan.train.batch_size / site.num_patients
+        q = patient_sample_rate(plan.train.batch_size, site.num_patients)
         sigma = None if plan.epsilon is None else calibrate_noise_multiplier(
             [], sample_rate=q, planned_steps=steps, delta=plan.delta, budget=plan.epsilon)
         sigmas.append(sigma)
@@ -109,7 +109,8 @@ def train_federated(sites: Sequence[LocalDataset], plan: FedPlan, out: Path,
             losses.append((res.loss_d, res.loss_g, float(site.num_patients)))
             sigma = sigmas[i]
             eps = 0.0 if sigma is None else epsilon_of(
-                [Charge(sigma, plan.train.batch_size / site.num_patients, rnd * plan.train.local_steps)], plan.delta)
+                [Charge(sigma, patient_sample_rate(plan.train.batch_size, site.num_patients),
+                        rnd * plan.train.local_steps)], plan.delta)
             privacy[f"site-{i}"] = {"status": "ok", "epsilon": eps, "epsilon_budget": plan.epsilon or float("inf"),
                                     "delta": plan.delta, "steps": rnd * plan.train.local_steps}
         arrays = _average(results)

@@ -16,6 +16,7 @@ from common.dp_train import (
     diversity_term,
     generator_step,
     make_private_discriminator,
+    patient_sample_rate,
     sample_noise,
     train_local_round,
 )
@@ -144,12 +145,16 @@ def test_local_round_counts_exactly_the_configured_steps() -> None:
     assert not hasattr(next(netD.parameters()), "grad_sample") or next(netD.parameters()).grad_sample is None
 
 
-def test_batch_larger_than_patients_is_refused() -> None:
+def test_a_site_smaller_than_the_batch_trains_every_patient_every_step_and_is_charged_q_1() -> None:
+    # prepare: 5 patients, batch 8
     data = toy_dataset(num_patients=5)
     netG, netD = build_models(ModelConfig())
-    with pytest.raises(ValueError, match="exceeds this site's 5 patients"):
-        train_local_round(netG, netD, data, model=ModelConfig(), train=TrainConfig(batch_size=8),
-                          noise_multiplier=1.0, max_grad_norm=1.0, device=CPU)
+    # act
+    result = train_local_round(netG, netD, data, model=ModelConfig(), train=TrainConfig(batch_size=8, local_steps=2),
+                               noise_multiplier=1.0, max_grad_norm=1.0, device=CPU)
+    # assert: the accountant counted q = 1 (no amplification), which is what the ledger charges
+    assert patient_sample_rate(8, 5) == 1.0 and patient_sample_rate(8, 40) == 0.2
+    assert result.charge is not None and result.charge.sample_rate == 1.0 and result.charge.steps == 2
 
 
 def test_class_head_learns_from_real_rows_only() -> None:
