@@ -57,3 +57,15 @@ def write_json_atomic(path: Path, payload: Any, *, mode: int = 0o644) -> None:
     """Strict JSON (sorted keys, NaN/inf as null), written with ``write_bytes_atomic``."""
     data = json.dumps(json_safe(payload), indent=1, sort_keys=True, allow_nan=False).encode()
     write_bytes_atomic(path, data + b"\n", mode=mode)
+
+
+def read_json_object(path: Path) -> dict[str, Any]:
+    """A JSON object file, or ``{}`` when it is missing, unreadable or not an object.
+
+    For readers of a run folder (report, provenance) that must work on a partial or crashed run.
+    """
+    try:
+        data = json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}

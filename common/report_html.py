@@ -16,13 +16,12 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import html
-import json
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from common.atomic import write_bytes_atomic
+from common.atomic import read_json_object, write_bytes_atomic
 from common.plots import bar_chart, line_chart
 
 REPORT_FILE = "report.html"
@@ -49,14 +48,6 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{_num(c)}</td>" for c in row) + "</tr>" for row in rows)
     return f"<table><tr>{head}</tr>{body}</table>"
-
-
-def _load(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text()) if path.is_file() else {}
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
 
 
 def _training(rounds: list[dict[str, Any]]) -> str:
@@ -145,7 +136,7 @@ def _evaluation(ev: Mapping[str, Any], closest_pairs: Path | None) -> str:
 def write_report(root: Path, *, evaluation: Mapping[str, Any] | None = None, closest_pairs: Path | None = None,
                  title: str = "medsynth run report") -> Path:
     """Write ``root/report.html`` from the run folder (and an evaluation, if given); returns its path."""
-    state, summary = _load(root / "server_state.json"), _load(root / "summary.json")
+    state, summary = read_json_object(root / "server_state.json"), read_json_object(root / "summary.json")
     rounds = [r for r in state.get("rounds", []) if isinstance(r, dict)]
     ev = evaluation if evaluation is not None else summary.get("evaluation")
     facts = [["rounds completed", len(rounds)], ["secure aggregation", state.get("secure_aggregation", "–")],

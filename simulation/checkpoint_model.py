@@ -12,13 +12,13 @@ checkpoints folder, the caller (e.g. the reference data set), else ``class0, cla
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from common.atomic import read_json_object
 from common.checkpoint import Checkpoint, CheckpointInvalid, latest_valid_checkpoint, load_checkpoint
 from common.config import ModelConfig
 from common.export import Provenance, privacy_from_history
@@ -88,12 +88,8 @@ def resolve_checkpoint(path: Path) -> Checkpoint:
 
 
 def _run_file(ckpt: Checkpoint, name: str) -> dict[str, object]:
-    path = ckpt.path.parent.parent / name
-    try:
-        data = json.loads(path.read_text()) if path.is_file() else {}
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
+    """A JSON file of the run folder the checkpoint belongs to (``RUN/checkpoints/round-…``)."""
+    return read_json_object(ckpt.path.parent.parent / name)
 
 
 def load_generator(path: Path, *, class_names: tuple[str, ...] | None = None,

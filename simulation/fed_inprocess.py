@@ -2,7 +2,8 @@
 
 The same local round as a hospital (``common.dp_train.train_local_round``), the same noise
 calibration (``common.privacy.calibrate_noise_multiplier``: σ chosen so the planned rounds end
-at, never above, ε), FedAvg weighted by patient count, checkpoints written by
+at, never above, ε), the same FedAvg weighted by patient count (the hospitals'
+``UpdateLayout.pack`` and the server's ``fedavg``, summed in the clear), checkpoints written by
 ``common.checkpoint`` with the same round records (losses, each site's ε) and sample grids, so
 ``medsynth evaluate``/``sample`` and ``report.html`` work on its output unchanged.
 
@@ -32,7 +33,7 @@ from common.models import build_models
 from common.privacy import Charge, calibrate_noise_multiplier, epsilon_of
 from common.reference import to_model_range, unit_per_image
 from common.samples import sample_grid, save_png
-from common.weights import load_model_arrays, model_arrays
+from common.weights import WEIGHT_SCALE, UpdateLayout, fedavg, load_model_arrays, model_arrays, sum_vectors
 from simulation.partition import split_by_patient
 from simulation.runner import SimulateOptions, load_source
 
@@ -67,19 +68,6 @@ def medmnist_sites(npz: Path, sites: int, partition: str, seed: int, image_size:
     return out
 
 
-def _average(results: Sequence[tuple[dict[str, np.ndarray], float]]) -> dict[str, np.ndarray]:
-    total = sum(w for _, w in results)
-    first = results[0][0]
-    out: dict[str, np.ndarray] = {}
-    for name, value in first.items():
-        if np.issubdtype(value.dtype, np.floating):
-            mean = np.sum([a[name].astype(np.float64) * w for a, w in results], axis=0) / total
-            out[name] = mean.astype(value.dtype)
-        else:
-            out[name] = value
-    return out
-
-
 def train_federated(sites: Sequence[LocalDataset], plan: FedPlan, out: Path,
                     say: Callable[[str], None] = print) -> dict[str, Any]:
     """Run ``plan.rounds`` rounds over ``sites``; writes checkpoints/, samples/, server_state.json."""
@@ -87,9 +75,10 @@ def train_federated(sites: Sequence[LocalDataset], plan: FedPlan, out: Path,
     netG, netD = build_models(plan.model, seed=plan.seed)
     arrays = model_arrays(netG, netD)
     steps = plan.rounds * plan.train.local_steps
+    layout = UpdateLayout.of(arrays)
+    rates = [patient_sample_rate(plan.train.batch_size, site.num_patients) for site in sites]
     sigmas: list[float | None] = []
-    for i, site in enumerate(sites):
-        q = patient_sample_rate(plan.train.batch_size, site.num_patients)
+    for i, (site, q) in enumerate(zip(sites, rates, strict=True)):
         sigma = None if plan.epsilon is None else calibrate_noise_multiplier(
             [], sample_rate=q, planned_steps=steps, delta=plan.delta, budget=plan.epsilon)
         sigmas.append(sigma)
@@ -99,25 +88,24 @@ def train_federated(sites: Sequence[LocalDataset], plan: FedPlan, out: Path,
     device = torch.device("cpu")
     for rnd in range(1, plan.rounds + 1):
         t_round = time.monotonic()
-        results, losses, privacy = [], [], {}
+        vectors, privacy = [], {}
         for i, site in enumerate(sites):
             load_model_arrays(netG, netD, arrays)
             res = train_local_round(netG, netD, site, model=plan.model, train=plan.train, noise_multiplier=sigmas[i],
                                     max_grad_norm=plan.max_grad_norm, device=device,
                                     seed=plan.seed * 1_000_003 + rnd * 101 + i)
-            results.append((model_arrays(netG, netD), float(site.num_patients)))
-            losses.append((res.loss_d, res.loss_g, float(site.num_patients)))
+            # the hospitals' update vector and the server's FedAvg, as in a real round
+            vectors.append(layout.pack(model_arrays(netG, netD), arrays, weight=site.num_patients / WEIGHT_SCALE,
+                                       metrics={"loss_d": res.loss_d, "loss_g": res.loss_g}))
             sigma = sigmas[i]
-            eps = 0.0 if sigma is None else epsilon_of(
-                [Charge(sigma, patient_sample_rate(plan.train.batch_size, site.num_patients),
-                        rnd * plan.train.local_steps)], plan.delta)
+            eps = 0.0 if sigma is None else epsilon_of([Charge(sigma, rates[i], rnd * plan.train.local_steps)],
+                                                       plan.delta)
             privacy[f"site-{i}"] = {"status": "ok", "epsilon": eps, "epsilon_budget": plan.epsilon or float("inf"),
                                     "delta": plan.delta, "steps": rnd * plan.train.local_steps}
-        arrays = _average(results)
-        weight = sum(w for _, _, w in losses)
+        arrays, means = fedavg(arrays, layout, sum_vectors(vectors))
         record = {"round": rnd, "sites_trained": sorted(privacy), "sites_budget_exhausted": [], "failures": [],
-                  "privacy": privacy, "loss_d": sum(d * w for d, _, w in losses) / weight,
-                  "loss_g": sum(g * w for _, g, w in losses) / weight, "seconds": round(time.monotonic() - t_round, 2)}
+                  "privacy": privacy, "loss_d": means["loss_d"], "loss_g": means["loss_g"],
+                  "seconds": round(time.monotonic() - t_round, 2)}
         history.append(record)
         save_checkpoint(out / "checkpoints", rnd, arrays, history, class_names=sites[0].class_names)
         load_model_arrays(netG, netD, arrays)
