@@ -1,44 +1,65 @@
 """Flower ClientApp: translates messages into typed calls (``client.task``, ``client.secure``).
 
-Actions: ``train`` (a round: plain update, or masked when the request carries a secure-
-aggregation session), ``train.secagg_keys`` / ``train.secagg_share`` (session setup) and
-``train.secagg_unmask``. Every reply is first written to the hospital's audit log
-(``client.audit``). Failures a hospital can act on — a bad node config, an unreadable
-ledger or data folder, a secure-aggregation abort (key swap, replay, …) — become an ``error``
-reply with a one-line reason and a log line; the server carries on with the others.
+Actions: ``train`` (a round: plain update, or — when the request carries a ``secagg`` record —
+train and keep the update for masking), ``train.secagg_keys`` / ``train.secagg_share`` (session
+setup), ``train.secagg_mask`` and ``train.secagg_unmask``. Before any action the run is checked
+against the hospital's own settings (``client.policy``). Every reply, errors included, is first
+written to the hospital's audit log (``client.audit``).
+
+Nothing data-dependent leaves in an error: a failure becomes an ``error`` reply whose reason is
+one of the fixed texts of ``common.protocol.ERRORS`` (a code and a sentence, no value); the
+exception's own message, which may hold a loss or a count, goes to the hospital's log and audit
+log only. An unexpected exception is answered the same way (code ``internal``), with its
+traceback in the hospital's log.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
+from pathlib import Path
 
 from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from client import secure
 from client.audit import append_entry, entry_for
+from client.policy import ModelRefused, RunRefused, check_run_allowed
 from common.config import ConfigError, RunConfig, SiteConfig
-from common.protocol import ProtocolError, SiteReply, decode_train_request, encode_reply
-from common.secagg import SecAggAbort
+from common.protocol import ProtocolError, SiteReply, decode_train_request, encode_reply, error_reason
+from common.secagg import AlreadyReleased, MembershipMismatch, NothingToMask, SecAggAbort, ValueOutOfRange
 
 log = logging.getLogger("medsynth.client")
 app = ClientApp()
 
 
-def hospital_fixable() -> tuple[type[Exception], ...]:
-    """Errors a hospital can act on. Imported on demand: in deployment every message starts a
-    fresh process, and the key/share/unmask steps should not pay for importing torch."""
-    from client.ledger import LedgerCorrupt, LedgerMismatch
-    from client.task import AccountingMismatch
+def error_code(exc: Exception) -> str:
+    """The fixed error code an exception is reported under (most specific first)."""
+    from client.ledger import AccountingMismatch, LedgerCorrupt, LedgerMismatch  # no torch: cheap to import
+    from client.release import ReleaseRecordCorrupt
     from common.dataset import DatasetError
 
-    return (ConfigError, DatasetError, LedgerCorrupt, LedgerMismatch, AccountingMismatch, ProtocolError,
-            SecAggAbort, FileNotFoundError)
+    codes: list[tuple[type[Exception] | tuple[type[Exception], ...], str]] = [
+        (RunRefused, "run-refused"),
+        (ModelRefused, "model-refused"),
+        (MembershipMismatch, "membership"),
+        (AlreadyReleased, "already-released"),
+        (NothingToMask, "nothing-to-mask"),
+        (ValueOutOfRange, "out-of-range"),
+        (SecAggAbort, "secagg-abort"),
+        ((LedgerCorrupt, LedgerMismatch, AccountingMismatch, ReleaseRecordCorrupt), "ledger"),
+        (ConfigError, "config"),
+        ((DatasetError, FileNotFoundError), "data"),
+        (ProtocolError, "protocol"),
+    ]
+    for kinds, code in codes:
+        if isinstance(exc, kinds):
+            return code
+    return "internal"
 
 
-def _error_reply(msg: Message, site_id: str, exc: Exception) -> Message:
-    log.error("site %s: %s: %s", site_id, type(exc).__name__, exc)
+def _error_reply(msg: Message, site_id: str, code: str) -> Message:
     reply = SiteReply(
         site_id=site_id,
         status="error",
@@ -48,41 +69,60 @@ def _error_reply(msg: Message, site_id: str, exc: Exception) -> Message:
         total_steps=0,
         noise_multiplier=None,
         update=None,
-        reason=f"{type(exc).__name__}: {exc}",
+        reason=error_reason(code),
     )
     return Message(encode_reply(reply), reply_to=msg)
 
 
-def _audited(msg: Message, reply: Message, site: SiteConfig | None, site_id: str) -> Message:
-    """Record the outgoing reply in the hospital's audit log (when the site config is known)."""
-    if site is not None and site.audit_path is not None:
-        append_entry(site.audit_path, entry_for(msg, reply.content, site_id))
-    return reply
+def _audit_path(context: Context, site: SiteConfig | None) -> Path | None:
+    """Where this reply is audited, even when the site config itself could not be built."""
+    if site is not None:
+        return site.audit_path
+    cfg = context.node_config
+    if "audit-log" in cfg:
+        return Path(str(cfg["audit-log"]))
+    if "state-path" in cfg:
+        return Path(str(cfg["state-path"])) / "audit.jsonl"
+    sites_dir = context.run_config.get("sim.sites-dir")
+    if "partition-id" in cfg and sites_dir:
+        return Path(str(sites_dir)) / f"site-{cfg['partition-id']}" / "audit.jsonl"
+    return None
 
 
 def _handle(msg: Message, context: Context, action: Callable[[RunConfig, SiteConfig], RecordDict]) -> Message:
+    t0 = time.process_time()
     site_id = str(context.node_config.get("site-id", context.node_config.get("partition-id", "?")))
     site: SiteConfig | None = None
+    detail = ""
     try:
         run = RunConfig.from_flower(context.run_config)
         site = SiteConfig.from_flower(context.node_config, run)
         site_id = site.site_id
-        return _audited(msg, Message(action(run, site), reply_to=msg), site, site_id)
+        check_run_allowed(run, site)  # the hospital decides, before anything is charged or sent
+        reply = Message(action(run, site), reply_to=msg)
     except Exception as exc:
-        if not isinstance(exc, hospital_fixable()):
-            raise
-        return _audited(msg, _error_reply(msg, site_id, exc), site, site_id)
+        code = error_code(exc)
+        detail = f"{type(exc).__name__}: {exc}"
+        if code == "internal":
+            log.exception("site %s: unexpected error answering %s", site_id, msg.metadata.message_type)
+        else:
+            log.error("site %s: %s refused (%s): %s", site_id, msg.metadata.message_type, code, detail)
+        reply = _error_reply(msg, site_id, code)
+    path = _audit_path(context, site)
+    if path is not None:
+        append_entry(path, entry_for(msg, reply.content, site_id, detail=detail, cpu_s=time.process_time() - t0))
+    return reply
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """One local round; masked when the server runs secure aggregation."""
+    """One local round: kept for masking under secure aggregation, else sent plain (if allowed)."""
 
     def act(run: RunConfig, site: SiteConfig) -> RecordDict:
         if "secagg" in msg.content.config_records:
-            return secure.masked_update(run, site, msg.content, context.state, run_id=context.run_id)
+            return secure.train_secure(run, site, msg.content, context.state, run_id=context.run_id)
         if not site.allow_plain_aggregation:
-            raise ConfigError(
+            raise RunRefused(
                 "the server asked for an unmasked update (plain aggregation) and this hospital's node "
                 "config does not allow it (allow-plain-aggregation = false); nothing was trained or sent"
             )
@@ -102,6 +142,11 @@ def secagg_keys(msg: Message, context: Context) -> Message:
 @app.train("secagg_share")
 def secagg_share(msg: Message, context: Context) -> Message:
     return _handle(msg, context, lambda run, site: secure.share_keys(site, msg.content, context.state))
+
+
+@app.train("secagg_mask")
+def secagg_mask(msg: Message, context: Context) -> Message:
+    return _handle(msg, context, lambda run, site: secure.mask(site, msg.content, context.state))
 
 
 @app.train("secagg_unmask")

@@ -43,9 +43,14 @@ class AuditEntry:
     bytes: int  # payload bytes (arrays + config values)
     sha256: str  # payload_digest of the reply content
     epsilon: float | None  # cumulative ε after this message, when the reply reports it
+    session: str = ""  # secure-aggregation session (setup id) the request named, "" for none
+    detail: str = ""  # for an error reply: the hospital-local cause (never sent; the reply has a fixed text)
+    cpu_s: float | None = None  # CPU seconds this hospital spent on the message (local; read by benchmarks)
 
 
-def entry_for(request: Message, reply_content: RecordDict, site_id: str) -> AuditEntry:
+def entry_for(
+    request: Message, reply_content: RecordDict, site_id: str, *, detail: str = "", cpu_s: float | None = None
+) -> AuditEntry:
     """The audit entry of ``reply_content``, sent in answer to ``request``."""
     privacy = reply_content.config_records.get("privacy")
     epsilon: float | None = None
@@ -65,7 +70,16 @@ def entry_for(request: Message, reply_content: RecordDict, site_id: str) -> Audi
         bytes=content_bytes(reply_content),
         sha256=payload_digest(reply_content),
         epsilon=epsilon,
+        session=_session_of(request),
+        detail=detail,
+        cpu_s=cpu_s,
     )
+
+
+def _session_of(request: Message) -> str:
+    """The setup id a secure-aggregation request names ("" when it names none)."""
+    rec = request.content.config_records.get("secagg")
+    return str(rec["setup"]) if rec is not None and "setup" in rec else ""
 
 
 def append_entry(path: Path, entry: AuditEntry) -> None:
@@ -97,12 +111,12 @@ def read_entries(path: Path) -> list[AuditEntry]:
 
 def format_entries(entries: list[AuditEntry]) -> str:
     """A table a privacy officer can read."""
-    lines = [f"{'time (UTC)':<20} {'run':<20} {'round':<8} {'action':<20} {'status':<16} {'bytes':>10} "
-             f"{'ε after':>8}  payload sha256"]
+    lines = [f"{'time (UTC)':<20} {'run':<20} {'round':<8} {'session':<8} {'action':<20} {'status':<16} "
+             f"{'bytes':>10} {'ε after':>8}  payload sha256"]
     for e in entries:
         stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(e.time))
         eps = f"{e.epsilon:.4f}" if e.epsilon is not None else "-"
-        lines.append(f"{stamp:<20} {e.run:<20} {e.group:<8} {e.action:<20} {e.status:<16} {e.bytes:>10} "
-                     f"{eps:>8}  {e.sha256[:16]}…")
+        lines.append(f"{stamp:<20} {e.run:<20} {e.group:<8} {e.session or '-':<8} {e.action:<20} {e.status:<16} "
+                     f"{e.bytes:>10} {eps:>8}  {e.sha256[:16]}…" + (f"  ({e.detail})" if e.detail else ""))
     lines.append(f"{len(entries)} message(s) left this hospital; {sum(e.bytes for e in entries)} bytes in all")
     return "\n".join(lines)

@@ -8,6 +8,13 @@ Example (every key is explained in ``deploy/node.example.toml``)::
     data-path = "/data/dicom"                  # the DICOM export, read-only
     state-path = "/var/lib/medsynth-node"      # ledger, audit log, cache, salt
     epsilon-budget = 10.0                      # this hospital's own budget; no run can raise it
+    delta = 1e-5                               # this hospital's δ; a run asking for another is refused
+    accountant = "prv"
+    [consortium]
+    min-participants = 3                       # never below 3
+    [consortium.members]                       # pinned after checking fingerprints out of band
+    site-0 = "<sha256 from `medsynth certs fingerprint`>"
+    site-1 = "…"
     [tls]
     ca-certificate = "/etc/medsynth/ca.pem"
     [keys]
@@ -33,8 +40,16 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from common.certs import CertificateError, check_private_mode
-from common.config import ConfigError, read_toml
-from common.secagg.identity import Roster, SiteIdentity
+from common.config import (
+    MIN_PARTICIPANTS,
+    ConfigError,
+    format_members,
+    parse_class_names,
+    parse_members,
+    read_toml,
+)
+from common.secagg import MembershipMismatch
+from common.secagg.identity import Roster, SiteIdentity, fingerprint
 
 NodeConfigValue = bool | int | float | str
 
@@ -60,8 +75,12 @@ class NodeDeployConfig:
     secagg_private_key: Path
     roster: Path
     allowed_fabs: tuple[str, ...]
+    class_names: str
+    members: tuple[tuple[str, str], ...]  # pinned (site id, signing-key fingerprint)
+    delta: float = 1e-5
+    accountant: str = "prv"
+    min_participants: int = MIN_PARTICIPANTS
     image_size: int = 32
-    class_names: str = ""
     allow_plain_aggregation: bool = False
 
     @property
@@ -94,6 +113,11 @@ class NodeDeployConfig:
             "ledger-path": str(self.ledger_path),
             "audit-log": str(self.audit_path),
             "epsilon-budget": self.epsilon_budget,
+            "delta": self.delta,
+            "accountant": self.accountant,
+            "class-names": self.class_names,
+            "members": format_members(dict(self.members)),
+            "min-participants": self.min_participants,
             "signing-key": str(self.secagg_private_key),
             "roster": str(self.roster),
             "allow-plain-aggregation": self.allow_plain_aggregation,
@@ -120,6 +144,28 @@ class NodeDeployConfig:
         if not isinstance(fabs, list) or not all(isinstance(h, str) and len(h) == 64 for h in fabs):
             raise ConfigError("[apps] allowed-fab-sha256 must be a list of 64-hex-digit SHA-256 strings")
         prepare: Mapping[str, Any] = doc.get("prepare", {})
+        consortium: Mapping[str, Any] = doc.get("consortium", {})
+        members = consortium.get("members", {})
+        if not isinstance(members, dict) or not members or not all(isinstance(v, str) for v in members.values()):
+            raise ConfigError(
+                "[consortium.members] is required: every member's site id = the SHA-256 fingerprint of its "
+                "signing key (`medsynth certs fingerprint`), checked with each hospital out of band; this "
+                "hospital is mixed only with the members it pinned"
+            )
+        delta, accountant = node.get("delta", 1e-5), node.get("accountant", "prv")
+        if isinstance(delta, bool) or not isinstance(delta, int | float) or not 0 < delta < 1:
+            raise ConfigError(f"[node] delta = {delta!r}: a number in (0, 1), this hospital's δ (e.g. 1e-5)")
+        if accountant not in ("prv", "rdp"):
+            raise ConfigError(f"[node] accountant = {accountant!r}: 'prv' or 'rdp'")
+        min_participants = consortium.get("min-participants", MIN_PARTICIPANTS)
+        if isinstance(min_participants, bool) or not isinstance(min_participants, int) \
+                or min_participants < MIN_PARTICIPANTS:
+            raise ConfigError(f"[consortium] min-participants = {min_participants!r}: an integer >= "
+                              f"{MIN_PARTICIPANTS} (a sum over two hospitals reveals each to the other)")
+        class_names = prepare.get("class-names", "")
+        if not isinstance(class_names, str) or not class_names.strip():
+            raise ConfigError("[prepare] class-names is required: this hospital's label sub-folders in class "
+                              "order, e.g. \"normal,lesion\"; a run with other classes is refused")
         cfg = NodeDeployConfig(
             site_id=str(node.get("site-id", "")),
             superlink=superlink,
@@ -132,7 +178,11 @@ class NodeDeployConfig:
             roster=_resolve(keys.get("roster"), base, "[keys] roster"),
             allowed_fabs=tuple(h.lower() for h in fabs),
             image_size=int(prepare.get("image-size", 32)),
-            class_names=str(prepare.get("class-names", "")),
+            class_names=",".join(parse_class_names(class_names)),
+            members=parse_members(format_members(members)),
+            delta=float(delta),
+            accountant=str(accountant),
+            min_participants=min_participants,
             allow_plain_aggregation=bool(node.get("allow-plain-aggregation", False)),
         )
         cfg.check()
@@ -171,3 +221,12 @@ class NodeDeployConfig:
                 f"[keys] roster = {self.roster} has no entry for {self.site_id!r} matching this hospital's "
                 "signing key; ask the operator for the roster built from your <site>.secagg.json"
             )
+        if dict(self.members).get(self.site_id) != fingerprint(identity.public_key()):
+            raise ConfigError(
+                f"[consortium.members] {self.site_id} must pin this hospital's own signing key "
+                f"(fingerprint {fingerprint(identity.public_key())})"
+            )
+        try:
+            roster.check_pinned(dict(self.members))
+        except MembershipMismatch as exc:
+            raise ConfigError(f"[keys] roster = {self.roster}: {exc}") from exc

@@ -39,6 +39,10 @@ class LedgerCorrupt(Exception):
     """The ledger file exists but cannot be read; training is refused until a person looks."""
 
 
+class AccountingMismatch(RuntimeError):
+    """The optimizer took other steps than the ledger charged: a bug, so nothing is sent."""
+
+
 class LedgerMismatch(Exception):
     """The run asks for an accounting setting (delta, accountant) other than the ledger's."""
 

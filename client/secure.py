@@ -1,36 +1,50 @@
-"""A hospital's side of secure aggregation: the four named actions, as typed functions.
+"""A hospital's side of secure aggregation: the named actions, as typed functions.
 
 The protocol itself (keys, masks, shares, guards) is ``common.secagg``; this module loads the
-site's long-lived signing key and roster, keeps the per-run protocol state in Flower's
-``context.state`` between messages, and quantises the update vector into the ring.
+site's long-lived signing key and the roster (refused unless it is exactly the membership the
+hospital pinned), keeps the per-run protocol state in Flower's ``context.state`` between
+messages, and quantises the update vector into the ring.
 
-A site that declines to train (budget spent) still masks a zero vector with weight 0, so its
-pairwise masks cancel and the round needs no special case; the server learns it declined
-only from the plain privacy record, which it is allowed to see.
+A round, seen from the hospital (see ``common.secure_protocol``):
 
-A protocol restart of the same round (after an early dropout elsewhere) re-masks the update
-cached for that (run, round) under the new session's keys: the site never trains, and so
-never spends privacy, twice for one round because of the protocol.
+1. ``train``: check, charge, train, quantise; the update stays here (``context.state``) and only
+   the privacy record leaves. A hospital that declines (budget spent) keeps nothing to mask, so
+   it can never be counted as a survivor of a sum it did not contribute to.
+2. key setup among the hospitals that trained (only when the session changes);
+3. ``mask``: the cached update, masked under the session's keys, leaves — at most once: its
+   digest is recorded on disk first (``client.release``), and a second session asking for the
+   same update is refused (``AlreadyReleased``). Asked to ``train`` again for that round, the
+   hospital trains again (charged like any round) instead of re-sending what already left;
+4. ``unmask``: shares, after the protocol's guards and the hospital's own ``min-participants``.
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
+import hashlib
 from typing import cast
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
+from client.release import ReleaseRecord
 from common.config import RunConfig, SiteConfig
 from common.protocol import SiteReply, decode_reply, decode_train_request, encode_reply
-from common.secagg import KeyAdvert, ReplayDetected, Roster, SecAggClient, Session, SiteIdentity
+from common.secagg import (
+    KeyAdvert,
+    NothingToMask,
+    ReplayDetected,
+    Roster,
+    SecAggClient,
+    Session,
+    SiteIdentity,
+)
 from common.secure_protocol import (
     SessionRef,
     bytes_list,
     field,
     pairs,
     quantizer_for,
+    run_of,
     secagg_record,
     session_of,
     split_pairs,
@@ -41,23 +55,6 @@ from common.weights import UpdateLayout
 STATE_CLIENT, STATE_UPDATE, STATE_PRIVACY = "secagg-client", "secagg-update", "secagg-privacy"
 
 
-def timed(action: Callable[..., RecordDict]) -> Callable[..., RecordDict]:
-    """Add ``cpu-s`` (this process's CPU seconds in the protocol step) to the secagg record.
-
-    Training time is excluded: ``masked_update`` subtracts it. Reported in plain text; it is
-    not data-dependent, and the benchmark reads it.
-    """
-
-    def wrapper(*args: object, **kwargs: object) -> RecordDict:
-        t0 = time.process_time()
-        out = action(*args, **kwargs)
-        rec = out.config_records["secagg"]
-        rec["cpu-s"] = time.process_time() - t0 - float(cast(float, rec.get("train-cpu-s", 0.0)))
-        return out
-
-    return wrapper
-
-
 def _identity(site: SiteConfig) -> SiteIdentity:
     if not site.signing_key_path.is_file():
         raise FileNotFoundError(
@@ -65,6 +62,14 @@ def _identity(site: SiteConfig) -> SiteIdentity:
             "(medsynth simulate does it for virtual hospitals)"
         )
     return SiteIdentity.load(site.signing_key_path, site.site_id)
+
+
+def pinned_roster(site: SiteConfig) -> Roster:
+    """The operator's roster, refused (``MembershipMismatch``) unless it is exactly the membership
+    this hospital pinned in its own configuration."""
+    roster = Roster.load(site.roster_path)
+    roster.check_pinned(dict(site.members))
+    return roster
 
 
 def _save_client(state: RecordDict, client: SecAggClient) -> None:
@@ -84,69 +89,90 @@ def _load_client(state: RecordDict, site: SiteConfig, session: SessionRef) -> Se
     return client
 
 
-@timed
 def advertise_keys(site: SiteConfig, content: RecordDict, state: RecordDict) -> RecordDict:
     """Setup step 1: fresh per-session X25519 keys, signed with the site's Ed25519 key."""
     ref = session_of(content)
+    pinned_roster(site)  # refuse a tampered roster before anything of this session leaves
     client, advert = SecAggClient.start(_identity(site), Session(ref.run_id, ref.setup_id))
     _save_client(state, client)
     return secagg_record(site=site.site_id, advert=advert.to_bytes())
 
 
-@timed
 def share_keys(site: SiteConfig, content: RecordDict, state: RecordDict) -> RecordDict:
-    """Setup step 2: check every advert against the roster, send encrypted shares of the s-key."""
+    """Setup step 2: check every advert against the pinned roster, send encrypted s-key shares."""
     ref = session_of(content)
     client = _load_client(state, site, ref)
     adverts = {a.site_id: a for a in (KeyAdvert.from_bytes(b) for b in bytes_list(content, "adverts"))}
-    cts = client.share_keys(adverts, Roster.load(site.roster_path), int(cast(int, field(content, "threshold"))))
+    cts = client.share_keys(adverts, pinned_roster(site), int(cast(int, field(content, "threshold"))),
+                            min_participants=site.min_participants)
     _save_client(state, client)
     receivers, blobs = split_pairs(cts)
     return secagg_record(site=site.site_id, receivers=receivers, cts=blobs)
 
 
-def _cached(state: RecordDict, run_id: int, server_round: int) -> tuple[np.ndarray, SiteReply] | None:
+def _cached(state: RecordDict, run_id: int, server_round: int) -> tuple[np.ndarray | None, SiteReply] | None:
+    """(quantised update or None when the site declined, privacy record) cached for (run, round)."""
     meta = state.config_records.get(STATE_PRIVACY)
     if meta is None or (str(meta["run"]), meta["round"]) != (str(run_id), server_round):
         return None
-    reply = decode_reply(RecordDict({"privacy": meta}))  # the record this site sent for the round
-    return state.array_records[STATE_UPDATE]["x"].numpy(), reply
+    reply = decode_reply(RecordDict({"privacy": meta}))
+    update = state.array_records.get(STATE_UPDATE)
+    return (update["x"].numpy() if update is not None else None), reply
 
 
-@timed
-def masked_update(
+def _digest(x: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(x).tobytes()).hexdigest()
+
+
+def train_secure(
     run: RunConfig, site: SiteConfig, content: RecordDict, state: RecordDict, *, run_id: int
 ) -> RecordDict:
-    """A round: train once (ledger first), quantise, mask; reply = privacy record + masked vector."""
-    ref = session_of(content)
-    client = _load_client(state, site, ref)
-    arrays, server_round = decode_train_request(content)
-    layout = UpdateLayout.of(arrays)
-    cached = _cached(state, run_id, server_round)
-    train_cpu = 0.0
-    if cached is None:
-        t_train = time.process_time()  # training, including importing torch, is not protocol time
-        from client.task import train_round  # torch & Opacus: only the step that trains loads them
+    """Train once (ledger first), quantise, keep the update here; the reply is the privacy record.
 
-        reply = train_round(run, site, arrays, run_id=run_id, server_round=server_round)
-        train_cpu = time.process_time() - t_train
-        vector = reply.update if reply.update is not None else np.zeros(layout.size)  # declined: weight 0
-        x = quantizer_for(run, layout).encode(vector)  # ValueOutOfRange: refuse, never clip
-        state[STATE_UPDATE] = ArrayRecord({"x": Array(x)})
-        privacy = encode_reply(reply).config_records["privacy"]
-        state[STATE_PRIVACY] = ConfigRecord({**privacy, "run": str(run_id), "round": server_round})
-    else:
+    An update already trained for (run, round) that has not left is reused (no new charge): a
+    restart after an early dropout costs nothing. One that left masked is never sent again, so
+    a new request to train for that round trains again.
+    """
+    if run_of(content) != run_id:
+        raise ReplayDetected(f"train request names run {run_of(content)}, this is run {run_id}")
+    arrays, server_round = decode_train_request(content)
+    cached = _cached(state, run_id, server_round)
+    if cached is not None:
         x, reply = cached
-    masked = client.mask(server_round, x)
-    _save_client(state, client)
-    out = encode_reply(SiteReply(**{**reply.__dict__, "update": None}))
-    receivers, blobs = split_pairs(masked.b_share_cts)
-    out["masked"] = ArrayRecord({"y": Array(masked.y)})
-    out["secagg"] = ConfigRecord({**ref.fields(), "receivers": receivers, "cts": blobs, "train-cpu-s": train_cpu})
+        released = ReleaseRecord.read(site.released_path).releases(run_id, server_round)
+        if x is not None and all(r.sha256 != _digest(x) for r in released):
+            return encode_reply(reply)
+    from client.task import train_round  # torch & Opacus: only the step that trains loads them
+
+    reply = train_round(run, site, arrays, run_id=run_id, server_round=server_round)
+    state.array_records.pop(STATE_UPDATE, None)
+    if reply.update is not None:
+        x = quantizer_for(run, UpdateLayout.of(arrays)).encode(reply.update)  # ValueOutOfRange: refuse
+        state[STATE_UPDATE] = ArrayRecord({"x": Array(x)})
+    out = encode_reply(SiteReply(**{**reply.__dict__, "update": None}))  # the privacy record alone
+    state[STATE_PRIVACY] = ConfigRecord({**out.config_records["privacy"], "run": str(run_id), "round": server_round})
     return out
 
 
-@timed
+def mask(site: SiteConfig, content: RecordDict, state: RecordDict) -> RecordDict:
+    """The cached update, masked under this session's keys; recorded as released before it leaves."""
+    ref = session_of(content)
+    server_round = int(cast(int, field(content, "round")))
+    client = _load_client(state, site, ref)
+    cached = _cached(state, ref.run_id, server_round)
+    if cached is None or cached[0] is None:
+        raise NothingToMask(f"site {site.site_id} trained no update for run {ref.run_id} round {server_round}")
+    x = cached[0]
+    masked = client.mask(server_round, x)
+    with ReleaseRecord.locked(site.released_path) as record:
+        record.record(ref.run_id, server_round, ref.setup_id, _digest(x))  # AlreadyReleased: refuse
+    _save_client(state, client)
+    receivers, blobs = split_pairs(masked.b_share_cts)
+    out = secagg_record(site=site.site_id, receivers=receivers, cts=blobs)
+    out["masked"] = ArrayRecord({"y": Array(masked.y)})
+    return out
+
+
 def unmask(site: SiteConfig, content: RecordDict, state: RecordDict) -> RecordDict:
     """Reveal b-shares of the alive and s-shares of the dead, after the protocol's checks."""
     ref = session_of(content)
@@ -157,6 +183,7 @@ def unmask(site: SiteConfig, content: RecordDict, state: RecordDict) -> RecordDi
         str_list(content, "dead"),
         pairs(content, "s_senders", "s_cts"),
         pairs(content, "b_senders", "b_cts"),
+        min_participants=site.min_participants,
     )
     _save_client(state, client)
     b_sites, s_sites = sorted(reply.b_shares), sorted(reply.s_shares)
@@ -167,4 +194,3 @@ def unmask(site: SiteConfig, content: RecordDict, state: RecordDict) -> RecordDi
         s_sites=s_sites,
         s_shares=[reply.s_shares[s].to_bytes() for s in s_sites],
     )
-

@@ -2,6 +2,7 @@
 
 Order of operations, each step before the next:
 
+0. check the received global model (the run's names and shapes, finite, in range: ``client.policy``);
 1. read the prepared local dataset (the cache; DICOM files are not touched again);
 2. fix the noise multiplier: the run's plan in the ledger, else calibrate so that the run's
    remaining rounds end at, never above, the budget given everything already spent — or use
@@ -10,6 +11,10 @@ Order of operations, each step before the next:
 4. charge the round's steps to the ledger, durably;
 5. train (private D, post-processing G) and check the accountant counted what was charged;
 6. pack the update vector (delta, weight and losses together; see ``common.weights``).
+
+Everything that leaves is DP output or public: the delta is post-processing of the private D
+steps; the weight is the public constant 1 (each contributing hospital counts once, so the sum
+carries no patient count); the losses are computed on generated rows only.
 """
 
 from __future__ import annotations
@@ -18,20 +23,17 @@ import hashlib
 
 import numpy as np
 
-from client.ledger import NoisePlan, PrivacyLedger
+from client.ledger import AccountingMismatch, NoisePlan, PrivacyLedger
+from client.policy import check_global_model
 from client.prepare import load_or_create_salt, prepare_site
 from common.checkpoint import save_checkpoint
 from common.config import ConfigError, RunConfig, SiteConfig
 from common.dataset import LocalDataset, load_cache
-from common.dp_train import patient_sample_rate, train_local_round
+from common.dp_train import train_local_round
 from common.models import build_models, select_device
 from common.privacy import Charge, PrivacyBudgetExceeded, calibrate_noise_multiplier, check_budget
 from common.protocol import SiteReply, Status
-from common.weights import WEIGHT_SCALE, UpdateLayout, load_model_arrays, model_arrays
-
-
-class AccountingMismatch(RuntimeError):
-    """The optimizer took other steps than the ledger charged: a bug, so nothing is sent."""
+from common.weights import PUBLIC_WEIGHT, UpdateLayout, load_model_arrays, model_arrays
 
 
 def round_seed(run: RunConfig, site: SiteConfig, server_round: int) -> int | None:
@@ -55,7 +57,7 @@ def load_site_dataset(site: SiteConfig, run: RunConfig) -> LocalDataset:
         site.cache_dir,
         image_size=run.model.image_size,
         salt=load_or_create_salt(site.salt_path),
-        class_names=run.class_names,
+        class_names=site.class_names,
         progress=False,
     )
     return load_cache(site.cache_dir)
@@ -113,14 +115,16 @@ def train_round(
     server_round: int,
 ) -> SiteReply:
     """Do one round at this hospital; see the module docstring for the order of operations."""
+    netG, netD = build_models(run.model)
+    check_global_model(global_arrays, {k: tuple(v.shape) for k, v in model_arrays(netG, netD).items()})
     keep_global_model(site, run, global_arrays, run_id=run_id, model_round=server_round - 1)
     data = load_site_dataset(site, run)
     with PrivacyLedger.locked(site.ledger_path):
         ledger = PrivacyLedger.open(
             site.ledger_path,
             site=site.site_id,
-            accountant=run.privacy.accountant,
-            delta=run.privacy.delta,
+            accountant=site.accountant,
+            delta=site.delta,
             epsilon_budget=site.epsilon_budget,
         )
 
@@ -136,7 +140,7 @@ def train_round(
                 update=update,
             )
 
-        sample_rate = patient_sample_rate(run.train.batch_size, data.num_patients)
+        sample_rate = run.privacy.sample_rate  # public: ε below depends on no patient count
         try:
             sigma = noise_for_round(
                 ledger, run, sample_rate=sample_rate, run_id=run_id, server_round=server_round
@@ -153,7 +157,6 @@ def train_round(
             return outcome("budget-exhausted", ledger.epsilon(), None, None)
         ledger.charge(charge, run=run_id, round=server_round)  # durable before any training
 
-    netG, netD = build_models(run.model)
     load_model_arrays(netG, netD, global_arrays)
     result = train_local_round(
         netG,
@@ -161,6 +164,7 @@ def train_round(
         data,
         model=run.model,
         train=run.train,
+        sample_rate=sample_rate,
         noise_multiplier=sigma,
         max_grad_norm=run.privacy.max_grad_norm,
         device=select_device(run.train.device),
@@ -172,7 +176,7 @@ def train_round(
     update = layout.pack(
         model_arrays(netG, netD),
         global_arrays,
-        weight=data.num_patients / WEIGHT_SCALE,
-        metrics={"loss_d": result.loss_d, "loss_g": result.loss_g},
+        weight=PUBLIC_WEIGHT,
+        metrics={"loss_d_fake": result.loss_d_fake, "loss_g": result.loss_g},
     )
     return outcome("ok", eps_after, sigma, update)

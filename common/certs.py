@@ -180,18 +180,28 @@ def create_secagg_identity(out_dir: Path, site_id: str) -> KeyPairFiles:
     return files
 
 
+def read_public_keys(paths: list[Path]) -> dict[str, bytes]:
+    """site → raw Ed25519 public key from ``<site>.secagg.json`` entries or ``roster.json`` files."""
+    keys: dict[str, bytes] = {}
+    for path in paths:
+        try:
+            doc = json.loads(path.read_text())
+            if "site" in doc and "public_key" in doc:  # <site>.secagg.json
+                found = {str(doc["site"]): bytes.fromhex(str(doc["public_key"]))}
+            else:  # roster.json {site: hex}
+                found = {str(site): bytes.fromhex(str(pk)) for site, pk in doc.items()}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise CertificateError(f"{path} is neither a <site>.secagg.json public entry nor a roster: {exc}") from exc
+        for site, key in found.items():
+            if site in keys:
+                raise CertificateError(f"site {site!r} appears twice ({path}); each hospital has one key")
+            keys[site] = key
+    return keys
+
+
 def build_roster(public_entries: list[Path], out: Path) -> Roster:
     """Combine hospitals' ``<site>.secagg.json`` files into ``roster.json``; one entry per site."""
-    keys: dict[str, bytes] = {}
-    for path in public_entries:
-        try:
-            entry = json.loads(path.read_text())
-            site, key = str(entry["site"]), bytes.fromhex(str(entry["public_key"]))
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise CertificateError(f"{path} is not a <site>.secagg.json public entry: {exc}") from exc
-        if site in keys:
-            raise CertificateError(f"site {site!r} appears twice ({path}); each hospital has one key")
-        keys[site] = key
+    keys = read_public_keys(public_entries)
     try:
         roster = Roster(keys)
     except ValueError as exc:

@@ -77,7 +77,7 @@ class TrainConfig:
 
     local_steps: int = 20
     d_steps_per_g: int = 5
-    batch_size: int = 32  # expected number of *patients* per D step (Poisson)
+    batch_size: int = 32  # generated rows per D and G step; 2·B divides D's noisy gradient sum
     lr_d: float = 2e-4
     lr_g: float = 2e-4
     beta1: float = 0.5
@@ -110,6 +110,7 @@ class PrivacyConfig:
 
     max_grad_norm: float = 1.0
     noise_multiplier: float = 1.0
+    sample_rate: float = 0.15  # public Poisson rate q over patients, the same at every hospital
     calibrate: bool = True
     epsilon_budget: float = 10.0
     delta: float = 1e-5
@@ -120,6 +121,8 @@ class PrivacyConfig:
             raise ConfigError(f"dp.max-grad-norm must be > 0, got {self.max_grad_norm}")
         if not self.noise_multiplier > 0:
             raise ConfigError(f"dp.noise-multiplier must be > 0, got {self.noise_multiplier}")
+        if not 0 < self.sample_rate <= 1:
+            raise ConfigError(f"dp.sample-rate must be in (0, 1], got {self.sample_rate}")
         if not (self.epsilon_budget > 0 and math.isfinite(self.epsilon_budget)):
             raise ConfigError(f"dp.epsilon-budget must be a finite number > 0, got {self.epsilon_budget}")
         if not 0 < self.delta < 1:
@@ -200,6 +203,7 @@ class RunConfig:
         privacy = PrivacyConfig(
             max_grad_norm=float(_get(cfg, "dp.max-grad-norm", float, PrivacyConfig.max_grad_norm)),
             noise_multiplier=float(_get(cfg, "dp.noise-multiplier", float, PrivacyConfig.noise_multiplier)),
+            sample_rate=float(_get(cfg, "dp.sample-rate", float, PrivacyConfig.sample_rate)),
             calibrate=bool(_get(cfg, "dp.calibrate", bool, PrivacyConfig.calibrate)),
             epsilon_budget=float(_get(cfg, "dp.epsilon-budget", float, PrivacyConfig.epsilon_budget)),
             delta=float(_get(cfg, "dp.delta", float, PrivacyConfig.delta)),
@@ -229,12 +233,47 @@ class RunConfig:
         )
 
 
+MIN_PARTICIPANTS = 3  # a sum over two hospitals reveals each to the other
+
+
+def parse_members(text: str) -> tuple[tuple[str, str], ...]:
+    """``"site-0=<sha256 hex>,site-1=<sha256 hex>"`` → sorted (site id, fingerprint) pairs.
+
+    The consortium membership a hospital pinned itself: every member's site id and the SHA-256
+    of its Ed25519 signing key (``medsynth certs fingerprint``), checked out of band.
+    """
+    pairs: dict[str, str] = {}
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        site, sep, fingerprint = item.partition("=")
+        site, fingerprint = site.strip(), fingerprint.strip().lower().removeprefix("sha256:")
+        if not sep or not site or len(fingerprint) != 64 or any(c not in "0123456789abcdef" for c in fingerprint):
+            raise ConfigError(
+                f"consortium member {item!r}: expected site-id = <64 hex digits> (the SHA-256 fingerprint "
+                "`medsynth certs fingerprint` prints for that hospital's signing key)"
+            )
+        if site in pairs:
+            raise ConfigError(f"consortium member {site!r} is pinned twice")
+        pairs[site] = fingerprint
+    return tuple(sorted(pairs.items()))
+
+
+def format_members(members: Mapping[str, str]) -> str:
+    """Inverse of :func:`parse_members` (the node-config string)."""
+    return ",".join(f"{site}={fp}" for site, fp in sorted(members.items()))
+
+
 @dataclass(frozen=True)
 class SiteConfig:
     """One hospital's own settings (node config in deployment; derived in simulation).
 
-    ``epsilon_budget`` is the hospital's, not the server's: in deployment it comes from the
-    node config, and a run config can never raise it.
+    The privacy parameters are the hospital's, not the server's: ``epsilon_budget``, ``delta``
+    and ``accountant`` come from the node config, and so do ``class_names`` (which of its label
+    folders train), ``members`` (whom it agrees to be mixed with) and ``min_participants``. A
+    run that asks for anything else is refused before anything is charged or sent
+    (``client.policy``). In simulation the harness plays every hospital and derives them from
+    the run (``medsynth simulate --epsilon``).
     """
 
     site_id: str
@@ -244,7 +283,13 @@ class SiteConfig:
     salt_path: Path
     epsilon_budget: float
     signing_key_path: Path  # Ed25519 key that signs this site's secure-aggregation adverts
-    roster_path: Path  # every site's Ed25519 public key, given at setup
+    roster_path: Path  # every site's Ed25519 public key, from the operator; checked against ``members``
+    members: tuple[tuple[str, str], ...]  # pinned (site id, SHA-256 of its signing key), sorted
+    released_path: Path  # which (run, round) update left masked in which session (client.release)
+    delta: float = 1e-5
+    accountant: str = "prv"
+    class_names: tuple[str, ...] = ("normal", "lesion")
+    min_participants: int = MIN_PARTICIPANTS
     simulated: bool = False
     allow_plain_aggregation: bool = False  # the hospital's own consent to send unmasked updates
     audit_path: Path | None = None  # JSON lines: every message that left the hospital (client.audit)
@@ -255,24 +300,42 @@ class SiteConfig:
             raise ConfigError("site-id must not be empty")
         if not (self.epsilon_budget > 0 and math.isfinite(self.epsilon_budget)):
             raise ConfigError(f"epsilon-budget must be a finite number > 0, got {self.epsilon_budget}")
+        if not 0 < self.delta < 1:
+            raise ConfigError(f"delta must be in (0, 1), got {self.delta}")
+        if self.accountant not in ("prv", "rdp"):
+            raise ConfigError(f"accountant must be 'prv' or 'rdp', got {self.accountant!r}")
+        if self.min_participants < MIN_PARTICIPANTS:
+            raise ConfigError(
+                f"min-participants must be >= {MIN_PARTICIPANTS} (a sum over two hospitals reveals each to the "
+                f"other), got {self.min_participants}"
+            )
+        if self.site_id not in dict(self.members):
+            raise ConfigError(f"the pinned consortium members {sorted(dict(self.members))} do not include this "
+                              f"hospital ({self.site_id!r}); pin every member, this hospital included")
 
     @staticmethod
     def from_flower(node_cfg: Mapping[str, ConfigValue], run: RunConfig) -> SiteConfig:
         """Build from node config; in simulation (only ``partition-id``) from ``sim.sites-dir``.
 
-        Deployment node config keys: ``site-id``, ``data-path``, ``state-path`` (cache, ledger
-        and salt live there unless ``cache-path``/``ledger-path`` are given) and
-        ``epsilon-budget`` (required: the hospital sets its own budget), ``signing-key`` and
-        ``roster`` (secure aggregation; default under ``state-path``), ``allow-plain-aggregation``
-        (default false: the node refuses to send an unmasked update), ``audit-log`` (default
-        ``state-path/audit.jsonl``). In simulation the
-        budget is the run's ``dp.epsilon-budget`` (``medsynth simulate --epsilon``).
+        Deployment node config keys (``client.daemon_config`` writes them from ``node.toml``):
+        ``site-id``, ``data-path``, ``state-path`` (cache, ledger, salt live there unless
+        ``cache-path``/``ledger-path`` are given), ``epsilon-budget`` (required), ``delta``,
+        ``accountant``, ``class-names`` (required), ``members`` (required, see
+        :func:`parse_members`), ``min-participants``, ``signing-key`` and ``roster`` (default
+        under ``state-path``), ``allow-plain-aggregation`` (default false), ``audit-log``
+        (default ``state-path/audit.jsonl``). In simulation the harness writes each virtual
+        hospital's pinned members to ``<site>/members.txt`` and the privacy settings are the run's.
         """
         if "data-path" in node_cfg:
             data = Path(str(_get(node_cfg, "data-path", str)))
             state = Path(str(_get(node_cfg, "state-path", str, str(data.parent / "medsynth-state"))))
             site_id = str(_get(node_cfg, "site-id", str, data.name))
             budget = float(_get(node_cfg, "epsilon-budget", float))
+            delta = float(_get(node_cfg, "delta", float, 1e-5))
+            accountant = str(_get(node_cfg, "accountant", str, "prv"))
+            class_names = parse_class_names(str(_get(node_cfg, "class-names", str)))
+            members = parse_members(str(_get(node_cfg, "members", str)))
+            min_participants = int(_get(node_cfg, "min-participants", int, MIN_PARTICIPANTS))
             signing_key = Path(str(_get(node_cfg, "signing-key", str, str(state / "secagg_key.pem"))))
             roster = Path(str(_get(node_cfg, "roster", str, str(state / "roster.json"))))
             simulated = False
@@ -286,6 +349,13 @@ class SiteConfig:
             state = Path(run.federation.sites_dir) / site_id
             data = state / "dicom"
             budget = run.privacy.epsilon_budget
+            delta, accountant, class_names = run.privacy.delta, run.privacy.accountant, run.class_names
+            try:
+                members = parse_members((state / SIM_MEMBERS_FILE).read_text(encoding="utf-8"))
+            except OSError as exc:
+                raise ConfigError(f"virtual hospital {site_id} has no pinned members ({exc.strerror}); "
+                                  "`medsynth simulate` writes them with the site keys") from exc
+            min_participants = MIN_PARTICIPANTS
             signing_key = state / "secagg_key.pem"
             roster = Path(run.federation.sites_dir) / "roster.json"
             simulated = True
@@ -302,6 +372,12 @@ class SiteConfig:
             epsilon_budget=budget,
             signing_key_path=signing_key,
             roster_path=roster,
+            members=members,
+            released_path=state / RELEASED_FILE,
+            delta=delta,
+            accountant=accountant,
+            class_names=class_names,
+            min_participants=min_participants,
             simulated=simulated,
             allow_plain_aggregation=allow_plain,
             audit_path=audit,
@@ -309,6 +385,8 @@ class SiteConfig:
         )
 
 
+SIM_MEMBERS_FILE = "members.txt"  # simulation: a virtual hospital's pinned members (parse_members format)
+RELEASED_FILE = "released.json"  # under a site's state folder (client.release)
 GLOBAL_MODEL_DIR = "global-model"  # under a site's state folder (``medsynth node evaluate`` reads it)
 
 

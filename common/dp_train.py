@@ -1,9 +1,12 @@
 """One local round of DP-GAN training: private D steps, G steps as post-processing.
 
 Privacy unit: the patient. Each D step samples every patient independently with probability
-q = batch_size / num_patients (Poisson sampling; q = 1 at a site with fewer patients than the
-batch size, see :func:`patient_sample_rate`) and uses one uniformly chosen image of each
-sampled patient, so adding or removing a patient changes at most one row of one step's batch.
+q, the run's public ``dp.sample-rate`` (Poisson sampling), and uses one uniformly chosen image of
+each sampled patient, so adding or removing a patient changes at most one row of one step's
+batch. q is the same at every hospital: the (σ, q, steps) history, and so the ε a hospital
+reports, is then a function of public run parameters and the hospital's own settings, never of
+its patient count (with q = B / P, ε in plain text gave P away). A hospital of P patients draws
+about q·P real rows per step.
 
 D step (DP-SGD, Abadi et al. 2016) — the sensitivity argument:
   x = [real (b rows); fake (m rows)] in ONE forward pass, labels t = [1…1; 0…0].
@@ -26,7 +29,7 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -72,26 +75,20 @@ class PatientSampler:
         return self._order[self._start[chosen] + offsets]
 
 
-def patient_sample_rate(batch_size: int, num_patients: int) -> float:
-    """Poisson rate q = B / P of a site, at most 1.
-
-    A site with fewer patients than the batch size (small hospitals are common under label
-    skew: a Dirichlet(0.5) split of PneumoniaMNIST gave one of 4 sites 108 patients) takes every
-    patient at every step (q = 1). It still trains, with no amplification by subsampling: its
-    calibrated σ is larger, and its ledger records q = 1, so ε stays exact.
-    """
-    if num_patients < 1:
-        raise ValueError("a site needs at least one patient to train")
-    return min(batch_size, num_patients) / num_patients
-
-
 @dataclass(frozen=True)
 class RoundResult:
-    """What one local round did: steps per accountant, mean losses (data-dependent: secret)."""
+    """What one local round did: steps per accountant, mean losses.
+
+    ``loss_d`` includes real rows: data-dependent and not covered by DP, it stays at the
+    hospital (logs, tests). ``loss_d_fake`` (D's loss on generated rows only, at the iterate
+    before each private step) and ``loss_g`` are functions of DP outputs and fresh noise only:
+    post-processing, so they may leave inside the update vector.
+    """
 
     d_steps: int
     g_steps: int
     loss_d: float
+    loss_d_fake: float
     loss_g: float
     charge: Charge | None  # the accountant's own count; None when not private
 
@@ -129,7 +126,6 @@ def make_private_discriminator(
     train: TrainConfig,
     noise_multiplier: float,
     max_grad_norm: float,
-    n_fake: int,
     sample_rate: float,
     device: torch.device,
     noise_seed: int | None = None,
@@ -146,8 +142,11 @@ def make_private_discriminator(
         torch.optim.Adam(gsm.parameters(), lr=train.lr_d, betas=(train.beta1, 0.999)),
         noise_multiplier=noise_multiplier,
         max_grad_norm=max_grad_norm,
-        expected_batch_size=train.batch_size + n_fake,  # expected rows: q·P real + m fake
-        loss_reduction="mean",  # the noisy sum is divided by the expected row count
+        # The noisy sum is divided by a public constant (B nominal real rows + m = B fake rows),
+        # not by the expected q·P real rows: a divisor that depends on the patient count would
+        # put P into the update outside the mechanism's output.
+        expected_batch_size=2 * train.batch_size,
+        loss_reduction="mean",
         generator=noise_gen,
     )
     accountant = make_accountant("rdp")  # counts steps only; epsilon is the ledger's business
@@ -162,14 +161,14 @@ def discriminator_loss(
     fake: torch.Tensor,
     y_fake: torch.Tensor,
     conditional: bool,
-) -> tuple[torch.Tensor, int]:
+) -> tuple[torch.Tensor, int, float]:
     """Summed loss over ONE forward of [real (b); fake (m)]: one per-sample gradient per row.
 
     Row i's loss is BCE(real/fake) plus, when D has a class head, CE(class | image) for real
     rows only (fake rows' class loss is 0: the head learns classes from real images, not from
     G's mistakes). Every term of row i depends on row i alone, so clipping the row's gradient
-    bounds the patient's whole influence. Returns (loss, b + m). Sum reduction, so each row's
-    gradient is its own loss's gradient.
+    bounds the patient's whole influence. Returns (loss, b + m, mean BCE of the fake rows alone).
+    Sum reduction, so each row's gradient is its own loss's gradient.
     """
     # requires_grad on the input: torch's full backward hook on D's first layer then has a
     # defined grad_input (and does not warn); the input gradient itself is unused.
@@ -177,10 +176,12 @@ def discriminator_loss(
     y = torch.cat([y_real, y_fake])  # (b+m,)
     target = torch.cat([torch.ones(real.shape[0]), torch.zeros(fake.shape[0])]).to(x.device)
     logits, class_logits = d_module(x, y if conditional else None)  # (b+m,), (b+m, K) | None
-    loss = F.binary_cross_entropy_with_logits(logits, target, reduction="sum")
+    row_loss = F.binary_cross_entropy_with_logits(logits, target, reduction="none")  # (b+m,)
+    loss = row_loss.sum()
     if class_logits is not None:
         loss = loss + F.cross_entropy(class_logits[: real.shape[0]], y_real, reduction="sum")
-    return loss, int(x.shape[0])
+    fake_loss = float(row_loss[real.shape[0] :].detach().mean()) if fake.shape[0] else 0.0
+    return loss, int(x.shape[0]), fake_loss
 
 
 def train_local_round(
@@ -190,13 +191,14 @@ def train_local_round(
     *,
     model: ModelConfig,
     train: TrainConfig,
+    sample_rate: float,
     noise_multiplier: float | None,
     max_grad_norm: float,
     device: torch.device,
     seed: int | None = None,
     on_step: Callable[[int], None] | None = None,
 ) -> RoundResult:
-    """Train G and D in place for ``train.local_steps`` D steps.
+    """Train G and D in place for ``train.local_steps`` D steps at patient sample rate ``sample_rate``.
 
     ``noise_multiplier=None`` trains D without DP (benchmark / non-private reference only).
     ``seed`` fixes every random draw of the round (patient sampling, fake latents, DP noise);
@@ -206,9 +208,8 @@ def train_local_round(
     seeds = np.random.SeedSequence(secrets.randbits(128) if seed is None else seed).generate_state(3)
     sampler_seed, latent_seed, noise_seed = (int(x) for x in seeds)
     latent_gen = torch.Generator(device=device).manual_seed(latent_seed)
-    num_patients = data.num_patients
-    sample_rate = patient_sample_rate(train.batch_size, num_patients)
-    real_train = replace(train, batch_size=min(train.batch_size, num_patients))  # expected real rows: q·P
+    if data.num_patients < 1:
+        raise ValueError("a site needs at least one patient to train")
     netG.to(device).train()
     netD.to(device).train()
     n_fake = train.batch_size
@@ -222,10 +223,9 @@ def train_local_round(
     if noise_multiplier is not None:
         private_d = make_private_discriminator(
             netD,
-            train=real_train,
+            train=train,
             noise_multiplier=noise_multiplier,
             max_grad_norm=max_grad_norm,
-            n_fake=n_fake,
             sample_rate=sample_rate,
             device=device,
             noise_seed=noise_seed,
@@ -235,7 +235,7 @@ def train_local_round(
         optD = torch.optim.Adam(netD.parameters(), lr=train.lr_d, betas=(train.beta1, 0.999))
         d_module = netD
 
-    loss_d_sum, loss_g_sum, g_steps = 0.0, 0.0, 0
+    loss_d_sum, loss_fake_sum, loss_g_sum, g_steps = 0.0, 0.0, 0.0, 0
     try:
         for step in range(train.local_steps):
             # ---- D step: one forward over [real; fake], one per-sample gradient per row ----
@@ -244,11 +244,12 @@ def train_local_round(
             z, y_fake = sample_noise(n_fake, model, device, latent_gen)
             with torch.no_grad():
                 fake = netG(z, y_fake if model.conditional else None)  # (m,1,S,S)
-            loss_d, rows = discriminator_loss(d_module, real, y_real, fake, y_fake, model.conditional)
+            loss_d, rows, loss_fake = discriminator_loss(d_module, real, y_real, fake, y_fake, model.conditional)
             optD.zero_grad(set_to_none=True)
             loss_d.backward()
             optD.step()
             loss_d_sum += float(loss_d.detach()) / rows
+            loss_fake_sum += loss_fake
 
             # ---- G step (post-processing): hooks off, then clear D's gradients ----
             if (step + 1) % train.d_steps_per_g == 0:
@@ -266,6 +267,7 @@ def train_local_round(
         d_steps=train.local_steps,
         g_steps=g_steps,
         loss_d=loss_d_sum / train.local_steps,
+        loss_d_fake=loss_fake_sum / train.local_steps,
         loss_g=loss_g_sum / max(g_steps, 1),
         charge=charge,
     )

@@ -5,11 +5,14 @@ Server → hospital (``train``): ``global`` (ArrayRecord: every ``g.*``/``d.*`` 
 
 Hospital → server: ``update`` (ArrayRecord with one ``vector``: the packed update, see
 ``common.weights``; absent when the hospital did not train) and ``privacy`` (ConfigRecord:
-site id, status, cumulative epsilon, budget, delta, total steps). The privacy record is the
-only plain-text part: how much budget a hospital spent is not patient data, and the server
-reports it. σ is deliberately absent: calibrated to the budget it is a function of the
-sampling rate q = batch / patients and would reveal the hospital's size. Everything
-data-dependent is inside ``vector``.
+site id, status, cumulative epsilon, budget, delta, total steps, reason). The privacy record
+is the only plain-text part, and every value in it is a function of public run parameters and
+the hospital's own settings: ε is computed from (σ, q, steps) with the run's public sample rate
+q and σ calibrated from q, the planned steps and the hospital's budget and δ, so two hospitals
+with different patient counts send identical records. An error reply's ``reason`` is one of the
+fixed texts of ``ERRORS`` (a code and a sentence, never a value: a loss or a count in an error
+message would leave without DP); the detail stays in the hospital's own log and audit log.
+Everything else that leaves is inside ``vector``: DP output or public.
 """
 
 from __future__ import annotations
@@ -23,6 +26,31 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 
 Status = Literal["ok", "budget-exhausted", "error"]
 STATUSES: tuple[str, ...] = ("ok", "budget-exhausted", "error")
+
+
+#: code → the fixed sentence a hospital's error reply carries (``reason = "code: sentence"``).
+ERRORS: dict[str, str] = {
+    "run-refused": "the run asks for privacy parameters or classes this hospital's settings do not allow; "
+                   "nothing was charged or sent",
+    "config": "the hospital's node configuration needs fixing (see the hospital's node log)",
+    "model-refused": "the global model was refused (not the run's model, or a non-finite or out-of-range "
+                     "value); nothing was charged",
+    "membership": "the roster differs from the consortium membership this hospital pinned; nothing was sent",
+    "already-released": "this round's update already left the hospital masked in another session; it is "
+                        "never masked again",
+    "nothing-to-mask": "the hospital has no trained update for this round",
+    "secagg-abort": "the hospital aborted secure aggregation (see its audit log)",
+    "out-of-range": "the trained update does not fit the secure-sum bounds; it was not sent",
+    "ledger": "the hospital's privacy ledger needs its privacy officer (see the hospital's node log)",
+    "data": "the hospital's data could not be read (see the hospital's node log)",
+    "protocol": "the request was malformed",
+    "internal": "unexpected error at the hospital (see the hospital's node log)",
+}
+
+
+def error_reason(code: str) -> str:
+    """The fixed ``reason`` text of an error reply."""
+    return f"{code}: {ERRORS[code]}"
 
 
 class ProtocolError(ValueError):
@@ -41,7 +69,7 @@ class SiteReply:
     total_steps: int
     noise_multiplier: float | None
     update: np.ndarray | None  # (layout.size,) float64
-    reason: str = ""  # for status "error": a readable message, never a traceback
+    reason: str = ""  # for status "error": error_reason(code), a fixed text without values
 
 
 def flower_error_line(msg: Message) -> str:

@@ -52,14 +52,14 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 def _training(rounds: list[dict[str, Any]]) -> str:
     series = {name: [(float(r["round"]), float(r[name])) for r in rounds if r.get(name) is not None]
-              for name in ("loss_d", "loss_g")}
+              for name in ("loss_d_fake", "loss_g")}
     parts = ["<h2>Training</h2>"]
     if rounds:
-        parts.append(_img(line_chart(series, title="Mean local losses per round (all hospitals, FedAvg-weighted)",
+        parts.append(_img(line_chart(series, title="Mean local losses on generated images per round (all hospitals)",
                                      xlabel="round", ylabel="loss", integer_x=True), "Per-round losses"))
     parts.append(_table(
-        ["round", "hospitals trained", "loss D", "loss G", "seconds", "failures"],
-        [[r["round"], ", ".join(r.get("sites_trained", [])), r.get("loss_d"), r.get("loss_g"), r.get("seconds"),
+        ["round", "hospitals trained", "loss D (generated)", "loss G", "seconds", "failures"],
+        [[r["round"], ", ".join(r.get("sites_trained", [])), r.get("loss_d_fake"), r.get("loss_g"), r.get("seconds"),
           "; ".join(r.get("failures", [])) or "–"] for r in rounds],
     ))
     return "".join(parts)

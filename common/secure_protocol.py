@@ -1,21 +1,25 @@
 """Flower record encoding of the secure-aggregation messages (no Flower logic, no crypto).
 
 Message types (ClientApp named actions) and what each carries, all in one ConfigRecord
-``secagg`` (Flower run ids exceed int64, so run ids travel as strings):
+``secagg`` (Flower run ids exceed int64, so run ids travel as strings). Per round:
 
-    train.secagg_keys    server → site  {run, setup}
-                         site → server  {site, advert}
-    train.secagg_share   server → site  {run, setup, threshold, adverts[]}
-                         site → server  {site, receivers[], cts[]}          s-key shares, encrypted
-    train                server → site  global model + round + {run, setup}
-                         site → server  privacy record + masked vector ``masked/y`` (uint64)
-                                        + {receivers[], cts[]}              b-seed shares, encrypted
-    train.secagg_unmask  server → site  {run, setup, round, alive[], dead[], s_senders[], s_cts[],
-                                         b_senders[], b_cts[]}
-                         site → server  {site, b_sites[], b_shares[], s_sites[], s_shares[]}
+    train                server → every site    global model + round + {run}
+                         site → server          privacy record only: the site trains (or declines)
+                                                and keeps its quantised update locally
+    train.secagg_keys    server → contributors  {run, setup}                 (only for a new session)
+                         site → server          {site, advert}
+    train.secagg_share   server → contributors  {run, setup, threshold, adverts[]}
+                         site → server          {site, receivers[], cts[]}   s-key shares, encrypted
+    train.secagg_mask    server → contributors  {run, setup, round}
+                         site → server          masked vector ``masked/y`` (uint64)
+                                                + {site, receivers[], cts[]} b-seed shares, encrypted
+    train.secagg_unmask  server → site          {run, setup, round, alive[], dead[], s_senders[], s_cts[],
+                                                 b_senders[], b_cts[]}
+                         site → server          {site, b_sites[], b_shares[], s_sites[], s_shares[]}
 
-Per run: 2 setup messages per site (again only after a dropout burned a session); per round:
-``train`` and ``train.secagg_unmask``.
+Only hospitals that trained take part in a session (contributors): one that declines sends no
+masked vector and can never be counted as a survivor. A session is reused for the next round
+while its participants are that round's contributors; otherwise a new one is set up.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from common.protocol import ProtocolError
 from common.secagg import Quantizer
 from common.weights import UpdateLayout, update_bounds
 
-KEYS, SHARE, UNMASK = "train.secagg_keys", "train.secagg_share", "train.secagg_unmask"
+KEYS, SHARE, MASK, UNMASK = "train.secagg_keys", "train.secagg_share", "train.secagg_mask", "train.secagg_unmask"
 
 
 @dataclass(frozen=True)
@@ -58,6 +62,14 @@ def session_of(content: RecordDict) -> SessionRef:
         return SessionRef(int(str(rec["run"])), int(cast(int, rec["setup"])))
     except (KeyError, ValueError) as exc:
         raise ProtocolError(f"secagg record lacks a valid session ({exc})") from exc
+
+
+def run_of(content: RecordDict) -> int:
+    """The Flower run id a secure ``train`` request names."""
+    try:
+        return int(str(_rec(content)["run"]))
+    except (KeyError, ValueError) as exc:
+        raise ProtocolError(f"secagg record lacks a valid run ({exc})") from exc
 
 
 def field(content: RecordDict, key: str) -> object:

@@ -29,7 +29,7 @@ if TYPE_CHECKING:  # torch is imported where models are touched: the secure-aggr
 
 Arrays = dict[str, np.ndarray]
 
-METRIC_NAMES: tuple[str, ...] = ("loss_d", "loss_g")
+METRIC_NAMES: tuple[str, ...] = ("loss_d_fake", "loss_g")  # computed on generated rows only
 
 
 class UpdateLayoutError(ValueError):
@@ -142,7 +142,7 @@ def sum_vectors(vectors: Sequence[np.ndarray]) -> np.ndarray:
 
 
 # ---- bounds for quantising an update vector into the secure-sum ring -------------------------
-WEIGHT_SCALE = float(2**20)  # ω = patients / 2^20 ∈ (0, 1] for any site up to ~1M patients
+PUBLIC_WEIGHT = 1.0  # ω of every contributing hospital: public, so the sum holds no patient count
 METRIC_BOUND = 1e3  # |ω·loss| ≤ 1e3: a mean BCE above that (logits ≈ ∓1000) is a diverged model, refused
 ADAM_BETA2 = 0.999  # the β2 both optimizers use (common.dp_train)
 

@@ -145,7 +145,7 @@ def describe_round(record: dict[str, Any], num_rounds: int) -> str:
         for site, p in sorted(record["privacy"].items())
     )
     losses = (
-        f"loss_d={record['loss_d']:.3f} loss_g={record['loss_g']:.3f}" if "loss_d" in record else "no update"
+        f"loss_d_fake={record['loss_d_fake']:.3f} loss_g={record['loss_g']:.3f}" if "loss_g" in record else "no update"
     )
     trained = len(record["sites_trained"])
     line = f"round {record['round']}/{num_rounds}: {trained} trained; {losses}; {eps}; {record['seconds']:.1f} s"

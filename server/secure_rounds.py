@@ -1,16 +1,23 @@
 """Secure rounds over Flower's Grid: the server learns only the sum of the hospitals' vectors.
 
-Session setup (two messages per site: key adverts, then encrypted s-key shares) runs once per
-run, and again only after a round in which a participant dropped (its s-key was reconstructed,
-so its session is spent). A round is then two messages per site: ``train`` (masked vector and
-encrypted b-seed shares) and ``train.secagg-unmask``. Dropouts:
+A round (message flow in ``common.secure_protocol``):
 
-* after the masked vectors are in, up to n − t sites may fail to answer the unmask request;
-* a site that never sends its masked vector is "dead": survivors reveal its s-key shares;
-* fewer than t survivors at either step → the round restarts with a fresh session among the
-  sites that answered (bounded by ``secagg.max-retries``); sites re-mask their cached update.
+1. ``train`` to every connected hospital; each trains (or declines: budget spent) and keeps its
+   update; the replies carry privacy records only. The hospitals that trained are the round's
+   contributors; fewer than the threshold (never below 3) → the round is abandoned and the
+   record says so: a declined hospital sends no masked vector, so it can never pass as a
+   survivor of a sum it did not contribute to.
+2. a key setup (adverts, then encrypted s-key shares) among the contributors, unless the current
+   session has exactly these participants and no s-key of theirs was ever revealed;
+3. ``train.secagg_mask``: each contributor's masked vector and encrypted b-seed shares;
+4. ``train.secagg_unmask`` to the survivors, then the sum.
 
-Every wait is ``grid.send_and_receive(..., timeout=round-timeout)``.
+Dropouts: up to n − t contributors may vanish after masking (their s-keys are reconstructed, the
+session is spent). Fewer than t at any step → the round restarts (``secagg.max-retries``) with a
+new session among whoever is still there: updates that never left are reused (no new charge);
+an update that already left masked is never masked again (the hospital refuses), so a hospital
+asked to train again for the round trains again and is charged. Every wait is
+``grid.send_and_receive(..., timeout=round-timeout)``.
 """
 
 from __future__ import annotations
@@ -46,6 +53,7 @@ from common.secagg import (
 )
 from common.secure_protocol import (
     KEYS,
+    MASK,
     SHARE,
     UNMASK,
     SessionRef,
@@ -95,17 +103,16 @@ class SecureRounds:
         self.timeout = run.federation.round_timeout_s
         self.setup_id = 0
         self.server: SecAggServer | None = None
-        self.nodes_of: dict[str, int] = {}  # site id → Flower node id
-        self.costs: dict[str, dict[str, Any]] = {}  # per site this round: bytes up, protocol CPU s, digests
+        self.nodes_of: dict[str, int] = {}  # site id → Flower node id, of the current session
+        self.costs: dict[str, dict[str, Any]] = {}  # per site this round: bytes up, payload digests
 
     def _account(self, replies: list[Message]) -> list[Message]:
-        """Add each reply's payload bytes and reported protocol CPU seconds to its site's costs."""
+        """Add each reply's payload bytes and digest to its site's costs."""
         for msg in replies:
             recs = msg.content.config_records
             site = str(recs["privacy"]["site"]) if "privacy" in recs else str(recs["secagg"]["site"])
-            cost = self.costs.setdefault(site, {"bytes_up": 0.0, "protocol_cpu_s": 0.0, "received": []})
+            cost = self.costs.setdefault(site, {"bytes_up": 0.0, "received": []})
             cost["bytes_up"] += content_bytes(msg.content)
-            cost["protocol_cpu_s"] += float(cast(float, recs["secagg"].get("cpu-s", 0.0)))
             cost["received"].append(received_entry(msg))
         return replies
 
@@ -124,14 +131,32 @@ class SecureRounds:
             raise SecureRoundFailed(f"only {n} hospitals available; secure aggregation needs at least {max(t, 3)}")
         return t
 
-    # ---- session setup ---------------------------------------------------------------------
-    def setup(self, nodes: list[int], failures: list[str]) -> None:
-        """Key adverts from every node, then their encrypted s-key shares; fresh session id."""
+    # ---- step 1: train ---------------------------------------------------------------------
+    def train(
+        self, nodes: list[int], global_arrays: dict[str, np.ndarray], server_round: int, failures: list[str]
+    ) -> tuple[dict[str, SiteReply], dict[str, int]]:
+        """Every node trains (or declines) and keeps its update; (privacy records, site → node)."""
+        content = encode_train_request(global_arrays, server_round)
+        content["secagg"] = ConfigRecord({"run": str(self.run_id)})
+        sent = _send(self.grid, dict.fromkeys(nodes, content), MessageType.TRAIN, str(server_round), self.timeout)
+        privacy: dict[str, SiteReply] = {}
+        node_of: dict[str, int] = {}
+        for msg in self._account(_ok(sent, failures, "train")):
+            reply = decode_reply(msg.content)
+            privacy[reply.site_id], node_of[reply.site_id] = reply, msg.metadata.src_node_id
+        if len(sent) < len(nodes):
+            failures.append(f"train: {len(nodes) - len(sent)} hospital(s) did not answer within {self.timeout:.0f} s")
+        return privacy, node_of
+
+    # ---- step 2: session setup -------------------------------------------------------------
+    def setup(self, nodes_of: Mapping[str, int], failures: list[str]) -> None:
+        """Key adverts from every contributor, then their encrypted s-key shares; fresh session id."""
         self.setup_id += 1
         self.server = None
         group = f"setup-{self.setup_id}"
         replies = self._account(_ok(
-            _send(self.grid, {n: secagg_record(self.ref) for n in nodes}, KEYS, group, self.timeout), failures, "keys"
+            _send(self.grid, {n: secagg_record(self.ref) for n in nodes_of.values()}, KEYS, group, self.timeout),
+            failures, "keys",
         ))
         adverts: dict[str, KeyAdvert] = {}
         self.nodes_of = {}
@@ -152,23 +177,30 @@ class SecureRounds:
         self.server = server
         log.info("secure aggregation session %d: %d hospitals, threshold %d", self.setup_id, len(adverts), t)
 
-    # ---- one round -------------------------------------------------------------------------
+    def _session_for(self, contributors: Mapping[str, int], failures: list[str]) -> SecAggServer:
+        """The current session if its participants are exactly the contributors and none of them
+        was ever unmasked as dropped; else a new one among the contributors."""
+        server = self.server
+        if server is None or set(server.participants) != set(contributors) or server.s_released:
+            self.setup(contributors, failures)
+            server = self.server
+        if server is None:
+            raise SecureRoundFailed("no session")
+        return server
+
+    # ---- steps 3-4: mask and unmask --------------------------------------------------------
     def _masked_round(
-        self, server: SecAggServer, global_arrays: dict[str, np.ndarray], server_round: int, failures: list[str]
-    ) -> tuple[np.ndarray, list[str], dict[str, SiteReply]]:
+        self, server: SecAggServer, server_round: int, failures: list[str]
+    ) -> tuple[np.ndarray, list[str]]:
         server.begin_round(server_round)
-        content = encode_train_request(global_arrays, server_round)
-        content["secagg"] = ConfigRecord(self.ref.fields())  # type: ignore[arg-type]
-        replies = self._account(_ok(_send(self.grid, dict.fromkeys(self.nodes_of.values(), content), MessageType.TRAIN,
-                                          str(server_round), self.timeout), failures, "train"))
-        privacy: dict[str, SiteReply] = {}
-        for msg in replies:
-            reply = decode_reply(msg.content)
+        request = secagg_record(self.ref, round=server_round)
+        sent = _send(self.grid, dict.fromkeys(self.nodes_of.values(), request), MASK, str(server_round), self.timeout)
+        for msg in self._account(_ok(sent, failures, "mask")):
+            site = str(field(msg.content, "site"))
             if "masked" not in msg.content.array_records:
-                raise ProtocolError(f"{reply.site_id} sent no masked vector")
+                raise ProtocolError(f"{site} sent no masked vector")
             y = msg.content.array_records["masked"]["y"].numpy()
-            server.receive_masked(reply.site_id, MaskedInput(y, pairs(msg.content, "receivers", "cts")))
-            privacy[reply.site_id] = reply
+            server.receive_masked(site, MaskedInput(y, pairs(msg.content, "receivers", "cts")))
         requests = server.unmask_requests()
         unmask_content: dict[int, RecordDict] = {}
         for site, (alive, dead, s_cts, b_cts) in requests.items():
@@ -187,8 +219,7 @@ class SecureRounds:
                 b_shares={k: Share.from_bytes(v) for k, v in b.items()},
                 s_shares={k: Share.from_bytes(v) for k, v in s.items()},
             ))
-        total, alive = server.aggregate()
-        return total, alive, privacy
+        return server.aggregate()
 
     def run_round(
         self, nodes: list[int], global_arrays: dict[str, np.ndarray], server_round: int
@@ -198,13 +229,23 @@ class SecureRounds:
         failures: list[str] = []
         self.costs = {}
         record: dict[str, Any] = {"round": server_round, "failures": failures, "costs": self.costs}
+        privacy: dict[str, SiteReply] = {}
         for attempt in range(self.run.federation.secagg_max_retries + 1):
+            privacy, node_of = self.train(nodes, global_arrays, server_round, failures)
+            contributors = {s: n for s, n in node_of.items() if privacy[s].status == "ok"}
+            needed = max(self.run.federation.secagg_threshold, default_threshold(len(contributors)), 3)
+            if len(contributors) < needed:
+                failures.append(
+                    f"only {len(contributors)} hospital(s) trained ({', '.join(sorted(contributors)) or 'none'}); "
+                    f"secure aggregation needs at least {needed}: round abandoned, no update was requested"
+                )
+                if len(privacy) == len(nodes):  # everybody answered: asking again changes nothing
+                    break
+                nodes = sorted(self.grid.get_node_ids())
+                continue
             try:
-                if self.server is None:
-                    self.setup(nodes, failures)
-                if self.server is None:
-                    raise SecureRoundFailed("no session")
-                total, alive, privacy = self._masked_round(self.server, global_arrays, server_round, failures)
+                server = self._session_for(contributors, failures)
+                total, alive = self._masked_round(server, server_round, failures)
             except (SecureRoundFailed, SecAggAbort, ProtocolError) as exc:
                 failures.append(f"attempt {attempt + 1}: {type(exc).__name__}: {exc}")
                 log.warning("round %d attempt %d failed: %s", server_round, attempt + 1, exc)
@@ -216,18 +257,18 @@ class SecureRounds:
                 self.server = None  # the dead sites' s-keys were revealed: new session next round
             vector = self.quantizer.decode_sum(total, len(alive))
             record.update(
-                sites_trained=sorted(s for s in alive if privacy.get(s) and privacy[s].status == "ok"),
+                sites_trained=sorted(alive),
                 sites_budget_exhausted=sorted(s for s, r in privacy.items() if r.status == "budget-exhausted"),
                 privacy={s: privacy_entry(r) for s, r in privacy.items()},
                 secure={"session": self.setup_id, "alive": alive, "dead": dead, "attempts": attempt + 1},
             )
-            new_arrays = None
-            if record["sites_trained"]:
-                new_arrays, metrics = fedavg(global_arrays, self.layout, vector)
-                record.update(metrics)
+            new_arrays, metrics = fedavg(global_arrays, self.layout, vector)
+            record.update(metrics)
             record["seconds"] = round(time.monotonic() - t0, 2)
             return new_arrays, record
-        record.update(sites_trained=[], sites_budget_exhausted=[], privacy={},
+        record.update(sites_trained=[],
+                      sites_budget_exhausted=sorted(s for s, r in privacy.items() if r.status == "budget-exhausted"),
+                      privacy={s: privacy_entry(r) for s, r in privacy.items()},
                       seconds=round(time.monotonic() - t0, 2))
         return None, record
 

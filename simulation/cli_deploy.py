@@ -43,6 +43,12 @@ def add_certs_parser(sub: SubParsers) -> None:
     p = csub.add_parser("roster", help="combine hospitals' <site>.secagg.json into roster.json")
     p.add_argument("--out", type=Path, required=True, help="roster.json to write (give it to every hospital)")
     p.add_argument("entries", type=Path, nargs="+", help="<site>.secagg.json files")
+    p = csub.add_parser("fingerprint", help="signing-key fingerprints to pin in node.toml [consortium.members]",
+                        description="Print the SHA-256 fingerprint of each hospital's secure-aggregation "
+                                    "signing key, as node.toml lines. Read them to each other out of band "
+                                    "(phone, signed letter) before pinning them: the roster alone comes "
+                                    "from the operator.")
+    p.add_argument("entries", type=Path, nargs="+", help="<site>.secagg.json files or a roster.json")
 
 
 def add_server_parser(sub: SubParsers) -> None:
@@ -97,6 +103,7 @@ def run_certs(args: argparse.Namespace) -> int:
         create_node_auth_keys,
         create_secagg_identity,
         issue_server_certificate,
+        read_public_keys,
     )
 
     if args.certs_command == "ca":
@@ -111,10 +118,22 @@ def run_certs(args: argparse.Namespace) -> int:
         secagg = create_secagg_identity(args.out, args.site)
         print(f"send to the operator: {auth.public}  {secagg.public}\n"
               f"keep here (0600):     {auth.private}  {secagg.private}")
+        print("tell the other hospitals, out of band, your fingerprint:")
+        print(_member_lines(read_public_keys([secagg.public])))
+    elif args.certs_command == "fingerprint":
+        print("[consortium.members]  # check every line with that hospital out of band before pinning it")
+        print(_member_lines(read_public_keys(args.entries)))
     else:
         roster = build_roster(args.entries, args.out)
         print(f"roster {args.out}: {', '.join(sorted(roster.keys))}")
+        print(_member_lines(roster.keys))
     return 0
+
+
+def _member_lines(keys: dict[str, bytes]) -> str:
+    from common.secagg import fingerprint
+
+    return "\n".join(f'{site} = "{fingerprint(pk)}"' for site, pk in sorted(keys.items()))
 
 
 def run_server(args: argparse.Namespace) -> int:

@@ -26,14 +26,14 @@ import torch
 
 from common.atomic import write_json_atomic
 from common.checkpoint import save_checkpoint
-from common.config import ModelConfig, TrainConfig
+from common.config import ModelConfig, PrivacyConfig, TrainConfig
 from common.dataset import LocalDataset
-from common.dp_train import patient_sample_rate, train_local_round
+from common.dp_train import train_local_round
 from common.models import build_models
 from common.privacy import Charge, calibrate_noise_multiplier, epsilon_of
 from common.reference import to_model_range, unit_per_image
 from common.samples import sample_grid, save_png
-from common.weights import WEIGHT_SCALE, UpdateLayout, fedavg, load_model_arrays, model_arrays, sum_vectors
+from common.weights import PUBLIC_WEIGHT, UpdateLayout, fedavg, load_model_arrays, model_arrays, sum_vectors
 from simulation.partition import split_by_patient
 from simulation.runner import SimulateOptions, load_source
 
@@ -45,6 +45,7 @@ class FedPlan:
     rounds: int
     model: ModelConfig
     train: TrainConfig
+    sample_rate: float = PrivacyConfig.sample_rate  # the public Poisson rate over patients
     epsilon: float | None = 10.0
     delta: float = 1e-5
     max_grad_norm: float = 1.0
@@ -76,7 +77,7 @@ def train_federated(sites: Sequence[LocalDataset], plan: FedPlan, out: Path,
     arrays = model_arrays(netG, netD)
     steps = plan.rounds * plan.train.local_steps
     layout = UpdateLayout.of(arrays)
-    rates = [patient_sample_rate(plan.train.batch_size, site.num_patients) for site in sites]
+    rates = [plan.sample_rate for _ in sites]
     sigmas: list[float | None] = []
     for i, (site, q) in enumerate(zip(sites, rates, strict=True)):
         sigma = None if plan.epsilon is None else calibrate_noise_multiplier(
@@ -91,12 +92,13 @@ def train_federated(sites: Sequence[LocalDataset], plan: FedPlan, out: Path,
         vectors, privacy = [], {}
         for i, site in enumerate(sites):
             load_model_arrays(netG, netD, arrays)
-            res = train_local_round(netG, netD, site, model=plan.model, train=plan.train, noise_multiplier=sigmas[i],
+            res = train_local_round(netG, netD, site, model=plan.model, train=plan.train, sample_rate=rates[i],
+                                    noise_multiplier=sigmas[i],
                                     max_grad_norm=plan.max_grad_norm, device=device,
                                     seed=plan.seed * 1_000_003 + rnd * 101 + i)
             # the hospitals' update vector and the server's FedAvg, as in a real round
-            vectors.append(layout.pack(model_arrays(netG, netD), arrays, weight=site.num_patients / WEIGHT_SCALE,
-                                       metrics={"loss_d": res.loss_d, "loss_g": res.loss_g}))
+            vectors.append(layout.pack(model_arrays(netG, netD), arrays, weight=PUBLIC_WEIGHT,
+                                       metrics={"loss_d_fake": res.loss_d_fake, "loss_g": res.loss_g}))
             sigma = sigmas[i]
             eps = 0.0 if sigma is None else epsilon_of([Charge(sigma, rates[i], rnd * plan.train.local_steps)],
                                                        plan.delta)
@@ -104,13 +106,13 @@ def train_federated(sites: Sequence[LocalDataset], plan: FedPlan, out: Path,
                                     "delta": plan.delta, "steps": rnd * plan.train.local_steps}
         arrays, means = fedavg(arrays, layout, sum_vectors(vectors))
         record = {"round": rnd, "sites_trained": sorted(privacy), "sites_budget_exhausted": [], "failures": [],
-                  "privacy": privacy, "loss_d": means["loss_d"], "loss_g": means["loss_g"],
+                  "privacy": privacy, "loss_d_fake": means["loss_d_fake"], "loss_g": means["loss_g"],
                   "seconds": round(time.monotonic() - t_round, 2)}
         history.append(record)
         save_checkpoint(out / "checkpoints", rnd, arrays, history, class_names=sites[0].class_names)
         load_model_arrays(netG, netD, arrays)
         save_png(sample_grid(netG, plan.model, seed=plan.seed), out / "samples" / f"round-{rnd:04d}.png")
-        say(f"round {rnd}/{plan.rounds}: loss_d={record['loss_d']:.3f} loss_g={record['loss_g']:.3f} "
+        say(f"round {rnd}/{plan.rounds}: loss_d_fake={record['loss_d_fake']:.3f} loss_g={record['loss_g']:.3f} "
             f"{record['seconds']:.0f} s")
     state = {"rounds": history, "finished": True, "secure_aggregation": False, "in_process": True,
              "wall_seconds": round(time.monotonic() - t0, 1)}

@@ -6,7 +6,7 @@ Layout (tests and later tools rely on it)::
      "secure_aggregation": false,
      "sites": {"site-0": {"epsilon": 3.1, "delta": 1e-05, "epsilon_budget": 10.0,
                           "steps": 40, "status": "ok", "ledger": "sites/site-0/ledger.json"}},
-     "rounds": [{"round": 1, "sites_trained": ["site-0", …], "loss_d": 1.3, "loss_g": 0.7}, …],
+     "rounds": [{"round": 1, "sites_trained": ["site-0", …], "loss_d_fake": 0.6, "loss_g": 0.7}, …],
      "checkpoints": "checkpoints", "samples": "samples",
      "evaluation": {"fd": 12.3, "kid": 0.01, "tstr_auc": 0.9, "tstr_acc": 0.8, "trtr_auc": 0.95,
                     "trtr_acc": 0.85, "memorization_rate": 0.0, …}}   # only with --reference
@@ -70,7 +70,7 @@ def build_summary(
                 "round": r["round"],
                 "sites_trained": r["sites_trained"],
                 "sites_budget_exhausted": r.get("sites_budget_exhausted", []),
-                "loss_d": r.get("loss_d"),
+                "loss_d_fake": r.get("loss_d_fake"),
                 "loss_g": r.get("loss_g"),
                 "failures": r.get("failures", []),
                 "seconds": r.get("seconds"),

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from client.prepare import PrepareReport, load_or_create_salt, prepare_site
-from common.config import ConfigError
+from common.config import SIM_MEMBERS_FILE, ConfigError, format_members
 from common.report_html import write_report
 from common.secagg import Roster, SiteIdentity
 from simulation.partition import (
@@ -125,7 +125,8 @@ def load_source(opts: SimulateOptions) -> SourceData:
 
 
 def make_site_keys(sites_dir: Path, site_ids: list[str]) -> Path:
-    """Each virtual hospital's Ed25519 signing key (0600, in its own folder) and the roster.
+    """Each virtual hospital's Ed25519 signing key (0600, in its own folder), the roster, and each
+    hospital's pinned membership (``members.txt``: every site's key fingerprint).
 
     In deployment every hospital makes its key on its own machine and only public keys are
     collected into the roster; here one process plays all hospitals.
@@ -138,7 +139,11 @@ def make_site_keys(sites_dir: Path, site_ids: list[str]) -> Path:
             identity.save(path)
         keys[site] = identity.public_key()
     roster_path = sites_dir / "roster.json"
-    Roster(keys).save(roster_path)
+    roster = Roster(keys)
+    roster.save(roster_path)
+    pins = format_members(roster.fingerprints())  # what each hospital pins after checking out of band
+    for site in site_ids:
+        (sites_dir / site / SIM_MEMBERS_FILE).write_text(pins, encoding="utf-8")
     return roster_path
 
 

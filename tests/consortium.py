@@ -21,6 +21,8 @@ from typing import Any
 
 import tomli_w
 
+from common.certs import read_public_keys
+from common.secagg import fingerprint
 from simulation.partition import split_by_patient, write_site_dicom
 from simulation.phantoms import phantom_population
 from simulation.superlink import _signal_pids, find_tagged_pids, free_port
@@ -142,6 +144,7 @@ class Consortium:
                      "secagg-private-key": str(d / "keys" / f"{site}.secagg.key"),
                      "roster": str(d / "roster.json")},
             "prepare": {"class-names": ",".join(self.class_names)},
+            "consortium": {"members": self.pinned_members()},
             "apps": {"allowed-fab-sha256": list(self.allowed_fabs)},
         }
         for key, value in changes.items():
@@ -149,6 +152,12 @@ class Consortium:
             table[key] = value
         path.write_text(tomli_w.dumps(doc), encoding="utf-8")
         return path
+
+    def pinned_members(self) -> dict[str, str]:
+        """What every hospital pins in [consortium.members]: the fingerprints the hospitals read to
+        each other out of band (here: computed from their own public entries, not from the roster)."""
+        keys = read_public_keys([self.site_dir(s) / "keys" / f"{s}.secagg.json" for s in self.sites])
+        return {site: fingerprint(pk) for site, pk in keys.items()}
 
     def write_server_toml(self, rounds: int, **run: Any) -> Path:
         op = self.root / "operator"

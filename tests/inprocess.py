@@ -23,6 +23,7 @@ HANDLERS = {
     "train": client_app.train,
     "train.secagg_keys": client_app.secagg_keys,
     "train.secagg_share": client_app.secagg_share,
+    "train.secagg_mask": client_app.secagg_mask,
     "train.secagg_unmask": client_app.secagg_unmask,
 }
 
@@ -77,6 +78,8 @@ def write_phantom_sites(root: Path, num_sites: int, patients_per_site: int = 16,
 
 
 def fresh_state(sites_dir: Path) -> None:
-    """Forget every site's ledger (a new consortium), keep data, caches and keys."""
-    for p in sites_dir.glob("site-*/ledger.json*"):
-        p.unlink()
+    """Forget every site's ledger, audit log and release record (a new consortium); keep data,
+    caches and keys."""
+    for pattern in ("ledger.json*", "audit.jsonl", "released.json*"):
+        for p in sites_dir.glob(f"site-*/{pattern}"):
+            p.unlink()

@@ -17,6 +17,7 @@ from common.certs import (
     issue_server_certificate,
 )
 from common.config import ConfigError
+from common.secagg import SiteIdentity, fingerprint
 from server.daemon_config import ServerDeployConfig, check_run_overrides
 
 REPO = Path(__file__).resolve().parents[1]
@@ -80,7 +81,7 @@ def _node_doc(tmp: Path, site: str = "site-0") -> dict[str, Any]:
     ca = create_ca(tmp / "ca")
     auth = create_node_auth_keys(tmp / "k", site)
     secagg = create_secagg_identity(tmp / "k", site)
-    build_roster([secagg.public], tmp / "roster.json")
+    roster = build_roster([secagg.public], tmp / "roster.json")
     (tmp / "dicom").mkdir()
     return {
         "node": {"site-id": site, "superlink": "fl.example.org:443", "data-path": str(tmp / "dicom"),
@@ -88,6 +89,8 @@ def _node_doc(tmp: Path, site: str = "site-0") -> dict[str, Any]:
         "tls": {"ca-certificate": str(ca.public)},
         "keys": {"auth-private-key": str(auth.private), "secagg-private-key": str(secagg.private),
                  "roster": str(tmp / "roster.json")},
+        "prepare": {"class-names": "normal,lesion"},
+        "consortium": {"members": roster.fingerprints()},
     }
 
 
@@ -97,6 +100,9 @@ def test_node_toml_loads_and_becomes_the_flower_node_config(tmp_path: Path) -> N
     assert node_config["site-id"] == "site-0" and node_config["epsilon-budget"] == 10.0
     assert node_config["audit-log"] == str(tmp_path / "state" / "audit.jsonl")
     assert node_config["allow-plain-aggregation"] is False
+    assert (node_config["delta"], node_config["accountant"], node_config["min-participants"]) == (1e-5, "prv", 3)
+    assert node_config["class-names"] == "normal,lesion"
+    assert node_config["members"] == f"site-0={fingerprint(SiteIdentity.load(cfg.secagg_private_key, 'site-0').public_key())}"
     assert (cfg.superlink_host, cfg.superlink_port) == ("fl.example.org", 443)
 
 

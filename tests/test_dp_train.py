@@ -16,7 +16,6 @@ from common.dp_train import (
     diversity_term,
     generator_step,
     make_private_discriminator,
-    patient_sample_rate,
     sample_noise,
     train_local_round,
 )
@@ -29,15 +28,14 @@ CPU = torch.device("cpu")
 def _summed_clipped_grad(netD, cfg, train, real, y_real, fake, y_fake, clip) -> torch.Tensor:
     """Σ_rows clip(g_row) as the real DPOptimizer computes it, with σ = 0 (no noise)."""
     priv = make_private_discriminator(
-        netD, train=train, noise_multiplier=0.0, max_grad_norm=clip, n_fake=fake.shape[0],
-        sample_rate=0.5, device=CPU,
+        netD, train=train, noise_multiplier=0.0, max_grad_norm=clip, sample_rate=0.5, device=CPU,
     )
     try:
-        loss, _ = discriminator_loss(priv.module, real, y_real, fake, y_fake, cfg.conditional)
+        loss, _, _ = discriminator_loss(priv.module, real, y_real, fake, y_fake, cfg.conditional)
         priv.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        priv.optimizer.pre_step()  # clip, accumulate, add (zero) noise, divide by expected rows
-        expected_rows = train.batch_size + fake.shape[0]
+        priv.optimizer.pre_step()  # clip, accumulate, add (zero) noise, divide by the public 2·B
+        expected_rows = 2 * train.batch_size
         return torch.cat([p.grad.flatten() for p in priv.module.parameters()]) * expected_rows
     finally:
         priv.module._close()
@@ -91,10 +89,10 @@ def test_generator_step_leaves_no_per_sample_gradients_and_no_accountant_step() 
     train = TrainConfig(batch_size=4)
     netG, netD = build_models(cfg, seed=0)
     priv = make_private_discriminator(
-        netD, train=train, noise_multiplier=1.0, max_grad_norm=1.0, n_fake=4, sample_rate=0.1, device=CPU
+        netD, train=train, noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=0.1, device=CPU
     )
     z, y = sample_noise(4, cfg, CPU)
-    loss, _ = discriminator_loss(priv.module, torch.rand(3, 1, 32, 32), torch.tensor([0, 1, 0]),
+    loss, _, _ = discriminator_loss(priv.module, torch.rand(3, 1, 32, 32), torch.tensor([0, 1, 0]),
                                  netG(z, y).detach(), y, True)
     loss.backward()
     priv.optimizer.step()
@@ -135,26 +133,48 @@ def test_local_round_counts_exactly_the_configured_steps() -> None:
     train = TrainConfig(local_steps=6, batch_size=8, d_steps_per_g=2)
     netG, netD = build_models(cfg, seed=0)
     # act
-    result = train_local_round(netG, netD, data, model=cfg, train=train, noise_multiplier=1.3,
+    result = train_local_round(netG, netD, data, model=cfg, train=train, sample_rate=0.2, noise_multiplier=1.3,
                                max_grad_norm=1.0, device=CPU)
     # assert
     assert result.charge is not None
-    assert (result.charge.noise_multiplier, result.charge.sample_rate, result.charge.steps) == (1.3, 8 / 40, 6)
+    assert (result.charge.noise_multiplier, result.charge.sample_rate, result.charge.steps) == (1.3, 0.2, 6)
     assert result.g_steps == 3
-    assert np.isfinite(result.loss_d) and np.isfinite(result.loss_g)
+    assert np.isfinite(result.loss_d) and np.isfinite(result.loss_d_fake) and np.isfinite(result.loss_g)
     assert not hasattr(next(netD.parameters()), "grad_sample") or next(netD.parameters()).grad_sample is None
 
 
-def test_a_site_smaller_than_the_batch_trains_every_patient_every_step_and_is_charged_q_1() -> None:
-    # prepare: 5 patients, batch 8
-    data = toy_dataset(num_patients=5)
-    netG, netD = build_models(ModelConfig())
+def test_sites_of_any_size_are_charged_the_public_sample_rate() -> None:
+    # prepare: 5 and 40 patients, batch 8 (q = B / P would be 1 and 0.2: the charge would reveal P)
+    small, large = toy_dataset(num_patients=5), toy_dataset(num_patients=40)
+    train = TrainConfig(batch_size=8, local_steps=2)
     # act
-    result = train_local_round(netG, netD, data, model=ModelConfig(), train=TrainConfig(batch_size=8, local_steps=2),
-                               noise_multiplier=1.0, max_grad_norm=1.0, device=CPU)
-    # assert: the accountant counted q = 1 (no amplification), which is what the ledger charges
-    assert patient_sample_rate(8, 5) == 1.0 and patient_sample_rate(8, 40) == 0.2
-    assert result.charge is not None and result.charge.sample_rate == 1.0 and result.charge.steps == 2
+    charges = []
+    for data in (small, large):
+        netG, netD = build_models(ModelConfig())
+        result = train_local_round(netG, netD, data, model=ModelConfig(), train=train, sample_rate=0.3,
+                                   noise_multiplier=1.0, max_grad_norm=1.0, device=CPU)
+        charges.append(result.charge)
+    # assert: the accountant counted the public q at both, which is what their ledgers charge
+    assert charges[0] == charges[1]
+    assert charges[0] is not None and (charges[0].sample_rate, charges[0].steps) == (0.3, 2)
+
+
+def test_fake_rows_loss_does_not_depend_on_real_rows() -> None:
+    # prepare: one D, the same fake rows, two different sets of real rows (and counts)
+    cfg = ModelConfig()
+    _, netD = build_models(cfg, seed=3)
+    gen = torch.Generator().manual_seed(6)
+    fake, y_fake = torch.rand(4, 1, 32, 32, generator=gen), torch.tensor([0, 1, 0, 1])
+    real_a, y_a = torch.rand(3, 1, 32, 32, generator=gen), torch.tensor([0, 1, 1])
+    real_b, y_b = torch.rand(7, 1, 32, 32, generator=gen) * 5, torch.tensor([1] * 7)
+    # act
+    _, _, fake_a = discriminator_loss(netD, real_a, y_a, fake, y_fake, True)
+    _, _, fake_b = discriminator_loss(netD, real_b, y_b, fake, y_fake, True)
+    # assert: what may leave (the fake-rows loss) is the same whatever the real rows were
+    with torch.no_grad():
+        logits, _ = netD(fake, y_fake)
+    by_hand = float(F.binary_cross_entropy_with_logits(logits, torch.zeros(4)))
+    assert fake_a == pytest.approx(by_hand, rel=1e-5) and fake_b == pytest.approx(by_hand, rel=1e-5)
 
 
 def test_class_head_learns_from_real_rows_only() -> None:
@@ -165,14 +185,14 @@ def test_class_head_learns_from_real_rows_only() -> None:
     real, fake = torch.rand(3, 1, 32, 32, generator=gen), torch.rand(2, 1, 32, 32, generator=gen)
     y_real, y_fake = torch.tensor([0, 1, 1]), torch.tensor([1, 0])
     # act
-    loss, rows = discriminator_loss(netD, real, y_real, fake, y_fake, True)
+    loss, rows, _ = discriminator_loss(netD, real, y_real, fake, y_fake, True)
     # assert: Σ BCE over all rows + Σ CE over the real rows, by hand
     logits, class_logits = netD(torch.cat([real, fake]), torch.cat([y_real, y_fake]))
     assert class_logits is not None and class_logits.shape == (5, 2)
     target = torch.tensor([1.0, 1, 1, 0, 0])
     by_hand = F.binary_cross_entropy_with_logits(logits, target, reduction="sum") + F.cross_entropy(
         class_logits[:3], y_real, reduction="sum")
-    assert rows == 5 and float(loss) == pytest.approx(float(by_hand), rel=1e-6)
+    assert rows == 5 and float(loss.detach()) == pytest.approx(float(by_hand.detach()), rel=1e-6)
 
 
 def test_diversity_term_is_zero_for_a_collapsed_generator_and_capped() -> None:

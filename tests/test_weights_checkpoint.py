@@ -23,7 +23,7 @@ def test_summed_vectors_give_the_weighted_average() -> None:
     weights, losses = [10.0, 30.0, 60.0], [1.0, 2.0, 3.0]
     layout = UpdateLayout.of(glob)
     # act
-    vectors = [layout.pack(lo, glob, w, {"loss_d": loss, "loss_g": 0.5}) for lo, w, loss in
+    vectors = [layout.pack(lo, glob, w, {"loss_d_fake": loss, "loss_g": 0.5}) for lo, w, loss in
                zip(locals_, weights, losses, strict=True)]
     new, metrics = fedavg(glob, layout, sum_vectors(vectors))
     # assert
@@ -31,7 +31,7 @@ def test_summed_vectors_give_the_weighted_average() -> None:
         expected = sum(w * lo[k].astype(np.float64) for w, lo in zip(weights, locals_, strict=True)) / 100
         np.testing.assert_allclose(new[k], expected, rtol=1e-5, atol=1e-6)
     assert new["g.n"] == 7
-    assert metrics["loss_d"] == pytest.approx(2.5)
+    assert metrics["loss_d_fake"] == pytest.approx(2.5)
     assert layout.names == ("d.b", "g.w")
 
 

@@ -18,9 +18,12 @@ extra failure analysis. Modules:
 from common.secagg.client import SecAggClient
 from common.secagg.errors import (
     ActiveDeadOverlap,
+    AlreadyReleased,
     IncompleteSetup,
     InconsistentShares,
     KeySwapDetected,
+    MembershipMismatch,
+    NothingToMask,
     OutOfOrder,
     ReplayDetected,
     SecAggAbort,
@@ -29,7 +32,7 @@ from common.secagg.errors import (
     UnknownParticipant,
     ValueOutOfRange,
 )
-from common.secagg.identity import KeyAdvert, Roster, SiteIdentity
+from common.secagg.identity import KeyAdvert, Roster, SiteIdentity, fingerprint
 from common.secagg.messages import MaskedInput, UnmaskReply
 from common.secagg.quantize import Quantizer
 from common.secagg.server import SecAggServer, UnmaskRequest
@@ -38,11 +41,14 @@ from common.secagg.shamir import Share
 
 __all__ = [
     "ActiveDeadOverlap",
+    "AlreadyReleased",
     "IncompleteSetup",
     "InconsistentShares",
     "KeyAdvert",
     "KeySwapDetected",
     "MaskedInput",
+    "MembershipMismatch",
+    "NothingToMask",
     "OutOfOrder",
     "Quantizer",
     "ReplayDetected",
@@ -60,4 +66,5 @@ __all__ = [
     "UnmaskRequest",
     "ValueOutOfRange",
     "default_threshold",
+    "fingerprint",
 ]

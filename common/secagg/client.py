@@ -91,8 +91,14 @@ class SecAggClient:
         c_pk = self._c_sk.public_key().public_bytes_raw()
         return KeyAdvert.signed(self.identity, self.session, c_pk, self._s_sk.public_key().public_bytes_raw())
 
-    def share_keys(self, adverts: Mapping[str, KeyAdvert], roster: Roster, threshold: int) -> dict[str, bytes]:
-        """Round 1: verify every advert, then t-of-n share s_u; returns receiver → encrypted s-share."""
+    def share_keys(
+        self, adverts: Mapping[str, KeyAdvert], roster: Roster, threshold: int, *, min_participants: int = MIN_THRESHOLD
+    ) -> dict[str, bytes]:
+        """Round 1: verify every advert, then t-of-n share s_u; returns receiver → encrypted s-share.
+
+        ``min_participants`` is the hospital's own floor (never below 3) on how many sites a
+        session may have; the server's threshold can only raise it.
+        """
         if self.participants:
             raise OutOfOrder(f"site {self.site_id!r} already shared its keys in session {self.session}")
         check_threshold_rules(threshold, len(adverts))
@@ -111,10 +117,9 @@ class SecAggClient:
             raise UnknownParticipant(f"this site {self.site_id!r} is not among the adverts {sorted(adverts)}")
         if own != self.advert():
             raise KeySwapDetected(f"the advert under this site's name {self.site_id!r} is not the one it sent")
-        if len(adverts) < max(MIN_THRESHOLD, threshold):
-            raise TooFewSurvivors(
-                f"{len(adverts)} sites advertised keys, need at least {max(MIN_THRESHOLD, threshold)}"
-            )
+        floor = max(MIN_THRESHOLD, threshold, min_participants)
+        if len(adverts) < floor:
+            raise TooFewSurvivors(f"{len(adverts)} sites advertised keys, need at least {floor}")
         keys = [k for a in adverts.values() for k in (a.c_pk, a.s_pk)]
         if len(set(keys)) != len(keys):  # Bonawitz et al. round 1: all public keys distinct
             raise KeySwapDetected("two adverts (or one advert's two keys) carry the same public key; aborting setup")
@@ -164,8 +169,15 @@ class SecAggClient:
         dead: Sequence[str],
         s_share_cts: Mapping[str, bytes],
         b_share_cts: Mapping[str, bytes],
+        *,
+        min_participants: int = MIN_THRESHOLD,
     ) -> UnmaskReply:
-        """Round 4: decrypt b-shares of ``alive`` senders and s-shares of ``dead`` ones, after every guard."""
+        """Round 4: decrypt b-shares of ``alive`` senders and s-shares of ``dead`` ones, after every guard.
+
+        ``alive`` must hold at least max(3, t, ``min_participants``) sites. An honest site masks
+        only an update it trained (``NothingToMask`` otherwise) and answers an unmask request only
+        for the round it masked, so every alive site that answers contributed a trained update.
+        """
         self._require_setup("unmask")
         if self.round == 0 or round != self.round:
             raise ReplayDetected(f"unmask request for round {round}, but this site's current round is {self.round}")
@@ -185,10 +197,9 @@ class SecAggClient:
         if s_from - dead_set or b_from - alive_set:
             undeclared = sorted((s_from - dead_set) | (b_from - alive_set))
             raise UnknownParticipant(f"asked for shares of {undeclared}, declared neither alive nor dead")
-        if len(alive_set) < max(MIN_THRESHOLD, self.threshold):
-            raise TooFewSurvivors(
-                f"only {len(alive_set)} sites alive in round {round}, need {max(MIN_THRESHOLD, self.threshold)}"
-            )
+        floor = max(MIN_THRESHOLD, self.threshold, min_participants)
+        if len(alive_set) < floor:
+            raise TooFewSurvivors(f"only {len(alive_set)} sites alive in round {round}, need {floor}")
         if alive_set & self._s_revealed or dead_set & self._b_revealed:
             flipped = sorted((alive_set & self._s_revealed) | (dead_set & self._b_revealed))
             raise ActiveDeadOverlap(

@@ -25,6 +25,20 @@ class KeySwapDetected(SecAggAbort):
     """A key advert is not signed by the roster key of the site it names (MITM key substitution)."""
 
 
+class MembershipMismatch(SecAggAbort):
+    """The roster the operator distributed differs from the membership the hospital pinned itself
+    (a site added, dropped or re-keyed: e.g. Sybil entries whose keys the operator holds)."""
+
+
+class AlreadyReleased(SecAggAbort):
+    """This (run, round) update already left the hospital masked in another session; re-masking it
+    under new keys would let the server subtract two sums and read one hospital's update."""
+
+
+class NothingToMask(SecAggAbort):
+    """Asked to mask an update this hospital did not train (declined, or never asked to train)."""
+
+
 class ActiveDeadOverlap(SecAggAbort):
     """The server asked for a site's self-mask shares *and* its mask-key shares (would unmask it)."""
 

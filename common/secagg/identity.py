@@ -10,6 +10,7 @@ from one run, setup or site never validates for another.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Mapping
@@ -22,7 +23,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from common.atomic import fsync_dir, write_json_atomic
 from common.secagg.encoding import Reader, Writer, check_site_id, check_u64
-from common.secagg.errors import KeySwapDetected
+from common.secagg.errors import KeySwapDetected, MembershipMismatch
 from common.secagg.primitives import hkdf32
 from common.secagg.session import Session
 
@@ -30,6 +31,12 @@ ED25519_PK_BYTES = 32
 ED25519_SIG_BYTES = 64
 X25519_PK_BYTES = 32
 ADVERT_TAG = b"medsynth-secagg key-advert v1"
+
+
+def fingerprint(public_key: bytes) -> str:
+    """SHA-256 (hex) of a raw Ed25519 public key: what hospitals read to each other out of band
+    and pin in their own configuration."""
+    return hashlib.sha256(public_key).hexdigest()
 
 
 class SiteIdentity:
@@ -103,6 +110,33 @@ class Roster:
         if not isinstance(raw, dict) or not all(isinstance(v, str) for v in raw.values()):
             raise ValueError(f"{path}: a roster is a JSON object {{site_id: hex Ed25519 public key}}")
         return Roster({site: bytes.fromhex(pk) for site, pk in raw.items()})
+
+    def fingerprints(self) -> dict[str, str]:
+        """site_id → :func:`fingerprint` of its key."""
+        return {site: fingerprint(pk) for site, pk in self.keys.items()}
+
+    def check_pinned(self, members: Mapping[str, str]) -> None:
+        """``MembershipMismatch`` unless the roster is exactly the pinned membership.
+
+        The operator builds the roster, so it alone cannot tell a hospital whom it is mixed
+        with: two entries whose keys the operator holds plus one real hospital would pass every
+        protocol check, and the "sum" would be that hospital's update. Each hospital therefore
+        pins every member's site id and key fingerprint itself (verified out of band), and any
+        difference — an extra site, a missing one, another key — is refused before any key is
+        advertised or share sent.
+        """
+        have, want = self.fingerprints(), dict(members)
+        extra, missing = sorted(set(have) - set(want)), sorted(set(want) - set(have))
+        rekeyed = sorted(s for s in set(have) & set(want) if have[s] != want[s])
+        if extra or missing or rekeyed:
+            parts = [f"{label} {sites}" for label, sites in
+                     (("not pinned by this hospital:", extra), ("pinned but absent:", missing),
+                      ("with another key than pinned:", rekeyed)) if sites]
+            raise MembershipMismatch(
+                "the roster differs from the consortium membership this hospital pinned (" + "; ".join(parts)
+                + "); nothing was sent. Compare fingerprints with the other hospitals out of band before "
+                "changing [consortium.members]"
+            )
 
     def verify(self, site_id: str, data: bytes, signature: bytes) -> None:
         """``KeySwapDetected`` unless ``signature`` is ``site_id``'s roster key's signature of ``data``."""

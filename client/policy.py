@@ -1,0 +1,73 @@
+"""The hospital decides: what a run may ask of this hospital, checked before anything happens.
+
+A server proposes a run (its ``[tool.flwr.app.config]``); the hospital's own settings
+(``SiteConfig``, from its ``node.toml``) decide. Every check here runs before the ledger is
+touched, before any data is read for training, and before any key is advertised:
+
+* privacy parameters: the run's δ and accountant must be the hospital's own (a run that meets
+  "ε = 10" at δ = 0.5 is ε ≈ 42 at δ = 1e-5); the ε budget is always the hospital's;
+* classes: the run's class names must be the hospital's label configuration, in its order (the
+  server must not choose which of the hospital's folders train);
+* the received global model: the names and shapes of the run's model, finite, and within
+  ``MODEL_VALUE_BOUND`` (a crafted parameter such as a discriminator bias of −1e10 is refused
+  before any training or charge).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+
+from common.config import ConfigError, RunConfig, SiteConfig
+
+#: Largest |value| accepted in a received global model. Trained DCGAN weights and GroupNorm
+#: affine parameters stay within a few units; 1e3 leaves ample room and refuses a crafted
+#: parameter meant to push a loss or an update out of its quantisation bound.
+MODEL_VALUE_BOUND = 1e3
+
+
+class RunRefused(ConfigError):
+    """The run asks this hospital for something its own settings do not allow; nothing was charged or sent."""
+
+
+class ModelRefused(ValueError):
+    """The received global model is not the run's model, or holds a non-finite or out-of-range value."""
+
+
+def check_run_allowed(run: RunConfig, site: SiteConfig) -> None:
+    """``RunRefused`` unless the run's privacy parameters and classes are the hospital's own."""
+    if run.privacy.delta != site.delta:
+        raise RunRefused(
+            f"the run asks for δ = {run.privacy.delta:g}, this hospital accounts at δ = {site.delta:g} "
+            "([node] delta in node.toml); ask the consortium to run at the hospitals' δ"
+        )
+    if run.privacy.accountant != site.accountant:
+        raise RunRefused(
+            f"the run asks for the {run.privacy.accountant} accountant, this hospital uses {site.accountant} "
+            "([node] accountant in node.toml)"
+        )
+    if run.class_names != site.class_names:
+        raise RunRefused(
+            f"the run trains classes {list(run.class_names)}, this hospital's label configuration is "
+            f"{list(site.class_names)} ([prepare] class-names in node.toml); the server does not choose them"
+        )
+
+
+def check_global_model(arrays: Mapping[str, np.ndarray], expected: Mapping[str, tuple[int, ...]]) -> None:
+    """``ModelRefused`` unless ``arrays`` has exactly the expected names and shapes, and every
+    floating-point value is finite with |value| ≤ ``MODEL_VALUE_BOUND``."""
+    missing, extra = sorted(set(expected) - set(arrays)), sorted(set(arrays) - set(expected))
+    if missing or extra:
+        raise ModelRefused(f"the global model's tensors differ from the run's model: missing {missing[:5]}, "
+                           f"unexpected {extra[:5]}")
+    for name, shape in expected.items():
+        value = np.asarray(arrays[name])
+        if tuple(value.shape) != tuple(shape):
+            raise ModelRefused(f"global model tensor {name} has shape {value.shape}, the run's model {shape}")
+        if not np.issubdtype(value.dtype, np.floating):
+            continue
+        if not np.all(np.isfinite(value)):
+            raise ModelRefused(f"global model tensor {name} holds a non-finite value")
+        if value.size and float(np.max(np.abs(value))) > MODEL_VALUE_BOUND:
+            raise ModelRefused(f"global model tensor {name} holds a value beyond ±{MODEL_VALUE_BOUND:g}")
