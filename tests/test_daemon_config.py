@@ -118,6 +118,13 @@ def test_node_toml_loads_and_becomes_the_flower_node_config(tmp_path: Path) -> N
         (lambda d, t: d["tls"].update({"ca-certificate": d["keys"]["roster"]}), "not a readable PEM"),
         (lambda d, t: d.update({"apps": {"allowed-fab-sha256": ["abc"]}}), "64-hex-digit"),
         (lambda d, t: Path(d["keys"]["auth-private-key"]).chmod(0o644), "0600"),
+        (lambda d, t: d.pop("consortium"), r"\[consortium.members\] is required"),
+        (lambda d, t: d["consortium"].update({"min-participants": 2}), "min-participants"),
+        (lambda d, t: d["node"].update({"delta": 1.5}), r"\[node\] delta = 1.5"),
+        (lambda d, t: d["node"].update({"accountant": "gdp"}), "accountant"),
+        (lambda d, t: d["prepare"].update({"class-names": ""}), "class-names is required"),
+        (lambda d, t: d["consortium"]["members"].update({"site-1": "ab" * 32}), "pinned but absent"),
+        (lambda d, t: d["consortium"]["members"].update({"site-0": "ab" * 32}), "must pin this hospital"),
     ],
 )
 def test_node_toml_refusals_name_the_problem(tmp_path: Path, change: Any, message: str) -> None:

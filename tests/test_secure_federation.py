@@ -75,9 +75,9 @@ def test_secure_aggregation_gives_the_plain_model(sites4: Path, tmp_path: Path) 
     _assert_same_model(_final(tmp_path / "plain"), _final(tmp_path / "secure"))
     assert secure["rounds"][0]["sites_trained"] == plain["rounds"][0]["sites_trained"] == [
         "site-0", "site-1", "site-2", "site-3"]
-    # metrics: quantization error n·B/(2^48−1)/Σω = 4·1e3/2.8e14/(48/2^20) ≈ 3e-7
-    metric_error = 4 * 1e3 / (2**48 - 1) / (48 / 2**20)
-    assert secure["rounds"][0]["loss_d"] == pytest.approx(plain["rounds"][0]["loss_d"], abs=metric_error)
+    # metrics: quantization error n·B/(2^48−1)/Σω with the public ω = 1 each: 4·1e3/2.8e14/4 ≈ 4e-12
+    metric_error = 4 * 1e3 / (2**48 - 1) / 4
+    assert secure["rounds"][0]["loss_d_fake"] == pytest.approx(plain["rounds"][0]["loss_d_fake"], abs=metric_error)
     assert secure["secure_aggregation"] is True and plain["secure_aggregation"] is False
     assert secure["rounds"][0]["secure"]["dead"] == []
 
@@ -86,17 +86,20 @@ def test_in_a_secure_round_only_the_ledger_figures_travel_in_plain_text(sites4: 
     # act
     grid = InProcessGrid(4, {}, RUN_ID)
     _run(sites4, tmp_path, secure=True, grid=grid)
-    # assert: every train reply holds a uint64 masked vector, encrypted shares, and a privacy
-    # record with ledger figures only (no σ, no patient count, no loss)
-    train_replies = [m for m in grid.replies if "masked" in m.content.array_records]
-    assert len(train_replies) == 4
+    # assert: a train reply is a privacy record with ledger figures only (no σ, no patient count,
+    # no loss, no timing); a mask reply is a uint64 masked vector and encrypted shares
+    train_replies = [m for m in grid.replies if m.metadata.message_type == "train"]
+    mask_replies = [m for m in grid.replies if m.metadata.message_type == "train.secagg_mask"]
+    assert len(train_replies) == len(mask_replies) == 4
     for msg in train_replies:
-        assert set(msg.content.array_records) == {"masked"}
-        assert msg.content.array_records["masked"]["y"].numpy().dtype == np.uint64
+        assert not msg.content.array_records and set(msg.content.config_records) == {"privacy"}
         assert set(msg.content.config_records["privacy"]) == {
             "site", "status", "epsilon", "epsilon-budget", "delta", "steps", "reason"}
-        assert set(msg.content.config_records["secagg"]) == {
-            "run", "setup", "receivers", "cts", "train-cpu-s", "cpu-s"}
+    for msg in mask_replies:
+        assert set(msg.content.array_records) == {"masked"}
+        assert msg.content.array_records["masked"]["y"].numpy().dtype == np.uint64
+        assert set(msg.content.config_records) == {"secagg"}
+        assert set(msg.content.config_records["secagg"]) == {"site", "receivers", "cts"}
     assert all(not m.content.metric_records for m in grid.replies)
 
 
@@ -107,9 +110,10 @@ def _drop_once(kind: str, pid: int) -> DropRule:
 @pytest.mark.parametrize(
     ("stage", "expect_alive", "plain_drop"),
     [
+        ("train", 3, ("train", 3)),  # site-3 did not train: the session is among the other three
         ("train.secagg_keys", 3, ("train", 3)),  # session formed without site-3
-        ("train.secagg_share", 4, None),  # setup restarted, site-3 back
-        ("train", 3, ("train", 3)),  # site-3 dead: survivors reveal its s-key shares
+        ("train.secagg_share", 4, None),  # setup restarted, site-3 back with its update (never left)
+        ("train.secagg_mask", 3, ("train", 3)),  # site-3 dead: survivors reveal its s-key shares
         ("train.secagg_unmask", 4, None),  # site-3's vector is in; 3 ≥ t unmask without it
     ],
 )
@@ -127,7 +131,7 @@ def test_a_dropout_at_any_stage_still_gives_the_exact_result(
 
 
 def test_after_a_dead_site_the_next_round_uses_a_fresh_session(sites4: Path, tmp_path: Path) -> None:
-    secure = _run(sites4, tmp_path / "s", secure=True, drop=_drop_once("train", 2), rounds=2)
+    secure = _run(sites4, tmp_path / "s", secure=True, drop=_drop_once("train.secagg_mask", 2), rounds=2)
     first, second = secure["rounds"]
     assert first["secure"]["dead"] == ["site-2"] and len(first["sites_trained"]) == 3
     assert second["secure"]["session"] == first["secure"]["session"] + 1
@@ -139,14 +143,18 @@ def test_a_deployed_hospital_refuses_plain_aggregation_unless_it_allows_it(tmp_p
     from flwr.app import Context, Message, RecordDict
 
     from client.app import train
-    from common.protocol import decode_reply, encode_train_request
+    from client.audit import read_entries
+    from common.protocol import decode_reply, encode_train_request, error_reason
 
     cfg = default_run_config(**{"secure-aggregation": False})
     msg = Message(encode_train_request({}, 1), dst_node_id=5, message_type="train", group_id="1")
-    node_config = {"data-path": str(tmp_path / "dicom"), "state-path": str(tmp_path), "epsilon-budget": 5.0}
+    node_config = {"data-path": str(tmp_path / "dicom"), "state-path": str(tmp_path), "epsilon-budget": 5.0,
+                   "class-names": "normal,lesion", "members": "dicom=" + "ab" * 32}
     ctx = Context(run_id=1, node_id=5, node_config=node_config, state=RecordDict(), run_config=cfg)  # type: ignore[arg-type]
     # act
     reply = decode_reply(train(msg, ctx).content)
-    # assert: an error reply, nothing charged
-    assert reply.status == "error" and "allow-plain-aggregation" in reply.reason
+    # assert: an error reply with the fixed text, nothing charged, the cause in the hospital's audit log
+    assert reply.status == "error" and reply.reason == error_reason("run-refused")
     assert not (tmp_path / "ledger.json").exists()
+    (entry,) = read_entries(tmp_path / "audit.jsonl")
+    assert entry.status == "error" and "allow-plain-aggregation" in entry.detail
