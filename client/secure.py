@@ -135,6 +135,7 @@ def train_secure(
     """
     if run_of(content) != run_id:
         raise ReplayDetected(f"train request names run {run_of(content)}, this is run {run_id}")
+    pinned_roster(site)  # a roster this hospital would refuse at setup: refuse before charging anything
     arrays, server_round = decode_train_request(content)
     cached = _cached(state, run_id, server_round)
     if cached is not None:

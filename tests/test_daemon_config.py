@@ -102,7 +102,8 @@ def test_node_toml_loads_and_becomes_the_flower_node_config(tmp_path: Path) -> N
     assert node_config["allow-plain-aggregation"] is False
     assert (node_config["delta"], node_config["accountant"], node_config["min-participants"]) == (1e-5, "prv", 3)
     assert node_config["class-names"] == "normal,lesion"
-    assert node_config["members"] == f"site-0={fingerprint(SiteIdentity.load(cfg.secagg_private_key, 'site-0').public_key())}"
+    own = SiteIdentity.load(cfg.secagg_private_key, "site-0").public_key()
+    assert node_config["members"] == f"site-0={fingerprint(own)}"
     assert (cfg.superlink_host, cfg.superlink_port) == ("fl.example.org", 443)
 
 
