@@ -29,12 +29,13 @@ app = ClientApp()
 def hospital_fixable() -> tuple[type[Exception], ...]:
     """Errors a hospital can act on. Imported on demand: in deployment every message starts a
     fresh process, and the key/share/unmask steps should not pay for importing torch."""
-    from client.ledger import LedgerCorrupt, LedgerMismatch
+    from client.audit import AuditLogCorrupt
+    from client.ledger import AuditLogBehind, LedgerCorrupt, LedgerMismatch, LedgerMissing, LedgerRolledBack
     from client.task import AccountingMismatch
     from common.dataset import DatasetError
 
-    return (ConfigError, DatasetError, LedgerCorrupt, LedgerMismatch, AccountingMismatch, ProtocolError,
-            SecAggAbort, FileNotFoundError)
+    return (ConfigError, DatasetError, LedgerCorrupt, LedgerMismatch, LedgerMissing, LedgerRolledBack,
+            AuditLogBehind, AuditLogCorrupt, AccountingMismatch, ProtocolError, SecAggAbort, FileNotFoundError)
 
 
 def _error_reply(msg: Message, site_id: str, exc: Exception) -> Message:

@@ -122,6 +122,7 @@ def train_round(
             accountant=run.privacy.accountant,
             delta=run.privacy.delta,
             epsilon_budget=site.epsilon_budget,
+            audit_path=site.audit_path,
         )
 
         def outcome(status: Status, eps: float, sigma: float | None, update: np.ndarray | None) -> SiteReply:

@@ -77,6 +77,10 @@ def write_phantom_sites(root: Path, num_sites: int, patients_per_site: int = 16,
 
 
 def fresh_state(sites_dir: Path) -> None:
-    """Forget every site's ledger (a new consortium), keep data, caches and keys."""
-    for p in sites_dir.glob("site-*/ledger.json*"):
+    """Forget every site's ledger and audit log (a new consortium), keep data, caches and keys.
+
+    The audit log goes too: it records the ledger's states, and a ledger deleted while its audit
+    log remains is refused (``LedgerMissing``), as it must be at a real hospital.
+    """
+    for p in [*sites_dir.glob("site-*/ledger.json*"), *sites_dir.glob("site-*/audit.jsonl")]:
         p.unlink()
