@@ -64,6 +64,18 @@ def test_server_toml_refusals_name_the_key(tmp_path: Path, change: Any, message:
         ServerDeployConfig.load(_write(tmp_path / "server.toml", doc), REPO)
 
 
+def test_server_listens_on_loopback_unless_host_is_set(tmp_path: Path) -> None:
+    # prepare: no [superlink] host
+    doc = _server_doc(tmp_path)
+    del doc["superlink"]["host"]
+    # act
+    cfg = ServerDeployConfig.load(_write(tmp_path / "server.toml", doc), REPO)
+    # assert: only this machine (the proxy beside it) reaches the SuperLink and its Control API
+    assert cfg.host == "127.0.0.1" and cfg.local_host == "127.0.0.1"
+    doc["superlink"]["host"] = "10.0.0.5"  # a deployment on a LAN says where, explicitly
+    assert ServerDeployConfig.load(_write(tmp_path / "server.toml", doc), REPO).host == "10.0.0.5"
+
+
 def test_server_private_key_readable_by_others_is_refused(tmp_path: Path) -> None:
     doc = _server_doc(tmp_path)
     Path(doc["tls"]["private-key"]).chmod(0o640)
