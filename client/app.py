@@ -36,7 +36,15 @@ app = ClientApp()
 
 def error_code(exc: Exception) -> str:
     """The fixed error code an exception is reported under (most specific first)."""
-    from client.ledger import AccountingMismatch, LedgerCorrupt, LedgerMismatch  # no torch: cheap to import
+    from client.audit import AuditLogCorrupt
+    from client.ledger import (  # no torch: cheap to import
+        AccountingMismatch,
+        AuditLogBehind,
+        LedgerCorrupt,
+        LedgerMismatch,
+        LedgerMissing,
+        LedgerRolledBack,
+    )
     from client.release import ReleaseRecordCorrupt
     from common.dataset import DatasetError
 
@@ -48,7 +56,8 @@ def error_code(exc: Exception) -> str:
         (NothingToMask, "nothing-to-mask"),
         (ValueOutOfRange, "out-of-range"),
         (SecAggAbort, "secagg-abort"),
-        ((LedgerCorrupt, LedgerMismatch, AccountingMismatch, ReleaseRecordCorrupt), "ledger"),
+        ((LedgerCorrupt, LedgerMismatch, LedgerMissing, LedgerRolledBack, AuditLogBehind, AuditLogCorrupt,
+          AccountingMismatch, ReleaseRecordCorrupt), "ledger"),
         (ConfigError, "config"),
         ((DatasetError, FileNotFoundError), "data"),
         (ProtocolError, "protocol"),

@@ -10,6 +10,12 @@ without the log holding model updates.
 Format: JSON lines, appended with ``O_APPEND`` and fsynced, mode 0600. A line is written only
 after the reply was built and before Flower sends it, so a crash between the two leaves an
 entry for a message that may not have arrived, never a sent message without an entry.
+
+A second kind of line, ``{"kind": "ledger-state", …}`` (:class:`LedgerStateEntry`), follows
+every write of the privacy ledger (``client.ledger``): the ledger's ``sequence`` and ``chain``
+hash after the write. The ledger checks itself against the newest such line when it is opened,
+so a deleted ledger or an older copy put back is refused instead of lowering ε. Lines without a
+``kind`` are messages (every log written before ledger-state lines existed parses unchanged).
 """
 
 from __future__ import annotations
@@ -17,9 +23,12 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from flwr.app import Message, RecordDict
 
@@ -46,6 +55,32 @@ class AuditEntry:
     session: str = ""  # secure-aggregation session (setup id) the request named, "" for none
     detail: str = ""  # for an error reply: the hospital-local cause (never sent; the reply has a fixed text)
     cpu_s: float | None = None  # CPU seconds this hospital spent on the message (local; read by benchmarks)
+
+
+LEDGER_STATE = "ledger-state"
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+
+
+@dataclass(frozen=True)
+class LedgerStateEntry:
+    """The privacy ledger's state after one write: what ``client.ledger`` checks on open.
+
+    Nothing leaves the hospital with it; it is in this log because the log is append-only and
+    kept apart from the ledger, so putting back an older ledger no longer matches it.
+    """
+
+    time: float  # Unix time of the ledger write
+    site: str
+    ledger: str  # the ledger file's path, for the privacy officer
+    sequence: int  # the ledger's write counter after the write
+    chain: str  # SHA-256 hex of the hash chain after the write
+    total_steps: int  # DP steps charged in the ledger after the write
+    charges: int  # entries in the ledger's history after the write
+    accounting_sha256: str  # SHA-256 of what ε is computed from: accountant, δ, history
+    kind: str = LEDGER_STATE
+
+
+AuditRecord = AuditEntry | LedgerStateEntry
 
 
 def entry_for(
@@ -82,7 +117,7 @@ def _session_of(request: Message) -> str:
     return str(rec["setup"]) if rec is not None and "setup" in rec else ""
 
 
-def append_entry(path: Path, entry: AuditEntry) -> None:
+def append_entry(path: Path, entry: AuditRecord) -> None:
     """Append one JSON line durably (O_APPEND, fsync); creates the log with mode 0600."""
     path.parent.mkdir(parents=True, exist_ok=True)
     line = (json.dumps(asdict(entry), sort_keys=True) + "\n").encode()
@@ -94,29 +129,74 @@ def append_entry(path: Path, entry: AuditEntry) -> None:
         os.close(fd)
 
 
-def read_entries(path: Path) -> list[AuditEntry]:
-    """Every entry; a missing log is empty, a malformed line raises :class:`AuditLogCorrupt`."""
+def _record(obj: Any) -> AuditRecord:
+    """One parsed line as its record type; ``TypeError``/``ValueError`` when it is neither."""
+    if not isinstance(obj, dict):
+        raise TypeError(f"expected a JSON object, got {type(obj).__name__}")
+    if "kind" not in obj:
+        return AuditEntry(**obj)
+    if obj["kind"] != LEDGER_STATE:
+        raise ValueError(f"unknown record kind {obj['kind']!r}")
+    state = LedgerStateEntry(**obj)
+    if (not isinstance(state.sequence, int) or isinstance(state.sequence, bool) or state.sequence < 1
+            or not isinstance(state.chain, str) or not _SHA256_HEX.fullmatch(state.chain)
+            or not isinstance(state.charges, int) or isinstance(state.charges, bool) or state.charges < 0
+            or not isinstance(state.accounting_sha256, str) or not _SHA256_HEX.fullmatch(state.accounting_sha256)):
+        raise ValueError(f"malformed ledger-state line (sequence {state.sequence!r}, chain {state.chain!r}, "
+                         f"charges {state.charges!r})")
+    return state
+
+
+def read_records(path: Path) -> list[AuditRecord]:
+    """Every line, messages and ledger states, in order; a missing log is empty.
+
+    A malformed line raises :class:`AuditLogCorrupt` naming the line: the log is evidence, so
+    nothing is skipped or repaired silently.
+    """
     if not path.exists():
         return []
-    entries = []
+    records: list[AuditRecord] = []
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():
             continue
         try:
-            entries.append(AuditEntry(**json.loads(line)))
-        except (json.JSONDecodeError, TypeError) as exc:
-            raise AuditLogCorrupt(f"{path}:{number}: not an audit entry ({exc})") from exc
-    return entries
+            records.append(_record(json.loads(line)))
+        except (json.JSONDecodeError, TypeError, ValueError) as exc:
+            raise AuditLogCorrupt(
+                f"{path}:{number}: not an audit entry ({exc}); medsynth never repairs the log, and training "
+                "is refused while it cannot be read (the ledger is checked against it): have a person look at "
+                "that line, e.g. one torn by a power loss, keeping a copy of the file as it is"
+            ) from exc
+    return records
 
 
-def format_entries(entries: list[AuditEntry]) -> str:
-    """A table a privacy officer can read."""
+def read_entries(path: Path) -> list[AuditEntry]:
+    """The messages that left the hospital (ledger-state lines left out); see :func:`read_records`."""
+    return [r for r in read_records(path) if isinstance(r, AuditEntry)]
+
+
+def latest_ledger_state(path: Path) -> LedgerStateEntry | None:
+    """The newest ledger-state line (highest sequence; the last of equals), or None if there is none."""
+    newest: LedgerStateEntry | None = None
+    for record in read_records(path):
+        if isinstance(record, LedgerStateEntry) and (newest is None or record.sequence >= newest.sequence):
+            newest = record
+    return newest
+
+
+def format_entries(entries: Sequence[AuditRecord]) -> str:
+    """A table a privacy officer can read; ledger-state lines show the ledger's sequence and chain."""
     lines = [f"{'time (UTC)':<20} {'run':<20} {'round':<8} {'session':<8} {'action':<20} {'status':<16} "
              f"{'bytes':>10} {'ε after':>8}  payload sha256"]
+    messages = [e for e in entries if isinstance(e, AuditEntry)]
     for e in entries:
         stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(e.time))
+        if isinstance(e, LedgerStateEntry):
+            lines.append(f"{stamp:<20} {'-':<20} {'-':<8} {'ledger-state':<20} {'seq ' + str(e.sequence):<16} "
+                         f"{'-':>10} {'-':>8}  chain {e.chain[:16]}… ({e.total_steps} steps charged)")
+            continue
         eps = f"{e.epsilon:.4f}" if e.epsilon is not None else "-"
         lines.append(f"{stamp:<20} {e.run:<20} {e.group:<8} {e.session or '-':<8} {e.action:<20} {e.status:<16} "
                      f"{e.bytes:>10} {eps:>8}  {e.sha256[:16]}…" + (f"  ({e.detail})" if e.detail else ""))
-    lines.append(f"{len(entries)} message(s) left this hospital; {sum(e.bytes for e in entries)} bytes in all")
+    lines.append(f"{len(messages)} message(s) left this hospital; {sum(e.bytes for e in messages)} bytes in all")
     return "\n".join(lines)

@@ -182,6 +182,7 @@ class NodeDaemon:
 
 def start_node(cfg: NodeDeployConfig, say: Callable[[str], None] = print, runtime_port: int = 9094) -> None:
     """``medsynth node start``: checks, prepares, then supervises the SuperNode until SIGTERM."""
+    cfg.check_apps()  # also for a config built without NodeDeployConfig.load
     if check_superlink_certificate(cfg):
         say(f"node {cfg.site_id}: the server at {cfg.superlink} presents a certificate signed by your CA")
     else:
@@ -191,8 +192,8 @@ def start_node(cfg: NodeDeployConfig, say: Callable[[str], None] = print, runtim
     report = daemon.prepare()
     say(report.format())
     if not cfg.allowed_fabs:
-        say(f"node {cfg.site_id}: WARNING: [apps] allowed-fab-sha256 is empty: this node runs any app the "
-            "server sends; list the agreed app's hash (`medsynth server fab-hash`)")
+        say(f"node {cfg.site_id}: WARNING: [apps] any-app-may-run = true and allowed-fab-sha256 is empty: this "
+            "node runs any app the server sends; list the agreed app's hash (`medsynth server fab-hash`)")
 
     def on_term(signum: int, frame: FrameType | None) -> None:
         daemon.stopping = True

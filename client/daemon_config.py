@@ -24,7 +24,9 @@ Example (every key is explained in ``deploy/node.example.toml``)::
     [apps]
     allowed-fab-sha256 = ["<sha256 from `medsynth server fab-hash`>"]
 
-There is no ``insecure`` setting: a medsynth node connects only over TLS.
+There is no ``insecure`` setting: a medsynth node connects only over TLS. The app allow-list
+fails closed: an empty ``allowed-fab-sha256`` is refused unless the file also says, in words,
+``any-app-may-run = true`` (then the node runs whatever code the server sends, and warns).
 """
 
 from __future__ import annotations
@@ -82,6 +84,7 @@ class NodeDeployConfig:
     min_participants: int = MIN_PARTICIPANTS
     image_size: int = 32
     allow_plain_aggregation: bool = False
+    any_app_may_run: bool = False  # [apps] any-app-may-run: the hospital's explicit consent to no allow-list
 
     @property
     def superlink_host(self) -> str:
@@ -140,9 +143,13 @@ class NodeDeployConfig:
         superlink = node.get("superlink")
         if not isinstance(superlink, str) or ":" not in superlink or not superlink.rsplit(":", 1)[1].isdigit():
             raise ConfigError(f"[node] superlink = {superlink!r}: expected host:port of the consortium server")
-        fabs = doc.get("apps", {}).get("allowed-fab-sha256", [])
+        apps: Mapping[str, Any] = doc.get("apps", {})
+        fabs = apps.get("allowed-fab-sha256", [])
         if not isinstance(fabs, list) or not all(isinstance(h, str) and len(h) == 64 for h in fabs):
             raise ConfigError("[apps] allowed-fab-sha256 must be a list of 64-hex-digit SHA-256 strings")
+        any_app = apps.get("any-app-may-run", False)
+        if not isinstance(any_app, bool):
+            raise ConfigError(f"[apps] any-app-may-run = {any_app!r}: expected true or false")
         prepare: Mapping[str, Any] = doc.get("prepare", {})
         consortium: Mapping[str, Any] = doc.get("consortium", {})
         members = consortium.get("members", {})
@@ -184,9 +191,30 @@ class NodeDeployConfig:
             accountant=str(accountant),
             min_participants=min_participants,
             allow_plain_aggregation=bool(node.get("allow-plain-aggregation", False)),
+            any_app_may_run=any_app,
         )
+        cfg.check_apps()
         cfg.check()
         return cfg
+
+    def check_apps(self) -> None:
+        """The app allow-list fails closed: an empty list needs ``any-app-may-run = true`` in words.
+
+        The server's app bundle is code executed at the hospital, next to its patients' images;
+        without a list, any bundle the server sends runs. A list together with the opt-in is
+        contradictory, so it is refused rather than guessed.
+        """
+        if not self.allowed_fabs and not self.any_app_may_run:
+            raise ConfigError(
+                "[apps] allowed-fab-sha256 is empty: this node would run any app the server sends. List "
+                "the SHA-256 of the app your hospital agreed to run (the operator publishes it: "
+                "`medsynth server fab-hash`), or, to run any app, say so with [apps] any-app-may-run = true"
+            )
+        if self.allowed_fabs and self.any_app_may_run:
+            raise ConfigError(
+                "[apps] any-app-may-run = true contradicts the non-empty allowed-fab-sha256 list: keep the "
+                "list (only those apps run) and remove any-app-may-run, or empty the list to run any app"
+            )
 
     def check(self) -> None:
         """Site id, data folder, CA certificate, both private keys (and 0600), roster entry."""

@@ -126,6 +126,7 @@ def train_round(
             accountant=site.accountant,
             delta=site.delta,
             epsilon_budget=site.epsilon_budget,
+            audit_path=site.audit_path,
         )
 
         def outcome(status: Status, eps: float, sigma: float | None, update: np.ndarray | None) -> SiteReply:

@@ -3,7 +3,7 @@
 Example (every key is explained in ``deploy/server.example.toml``)::
 
     [superlink]
-    host = "0.0.0.0"            # where the SuperLink listens (put the reverse proxy in front)
+    host = "127.0.0.1"          # where the SuperLink listens (default; the reverse proxy is in front)
     port = 9093
     state-dir = "/var/lib/medsynth-server"   # Flower home, SQLite state, results
     [tls]
@@ -16,6 +16,9 @@ Example (every key is explained in ``deploy/server.example.toml``)::
     num-server-rounds = 10
 
 TLS and node authentication are not options: a deployed SuperLink always runs with both.
+Without ``host`` the SuperLink listens on 127.0.0.1 only: its port also serves Flower's Control
+API, which has no authentication, so reaching it from elsewhere (a proxy in another container, a
+LAN) is a decision the operator writes down as ``host``.
 """
 
 from __future__ import annotations
@@ -114,7 +117,7 @@ class ServerDeployConfig:
         doc = read_toml(path)
         base = path.parent.resolve()
         link = doc.get("superlink", {})
-        host = str(link.get("host", "0.0.0.0"))
+        host = str(link.get("host", "127.0.0.1"))  # loopback unless the operator says otherwise
         try:
             ipaddress.ip_address(host)
         except ValueError:

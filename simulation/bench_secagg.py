@@ -60,7 +60,15 @@ from typing import Any
 
 from common.config import ConfigError
 from simulation.deployment import LocalDeployment, NodeConfig
-from simulation.runner import ROUND_LINE, SimulateOptions, build_sites, check_out_dir, load_source, project_dir
+from simulation.runner import (
+    ROUND_LINE,
+    SimulateOptions,
+    build_sites,
+    check_out_dir,
+    forget_privacy_history,
+    load_source,
+    project_dir,
+)
 from simulation.superlink import RunConfigValue, SuperLinkError, _flwr_json, run_app
 
 _NUMERIC_GROUP = re.compile(r"^\d+$")
@@ -141,7 +149,7 @@ def run_mode(
 ) -> ModeResult:
     """One run of R rounds in one aggregation mode, from empty ledgers, into ``out``."""
     for ledger in ledgers.values():
-        ledger.unlink(missing_ok=True)
+        forget_privacy_history(ledger)
     if out.exists():
         shutil.rmtree(out)
     run_config = {**base_config, "output-dir": str(out), "secure-aggregation": secure}

@@ -19,7 +19,14 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from client.ledger import LedgerCorrupt, LedgerMismatch, PrivacyLedger
+from client.ledger import (
+    AuditLogBehind,
+    LedgerCorrupt,
+    LedgerMismatch,
+    LedgerMissing,
+    LedgerRolledBack,
+    PrivacyLedger,
+)
 from client.prepare import PrepareError, load_or_create_salt, prepare_site
 from common.config import ConfigError, parse_class_names
 from common.dataset import DatasetError
@@ -35,6 +42,9 @@ USER_ERRORS = (
     DicomRejected,
     LedgerCorrupt,
     LedgerMismatch,
+    LedgerMissing,
+    LedgerRolledBack,
+    AuditLogBehind,
     PartitionError,
     PrepareError,
     PrivacyBudgetExceeded,
@@ -133,7 +143,10 @@ def _node_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         description="Read a hospital's privacy ledger and recompute ε from its full history.",
     )
     q.add_argument("--ledger", type=Path, default=None, help="the hospital's ledger.json")
-    q.add_argument("--config", type=Path, default=None, help="node.toml instead of --ledger (deployed node)")
+    q.add_argument("--config", type=Path, default=None,
+                   help="node.toml instead of --ledger (deployed node); also checks the ledger against its audit log")
+    q.add_argument("--audit-log", type=Path, default=None,
+                   help="with --ledger: the hospital's audit.jsonl, to check the ledger was not deleted or rolled back")
     cli_deploy.add_node_parsers(nsub)
 
 
@@ -210,12 +223,18 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 def cmd_privacy(args: argparse.Namespace) -> int:
     if args.ledger is None and args.config is None:
         raise ConfigError("give --ledger ledger.json or --config node.toml")
+    audit_log: Path | None = args.audit_log
     if args.ledger is None:
         from client.daemon_config import NodeDeployConfig
 
-        args.ledger = NodeDeployConfig.load(args.config).ledger_path
-    ledger = PrivacyLedger.read(args.ledger)
+        node = NodeDeployConfig.load(args.config)
+        args.ledger, audit_log = node.ledger_path, audit_log or node.audit_path
+    ledger = PrivacyLedger.read(args.ledger, audit_path=audit_log)  # a rolled-back ledger is refused, not shown
     print(f"ledger {args.ledger}  accountant {ledger.accountant}  δ = {ledger.delta:g}")
+    if audit_log is not None:
+        numbered = (f"sequence {ledger.sequence}" if ledger.sequence
+                    else "no sequence yet: written before rollback protection, numbered at its next round")
+        print(f"audit log {audit_log} agrees: not deleted, not rolled back ({numbered})")
     by_run: dict[int, list[str]] = defaultdict(list)
     history = []
     for entry in ledger.entries:

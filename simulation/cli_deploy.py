@@ -154,7 +154,7 @@ def run_server(args: argparse.Namespace) -> int:
 
 
 def run_node(args: argparse.Namespace) -> int:
-    from client.audit import format_entries, read_entries
+    from client.audit import format_entries, read_records
     from client.daemon_config import NodeDeployConfig
     from common.config import ConfigError
 
@@ -162,7 +162,7 @@ def run_node(args: argparse.Namespace) -> int:
         if args.log is None and args.config is None:
             raise ConfigError("give --config node.toml or --log audit.jsonl")
         path = args.log if args.log is not None else NodeDeployConfig.load(args.config).audit_path
-        print(format_entries(read_entries(path)))
+        print(format_entries(read_records(path)))
         return 0
     if args.node_command == "evaluate":
         cfg = NodeDeployConfig.load(args.config)

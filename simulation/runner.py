@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from client.prepare import PrepareReport, load_or_create_salt, prepare_site
-from common.config import SIM_MEMBERS_FILE, ConfigError, format_members
+from common.config import RELEASED_FILE, SIM_MEMBERS_FILE, ConfigError, format_members
 from common.report_html import write_report
 from common.secagg import Roster, SiteIdentity
 from simulation.partition import (
@@ -147,6 +147,19 @@ def make_site_keys(sites_dir: Path, site_ids: list[str]) -> Path:
     return roster_path
 
 
+def forget_privacy_history(ledger: Path) -> None:
+    """Delete a *virtual* hospital's ledger, the audit log and the release record beside it (a new
+    simulated consortium).
+
+    Both go: deleting only the ledger is refused at the next round (``client.ledger.LedgerMissing``),
+    because the audit log (``audit.jsonl`` in the site's state folder, ``SiteConfig.from_flower``)
+    shows the privacy already spent. Only for simulated sites whose state folder holds both files.
+    """
+    ledger.unlink(missing_ok=True)
+    (ledger.parent / "audit.jsonl").unlink(missing_ok=True)
+    (ledger.parent / RELEASED_FILE).unlink(missing_ok=True)
+
+
 def build_sites(opts: SimulateOptions, source: SourceData, say: Callable[[str], None]) -> dict[str, Path]:
     """Write and prepare every site, make their keys; returns site id → ledger path."""
     parts = split_by_patient(source, opts.sites, opts.partition, opts.seed)
@@ -211,7 +224,7 @@ def simulate(opts: SimulateOptions, say: Callable[[str], None] = print) -> dict[
             elif path.exists():
                 path.unlink()
         for ledger in (opts.out / "sites").glob("*/ledger.json"):
-            ledger.unlink()  # a fresh simulation starts with fresh (virtual) hospitals
+            forget_privacy_history(ledger)  # a fresh simulation starts with fresh (virtual) hospitals
     source = load_source(opts)
     say(f"data: {'phantoms' if opts.dataset is None else opts.dataset} — {source.labels.size} images, "
         f"classes {list(source.class_names)}, partition {opts.partition}, {opts.sites} sites")

@@ -145,7 +145,9 @@ class Consortium:
                      "roster": str(d / "roster.json")},
             "prepare": {"class-names": ",".join(self.class_names)},
             "consortium": {"members": self.pinned_members()},
-            "apps": {"allowed-fab-sha256": list(self.allowed_fabs)},
+            # no hash listed: the hospitals say in words that any app may run (the node refuses an empty list)
+            "apps": ({"allowed-fab-sha256": list(self.allowed_fabs)} if self.allowed_fabs
+                     else {"allowed-fab-sha256": [], "any-app-may-run": True}),
         }
         for key, value in changes.items():
             table = next((t for t in doc.values() if key in t), doc["node"])  # new keys go to [node]
@@ -195,7 +197,7 @@ def make_consortium(root: Path, num_sites: int, patients_per_site: int = 12, see
                     allowed_fabs: list[str] | None = None) -> Consortium:
     """Phantom DICOM per hospital, the operator's CA and server certificate, each hospital's keys
     (made 'at the hospital'), the public halves copied to the operator, and the roster back.
-    ``allowed_fabs``: the app hashes every hospital's node.toml allows (empty: any app)."""
+    ``allowed_fabs``: the app hashes every hospital's node.toml allows (empty: ``any-app-may-run = true``)."""
     source = phantom_population(num_sites * patients_per_site, 2, image_size=32, seed=seed)
     parts = split_by_patient(source, num_sites, "iid", seed=seed)
     sites = [f"site-{i}" for i in range(num_sites)]

@@ -79,7 +79,11 @@ def write_phantom_sites(root: Path, num_sites: int, patients_per_site: int = 16,
 
 def fresh_state(sites_dir: Path) -> None:
     """Forget every site's ledger, audit log and release record (a new consortium); keep data,
-    caches and keys."""
+    caches and keys.
+
+    The audit log goes too: it records the ledger's states, and a ledger deleted while its audit
+    log remains is refused (``LedgerMissing``), as it must be at a real hospital.
+    """
     for pattern in ("ledger.json*", "audit.jsonl", "released.json*"):
         for p in sites_dir.glob(f"site-*/{pattern}"):
             p.unlink()

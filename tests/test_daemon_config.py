@@ -19,6 +19,7 @@ from common.certs import (
 from common.config import ConfigError
 from common.secagg import SiteIdentity, fingerprint
 from server.daemon_config import ServerDeployConfig, check_run_overrides
+from simulation.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -64,6 +65,18 @@ def test_server_toml_refusals_name_the_key(tmp_path: Path, change: Any, message:
         ServerDeployConfig.load(_write(tmp_path / "server.toml", doc), REPO)
 
 
+def test_server_listens_on_loopback_unless_host_is_set(tmp_path: Path) -> None:
+    # prepare: no [superlink] host
+    doc = _server_doc(tmp_path)
+    del doc["superlink"]["host"]
+    # act
+    cfg = ServerDeployConfig.load(_write(tmp_path / "server.toml", doc), REPO)
+    # assert: only this machine (the proxy beside it) reaches the SuperLink and its Control API
+    assert cfg.host == "127.0.0.1" and cfg.local_host == "127.0.0.1"
+    doc["superlink"]["host"] = "10.0.0.5"  # a deployment on a LAN says where, explicitly
+    assert ServerDeployConfig.load(_write(tmp_path / "server.toml", doc), REPO).host == "10.0.0.5"
+
+
 def test_server_private_key_readable_by_others_is_refused(tmp_path: Path) -> None:
     doc = _server_doc(tmp_path)
     Path(doc["tls"]["private-key"]).chmod(0o640)
@@ -75,6 +88,9 @@ def test_run_overrides_keep_the_defaults_types() -> None:
     defaults = {"num-server-rounds": 4, "dp.delta": 1e-5, "secure-aggregation": True}
     with pytest.raises(ConfigError, match="expected a bool"):
         check_run_overrides({"secure-aggregation": 1}, defaults)
+
+
+AGREED_APP = "ab" * 32  # stands for the SHA-256 of the app bundle a hospital agreed to run
 
 
 def _node_doc(tmp: Path, site: str = "site-0") -> dict[str, Any]:
@@ -91,6 +107,7 @@ def _node_doc(tmp: Path, site: str = "site-0") -> dict[str, Any]:
                  "roster": str(tmp / "roster.json")},
         "prepare": {"class-names": "normal,lesion"},
         "consortium": {"members": roster.fingerprints()},
+        "apps": {"allowed-fab-sha256": [AGREED_APP]},
     }
 
 
@@ -131,5 +148,57 @@ def test_node_toml_loads_and_becomes_the_flower_node_config(tmp_path: Path) -> N
 def test_node_toml_refusals_name_the_problem(tmp_path: Path, change: Any, message: str) -> None:
     doc = _node_doc(tmp_path)
     change(doc, tmp_path)
+    with pytest.raises(ConfigError, match=message):
+        NodeDeployConfig.load(_write(tmp_path / "node.toml", doc))
+
+
+@pytest.mark.parametrize(
+    "apps",
+    [None, {"allowed-fab-sha256": []}, {"allowed-fab-sha256": [], "any-app-may-run": False}],
+    ids=["no-apps-table", "empty-list", "empty-list-and-false"],
+)
+def test_node_without_an_app_allow_list_refuses_to_start(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], apps: dict[str, Any] | None
+) -> None:
+    # prepare
+    doc = _node_doc(tmp_path)
+    doc.pop("apps")
+    if apps is not None:
+        doc["apps"] = apps
+    path = _write(tmp_path / "node.toml", doc)
+    # act
+    with pytest.raises(ConfigError) as refused:
+        NodeDeployConfig.load(path)
+    code = main(["node", "start", "--config", str(path)])
+    # assert: the message says how to fix it both ways; the CLI exits 2 (systemd does not restart)
+    assert "allowed-fab-sha256 is empty" in str(refused.value)
+    assert "medsynth server fab-hash" in str(refused.value) and "any-app-may-run = true" in str(refused.value)
+    assert code == 2 and "allowed-fab-sha256 is empty" in capsys.readouterr().err
+
+
+def test_node_runs_any_app_only_when_node_toml_says_so_in_words(tmp_path: Path) -> None:
+    # prepare
+    listed_doc = _node_doc(tmp_path)
+    any_app_doc = {**listed_doc, "apps": {"allowed-fab-sha256": [], "any-app-may-run": True}}
+    # act
+    listed = NodeDeployConfig.load(_write(tmp_path / "listed.toml", listed_doc))
+    any_app = NodeDeployConfig.load(_write(tmp_path / "any-app.toml", any_app_doc))
+    # assert
+    assert listed.allowed_fabs == (AGREED_APP,) and listed.any_app_may_run is False
+    assert any_app.allowed_fabs == () and any_app.any_app_may_run is True
+
+
+@pytest.mark.parametrize(
+    ("apps", "message"),
+    [
+        ({"allowed-fab-sha256": [AGREED_APP], "any-app-may-run": True}, "contradicts"),
+        ({"allowed-fab-sha256": [], "any-app-may-run": "yes"}, "expected true or false"),
+    ],
+)
+def test_node_app_opt_in_must_be_a_bool_and_not_contradict_the_list(
+    tmp_path: Path, apps: dict[str, Any], message: str
+) -> None:
+    doc = _node_doc(tmp_path)
+    doc["apps"] = apps
     with pytest.raises(ConfigError, match=message):
         NodeDeployConfig.load(_write(tmp_path / "node.toml", doc))

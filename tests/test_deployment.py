@@ -226,11 +226,11 @@ def hospitals(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hospitals]:
 @pytest.mark.slow
 @pytest.mark.parametrize("secure", [False, True], ids=["plain", "secure"])
 def test_medsynth_three_hospitals_on_the_deployment_engine(hospitals: Hospitals, secure: bool) -> None:
-    from simulation.runner import project_dir
+    from simulation.runner import forget_privacy_history, project_dir
 
     dep = hospitals.deployment
     for ledger in hospitals.ledgers.values():  # a fresh consortium: each mode starts with the full budget
-        ledger.unlink(missing_ok=True)
+        forget_privacy_history(ledger)
     out = hospitals.root / ("out-secure" if secure else "out-plain")
     run_config: dict[str, RunConfigValue] = {
         "num-server-rounds": ROUNDS,
