@@ -1,8 +1,9 @@
 """What ``prepare`` found in a hospital's folder: counts only, safe to print, log and keep.
 
 The report never holds a file name, a UID or any header value other than the label names the
-user chose: ``rejected`` groups files by reason (see ``common.dicom_errors.REJECTION_REASONS``),
-and the per-file details go to the log (``medsynth -v node prepare``), never to disk.
+user chose: ``rejected`` groups files by reason (see ``common.dicom_errors.REJECTION_REASONS``).
+The per-file details (file, reason, detail, fix) go to the log (``medsynth -v node prepare``)
+and, only when asked, to a hospital-local CSV (``--list-rejected FILE``).
 """
 
 from __future__ import annotations
@@ -61,8 +62,8 @@ class PrepareReport:
                   for why, n in sorted(self.rejected.items())]
         lines.append(f"{'from cache':<34}{'yes' if self.from_cache else 'no':>8}")
         if self.rejected:
-            lines.append("note: `medsynth -v node prepare ... --force` lists every rejected file "
-                         "with the exact reason")
+            lines.append("note: `medsynth node prepare ... --list-rejected FILE` writes every rejected "
+                         "file with its reason and fix to FILE (`-v ... --force` logs them)")
         if self.files_with_warnings:
             lines.append(f"note: {self.files_with_warnings} kept files had header warnings "
                          "(listed with -v)")

@@ -76,6 +76,7 @@ class FileOutcome:
     patient_key: str | None = None
     reason: str | None = None
     message: str = ""
+    fix: str = ""  # what a person can do about the rejection; "" = the reason's default
     warnings: tuple[str, ...] = ()
 
 
@@ -96,7 +97,7 @@ def process_file(job: FileJob, settings: PrepareSettings) -> FileOutcome:
         images = np.stack([resize_to_square(f, settings.image_size) for f in image.frames])
         (label, key), = found  # the screen ran exactly once, before decoding
     except DicomRejected as exc:
-        return FileOutcome(job.rel, reason=exc.reason, message=exc.message)
+        return FileOutcome(job.rel, reason=exc.reason, message=exc.message, fix=exc.fix)
     except MemoryError:
         return FileOutcome(job.rel, reason="out-of-memory", message="out of memory while decoding")
     except Exception as exc:  # a bug in medsynth, not a verdict on the file: report it as such

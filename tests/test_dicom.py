@@ -257,3 +257,18 @@ def test_pipeline_output_is_unit_range_and_monotone(values: list[int], center: f
     assert out.dtype == np.float32 and out.min() >= 0.0 and out.max() <= 1.0
     steps = np.diff(out.astype(np.float64))
     assert (steps <= 1e-6).all() if monochrome1 else (steps >= -1e-6).all()
+
+
+def test_every_rejection_reason_has_a_fix_and_the_fix_crosses_processes() -> None:
+    # prepare
+    import pickle
+
+    from common.dicom_errors import REJECTION_FIXES, REJECTION_REASONS
+    # act
+    default = pickle.loads(pickle.dumps(DicomRejected("truncated", "cut at byte 9")))
+    specific = pickle.loads(pickle.dumps(DicomRejected("decode-failed", "x", "install y")))
+    # assert
+    assert set(REJECTION_FIXES) == set(REJECTION_REASONS) and all(REJECTION_FIXES.values())
+    assert (default.reason, default.message, default.fix) == ("truncated", "cut at byte 9",
+                                                              REJECTION_FIXES["truncated"])
+    assert specific.fix == "install y"
