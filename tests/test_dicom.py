@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
 from common.dicom import DicomRejected, read_image_frames
 from common.dicom_lut import (
@@ -92,6 +92,55 @@ def test_mr_without_window_is_min_max_normalised(tmp_path: Path) -> None:
     # assert
     assert "MR" not in DEFAULT_WINDOWS
     np.testing.assert_allclose(frame, [0.0, 0.5, 1.0, 0.75], atol=1e-6)
+
+
+def test_window_width_zero_means_no_window_and_the_frame_range_is_used(tmp_path: Path) -> None:
+    # prepare: an MR slice as scanners write it when no window was set: WC = WW = 0
+    pixels = np.array([[0, 120, 480, 4095], [7, 300, 999, 2048]], dtype=np.uint16)
+    path = write_dicom(tmp_path / "mr.dcm", pixels, bits_stored=12, Modality="MR",
+                       WindowCenter="0", WindowWidth="0")
+    # act
+    image = read_image_frames(path)
+    # assert: kept, min-max over the frame, and the file carries a warning saying why
+    expected = (pixels - 0.0) / (4095.0 - 0.0)
+    np.testing.assert_allclose(image.frames[0], expected, atol=1e-6)
+    assert any("Window Width (0028,1051) is 0" in w for w in image.warnings), image.warnings
+
+
+def test_lut_sequences_with_one_empty_item_are_treated_as_absent(tmp_path: Path) -> None:
+    # prepare: Modality LUT Sequence and VOI LUT Sequence each holding one empty item, next to a
+    # Rescale (slope 2, intercept -10) and a window (WC 100 / WW 201) that then apply
+    pixels = np.array([[0, 30, 55, 80, 200]], dtype=np.uint16)
+    path = write_dicom(tmp_path / "x.dcm", pixels, bits_stored=12, Modality="MR",
+                       ModalityLUTSequence=[Dataset()], VOILUTSequence=[Dataset()],
+                       RescaleSlope="2", RescaleIntercept="-10", WindowCenter="100", WindowWidth="201")
+    assert len(pydicom.dcmread(path).ModalityLUTSequence) == 1  # written as one empty item
+    # act
+    image = read_image_frames(path)
+    # assert: y = 2x - 10, then LINEAR (y - 99.5) / 200 + 0.5 clipped (PS3.3 C.11.2.1.2.1)
+    rescaled = 2.0 * pixels[0] - 10.0
+    expected = np.clip((rescaled - 99.5) / 200.0 + 0.5, 0.0, 1.0)
+    np.testing.assert_allclose(image.frames[0, 0], expected, atol=1e-6)
+    assert sum("holds no LUT" in w for w in image.warnings) == 2, image.warnings
+
+
+def test_ct_default_window_only_where_values_are_hounsfield_units(tmp_path: Path) -> None:
+    # prepare: the same 8-bit picture as a Secondary Capture with Modality CT (a scanned film),
+    # as CT Image Storage without a rescale, and as CT Image Storage with a rescale (HU)
+    film = np.array([[0, 40, 128, 255]], dtype=np.uint8)
+    scanned = write_dicom(tmp_path / "sc.dcm", film, Modality="CT")
+    no_rescale = write_dicom(tmp_path / "ct8.dcm", film, Modality="CT", SOPClassUID=CTImageStorage)
+    stored = np.array([[0, 1000, 1064, 2000]], dtype=np.uint16)
+    hounsfield = write_dicom(tmp_path / "hu.dcm", stored, bits_stored=12, Modality="CT",
+                             SOPClassUID=CTImageStorage, RescaleSlope="1", RescaleIntercept="-1024")
+    # act
+    frames = [read_image_frames(p).frames[0, 0] for p in (scanned, no_rescale, hounsfield)]
+    # assert: the first two use their own range; only HU gets W 400 / L 40
+    np.testing.assert_allclose(frames[0], film[0] / 255.0, atol=1e-6)
+    np.testing.assert_allclose(frames[1], film[0] / 255.0, atol=1e-6)
+    hu = stored[0] - 1024.0
+    np.testing.assert_allclose(frames[2], np.clip((hu - 39.5) / 399.0 + 0.5, 0.0, 1.0), atol=1e-6)
+    assert frames[2][0] == 0.0 and 0.0 < frames[2][2] < 1.0  # air black, HU 40 mid-grey
 
 
 def test_linear_window_golden_values(tmp_path: Path) -> None:
