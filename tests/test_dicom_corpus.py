@@ -20,8 +20,9 @@ from common.dicom import DicomImage, DicomRejected, read_image_frames
 BUNDLED = Path(pydicom.data.__file__).parent / "test_files"
 
 BUNDLED_REJECTED = {
-    "ExplVR_BigEndNoMeta.dcm": "not-dicom", "ExplVR_LitEndNoMeta.dcm": "not-dicom",
-    "no_meta.dcm": "not-dicom", "rtstruct.dcm": "not-dicom", "*.dump": "not-dicom",
+    # RT plans / structure sets stored without File Meta: read as bare datasets, not images
+    "ExplVR_BigEndNoMeta.dcm": "not-an-image", "ExplVR_LitEndNoMeta.dcm": "not-an-image",
+    "rtstruct.dcm": "not-an-image", "no_meta.dcm": "not-dicom", "*.dump": "not-dicom",
     "*.json": "not-dicom", "*.txt": "not-dicom", "*.gz": "not-dicom", "*.icc": "not-dicom",
     "dicomdirtests/TINY_ALPHA/README": "not-dicom",
     "JPEG-lossy.dcm": "decode-failed",  # 12-bit JPEG with a misplaced marker: no decoder accepts it
@@ -44,7 +45,7 @@ SHARED_REJECTED = {
     "highdicom/seg_*": "not-an-image", "highdicom/sr_*": "not-an-image",
     "highdicom/sm_annotations.dcm": "not-an-image", "highdicom/sm_image*": "unsupported-sop-class",
     "pydicom-data/OBXXXX1A*": "unsupported-photometric", "pydicom-data/gdcm-US-ALOKA-16*":
-    "unsupported-photometric", "pydicom-data/OT-PAL-8-face.dcm": "not-dicom",
+    "unsupported-photometric", "pydicom-data/OT-PAL-8-face.dcm": "unsupported-photometric",
     "pydicom-data/emri_small_jpeg_2k_lossless_too_short.dcm": "truncated",
     "pydicom-data/liver*deflate.dcm": "unsupported-transfer-syntax",  # Deflated Image Frame (2023)
     "pydicom-data/liver*": "not-an-image", "pydicom-data/parametric_map_*": "not-an-image",
