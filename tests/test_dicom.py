@@ -214,6 +214,22 @@ def test_bundled_non_images_are_rejected(name: str) -> None:
     assert info.value.reason == "not-an-image"
 
 
+def test_not_an_image_names_the_sop_class(tmp_path: Path) -> None:
+    # prepare: a segmentation (binary mask frames) and an unregistered SOP Class, both with pixels
+    mask = np.array([[0, 1], [1, 1]], dtype=np.uint8)
+    seg = write_dicom(tmp_path / "seg.dcm", mask, SOPClassUID="1.2.840.10008.5.1.4.1.1.66.4")
+    private = write_dicom(tmp_path / "p.dcm", mask, SOPClassUID="1.2.840.10008.5.1.4.1.1.88.999")
+    # act
+    with pytest.raises(DicomRejected) as seg_info:
+        read_image_frames(seg)
+    with pytest.raises(DicomRejected) as private_info:
+        read_image_frames(private)
+    # assert: the registry name where pydicom has one, the UID alone otherwise
+    assert seg_info.value.reason == private_info.value.reason == "not-an-image"
+    assert "1.2.840.10008.5.1.4.1.1.66.4 (Segmentation Storage)" in seg_info.value.message
+    assert "1.2.840.10008.5.1.4.1.1.88.999 is not an image" in private_info.value.message
+
+
 @pytest.mark.parametrize("name", ["sr_document.dcm", "seg_image_ct_binary.dcm", "sm_annotations.dcm"])
 def test_highdicom_sr_and_seg_are_rejected(shared_data_dir: Path, name: str) -> None:
     with pytest.raises(DicomRejected) as info:
