@@ -34,9 +34,9 @@ from pathlib import Path
 import numpy as np
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pydicom.pixels.utils import pixel_array
 
 from common.dicom_codestream import check_codestream_sizes
+from common.dicom_decode import decode_pixel_array
 from common.dicom_errors import REJECTION_REASONS, DicomRejected, rejecting
 from common.dicom_header import (
     MEDIA_STORAGE_DIRECTORY,
@@ -141,7 +141,7 @@ def _read(data: bytes, limits: ReadLimits, screen: Screen | None,
         raise DicomRejected("no-pixel-data", f"no Pixel Data (7FE0,0010){hint}")
     check_native_length(geometry, part.transfer_syntax, part.pixel_data_length)
     if part.transfer_syntax not in NATIVE_SYNTAXES:
-        check_decoder_available(part.transfer_syntax)
+        check_decoder_available(part.transfer_syntax, geometry.samples_per_pixel)
         with rejecting("decode-failed", "cannot read the compressed frames"):
             check_codestream_sizes(ds.PixelData, geometry.rows, geometry.columns,
                                    geometry.samples_per_pixel)
@@ -150,10 +150,14 @@ def _read(data: bytes, limits: ReadLimits, screen: Screen | None,
 
 
 def decode_pixel_data(ds: Dataset, geometry: PixelGeometry) -> np.ndarray:
-    """Decode Pixel Data (7FE0,0010) to (F, H, W) or (F, H, W, 3); YBR is returned as RGB."""
-    syntax = ds.file_meta.get("TransferSyntaxUID", "unknown")
-    with rejecting("decode-failed", f"cannot decode pixel data ({getattr(syntax, 'name', syntax)})"):
-        arr = pixel_array(ds)
+    """Decode Pixel Data (7FE0,0010) to (F, H, W) or (F, H, W, 3); YBR is returned as RGB.
+
+    The decoder is chosen by ``common.dicom_decode`` (pylibjpeg, then Pillow, then GDCM for
+    greyscale JPEG Process 1/2/4 only).
+    """
+    syntax = str(ds.file_meta.get("TransferSyntaxUID", "") or "")
+    with rejecting("decode-failed", "cannot decode pixel data"):
+        arr = decode_pixel_array(ds, syntax, getattr(ds.file_meta.get("TransferSyntaxUID"), "name", syntax))
     shape: tuple[int, ...] = (geometry.frames, geometry.rows, geometry.columns)
     if geometry.samples_per_pixel > 1:
         shape = (*shape, geometry.samples_per_pixel)

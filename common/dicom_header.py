@@ -15,6 +15,7 @@ from pydicom.dataset import Dataset
 from pydicom.pixels.decoders.base import get_decoder
 from pydicom.uid import UID
 
+from common.dicom_decode import can_decode
 from common.dicom_errors import DicomRejected
 
 MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"  # the SOP Class of a DICOMDIR (PS3.4 Annex F)
@@ -210,14 +211,18 @@ def check_native_length(geometry: PixelGeometry, syntax: str, value_length: int 
                             f"header implies {expected}")
 
 
-def check_decoder_available(syntax: str) -> None:
-    """Refuse before decoding when no installed plugin decodes the Transfer Syntax (0002,0010)."""
+def check_decoder_available(syntax: str, samples_per_pixel: int = 1) -> None:
+    """Refuse before decoding when no decoder medsynth uses (``common.dicom_decode``) reads the
+    Transfer Syntax (0002,0010)."""
+    name = sop_class_name(syntax)
     try:
         decoder = get_decoder(syntax)
     except NotImplementedError as exc:
-        raise DicomRejected("unsupported-transfer-syntax", f"no pixel decoder exists for transfer "
-                            f"syntax {syntax}; re-export uncompressed") from exc
-    if not decoder.is_available:
-        missing = "; ".join(decoder.missing_dependencies)
+        raise DicomRejected("unsupported-transfer-syntax", f"pydicom has no pixel decoder for transfer "
+                            f"syntax {name}") from exc
+    if not can_decode(syntax, samples_per_pixel):
+        missing = "; ".join(decoder.missing_dependencies) or "a decoder other than GDCM"
         raise DicomRejected("unsupported-transfer-syntax", f"no installed decoder for transfer "
-                            f"syntax {syntax} (missing: {missing}); install the pylibjpeg plugins")
+                            f"syntax {name} (missing: {missing})",
+                            "install medsynth's declared dependencies (the pylibjpeg plugins, "
+                            "python-gdcm), or re-export the image uncompressed")

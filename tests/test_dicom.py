@@ -337,3 +337,89 @@ def test_every_rejection_reason_has_a_fix_and_the_fix_crosses_processes() -> Non
     assert (default.reason, default.message, default.fix) == ("truncated", "cut at byte 9",
                                                               REJECTION_FIXES["truncated"])
     assert specific.fix == "install y"
+
+
+def encode_jpeg_extended_12bit(source: Path, target: Path) -> None:
+    """``source`` (12 bits stored in 16) re-encoded by GDCM as lossy JPEG Extended (Process 4),
+    12-bit precision in the SOF1 segment, then its header restored to Bits Allocated 16."""
+    import gdcm
+
+    reader = gdcm.ImageReader()
+    reader.SetFileName(str(source))
+    assert reader.Read()
+    image = reader.GetImage()
+    image.SetPixelFormat(gdcm.PixelFormat(1, 12, 12, 11, 0))  # GDCM picks its 12-bit IJG codec
+    codec = gdcm.JPEGCodec()
+    codec.SetLossless(False)
+    codec.SetQuality(90)
+    change = gdcm.ImageChangeTransferSyntax()
+    change.SetTransferSyntax(gdcm.TransferSyntax(gdcm.TransferSyntax.JPEGExtendedProcess2_4))
+    change.SetUserCodec(codec)
+    change.SetInput(image)
+    assert change.Change()
+    writer = gdcm.ImageWriter()
+    writer.SetFileName(str(target))
+    writer.SetFile(reader.GetFile())
+    writer.SetImage(change.GetOutput())
+    assert writer.Write()
+    ds = pydicom.dcmread(target)
+    ds.BitsAllocated = 16
+    ds.save_as(target)
+
+
+def test_12bit_lossy_jpeg_with_a_nonstandard_scan_header_is_decoded_by_gdcm(tmp_path: Path) -> None:
+    # prepare: a 12-bit MR image made with pydicom, encoded as JPEG Extended (Process 4); a twin
+    # whose SOS declares Se = 0 instead of 63 (ITU-T T.81 B.2.3), as old 12-bit encoders wrote
+    y, x = np.mgrid[0:40, 0:48]
+    pixels = (x * 60 + y * 30).astype(np.uint16)  # a smooth ramp 0 .. 3990
+    raw = write_dicom(tmp_path / "raw.dcm", pixels, bits_stored=12, Modality="MR")
+    good = tmp_path / "jpeg12.dcm"
+    encode_jpeg_extended_12bit(raw, good)
+    sos = b"\xff\xda\x00\x08\x01\x01\x00\x00\x3f\x00"  # Ns 1, Cs 1, Td/Ta 0, Ss 0, Se 63, Ah/Al 0
+    assert good.read_bytes().count(sos) == 1
+    quirky = tmp_path / "jpeg12_se0.dcm"
+    quirky.write_bytes(good.read_bytes().replace(sos, sos[:-2] + b"\x00\x00"))
+    expected = pixels / 3990.0  # no window: the frame's range
+    # act
+    well_formed, decoded_by_gdcm = read_image_frames(good), read_image_frames(quirky)
+    # assert: both kept within the lossy error of the original; pylibjpeg decodes the
+    # well-formed one, GDCM (with its complaint recorded) the one libjpeg refuses
+    assert str(pydicom.dcmread(good).file_meta.TransferSyntaxUID) == "1.2.840.10008.1.2.4.51"
+    for image in (well_formed, decoded_by_gdcm):
+        error = np.abs(image.frames[0] - expected) * 3990  # in stored levels
+        assert error.mean() < 2.0 and error.max() < 16.0, (error.mean(), error.max())
+    assert not any("GDCM" in w for w in well_formed.warnings), well_formed.warnings
+    assert any(w.startswith("decoded by GDCM: pylibjpeg: ") for w in decoded_by_gdcm.warnings)
+    assert any("Invalid SOS parameters" in w for w in decoded_by_gdcm.warnings), decoded_by_gdcm.warnings
+
+
+def test_pydicom_jpeg_lossy_file_decodes_to_the_reference_values() -> None:
+    # prepare: pydicom's 12-bit JPEG Extended test file (Se = 0 in its SOS); the reference
+    # values at two pixels are pydicom's own, read in the OsiriX viewer
+    from common.dicom import decode_pixel_data
+    from common.dicom_header import read_pixel_geometry
+
+    path = bundled("JPEG-lossy.dcm")
+    ds = pydicom.dcmread(path)
+    # act
+    raw = decode_pixel_data(ds, read_pixel_geometry(ds))[0]
+    frame = read_image_frames(path).frames[0]
+    # assert
+    assert (raw[420, 140], raw[230, 120]) == (244, 95)
+    low, high = float(raw.min()), float(raw.max())
+    np.testing.assert_allclose(frame, (raw - low) / (high - low), atol=1e-6)
+
+
+def test_installed_gdcm_does_not_take_over_decoding_from_pylibjpeg() -> None:
+    # prepare: a JPEG Baseline file pydicom alone would now hand to GDCM first
+    from pydicom.pixels.utils import pixel_array
+
+    from common.dicom import decode_pixel_data
+    from common.dicom_header import read_pixel_geometry
+
+    ds = pydicom.dcmread(bundled("SC_jpeg_no_color_transform.dcm"))
+    # act
+    ours = decode_pixel_data(ds, read_pixel_geometry(ds))[0]
+    # assert: identical to pylibjpeg's decode; GDCM's differs (the reason for fixing the order)
+    np.testing.assert_array_equal(ours, pixel_array(ds, decoding_plugin="pylibjpeg"))
+    assert not np.array_equal(ours, pixel_array(ds, decoding_plugin="gdcm"))
