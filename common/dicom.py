@@ -15,7 +15,9 @@ with :class:`DicomRejected` before the next, more expensive one:
 6. native pixel data as long as declared; a decoder installed; compressed frames declaring
    the same size as the header (``common.dicom_codestream``);
 7. decode, then the display pipeline (``common.dicom_lut``): Modality LUT -> VOI LUT / window
-   (or the modality's default) -> MONOCHROME1 inversion -> [0, 1]; colour to BT.601 luma.
+   (or the modality's default) -> MONOCHROME1 inversion -> [0, 1]; colour to BT.601 luma;
+8. blank frames (one constant grey: nothing to learn) are left out; a file with nothing else
+   is rejected as ``blank``.
 
 Time and memory per file are bounded by the caller (``client.prepare_workers`` runs this in a
 worker process with a time limit and an address-space limit). pydicom's warnings are recorded
@@ -56,7 +58,8 @@ from common.dicom_paths import check_dicomdir_references, read_file_bytes
 from common.dicom_structure import StructureLimits, check_part10
 
 __all__ = ["DEFAULT_MAX_DECODED_BYTES", "REJECTION_REASONS", "DicomImage", "DicomRejected",
-           "ReadLimits", "Screen", "decode_pixel_data", "read_image_bytes", "read_image_frames"]
+           "ReadLimits", "Screen", "decode_pixel_data", "drop_blank_frames", "read_image_bytes",
+           "read_image_frames"]
 
 DEFAULT_MAX_DECODED_BYTES = 256 * 2**20
 
@@ -146,7 +149,34 @@ def _read(data: bytes, limits: ReadLimits, screen: Screen | None,
             check_codestream_sizes(ds.PixelData, geometry.rows, geometry.columns,
                                    geometry.samples_per_pixel)
     raw = decode_pixel_data(ds, geometry)
-    return to_unit_frames(raw, ds), patient_key, modality
+    return drop_blank_frames(raw, to_unit_frames(raw, ds)), patient_key, modality
+
+
+def drop_blank_frames(raw: np.ndarray, frames: np.ndarray) -> np.ndarray:
+    """``frames`` without those of one constant grey; ``blank`` when no frame is left.
+
+    A frame is blank when its displayed values are all equal: every stored value is the same,
+    or the window (Window Center (0028,1050) / Width (0028,1051), VOI LUT Sequence (0028,3010))
+    maps all of them to one grey (it covers none of them).
+    """
+    keep = np.array([frame.max() > frame.min() for frame in frames], dtype=bool)
+    if keep.all():
+        return frames
+    if keep.any():
+        warnings.warn(f"{int((~keep).sum())} of {len(frames)} frames are blank (one constant grey) "
+                      "and were left out", stacklevel=2)
+        return np.asarray(frames[keep])
+    low, high = raw.min(), raw.max()
+    count = "the frame" if len(frames) == 1 else f"all {len(frames)} frames"
+    if all(frame.min() == frame.max() for frame in raw):
+        shown = f"the same stored value ({low})" if low == high else "one stored value per frame"
+        raise DicomRejected("blank", f"every pixel of {count} has {shown}: a blank image")
+    raise DicomRejected("blank", f"the stored values vary ({low} .. {high}) but all map to one grey "
+                        f"in {count} after the Modality LUT and the window: the window covers none "
+                        "of them",
+                        "check Window Center / Width (0028,1050)/(0028,1051) or the VOI LUT Sequence "
+                        "(0028,3010) in a viewer; correct them in the PACS and export again, or "
+                        "exclude the file")
 
 
 def decode_pixel_data(ds: Dataset, geometry: PixelGeometry) -> np.ndarray:

@@ -37,6 +37,7 @@ REJECTION_REASONS: dict[str, str] = {
                                "PALETTE COLOR",
     "no-pixel-data": "no Pixel Data (7FE0,0010)",
     "decode-failed": "pixel data present but the decoder failed or disagreed with the header",
+    "blank": "every frame is one constant grey (blank, or a window covering none of its values)",
     # the user's selection and labels
     "not-selected": "outside the requested modalities / body parts",
     "no-label": "no label for this file (folder, CSV row or attribute missing)",
@@ -75,6 +76,7 @@ REJECTION_FIXES: dict[str, str] = {
     "no-pixel-data": "nothing to do: the object holds no image",
     "decode-failed": f"the compressed frames are damaged or use a coding the decoders refuse: "
                      f"{_REEXPORT}",
+    "blank": "nothing to learn from a blank image: nothing to do, or exclude it from the export",
     "not-selected": "nothing to do, or widen --modality / --body-part",
     "no-label": "give it a label: put it in a class sub-folder, add a CSV row, or set the attribute",
     "unknown-label": "add the label to --classes, or correct the label",

@@ -423,3 +423,29 @@ def test_installed_gdcm_does_not_take_over_decoding_from_pylibjpeg() -> None:
     # assert: identical to pylibjpeg's decode; GDCM's differs (the reason for fixing the order)
     np.testing.assert_array_equal(ours, pixel_array(ds, decoding_plugin="pylibjpeg"))
     assert not np.array_equal(ours, pixel_array(ds, decoding_plugin="gdcm"))
+
+
+def test_blank_frames_are_left_out_and_a_blank_file_is_rejected(tmp_path: Path) -> None:
+    # prepare: a constant frame; a frame whose window covers none of its values; a 3-frame
+    # file whose middle frame is constant
+    constant = write_dicom(tmp_path / "c.dcm", np.full((4, 4), 512, dtype=np.uint16), bits_stored=12)
+    ramp = np.arange(16, dtype=np.uint16).reshape(4, 4) + 100
+    off_window = write_dicom(tmp_path / "w.dcm", ramp, bits_stored=12,
+                             WindowCenter="3000", WindowWidth="10")
+    stack = np.stack([ramp, np.full((4, 4), 7, dtype=np.uint16), ramp * 2])
+    multi = write_dicom(tmp_path / "m.dcm", stack, bits_stored=12)
+    # act
+    with pytest.raises(DicomRejected) as blank:
+        read_image_frames(constant)
+    with pytest.raises(DicomRejected) as windowed:
+        read_image_frames(off_window)
+    image = read_image_frames(multi)
+    # assert: the two rejections say which case it is; the multi-frame keeps frames 0 and 2
+    assert blank.value.reason == windowed.value.reason == "blank"
+    assert "same stored value (512)" in blank.value.message
+    assert "window covers none" in windowed.value.message and "Window Center" in windowed.value.fix
+    assert image.frames.shape == (2, 4, 4)
+    for got, source in zip(image.frames, (ramp, ramp * 2), strict=True):
+        low, high = float(source.min()), float(source.max())
+        np.testing.assert_allclose(got, (source - low) / (high - low), atol=1e-6)
+    assert "1 of 3 frames are blank (one constant grey) and were left out" in image.warnings
