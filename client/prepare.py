@@ -8,8 +8,10 @@ labelled (``client.prepare_labels``: sub-folder, CSV or attribute); each of its 
 one image, resized to the model size. Files are processed by ``os.cpu_count()`` workers; results
 are ordered by path, so the cache does not depend on which worker finished first.
 
-Nothing from the header is kept except the label and a salted hash of the patient key:
-SHA-256(salt + Patient ID (0010,0020), else Study Instance UID (0020,000D)), used only for
+Nothing from the header is kept except the label and, per privacy unit, a salted hash: files
+are grouped into privacy units by union-find over Patient ID (0010,0020) and Study Instance UID
+(0020,000D) (``client.prepare_patients``: one person is never split), and each unit's key
+(its Patient ID, else its study, else its file) is kept only as SHA-256(salt + key), used for
 patient-level sampling. The cache is rebuilt only when the folder changes: its fingerprint
 covers every entry's (relative path, size, mtime_ns) and every setting that changes the result
 (image size, labels and their CSV's digest, selection, caps, limits, pipeline version, salt hash).
@@ -36,6 +38,7 @@ import numpy as np
 from tqdm import tqdm
 
 from client.prepare_labels import LabelError, LabelRule, Selection, attribute_rule, csv_rule, folder_rule
+from client.prepare_patients import FileIdentity, group_privacy_units
 from client.prepare_report import PrepareReport
 from client.prepare_workers import (
     DEFAULT_MEMORY_LIMIT_BYTES,
@@ -59,7 +62,7 @@ __all__ = ["PIPELINE_VERSION", "REJECTED_LIST_COLUMNS", "REPORT_FILE", "PrepareE
 
 log = logging.getLogger(__name__)
 
-PIPELINE_VERSION = 3  # bump when decoding, resizing or patient indexing changes, so caches rebuild
+PIPELINE_VERSION = 4  # bump when decoding, resizing or patient indexing changes, so caches rebuild
 REPORT_FILE = "prepare_report.json"
 REJECTED_LIST_COLUMNS = ("path", "reason", "detail", "fix")
 SALT_BYTES = 32
@@ -283,38 +286,32 @@ def build_dataset(outcomes: Sequence[FileOutcome], rule: LabelRule, salt: bytes,
             log_call("rejected %s: %s: %s; fix: %s", outcome.rel, outcome.reason, outcome.message,
                      rejection_fix(outcome))
         for warning in outcome.warnings:
-            log.info("%s: pydicom warned: %s", outcome.rel, warning)
+            log.info("%s: warning: %s", outcome.rel, warning)
     if not kept:
         raise PrepareError(f"no usable images ({files_seen} files; rejected: {dict(sorted(rejected.items()))}); "
                            "expected DICOM images under <data_dir>/<label>/, or labels by CSV or "
                            "attribute; run with -v to see why each file was rejected")
     class_names = rule.classes or tuple(sorted({o.label for o, _ in kept}))
     class_index = {name: i for i, name in enumerate(class_names)}
+    # Unit index = order of first appearance in the (sorted) file list, never hash order, so
+    # the index does not depend on the secret salt (seeded test runs stay comparable).
+    units = group_privacy_units([FileIdentity(o.rel, o.patient_id, o.study_uid) for o, _ in kept])
     images: list[np.ndarray] = []
     labels: list[int] = []
-    hashes: list[str] = []
-    identity = True
-    for outcome, frames in kept:
-        if outcome.patient_key is None:
-            identity = False  # NUL cannot occur in Patient ID (LO), so no collision with keys
-            key = b"\\0file:" + outcome.rel.encode("utf-8", "surrogateescape")
-        else:
-            key = outcome.patient_key.encode("utf-8", "surrogateescape")
-        digest = hashlib.sha256(salt + key).hexdigest()
+    patients: list[int] = []
+    for (outcome, frames), unit in zip(kept, units.unit_of_file, strict=True):
         images.extend(frames)
         labels.extend([class_index[outcome.label]] * len(frames))
-        hashes.extend([digest] * len(frames))
-    # Patient index = order of first appearance in the (sorted) file list, not hash order, so
-    # the index does not depend on the secret salt (seeded test runs stay comparable).
-    first_seen = dict.fromkeys(hashes)
-    index_of = {h: i for i, h in enumerate(first_seen)}
+        patients.extend([unit] * len(frames))
+    identity = units.patient_identity
     dataset = LocalDataset(
         images=np.clip(np.stack(images), -1.0, 1.0).astype(np.float32)[:, None],
         labels=np.array(labels, dtype=np.int64),
-        patients=np.array([index_of[h] for h in hashes], dtype=np.int64),
+        patients=np.array(patients, dtype=np.int64),
         class_names=class_names,
         patient_identity=identity,
     )
+    hashes = [hashlib.sha256(salt + key).hexdigest() for key in units.keys]
     counts = np.bincount(dataset.labels, minlength=len(class_names))
     used_keys = {o.label_key for o, _ in kept} | {o.rel for o in outcomes}
     report = PrepareReport(
@@ -324,5 +321,9 @@ def build_dataset(outcomes: Sequence[FileOutcome], rule: LabelRule, salt: bytes,
         rejected=dict(sorted(rejected.items())), from_cache=False, files_kept=len(kept),
         files_with_warnings=sum(1 for o, _ in kept if o.warnings),
         csv_rows_unmatched=len(set(rule.by_path) - used_keys) if rule.mode == "csv" else 0,
+        files_without_patient_id=units.files_without_patient_id,
+        files_linked_by_study=units.files_linked_by_study,
+        units_without_patient_id=units.units_without_patient_id,
+        units_with_several_patient_ids=units.units_with_several_patient_ids,
     )
-    return dataset, np.array(list(first_seen), dtype=np.str_), report
+    return dataset, np.array(hashes, dtype=np.str_), report

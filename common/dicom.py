@@ -43,6 +43,7 @@ from common.dicom_errors import REJECTION_REASONS, DicomRejected, rejecting
 from common.dicom_header import (
     MEDIA_STORAGE_DIRECTORY,
     NATIVE_SYNTAXES,
+    PatientIdentity,
     PixelGeometry,
     check_decoded_size,
     check_decoder_available,
@@ -50,7 +51,7 @@ from common.dicom_header import (
     check_native_length,
     check_photometric,
     read_header_text,
-    read_patient_key,
+    read_patient_identity,
     read_pixel_geometry,
 )
 from common.dicom_lut import to_unit_frames
@@ -85,7 +86,8 @@ class DicomImage:
     """Decoded frames (F, H, W) float32 in [0, 1] plus the header facts the caller keeps."""
 
     frames: np.ndarray
-    patient_key: str | None  # Patient ID (0010,0020), else Study Instance UID (0020,000D)
+    patient_id: str | None  # Patient ID (0010,0020), None when absent or empty
+    study_uid: str | None  # Study Instance UID (0020,000D), None when absent or empty
     modality: str  # Modality (0008,0060), "" when absent
     warnings: tuple[str, ...] = field(default=())  # what pydicom warned about while reading
 
@@ -111,16 +113,17 @@ def read_image_bytes(data: bytes, *, limits: ReadLimits | None = None, screen: S
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            frames, patient_key, modality = _read(data, limits, screen, directory)
+            frames, identity, modality = _read(data, limits, screen, directory)
         except MemoryError as exc:
             raise DicomRejected("out-of-memory", "ran out of memory while reading; lower the "
                                 "caps or give the worker more memory") from exc
     messages = tuple(dict.fromkeys(str(w.message) for w in caught))
-    return DicomImage(frames=frames, patient_key=patient_key, modality=modality, warnings=messages)
+    return DicomImage(frames=frames, patient_id=identity.patient_id, study_uid=identity.study_uid,
+                      modality=modality, warnings=messages)
 
 
 def _read(data: bytes, limits: ReadLimits, screen: Screen | None,
-          directory: tuple[Path, Path] | None) -> tuple[np.ndarray, str | None, str]:
+          directory: tuple[Path, Path] | None) -> tuple[np.ndarray, PatientIdentity, str]:
     part = check_part10(data, limits.structure)
     with rejecting("malformed", "pydicom cannot parse the dataset"):
         ds = dcmread(BytesIO(part.data))
@@ -134,7 +137,7 @@ def _read(data: bytes, limits: ReadLimits, screen: Screen | None,
         geometry = read_pixel_geometry(ds)
         check_photometric(geometry)
         check_decoded_size(geometry, limits.max_decoded_bytes)
-        patient_key, modality = read_patient_key(ds), read_header_text(ds, "Modality").upper()
+        identity, modality = read_patient_identity(ds), read_header_text(ds, "Modality").upper()
     if screen is not None:
         with rejecting("invalid-header", "cannot read the attributes used for selection or labels"):
             screen(ds)
@@ -149,7 +152,7 @@ def _read(data: bytes, limits: ReadLimits, screen: Screen | None,
             check_codestream_sizes(ds.PixelData, geometry.rows, geometry.columns,
                                    geometry.samples_per_pixel)
     raw = decode_pixel_data(ds, geometry)
-    return drop_blank_frames(raw, to_unit_frames(raw, ds)), patient_key, modality
+    return drop_blank_frames(raw, to_unit_frames(raw, ds)), identity, modality
 
 
 def drop_blank_frames(raw: np.ndarray, frames: np.ndarray) -> np.ndarray:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from pydicom.dataset import Dataset
 from pydicom.pixels.decoders.base import get_decoder
@@ -165,13 +166,18 @@ def check_decoded_size(geometry: PixelGeometry, max_decoded_bytes: int) -> None:
         )
 
 
-def read_patient_key(ds: Dataset) -> str | None:
-    """Patient ID (0010,0020), else Study Instance UID (0020,000D), else None (no identity)."""
-    for keyword in ("PatientID", "StudyInstanceUID"):
-        value = str(ds.get(keyword, "") or "").strip()
-        if value:
-            return value
-    return None
+class PatientIdentity(NamedTuple):
+    """Patient ID (0010,0020) and Study Instance UID (0020,000D); None when absent or empty."""
+
+    patient_id: str | None
+    study_uid: str | None
+
+
+def read_patient_identity(ds: Dataset) -> PatientIdentity:
+    """Patient ID (0010,0020) and Study Instance UID (0020,000D), both read: the caller links
+    them into privacy units (``client.prepare_patients``); neither replaces the other."""
+    values = [str(ds.get(keyword, "") or "").strip() or None for keyword in ("PatientID", "StudyInstanceUID")]
+    return PatientIdentity(*values)
 
 
 

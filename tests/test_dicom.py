@@ -80,7 +80,7 @@ def test_ct_small_without_window_gets_the_ct_default_window() -> None:
     assert image.frames.shape == (1, 128, 128) and image.frames.dtype == np.float32
     assert frame[0, 48] == pytest.approx((958 - 1024 - 39.5) / 399 + 0.5, abs=1e-6)  # HU -66
     assert frame[0, 0] == 0.0 and frame[64, 64] == 1.0  # HU -849 (air), HU 904 (bone)
-    assert (image.patient_key, image.modality) == ("1CT1", "CT")
+    assert (image.patient_id, image.modality) == ("1CT1", "CT")
 
 
 def test_mr_without_window_is_min_max_normalised(tmp_path: Path) -> None:
@@ -279,13 +279,13 @@ def test_size_cap_is_checked_before_decoding(tmp_path: Path) -> None:
     assert read_image_frames(ct, max_decoded_bytes=32768).frames.shape == (1, 128, 128)
 
 
-def test_patient_key_falls_back_to_study_uid_then_none(tmp_path: Path) -> None:
+def test_patient_id_and_study_uid_are_both_read_blank_as_none(tmp_path: Path) -> None:
     pixels = np.arange(4, dtype=np.uint8).reshape(2, 2)
     with_id = write_dicom(tmp_path / "a.dcm", pixels, PatientID="P-7", StudyInstanceUID="1.2.3")
     study_only = write_dicom(tmp_path / "b.dcm", pixels, PatientID="  ", StudyInstanceUID="1.2.3")
     neither = write_dicom(tmp_path / "c.dcm", pixels)
-    keys = [read_image_frames(p).patient_key for p in (with_id, study_only, neither)]
-    assert keys == ["P-7", "1.2.3", None]
+    images = [read_image_frames(p) for p in (with_id, study_only, neither)]
+    assert [(i.patient_id, i.study_uid) for i in images] == [("P-7", "1.2.3"), (None, "1.2.3"), (None, None)]
 
 
 def test_wide_8bit_voi_lut_sequence_is_not_wrapped() -> None:

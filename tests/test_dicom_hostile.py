@@ -133,7 +133,7 @@ def test_dataset_without_file_meta_is_read_when_its_structure_proves_it(implicit
     image = read_image_bytes(data + b"\0" * 10)
     # assert
     np.testing.assert_allclose(image.frames[0], RAMP_UNIT, atol=1e-6)
-    assert image.patient_key == "OLD-ARCHIVE-1"
+    assert image.patient_id == "OLD-ARCHIVE-1"
     assert any(f"read as a bare {name} dataset" in w for w in image.warnings), image.warnings
 
 
