@@ -20,8 +20,9 @@ with :class:`DicomRejected` before the next, more expensive one:
    is rejected as ``blank``.
 
 Time and memory per file are bounded by the caller (``client.prepare_workers`` runs this in a
-worker process with a time limit and an address-space limit). pydicom's warnings are recorded
-with the image (``DicomImage.warnings``) for the caller to log, not printed by the worker.
+worker process with a time limit and an address-space limit). Warnings (pydicom's, GDCM's, and
+the reader's own about what it repaired or treated as absent) are recorded with the image
+(``DicomImage.warnings``) for the caller to log, not printed by the worker.
 """
 
 from __future__ import annotations
@@ -89,7 +90,7 @@ class DicomImage:
     patient_id: str | None  # Patient ID (0010,0020), None when absent or empty
     study_uid: str | None  # Study Instance UID (0020,000D), None when absent or empty
     modality: str  # Modality (0008,0060), "" when absent
-    warnings: tuple[str, ...] = field(default=())  # what pydicom warned about while reading
+    warnings: tuple[str, ...] = field(default=())  # pydicom's, GDCM's and the reader's own warnings
 
 
 def read_image_frames(path: Path, *, max_decoded_bytes: int = DEFAULT_MAX_DECODED_BYTES,
