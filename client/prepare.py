@@ -8,8 +8,10 @@ labelled (``client.prepare_labels``: sub-folder, CSV or attribute); each of its 
 one image, resized to the model size. Files are processed by ``os.cpu_count()`` workers; results
 are ordered by path, so the cache does not depend on which worker finished first.
 
-Nothing from the header is kept except the label and a salted hash of the patient key:
-SHA-256(salt + Patient ID (0010,0020), else Study Instance UID (0020,000D)), used only for
+Nothing from the header is kept except the label and, per privacy unit, a salted hash: files
+are grouped into privacy units by union-find over Patient ID (0010,0020) and Study Instance UID
+(0020,000D) (``client.prepare_patients``: one person is never split), and each unit's key
+(its Patient ID, else its study, else its file) is kept only as SHA-256(salt + key), used for
 patient-level sampling. The cache is rebuilt only when the folder changes: its fingerprint
 covers every entry's (relative path, size, mtime_ns) and every setting that changes the result
 (image size, labels and their CSV's digest, selection, caps, limits, pipeline version, salt hash).
@@ -18,7 +20,9 @@ covers every entry's (relative path, size, mtime_ns) and every setting that chan
 from __future__ import annotations
 
 import contextlib
+import csv
 import hashlib
+import io
 import json
 import logging
 import os
@@ -34,6 +38,7 @@ import numpy as np
 from tqdm import tqdm
 
 from client.prepare_labels import LabelError, LabelRule, Selection, attribute_rule, csv_rule, folder_rule
+from client.prepare_patients import FileIdentity, group_privacy_units
 from client.prepare_report import PrepareReport
 from client.prepare_workers import (
     DEFAULT_MEMORY_LIMIT_BYTES,
@@ -45,19 +50,21 @@ from client.prepare_workers import (
     WorkerError,
     process_file,
 )
-from common.atomic import fsync_dir, write_json_atomic
+from common.atomic import fsync_dir, write_bytes_atomic, write_json_atomic
 from common.dataset import DatasetError, LocalDataset, read_cache_fingerprint, resize_to_square, save_cache
 from common.dicom import DEFAULT_MAX_DECODED_BYTES, ReadLimits
-from common.dicom_errors import DicomRejected
+from common.dicom_errors import REJECTION_FIXES, DicomRejected
 from common.dicom_paths import FolderEntry, walk_data_folder
 
-__all__ = ["PIPELINE_VERSION", "REPORT_FILE", "PrepareError", "PrepareReport", "load_or_create_salt",
-           "prepare_site", "resize_to_square", "site_fingerprint"]
+__all__ = ["PIPELINE_VERSION", "REJECTED_LIST_COLUMNS", "REPORT_FILE", "PrepareError", "PrepareReport",
+           "load_or_create_salt", "prepare_site", "resize_to_square", "site_fingerprint",
+           "write_rejected_list"]
 
 log = logging.getLogger(__name__)
 
-PIPELINE_VERSION = 3  # bump when decoding, resizing or patient indexing changes, so caches rebuild
+PIPELINE_VERSION = 4  # bump when decoding, resizing or patient indexing changes, so caches rebuild
 REPORT_FILE = "prepare_report.json"
+REJECTED_LIST_COLUMNS = ("path", "reason", "detail", "fix")
 SALT_BYTES = 32
 
 
@@ -159,7 +166,7 @@ def triage(entries: Sequence[FolderEntry], rule: LabelRule) -> tuple[list[FileJo
                 raise DicomRejected("not-a-regular-file", "not a regular file")
             rule.label_without_header(rel)
         except DicomRejected as exc:
-            refused.append(FileOutcome(rel, reason=exc.reason, message=exc.message))
+            refused.append(FileOutcome(rel, reason=exc.reason, message=exc.message, fix=exc.fix))
             continue
         jobs.append(FileJob(rel, st))
     return jobs, refused
@@ -185,13 +192,17 @@ def prepare_site(data_dir: Path, cache_dir: Path, *, image_size: int, salt: byte
                  modalities: Sequence[str] = (), body_parts: Sequence[str] = (),
                  workers: int | None = None, limits: ReadLimits | None = None,
                  time_limit_s: float = DEFAULT_TIME_LIMIT_S,
-                 memory_limit_bytes: int | None = DEFAULT_MEMORY_LIMIT_BYTES) -> PrepareReport:
+                 memory_limit_bytes: int | None = DEFAULT_MEMORY_LIMIT_BYTES,
+                 rejected_list: Path | None = None) -> PrepareReport:
     """Decode ``data_dir`` into ``cache_dir`` (or reuse the cache) and report what happened.
 
     ``class_names`` fixes the label order across sites; by default it is the sorted list of
     sub-folders, of CSV labels, or of the attribute values found. ``workers`` defaults to
     ``os.cpu_count()``; 0 decodes in this process without time or memory limits (debugging).
-    ``limits`` overrides ``max_decoded_bytes``.
+    ``limits`` overrides ``max_decoded_bytes``. ``rejected_list``: write every rejected file
+    with its reason, the detail and the fix to this CSV (:func:`write_rejected_list`); it names
+    files, so it is written only when asked, mode 0600, and never inside the data folder. Asking
+    for it decodes the folder again (the cache keeps no per-file outcome).
     """
     data_dir, cache_dir = data_dir.resolve(), cache_dir.resolve()
     if not data_dir.is_dir():
@@ -200,6 +211,12 @@ def prepare_site(data_dir: Path, cache_dir: Path, *, image_size: int, salt: byte
         raise PrepareError(f"cache folder {cache_dir} must be outside the data folder {data_dir}")
     if image_size < 1:
         raise PrepareError(f"image_size must be positive, got {image_size}")
+    if rejected_list is not None:
+        rejected_list = rejected_list.resolve()
+        if data_dir in rejected_list.parents:
+            raise PrepareError(f"the rejected-files list {rejected_list} must be outside the data "
+                               f"folder {data_dir}")
+        force = True
     rule = label_rule_for(data_dir, class_names, labels_csv, label_attribute)
     settings = PrepareSettings(root=data_dir, image_size=image_size, labels=rule,
                                selection=Selection.of(modalities, body_parts),
@@ -221,6 +238,8 @@ def prepare_site(data_dir: Path, cache_dir: Path, *, image_size: int, salt: byte
             outcomes.append(outcome)
             bar.update(1)
     outcomes.sort(key=lambda o: o.rel)
+    if rejected_list is not None:
+        write_rejected_list(rejected_list, outcomes)
     dataset, patient_hashes, report = build_dataset(outcomes, rule, salt, len(entries))
     cache_dir.mkdir(parents=True, exist_ok=True)
     envelope = {"fingerprint": fingerprint, "report": json.loads(report.to_json())}
@@ -232,6 +251,29 @@ def prepare_site(data_dir: Path, cache_dir: Path, *, image_size: int, salt: byte
     return report
 
 
+def rejection_fix(outcome: FileOutcome) -> str:
+    """What a person can do about a rejected file: its own fix, else its reason's default."""
+    return outcome.fix or REJECTION_FIXES.get(outcome.reason or "", "")
+
+
+def write_rejected_list(path: Path, outcomes: Sequence[FileOutcome]) -> int:
+    """CSV of every rejected file (columns :data:`REJECTED_LIST_COLUMNS`); returns the row count.
+
+    Hospital-local: it holds file names (which may contain patient names), so it is written
+    atomically with mode 0600 and never leaves the site; the report keeps counts only.
+    """
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(REJECTED_LIST_COLUMNS)
+    rows = [(o.rel, o.reason, o.message, rejection_fix(o)) for o in outcomes if o.reason is not None]
+    writer.writerows(rows)
+    try:
+        write_bytes_atomic(path, buffer.getvalue().encode("utf-8", "surrogateescape"), mode=0o600)
+    except OSError as exc:
+        raise PrepareError(f"cannot write the rejected-files list {path}: {exc}") from exc
+    return len(rows)
+
+
 def build_dataset(outcomes: Sequence[FileOutcome], rule: LabelRule, salt: bytes,
                   files_seen: int) -> tuple[LocalDataset, np.ndarray, PrepareReport]:
     """The dataset, its patient hashes and the report, from per-file outcomes sorted by path."""
@@ -241,40 +283,35 @@ def build_dataset(outcomes: Sequence[FileOutcome], rule: LabelRule, salt: bytes,
         if outcome.reason is not None:
             rejected[outcome.reason] += 1
             log_call = log.warning if outcome.reason == "internal-error" else log.info
-            log_call("rejected %s: %s: %s", outcome.rel, outcome.reason, outcome.message)
+            log_call("rejected %s: %s: %s; fix: %s", outcome.rel, outcome.reason, outcome.message,
+                     rejection_fix(outcome))
         for warning in outcome.warnings:
-            log.info("%s: pydicom warned: %s", outcome.rel, warning)
+            log.info("%s: warning: %s", outcome.rel, warning)
     if not kept:
         raise PrepareError(f"no usable images ({files_seen} files; rejected: {dict(sorted(rejected.items()))}); "
                            "expected DICOM images under <data_dir>/<label>/, or labels by CSV or "
                            "attribute; run with -v to see why each file was rejected")
     class_names = rule.classes or tuple(sorted({o.label for o, _ in kept}))
     class_index = {name: i for i, name in enumerate(class_names)}
+    # Unit index = order of first appearance in the (sorted) file list, never hash order, so
+    # the index does not depend on the secret salt (seeded test runs stay comparable).
+    units = group_privacy_units([FileIdentity(o.rel, o.patient_id, o.study_uid) for o, _ in kept])
     images: list[np.ndarray] = []
     labels: list[int] = []
-    hashes: list[str] = []
-    identity = True
-    for outcome, frames in kept:
-        if outcome.patient_key is None:
-            identity = False  # NUL cannot occur in Patient ID (LO), so no collision with keys
-            key = b"\\0file:" + outcome.rel.encode("utf-8", "surrogateescape")
-        else:
-            key = outcome.patient_key.encode("utf-8", "surrogateescape")
-        digest = hashlib.sha256(salt + key).hexdigest()
+    patients: list[int] = []
+    for (outcome, frames), unit in zip(kept, units.unit_of_file, strict=True):
         images.extend(frames)
         labels.extend([class_index[outcome.label]] * len(frames))
-        hashes.extend([digest] * len(frames))
-    # Patient index = order of first appearance in the (sorted) file list, not hash order, so
-    # the index does not depend on the secret salt (seeded test runs stay comparable).
-    first_seen = dict.fromkeys(hashes)
-    index_of = {h: i for i, h in enumerate(first_seen)}
+        patients.extend([unit] * len(frames))
+    identity = units.patient_identity
     dataset = LocalDataset(
         images=np.clip(np.stack(images), -1.0, 1.0).astype(np.float32)[:, None],
         labels=np.array(labels, dtype=np.int64),
-        patients=np.array([index_of[h] for h in hashes], dtype=np.int64),
+        patients=np.array(patients, dtype=np.int64),
         class_names=class_names,
         patient_identity=identity,
     )
+    hashes = [hashlib.sha256(salt + key).hexdigest() for key in units.keys]
     counts = np.bincount(dataset.labels, minlength=len(class_names))
     used_keys = {o.label_key for o, _ in kept} | {o.rel for o in outcomes}
     report = PrepareReport(
@@ -284,5 +321,9 @@ def build_dataset(outcomes: Sequence[FileOutcome], rule: LabelRule, salt: bytes,
         rejected=dict(sorted(rejected.items())), from_cache=False, files_kept=len(kept),
         files_with_warnings=sum(1 for o, _ in kept if o.warnings),
         csv_rows_unmatched=len(set(rule.by_path) - used_keys) if rule.mode == "csv" else 0,
+        files_without_patient_id=units.files_without_patient_id,
+        files_linked_by_study=units.files_linked_by_study,
+        units_without_patient_id=units.units_without_patient_id,
+        units_with_several_patient_ids=units.units_with_several_patient_ids,
     )
-    return dataset, np.array(list(first_seen), dtype=np.str_), report
+    return dataset, np.array(hashes, dtype=np.str_), report

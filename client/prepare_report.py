@@ -1,8 +1,9 @@
 """What ``prepare`` found in a hospital's folder: counts only, safe to print, log and keep.
 
 The report never holds a file name, a UID or any header value other than the label names the
-user chose: ``rejected`` groups files by reason (see ``common.dicom_errors.REJECTION_REASONS``),
-and the per-file details go to the log (``medsynth -v node prepare``), never to disk.
+user chose: ``rejected`` groups files by reason (see ``common.dicom_errors.REJECTION_REASONS``).
+The per-file details (file, reason, detail, fix) go to the log (``medsynth -v node prepare``)
+and, only when asked, to a hospital-local CSV (``--list-rejected FILE``).
 """
 
 from __future__ import annotations
@@ -28,6 +29,11 @@ class PrepareReport:
     files_kept: int = 0  # files that gave at least one image (multi-frame files give several)
     files_with_warnings: int = 0  # kept files whose header made pydicom warn (details in the log)
     csv_rows_unmatched: int = 0  # CSV rows matching no listed path nor a kept file's UID
+    # privacy units (client.prepare_patients): patients, or studies / files without Patient ID
+    files_without_patient_id: int = 0  # kept files with no Patient ID (0010,0020)
+    files_linked_by_study: int = 0  # of those, files that joined a patient through their study
+    units_without_patient_id: int = 0  # units that are a study or a file, not a patient
+    units_with_several_patient_ids: int = 0  # Patient IDs merged because they share a study
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
@@ -46,6 +52,10 @@ class PrepareReport:
             files_kept=int(data.get("files_kept", 0)),
             files_with_warnings=int(data.get("files_with_warnings", 0)),
             csv_rows_unmatched=int(data.get("csv_rows_unmatched", 0)),
+            files_without_patient_id=int(data.get("files_without_patient_id", 0)),
+            files_linked_by_study=int(data.get("files_linked_by_study", 0)),
+            units_without_patient_id=int(data.get("units_without_patient_id", 0)),
+            units_with_several_patient_ids=int(data.get("units_with_several_patient_ids", 0)),
         )
 
     def format(self) -> str:
@@ -61,14 +71,34 @@ class PrepareReport:
                   for why, n in sorted(self.rejected.items())]
         lines.append(f"{'from cache':<34}{'yes' if self.from_cache else 'no':>8}")
         if self.rejected:
-            lines.append("note: `medsynth -v node prepare ... --force` lists every rejected file "
-                         "with the exact reason")
+            lines.append("note: `medsynth node prepare ... --list-rejected FILE` writes every rejected "
+                         "file with its reason and fix to FILE (`-v ... --force` logs them)")
         if self.files_with_warnings:
             lines.append(f"note: {self.files_with_warnings} kept files had header warnings "
                          "(listed with -v)")
         if self.csv_rows_unmatched:
             lines.append(f"note: {self.csv_rows_unmatched} rows of the labels CSV matched no file")
-        if not self.patient_identity:
-            lines.append("note: some files have no Patient ID (0010,0020) nor Study Instance UID "
-                         "(0020,000D); each such file counts as its own patient")
+        lines += self.identity_notes()
         return "\n".join(lines)
+
+    def identity_notes(self) -> list[str]:
+        """What the privacy unit is, in plain words, when it is not simply the patient."""
+        notes: list[str] = []
+        unlinked = self.files_without_patient_id - self.files_linked_by_study
+        if not self.patient_identity:
+            notes.append(
+                f"note: NO PATIENT IDENTITY: {unlinked or 'some'} kept files have no Patient ID "
+                "(0010,0020) and share no study with a file that has one; they form "
+                f"{self.units_without_patient_id or 'their own'} privacy units, one per Study "
+                "Instance UID (0020,000D), or one per file where that is absent too. For these "
+                "images privacy is per study or per file, NOT per patient: a person with several "
+                "such studies or files is counted several times")
+        if self.files_linked_by_study:
+            notes.append(f"note: {self.files_linked_by_study} kept files have no Patient ID but "
+                         "share a Study Instance UID with files that have one: counted with that "
+                         "patient")
+        if self.units_with_several_patient_ids:
+            notes.append(f"note: {self.units_with_several_patient_ids} patients hold several "
+                         "Patient IDs that share a Study Instance UID: each counted as one person "
+                         "(check the IDs in the PACS)")
+        return notes

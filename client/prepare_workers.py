@@ -73,9 +73,11 @@ class FileOutcome:
     images: np.ndarray | None = None
     label: str = ""
     label_key: str = ""  # the CSV key, folder or attribute that gave the label
-    patient_key: str | None = None
+    patient_id: str | None = None  # Patient ID (0010,0020)
+    study_uid: str | None = None  # Study Instance UID (0020,000D)
     reason: str | None = None
     message: str = ""
+    fix: str = ""  # what a person can do about the rejection; "" = the reason's default
     warnings: tuple[str, ...] = ()
 
 
@@ -96,7 +98,7 @@ def process_file(job: FileJob, settings: PrepareSettings) -> FileOutcome:
         images = np.stack([resize_to_square(f, settings.image_size) for f in image.frames])
         (label, key), = found  # the screen ran exactly once, before decoding
     except DicomRejected as exc:
-        return FileOutcome(job.rel, reason=exc.reason, message=exc.message)
+        return FileOutcome(job.rel, reason=exc.reason, message=exc.message, fix=exc.fix)
     except MemoryError:
         return FileOutcome(job.rel, reason="out-of-memory", message="out of memory while decoding")
     except Exception as exc:  # a bug in medsynth, not a verdict on the file: report it as such
@@ -104,7 +106,7 @@ def process_file(job: FileJob, settings: PrepareSettings) -> FileOutcome:
         log.error("internal error on %s:\n%s", job.rel, traceback.format_exc())
         return FileOutcome(job.rel, reason="internal-error", message=detail)
     return FileOutcome(job.rel, images=images * 2.0 - 1.0, label=label, label_key=key,
-                       patient_key=image.patient_key, warnings=image.warnings)
+                       patient_id=image.patient_id, study_uid=image.study_uid, warnings=image.warnings)
 
 
 def _limit_address_space(extra_bytes: int) -> None:

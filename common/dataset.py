@@ -37,10 +37,11 @@ class DatasetError(Exception):
 class LocalDataset:
     """One site's training data, ready for the patient-level sampler.
 
-    ``patients[i]`` is the index in [0, P) of the patient of image ``i``; every index in
-    [0, P) has at least one image. With ``patient_identity`` False the files carried no
-    Patient ID (0010,0020) nor Study Instance UID (0020,000D), so each file is its own
-    patient and the patient-level privacy unit degrades to the file level.
+    ``patients[i]`` is the index in [0, P) of the privacy unit (patient) of image ``i``; every
+    index in [0, P) has at least one image. With ``patient_identity`` False some files carried
+    no Patient ID (0010,0020) and could not be linked to one through their Study Instance UID
+    (0020,000D): their unit is a study, or a single file, so for them the privacy unit degrades
+    from the patient to the study or the file.
     """
 
     images: np.ndarray

@@ -15,11 +15,14 @@ with :class:`DicomRejected` before the next, more expensive one:
 6. native pixel data as long as declared; a decoder installed; compressed frames declaring
    the same size as the header (``common.dicom_codestream``);
 7. decode, then the display pipeline (``common.dicom_lut``): Modality LUT -> VOI LUT / window
-   (or the modality's default) -> MONOCHROME1 inversion -> [0, 1]; colour to BT.601 luma.
+   (or the modality's default) -> MONOCHROME1 inversion -> [0, 1]; colour to BT.601 luma;
+8. blank frames (one constant grey: nothing to learn) are left out; a file with nothing else
+   is rejected as ``blank``.
 
 Time and memory per file are bounded by the caller (``client.prepare_workers`` runs this in a
-worker process with a time limit and an address-space limit). pydicom's warnings are recorded
-with the image (``DicomImage.warnings``) for the caller to log, not printed by the worker.
+worker process with a time limit and an address-space limit). Warnings (pydicom's, GDCM's, and
+the reader's own about what it repaired or treated as absent) are recorded with the image
+(``DicomImage.warnings``) for the caller to log, not printed by the worker.
 """
 
 from __future__ import annotations
@@ -34,13 +37,14 @@ from pathlib import Path
 import numpy as np
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pydicom.pixels.utils import pixel_array
 
 from common.dicom_codestream import check_codestream_sizes
+from common.dicom_decode import decode_pixel_array
 from common.dicom_errors import REJECTION_REASONS, DicomRejected, rejecting
 from common.dicom_header import (
     MEDIA_STORAGE_DIRECTORY,
     NATIVE_SYNTAXES,
+    PatientIdentity,
     PixelGeometry,
     check_decoded_size,
     check_decoder_available,
@@ -48,7 +52,7 @@ from common.dicom_header import (
     check_native_length,
     check_photometric,
     read_header_text,
-    read_patient_key,
+    read_patient_identity,
     read_pixel_geometry,
 )
 from common.dicom_lut import to_unit_frames
@@ -56,7 +60,8 @@ from common.dicom_paths import check_dicomdir_references, read_file_bytes
 from common.dicom_structure import StructureLimits, check_part10
 
 __all__ = ["DEFAULT_MAX_DECODED_BYTES", "REJECTION_REASONS", "DicomImage", "DicomRejected",
-           "ReadLimits", "Screen", "decode_pixel_data", "read_image_bytes", "read_image_frames"]
+           "ReadLimits", "Screen", "decode_pixel_data", "drop_blank_frames", "read_image_bytes",
+           "read_image_frames"]
 
 DEFAULT_MAX_DECODED_BYTES = 256 * 2**20
 
@@ -82,9 +87,10 @@ class DicomImage:
     """Decoded frames (F, H, W) float32 in [0, 1] plus the header facts the caller keeps."""
 
     frames: np.ndarray
-    patient_key: str | None  # Patient ID (0010,0020), else Study Instance UID (0020,000D)
+    patient_id: str | None  # Patient ID (0010,0020), None when absent or empty
+    study_uid: str | None  # Study Instance UID (0020,000D), None when absent or empty
     modality: str  # Modality (0008,0060), "" when absent
-    warnings: tuple[str, ...] = field(default=())  # what pydicom warned about while reading
+    warnings: tuple[str, ...] = field(default=())  # pydicom's, GDCM's and the reader's own warnings
 
 
 def read_image_frames(path: Path, *, max_decoded_bytes: int = DEFAULT_MAX_DECODED_BYTES,
@@ -108,16 +114,17 @@ def read_image_bytes(data: bytes, *, limits: ReadLimits | None = None, screen: S
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            frames, patient_key, modality = _read(data, limits, screen, directory)
+            frames, identity, modality = _read(data, limits, screen, directory)
         except MemoryError as exc:
             raise DicomRejected("out-of-memory", "ran out of memory while reading; lower the "
                                 "caps or give the worker more memory") from exc
     messages = tuple(dict.fromkeys(str(w.message) for w in caught))
-    return DicomImage(frames=frames, patient_key=patient_key, modality=modality, warnings=messages)
+    return DicomImage(frames=frames, patient_id=identity.patient_id, study_uid=identity.study_uid,
+                      modality=modality, warnings=messages)
 
 
 def _read(data: bytes, limits: ReadLimits, screen: Screen | None,
-          directory: tuple[Path, Path] | None) -> tuple[np.ndarray, str | None, str]:
+          directory: tuple[Path, Path] | None) -> tuple[np.ndarray, PatientIdentity, str]:
     part = check_part10(data, limits.structure)
     with rejecting("malformed", "pydicom cannot parse the dataset"):
         ds = dcmread(BytesIO(part.data))
@@ -131,7 +138,7 @@ def _read(data: bytes, limits: ReadLimits, screen: Screen | None,
         geometry = read_pixel_geometry(ds)
         check_photometric(geometry)
         check_decoded_size(geometry, limits.max_decoded_bytes)
-        patient_key, modality = read_patient_key(ds), read_header_text(ds, "Modality").upper()
+        identity, modality = read_patient_identity(ds), read_header_text(ds, "Modality").upper()
     if screen is not None:
         with rejecting("invalid-header", "cannot read the attributes used for selection or labels"):
             screen(ds)
@@ -141,19 +148,50 @@ def _read(data: bytes, limits: ReadLimits, screen: Screen | None,
         raise DicomRejected("no-pixel-data", f"no Pixel Data (7FE0,0010){hint}")
     check_native_length(geometry, part.transfer_syntax, part.pixel_data_length)
     if part.transfer_syntax not in NATIVE_SYNTAXES:
-        check_decoder_available(part.transfer_syntax)
+        check_decoder_available(part.transfer_syntax, geometry.samples_per_pixel)
         with rejecting("decode-failed", "cannot read the compressed frames"):
             check_codestream_sizes(ds.PixelData, geometry.rows, geometry.columns,
                                    geometry.samples_per_pixel)
     raw = decode_pixel_data(ds, geometry)
-    return to_unit_frames(raw, ds), patient_key, modality
+    return drop_blank_frames(raw, to_unit_frames(raw, ds)), identity, modality
+
+
+def drop_blank_frames(raw: np.ndarray, frames: np.ndarray) -> np.ndarray:
+    """``frames`` without those of one constant grey; ``blank`` when no frame is left.
+
+    A frame is blank when its displayed values are all equal: every stored value is the same,
+    or the window (Window Center (0028,1050) / Width (0028,1051), VOI LUT Sequence (0028,3010))
+    maps all of them to one grey (it covers none of them).
+    """
+    keep = np.array([frame.max() > frame.min() for frame in frames], dtype=bool)
+    if keep.all():
+        return frames
+    if keep.any():
+        warnings.warn(f"{int((~keep).sum())} of {len(frames)} frames are blank (one constant grey) "
+                      "and were left out", stacklevel=2)
+        return np.asarray(frames[keep])
+    low, high = raw.min(), raw.max()
+    count = "the frame" if len(frames) == 1 else f"all {len(frames)} frames"
+    if all(frame.min() == frame.max() for frame in raw):
+        shown = f"the same stored value ({low})" if low == high else "one stored value per frame"
+        raise DicomRejected("blank", f"every pixel of {count} has {shown}: a blank image")
+    raise DicomRejected("blank", f"the stored values vary ({low} .. {high}) but all map to one grey "
+                        f"in {count} after the Modality LUT and the window: the window covers none "
+                        "of them",
+                        "check Window Center / Width (0028,1050)/(0028,1051) or the VOI LUT Sequence "
+                        "(0028,3010) in a viewer; correct them in the PACS and export again, or "
+                        "exclude the file")
 
 
 def decode_pixel_data(ds: Dataset, geometry: PixelGeometry) -> np.ndarray:
-    """Decode Pixel Data (7FE0,0010) to (F, H, W) or (F, H, W, 3); YBR is returned as RGB."""
-    syntax = ds.file_meta.get("TransferSyntaxUID", "unknown")
-    with rejecting("decode-failed", f"cannot decode pixel data ({getattr(syntax, 'name', syntax)})"):
-        arr = pixel_array(ds)
+    """Decode Pixel Data (7FE0,0010) to (F, H, W) or (F, H, W, 3); YBR is returned as RGB.
+
+    The decoder is chosen by ``common.dicom_decode`` (pylibjpeg, then Pillow, then GDCM for
+    greyscale JPEG Process 1/2/4 only).
+    """
+    syntax = str(ds.file_meta.get("TransferSyntaxUID", "") or "")
+    with rejecting("decode-failed", "cannot decode pixel data"):
+        arr = decode_pixel_array(ds, syntax, getattr(ds.file_meta.get("TransferSyntaxUID"), "name", syntax))
     shape: tuple[int, ...] = (geometry.frames, geometry.rows, geometry.columns)
     if geometry.samples_per_pixel > 1:
         shape = (*shape, geometry.samples_per_pixel)

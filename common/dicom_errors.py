@@ -1,8 +1,10 @@
 """The typed rejection every DICOM reading step raises, and the closed list of its reasons.
 
 A file that cannot become training pixels raises :class:`DicomRejected` with a short stable
-``reason`` (grouped and counted in the prepare report) and a message that says what was found
-and what to do about it. Nothing else may escape the reader: any other exception is a bug.
+``reason`` (grouped and counted in the prepare report), a ``message`` that says what was found,
+and a ``fix``: what a person at the hospital can do about it (by default the reason's entry of
+:data:`REJECTION_FIXES`; a call site that knows better passes its own). Nothing else may escape
+the reader: any other exception is a bug.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ REJECTION_REASONS: dict[str, str] = {
                                "PALETTE COLOR",
     "no-pixel-data": "no Pixel Data (7FE0,0010)",
     "decode-failed": "pixel data present but the decoder failed or disagreed with the header",
+    "blank": "every frame is one constant grey (blank, or a window covering none of its values)",
     # the user's selection and labels
     "not-selected": "outside the requested modalities / body parts",
     "no-label": "no label for this file (folder, CSV row or attribute missing)",
@@ -47,23 +50,64 @@ REJECTION_REASONS: dict[str, str] = {
 }
 
 
-class DicomRejected(Exception):
-    """A file that cannot become training pixels; ``reason`` is a key of REJECTION_REASONS."""
+_REEXPORT = ("re-export it from the PACS or the modality as uncompressed DICOM (Explicit VR Little "
+             "Endian)")
 
-    def __init__(self, reason: str, message: str) -> None:
+# reason -> what a person at the hospital can do about such a file (the default ``fix``).
+REJECTION_FIXES: dict[str, str] = {
+    "unreadable": "check the file's permissions and that the storage is readable, then run again",
+    "symlink": "copy the file itself into the data folder instead of linking to it",
+    "outside-root": "copy the referenced files into the data folder",
+    "not-a-regular-file": "remove it from the data folder",
+    "file-changed": "run again once nothing writes to the data folder",
+    "not-dicom": "nothing to do if it is not an image (README, licence, report); otherwise "
+                 "export it from the PACS as DICOM files",
+    "missing-transfer-syntax": _REEXPORT,
+    "unsupported-transfer-syntax": _REEXPORT,
+    "truncated": "copy the file again from the PACS (the copy is incomplete)",
+    "malformed": f"the file is damaged or was written by a faulty exporter: {_REEXPORT}",
+    "too-large": "raise the size caps (ReadLimits) if the file is genuine, or export the series "
+                 "as single-frame files",
+    "inflated-too-large": _REEXPORT,
+    "not-an-image": "nothing to do: only images are used for training",
+    "unsupported-sop-class": "nothing to do: this kind of image is not used for training",
+    "invalid-header": "fix the named attribute in the PACS and export again, or exclude the file",
+    "unsupported-photometric": "export the image as MONOCHROME2 or RGB, or exclude it",
+    "no-pixel-data": "nothing to do: the object holds no image",
+    "decode-failed": f"the compressed frames are damaged or use a coding the decoders refuse: "
+                     f"{_REEXPORT}",
+    "blank": "nothing to learn from a blank image: nothing to do, or exclude it from the export",
+    "not-selected": "nothing to do, or widen --modality / --body-part",
+    "no-label": "give it a label: put it in a class sub-folder, add a CSV row, or set the attribute",
+    "unknown-label": "add the label to --classes, or correct the label",
+    "timeout": "check the file in a viewer; if it is genuine, raise the per-file time limit",
+    "out-of-memory": "if the file is genuine, raise the per-file memory limit",
+    "worker-crashed": f"a native decoder crashed on this file: {_REEXPORT}",
+    "internal-error": "report it to the medsynth maintainers with the message (not the file)",
+}
+
+
+class DicomRejected(Exception):
+    """A file that cannot become training pixels; ``reason`` is a key of REJECTION_REASONS.
+
+    ``fix`` says what a person can do; it defaults to ``REJECTION_FIXES[reason]``.
+    """
+
+    def __init__(self, reason: str, message: str, fix: str | None = None) -> None:
         if reason not in REJECTION_REASONS:
             raise ValueError(f"unknown reason {reason!r}: use one of {sorted(REJECTION_REASONS)}")
         super().__init__(f"{reason}: {message}")
         self.reason = reason
         self.message = message
+        self.fix = fix or REJECTION_FIXES[reason]
 
-    def __reduce__(self) -> tuple[type[DicomRejected], tuple[str, str]]:
-        """Pickle by (reason, message) so a rejection crosses a process boundary intact."""
-        return (DicomRejected, (self.reason, self.message))
+    def __reduce__(self) -> tuple[type[DicomRejected], tuple[str, str, str]]:
+        """Pickle by (reason, message, fix) so a rejection crosses a process boundary intact."""
+        return (DicomRejected, (self.reason, self.message, self.fix))
 
 
 @contextmanager
-def rejecting(reason: str, what: str) -> Iterator[None]:
+def rejecting(reason: str, what: str, fix: str | None = None) -> Iterator[None]:
     """Turn any exception of a third-party step into ``DicomRejected(reason)``.
 
     pydicom and the decoders raise many exception types on hostile input; MemoryError is
@@ -74,4 +118,4 @@ def rejecting(reason: str, what: str) -> Iterator[None]:
     except (DicomRejected, MemoryError):
         raise
     except Exception as exc:  # third-party code: any type is possible on hostile bytes
-        raise DicomRejected(reason, f"{what}: {type(exc).__name__}: {exc}") from exc
+        raise DicomRejected(reason, f"{what}: {type(exc).__name__}: {exc}", fix) from exc

@@ -8,11 +8,15 @@ rule, is the native pixel data as long as declared, is there a decoder for the t
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from pydicom.dataset import Dataset
 from pydicom.pixels.decoders.base import get_decoder
+from pydicom.uid import UID
 
+from common.dicom_decode import can_decode
 from common.dicom_errors import DicomRejected
 
 MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"  # the SOP Class of a DICOMDIR (PS3.4 Annex F)
@@ -38,6 +42,7 @@ _NON_IMAGE_MODALITIES = frozenset(
     {"SR", "KO", "PR", "SEG", "REG", "FID", "RTSTRUCT", "RTPLAN", "RTDOSE", "RTRECORD", "DOC",
      "ANN", "RWV", "PLAN", "ECG", "HD", "AU", "M3D", "LABEL"}
 )
+_UID_TEXT = re.compile(r"[0-9]+(\.[0-9]+)*")
 _GREY_PHOTOMETRICS = frozenset({"MONOCHROME1", "MONOCHROME2"})
 # YBR_* here are returned as RGB by pydicom's decoders (YBR_FULL, _422) or by JPEG 2000 (ICT/RCT).
 _COLOUR_PHOTOMETRICS = frozenset({"RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT"})
@@ -65,6 +70,13 @@ def _in_root(uid: str, root: str) -> bool:
     return uid == root or uid.startswith(root + ".")
 
 
+def sop_class_name(uid: str) -> str:
+    """``uid`` with its name from pydicom's UID registry (PS3.6 Table A-1), e.g.
+    "1.2.840.10008.5.1.4.1.1.66.4 (Segmentation Storage)"; the bare UID when unknown."""
+    name = UID(uid).name if _UID_TEXT.fullmatch(uid) else uid
+    return uid if name == uid else f"{uid} ({name})"
+
+
 def check_image_sop_class(ds: Dataset) -> None:
     """Reject objects whose SOP Class UID (0008,0016) or Modality (0008,0060) is not a picture."""
     meta = getattr(ds, "file_meta", None)
@@ -76,11 +88,14 @@ def check_image_sop_class(ds: Dataset) -> None:
     modality = str(ds.get("Modality", "") or "").strip().upper()
     rt_non_image = _in_root(sop, _RT_ROOT) and not _in_root(sop, _RT_IMAGE)
     if any(_in_root(sop, root) for root in _NON_IMAGE_SOP_ROOTS) or rt_non_image:
-        raise DicomRejected("not-an-image", f"SOP Class UID (0008,0016) {sop} is not an image")
+        raise DicomRejected("not-an-image", f"SOP Class UID (0008,0016) {sop_class_name(sop)} is not an "
+                            "image")
     if modality in _NON_IMAGE_MODALITIES:
-        raise DicomRejected("not-an-image", f"Modality (0008,0060) {modality} is not an image")
+        raise DicomRejected("not-an-image", f"Modality (0008,0060) {modality} is not an image (SOP "
+                            f"Class UID {sop_class_name(sop)})")
     if sop in _TILED_SOP_CLASSES:
-        raise DicomRejected("unsupported-sop-class", f"SOP Class UID {sop}: whole-slide tiles")
+        raise DicomRejected("unsupported-sop-class", f"SOP Class UID (0008,0016) {sop_class_name(sop)}: "
+                            "its frames are tiles of one slide, not pictures")
 
 
 def check_photometric(geometry: PixelGeometry) -> None:
@@ -151,13 +166,18 @@ def check_decoded_size(geometry: PixelGeometry, max_decoded_bytes: int) -> None:
         )
 
 
-def read_patient_key(ds: Dataset) -> str | None:
-    """Patient ID (0010,0020), else Study Instance UID (0020,000D), else None (no identity)."""
-    for keyword in ("PatientID", "StudyInstanceUID"):
-        value = str(ds.get(keyword, "") or "").strip()
-        if value:
-            return value
-    return None
+class PatientIdentity(NamedTuple):
+    """Patient ID (0010,0020) and Study Instance UID (0020,000D); None when absent or empty."""
+
+    patient_id: str | None
+    study_uid: str | None
+
+
+def read_patient_identity(ds: Dataset) -> PatientIdentity:
+    """Patient ID (0010,0020) and Study Instance UID (0020,000D), both read: the caller links
+    them into privacy units (``client.prepare_patients``); neither replaces the other."""
+    values = [str(ds.get(keyword, "") or "").strip() or None for keyword in ("PatientID", "StudyInstanceUID")]
+    return PatientIdentity(*values)
 
 
 
@@ -197,14 +217,18 @@ def check_native_length(geometry: PixelGeometry, syntax: str, value_length: int 
                             f"header implies {expected}")
 
 
-def check_decoder_available(syntax: str) -> None:
-    """Refuse before decoding when no installed plugin decodes the Transfer Syntax (0002,0010)."""
+def check_decoder_available(syntax: str, samples_per_pixel: int = 1) -> None:
+    """Refuse before decoding when no decoder medsynth uses (``common.dicom_decode``) reads the
+    Transfer Syntax (0002,0010)."""
+    name = sop_class_name(syntax)
     try:
         decoder = get_decoder(syntax)
     except NotImplementedError as exc:
-        raise DicomRejected("unsupported-transfer-syntax", f"no pixel decoder exists for transfer "
-                            f"syntax {syntax}; re-export uncompressed") from exc
-    if not decoder.is_available:
-        missing = "; ".join(decoder.missing_dependencies)
+        raise DicomRejected("unsupported-transfer-syntax", f"pydicom has no pixel decoder for transfer "
+                            f"syntax {name}") from exc
+    if not can_decode(syntax, samples_per_pixel):
+        missing = "; ".join(decoder.missing_dependencies) or "a decoder other than GDCM"
         raise DicomRejected("unsupported-transfer-syntax", f"no installed decoder for transfer "
-                            f"syntax {syntax} (missing: {missing}); install the pylibjpeg plugins")
+                            f"syntax {name} (missing: {missing})",
+                            "install medsynth's declared dependencies (the pylibjpeg plugins, "
+                            "python-gdcm), or re-export the image uncompressed")

@@ -7,7 +7,11 @@ the file's elements itself, within the bytes that are really there, and raises
 
 * Part 10 framing (PS3.10 7.1): 128-byte preamble, "DICM", File Meta Information group
   (0002,xxxx) in Explicit VR Little Endian with a Transfer Syntax UID (0002,0010). A File Meta
-  group without the preamble is accepted (some exporters omit it); a bare dataset is not.
+  group without the preamble is accepted (some exporters omit it). A bare dataset (no File Meta
+  at all, as older archives hold them) is accepted only when the walk proves it is one
+  (:func:`check_bare_dataset`); pydicom then gets it with a File Meta group added.
+* Trailing zero padding: zero bytes after the last top-level element (some archives pad files
+  to a block size, by megabytes) are cut off with a warning; they are not an element.
 * Data elements (PS3.5 7.1): known two-letter VRs, 2- or 4-byte lengths, every defined length
   within its parent (the file, a sequence, an item), undefined lengths only where allowed and
   closed by their delimiters (PS3.5 7.5), nesting depth and element count capped.
@@ -18,18 +22,21 @@ the file's elements itself, within the bytes that are really there, and raises
   as the output exceeds the cap (a deflate bomb never reaches pydicom).
 
 The result is the byte string pydicom should parse: the original bytes, or a rebuilt file
-with a preamble added and/or the dataset inflated (its File Meta then declares Explicit VR
-Little Endian, which is what an inflated dataset is).
+with a preamble (and, for a bare dataset, a File Meta group) added, the trailing zero padding
+cut off, and/or the dataset inflated (its File Meta then declares Explicit VR Little Endian,
+which is what an inflated dataset is). What was repaired is reported with ``warnings.warn``.
 """
 
 from __future__ import annotations
 
 import re
 import struct
+import warnings
 import zlib
 from dataclasses import dataclass
 from typing import NamedTuple
 
+import pydicom
 from pydicom.datadict import dictionary_VR
 from pydicom.uid import UID
 
@@ -51,6 +58,17 @@ _TRANSFER_SYNTAX = 0x00020010
 _MAX_META_BYTES = 1 << 20
 _INFLATE_CHUNK = 1 << 20
 _UID_PATTERN = re.compile(r"[0-9]+(\.[0-9]+)*")
+_SOP_CLASS_UID = 0x00080016
+# Transfer syntaxes added to DICOM (PS3.5 Table A-1, PS3.6) after pydicom 3.0.2 was released:
+# real syntaxes that the installed pydicom neither parses nor decodes.
+NEWER_TRANSFER_SYNTAXES: dict[str, str] = {
+    "1.2.840.10008.1.2.4.110": "JPEG XL Lossless",
+    "1.2.840.10008.1.2.4.111": "JPEG XL JPEG Recompression",
+    "1.2.840.10008.1.2.4.112": "JPEG XL",
+    "1.2.840.10008.1.2.8.1": "Deflated Image Frame Compression",
+}
+_SYNTAX_NAMES = {IMPLICIT_VR_LE: "Implicit VR Little Endian", EXPLICIT_VR_LE: "Explicit VR Little Endian",
+                 EXPLICIT_VR_BE: "Explicit VR Big Endian"}
 
 
 @dataclass(frozen=True)
@@ -79,6 +97,8 @@ class _Encoding(NamedTuple):
 def check_part10(data: bytes, limits: StructureLimits) -> Part10:
     """Validate ``data`` as a DICOM Part 10 file and return what pydicom should parse."""
     meta_start = locate_file_meta(data)
+    if meta_start is None:
+        return check_bare_dataset(data, limits)
     meta_end, meta = read_file_meta(data, meta_start)
     if not meta:
         raise DicomRejected("not-dicom", "'DICM' is not followed by a File Meta group (0002,xxxx)")
@@ -91,11 +111,12 @@ def check_part10(data: bytes, limits: StructureLimits) -> Part10:
     if syntax == DEFLATED_VR_LE:
         inflated = inflate_dataset(memoryview(data)[meta_end:], limits.max_inflated_bytes)
         walker = _Walker(inflated, limits)
-        walker.walk_dataset(0, len(inflated), encoding, depth=0, in_item=False)
+        end = walker.walk_dataset(0, len(inflated), encoding, depth=0, in_item=False)
         rebuilt = _PREAMBLE + rewrite_transfer_syntax(data[meta_start:meta_end], EXPLICIT_VR_LE)
-        return Part10(rebuilt + inflated, syntax, walker.pixel_data_length)
+        return Part10(rebuilt + cut_zero_padding(inflated, end), syntax, walker.pixel_data_length)
     walker = _Walker(data, limits)
-    walker.walk_dataset(meta_end, len(data), encoding, depth=0, in_item=False)
+    end = walker.walk_dataset(meta_end, len(data), encoding, depth=0, in_item=False)
+    data = cut_zero_padding(data, end)
     if meta_start == 0:
         data = _PREAMBLE + data
     return Part10(data, syntax, walker.pixel_data_length)
@@ -104,15 +125,75 @@ def check_part10(data: bytes, limits: StructureLimits) -> Part10:
 _PREAMBLE = b"\0" * 128 + b"DICM"
 
 
-def locate_file_meta(data: bytes) -> int:
-    """Offset of the File Meta group: 132 after preamble + "DICM", or 0 when it starts the file."""
+def locate_file_meta(data: bytes) -> int | None:
+    """Offset of the File Meta group: 132 after preamble + "DICM", 0 when it starts the file,
+    None when there is none (an empty file is refused here)."""
     if len(data) >= 132 and data[128:132] == b"DICM":
         return 132
     if data[:2] == b"\x02\x00" and data[4:6] in _VRS:
         return 0  # File Meta group without the preamble: tolerated
-    what = "an empty file" if not data else "no 128-byte preamble + 'DICM' nor a File Meta group"
-    raise DicomRejected("not-dicom", f"{what}: not a DICOM Part 10 file (PS3.10 7.1); export it "
-                        "from the PACS as DICOM files")
+    if not data:
+        raise DicomRejected("not-dicom", "an empty file")
+    return None
+
+
+def cut_zero_padding(data: bytes, end: int) -> bytes:
+    """``data`` up to ``end``, the end of the last top-level element; what follows is zeros
+    (the walk stopped there only because it was), cut off with a warning."""
+    if end == len(data):
+        return data
+    warnings.warn(f"{len(data) - end} bytes of zero padding after the last data element (at byte "
+                  f"{end}) were ignored", stacklevel=3)
+    return data[:end]
+
+
+def check_bare_dataset(data: bytes, limits: StructureLimits) -> Part10:
+    """A dataset without preamble and File Meta (PS3.10 7.1 requires both; older archives omit
+    them), accepted only when its structure proves it is a DICOM dataset:
+
+    * it starts with an element of group 0008 (Identifying; (0008,0005) Specific Character Set
+      or (0008,0016) SOP Class UID come first in any composite object), which fixes the byte
+      order, and its first VR bytes fix explicit or implicit VR (pydicom's rule; big endian
+      only with explicit VR, PS3.5 A.3);
+    * every element, item and length is consistent up to the end of the file (zero padding
+      aside), with the top-level tags strictly ascending (PS3.5 7.1) and a SOP Class UID
+      (0008,0016) among them.
+
+    Anything less is ``not-dicom``. The result is given a File Meta group declaring the syntax
+    found, so pydicom parses it without guessing.
+    """
+    if data[:2] == b"\x08\x00":
+        endian = "<"
+    elif data[:2] == b"\x00\x08" and data[4:6] in _VRS:
+        endian = ">"
+    else:
+        raise DicomRejected("not-dicom", "no 128-byte preamble + 'DICM', no File Meta group, and "
+                            "it does not start like a DICOM dataset (group 0008): not a DICOM file "
+                            "(PS3.10 7.1)")
+    implicit = endian == "<" and data[4:6] not in _VRS
+    syntax = IMPLICIT_VR_LE if implicit else EXPLICIT_VR_LE if endian == "<" else EXPLICIT_VR_BE
+    walker = _Walker(data, limits, bare=True)
+    try:
+        end = walker.walk_dataset(0, len(data), _Encoding(implicit, endian), depth=0, in_item=False)
+        if not walker.has_sop_class:
+            raise DicomRejected("not-dicom", "no SOP Class UID (0008,0016)")
+    except DicomRejected as exc:
+        raise DicomRejected("not-dicom", f"no File Meta header, and not a valid bare {_SYNTAX_NAMES[syntax]} "
+                            f"dataset either ({exc.message})") from exc
+    warnings.warn(f"no File Meta Information header (PS3.10 7.1): read as a bare {_SYNTAX_NAMES[syntax]} "
+                  "dataset", stacklevel=2)
+    return Part10(_PREAMBLE + build_file_meta(syntax) + cut_zero_padding(data, end), syntax,
+                  walker.pixel_data_length)
+
+
+def build_file_meta(syntax: str) -> bytes:
+    """A minimal File Meta group (Explicit VR Little Endian): Group Length (0002,0000), File Meta
+    Information Version (0002,0001) and Transfer Syntax UID (0002,0010)."""
+    uid = syntax.encode("ascii")
+    uid += b"\0" * (len(uid) % 2)
+    body = struct.pack("<HH2sHI", 0x0002, 0x0001, b"OB", 0, 2) + b"\0\1"
+    body += struct.pack("<HH2sH", 0x0002, 0x0010, b"UI", len(uid)) + uid
+    return struct.pack("<HH2sHI", 0x0002, 0x0000, b"UL", 4, len(body)) + body
 
 
 def read_file_meta(data: bytes, start: int) -> tuple[int, dict[int, tuple[int, int]]]:
@@ -190,18 +271,28 @@ def _dataset_encoding(syntax: str) -> _Encoding:
     if syntax in (EXPLICIT_VR_LE, DEFLATED_VR_LE) or (_UID_PATTERN.fullmatch(syntax)
                                                       and UID(syntax).is_transfer_syntax):
         return _Encoding(False, "<")
+    version = pydicom.__version__
+    if syntax in NEWER_TRANSFER_SYNTAXES:
+        raise DicomRejected("unsupported-transfer-syntax", f"Transfer Syntax UID (0002,0010) {syntax} is "
+                            f"{NEWER_TRANSFER_SYNTAXES[syntax]}, a DICOM transfer syntax newer than the "
+                            f"installed pydicom {version}, which can neither read nor decode it",
+                            f"re-export it from the PACS in a syntax pydicom {version} reads: Explicit VR "
+                            "Little Endian, or JPEG 2000 / JPEG-LS lossless")
     raise DicomRejected("unsupported-transfer-syntax", f"Transfer Syntax UID (0002,0010) {syntax!r} "
-                        "is not a known transfer syntax; re-export as Explicit VR Little Endian")
+                        f"is not a transfer syntax DICOM defines (as known to pydicom {version}): a "
+                        "private or damaged UID")
 
 
 class _Walker:
     """One pass over the dataset's elements; raises on the first structural fault."""
 
-    def __init__(self, buf: bytes, limits: StructureLimits) -> None:
+    def __init__(self, buf: bytes, limits: StructureLimits, *, bare: bool = False) -> None:
         self.buf = buf
         self.limits = limits
         self.elements = 0
         self.pixel_data_length: int | None = None
+        self.bare = bare  # a dataset without File Meta: top-level tags must ascend
+        self.has_sop_class = False  # a top-level SOP Class UID (0008,0016) was seen
 
     def _fail(self, reason: str, pos: int, what: str) -> DicomRejected:
         return DicomRejected(reason, f"{what} at byte {pos}")
@@ -223,16 +314,30 @@ class _Walker:
 
     def walk_dataset(self, pos: int, end: int, enc: _Encoding, *, depth: int, in_item: bool,
                      nested: bool = False) -> int:
-        """Walk elements from ``pos`` to ``end`` (or to an Item Delimitation when ``in_item``)."""
+        """Walk elements from ``pos`` to ``end`` (or to an Item Delimitation when ``in_item``).
+
+        Returns where the walk ended: ``end``, after the Item Delimitation, or, at the top level,
+        where only zero bytes remain (trailing padding, not elements).
+        """
         enc = _Encoding(self._is_implicit(pos, end, enc, nested or in_item), enc.endian)
         buf, tag_fmt = self.buf, enc.endian + "HH"
+        top_level = depth == 0 and not in_item and not nested
+        previous = -1
         while pos < end:
+            if top_level and buf[pos] == 0 and buf.count(b"\0", pos, end) == end - pos:
+                return pos  # only zeros left: padding after the last element
             if pos + 8 > end:
                 raise self._fail("truncated", pos, f"{end - pos} stray bytes where an element starts")
             group, element = struct.unpack_from(tag_fmt, buf, pos)
             tag = group << 16 | element
             if tag == _ITEM_END and in_item:
                 return pos + 8
+            if top_level and self.bare:
+                if tag <= previous:
+                    raise self._fail("malformed", pos, f"({group:04X},{element:04X}) after "
+                                     f"({previous >> 16:04X},{previous & 0xFFFF:04X}): tags not ascending")
+                previous = tag
+                self.has_sop_class |= tag == _SOP_CLASS_UID
             if group == 0xFFFE:
                 raise self._fail("malformed", pos, f"delimiter ({group:04X},{element:04X}) out of place")
             self.elements += 1

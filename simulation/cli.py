@@ -137,6 +137,9 @@ def _node_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p.add_argument("--salt-file", type=Path, default=None,
                    help="secret salt for patient hashes (created 0600 if missing; default OUT/../salt.bin)")
     p.add_argument("--force", action="store_true", help="rebuild even if the folder did not change")
+    p.add_argument("--list-rejected", type=Path, default=None, metavar="FILE",
+                   help="write every rejected file with its reason, detail and fix to this CSV (names "
+                        "files: keep it at the hospital; implies --force; outside DATA)")
     q = nsub.add_parser(
         "privacy",
         help="print the privacy ledger: ε spent, budget left, per run and round",
@@ -214,9 +217,12 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         label_attribute=args.label_attribute,
         modalities=(args.modality or "").split(","),
         body_parts=(args.body_part or "").split(","),
+        rejected_list=args.list_rejected,
     )
     print(report.format())
     print(f"cache: {args.out}  (report: {args.out / 'prepare_report.json'})")
+    if args.list_rejected is not None:
+        print(f"rejected files: {args.list_rejected}")
     return 0
 
 
@@ -254,7 +260,9 @@ def cmd_privacy(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    # force: opacus calls logging.basicConfig() when imported, which would make this a no-op
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s",
+                        force=True)
     try:
         if args.command == "simulate":
             return cmd_simulate(args)

@@ -181,7 +181,8 @@ def build_sites(opts: SimulateOptions, source: SourceData, say: Callable[[str], 
         )
         say(f"{site}: {report.images_kept} images of {report.patients} patients {dict(report.label_counts)}")
         if not report.patient_identity:
-            say(f"{site}: the data has no patient identity; every image is treated as its own patient")
+            say(f"{site}: the data has no patient identity (no Patient ID): privacy is per study or per "
+                "file, not per patient")
         ledgers[site] = root / "ledger.json"
     make_site_keys(opts.out / "sites", list(ledgers))
     return ledgers

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import tracemalloc
 import zlib
@@ -11,6 +12,8 @@ import numpy as np
 import pydicom
 import pytest
 from pydicom.data import get_testdata_file
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import SecondaryCaptureImageStorage
 
 from common.dicom import DicomRejected, ReadLimits, read_image_bytes, read_image_frames
 from tests.dicom_bytes import (
@@ -62,6 +65,94 @@ def test_missing_and_unknown_transfer_syntax() -> None:
     assert reason_of(part10("1.2.3.4.5", image_dataset(2, 2))) == "unsupported-transfer-syntax"
     assert reason_of(part10("not a uid", image_dataset(2, 2))) == "unsupported-transfer-syntax"
     assert reason_of(bundled("meta_missing_tsyntax.dcm").read_bytes()) == "missing-transfer-syntax"
+
+
+def test_jpeg_xl_is_named_as_a_real_syntax_the_installed_pydicom_cannot_read() -> None:
+    # prepare: JPEG XL Lossless (PS3.5 A.4.14, 2024); pydicom 3.0.2 does not know the UID
+    data = part10("1.2.840.10008.1.2.4.110", image_dataset(2, 2))
+    # act
+    with pytest.raises(DicomRejected) as info:
+        read_image_bytes(data)
+    # assert: not "unknown": what it is, why it fails, what to do
+    assert info.value.reason == "unsupported-transfer-syntax"
+    assert "JPEG XL Lossless" in info.value.message and f"pydicom {pydicom.__version__}" in info.value.message
+    assert "re-export" in info.value.fix
+    with pytest.raises(DicomRejected) as info:
+        read_image_bytes(part10("1.2.3.4.5", image_dataset(2, 2)))
+    assert "not a transfer syntax DICOM defines" in info.value.message
+
+
+def mr_dataset(pixels: np.ndarray) -> Dataset:
+    """A Secondary Capture MR image made by pydicom, 12 bits stored."""
+    ds = Dataset()
+    ds.SOPClassUID = SecondaryCaptureImageStorage
+    ds.SOPInstanceUID = "1.2.826.0.1.3680043.8.498.77"
+    ds.Modality = "MR"
+    ds.PatientID = "OLD-ARCHIVE-1"
+    ds.set_pixel_data(pixels, "MONOCHROME2", 12)
+    return ds
+
+
+def dataset_bytes(ds: Dataset, **encoding: bool) -> bytes:
+    buffer = io.BytesIO()
+    ds.save_as(buffer, **encoding)
+    return buffer.getvalue()
+
+
+RAMP = np.array([[10, 400, 800], [1200, 3000, 4095]], dtype=np.uint16)
+RAMP_UNIT = (RAMP - 10.0) / (4095.0 - 10.0)  # no window: the frame's range
+
+
+def test_megabytes_of_zero_padding_after_the_last_element_are_ignored() -> None:
+    # prepare: a Part 10 file padded with 3 MiB + 3 zero bytes (archives pad to block sizes)
+    ds = mr_dataset(RAMP)
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    padded = dataset_bytes(ds, enforce_file_format=True) + b"\0" * (3 * 2**20 + 3)
+    # act
+    image = read_image_bytes(padded)
+    # assert: kept, same pixels, and the padding is reported as a warning, not as an element
+    np.testing.assert_allclose(image.frames[0], RAMP_UNIT, atol=1e-6)
+    assert any(f"{3 * 2**20 + 3} bytes of zero padding" in w for w in image.warnings), image.warnings
+    # a non-zero byte after the padding is not padding: still refused
+    assert reason_of(padded + b"\x01" + b"\0" * 7) == "malformed"
+
+
+@pytest.mark.parametrize(("implicit_vr", "little_endian", "name"), [
+    (True, True, "Implicit VR Little Endian"), (False, False, "Explicit VR Big Endian")])
+def test_dataset_without_file_meta_is_read_when_its_structure_proves_it(implicit_vr: bool, little_endian: bool,
+                                                                        name: str) -> None:
+    # prepare: no preamble, no File Meta group, just the dataset, as older archives hold them
+    ds = mr_dataset(RAMP)
+    ds.file_meta = FileMetaDataset()
+    if not little_endian:  # pydicom writes Pixel Data bytes as they are: give it big-endian words
+        ds.PixelData = RAMP.astype(">u2").tobytes()
+    data = dataset_bytes(ds, implicit_vr=implicit_vr, little_endian=little_endian)
+    assert data[128:132] != b"DICM" and data[:2] in (b"\x08\x00", b"\x00\x08")
+    # act
+    image = read_image_bytes(data + b"\0" * 10)
+    # assert
+    np.testing.assert_allclose(image.frames[0], RAMP_UNIT, atol=1e-6)
+    assert image.patient_id == "OLD-ARCHIVE-1"
+    assert any(f"read as a bare {name} dataset" in w for w in image.warnings), image.warnings
+
+
+def test_bare_bytes_that_do_not_walk_as_a_dataset_are_not_dicom() -> None:
+    # prepare: a bare dataset without SOP Class UID, one with descending tags, one cut short,
+    # and text that happens to start with the bytes 08 00
+    ds = mr_dataset(RAMP)
+    ds.file_meta = FileMetaDataset()
+    good = dataset_bytes(ds, implicit_vr=True, little_endian=True)
+    del ds.SOPClassUID
+    no_sop = dataset_bytes(ds, implicit_vr=True, little_endian=True)
+    modality = element(0x0008, 0x0060, b"CS", b"MR", implicit=True)
+    sop = element(0x0008, 0x0016, b"UI", b"1.2\0", implicit=True)
+    descending = modality + sop
+    # act / assert
+    for data in (no_sop, descending, good[:-5], b"\x08\x00 looks like DICOM, is a note"):
+        with pytest.raises(DicomRejected) as info:
+            read_image_bytes(data)
+        assert info.value.reason == "not-dicom", info.value
 
 
 def test_bad_vr_is_malformed() -> None:

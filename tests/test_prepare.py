@@ -113,7 +113,7 @@ def test_files_without_patient_key_are_each_their_own_patient(tmp_path: Path) ->
     assert not report.patient_identity and not ds.patient_identity
     assert report.patients == report.images_kept == ds.num_patients == 10
     assert ds.images.shape == (10, 1, 32, 32)
-    assert "own patient" in report.format()
+    assert "NOT per patient" in report.format() and report.units_without_patient_id == 10
 
 
 def test_medmnist_roundtrip_has_no_patient_identity(shared_data_dir: Path, tmp_path: Path) -> None:
@@ -146,7 +146,7 @@ def test_report_json_roundtrip_and_table() -> None:
                            label_counts={"a": 1, "b": 2}, rejected={"unreadable": 2})
     assert PrepareReport.from_json(report.to_json()) == report
     table = report.format()
-    assert "images kept" in table and "rejected unreadable" in table and "own patient" not in table
+    assert "images kept" in table and "rejected unreadable" in table and "NOT per patient" not in table
 
 
 def test_missing_or_corrupt_cache_says_run_prepare(tmp_path: Path) -> None:
@@ -174,3 +174,84 @@ def test_bad_layouts_are_refused(tmp_path: Path) -> None:
         prepare_site(tmp_path / "data", tmp_path / "data" / "cache", image_size=32, salt=SALT, progress=False)
     with pytest.raises(PrepareError, match="no usable images"):
         prepare_site(tmp_path / "data", tmp_path / "cache", image_size=32, salt=SALT, progress=False)
+
+
+def write_patient_file(path: Path, value: int, *, patient_id: str | None, study_uid: str | None) -> None:
+    """A small MR image made with pydicom, with or without Patient ID / Study Instance UID."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
+
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = MRImageStorage
+    ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID, ds.SOPInstanceUID, ds.Modality = MRImageStorage, ds.file_meta.MediaStorageSOPInstanceUID, "MR"
+    if patient_id is not None:
+        ds.PatientID = patient_id
+    if study_uid is not None:
+        ds.StudyInstanceUID = study_uid
+    ds.set_pixel_data(np.arange(16, dtype=np.uint16).reshape(4, 4) * value, "MONOCHROME2", 12)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+
+
+def test_privacy_units_link_patient_id_and_study_uid_without_splitting_a_person(tmp_path: Path) -> None:
+    # prepare: P1 has two studies (1 file each) and a third file with only S1's Study UID;
+    # P2 and P3 are two Patient IDs of one study S3 (a merge); P4 stands alone
+    data = tmp_path / "data" / "a"
+    files = {"1.dcm": ("P1", "1.2.1"), "2.dcm": ("P1", "1.2.2"), "3.dcm": (None, "1.2.1"),
+             "4.dcm": ("P2", "1.2.3"), "5.dcm": ("P3", "1.2.3"), "6.dcm": ("P4", "1.2.4")}
+    for i, (name, (pid, study)) in enumerate(files.items(), start=1):
+        write_patient_file(data / name, i, patient_id=pid, study_uid=study)
+    # act
+    report = prepare_site(tmp_path / "data", tmp_path / "cache", image_size=8, salt=SALT, progress=False)
+    ds = load_cache(tmp_path / "cache")
+    other_salt = prepare_site(tmp_path / "data", tmp_path / "cache2", image_size=8, salt=b"y" * 32,
+                              progress=False)
+    # assert: files in path order 1..6 -> units P1, P1, P1, P2+P3, P2+P3, P4
+    assert ds.patients.tolist() == [0, 0, 0, 1, 1, 2]
+    assert load_cache(tmp_path / "cache2").patients.tolist() == ds.patients.tolist()  # salt-free index
+    assert report.patients == other_salt.patients == 3
+    assert report.patient_identity and ds.patient_identity
+    assert (report.files_without_patient_id, report.files_linked_by_study) == (1, 1)
+    assert report.units_with_several_patient_ids == 1
+    assert set(load_patient_hashes(tmp_path / "cache").tolist()) == {
+        hashlib.sha256(SALT + pid.encode()).hexdigest() for pid in ("P1", "P2", "P4")}
+    assert "counted with that patient" in report.format() and "NOT per patient" not in report.format()
+
+
+def test_a_file_without_patient_id_makes_the_privacy_unit_the_study_and_the_report_says_so(
+        tmp_path: Path) -> None:
+    # prepare: two identified files of P1, and two studies of someone without a Patient ID
+    data = tmp_path / "data" / "a"
+    write_patient_file(data / "1.dcm", 1, patient_id="P1", study_uid="1.2.1")
+    write_patient_file(data / "2.dcm", 2, patient_id="P1", study_uid="1.2.1")
+    write_patient_file(data / "3.dcm", 3, patient_id=None, study_uid="1.2.8")
+    write_patient_file(data / "4.dcm", 4, patient_id=None, study_uid="1.2.9")
+    # act
+    report = prepare_site(tmp_path / "data", tmp_path / "cache", image_size=8, salt=SALT, progress=False)
+    ds = load_cache(tmp_path / "cache")
+    # assert: the two anonymous studies cannot be linked: two units, and no patient identity
+    assert ds.patients.tolist() == [0, 0, 1, 2]
+    assert not report.patient_identity and not ds.patient_identity
+    assert (report.files_without_patient_id, report.files_linked_by_study) == (2, 0)
+    assert report.units_without_patient_id == 2
+    table = report.format()
+    assert "NO PATIENT IDENTITY" in table and "privacy is per study or per file, NOT per patient" in table
+    assert PrepareReport.from_json(report.to_json()) == report
+
+
+def test_a_chain_of_shared_keys_is_one_unit() -> None:
+    # prepare: f1 (P1, S1) - f3 (P1, S2) - f2 (P2, S2): P1 and P2 share study S2
+    from client.prepare_patients import FileIdentity, group_privacy_units
+
+    files = [FileIdentity("f1", "P1", "S1"), FileIdentity("f2", "P2", "S2"), FileIdentity("f3", "P1", "S2"),
+             FileIdentity("f4", None, None), FileIdentity("f5", None, "S1")]
+    # act
+    units = group_privacy_units(files)
+    # assert
+    assert units.unit_of_file == (0, 0, 0, 1, 0)
+    assert units.keys == (b"P1", b"\0file:f4")
+    assert (units.units_without_patient_id, units.files_without_patient_id, units.files_linked_by_study) == (1, 2, 1)
+    assert not units.patient_identity

@@ -204,3 +204,47 @@ def test_cache_is_rebuilt_when_the_labels_csv_or_the_selection_change(tmp_path: 
     labels.write_text("a.dcm,x\nb.dcm,x\n", encoding="utf-8")
     assert not run() and run()
     assert not run(modalities=["CT"]) and run(modalities=["CT"])
+
+
+def test_verbose_cli_and_rejected_list_show_every_rejected_file_with_reason_and_fix(tmp_path: Path) -> None:
+    # prepare: one good image and three rejections; the CLI runs as a user runs it (a fresh
+    # process: opacus is imported and calls logging.basicConfig before the CLI configures logging)
+    import csv
+    import stat
+    import subprocess
+    import sys
+
+    data = tmp_path / "data"
+    write_image(data / "a" / "good.dcm", uid="1.2.3.1")
+    (data / "a" / "notes.txt").write_bytes(b"scanner notes, not DICOM")
+    cut = part10(EXPLICIT_LE, image_dataset(4, 6))
+    (data / "a" / "cut.dcm").write_bytes(cut[:-10])
+    write_image(data / "stray.dcm", uid="1.2.3.2")  # not under a class folder
+    listing = tmp_path / "rejected.csv"
+    expected = {"a/notes.txt": "not-dicom", "a/cut.dcm": "truncated", "stray.dcm": "no-label"}
+    # act
+    done = subprocess.run(
+        [sys.executable, "-m", "simulation.cli", "-v", "node", "prepare", "--data", str(data),
+         "--out", str(tmp_path / "cache"), "--salt-file", str(tmp_path / "salt"),
+         "--list-rejected", str(listing)],
+        capture_output=True, text=True, timeout=300, cwd=Path(__file__).resolve().parents[1])
+    # assert: -v logs each rejected file with its reason and a fix; the CSV holds the same
+    assert done.returncode == 0, done.stderr
+    for rel, reason in expected.items():
+        assert f"rejected {rel}: {reason}: " in done.stderr, (rel, done.stderr)
+    assert done.stderr.count("; fix: ") == len(expected)
+    with listing.open(encoding="utf-8", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert {row["path"]: row["reason"] for row in rows} == expected
+    assert all(row["detail"] and row["fix"] for row in rows)
+    assert stat.S_IMODE(listing.stat().st_mode) == 0o600
+    report = (tmp_path / "cache" / "prepare_report.json").read_text(encoding="utf-8")
+    assert "stray" not in report and "notes" not in report  # the report keeps counts only
+
+
+def test_rejected_list_inside_the_data_folder_is_refused(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    write_image(data / "a" / "good.dcm", uid="1.2.3.1")
+    with pytest.raises(PrepareError, match="outside the data folder"):
+        prepare_site(data, tmp_path / "cache", image_size=8, salt=SALT, progress=False,
+                     rejected_list=data / "rejected.csv")

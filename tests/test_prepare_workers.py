@@ -67,7 +67,7 @@ def test_pool_decodes_real_files_and_closes_its_workers(tmp_path: Path) -> None:
     for outcome in outcomes:
         assert outcome.images is not None and outcome.images.shape == (1, 8, 8)
         assert -1.0 <= outcome.images.min() < outcome.images.max() <= 1.0
-        assert (outcome.label, outcome.patient_key) == ("a", "FUZZ-1")
+        assert (outcome.label, outcome.patient_id) == ("a", "FUZZ-1")
     assert processes and all(p.poll() is not None for p in processes)
 
 
