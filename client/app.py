@@ -38,7 +38,6 @@ def error_code(exc: Exception) -> str:
     """The fixed error code an exception is reported under (most specific first)."""
     from client.audit import AuditLogCorrupt
     from client.ledger import (  # no torch: cheap to import
-        AccountingMismatch,
         AuditLogBehind,
         LedgerCorrupt,
         LedgerMismatch,
@@ -57,7 +56,7 @@ def error_code(exc: Exception) -> str:
         (ValueOutOfRange, "out-of-range"),
         (SecAggAbort, "secagg-abort"),
         ((LedgerCorrupt, LedgerMismatch, LedgerMissing, LedgerRolledBack, AuditLogBehind, AuditLogCorrupt,
-          AccountingMismatch, ReleaseRecordCorrupt), "ledger"),
+          ReleaseRecordCorrupt), "ledger"),
         (ConfigError, "config"),
         ((DatasetError, FileNotFoundError), "data"),
         (ProtocolError, "protocol"),

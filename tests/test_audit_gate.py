@@ -67,6 +67,7 @@ class _FakeRequest:
     """The request fields ``entry_for`` reads (a Flower Message needs a running task identity)."""
 
     metadata = _Meta()
+    content = RecordDict()  # no secagg record: no session
 
 
 def test_fab_gate_installs_only_allow_listed_bundles(tmp_path: Path) -> None:

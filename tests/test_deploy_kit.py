@@ -100,6 +100,7 @@ def test_commands_the_kit_documents_are_the_ones_the_daemons_run(tmp_path: Path)
         site_id="site-0", superlink="fl.example:443", data_path=tmp_path, state_path=tmp_path,
         epsilon_budget=10.0, ca_certificate=Path("ca.pem"), auth_private_key=Path("a.key"),
         secagg_private_key=Path("s.key"), roster=Path("roster.json"), allowed_fabs=(),
+        class_names="normal,lesion", members=(("site-0", "ab" * 32),),
     )
     node_cmd = NodeDaemon(node_cfg).supernode_command()
     assert "--root-certificates" in node_cmd and "--auth-supernode-private-key" in node_cmd

@@ -18,10 +18,12 @@ from flwr.supercore.task_identity import TaskIdentity
 from opacus.accountants import PRVAccountant
 
 import client.task
+from client.audit import read_entries
 from client.ledger import PrivacyLedger
 from common.checkpoint import latest_valid_checkpoint, load_checkpoint
 from common.config import RunConfig
 from common.privacy import epsilon_of
+from common.protocol import error_reason
 from server.rounds import ServerPaths, run_federation
 from tests.helpers import default_run_config
 from tests.inprocess import InProcessGrid, fresh_state, write_phantom_sites
@@ -53,6 +55,7 @@ def _config(sites_dir: Path, out: Path, **overrides: object) -> dict[str, object
         "model__d-width": 16,
         "dp__calibrate": False,
         "dp__noise-multiplier": 1.2,
+        "dp__sample-rate": 0.25,  # the public q: 4 expected patients of a 16-patient site
         "wait-nodes-timeout": 5.0,
         "secure-aggregation": False,  # these tests are about the plain loop; see test_secure_federation
     }
@@ -98,7 +101,7 @@ def test_reported_epsilon_is_cumulative_and_recomputable_from_the_ledger(sites_d
 def test_small_budget_stops_training_at_never_above_the_budget(sites_dir: Path, tmp_path: Path) -> None:
     # prepare: a budget that fits two rounds at σ=1.2 but not three
     fresh_state(sites_dir)
-    q = 4 / 16
+    q = 0.25  # the run's public dp.sample-rate
     two, three = (epsilon_of([client.task.Charge(1.2, q, 3 * k)], 1e-5) for k in (2, 3))
     budget = (two + three) / 2
     cfg = _config(sites_dir, tmp_path, **{"num-server-rounds": 5, "dp__epsilon-budget": budget})
@@ -171,7 +174,8 @@ def test_a_hospital_crashing_mid_round_is_still_charged_and_the_round_goes_on(
     # assert: the round finished with the two others; site-1's ledger still counts its steps
     record = state["rounds"][0]
     assert record["sites_trained"] == ["site-0", "site-2"]
-    assert any("simulated crash" in f for f in record["failures"])
+    assert f"site-1: {error_reason('internal')}" in record["failures"]  # a fixed text, no detail
+    assert any("simulated crash" in e.detail for e in read_entries(sites_dir / "site-1" / "audit.jsonl"))
     assert PrivacyLedger.read(sites_dir / "site-1" / "ledger.json").total_steps == 3
 
 

@@ -43,7 +43,7 @@ def test_three_phantom_hospitals_two_rounds_complete(demo_run: tuple[Path, subpr
     assert summary["secure_aggregation"] is True
     assert [r["round"] for r in summary["rounds"]] == [1, 2]
     assert all(r["sites_trained"] == ["site-0", "site-1", "site-2"] for r in summary["rounds"])
-    assert all(np.isfinite(r["loss_d"]) and np.isfinite(r["loss_g"]) for r in summary["rounds"])
+    assert all(np.isfinite(r["loss_d_fake"]) and np.isfinite(r["loss_g"]) for r in summary["rounds"])
     assert set(summary["sites"]) == {"site-0", "site-1", "site-2"}
     for site, s in summary["sites"].items():
         assert {"epsilon", "delta", "steps", "status", "ledger"} <= set(s)
