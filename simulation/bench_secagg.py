@@ -24,8 +24,9 @@ What is reported (per hospital per round unless noted; medians)
   key shares: round 1, or the round after a dropout) is a *setup* round; the others are
   *steady*. For plain aggregation round 1 is listed as "first" for comparison (it pays the
   one-off installation of the app on each SuperNode).
-* protocol CPU: ``costs.protocol_cpu_s``, the CPU seconds each hospital reports spending in the
-  secure-aggregation protocol (key agreement, sharing, masking, unmasking). It does not include
+* protocol CPU: the CPU seconds each hospital spent in the secure-aggregation steps (key
+  agreement, sharing, masking, unmasking), read from its own audit log (``cpu_s``; hospitals
+  never send timings); setup steps count in the round they preceded. It does not include
   starting a ClientApp process, which Flower does for every message (see "ClientApp time").
 * bytes up: ``costs.bytes_up``, the payload bytes of everything the hospital sent in the round.
 * messages: messages each SuperNode received, read from its log (``[RUN r, ROUND g]`` /
@@ -58,6 +59,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from client.audit import read_entries
 from common.config import ConfigError
 from simulation.deployment import LocalDeployment, NodeConfig
 from simulation.runner import (
@@ -85,6 +87,7 @@ class ModeResult:
     setup_rounds: frozenset[int]  # rounds that opened a secure session (plain: round 1, "first")
     messages: dict[str, dict[int, int]]  # site → round → messages received
     clientapp_s: float | None  # Flower's compute-time.clientapp-seconds for the run
+    protocol_cpu: dict[str, dict[int, float]]  # site → round → secure-aggregation CPU s (audit logs)
 
     @property
     def label(self) -> str:
@@ -110,6 +113,25 @@ def messages_per_round(deployment: LocalDeployment, run_id: int) -> dict[str, di
                 pending += 1
         counts[site] = dict(per_round)
     return counts
+
+
+def protocol_cpu_per_round(ledgers: dict[str, Path], run_id: int) -> dict[str, dict[int, float]]:
+    """Site → round → CPU seconds of its secure-aggregation steps, from each hospital's audit log
+    (beside its ledger); ``setup-N`` steps count in the next round."""
+    out: dict[str, dict[int, float]] = {}
+    for site, ledger in ledgers.items():
+        per_round: dict[int, float] = defaultdict(float)
+        pending = 0.0
+        for entry in read_entries(ledger.parent / "audit.jsonl"):
+            if entry.run != str(run_id) or not entry.action.startswith("train.secagg") or entry.cpu_s is None:
+                continue
+            if _NUMERIC_GROUP.match(entry.group):
+                per_round[int(entry.group)] += entry.cpu_s + pending
+                pending = 0.0
+            else:
+                pending += entry.cpu_s
+        out[site] = dict(per_round)
+    return out
 
 
 def setup_rounds_of(rounds: list[dict[str, Any]], secure: bool) -> frozenset[int]:
@@ -182,6 +204,7 @@ def run_mode(
         setup_rounds=setup_rounds_of(rounds, secure),
         messages=messages_per_round(deployment, result.run_id),
         clientapp_s=clientapp_seconds(deployment, result.run_id),
+        protocol_cpu=protocol_cpu_per_round(ledgers, result.run_id),
     )
 
 
@@ -193,6 +216,15 @@ def _per_site_round(mode: ModeResult, key: str, setup: bool | None) -> list[floa
             continue
         values += [float(c[key]) for c in record.get("costs", {}).values() if key in c]
     return values
+
+
+def _protocol_cpu(mode: ModeResult, setup: bool | None) -> list[float]:
+    return [
+        cpu
+        for per_round in mode.protocol_cpu.values()
+        for rnd, cpu in per_round.items()
+        if setup is None or (rnd in mode.setup_rounds) == setup
+    ]
 
 
 def _round_seconds(mode: ModeResult, setup: bool | None) -> list[float]:
@@ -237,7 +269,7 @@ def format_table(plain: ModeResult, secure: ModeResult) -> str:
         rows.append((name, _fmt(p1, unit), _fmt(ps, unit), _fmt(s1, unit), _fmt(ss, unit), _ratio(ss, ps)))
 
     row("round wall time (s)", _round_seconds)
-    row("protocol CPU / hospital (s)", lambda m, s: _per_site_round(m, "protocol_cpu_s", s))
+    row("protocol CPU / hospital (s)", _protocol_cpu)
     row("bytes up / hospital (MB)", lambda m, s: _per_site_round(m, "bytes_up", s), "MB")
     row("messages / hospital", _messages)
     widths = [max(len(r[i]) for r in (header, *rows)) for i in range(len(header))]
