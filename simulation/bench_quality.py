@@ -56,6 +56,7 @@ class BenchSettings:
     rounds: int = 5  # at a fixed ε, more steps mean more noise per step: 20 rounds scored worse than 5 or 10
     local_steps: int = 100
     batch_size: int = 128
+    sample_rate: float = 0.11  # ≈ 128 / 1177, the mean site of a 4-way PneumoniaMNIST split
     d_steps_per_g: int = 5  # the lever under DP (Bie et al. 2023): D keeps up with a G that costs no privacy
     nodp_d_steps_per_g: int = 1  # the non-private reference: plain DCGAN (5 lets D win outright without noise)
     lr_d: float = 2e-4
@@ -85,7 +86,8 @@ def run_flower(name: str, epsilon: float, s: BenchSettings, data: Path, out: Pat
     summary = simulate(SimulateOptions(
         out=out, sites=s.sites, rounds=s.rounds, epsilon=epsilon, delta=s.delta, seed=s.seed, dataset=data,
         partition=s.partition, max_images=s.max_images, local_steps=s.local_steps, batch_size=s.batch_size,
-        d_steps_per_g=s.d_steps_per_g, device="cpu", reference=data, extra_config=s.extra_config(),
+        sample_rate=s.sample_rate, d_steps_per_g=s.d_steps_per_g, device="cpu", reference=data,
+        extra_config=s.extra_config(),
     ), say=lambda line: print(f"[{name}] {line}", flush=True))
     eps = [site["epsilon"] for site in summary["sites"].values()]
     return {"train_s": summary["wall_seconds"], "evaluation": summary.get("evaluation") or {},
@@ -109,7 +111,7 @@ def run_inprocess(name: str, epsilon: float | None, s: BenchSettings, data: Path
         train=TrainConfig(local_steps=s.local_steps, batch_size=s.batch_size, lr_d=s.lr_d, lr_g=s.lr_g,
                           d_steps_per_g=s.d_steps_per_g if epsilon is not None else s.nodp_d_steps_per_g,
                           beta1=s.beta1, diversity_weight=s.diversity_weight, device="cpu"),
-        epsilon=epsilon, delta=s.delta, max_grad_norm=s.max_grad_norm, seed=s.seed,
+        sample_rate=s.sample_rate, epsilon=epsilon, delta=s.delta, max_grad_norm=s.max_grad_norm, seed=s.seed,
     )
     t0 = time.monotonic()
     state = train_federated(sites, plan, out, say)
@@ -178,7 +180,8 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, BenchSet
                         "fresh) and add their mean (default: 0,1,2; one seed is not a measurement)")
     p.add_argument("--engine", choices=("flower", "inprocess"), default="flower",
                    help="DP rows through medsynth simulate (default) or in process (tuning)")
-    for field, kind in (("rounds", int), ("local_steps", int), ("batch_size", int), ("d_steps_per_g", int),
+    for field, kind in (("rounds", int), ("local_steps", int), ("batch_size", int), ("sample_rate", float),
+                        ("d_steps_per_g", int),
                         ("nodp_d_steps_per_g", int),
                         ("lr_d", float), ("lr_g", float), ("beta1", float), ("diversity_weight", float),
                         ("aux_classifier", _flag), ("g_width", int), ("d_width", int),

@@ -67,6 +67,7 @@ from simulation.runner import (
     SimulateOptions,
     build_sites,
     check_out_dir,
+    deployed_node_config,
     forget_privacy_history,
     load_source,
     project_dir,
@@ -359,17 +360,8 @@ def main(argv: list[str] | None = None) -> int:
         source = load_source(opts)
         ledgers = build_sites(opts, source, say=lambda line: say(f"  {line}"))
         sites_dir = root / "sites"
-        nodes: dict[str, NodeConfig] = {
-            site: {
-                "site-id": site,
-                "data-path": str(sites_dir / site / "dicom"),
-                "state-path": str(sites_dir / site),
-                "epsilon-budget": float(args.epsilon),
-                "signing-key": str(sites_dir / site / "secagg_key.pem"),
-                "roster": str(sites_dir / "roster.json"),
-                "allow-plain-aggregation": True,  # consent to the plain half of the comparison
-            }
-            for site in ledgers
+        nodes: dict[str, NodeConfig] = {  # consent to plain aggregation: the plain half of the comparison
+            site: deployed_node_config(sites_dir, site, source.class_names, float(args.epsilon)) for site in ledgers
         }
         base_config: dict[str, RunConfigValue] = {
             "num-server-rounds": args.rounds,

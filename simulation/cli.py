@@ -88,7 +88,10 @@ def _simulate_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
     p.add_argument("--image-size", type=int, default=32, choices=(32, 64), help="model image side")
     p.add_argument("--local-steps", type=int, default=50, help="private D steps per hospital per round")
     p.add_argument("--batch-size", type=int, default=32,
-                   help="expected patients per D step (Poisson sampling rate = batch / patients)")
+                   help="generated images per D and G step (and the public divisor of D's noisy gradient)")
+    p.add_argument("--sample-rate", type=float, default=0.15,
+                   help="Poisson rate q: each patient's chance to be in a D step, the same at every hospital "
+                        "(public, so the ε a hospital reports does not reveal its patient count)")
     p.add_argument("--d-steps-per-g", type=int, default=5,
                    help="private D steps per G step (default 5: under DP noise D must keep up with G)")
     p.add_argument("--cpus-per-site", type=int, default=1, help="whole CPUs reserved per virtual hospital")
@@ -191,6 +194,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             image_size=args.image_size,
             local_steps=args.local_steps,
             batch_size=args.batch_size,
+            sample_rate=args.sample_rate,
             d_steps_per_g=args.d_steps_per_g,
             cpus_per_site=args.cpus_per_site,
             device=args.device,

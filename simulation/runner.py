@@ -61,6 +61,7 @@ class SimulateOptions:
     image_size: int = 32
     local_steps: int = 50
     batch_size: int = 32
+    sample_rate: float = 0.15
     d_steps_per_g: int = 5
     cpus_per_site: int = 1
     device: str = "auto"
@@ -147,6 +148,25 @@ def make_site_keys(sites_dir: Path, site_ids: list[str]) -> Path:
     return roster_path
 
 
+def deployed_node_config(
+    sites_dir: Path, site: str, class_names: tuple[str, ...], epsilon_budget: float
+) -> dict[str, str | float | bool]:
+    """A virtual hospital's node config as a deployed node carries it (``client.daemon_config``
+    writes the same keys from a real ``node.toml``): its folders, keys, pinned members, classes and
+    budget, and consent to plain aggregation (the benchmark and tests compare both modes)."""
+    return {
+        "site-id": site,
+        "data-path": str(sites_dir / site / "dicom"),
+        "state-path": str(sites_dir / site),
+        "epsilon-budget": epsilon_budget,
+        "class-names": ",".join(class_names),
+        "members": (sites_dir / site / SIM_MEMBERS_FILE).read_text(encoding="utf-8"),
+        "signing-key": str(sites_dir / site / "secagg_key.pem"),
+        "roster": str(sites_dir / "roster.json"),
+        "allow-plain-aggregation": True,
+    }
+
+
 def forget_privacy_history(ledger: Path) -> None:
     """Delete a *virtual* hospital's ledger, the audit log and the release record beside it (a new
     simulated consortium).
@@ -200,6 +220,7 @@ def run_config_for(opts: SimulateOptions, class_names: tuple[str, ...], sites_di
         "model.image-size": opts.image_size,
         "train.local-steps": opts.local_steps,
         "train.batch-size": opts.batch_size,
+        "dp.sample-rate": opts.sample_rate,
         "train.d-steps-per-g": opts.d_steps_per_g,
         "train.device": opts.device,
         "dp.epsilon-budget": float(opts.epsilon),

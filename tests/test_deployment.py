@@ -198,7 +198,7 @@ def hospitals(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hospitals]:
     reason = _secagg_missing()
     if reason is not None:
         pytest.skip(reason)
-    from simulation.runner import SimulateOptions, build_sites, load_source
+    from simulation.runner import SimulateOptions, build_sites, deployed_node_config, load_source
 
     root = tmp_path_factory.mktemp("deploy")
     opts = SimulateOptions(out=root, sites=3, rounds=ROUNDS, patients_per_site=16, images_per_patient=2)
@@ -206,15 +206,7 @@ def hospitals(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hospitals]:
     ledgers = build_sites(opts, source, say=lambda _line: None)
     sites_dir = root / "sites"
     nodes: dict[str, dict[str, RunConfigValue]] = {
-        site: {
-            "site-id": site,
-            "data-path": str(sites_dir / site / "dicom"),
-            "state-path": str(sites_dir / site),
-            "epsilon-budget": 10.0,
-            "signing-key": str(sites_dir / site / "secagg_key.pem"),
-            "roster": str(sites_dir / "roster.json"),
-            "allow-plain-aggregation": True,  # the hospitals consent to the plain-mode run too
-        }
+        site: deployed_node_config(sites_dir, site, source.class_names, 10.0)  # consents to plain mode too
         for site in ledgers
     }
     with LocalDeployment(root / "flwr", nodes) as dep:
