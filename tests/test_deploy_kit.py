@@ -80,7 +80,8 @@ def test_example_configs_use_only_known_keys() -> None:
     check_run_overrides(server["run"], app_defaults(REPO))
     assert set(server) == {"superlink", "tls", "hospitals", "run"}
     node = tomllib.loads((DEPLOY / "node.example.toml").read_text())
-    assert set(node) == {"node", "tls", "keys", "prepare", "apps"}
+    assert set(node) == {"node", "tls", "keys", "consortium", "prepare", "apps"}
+    assert set(node["consortium"]) == {"min-participants", "members"}
     assert "insecure" not in node["node"] and "insecure" not in node["tls"]
 
 
