@@ -194,6 +194,21 @@ def test_too_few_adverts_abort_setup():
         clients["site-0"].share_keys(two, roster, 3)
 
 
+def test_a_hospitals_own_min_participants_aborts_a_smaller_session_and_a_smaller_sum():
+    # prepare: a hospital that takes part only in sums of at least 4; a server content with 3
+    _, roster, clients, adverts = _setup(4)
+    three = {s: adverts[s] for s in ["site-0", "site-1", "site-2"]}
+    fed = make_federation(5, 2)
+    _masked_round(fed, 1, senders=["site-0", "site-1", "site-2"])
+    requests = fed.server.unmask_requests()
+    # act / assert: the setup of three is refused by the hospital, not only by the server
+    with pytest.raises(TooFewSurvivors, match="3 sites advertised keys, need at least 4"):
+        clients["site-0"].share_keys(three, roster, 3, min_participants=4)
+    # and so is releasing shares for a sum of three survivors
+    with pytest.raises(TooFewSurvivors, match="only 3 sites alive in round 1, need 4"):
+        fed.clients["site-0"].unmask(1, *requests["site-0"], min_participants=4)
+
+
 def test_previous_rounds_ciphertexts_are_a_replay():
     # prepare: round 1 completes; in round 2 the server presents round-1 b-share ciphertexts
     fed = make_federation(4, 2)
