@@ -19,6 +19,8 @@ import pytest
 from client.audit import read_entries
 from client.fab_gate import fab_hash_of_app
 from client.ledger import PrivacyLedger
+from common.certs import read_public_keys
+from common.secagg import fingerprint
 from simulation.superlink import free_port
 from tests.consortium import Consortium, Daemon, make_consortium, medsynth
 
@@ -67,7 +69,9 @@ def test_three_hospitals_over_tls_with_node_auth_and_refused_nodes(tmp_path: Pat
     rogue = c.site_dir("rogue")
     medsynth("certs", "node", "--site", "rogue", "--out", rogue / "keys")
     medsynth("certs", "roster", "--out", rogue / "roster.json", rogue / "keys" / "rogue.secagg.json")
-    c.write_node_toml("rogue", rogue / "node.toml", **{"data-path": str(c.site_dir("site-0") / "dicom")})
+    rogue_pin = {s: fingerprint(k) for s, k in read_public_keys([rogue / "keys" / "rogue.secagg.json"]).items()}
+    c.write_node_toml("rogue", rogue / "node.toml", members=rogue_pin,
+                      **{"data-path": str(c.site_dir("site-0") / "dicom")})
     no_tls = c.write_node_toml("site-0", tmp_path / "no-tls.toml", insecure=True)
     wrong_ca = c.write_node_toml("site-0", tmp_path / "wrong-ca.toml",
                                  **{"ca-certificate": str(other_ca / "ca.pem"), "state-path": str(tmp_path / "w")})
@@ -110,7 +114,7 @@ def test_three_hospitals_over_tls_with_node_auth_and_refused_nodes(tmp_path: Pat
     assert "privacy spent per hospital" in server.text()
     _assert_ledgers_and_audits_agree_with_server(c, c.sites)
     audit = medsynth("node", "audit", "--config", c.node_toml("site-0"))
-    assert "6 message(s) left this hospital" in audit.stdout  # keys, shares, 2 × (train, unmask)
+    assert "8 message(s) left this hospital" in audit.stdout  # keys, shares, 2 × (train, mask, unmask)
     privacy = medsynth("node", "privacy", "--config", c.node_toml("site-0"))
     assert "ε spent" in privacy.stdout and "round   2" in privacy.stdout
     # the server's report.html, and the evaluation of the received model at a hospital (aggregates only)
