@@ -21,8 +21,9 @@ G step: goes backward through D with Opacus's hooks disabled, so it neither move
 accountant nor leaves per-sample gradients; D's gradients are cleared after it.
 
 Wiring, step and accountant are kept apart as in Opacus core: ``GradSampleModule`` (per-sample
-gradients), ``DPOptimizer`` (clip + noise), an accountant attached as a step hook that counts
-the steps actually taken, which the caller checks against what it charged to the ledger.
+gradients), ``DPOptimizer`` (clip + noise; its noise drawn from ChaCha20 keyed by the OS, see
+``common.dp_noise``), an accountant attached as a step hook that counts the steps actually
+taken, which the caller checks against what it charged to the ledger.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from opacus.validators import ModuleValidator
 
 from common.config import ModelConfig, TrainConfig
 from common.dataset import LocalDataset
+from common.dp_noise import ChaCha20Gaussian, CsprngDPOptimizer
 from common.models import Discriminator, Generator
 from common.privacy import Charge, make_accountant
 
@@ -127,19 +129,18 @@ def make_private_discriminator(
     noise_multiplier: float,
     max_grad_norm: float,
     sample_rate: float,
-    device: torch.device,
     noise_seed: int | None = None,
 ) -> PrivateDiscriminator:
-    """Wrap D for DP-SGD. Noise is seeded by the OS unless a test passes ``noise_seed``."""
+    """Wrap D for DP-SGD. The Gaussian noise is ChaCha20 keyed by the OS (``common.dp_noise``)
+    unless a test passes ``noise_seed``, which makes it reproducible and so not private. The
+    noise is drawn on the CPU and moved to each gradient's device."""
     errors = ModuleValidator.validate(netD, strict=False)
     if errors:
         raise DiscriminatorNotPrivate(f"discriminator is not DP-compatible: {errors}")
     gsm = GradSampleModule(netD, batch_first=True, loss_reduction="sum")
-    noise_gen = torch.Generator(device=device).manual_seed(
-        secrets.randbits(63) if noise_seed is None else noise_seed
-    )
-    optD = DPOptimizer(
+    optD = CsprngDPOptimizer(
         torch.optim.Adam(gsm.parameters(), lr=train.lr_d, betas=(train.beta1, 0.999)),
+        noise=ChaCha20Gaussian.from_os() if noise_seed is None else ChaCha20Gaussian.from_seed(noise_seed),
         noise_multiplier=noise_multiplier,
         max_grad_norm=max_grad_norm,
         # The noisy sum is divided by a public constant (B nominal real rows + m = B fake rows),
@@ -147,7 +148,6 @@ def make_private_discriminator(
         # put P into the update outside the mechanism's output.
         expected_batch_size=2 * train.batch_size,
         loss_reduction="mean",
-        generator=noise_gen,
     )
     accountant = make_accountant("rdp")  # counts steps only; epsilon is the ledger's business
     optD.attach_step_hook(accountant.get_optimizer_hook_fn(sample_rate=sample_rate))
@@ -227,7 +227,6 @@ def train_local_round(
             noise_multiplier=noise_multiplier,
             max_grad_norm=max_grad_norm,
             sample_rate=sample_rate,
-            device=device,
             noise_seed=noise_seed,
         )
         d_module, optD = private_d.module, private_d.optimizer

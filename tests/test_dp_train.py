@@ -28,7 +28,7 @@ CPU = torch.device("cpu")
 def _summed_clipped_grad(netD, cfg, train, real, y_real, fake, y_fake, clip) -> torch.Tensor:
     """Σ_rows clip(g_row) as the real DPOptimizer computes it, with σ = 0 (no noise)."""
     priv = make_private_discriminator(
-        netD, train=train, noise_multiplier=0.0, max_grad_norm=clip, sample_rate=0.5, device=CPU,
+        netD, train=train, noise_multiplier=0.0, max_grad_norm=clip, sample_rate=0.5,
     )
     try:
         loss, _, _ = discriminator_loss(priv.module, real, y_real, fake, y_fake, cfg.conditional)
@@ -89,7 +89,7 @@ def test_generator_step_leaves_no_per_sample_gradients_and_no_accountant_step() 
     train = TrainConfig(batch_size=4)
     netG, netD = build_models(cfg, seed=0)
     priv = make_private_discriminator(
-        netD, train=train, noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=0.1, device=CPU
+        netD, train=train, noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=0.1
     )
     z, y = sample_noise(4, cfg, CPU)
     loss, _, _ = discriminator_loss(priv.module, torch.rand(3, 1, 32, 32), torch.tensor([0, 1, 0]),
