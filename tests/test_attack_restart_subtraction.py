@@ -6,8 +6,6 @@ update and is charged for it, and its audit log shows every session."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from common.protocol import error_reason
@@ -15,15 +13,19 @@ from tests.attacker import RUN_ID, Attack, write_sites
 
 
 @pytest.fixture(scope="module")
-def sites(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_sites(tmp_path_factory.mktemp("restart"), [6, 6, 6, 6])
-
-
-def test_a_second_session_for_a_completed_round_gets_no_masked_update(sites: Path, tmp_path: Path) -> None:
-    # prepare: an honest round 1 with all four hospitals
-    attack = Attack(sites, tmp_path, 4)
+def completed(tmp_path_factory: pytest.TempPathFactory) -> Attack:
+    """Four hospitals after an honest round 1 (one round for the module: training is the cost)."""
+    sites = write_sites(tmp_path_factory.mktemp("restart"), [6, 6, 6, 6])
+    attack = Attack(sites, tmp_path_factory.mktemp("out"), 4)
     new_arrays, record = attack.driver.run_round(attack.nodes, attack.arrays, 1)
     assert new_arrays is not None and record["sites_trained"] == ["site-0", "site-1", "site-2", "site-3"]
+    return attack
+
+
+def test_a_second_session_for_a_completed_round_gets_no_masked_update(completed: Attack) -> None:
+    # prepare: round 1 completed by all four
+    attack = completed
+    attack.failures.clear()
     first_session = attack.driver.setup_id
     three = {s: attack.node(s) for s in ("site-0", "site-1", "site-2")}
 
@@ -38,7 +40,8 @@ def test_a_second_session_for_a_completed_round_gets_no_masked_update(sites: Pat
     assert len(refused) == 3 and all(error_reason("already-released") in f for f in refused)
     assert all(attack.grid.sent[("train.secagg_unmask", pid)] == 1 for pid in range(4))  # the honest round's only
     for site in three:
-        assert [r.setup for r in attack.releases(site, 1)] == [first_session]  # one release, first session
+        assert [r.setup for r in attack.releases(site, 1)][:1] == [first_session]  # released in session 1 only
+        assert all(r.setup != attack.driver.setup_id for r in attack.releases(site, 1))
         assert [e.round for e in attack.ledger(site).entries if e.run == RUN_ID] == [1]  # one charge
         sessions = {(e.action, e.session, e.status) for e in attack.audit(site)}
         assert ("train.secagg_mask", str(first_session), "-") in sessions
@@ -47,10 +50,10 @@ def test_a_second_session_for_a_completed_round_gets_no_masked_update(sites: Pat
         assert "AlreadyReleased" in refusal.detail
 
 
-def test_asked_to_train_the_round_again_a_hospital_sends_a_new_charged_update(sites: Path, tmp_path: Path) -> None:
+def test_asked_to_train_the_round_again_a_hospital_sends_a_new_charged_update(completed: Attack) -> None:
     # prepare: round 1 completed by all four
-    attack = Attack(sites, tmp_path, 4)
-    attack.driver.run_round(attack.nodes, attack.arrays, 1)
+    attack = completed
+    attack.failures.clear()
     three = {s: attack.node(s) for s in ("site-0", "site-1", "site-2")}
 
     # act: the server asks three of them to train round 1 again and masks that in a new session

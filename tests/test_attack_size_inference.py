@@ -22,12 +22,12 @@ def sites(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_sites(tmp_path_factory.mktemp("sizes"), PATIENTS)
 
 
-@pytest.mark.parametrize("calibrate", [True, False])
 def test_hospitals_of_different_sizes_send_identical_privacy_records_and_sum_no_patient_count(
-    sites: Path, tmp_path: Path, calibrate: bool
+    sites: Path, tmp_path: Path
 ) -> None:
-    # prepare: three hospitals with 4, 13 and 7 patients; σ calibrated to the budget, or fixed
-    attack = Attack(sites, tmp_path, 3, dp__calibrate=calibrate)
+    # prepare: three hospitals with 4, 13 and 7 patients; σ calibrated to each one's budget
+    # (with q = B / P their σ and ε differed even between 1000 and 1001 patients)
+    attack = Attack(sites, tmp_path, 3, dp__calibrate=True)
 
     # act: a round; the server decodes the sum as an attacker would
     privacy, node_of = attack.driver.train(attack.nodes, attack.arrays, 1, attack.failures)
