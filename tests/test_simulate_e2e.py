@@ -93,13 +93,13 @@ def test_user_errors_are_one_line_without_traceback(tmp_path: Path) -> None:
 
 
 def test_fixed_noise_small_budget_stops_cleanly_with_status(tmp_path: Path) -> None:
-    # prepare: σ=3 fixed, q=4/12, 6 steps a round: ε after 1..4 rounds = 1.23, 1.72, 2.11, 2.45
+    # prepare: σ=3 fixed, q=1/3 (public), 6 steps a round: ε after 1..4 rounds = 1.23, 1.72, 2.11, 2.45
     out = tmp_path / "budget"
     # act
     proc = _medsynth(
         "simulate", "--out", str(out), "--sites", "3", "--rounds", "4", "--epsilon", "2.0",
         "--noise-multiplier", "3.0", "--patients-per-site", "12", "--images-per-patient", "2",
-        "--local-steps", "6", "--batch-size", "4",
+        "--local-steps", "6", "--batch-size", "4", "--sample-rate", str(1 / 3),
     )
     # assert: the run ended normally, fewer rounds than asked, every site at or below budget
     assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
