@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import fcntl
 import hashlib
 import json
 import time
@@ -52,7 +51,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from client.audit import AuditEntry, LedgerStateEntry, append_entry, latest_ledger_state, read_records
-from common.atomic import json_safe, write_json_atomic
+from common.atomic import exclusive_lock, json_safe, write_json_atomic
 from common.privacy import Charge, epsilon_of
 
 FORMAT = 2  # 2: sequence and hash chain (format 1 files are migrated on their first open)
@@ -337,13 +336,8 @@ class PrivacyLedger:
     @contextlib.contextmanager
     def locked(path: Path) -> Iterator[None]:
         """Exclusive lock for a read-modify-write cycle (one trainer per hospital at a time)."""
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path.with_name(path.name + ".lock"), "a") as fh:
-            fcntl.flock(fh, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(fh, fcntl.LOCK_UN)
+        with exclusive_lock(path):
+            yield
 
     # ---- reading -------------------------------------------------------------------------
     @property

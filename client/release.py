@@ -20,14 +20,13 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import fcntl
 import json
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from common.atomic import write_json_atomic
+from common.atomic import exclusive_lock, write_json_atomic
 from common.secagg import AlreadyReleased
 
 FORMAT = 1
@@ -57,13 +56,8 @@ class ReleaseRecord:
     @contextlib.contextmanager
     def locked(path: Path) -> Iterator[ReleaseRecord]:
         """The record under an exclusive lock (one masking step per hospital at a time)."""
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path.with_name(path.name + ".lock"), "a") as fh:
-            fcntl.flock(fh, fcntl.LOCK_EX)
-            try:
-                yield ReleaseRecord.read(path)
-            finally:
-                fcntl.flock(fh, fcntl.LOCK_UN)
+        with exclusive_lock(path):
+            yield ReleaseRecord.read(path)
 
     @staticmethod
     def read(path: Path) -> ReleaseRecord:
