@@ -29,7 +29,7 @@ def _spend(attack: Attack) -> None:
     """Sites 1–3 have spent their budget in an earlier run (ε ≫ 10 at δ = 1e-5)."""
     for site in SPENT:
         ledger = PrivacyLedger.open(attack.state(site) / "ledger.json", site=site, accountant="prv", delta=1e-5,
-                                    epsilon_budget=10.0)
+                                    epsilon_budget=10.0, audit_path=attack.state(site) / "audit.jsonl")
         ledger.charge(Charge(0.8, 1.0, 200), run=1, round=1)
 
 

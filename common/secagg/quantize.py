@@ -78,7 +78,11 @@ class Quantizer:
             q = np.clip(np.rint(v), 0, self.levels)  # clip: float edge effects at ±B only, x is in range
             levels[todo] = q.astype(np.uint64)
             todo = todo[np.abs(np.abs(v - q) - 0.5) <= 2 * float(np.finfo(dtype).eps) * self.levels]
-        for i in todo.tolist():
+        # x = 0 is the common case here (a tensor a round did not touch): its real level is N/2 for
+        # every bound, a half-integer since N is odd, so it always reaches this tier; decide it once.
+        zero = x[todo] == 0.0
+        levels[todo[zero]] = _exact_level(0.0, 1.0, self.levels)
+        for i in todo[~zero].tolist():
             levels[i] = _exact_level(float(x[i]), float(self.bounds[i]), self.levels)
         return levels
 
