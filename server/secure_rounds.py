@@ -258,18 +258,14 @@ class SecureRounds:
             vector = self.quantizer.decode_sum(total, len(alive))
             record.update(
                 sites_trained=sorted(alive),
-                sites_budget_exhausted=sorted(s for s, r in privacy.items() if r.status == "budget-exhausted"),
-                privacy={s: privacy_entry(r) for s, r in privacy.items()},
+                **privacy_fields(privacy),
                 secure={"session": self.setup_id, "alive": alive, "dead": dead, "attempts": attempt + 1},
             )
             new_arrays, metrics = fedavg(global_arrays, self.layout, vector)
             record.update(metrics)
             record["seconds"] = round(time.monotonic() - t0, 2)
             return new_arrays, record
-        record.update(sites_trained=[],
-                      sites_budget_exhausted=sorted(s for s, r in privacy.items() if r.status == "budget-exhausted"),
-                      privacy={s: privacy_entry(r) for s, r in privacy.items()},
-                      seconds=round(time.monotonic() - t0, 2))
+        record.update(sites_trained=[], **privacy_fields(privacy), seconds=round(time.monotonic() - t0, 2))
         return None, record
 
 
@@ -278,6 +274,14 @@ def received_entry(msg: Message) -> dict[str, Any]:
     hospital's audit log line for the same message)."""
     return {"type": msg.metadata.message_type, "group": msg.metadata.group_id,
             "bytes": content_bytes(msg.content), "sha256": payload_digest(msg.content)}
+
+
+def privacy_fields(privacy: Mapping[str, SiteReply]) -> dict[str, Any]:
+    """The round record's ``sites_budget_exhausted`` and ``privacy`` from the hospitals' records."""
+    return {
+        "sites_budget_exhausted": sorted(s for s, r in privacy.items() if r.status == "budget-exhausted"),
+        "privacy": {s: privacy_entry(r) for s, r in privacy.items()},
+    }
 
 
 def privacy_entry(r: SiteReply) -> dict[str, Any]:

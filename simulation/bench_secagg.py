@@ -54,7 +54,7 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -100,39 +100,37 @@ def _median(values: Sequence[float]) -> float | None:
     return statistics.median(values) if values else None
 
 
+def _by_round(items: Iterable[tuple[str, float]]) -> dict[int, float]:
+    """(message group, amount) in arrival order → round → total; ``setup-N`` amounts count in the
+    round they preceded."""
+    per_round: dict[int, float] = defaultdict(float)
+    pending = 0.0
+    for group, amount in items:
+        if _NUMERIC_GROUP.match(group):
+            per_round[int(group)] += amount + pending
+            pending = 0.0
+        else:
+            pending += amount
+    return dict(per_round)
+
+
 def messages_per_round(deployment: LocalDeployment, run_id: int) -> dict[str, dict[int, int]]:
     """Site → round → messages its SuperNode received; ``setup-N`` groups count in the next round."""
-    counts: dict[str, dict[int, int]] = {}
-    for site in deployment.sites:
-        per_round: dict[int, int] = defaultdict(int)
-        pending = 0
-        for msg in deployment.received_messages(site, run_id):
-            if _NUMERIC_GROUP.match(msg.group):
-                per_round[int(msg.group)] += 1 + pending
-                pending = 0
-            else:
-                pending += 1
-        counts[site] = dict(per_round)
-    return counts
+    counts = {site: _by_round((m.group, 1.0) for m in deployment.received_messages(site, run_id))
+              for site in deployment.sites}
+    return {site: {r: int(n) for r, n in per_round.items()} for site, per_round in counts.items()}
 
 
 def protocol_cpu_per_round(ledgers: dict[str, Path], run_id: int) -> dict[str, dict[int, float]]:
     """Site → round → CPU seconds of its secure-aggregation steps, from each hospital's audit log
     (beside its ledger); ``setup-N`` steps count in the next round."""
-    out: dict[str, dict[int, float]] = {}
-    for site, ledger in ledgers.items():
-        per_round: dict[int, float] = defaultdict(float)
-        pending = 0.0
-        for entry in read_entries(ledger.parent / "audit.jsonl"):
-            if entry.run != str(run_id) or not entry.action.startswith("train.secagg") or entry.cpu_s is None:
-                continue
-            if _NUMERIC_GROUP.match(entry.group):
-                per_round[int(entry.group)] += entry.cpu_s + pending
-                pending = 0.0
-            else:
-                pending += entry.cpu_s
-        out[site] = dict(per_round)
-    return out
+    return {
+        site: _by_round(
+            (e.group, e.cpu_s) for e in read_entries(ledger.parent / "audit.jsonl")
+            if e.run == str(run_id) and e.action.startswith("train.secagg") and e.cpu_s is not None
+        )
+        for site, ledger in ledgers.items()
+    }
 
 
 def setup_rounds_of(rounds: list[dict[str, Any]], secure: bool) -> frozenset[int]:
