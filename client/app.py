@@ -1,4 +1,4 @@
-"""Flower ClientApp: translates messages into typed calls (``client.task``, ``client.secure``).
+"""Flower ClientApp: translates messages into typed calls (``client.task``, ``client.secagg``).
 
 Actions: ``train`` (a round: plain update, or — when the request carries a ``secagg`` record —
 train and keep the update for masking), ``train.secagg_keys`` / ``train.secagg_share`` (session
@@ -7,7 +7,7 @@ against the hospital's own settings (``client.policy``). Every reply, errors inc
 written to the hospital's audit log (``client.audit``).
 
 Nothing data-dependent leaves in an error: a failure becomes an ``error`` reply whose reason is
-one of the fixed texts of ``common.protocol.ERRORS`` (a code and a sentence, no value); the
+one of the fixed texts of ``common.protocol.messages.ERRORS`` (a code and a sentence, no value); the
 exception's own message, which may hold a loss or a count, goes to the hospital's log and audit
 log only. An unexpected exception is answered the same way (code ``internal``), with its
 traceback in the hospital's log.
@@ -23,11 +23,11 @@ from pathlib import Path
 from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from client import secure
+from client import secagg
 from client.audit import append_entry, entry_for
 from client.policy import ModelRefused, RunRefused, check_run_allowed
 from common.config import ConfigError, RunConfig, SiteConfig
-from common.protocol import ProtocolError, SiteReply, decode_train_request, encode_reply, error_reason
+from common.protocol.messages import ProtocolError, SiteReply, decode_train_request, encode_reply, error_reason
 from common.secagg import AlreadyReleased, MembershipMismatch, NothingToMask, SecAggAbort, ValueOutOfRange
 
 log = logging.getLogger("medsynth.client")
@@ -128,7 +128,7 @@ def train(msg: Message, context: Context) -> Message:
 
     def act(run: RunConfig, site: SiteConfig) -> RecordDict:
         if "secagg" in msg.content.config_records:
-            return secure.train_secure(run, site, msg.content, context.state, run_id=context.run_id)
+            return secagg.train_secure(run, site, msg.content, context.state, run_id=context.run_id)
         if not site.allow_plain_aggregation:
             raise RunRefused(
                 "the server asked for an unmasked update (plain aggregation) and this hospital's node "
@@ -144,22 +144,22 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.train("secagg_keys")
 def secagg_keys(msg: Message, context: Context) -> Message:
-    return _handle(msg, context, lambda run, site: secure.advertise_keys(site, msg.content, context.state))
+    return _handle(msg, context, lambda run, site: secagg.advertise_keys(site, msg.content, context.state))
 
 
 @app.train("secagg_share")
 def secagg_share(msg: Message, context: Context) -> Message:
-    return _handle(msg, context, lambda run, site: secure.share_keys(site, msg.content, context.state))
+    return _handle(msg, context, lambda run, site: secagg.share_keys(site, msg.content, context.state))
 
 
 @app.train("secagg_mask")
 def secagg_mask(msg: Message, context: Context) -> Message:
-    return _handle(msg, context, lambda run, site: secure.mask(site, msg.content, context.state))
+    return _handle(msg, context, lambda run, site: secagg.mask(site, msg.content, context.state))
 
 
 @app.train("secagg_unmask")
 def secagg_unmask(msg: Message, context: Context) -> Message:
-    return _handle(msg, context, lambda run, site: secure.unmask(site, msg.content, context.state))
+    return _handle(msg, context, lambda run, site: secagg.unmask(site, msg.content, context.state))
 
 
 __all__ = ["app"]

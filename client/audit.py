@@ -2,7 +2,7 @@
 
 A privacy officer reads it to see exactly what was sent and when: the run, the round (the
 message's group: a round number or ``setup-N``), the action, the payload size, the SHA-256 of
-the payload (:func:`common.protocol.payload_digest`, which the server records for what it
+the payload (:func:`common.protocol.messages.payload_digest`, which the server records for what it
 received), the status, and the hospital's cumulative ε after the message. Nothing of the
 payload itself is kept: the digest lets the officer match an entry with the server's record
 without the log holding model updates.
@@ -32,7 +32,7 @@ from typing import Any
 
 from flwr.app import Message, RecordDict
 
-from common.protocol import content_bytes, payload_digest
+from common.protocol.messages import content_bytes, payload_digest
 
 
 class AuditLogCorrupt(Exception):

@@ -2,12 +2,12 @@
 
 In order:
 
-1. ``node.toml`` is validated (:class:`client.daemon_config.NodeDeployConfig`): data folder,
+1. ``node.toml`` is validated (:class:`client.node_config.NodeDeployConfig`): data folder,
    CA certificate, both private keys (mode 0600), the roster entry of this site;
 2. a TLS handshake with the SuperLink checks its certificate against the configured CA
    (a wrong CA or host name fails here, with a message saying so; an unreachable server is
    not an error: the node waits for it);
-3. the local dataset is prepared if the cache is missing or stale (``client.prepare``);
+3. the local dataset is prepared if the cache is missing or stale (``client.prepare.pipeline``);
 4. ``flower-supernode`` runs with ``--root-certificates``, ``--auth-supernode-private-key``
    and the node config; its Runtime API listens on loopback only, and it only ever dials
    out. With an app allow-list, ``flwr-clientapp`` is the hash gate of ``client.fab_gate``.
@@ -32,9 +32,9 @@ from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 
-from client.daemon_config import NodeDeployConfig
 from client.fab_gate import ALLOWLIST_ENV, write_wrapper
-from client.prepare import PrepareReport, load_or_create_salt, prepare_site
+from client.node_config import NodeDeployConfig
+from client.prepare.pipeline import PrepareReport, load_or_create_salt, prepare_site
 from common.atomic import write_json_atomic
 from common.config import ConfigError, parse_class_names
 from simulation.deployment import node_config_argument

@@ -9,7 +9,7 @@ File format (JSON, one per hospital)::
      "plans": {"123": {"noise_multiplier": 0.9, "sample_rate": 0.1}},
      "sequence": 7, "previous_chain": "<64 hex>", "chain": "<64 hex>"}
 
-Epsilon is always recomputed from the whole ``history`` (``common.privacy.epsilon_of``), so
+Epsilon is always recomputed from the whole ``history`` (``common.dp.accounting.epsilon_of``), so
 anyone can verify it from the file alone. Steps are charged *before* training starts: a round
 that crashes or whose update is never sent is still counted (conservatively, in full).
 
@@ -52,7 +52,7 @@ from typing import Any, Literal
 
 from client.audit import AuditEntry, LedgerStateEntry, append_entry, latest_ledger_state, read_records
 from common.atomic import exclusive_lock, json_safe, write_json_atomic
-from common.privacy import Charge, epsilon_of
+from common.dp.accounting import Charge, epsilon_of
 
 FORMAT = 2  # 2: sequence and hash chain (format 1 files are migrated on their first open)
 GENESIS_CHAIN = "0" * 64  # the chain value "before" a ledger's first write

@@ -25,14 +25,14 @@ import numpy as np
 
 from client.ledger import AccountingMismatch, NoisePlan, PrivacyLedger
 from client.policy import check_global_model
-from client.prepare import load_or_create_salt, prepare_site
+from client.prepare.pipeline import load_or_create_salt, prepare_site
 from common.checkpoint import save_checkpoint
 from common.config import ConfigError, RunConfig, SiteConfig
 from common.dataset import LocalDataset, load_cache
-from common.dp_train import train_local_round
+from common.dp.accounting import Charge, PrivacyBudgetExceeded, calibrate_noise_multiplier, check_budget
+from common.dp.train import train_local_round
 from common.models import build_models, select_device
-from common.privacy import Charge, PrivacyBudgetExceeded, calibrate_noise_multiplier, check_budget
-from common.protocol import SiteReply, Status
+from common.protocol.messages import SiteReply, Status
 from common.weights import PUBLIC_WEIGHT, UpdateLayout, load_model_arrays, model_arrays
 
 

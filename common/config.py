@@ -81,7 +81,7 @@ class TrainConfig:
     lr_d: float = 2e-4
     lr_g: float = 2e-4
     beta1: float = 0.5
-    diversity_weight: float = 10.0  # λ of G's diversity term (common.dp_train.diversity_term); 0: off
+    diversity_weight: float = 10.0  # λ of G's diversity term (common.dp.train.diversity_term); 0: off
     device: str = "auto"
 
     def __post_init__(self) -> None:
@@ -317,7 +317,7 @@ class SiteConfig:
     def from_flower(node_cfg: Mapping[str, ConfigValue], run: RunConfig) -> SiteConfig:
         """Build from node config; in simulation (only ``partition-id``) from ``sim.sites-dir``.
 
-        Deployment node config keys (``client.daemon_config`` writes them from ``node.toml``):
+        Deployment node config keys (``client.node_config`` writes them from ``node.toml``):
         ``site-id``, ``data-path``, ``state-path`` (cache, ledger, salt live there unless
         ``cache-path``/``ledger-path`` are given), ``epsilon-budget`` (required), ``delta``,
         ``accountant``, ``class-names`` (required), ``members`` (required, see

@@ -1,6 +1,6 @@
 """The prepared local cache: pixels, labels and salted patient indices, pickle-free.
 
-``client.prepare`` turns a hospital's DICOM folder into one ``.npz`` file; training only ever
+``client.prepare.pipeline`` turns a hospital's DICOM folder into one ``.npz`` file; training only ever
 reads that file through :func:`load_cache`. The cache holds nothing from the DICOM headers
 but the label and a salted patient hash (no Patient ID, no UIDs, no dates).
 
@@ -121,7 +121,7 @@ def save_cache(ds: LocalDataset, cache_dir: Path, fingerprint: str, patient_hash
 
 def _open_cache(cache_dir: Path) -> dict[str, np.ndarray]:
     path = cache_dir / CACHE_FILE
-    hint = "run `medsynth node prepare` (client.prepare.prepare_site) to build it"
+    hint = "run `medsynth node prepare` (client.prepare.pipeline.prepare_site) to build it"
     if not path.is_file():
         raise DatasetError(f"no prepared dataset at {path}; {hint}")
     try:  # we own the handle: np.load leaks it when the zip is corrupt
@@ -172,7 +172,7 @@ def load_patient_hashes(cache_dir: Path) -> np.ndarray:
 def resize_to_square(frame: np.ndarray, size: int) -> np.ndarray:
     """(H, W) in [0, 1] -> (size, size) float32 in [0, 1]: how every image gets its model side.
 
-    Used by ``client.prepare`` for the hospitals' caches and by ``common.reference`` for the
+    Used by ``client.prepare.pipeline`` for the hospitals' caches and by ``common.evaluation.reference`` for the
     evaluation's real images, so both are resized by this one function.
 
     The frame is zero-padded (black) to a centred square, so the aspect ratio is kept and no

@@ -144,7 +144,7 @@ def sum_vectors(vectors: Sequence[np.ndarray]) -> np.ndarray:
 # ---- bounds for quantising an update vector into the secure-sum ring -------------------------
 PUBLIC_WEIGHT = 1.0  # ω of every contributing hospital: public, so the sum holds no patient count
 METRIC_BOUND = 1e3  # |ω·loss| ≤ 1e3: a mean BCE above that (logits ≈ ∓1000) is a diverged model, refused
-ADAM_BETA2 = 0.999  # the β2 both optimizers use (common.dp_train)
+ADAM_BETA2 = 0.999  # the β2 both optimizers use (common.dp.train)
 
 
 def adam_step_bound(beta1: float, beta2: float, steps: int) -> float:

@@ -1,6 +1,6 @@
 """Coverage-guided fuzzing of the DICOM reader with atheris (libFuzzer), for long runs outside CI.
 
-Every input goes through ``common.dicom.read_image_bytes`` with small caps. Any exception other
+Every input goes through ``common.dicom.read.read_image_bytes`` with small caps. Any exception other
 than ``DicomRejected`` is a finding (libFuzzer saves the input as ``crash-*``); hangs and memory
 blow-ups are findings through libFuzzer's ``-timeout`` and ``-rss_limit_mb``. Half of the
 mutations are structure-aware (Image Pixel values, item and element lengths, the Transfer Syntax
@@ -16,8 +16,8 @@ import sys
 import atheris
 
 with atheris.instrument_imports(include=["common", "pydicom"]):
-    from common.dicom import ReadLimits, read_image_bytes
-    from common.dicom_errors import DicomRejected
+    from common.dicom.errors import DicomRejected
+    from common.dicom.read import ReadLimits, read_image_bytes
 
 LIMITS = ReadLimits(max_decoded_bytes=16 * 2**20, max_file_bytes=8 * 2**20,
                     max_inflated_bytes=16 * 2**20)

@@ -3,7 +3,7 @@ SQLite state, running (or resuming) the training run.
 
 ``start`` does, in order:
 
-1. validates ``server.toml`` (:class:`server.daemon_config.ServerDeployConfig`);
+1. validates ``server.toml`` (:class:`server.server_config.ServerDeployConfig`);
 2. starts ``flower-superlink`` with ``--ssl-ca-certfile/--ssl-certfile/--ssl-keyfile``,
    ``--enable-supernode-auth`` and ``--database STATE/state.db``, runtime dependency
    installation off, and waits for ``GET /health`` over TLS;
@@ -40,7 +40,7 @@ from typing import Any
 
 from common.atomic import write_json_atomic
 from common.config import ConfigError
-from server.daemon_config import ServerDeployConfig, app_defaults
+from server.server_config import ServerDeployConfig, app_defaults
 from simulation.superlink import (
     FlowerEnv,
     RunFailedError,

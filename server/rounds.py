@@ -23,7 +23,7 @@ from common.atomic import write_json_atomic
 from common.checkpoint import latest_valid_checkpoint, save_checkpoint
 from common.config import RunConfig
 from common.models import build_models
-from common.protocol import (
+from common.protocol.messages import (
     ProtocolError,
     SiteReply,
     content_bytes,
@@ -31,10 +31,10 @@ from common.protocol import (
     encode_train_request,
     flower_error_line,
 )
-from common.report_html import write_report
-from common.samples import sample_grid, save_png
+from common.report.html import write_report
+from common.report.samples import sample_grid, save_png
 from common.weights import UpdateLayout, fedavg, load_model_arrays, model_arrays, sum_vectors
-from server.secure_rounds import SecureRounds, privacy_entry, received_entry
+from server.secagg import SecureRounds, privacy_entry, received_entry
 
 log = logging.getLogger("medsynth.server")
 

@@ -4,12 +4,12 @@ the cost of drawing DP-SGD's noise from ChaCha20 instead of a ``torch.Generator`
 The model, training and DP settings are the defaults of ``[tool.flwr.app.config]`` in
 ``pyproject.toml`` (what ``medsynth simulate`` runs); flags override image size, steps and batch.
 
-Table 1 runs the production loop (``common.dp_train.train_local_round``) with and without DP on
+Table 1 runs the production loop (``common.dp.train.train_local_round``) with and without DP on
 the same synthetic data, interleaved (DP, plain, DP, plain, …) so that machine noise hits both
 alike. A "step" is one D step plus one G step every ``train.d-steps-per-g``.
 
 Table 2 times only the D update (forward, backward, clip, noise, Adam) of the production wiring
-(``make_private_discriminator``: noise from ChaCha20, ``common.dp_noise``) against the same
+(``make_private_discriminator``: noise from ChaCha20, ``common.dp.noise``) against the same
 wiring with Opacus's stock ``DPOptimizer`` (``torch.normal`` from a ``torch.Generator``): two
 copies of D take turns on the same batches, step by step. It also times the two noise draws
 alone for D's parameter count ("extra / step": the difference over a D update). Ratios of
@@ -33,8 +33,8 @@ from opacus.optimizers import DPOptimizer
 
 from common.config import ModelConfig, PrivacyConfig, RunConfig, TrainConfig
 from common.dataset import LocalDataset
-from common.dp_noise import ChaCha20Gaussian
-from common.dp_train import (
+from common.dp.noise import ChaCha20Gaussian
+from common.dp.train import (
     PatientSampler,
     PrivateDiscriminator,
     discriminator_loss,
@@ -43,7 +43,7 @@ from common.dp_train import (
     train_local_round,
 )
 from common.models import build_models, select_device
-from server.daemon_config import app_defaults
+from server.server_config import app_defaults
 
 PROJECT = Path(__file__).resolve().parents[1]  # holds pyproject.toml with [tool.flwr.app.config]
 

@@ -1,6 +1,6 @@
 """Benchmark: ``prepare`` throughput on the shared DICOM corpus (files/s and MB/s).
 
-Runs the production path (``client.prepare.prepare_site``: folder walk, sandboxed workers,
+Runs the production path (``client.prepare.pipeline.prepare_site``: folder walk, sandboxed workers,
 structure checks, decode, display pipeline, resize, cache write) on ``../shared/data/dicom``
 with a forced rebuild, once with one worker and once with ``os.cpu_count()`` workers,
 interleaved over ``--repeats`` rounds so machine noise hits both alike. Worker start-up is
@@ -23,8 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from client.prepare import PrepareReport, prepare_site
-from common.dicom_paths import walk_data_folder
+from client.prepare.pipeline import PrepareReport, prepare_site
+from common.dicom.paths import walk_data_folder
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "dicom"
 

@@ -96,7 +96,7 @@ def run_flower(name: str, epsilon: float, s: BenchSettings, data: Path, out: Pat
 
 def run_inprocess(name: str, epsilon: float | None, s: BenchSettings, data: Path, out: Path) -> dict[str, Any]:
     """One row in process (no DP when ``epsilon`` is None), evaluated afterwards."""
-    from simulation.evaluate import EvaluateOptions, evaluate
+    from common.evaluation.evaluate import EvaluateOptions, evaluate
     from simulation.fed_inprocess import FedPlan, medmnist_sites, train_federated
 
     def say(line: str) -> None:

@@ -27,11 +27,11 @@ from client.ledger import (
     LedgerRolledBack,
     PrivacyLedger,
 )
-from client.prepare import PrepareError, load_or_create_salt, prepare_site
+from client.prepare.pipeline import PrepareError, load_or_create_salt, prepare_site
 from common.config import ConfigError, parse_class_names
 from common.dataset import DatasetError
-from common.dicom import DicomRejected
-from common.privacy import PrivacyBudgetExceeded, epsilon_of
+from common.dicom.read import DicomRejected
+from common.dp.accounting import PrivacyBudgetExceeded, epsilon_of
 from simulation import cli_deploy, cli_evaluate
 from simulation.partition import PartitionError, SourceDataError
 from simulation.superlink import SuperLinkError
@@ -235,7 +235,7 @@ def cmd_privacy(args: argparse.Namespace) -> int:
         raise ConfigError("give --ledger ledger.json or --config node.toml")
     audit_log: Path | None = args.audit_log
     if args.ledger is None:
-        from client.daemon_config import NodeDeployConfig
+        from client.node_config import NodeDeployConfig
 
         node = NodeDeployConfig.load(args.config)
         args.ledger, audit_log = node.ledger_path, audit_log or node.audit_path

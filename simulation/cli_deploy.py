@@ -143,7 +143,7 @@ def run_server(args: argparse.Namespace) -> int:
         print(fab_hash_of_app(_app_dir()))
         return 0
     from server.daemon import server_status, start_server
-    from server.daemon_config import ServerDeployConfig
+    from server.server_config import ServerDeployConfig
 
     cfg = ServerDeployConfig.load(args.config, _app_dir())
     if args.server_command == "status":
@@ -155,7 +155,7 @@ def run_server(args: argparse.Namespace) -> int:
 
 def run_node(args: argparse.Namespace) -> int:
     from client.audit import format_entries, read_records
-    from client.daemon_config import NodeDeployConfig
+    from client.node_config import NodeDeployConfig
     from common.config import ConfigError
 
     if args.node_command == "audit":
@@ -177,7 +177,7 @@ def run_node(args: argparse.Namespace) -> int:
 def evaluate_at_node(state: Path, cache: Path, *, held_out: Path | None, seed: int) -> int:
     """``medsynth node evaluate``: aggregate-only evaluation of the kept global model on local data."""
     from common.config import GLOBAL_MODEL_DIR, ConfigError
-    from simulation.evaluate import EvaluateOptions, evaluate, format_evaluation
+    from common.evaluation.evaluate import EvaluateOptions, evaluate, format_evaluation
 
     models = state / GLOBAL_MODEL_DIR
     if not any(models.glob("round-*.safetensors")):

@@ -14,13 +14,9 @@ from typing import Any
 import numpy as np
 
 from common.atomic import write_json_atomic
+from common.checkpoint_model import CheckpointUnusable, load_generator
 from common.config import parse_class_names
-from common.export import FORMATS, SIDECAR, ExportError, export_images
-from common.features import ExtractorCacheCorrupt
-from common.reference import ReferenceDataError
-from common.report_html import write_report
-from simulation.checkpoint_model import CheckpointUnusable, load_generator
-from simulation.evaluate import (
+from common.evaluation.evaluate import (
     EvaluateOptions,
     EvaluationError,
     evaluate,
@@ -28,6 +24,10 @@ from simulation.evaluate import (
     output_dir,
     run_folder,
 )
+from common.evaluation.features import ExtractorCacheCorrupt
+from common.evaluation.reference import ReferenceDataError
+from common.export import FORMATS, SIDECAR, ExportError, export_images
+from common.report.html import write_report
 
 USER_ERRORS = (CheckpointUnusable, EvaluationError, ExportError, ExtractorCacheCorrupt, ReferenceDataError)
 

@@ -1,7 +1,7 @@
 """Federated DP-GAN training in one process, without Flower: for the benchmark's references and for tuning.
 
-The same local round as a hospital (``common.dp_train.train_local_round``), the same noise
-calibration (``common.privacy.calibrate_noise_multiplier``: σ chosen so the planned rounds end
+The same local round as a hospital (``common.dp.train.train_local_round``), the same noise
+calibration (``common.dp.accounting.calibrate_noise_multiplier``: σ chosen so the planned rounds end
 at, never above, ε), the same FedAvg weighted by patient count (the hospitals'
 ``UpdateLayout.pack`` and the server's ``fedavg``, summed in the clear), checkpoints written by
 ``common.checkpoint`` with the same round records (losses, each site's ε) and sample grids, so
@@ -28,11 +28,11 @@ from common.atomic import write_json_atomic
 from common.checkpoint import save_checkpoint
 from common.config import ModelConfig, PrivacyConfig, TrainConfig
 from common.dataset import LocalDataset
-from common.dp_train import train_local_round
+from common.dp.accounting import Charge, calibrate_noise_multiplier, epsilon_of
+from common.dp.train import train_local_round
+from common.evaluation.reference import to_model_range, unit_per_image
 from common.models import build_models
-from common.privacy import Charge, calibrate_noise_multiplier, epsilon_of
-from common.reference import to_model_range, unit_per_image
-from common.samples import sample_grid, save_png
+from common.report.samples import sample_grid, save_png
 from common.weights import PUBLIC_WEIGHT, UpdateLayout, fedavg, load_model_arrays, model_arrays, sum_vectors
 from simulation.partition import split_by_patient
 from simulation.runner import SimulateOptions, load_source
@@ -56,7 +56,7 @@ def medmnist_sites(npz: Path, sites: int, partition: str, seed: int, image_size:
                    max_images: int | None = None) -> list[LocalDataset]:
     """The sites ``medsynth simulate`` would make of a MedMNIST file: same subsample, same split, same pixels.
 
-    Pixels as ``prepare`` makes them of the simulation's DICOM files (``common.reference``).
+    Pixels as ``prepare`` makes them of the simulation's DICOM files (``common.evaluation.reference``).
     """
     opts = SimulateOptions(out=Path("unused"), sites=sites, dataset=npz, partition=partition, seed=seed,
                            max_images=max_images, image_size=image_size)

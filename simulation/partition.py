@@ -26,7 +26,7 @@ from pydicom.uid import UID, generate_uid
 
 from common.export import secondary_capture
 
-# BT.601 luma, the same rule as common.dicom for colour DICOM.
+# BT.601 luma, the same rule as common.dicom.read for colour DICOM.
 _LUMA = np.array([0.299, 0.587, 0.114])
 _MEDMNIST_CLASSES = {"pneumoniamnist": ("normal", "pneumonia")}
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")

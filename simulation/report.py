@@ -51,7 +51,7 @@ def build_summary(
 ) -> dict[str, Any]:
     """Combine the server's state (``server_state.json``) with every site's ledger.
 
-    ``evaluation``: the result of ``simulation.evaluate`` when the run was given a reference.
+    ``evaluation``: the result of ``common.evaluation.evaluate`` when the run was given a reference.
     """
     state_path = out / "server_state.json"
     state = json.loads(state_path.read_text()) if state_path.exists() else {"rounds": []}
@@ -100,7 +100,7 @@ def format_summary(summary: dict[str, Any], out: Path) -> str:
         )
     evaluation = summary.get("evaluation")
     if evaluation:
-        from simulation.evaluate import format_evaluation
+        from common.evaluation.evaluate import format_evaluation
 
         lines += ["evaluation against the reference:", format_evaluation(evaluation)]
     lines += [

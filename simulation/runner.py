@@ -7,7 +7,7 @@ Steps, each visible to the user:
    node would (same code), so the simulation exercises the real hospital path;
 4. start a private SuperLink (own FLWR_HOME and port), ``flwr run`` this app on it with
    ``num-supernodes = sites``, follow the server's round lines, stop the SuperLink by PID;
-5. with ``--reference``: evaluate the last checkpoint against real images (``simulation.evaluate``);
+5. with ``--reference``: evaluate the last checkpoint against real images (``common.evaluation.evaluate``);
 6. write ``summary.json`` (each site's epsilon recomputed from its ledger; the evaluation) and
    ``report.html`` (plots and tables, one offline file), and print the summary.
 """
@@ -24,9 +24,9 @@ from typing import Any
 
 import numpy as np
 
-from client.prepare import PrepareReport, load_or_create_salt, prepare_site
+from client.prepare.pipeline import PrepareReport, load_or_create_salt, prepare_site
 from common.config import RELEASED_FILE, SIM_MEMBERS_FILE, ConfigError, format_members
-from common.report_html import write_report
+from common.report.html import write_report
 from common.secagg import Roster, SiteIdentity
 from simulation.partition import (
     SourceData,
@@ -151,7 +151,7 @@ def make_site_keys(sites_dir: Path, site_ids: list[str]) -> Path:
 def deployed_node_config(
     sites_dir: Path, site: str, class_names: tuple[str, ...], epsilon_budget: float
 ) -> dict[str, str | float | bool]:
-    """A virtual hospital's node config as a deployed node carries it (``client.daemon_config``
+    """A virtual hospital's node config as a deployed node carries it (``client.node_config``
     writes the same keys from a real ``node.toml``): its folders, keys, pinned members, classes and
     budget, and consent to plain aggregation (the benchmark and tests compare both modes)."""
     return {
@@ -286,7 +286,7 @@ def evaluate_run(opts: SimulateOptions, say: Callable[[str], None]) -> dict[str,
     """The evaluation of the run's newest checkpoint against ``opts.reference`` (None without one)."""
     if opts.reference is None:
         return None
-    from simulation.evaluate import EvaluateOptions, evaluate  # torch: only when evaluating
+    from common.evaluation.evaluate import EvaluateOptions, evaluate  # torch: only when evaluating
 
     if not any((opts.out / "checkpoints").glob("round-*.safetensors")):
         say("evaluation skipped: the run produced no checkpoint")

@@ -2,7 +2,7 @@
 
 An attacker who runs the aggregation server controls the SuperLink and the ServerApp, so it can
 send the hospitals any message in any order. These tests give it the project's own driver
-(``server.secure_rounds.SecureRounds``) and the in-process Grid (``tests.inprocess``) that
+(``server.secagg.SecureRounds``) and the in-process Grid (``tests.inprocess``) that
 delivers every message to the real hospital code (``client.app`` handlers, training, ledger,
 release record, audit log), and let it call the driver's steps as an attacker would.
 """
@@ -21,9 +21,9 @@ from client.ledger import PrivacyLedger
 from client.release import Release, ReleaseRecord
 from common.config import RunConfig
 from common.models import build_models
-from common.protocol import SiteReply, decode_reply
+from common.protocol.messages import SiteReply, decode_reply
 from common.weights import UpdateLayout, model_arrays
-from server.secure_rounds import SecureRounds
+from server.secagg import SecureRounds
 from simulation.partition import split_by_patient, write_site_dicom
 from simulation.phantoms import phantom_population
 from simulation.runner import make_site_keys

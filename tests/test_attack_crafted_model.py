@@ -2,7 +2,7 @@
 pushed a loss out of its quantisation bound, and the hospital's error reply carried the exact
 offending value, from which its patient counts were computed. Now a received model with a
 non-finite or out-of-range parameter is refused before any training or charge, and every error
-reply carries one of the fixed texts of ``common.protocol.ERRORS``: no value ever leaves in an
+reply carries one of the fixed texts of ``common.protocol.messages.ERRORS``: no value ever leaves in an
 error. The cause stays in the hospital's log and audit log, and every reply has an audit line."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from flwr.app import Context, Message, RecordDict
 from client.app import _handle
 from client.audit import read_entries
 from client.policy import MODEL_VALUE_BOUND
-from common.protocol import ERRORS, decode_reply, encode_train_request, error_reason
+from common.protocol.messages import ERRORS, decode_reply, encode_train_request, error_reason
 from common.secagg import ValueOutOfRange
 from tests.attacker import Attack, write_sites
 

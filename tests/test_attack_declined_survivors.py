@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 
 from client.ledger import PrivacyLedger
-from common.privacy import Charge
-from common.protocol import error_reason
+from common.dp.accounting import Charge
+from common.protocol.messages import error_reason
+from common.protocol.secagg import UNMASK, secagg_record, split_pairs
 from common.secagg import TooFewSurvivors
-from common.secure_protocol import UNMASK, secagg_record, split_pairs
 from tests.attacker import RUN_ID, Attack, write_sites
 
 SPENT = ("site-1", "site-2", "site-3")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from common.protocol import error_reason
+from common.protocol.messages import error_reason
 from tests.attacker import RUN_ID, Attack, write_sites
 
 

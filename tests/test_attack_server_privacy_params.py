@@ -12,7 +12,7 @@ from flwr.app import Context, Message, RecordDict
 
 from client.app import train
 from client.audit import read_entries
-from common.protocol import decode_reply, encode_train_request, error_reason
+from common.protocol.messages import decode_reply, encode_train_request, error_reason
 from tests.helpers import default_run_config
 
 NODE = {"site-id": "site-0", "epsilon-budget": 10.0, "delta": 1e-5, "accountant": "prv",

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from common.protocol import error_reason
+from common.protocol.messages import error_reason
 from common.secagg import Roster, SiteIdentity
 from tests.attacker import Attack, write_sites
 

@@ -13,7 +13,7 @@ from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
 from client.audit import AuditLogCorrupt, append_entry, entry_for, read_entries
 from client.daemon import diagnose_exit
 from client.fab_gate import AppNotAllowed, fab_hash_of_app, fab_sha256, gated_installer
-from common.protocol import payload_digest
+from common.protocol.messages import payload_digest
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import tomli_w
 
-from client.daemon_config import NodeDeployConfig
+from client.node_config import NodeDeployConfig
 from common.certs import (
     build_roster,
     create_ca,
@@ -18,7 +18,7 @@ from common.certs import (
 )
 from common.config import ConfigError
 from common.secagg import SiteIdentity, fingerprint
-from server.daemon_config import ServerDeployConfig, check_run_overrides
+from server.server_config import ServerDeployConfig, check_run_overrides
 from simulation.cli import main
 
 REPO = Path(__file__).resolve().parents[1]

@@ -19,9 +19,9 @@ import pytest
 import yaml
 
 from client.daemon import NodeDaemon
-from client.daemon_config import NodeDeployConfig
+from client.node_config import NodeDeployConfig
 from server.daemon import SuperLinkDaemon
-from server.daemon_config import ServerDeployConfig, app_defaults, check_run_overrides
+from server.server_config import ServerDeployConfig, app_defaults, check_run_overrides
 from simulation.cli import build_parser
 
 REPO = Path(__file__).resolve().parents[1]

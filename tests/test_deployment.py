@@ -169,7 +169,7 @@ def _secagg_missing() -> str | None:
     """Why medsynth's apps cannot run yet (``client/app.py`` imports ``common.secagg``), or None."""
     spec = importlib.util.find_spec("common.secagg")
     if spec is None or spec.origin is None:
-        return "common/secagg is not a package yet (client/app.py and server/secure_rounds.py import it)"
+        return "common/secagg is not a package yet (client/app.py and server/secagg.py import it)"
     try:
         importlib.import_module("client.app")
         importlib.import_module("server.app")

@@ -1,4 +1,4 @@
-"""common.dicom: one file -> frames in [0, 1] or a typed rejection."""
+"""common.dicom.read: one file -> frames in [0, 1] or a typed rejection."""
 
 from __future__ import annotations
 
@@ -14,14 +14,14 @@ from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
-from common.dicom import DicomRejected, read_image_frames
-from common.dicom_lut import (
+from common.dicom.lut import (
     DEFAULT_WINDOWS,
     apply_modality_lut,
     apply_voi_lut,
     frame_transform_dataset,
     to_unit_frames,
 )
+from common.dicom.read import DicomRejected, read_image_frames
 
 
 def bundled(name: str) -> Path:
@@ -328,7 +328,7 @@ def test_every_rejection_reason_has_a_fix_and_the_fix_crosses_processes() -> Non
     # prepare
     import pickle
 
-    from common.dicom_errors import REJECTION_FIXES, REJECTION_REASONS
+    from common.dicom.errors import REJECTION_FIXES, REJECTION_REASONS
     # act
     default = pickle.loads(pickle.dumps(DicomRejected("truncated", "cut at byte 9")))
     specific = pickle.loads(pickle.dumps(DicomRejected("decode-failed", "x", "install y")))
@@ -396,8 +396,8 @@ def test_12bit_lossy_jpeg_with_a_nonstandard_scan_header_is_decoded_by_gdcm(tmp_
 def test_pydicom_jpeg_lossy_file_decodes_to_the_reference_values() -> None:
     # prepare: pydicom's 12-bit JPEG Extended test file (Se = 0 in its SOS); the reference
     # values at two pixels are pydicom's own, read in the OsiriX viewer
-    from common.dicom import decode_pixel_data
-    from common.dicom_header import read_pixel_geometry
+    from common.dicom.header import read_pixel_geometry
+    from common.dicom.read import decode_pixel_data
 
     path = bundled("JPEG-lossy.dcm")
     ds = pydicom.dcmread(path)
@@ -414,8 +414,8 @@ def test_installed_gdcm_does_not_take_over_decoding_from_pylibjpeg() -> None:
     # prepare: a JPEG Baseline file pydicom alone would now hand to GDCM first
     from pydicom.pixels.utils import pixel_array
 
-    from common.dicom import decode_pixel_data
-    from common.dicom_header import read_pixel_geometry
+    from common.dicom.header import read_pixel_geometry
+    from common.dicom.read import decode_pixel_data
 
     ds = pydicom.dcmread(bundled("SC_jpeg_no_color_transform.dcm"))
     # act

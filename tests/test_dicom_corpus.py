@@ -15,7 +15,7 @@ import pydicom
 import pydicom.data
 import pytest
 
-from common.dicom import DicomImage, DicomRejected, read_image_frames
+from common.dicom.read import DicomImage, DicomRejected, read_image_frames
 
 BUNDLED = Path(pydicom.data.__file__).parent / "test_files"
 

@@ -4,7 +4,7 @@ Valid seeds (hand-built native encodings, deflate, pydicom's RLE encoder, and py
 JPEG / JPEG-LS / JPEG 2000 / RLE test files) are mutated where it hurts: Image Pixel values
 (Rows, Columns, Bits, Samples, Photometric Interpretation, Number of Frames), the Transfer
 Syntax UID, truncation, item lengths, element lengths and random bytes. Each mutant goes
-through ``client.prepare_workers`` with small caps, a 30 s time limit and a 512 MiB memory
+through ``client.prepare.workers`` with small caps, a 30 s time limit and a 512 MiB memory
 allowance. The properties: the outcome is an image in [-1, 1] or a typed rejection, and never
 ``internal-error`` (an exception we did not type), ``timeout`` (a hang), ``out-of-memory`` or
 ``worker-crashed`` (unbounded memory or a native crash). Longer runs: fuzz/README.md.
@@ -26,11 +26,11 @@ from hypothesis import strategies as st
 from pydicom.data import get_testdata_file
 from pydicom.uid import RLELossless
 
-from client.prepare_labels import LabelRule
-from client.prepare_workers import FileJob, PrepareSettings, SandboxPool
-from common.dicom import ReadLimits
-from common.dicom_errors import REJECTION_REASONS
-from common.dicom_structure import rewrite_transfer_syntax
+from client.prepare.labels import LabelRule
+from client.prepare.workers import FileJob, PrepareSettings, SandboxPool
+from common.dicom.errors import REJECTION_REASONS
+from common.dicom.read import ReadLimits
+from common.dicom.structure import rewrite_transfer_syntax
 from tests.dicom_bytes import DEFLATED, EXPLICIT_BE, EXPLICIT_LE, IMPLICIT_LE, image_dataset, part10
 
 NEVER = {"internal-error", "timeout", "out-of-memory", "worker-crashed"}

@@ -15,7 +15,7 @@ from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import SecondaryCaptureImageStorage
 
-from common.dicom import DicomRejected, ReadLimits, read_image_bytes, read_image_frames
+from common.dicom.read import DicomRejected, ReadLimits, read_image_bytes, read_image_frames
 from tests.dicom_bytes import (
     DEFLATED,
     EXPLICIT_BE,

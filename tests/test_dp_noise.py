@@ -10,10 +10,10 @@ import torch
 from scipy.stats import kstest
 
 from common.config import ModelConfig, TrainConfig
-from common.dp_noise import ChaCha20Gaussian, words_to_normals
-from common.dp_train import discriminator_loss, make_private_discriminator
+from common.dp.accounting import Charge
+from common.dp.noise import ChaCha20Gaussian, words_to_normals
+from common.dp.train import discriminator_loss, make_private_discriminator
 from common.models import build_models
-from common.privacy import Charge
 from common.secagg.primitives import prg_words
 
 ALPHA = 0.001  # fixed significance of the normality test (the draws are seeded: no flakiness)

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from opacus.validators import ModuleValidator
 
 from common.config import ModelConfig, TrainConfig
-from common.dp_train import (
+from common.dp.train import (
     DIVERSITY_CAP,
     PatientSampler,
     discriminator_loss,

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from common.checkpoint_model import load_generator
 from common.config import ModelConfig, TrainConfig
-from simulation.checkpoint_model import load_generator
 from simulation.fed_inprocess import FedPlan, train_federated
 from tests.helpers import toy_dataset
 

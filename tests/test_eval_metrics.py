@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from common.metrics import frechet_distance, kernel_distance, memorization, precision_recall
-from common.tstr import auc, balanced_labels, binary_auc
+from common.evaluation.metrics import frechet_distance, kernel_distance, memorization, precision_recall
+from common.evaluation.tstr import auc, balanced_labels, binary_auc
 
 
 def _features(n: int = 400, d: int = 8, seed: int = 0) -> np.ndarray:

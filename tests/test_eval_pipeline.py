@@ -1,4 +1,4 @@
-"""``simulation.evaluate`` end to end on a tiny MedMNIST-shaped file, with generators whose answer is known.
+"""``common.evaluation.evaluate`` end to end on a tiny MedMNIST-shaped file, with generators whose answer is known.
 
 The reference is a 28×28 two-class toy (class 1 carries a bright spot), written in the MedMNIST
 ``.npz`` layout; generators are stand-ins with the ``ImageSource`` interface: one returns
@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 
 from common.config import ModelConfig
+from common.evaluation.evaluate import EvaluateOptions, evaluate, trtr_score, tstr_score
+from common.evaluation.features import ExtractorCacheCorrupt, load_or_train_extractor
+from common.evaluation.reference import ReferenceData, load_reference
 from common.export import Provenance
-from common.features import ExtractorCacheCorrupt, load_or_train_extractor
-from common.reference import ReferenceData, load_reference
 from simulation.cli import main
-from simulation.evaluate import EvaluateOptions, evaluate, trtr_score, tstr_score
 
 REQUIRED = {"fd", "kid", "tstr_auc", "tstr_acc", "trtr_auc", "trtr_acc", "memorization_rate"}
 

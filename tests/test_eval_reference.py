@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from client.prepare import prepare_site
+from client.prepare.pipeline import prepare_site
 from common.dataset import LocalDataset, save_cache
-from common.reference import ReferenceDataError, load_reference, to_model_range, unit_per_image
+from common.evaluation.reference import ReferenceDataError, load_reference, to_model_range, unit_per_image
 from simulation.partition import SourceData, write_site_dicom
 
 

@@ -22,8 +22,8 @@ from client.audit import read_entries
 from client.ledger import PrivacyLedger
 from common.checkpoint import latest_valid_checkpoint, load_checkpoint
 from common.config import RunConfig
-from common.privacy import epsilon_of
-from common.protocol import error_reason
+from common.dp.accounting import epsilon_of
+from common.protocol.messages import error_reason
 from server.rounds import ServerPaths, run_federation
 from tests.helpers import default_run_config
 from tests.inprocess import InProcessGrid, fresh_state, write_phantom_sites

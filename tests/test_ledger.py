@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from client.ledger import LedgerCorrupt, LedgerMismatch, PrivacyLedger
-from common.privacy import Charge, epsilon_of
+from common.dp.accounting import Charge, epsilon_of
 
 
 def _open(path: Path, budget: float = 10.0) -> PrivacyLedger:

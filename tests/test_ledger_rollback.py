@@ -23,9 +23,9 @@ from client import app as client_app
 from client.audit import AuditEntry, LedgerStateEntry, read_entries, read_records
 from client.ledger import AuditLogBehind, LedgerMissing, LedgerRolledBack, PrivacyLedger, chain_of
 from common.config import RunConfig, SiteConfig
+from common.dp.accounting import Charge
 from common.models import build_models
-from common.privacy import Charge
-from common.protocol import SiteReply, decode_reply, encode_train_request, error_reason
+from common.protocol.messages import SiteReply, decode_reply, encode_train_request, error_reason
 from common.weights import model_arrays
 from simulation.cli import main
 from tests.helpers import default_run_config

@@ -1,4 +1,4 @@
-"""client.prepare + common.dataset: DICOM folder -> pickle-free cache, rebuilt only on change."""
+"""client.prepare.pipeline + common.dataset: DICOM folder -> pickle-free cache, rebuilt only on change."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from pydicom.data import get_testdata_file
 
-import client.prepare as prepare_module
-from client.prepare import PrepareError, PrepareReport, load_or_create_salt, prepare_site
+import client.prepare.pipeline as prepare_module
+from client.prepare.pipeline import PrepareError, PrepareReport, load_or_create_salt, prepare_site
 from common.dataset import DatasetError, LocalDataset, load_cache, load_patient_hashes
 from simulation.partition import SourceData, load_medmnist_npz, write_site_dicom
 from simulation.phantoms import phantom_population
@@ -244,7 +244,7 @@ def test_a_file_without_patient_id_makes_the_privacy_unit_the_study_and_the_repo
 
 def test_a_chain_of_shared_keys_is_one_unit() -> None:
     # prepare: f1 (P1, S1) - f3 (P1, S2) - f2 (P2, S2): P1 and P2 share study S2
-    from client.prepare_patients import FileIdentity, group_privacy_units
+    from client.prepare.patients import FileIdentity, group_privacy_units
 
     files = [FileIdentity("f1", "P1", "S1"), FileIdentity("f2", "P2", "S2"), FileIdentity("f3", "P1", "S2"),
              FileIdentity("f4", None, None), FileIdentity("f5", None, "S1")]

@@ -1,4 +1,4 @@
-"""client.prepare: labels from CSV or attribute, selection, unsafe entries, report, real series."""
+"""client.prepare.pipeline: labels from CSV or attribute, selection, unsafe entries, report, real series."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from client.prepare import PrepareError, prepare_site
+from client.prepare.pipeline import PrepareError, prepare_site
 from common.dataset import load_cache
 from tests.dicom_bytes import EXPLICIT_LE, element, image_dataset, part10, text
 

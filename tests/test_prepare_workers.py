@@ -1,4 +1,4 @@
-"""client.prepare_workers: a file that hangs, crashes or exhausts memory costs one worker, not the run."""
+"""client.prepare.workers: a file that hangs, crashes or exhausts memory costs one worker, not the run."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from client.prepare_labels import LabelRule
-from client.prepare_workers import FileJob, FileOutcome, PrepareSettings, SandboxPool
+from client.prepare.labels import LabelRule
+from client.prepare.workers import FileJob, FileOutcome, PrepareSettings, SandboxPool
 from tests.dicom_bytes import EXPLICIT_LE, image_dataset, part10
 
 

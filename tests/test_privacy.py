@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from opacus.accountants import PRVAccountant, RDPAccountant
 
-from common.privacy import (
+from common.dp.accounting import (
     Charge,
     PrivacyBudgetExceeded,
     calibrate_noise_multiplier,

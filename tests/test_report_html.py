@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from common.plots import bar_chart, line_chart, nice_ticks
-from common.report_html import write_report
-from common.samples import save_png
+from common.report.html import write_report
+from common.report.plots import bar_chart, line_chart, nice_ticks
+from common.report.samples import save_png
 
 
 def _run_folder(root: Path, rounds: int = 3) -> Path:

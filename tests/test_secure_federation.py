@@ -144,7 +144,7 @@ def test_a_deployed_hospital_refuses_plain_aggregation_unless_it_allows_it(tmp_p
 
     from client.app import train
     from client.audit import read_entries
-    from common.protocol import decode_reply, encode_train_request, error_reason
+    from common.protocol.messages import decode_reply, encode_train_request, error_reason
 
     cfg = default_run_config(**{"secure-aggregation": False})
     msg = Message(encode_train_request({}, 1), dst_node_id=5, message_type="train", group_id="1")

@@ -13,7 +13,7 @@ from PIL import Image
 
 from client.ledger import PrivacyLedger
 from common.checkpoint import latest_valid_checkpoint, load_checkpoint
-from common.privacy import epsilon_of
+from common.dp.accounting import epsilon_of
 
 pytestmark = pytest.mark.slow
 

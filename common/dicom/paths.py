@@ -21,7 +21,7 @@ from typing import NamedTuple
 
 from pydicom.dataset import Dataset
 
-from common.dicom_errors import DicomRejected
+from common.dicom.errors import DicomRejected
 
 _FD_PATH = Path("/proc/self/fd")
 

@@ -1,6 +1,6 @@
 """Secure rounds over Flower's Grid: the server learns only the sum of the hospitals' vectors.
 
-A round (message flow in ``common.secure_protocol``):
+A round (message flow in ``common.protocol.secagg``):
 
 1. ``train`` to every connected hospital; each trains (or declines: budget spent) and keeps its
    update; the replies carry privacy records only. The hospitals that trained are the round's
@@ -32,7 +32,7 @@ from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from common.config import RunConfig
-from common.protocol import (
+from common.protocol.messages import (
     ProtocolError,
     SiteReply,
     content_bytes,
@@ -41,17 +41,7 @@ from common.protocol import (
     flower_error_line,
     payload_digest,
 )
-from common.secagg import (
-    KeyAdvert,
-    MaskedInput,
-    SecAggAbort,
-    SecAggServer,
-    Session,
-    Share,
-    UnmaskReply,
-    default_threshold,
-)
-from common.secure_protocol import (
+from common.protocol.secagg import (
     KEYS,
     MASK,
     SHARE,
@@ -63,6 +53,16 @@ from common.secure_protocol import (
     secagg_record,
     split_pairs,
     str_list,
+)
+from common.secagg import (
+    KeyAdvert,
+    MaskedInput,
+    SecAggAbort,
+    SecAggServer,
+    Session,
+    Share,
+    UnmaskReply,
+    default_threshold,
 )
 from common.weights import UpdateLayout, fedavg
 

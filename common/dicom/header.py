@@ -16,8 +16,8 @@ from pydicom.dataset import Dataset
 from pydicom.pixels.decoders.base import get_decoder
 from pydicom.uid import UID
 
-from common.dicom_decode import can_decode
-from common.dicom_errors import DicomRejected
+from common.dicom.decode import can_decode
+from common.dicom.errors import DicomRejected
 
 MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"  # the SOP Class of a DICOMDIR (PS3.4 Annex F)
 NATIVE_SYNTAXES = frozenset({"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2",
@@ -175,7 +175,7 @@ class PatientIdentity(NamedTuple):
 
 def read_patient_identity(ds: Dataset) -> PatientIdentity:
     """Patient ID (0010,0020) and Study Instance UID (0020,000D), both read: the caller links
-    them into privacy units (``client.prepare_patients``); neither replaces the other."""
+    them into privacy units (``client.prepare.patients``); neither replaces the other."""
     values = [str(ds.get(keyword, "") or "").strip() or None for keyword in ("PatientID", "StudyInstanceUID")]
     return PatientIdentity(*values)
 
@@ -218,7 +218,7 @@ def check_native_length(geometry: PixelGeometry, syntax: str, value_length: int 
 
 
 def check_decoder_available(syntax: str, samples_per_pixel: int = 1) -> None:
-    """Refuse before decoding when no decoder medsynth uses (``common.dicom_decode``) reads the
+    """Refuse before decoding when no decoder medsynth uses (``common.dicom.decode``) reads the
     Transfer Syntax (0002,0010)."""
     name = sop_class_name(syntax)
     try:

@@ -22,7 +22,7 @@ accountant nor leaves per-sample gradients; D's gradients are cleared after it.
 
 Wiring, step and accountant are kept apart as in Opacus core: ``GradSampleModule`` (per-sample
 gradients), ``DPOptimizer`` (clip + noise; its noise drawn from ChaCha20 keyed by the OS, see
-``common.dp_noise``), an accountant attached as a step hook that counts the steps actually
+``common.dp.noise``), an accountant attached as a step hook that counts the steps actually
 taken, which the caller checks against what it charged to the ledger.
 """
 
@@ -42,9 +42,9 @@ from opacus.validators import ModuleValidator
 
 from common.config import ModelConfig, TrainConfig
 from common.dataset import LocalDataset
-from common.dp_noise import ChaCha20Gaussian, CsprngDPOptimizer
+from common.dp.accounting import Charge, make_accountant
+from common.dp.noise import ChaCha20Gaussian, CsprngDPOptimizer
 from common.models import Discriminator, Generator
-from common.privacy import Charge, make_accountant
 
 
 class DiscriminatorNotPrivate(ValueError):
@@ -131,7 +131,7 @@ def make_private_discriminator(
     sample_rate: float,
     noise_seed: int | None = None,
 ) -> PrivateDiscriminator:
-    """Wrap D for DP-SGD. The Gaussian noise is ChaCha20 keyed by the OS (``common.dp_noise``)
+    """Wrap D for DP-SGD. The Gaussian noise is ChaCha20 keyed by the OS (``common.dp.noise``)
     unless a test passes ``noise_seed``, which makes it reproducible and so not private. The
     noise is drawn on the CPU and moved to each gradient's device."""
     errors = ModuleValidator.validate(netD, strict=False)

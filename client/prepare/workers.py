@@ -31,10 +31,10 @@ from pathlib import Path
 import numpy as np
 from pydicom.dataset import Dataset
 
-from client.prepare_labels import LabelRule, Selection
+from client.prepare.labels import LabelRule, Selection
 from common.dataset import resize_to_square
-from common.dicom import ReadLimits, read_image_frames
-from common.dicom_errors import DicomRejected
+from common.dicom.errors import DicomRejected
+from common.dicom.read import ReadLimits, read_image_frames
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ DEFAULT_MEMORY_LIMIT_BYTES = 3 * 2**30
 _START_TIMEOUT_S = 120.0
 _MAX_FAILED_STARTS = 3
 _JOBS_PER_WORKER = 2
-_WORKER_COMMAND = "import sys; from client.prepare_workers import worker_main; worker_main()"
+_WORKER_COMMAND = "import sys; from client.prepare.workers import worker_main; worker_main()"
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ from typing import cast
 from flwr.app import ConfigRecord, RecordDict
 
 from common.config import RunConfig
-from common.protocol import ProtocolError
+from common.protocol.messages import ProtocolError
 from common.secagg import Quantizer
 from common.weights import UpdateLayout, update_bounds
 

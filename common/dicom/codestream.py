@@ -1,6 +1,6 @@
 """Image size declared inside compressed frames, read before any decoder runs.
 
-The decoded-size cap in ``common.dicom`` trusts Rows (0028,0010) / Columns (0028,0011), but a
+The decoded-size cap in ``common.dicom.read`` trusts Rows (0028,0010) / Columns (0028,0011), but a
 JPEG or JPEG 2000 decoder allocates what its own codestream header declares. A frame whose
 codestream disagrees with the DICOM header is refused here, so the cap holds for the decoder
 too. Headers read:
@@ -19,7 +19,7 @@ import struct
 from collections.abc import Iterator
 from typing import NamedTuple
 
-from common.dicom_errors import DicomRejected
+from common.dicom.errors import DicomRejected
 
 _ITEM = b"\xfe\xff\x00\xe0"
 _JPEG_SOI = b"\xff\xd8"

@@ -4,22 +4,22 @@ Every DICOM file is hostile until proven otherwise. :func:`read_image_frames` (a
 :func:`read_image_bytes` (bytes already read) run these steps, each able to refuse the file
 with :class:`DicomRejected` before the next, more expensive one:
 
-1. open inside the data folder, no link, regular file, size cap (``common.dicom_paths``);
+1. open inside the data folder, no link, regular file, size cap (``common.dicom.paths``);
 2. byte structure: Part 10 framing, Transfer Syntax UID, every element and item length,
-   delimiters, nesting, deflate inflated under a cap (``common.dicom_structure``);
+   delimiters, nesting, deflate inflated under a cap (``common.dicom.structure``);
 3. parse with pydicom (only structurally valid bytes reach it);
 4. header: a picture SOP class, Image Pixel geometry, photometric interpretation, decoded size
    Rows (0028,0010) x Columns (0028,0011) x Number of Frames (0028,0008) x Samples per Pixel
-   (0028,0002) x Bits Allocated (0028,0100) / 8 against a cap (``common.dicom_header``);
+   (0028,0002) x Bits Allocated (0028,0100) / 8 against a cap (``common.dicom.header``);
 5. the caller's ``screen`` (modality / body part selection, label lookup);
 6. native pixel data as long as declared; a decoder installed; compressed frames declaring
-   the same size as the header (``common.dicom_codestream``);
-7. decode, then the display pipeline (``common.dicom_lut``): Modality LUT -> VOI LUT / window
+   the same size as the header (``common.dicom.codestream``);
+7. decode, then the display pipeline (``common.dicom.lut``): Modality LUT -> VOI LUT / window
    (or the modality's default) -> MONOCHROME1 inversion -> [0, 1]; colour to BT.601 luma;
 8. blank frames (one constant grey: nothing to learn) are left out; a file with nothing else
    is rejected as ``blank``.
 
-Time and memory per file are bounded by the caller (``client.prepare_workers`` runs this in a
+Time and memory per file are bounded by the caller (``client.prepare.workers`` runs this in a
 worker process with a time limit and an address-space limit). Warnings (pydicom's, GDCM's, and
 the reader's own about what it repaired or treated as absent) are recorded with the image
 (``DicomImage.warnings``) for the caller to log, not printed by the worker.
@@ -38,10 +38,10 @@ import numpy as np
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 
-from common.dicom_codestream import check_codestream_sizes
-from common.dicom_decode import decode_pixel_array
-from common.dicom_errors import REJECTION_REASONS, DicomRejected, rejecting
-from common.dicom_header import (
+from common.dicom.codestream import check_codestream_sizes
+from common.dicom.decode import decode_pixel_array
+from common.dicom.errors import REJECTION_REASONS, DicomRejected, rejecting
+from common.dicom.header import (
     MEDIA_STORAGE_DIRECTORY,
     NATIVE_SYNTAXES,
     PatientIdentity,
@@ -55,9 +55,9 @@ from common.dicom_header import (
     read_patient_identity,
     read_pixel_geometry,
 )
-from common.dicom_lut import to_unit_frames
-from common.dicom_paths import check_dicomdir_references, read_file_bytes
-from common.dicom_structure import StructureLimits, check_part10
+from common.dicom.lut import to_unit_frames
+from common.dicom.paths import check_dicomdir_references, read_file_bytes
+from common.dicom.structure import StructureLimits, check_part10
 
 __all__ = ["DEFAULT_MAX_DECODED_BYTES", "REJECTION_REASONS", "DicomImage", "DicomRejected",
            "ReadLimits", "Screen", "decode_pixel_data", "drop_blank_frames", "read_image_bytes",
@@ -186,7 +186,7 @@ def drop_blank_frames(raw: np.ndarray, frames: np.ndarray) -> np.ndarray:
 def decode_pixel_data(ds: Dataset, geometry: PixelGeometry) -> np.ndarray:
     """Decode Pixel Data (7FE0,0010) to (F, H, W) or (F, H, W, 3); YBR is returned as RGB.
 
-    The decoder is chosen by ``common.dicom_decode`` (pylibjpeg, then Pillow, then GDCM for
+    The decoder is chosen by ``common.dicom.decode`` (pylibjpeg, then Pillow, then GDCM for
     greyscale JPEG Process 1/2/4 only).
     """
     syntax = str(ds.file_meta.get("TransferSyntaxUID", "") or "")

@@ -1,16 +1,16 @@
 """A hospital's DICOM folder -> the local training cache (``common.dataset``), with a report.
 
-Every entry under the data folder is listed without following links (``common.dicom_paths``;
+Every entry under the data folder is listed without following links (``common.dicom.paths``;
 hidden entries, whose name starts with ".", are skipped);
-each regular file is read in a sandboxed worker (``client.prepare_workers``: time and memory
-limit per file) by ``common.dicom.read_image_frames``, selected by modality / body part and
-labelled (``client.prepare_labels``: sub-folder, CSV or attribute); each of its frames becomes
+each regular file is read in a sandboxed worker (``client.prepare.workers``: time and memory
+limit per file) by ``common.dicom.read.read_image_frames``, selected by modality / body part and
+labelled (``client.prepare.labels``: sub-folder, CSV or attribute); each of its frames becomes
 one image, resized to the model size. Files are processed by ``os.cpu_count()`` workers; results
 are ordered by path, so the cache does not depend on which worker finished first.
 
 Nothing from the header is kept except the label and, per privacy unit, a salted hash: files
 are grouped into privacy units by union-find over Patient ID (0010,0020) and Study Instance UID
-(0020,000D) (``client.prepare_patients``: one person is never split), and each unit's key
+(0020,000D) (``client.prepare.patients``: one person is never split), and each unit's key
 (its Patient ID, else its study, else its file) is kept only as SHA-256(salt + key), used for
 patient-level sampling. The cache is rebuilt only when the folder changes: its fingerprint
 covers every entry's (relative path, size, mtime_ns) and every setting that changes the result
@@ -37,10 +37,10 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from client.prepare_labels import LabelError, LabelRule, Selection, attribute_rule, csv_rule, folder_rule
-from client.prepare_patients import FileIdentity, group_privacy_units
-from client.prepare_report import PrepareReport
-from client.prepare_workers import (
+from client.prepare.labels import LabelError, LabelRule, Selection, attribute_rule, csv_rule, folder_rule
+from client.prepare.patients import FileIdentity, group_privacy_units
+from client.prepare.report import PrepareReport
+from client.prepare.workers import (
     DEFAULT_MEMORY_LIMIT_BYTES,
     DEFAULT_TIME_LIMIT_S,
     FileJob,
@@ -52,9 +52,9 @@ from client.prepare_workers import (
 )
 from common.atomic import fsync_dir, write_bytes_atomic, write_json_atomic
 from common.dataset import DatasetError, LocalDataset, read_cache_fingerprint, resize_to_square, save_cache
-from common.dicom import DEFAULT_MAX_DECODED_BYTES, ReadLimits
-from common.dicom_errors import REJECTION_FIXES, DicomRejected
-from common.dicom_paths import FolderEntry, walk_data_folder
+from common.dicom.errors import REJECTION_FIXES, DicomRejected
+from common.dicom.paths import FolderEntry, walk_data_folder
+from common.dicom.read import DEFAULT_MAX_DECODED_BYTES, ReadLimits
 
 __all__ = ["PIPELINE_VERSION", "REJECTED_LIST_COLUMNS", "REPORT_FILE", "PrepareError", "PrepareReport",
            "load_or_create_salt", "prepare_site", "resize_to_square", "site_fingerprint",

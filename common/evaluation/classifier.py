@@ -2,10 +2,10 @@
 
 Two parts of the evaluation need a classifier of real-looking images:
 
-* the **feature extractor** behind the Fréchet distance and KID (``common.features``): Inception
+* the **feature extractor** behind the Fréchet distance and KID (``common.evaluation.features``): Inception
   weights cannot be downloaded here, so the features come from a classifier trained on the
   reference data set's own training split (a "domain FD", not comparable with Inception FIDs);
-* **TSTR / TRTR** (``common.tstr``): the same architecture trained on synthetic or on real images
+* **TSTR / TRTR** (``common.evaluation.tstr``): the same architecture trained on synthetic or on real images
   and tested on real ones (Esteban, Hyland, Rätsch, "Real-valued (medical) time series
   generation with recurrent conditional GANs", 2017).
 

@@ -1,7 +1,7 @@
 """What ``prepare`` found in a hospital's folder: counts only, safe to print, log and keep.
 
 The report never holds a file name, a UID or any header value other than the label names the
-user chose: ``rejected`` groups files by reason (see ``common.dicom_errors.REJECTION_REASONS``).
+user chose: ``rejected`` groups files by reason (see ``common.dicom.errors.REJECTION_REASONS``).
 The per-file details (file, reason, detail, fix) go to the log (``medsynth -v node prepare``)
 and, only when asked, to a hospital-local CSV (``--list-rejected FILE``).
 """
@@ -12,7 +12,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from common.dicom_errors import REJECTION_REASONS
+from common.dicom.errors import REJECTION_REASONS
 
 
 @dataclass(frozen=True)
@@ -29,7 +29,7 @@ class PrepareReport:
     files_kept: int = 0  # files that gave at least one image (multi-frame files give several)
     files_with_warnings: int = 0  # kept files whose header made pydicom warn (details in the log)
     csv_rows_unmatched: int = 0  # CSV rows matching no listed path nor a kept file's UID
-    # privacy units (client.prepare_patients): patients, or studies / files without Patient ID
+    # privacy units (client.prepare.patients): patients, or studies / files without Patient ID
     files_without_patient_id: int = 0  # kept files with no Patient ID (0010,0020)
     files_linked_by_study: int = 0  # of those, files that joined a patient through their study
     units_without_patient_id: int = 0  # units that are a study or a file, not a patient

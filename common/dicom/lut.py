@@ -6,7 +6,7 @@
 Colour rule: RGB and YBR_FULL / YBR_FULL_422 / YBR_ICT / YBR_RCT (which the decoders return as
 RGB) become luminance Y = 0.299 R + 0.587 G + 0.114 B (ITU-R BT.601, the Y row of YBR_FULL in
 PS3.3 C.7.6.3.1.2), normalised by the nominal range [0, 2**BitsStored - 1]. PALETTE COLOR is
-rejected before decoding (common.dicom): palette indices are not intensities.
+rejected before decoding (common.dicom.read): palette indices are not intensities.
 
 Default window when a greyscale frame has neither VOI LUT Sequence (0028,3010) nor Window Center
 / Width (0028,1050)/(0028,1051): :data:`DEFAULT_WINDOWS` where the values after the Modality LUT
@@ -32,7 +32,7 @@ from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.pixels import processing as pixel_processing
 
-from common.dicom_errors import DicomRejected
+from common.dicom.errors import DicomRejected
 
 # Modality (0008,0060) -> (Window Center, Window Width) in modality units, applied as a LINEAR
 # window (PS3.3 C.11.2.1.2.1) only where the values are in that unit (see is_hounsfield).

@@ -40,7 +40,7 @@ import pydicom
 from pydicom.datadict import dictionary_VR
 from pydicom.uid import UID
 
-from common.dicom_errors import DicomRejected
+from common.dicom.errors import DicomRejected
 
 IMPLICIT_VR_LE = "1.2.840.10008.1.2"
 EXPLICIT_VR_LE = "1.2.840.10008.1.2.1"

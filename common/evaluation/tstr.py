@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from common.classifier import ClassifierConfig, predict_proba, train_classifier
+from common.evaluation.classifier import ClassifierConfig, predict_proba, train_classifier
 
 TSTR_CONFIG = ClassifierConfig(width=16, epochs=10, batch_size=128, lr=1e-3, shift=2, seed=7)
 

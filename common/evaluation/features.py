@@ -2,7 +2,7 @@
 
 FD and KID need a fixed feature space. The usual one, Inception-v3 on ImageNet, cannot be
 downloaded here and knows little about chest X-rays at 28 px; instead the features are the
-penultimate layer of a :class:`common.classifier.SmallCNN` trained, with a fixed seed, on the
+penultimate layer of a :class:`common.evaluation.classifier.SmallCNN` trained, with a fixed seed, on the
 reference data set's own training split. The resulting distance is a *domain* Fréchet
 distance: comparable between runs that use the same extractor (same ``sha256``), never with
 published Inception FIDs.
@@ -31,8 +31,8 @@ from safetensors.numpy import save as st_save
 
 from common.atomic import write_bytes_atomic
 from common.checkpoint import content_hash
-from common.classifier import ClassifierConfig, SmallCNN, embed, train_classifier
-from common.reference import ReferenceData
+from common.evaluation.classifier import ClassifierConfig, SmallCNN, embed, train_classifier
+from common.evaluation.reference import ReferenceData
 
 EXTRACTOR_VERSION = 1
 EXTRACTOR_CONFIG = ClassifierConfig(width=32, epochs=8, batch_size=128, lr=1e-3, shift=2, seed=20240601)

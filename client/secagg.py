@@ -5,7 +5,7 @@ site's long-lived signing key and the roster (refused unless it is exactly the m
 hospital pinned), keeps the per-run protocol state in Flower's ``context.state`` between
 messages, and quantises the update vector into the ring.
 
-A round, seen from the hospital (see ``common.secure_protocol``):
+A round, seen from the hospital (see ``common.protocol.secagg``):
 
 1. ``train``: check, charge, train, quantise; the update stays here (``context.state``) and only
    the privacy record leaves. A hospital that declines (budget spent) keeps nothing to mask, so
@@ -28,17 +28,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
 from client.release import ReleaseRecord
 from common.config import RunConfig, SiteConfig
-from common.protocol import SiteReply, decode_reply, decode_train_request, encode_reply
-from common.secagg import (
-    KeyAdvert,
-    NothingToMask,
-    ReplayDetected,
-    Roster,
-    SecAggClient,
-    Session,
-    SiteIdentity,
-)
-from common.secure_protocol import (
+from common.protocol.messages import SiteReply, decode_reply, decode_train_request, encode_reply
+from common.protocol.secagg import (
     SessionRef,
     bytes_list,
     field,
@@ -49,6 +40,15 @@ from common.secure_protocol import (
     session_of,
     split_pairs,
     str_list,
+)
+from common.secagg import (
+    KeyAdvert,
+    NothingToMask,
+    ReplayDetected,
+    Roster,
+    SecAggClient,
+    Session,
+    SiteIdentity,
 )
 from common.weights import UpdateLayout
 

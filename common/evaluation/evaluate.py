@@ -1,15 +1,15 @@
 """``medsynth evaluate``: how good are a checkpoint's synthetic images, and do they copy anyone?
 
 Steps (each reported as it runs):
-1. load and verify the checkpoint, rebuild its generator (``simulation.checkpoint_model``);
+1. load and verify the checkpoint, rebuild its generator (``common.checkpoint_model``);
 2. load the reference (MedMNIST ``.npz`` or prepared cache) at the generator's image side;
 3. the domain feature extractor for that reference: cached, else trained with a fixed seed
-   (``common.features``); its weights' SHA-256 is part of the result;
+   (``common.evaluation.features``); its weights' SHA-256 is part of the result;
 4. sample N synthetic images, class-conditionally, with the real training split's class balance
    (or uniform), latents from a fixed seed;
 5. domain FD and KID, precision/recall and density/coverage in the extractor's feature space
-   against the real training split (``common.metrics``);
-6. TSTR and TRTR (``common.tstr``); TRTR depends only on the reference and is cached next to
+   against the real training split (``common.evaluation.metrics``);
+6. TSTR and TRTR (``common.evaluation.tstr``); TRTR depends only on the reference and is cached next to
    the extractor;
 7. memorization in pixel space against the training and held-out splits, and (unless
    ``aggregate_only``) a picture of the closest pairs.
@@ -31,14 +31,14 @@ from typing import Any, Literal, Protocol
 import numpy as np
 
 from common.atomic import write_bytes_atomic, write_json_atomic
+from common.checkpoint_model import load_generator
 from common.config import ModelConfig
+from common.evaluation.features import FeatureExtractor, default_cache_dir, load_or_train_extractor
+from common.evaluation.metrics import Memorization, frechet_distance, kernel_distance, memorization, precision_recall
+from common.evaluation.reference import ReferenceData, load_reference
+from common.evaluation.tstr import TSTR_CONFIG, ClassifierScore, balanced_labels, train_and_score
 from common.export import Provenance
-from common.features import FeatureExtractor, default_cache_dir, load_or_train_extractor
-from common.metrics import Memorization, frechet_distance, kernel_distance, memorization, precision_recall
-from common.plots import image_table
-from common.reference import ReferenceData, load_reference
-from common.tstr import TSTR_CONFIG, ClassifierScore, balanced_labels, train_and_score
-from simulation.checkpoint_model import load_generator
+from common.report.plots import image_table
 
 FD_KIND = ("domain FD/KID: features of a small CNN trained (fixed seed) on the reference's own training split; "
            "not Inception FID, not comparable with published FIDs")

@@ -31,8 +31,8 @@ from typing import Literal
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataset import Dataset
 
-from common.dicom_errors import DicomRejected
-from common.dicom_header import read_header_text
+from common.dicom.errors import DicomRejected
+from common.dicom.header import read_header_text
 
 LabelMode = Literal["folder", "csv", "attribute"]
 

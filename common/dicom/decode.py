@@ -34,7 +34,7 @@ from pydicom.dataset import Dataset
 from pydicom.pixels.decoders.base import get_decoder
 from pydicom.pixels.utils import pixel_array
 
-from common.dicom_errors import DicomRejected
+from common.dicom.errors import DicomRejected
 
 JPEG_BASELINE = "1.2.840.10008.1.2.4.50"  # JPEG Baseline (Process 1)
 JPEG_EXTENDED = "1.2.840.10008.1.2.4.51"  # JPEG Extended (Process 2 and 4)

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from common.atomic import read_json_object, write_bytes_atomic
-from common.plots import bar_chart, line_chart
+from common.report.plots import bar_chart, line_chart
 
 REPORT_FILE = "report.html"
 MAX_GRIDS = 8
