@@ -15,7 +15,7 @@ Accountants (Opacus 1.6):
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from opacus.accountants import PRVAccountant, RDPAccountant
@@ -100,33 +100,97 @@ def calibrate_noise_multiplier(
 ) -> float:
     """Smallest σ (within ``tolerance`` in ε) such that history + planned steps end at ≤ budget.
 
-    Bisection on σ, using that ε is decreasing in σ. The returned σ always satisfies the
-    budget (the upper end of the bracket is returned), so "end at, never above" holds by
-    construction. Raises ``PrivacyBudgetExceeded`` when even ``sigma_max`` cannot fit.
+    ε is decreasing in σ, and close to a power law (ε ∝ σ^-a, a ≈ 1 for large σ), so the root of
+    log ε(σ) = log budget is found by regula falsi in (log σ, log ε) rather than by bisection: a
+    handful of accountant calls instead of a dozen, and none at the tiny σ where the PRV
+    accountant is slowest (8 s at σ = 0.3 against 0.3 s at σ = 4 on one core). For ``prv`` the
+    start is the ``rdp`` answer, which is cheap and an upper bound on the PRV σ (RDP's ε is the
+    looser one). The returned σ is always one whose ε was computed and found ≤ budget, so "end
+    at, never above" holds by construction. Raises ``PrivacyBudgetExceeded`` when even
+    ``sigma_max`` cannot fit.
     """
     if planned_steps < 1:
         raise ValueError(f"planned_steps must be >= 1, got {planned_steps}")
-    spent = epsilon_of(history, delta, accountant)
 
-    def eps_at(sigma: float) -> float:
-        return epsilon_of([*history, Charge(sigma, sample_rate, planned_steps)], delta, accountant)
+    def eps_at(sigma: float, name: str) -> float:
+        return epsilon_of([*history, Charge(sigma, sample_rate, planned_steps)], delta, name)
 
-    hi = 1.0
-    while eps_at(hi) > budget:
-        hi *= 2.0
-        if hi > sigma_max:
-            raise PrivacyBudgetExceeded(spent, eps_at(sigma_max), budget)
-    lo = 0.0
-    while hi - lo > 1e-3 * hi:
-        mid = (lo + hi) / 2
-        eps_mid = eps_at(mid)
-        if eps_mid > budget:
-            lo = mid
+    start, slope = 1.0, -1.0
+    if accountant == "prv":
+        # σ ≤ 32 here: above it Opacus's RDP orders run out (it warns) and the start hardly matters
+        top = min(sigma_max, 32.0)
+        try:
+            start, slope = _solve_sigma(lambda s: eps_at(s, "rdp"), budget, 1.0, -1.0, top, 0.05 * budget, None)
+        except PrivacyBudgetExceeded:  # RDP is the looser bound: PRV may still fit, unless already spent
+            spent = epsilon_of(history, delta, accountant)
+            if spent >= budget:
+                # any round adds to what is spent: ε would be at least ``spent`` at every σ
+                raise PrivacyBudgetExceeded(spent, spent, budget) from None
+            start = top
+    sigma, _ = _solve_sigma(
+        lambda s: eps_at(s, accountant), budget, start, slope, sigma_max, tolerance,
+        history_eps=lambda: epsilon_of(history, delta, accountant),
+    )
+    return sigma
+
+
+def _solve_sigma(
+    eps: Callable[[float], float],
+    budget: float,
+    start: float,
+    slope: float,
+    sigma_max: float,
+    tolerance: float,
+    history_eps: Callable[[], float] | None,
+) -> tuple[float, float]:
+    """The σ ≤ ``sigma_max`` with ``budget − tolerance < eps(σ) ≤ budget`` (or σ within 0.1 %),
+    and the last secant slope of log ε against log σ (a start for a finer solve).
+
+    Works on f(x) = log eps(e^x) − log budget, decreasing in x = log σ. Until the root is
+    bracketed it steps with the secant slope (``slope`` before two points exist), at most ×4 in σ per
+    step; once bracketed, Illinois regula falsi (the retained end's f halved when the same end
+    moves twice) keeps the bracket and converges superlinearly.
+    """
+    log_budget = math.log(budget)
+
+    def f(x: float) -> float:
+        return math.log(eps(math.exp(x))) - log_budget
+
+    x_max = math.log(sigma_max)
+    lo: tuple[float, float] | None = None  # (x, f) with f > 0: ε above the budget
+    hi: tuple[float, float] | None = None  # (x, f) with f <= 0: within the budget
+    x, fx = math.log(min(start, sigma_max)), 0.0
+    prev: tuple[float, float] | None = None  # the previous point, for the secant slope
+    side = 0  # which end moved last: -1 lo, +1 hi
+    for _ in range(100):
+        fx = f(x)
+        if fx > 0:
+            lo, moved = (x, fx), -1
         else:
-            hi = mid
-            if budget - eps_mid < tolerance:
-                break
-    return hi
+            hi, moved = (x, fx), 1
+        if prev is not None and prev[0] != x:
+            slope = min((fx - prev[1]) / (x - prev[0]), -0.25)  # ε decreases in σ: never flat or rising
+        prev = (x, fx)
+        if hi is not None and (budget - budget * math.exp(hi[1]) < tolerance):
+            return math.exp(hi[0]), slope
+        if lo is not None and hi is not None:
+            if hi[0] - lo[0] < 1e-3:
+                return math.exp(hi[0]), slope
+            if moved == side == 1:
+                lo = (lo[0], lo[1] / 2)
+            elif moved == side == -1:
+                hi = (hi[0], hi[1] / 2)
+            side = moved
+            x = lo[0] + (hi[0] - lo[0]) * lo[1] / (lo[1] - hi[1])
+            # keep the step strictly inside the bracket
+            x = min(max(x, lo[0] + 0.01 * (hi[0] - lo[0])), hi[0] - 0.01 * (hi[0] - lo[0]))
+        else:
+            step = max(min(-fx / slope, math.log(4.0)), -math.log(4.0))
+            if lo is not None and x >= x_max:
+                spent = history_eps() if history_eps is not None else float("nan")
+                raise PrivacyBudgetExceeded(spent, budget * math.exp(fx), budget)
+            x = min(x + step, x_max)
+    raise ArithmeticError(f"no noise multiplier found for ε budget {budget} within 100 accountant calls")
 
 
 def check_budget(
