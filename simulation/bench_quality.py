@@ -21,7 +21,7 @@ not Inception), TSTR AUC/ACC (classifier trained on synthetic images, tested on 
 split), TRTR AUC/ACC (same classifier on real images; published ResNet-18 baseline AUC 0.944 /
 ACC 0.854), memorization rate, wall time (training; evaluation in brackets).
 
-Defaults are the tuned settings (README, "Evaluating and exporting synthetic images"); all can be
+Defaults are the tuned settings (docs/benchmarks.md, "Quality"); all can be
 changed for a quicker check, e.g. ``--rounds 3 --local-steps 50``. ``--engine inprocess`` runs
 the DP rows in process too (same privacy arithmetic, no secure aggregation) for tuning.
 

@@ -37,7 +37,7 @@ def test_field_notes_golden_cumulative_vs_per_round() -> None:
 
 
 def test_calibration_ends_at_never_above_budget() -> None:
-    # golden from FIELD_NOTES: N=4708, B=64, 20 rounds of one epoch → σ≈0.63 for ε=10
+    # golden (PRV, δ=1e-5): N=4708, B=64, 20 rounds of one epoch → σ≈0.63 for ε=10
     q, steps = 64 / 4708, 20 * 74
     sigma = calibrate_noise_multiplier([], sample_rate=q, planned_steps=steps, delta=1e-5, budget=10.0)
     eps = epsilon_of([Charge(sigma, q, steps)], 1e-5)

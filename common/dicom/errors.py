@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-# reason -> what it means for the user (also the README's table).
+# reason -> what it means for the user (also the table of docs/dicom.md, checked by tests/test_docs.py).
 REJECTION_REASONS: dict[str, str] = {
     # the file system
     "unreadable": "the file could not be opened or read (permissions, I/O error, vanished)",

@@ -4,7 +4,8 @@ The mechanism is the Poisson-subsampled Gaussian of DP-SGD (Abadi et al., CCS 20
 samples every *patient* independently with probability q, clips each per-sample gradient to norm C
 and adds N(0, σ²C²). A history is the list of (σ, q, steps) triples of every step ever taken by a
 hospital, across rounds and runs; epsilon is a function of that whole history, never of one
-round (re-creating the accountant per round under-reports, e.g. 1.54 vs 5.14 in FIELD_NOTES).
+round (re-creating the accountant per round under-reports: N=1000, B=32, σ=1, 20 rounds, δ=1e-5
+gives ε ≈ 1.54 per round but ≈ 5.14 cumulative under PRV; ``tests/test_privacy.py`` checks both).
 
 Accountants (Opacus 1.6):
 * ``prv``: privacy-loss random variables (Gopi, Lee, Wutschitz, NeurIPS 2021), an upper bound
