@@ -187,12 +187,13 @@ def test_terminate_then_kill_reaches_other_sessions_and_ignorers_of_sigterm(tmp_
     bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])  # not tagged
     try:
         env, proc, _ = _start_tree(tmp_path, mode)
+        grace_s = 30.0 if mode == "polite" else 1.0
         started = time.monotonic()
-        assert terminate_then_kill([proc], [env.tag], grace_s=1.0) == set()
+        assert terminate_then_kill([proc], [env.tag], grace_s=grace_s) == set()
         assert find_tagged_pids(env.tag) == set()
         assert proc.returncode is not None
-        if mode == "polite":  # SIGTERM was enough: no grace period was waited out
-            assert time.monotonic() - started < 1.0
+        if mode == "polite":  # SIGTERM was enough: the grace period was not waited out
+            assert time.monotonic() - started < grace_s / 3
         assert bystander.poll() is None  # only what we started, by tag
     finally:
         bystander.kill()
