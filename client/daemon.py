@@ -29,7 +29,6 @@ import subprocess
 import time
 import uuid
 from collections.abc import Callable
-from pathlib import Path
 from types import FrameType
 
 from client.fab_gate import ALLOWLIST_ENV, write_wrapper
@@ -37,10 +36,11 @@ from client.node_config import NodeDeployConfig
 from client.prepare.pipeline import PrepareReport, load_or_create_salt, prepare_site
 from common.atomic import write_json_atomic
 from common.config import ConfigError, parse_class_names
-from simulation.deployment import node_config_argument
-from simulation.superlink import FlowerEnv, _executable, _tail, signal_tagged_until_gone
+from common.flower import FlowerEnv, spawn, supernode_command, tail, terminate_then_kill
 
 MAX_BACKOFF_S = 60.0
+#: Seconds between SIGTERM and SIGKILL when the SuperNode and its ClientApps are stopped.
+STOP_GRACE_S = 15.0
 
 
 class NodeRejected(ConfigError):
@@ -97,23 +97,20 @@ class NodeDaemon:
     def supernode_command(self) -> list[str]:
         """The exact command line (``deploy/`` files mirror it)."""
         c = self.cfg
-        cmd = [
-            str(_executable("flower-supernode")),
-            "--superlink", c.superlink,
-            "--root-certificates", str(c.ca_certificate),
-            "--auth-supernode-private-key", str(c.auth_private_key),
-            "--isolation", "subprocess",
-            "--host", "127.0.0.1",  # Runtime API for its own ClientApps: loopback only
-            "--port", str(self.runtime_port),
-        ]
-        node_config = node_config_argument(c.flower_node_config(), c.state_path / "node-config.toml")
-        if node_config is not None:
-            cmd += ["--node-config", node_config]
-        return cmd
+        return supernode_command(
+            superlink=c.superlink,
+            runtime_port=self.runtime_port,
+            node_config=c.flower_node_config(),
+            node_config_file=c.state_path / "node-config.toml",
+            root_certificates=c.ca_certificate,
+            auth_private_key=c.auth_private_key,
+        )
 
     def environ(self) -> dict[str, str]:
+        """The SuperNode's environment: its own ``FLWR_HOME`` and tag; with an app allow-list,
+        the FAB gate's ``flwr-clientapp`` first on ``PATH``."""
         env = FlowerEnv(flwr_home=self.cfg.state_path / "flwr-home", port=self.cfg.superlink_port,
-                        ray_tmpdir=Path("/tmp"), tag=self.tag).environ()
+                        tag=self.tag).environ()
         if self.cfg.allowed_fabs:
             wrapper = write_wrapper(self.cfg.state_path / "bin")
             env["PATH"] = os.pathsep.join([str(wrapper.parent), env["PATH"]])
@@ -134,15 +131,13 @@ class NodeDaemon:
         self.cfg.state_path.mkdir(parents=True, exist_ok=True)
         (self.cfg.state_path / "flwr-home").mkdir(exist_ok=True)
         start = self.log_path.stat().st_size if self.log_path.exists() else 0
-        with self.log_path.open("ab") as log_fh:
-            self.proc = subprocess.Popen(self.supernode_command(), env=self.environ(), stdin=subprocess.DEVNULL,
-                                         stdout=log_fh, stderr=subprocess.STDOUT, cwd=self.cfg.state_path,
-                                         start_new_session=True)
+        self.proc = spawn(self.supernode_command(), self.environ(), self.log_path, cwd=self.cfg.state_path,
+                          append=True)
         write_json_atomic(self.cfg.state_path / "daemon.json",
                           {"pid": os.getpid(), "supernode_pid": self.proc.pid, "tag": self.tag})
         self.say(f"node {self.cfg.site_id}: SuperNode started (pid {self.proc.pid}), dialing {self.cfg.superlink}")
         code = self.proc.wait()
-        self._kill_leftovers()
+        terminate_then_kill([], [self.tag], grace_s=STOP_GRACE_S)  # ClientApps it left behind
         with self.log_path.open("rb") as fh:
             fh.seek(start)
             self.last_output = fh.read().decode(errors="replace")
@@ -162,22 +157,14 @@ class NodeDaemon:
             if time.monotonic() - started > 300:
                 backoff = 1.0
             self.say(f"node {self.cfg.site_id}: SuperNode exited with code {code}; restarting in {backoff:.0f} s. "
-                     f"Last lines:\n{_tail(self.log_path, 5)}")
+                     f"Last lines:\n{tail(self.log_path, 5)}")
             time.sleep(backoff)
             backoff = min(backoff * 2, MAX_BACKOFF_S)
 
     def stop(self) -> None:
+        """Stop the SuperNode, its SuperExec and ClientApps: SIGTERM, SIGKILL after a grace period."""
         self.stopping = True
-        if self.proc is not None and self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(self.proc.pid, signal.SIGTERM)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.proc.wait(timeout=15.0)
-        self._kill_leftovers()
-
-    def _kill_leftovers(self) -> None:
-        if signal_tagged_until_gone([self.tag], signal.SIGTERM, 10.0):
-            signal_tagged_until_gone([self.tag], signal.SIGKILL, 5.0)
+        terminate_then_kill([self.proc], [self.tag], grace_s=STOP_GRACE_S)
 
 
 def start_node(cfg: NodeDeployConfig, say: Callable[[str], None] = print, runtime_port: int = 9094) -> None:

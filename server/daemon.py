@@ -23,15 +23,11 @@ the service manager (systemd ``Restart=on-failure``, compose ``restart: on-failu
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
-import ssl
 import subprocess
 import time
-import urllib.error
-import urllib.request
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -40,19 +36,25 @@ from typing import Any
 
 from common.atomic import write_json_atomic
 from common.config import ConfigError
-from server.server_config import ServerDeployConfig, app_defaults
-from simulation.superlink import (
+from common.flower import (
+    CertificateNotTrusted,
     FlowerEnv,
+    NotHealthy,
     RunFailedError,
+    ServerTls,
     SuperLinkError,
-    _executable,
-    _flwr_json,
-    _tail,
+    flwr_json,
     run_app,
-    signal_tagged_until_gone,
+    spawn,
+    superlink_command,
+    terminate_then_kill,
+    wait_healthy,
 )
+from server.server_config import ServerDeployConfig, app_defaults
 
 STARTUP_TIMEOUT_S = 60.0
+#: Seconds between SIGTERM and SIGKILL when the SuperLink and its ServerApp are stopped.
+STOP_GRACE_S = 15.0
 
 
 class ServerCrashed(SuperLinkError):
@@ -62,8 +64,8 @@ class ServerCrashed(SuperLinkError):
 class SuperLinkDaemon:
     """One ``medsynth server start``: owns a SuperLink process and the run it serves.
 
-    Satisfies :class:`simulation.superlink.FlowerConnection` (``env``, ``flwr_home``,
-    ``log_path``), so the run is submitted and followed with the same ``run_app`` the
+    Satisfies :class:`common.flower.FlowerConnection` (``env``, ``flwr_home``, ``log_path``),
+    so the run is submitted and followed with the same :func:`common.flower.run_app` the
     simulation uses.
     """
 
@@ -76,7 +78,6 @@ class SuperLinkDaemon:
         self.env = FlowerEnv(
             flwr_home=cfg.flwr_home,
             port=cfg.port,
-            ray_tmpdir=Path("/tmp"),
             host=cfg.local_host,
             connection="medsynth-server",
             tag=self.tag,
@@ -88,61 +89,32 @@ class SuperLinkDaemon:
     def superlink_command(self) -> list[str]:
         """The exact command line (``deploy/`` files mirror it)."""
         c = self.cfg
-        return [
-            str(_executable("flower-superlink")),
-            "--ssl-ca-certfile", str(c.ca_certificate),
-            "--ssl-certfile", str(c.certificate),
-            "--ssl-keyfile", str(c.private_key),
-            "--enable-supernode-auth",
-            "--database", str(c.database),
-            "--isolation", "subprocess",
-            "--host", c.host,
-            "--port", str(c.port),
-            "--disable-runtime-dependency-installation",
-        ]
+        return superlink_command(host=c.host, port=c.port, database=c.database, node_auth=True,
+                                 tls=ServerTls(c.ca_certificate, c.certificate, c.private_key))
 
     def start_superlink(self) -> None:
         """Start the SuperLink and wait until ``/health`` answers over TLS."""
         self.cfg.state_dir.mkdir(parents=True, exist_ok=True)
         self.flwr_home.mkdir(parents=True, exist_ok=True)
-        with self.log_path.open("ab") as log_fh:
-            self.proc = subprocess.Popen(
-                self.superlink_command(),
-                env=self.env.environ(),
-                stdin=subprocess.DEVNULL,
-                stdout=log_fh,
-                stderr=subprocess.STDOUT,
-                cwd=self.flwr_home,
-                start_new_session=True,
-            )
+        self.proc = spawn(self.superlink_command(), self.env.environ(), self.log_path, cwd=self.flwr_home,
+                          append=True)
         self.write_pid_file()
-        context = ssl.create_default_context(cafile=str(self.cfg.ca_certificate))
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise ServerCrashed(f"flower-superlink exited with code {self.proc.returncode} while starting. "
-                                    f"Last lines of {self.log_path}:\n{_tail(self.log_path, 15)}")
-            try:
-                with urllib.request.urlopen(f"{self.env.base_url}/health", timeout=2.0, context=context) as resp:
-                    if resp.status == 200:
-                        self.env.write_config()
-                        return
-            except (urllib.error.URLError, OSError) as exc:
-                if isinstance(getattr(exc, "reason", None), ssl.SSLCertVerificationError):
-                    raise ServerCrashed(
-                        f"the SuperLink's certificate does not verify for {self.cfg.local_host} against "
-                        f"{self.cfg.ca_certificate}: {exc}. Issue it with `medsynth certs server` (it names "
-                        "localhost and 127.0.0.1 as well as your --host names)."
-                    ) from exc
-            time.sleep(0.3)
-        raise ServerCrashed(f"flower-superlink did not answer /health within {STARTUP_TIMEOUT_S:.0f} s; "
-                            f"see {self.log_path}")
+        try:
+            wait_healthy(self.proc, self.env, log_path=self.log_path, timeout_s=STARTUP_TIMEOUT_S)
+        except CertificateNotTrusted as exc:
+            raise ServerCrashed(
+                f"{exc}. Issue it with `medsynth certs server` (it names localhost and 127.0.0.1 as well as "
+                "your --host names)."
+            ) from exc
+        except NotHealthy as exc:
+            raise ServerCrashed(str(exc)) from exc
+        self.env.write_config()
 
     def register_hospitals(self) -> None:
         """Register each hospital's public key; keys already in the SQLite state are kept."""
         for site, key in sorted(self.cfg.hospitals.items()):
             try:
-                data = _flwr_json(["supernode", "register", str(key), self.env.connection, "--name", site], self, 60.0)
+                data = flwr_json(["supernode", "register", str(key), self.env.connection, "--name", site], self, 60.0)
                 self.say(f"registered hospital {site} (node {data.get('node-id')})")
             except SuperLinkError as exc:
                 if "already in use" not in str(exc):
@@ -157,14 +129,7 @@ class SuperLinkDaemon:
 
     def stop(self) -> None:
         """SIGTERM the SuperLink's group and every process it started (ServerApp, flwr CLI); then SIGKILL."""
-        if self.proc is not None and self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(self.proc.pid, signal.SIGTERM)
-        if signal_tagged_until_gone([self.tag], signal.SIGTERM, 15.0):
-            signal_tagged_until_gone([self.tag], signal.SIGKILL, 5.0)
-        if self.proc is not None:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.proc.wait(timeout=10.0)
+        terminate_then_kill([self.proc], [self.tag], grace_s=STOP_GRACE_S)
 
     # ---------------------------------------------------------------- the run
     def run(self) -> dict[str, Any]:

@@ -42,8 +42,8 @@ from pathlib import Path
 from typing import Any
 
 from common.config import ModelConfig, TrainConfig
+from common.flower import RunConfigValue
 from simulation.runner import SimulateOptions, simulate
-from simulation.superlink import RunConfigValue
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "medmnist" / "pneumoniamnist.npz"
 BASELINE = "published ResNet-18 on real PneumoniaMNIST (MedMNIST v2): AUC 0.944, ACC 0.854"

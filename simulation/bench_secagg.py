@@ -61,7 +61,8 @@ from typing import Any
 
 from client.audit import read_entries
 from common.config import ConfigError
-from simulation.deployment import LocalDeployment, NodeConfig
+from common.flower import NodeConfig, RunConfigValue, SuperLinkError, flwr_json, run_app
+from simulation.deployment import LocalDeployment
 from simulation.runner import (
     ROUND_LINE,
     SimulateOptions,
@@ -72,7 +73,6 @@ from simulation.runner import (
     load_source,
     project_dir,
 )
-from simulation.superlink import RunConfigValue, SuperLinkError, _flwr_json, run_app
 
 _NUMERIC_GROUP = re.compile(r"^\d+$")
 
@@ -150,7 +150,7 @@ def setup_rounds_of(rounds: list[dict[str, Any]], secure: bool) -> frozenset[int
 def clientapp_seconds(deployment: LocalDeployment, run_id: int) -> float | None:
     """Flower's ``compute-time.clientapp-seconds`` for a run, or None if ``flwr ls`` does not say."""
     try:
-        data = _flwr_json(["ls", deployment.env.connection, "--run-id", str(run_id)], deployment, 30.0)
+        data = flwr_json(["ls", deployment.env.connection, "--run-id", str(run_id)], deployment, 30.0)
     except SuperLinkError:
         return None
     runs = data.get("runs") or [{}]

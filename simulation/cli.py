@@ -32,9 +32,9 @@ from common.config import ConfigError, parse_class_names
 from common.dataset import DatasetError
 from common.dicom.read import DicomRejected
 from common.dp.accounting import PrivacyBudgetExceeded, epsilon_of
+from common.flower import SuperLinkError
 from simulation import cli_deploy, cli_evaluate
 from simulation.partition import PartitionError, SourceDataError
-from simulation.superlink import SuperLinkError
 
 USER_ERRORS = (
     ConfigError,

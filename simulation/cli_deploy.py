@@ -90,9 +90,9 @@ def add_node_parsers(nsub: SubParsers) -> None:
 
 
 def _app_dir() -> Path:
-    from simulation.runner import project_dir
+    from common.flower import app_dir
 
-    return project_dir()
+    return app_dir()
 
 
 def run_certs(args: argparse.Namespace) -> int:

@@ -10,7 +10,7 @@ exactly that on one machine, so tests and benchmarks exercise the deployment pat
 ``flower-superlink`` without ``--simulation`` on a free loopback port with its own
 ``FLWR_HOME`` (and optional ``--database``), and one ``flower-supernode`` per site, each with
 its own ``FLWR_HOME`` subfolder, its own free Runtime API ``--port`` and its own node config.
-Runs are submitted with :func:`simulation.superlink.run_app` (``num_supernodes=None``).
+Runs are submitted with :func:`common.flower.run_app` (``num_supernodes=None``).
 
 Process tree (flwr 1.41.0, Linux), and how it is cleaned up
 ------------------------------------------------------------
@@ -25,13 +25,14 @@ Process tree (flwr 1.41.0, Linux), and how it is cleaned up
     flwr run / log / ls / supernode  short-lived CLI calls (run_app), tag T
 
 Every process inherits the environment tag ``MEDSYNTH_SUPERLINK_TAG`` from the process we
-started, so :func:`simulation.superlink.find_tagged_pids` finds all of them, whatever session
+started, so :func:`common.flower.find_tagged_pids` finds all of them, whatever session
 or process group Flower put them in. The SuperLink side carries the deployment's tag ``T``;
 each SuperNode carries its own tag ``T-node<k>`` so that :meth:`LocalDeployment.kill_node`
 can SIGKILL exactly one site's processes (for crash tests). :meth:`LocalDeployment.stop`
 SIGTERMs the SuperNodes' process groups first (a SuperNode whose SuperLink is gone retries
 forever), then the SuperLink's; then SIGTERM, and after ``stop_grace_s`` SIGKILL, to every
-tagged process left; and raises :class:`DeploymentError` if any survives.
+tagged process left (:func:`common.flower.terminate_then_kill`); and raises
+:class:`DeploymentError` if any survives.
 
 Readiness signal
 ----------------
@@ -41,52 +42,47 @@ has logged its node id, and (3) ``flwr supernode list --format json`` (the Super
 Control API view) lists each of those ids with ``status == "online"``. Matching ids, rather
 than counting online nodes, keeps stale nodes of a reused ``--database`` from counting.
 
-Later options (a later issue)
------------------------------
-TLS (SuperLink ``--ssl-certfile/--ssl-keyfile/--ssl-ca-certfile``, SuperNode
-``--root-certificates``) and node authentication (``--enable-supernode-auth``,
-``--auth-supernode-private-key``) go into :meth:`LocalDeployment._superlink_command` and
-:meth:`LocalDeployment._supernode_command`, the only places that build command lines, plus
-the ``insecure`` flag that :meth:`FlowerEnv.write_config` writes.
+Command lines
+-------------
+Both daemons' command lines come from :func:`common.flower.superlink_command` and
+:func:`common.flower.supernode_command`, the same builders the production daemons use; here
+without TLS or node authentication (plain HTTP on loopback).
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
 import re
-import signal
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
-import tomli_w
-
-from simulation.superlink import (
+from common.flower import (
     FlowerEnv,
+    NodeConfig,
+    NotHealthy,
     RunConfigValue,
     SuperLinkError,
-    _cmdline,
-    _executable,
-    _flwr_json,
-    _tail,
+    describe_pids,
+    executable,
     find_tagged_pids,
-    format_run_config,
+    flwr_json,
     free_port,
-    signal_tagged_until_gone,
+    kill_now,
+    spawn,
+    superlink_command,
+    supernode_command,
+    tail,
+    terminate_then_kill,
+    wait_healthy,
 )
 
-__all__ = ["DeploymentError", "LocalDeployment", "NodeConfig", "ReceivedMessage", "node_config_argument"]
-
-#: A SuperNode's ``--node-config`` as a flat mapping (keys may use ``.`` for nesting).
-NodeConfig = Mapping[str, RunConfigValue]
+__all__ = ["DeploymentError", "LocalDeployment", "ReceivedMessage"]
 
 _SITE_RE = re.compile(r"^[A-Za-z0-9_-]+$")
 _NODE_ID_RE = re.compile(r"SuperNode ID: (\d+)")
@@ -94,8 +90,6 @@ _ANSI_RE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 _RUN_HEADER_RE = re.compile(r"\[RUN (\d+)(?:, ROUND ([^\]]*))?\]")
 _RECEIVING_RE = re.compile(r"Receiving: (\S+) message")
 _BIND_ERROR = "address already in use"
-#: The Deployment Engine never starts Ray, but FlowerEnv needs a short RAY_TMPDIR value.
-_FALLBACK_RAY_TMPDIR = Path("/tmp")
 
 
 class DeploymentError(SuperLinkError):
@@ -120,27 +114,6 @@ class ReceivedMessage:
     run_id: int
     group: str
     message_type: str
-
-
-def node_config_argument(config: NodeConfig, toml_path: Path) -> str | None:
-    """The value for ``flower-supernode --node-config``, or ``None`` for an empty config.
-
-    Normally the inline form ``k=v k2="str"`` (strings TOML-quoted, see
-    :func:`simulation.superlink.format_run_config`), which shows up in ``ps``. flwr's inline
-    parser cannot take a string holding both quote kinds or a newline; such a config is
-    written to ``toml_path`` instead, whose path flwr accepts in place of the inline form.
-    """
-    if not config:
-        return None
-    inline_ok = all(
-        not isinstance(v, str) or ("\n" not in v and not ('"' in v and "'" in v)) for v in config.values()
-    )
-    if inline_ok:
-        return format_run_config(config)  # also validates keys and value types
-    format_run_config({k: "" if isinstance(v, str) else v for k, v in config.items()})  # validate keys/types
-    toml_path.parent.mkdir(parents=True, exist_ok=True)
-    toml_path.write_text(tomli_w.dumps(dict(config)), encoding="utf-8")
-    return str(toml_path)
 
 
 @dataclass
@@ -302,7 +275,7 @@ class LocalDeployment:
         if self._proc is not None:
             raise DeploymentError("LocalDeployment already started.")
         for name in ("flower-superlink", "flower-supernode", "flower-superexec", "flwr"):
-            _executable(name)
+            executable(name)
         self._flwr_home.mkdir(parents=True, exist_ok=True)
         try:
             self._start_superlink()
@@ -314,7 +287,6 @@ class LocalDeployment:
                     env=FlowerEnv(
                         flwr_home=node_home,
                         port=self.env.port,
-                        ray_tmpdir=self.env.ray_tmpdir,
                         host=self.env.host,
                         connection=self.env.connection,
                         tag=self._node_tag(index),
@@ -336,37 +308,15 @@ class LocalDeployment:
         (the SuperLink's SuperExec and ServerApp live in another session), wait; SIGKILL the
         rest; reap our children. Raises :class:`DeploymentError` listing survivors.
         """
-        procs = [n.proc for n in self._nodes.values() if n.proc is not None]
-        if self._proc is not None:
-            procs.append(self._proc)
-        for proc in procs:
-            if proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(proc.pid, signal.SIGTERM)
-        deadline = time.monotonic() + self._stop_grace_s
-        for proc in procs:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=max(deadline - time.monotonic(), 0.1))
-        signal_tagged_until_gone(self.tags, signal.SIGTERM, self._stop_grace_s)
-        if self.owned_pids() or any(p.poll() is None for p in procs):
-            for proc in procs:
-                if proc.poll() is None:
-                    with contextlib.suppress(ProcessLookupError, PermissionError):
-                        os.killpg(proc.pid, signal.SIGKILL)
-            signal_tagged_until_gone(self.tags, signal.SIGKILL, 5.0)
-        for proc in procs:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=5.0)
-        remaining = self.owned_pids()
-        alive = [p.pid for p in procs if p.poll() is None]
+        procs = [n.proc for n in self._nodes.values()] + [self._proc]
+        remaining = terminate_then_kill(procs, self.tags, grace_s=self._stop_grace_s)
         self._proc = None
         for node in self._nodes.values():
             node.proc = None
-        if raise_on_leftovers and (remaining or alive):
-            listing = "\n".join(f"  {pid}: {_cmdline(pid)}" for pid in sorted(remaining | set(alive)))
+        if raise_on_leftovers and remaining:
             raise DeploymentError(
                 "Processes started by LocalDeployment survived SIGKILL (uninterruptible I/O?). "
-                f"Inspect with `ps -o pid,stat,cmd -p PID`:\n{listing}"
+                f"Inspect with `ps -o pid,stat,cmd -p PID`:\n{describe_pids(remaining)}"
             )
 
     # ------------------------------------------------------------------ crash tests and inspection
@@ -379,22 +329,15 @@ class LocalDeployment:
         """
         node = self._node(site)
         pids = find_tagged_pids(node.env.tag)
-        if node.proc is not None and node.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(node.proc.pid, signal.SIGKILL)
-        left = signal_tagged_until_gone([node.env.tag], signal.SIGKILL, 5.0)
-        if node.proc is not None:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                node.proc.wait(timeout=5.0)
+        left = kill_now([node.proc], [node.env.tag])
         node.killed = True
         if left:
-            listing = "\n".join(f"  {pid}: {_cmdline(pid)}" for pid in sorted(left))
-            raise DeploymentError(f"SuperNode {site!r}: processes survived SIGKILL:\n{listing}")
+            raise DeploymentError(f"SuperNode {site!r}: processes survived SIGKILL:\n{describe_pids(left)}")
         return pids
 
     def list_nodes(self, timeout_s: float = 30.0) -> dict[int, str]:
         """The SuperLink's view (``flwr supernode list``): node id → status (``online``, ``offline``, ...)."""
-        data = _flwr_json(["supernode", "list", self.env.connection], self, timeout_s)
+        data = flwr_json(["supernode", "list", self.env.connection], self, timeout_s)
         nodes = data.get("nodes") or []
         return {int(n["node-id"]): str(n.get("status", "unknown")) for n in nodes}
 
@@ -419,43 +362,6 @@ class LocalDeployment:
                 header = None
         return found
 
-    # ------------------------------------------------------------------ command lines (TLS/auth seams)
-    def _superlink_command(self, env: FlowerEnv) -> list[str]:
-        """``flower-superlink`` in deployment mode (no ``--simulation``); TLS flags would go here."""
-        cmd = [
-            str(_executable("flower-superlink")),
-            "--insecure",
-            "--isolation",
-            "subprocess",
-            "--host",
-            env.host,
-            "--port",
-            str(env.port),
-            "--disable-runtime-dependency-installation",
-        ]
-        if self._database is not None:
-            cmd += ["--database", str(self._database)]
-        return cmd
-
-    def _supernode_command(self, node: _Node) -> list[str]:
-        """``flower-supernode`` for one site; root certificates and auth key flags would go here."""
-        cmd = [
-            str(_executable("flower-supernode")),
-            "--insecure",
-            "--superlink",
-            self.env.address,
-            "--isolation",
-            "subprocess",
-            "--host",
-            self.env.host,
-            "--port",
-            str(node.runtime_port),
-        ]
-        node_config = node_config_argument(node.config, node.env.flwr_home / "node-config.toml")
-        if node_config is not None:
-            cmd += ["--node-config", node_config]
-        return cmd
-
     # ------------------------------------------------------------------ internals
     def _node_tag(self, index: int) -> str:
         return f"{self._tag}-node{index}"
@@ -467,78 +373,43 @@ class LocalDeployment:
             raise DeploymentError("LocalDeployment is not started; use it in a `with` block.")
         return self._nodes[site]
 
-    def _ray_tmpdir(self) -> Path:
-        candidate = self._flwr_home / "ray"
-        return candidate if len(str(candidate)) <= 36 else _FALLBACK_RAY_TMPDIR
-
     def _start_superlink(self) -> None:
-        last_error = ""
+        """Start ``flower-superlink`` (Deployment Engine, plain HTTP) and wait for ``/health``."""
+        last_tail = ""
         for _ in range(1 if self._fixed_port is not None else self._START_ATTEMPTS):
             port = self._fixed_port if self._fixed_port is not None else free_port()
-            env = FlowerEnv(
-                flwr_home=self._flwr_home,
-                port=port,
-                ray_tmpdir=self._ray_tmpdir(),
-                connection="medsynth-deployment",
-                tag=self._tag,
-            )
-            with self._log_path.open("wb") as log_fh:
-                self._proc = subprocess.Popen(
-                    self._superlink_command(env),
-                    env=env.environ(),
-                    stdin=subprocess.DEVNULL,
-                    stdout=log_fh,
-                    stderr=subprocess.STDOUT,
-                    cwd=self._flwr_home,
-                    start_new_session=True,
-                )
+            env = FlowerEnv(flwr_home=self._flwr_home, port=port, connection="medsynth-deployment", tag=self._tag)
+            cmd = superlink_command(host=env.host, port=port, database=self._database)
+            self._proc = spawn(cmd, env.environ(), self._log_path, cwd=self._flwr_home)
             self._env = env
-            ready, last_error = self._wait_superlink_healthy()
-            if ready:
-                env.write_config()
-                return
-            self.stop(raise_on_leftovers=False)
-            self._env = None
-            if self._fixed_port is not None or _BIND_ERROR not in last_error.lower():
-                break
+            try:
+                wait_healthy(self._proc, env, log_path=self._log_path, timeout_s=self._startup_timeout_s)
+            except NotHealthy as exc:
+                last_tail = exc.log_tail
+                self.stop(raise_on_leftovers=False)
+                self._env = None
+                if self._fixed_port is not None or _BIND_ERROR not in last_tail.lower():
+                    break
+                continue
+            env.write_config()
+            return
         raise DeploymentError(
             f"flower-superlink did not become healthy within {self._startup_timeout_s:.0f} s. "
-            f"Check {self._log_path}. Last lines:\n{last_error}"
+            f"Check {self._log_path}. Last lines:\n{last_tail}"
         )
-
-    def _wait_superlink_healthy(self) -> tuple[bool, str]:
-        """Poll ``/health`` until it answers 200, the process dies, or time runs out."""
-        if self._proc is None or self._env is None:
-            return False, "not started"
-        url = f"http://{self._env.address}/health"
-        deadline = time.monotonic() + self._startup_timeout_s
-        while time.monotonic() < deadline:
-            if self._proc.poll() is not None:
-                return False, _tail(self._log_path)
-            try:
-                with urllib.request.urlopen(url, timeout=1.0) as resp:
-                    if resp.status == 200:
-                        return True, ""
-            except (urllib.error.URLError, OSError):
-                pass
-            time.sleep(0.2)
-        return False, _tail(self._log_path)
 
     def _start_node(self, node: _Node) -> None:
         """(Re)start one SuperNode on a fresh free Runtime API port."""
         node.env.flwr_home.mkdir(parents=True, exist_ok=True)
         node.runtime_port = free_port(self.env.host)
         node.node_id = None
-        with node.log_path.open("wb") as log_fh:
-            node.proc = subprocess.Popen(
-                self._supernode_command(node),
-                env=node.env.environ(),
-                stdin=subprocess.DEVNULL,
-                stdout=log_fh,
-                stderr=subprocess.STDOUT,
-                cwd=node.env.flwr_home,
-                start_new_session=True,
-            )
+        cmd = supernode_command(
+            superlink=self.env.address,
+            runtime_port=node.runtime_port,
+            node_config=node.config,
+            node_config_file=node.env.flwr_home / "node-config.toml",
+        )
+        node.proc = spawn(cmd, node.env.environ(), node.log_path, cwd=node.env.flwr_home)
 
     def _wait_nodes_online(self) -> None:
         """Wait until the SuperLink lists every SuperNode's id online (see module docstring)."""
@@ -550,14 +421,14 @@ class LocalDeployment:
                 if node.proc is None:
                     raise DeploymentError(f"SuperNode {node.site!r} was not started.")
                 if node.proc.poll() is not None:
-                    tail = _tail(node.log_path)
-                    if _BIND_ERROR in tail.lower() and restarts[node.site] < self._START_ATTEMPTS:
+                    log_tail = tail(node.log_path)
+                    if _BIND_ERROR in log_tail.lower() and restarts[node.site] < self._START_ATTEMPTS:
                         restarts[node.site] += 1  # lost the race for its free port: new port
                         self._start_node(node)
                         continue
                     raise DeploymentError(
                         f"SuperNode {node.site!r} exited with code {node.proc.returncode} before "
-                        f"connecting. Check {node.log_path}. Last lines:\n{tail}"
+                        f"connecting. Check {node.log_path}. Last lines:\n{log_tail}"
                     )
                 if node.node_id is None:
                     with contextlib.suppress(OSError):

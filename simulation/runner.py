@@ -26,6 +26,7 @@ import numpy as np
 
 from client.prepare.pipeline import PrepareReport, load_or_create_salt, prepare_site
 from common.config import RELEASED_FILE, SIM_MEMBERS_FILE, ConfigError, format_members
+from common.flower import RunConfigValue, app_dir, run_app
 from common.report.html import write_report
 from common.secagg import Roster, SiteIdentity
 from simulation.partition import (
@@ -37,7 +38,7 @@ from simulation.partition import (
 )
 from simulation.phantoms import phantom_population
 from simulation.report import build_summary, format_summary
-from simulation.superlink import LocalSuperLink, RunConfigValue, run_app
+from simulation.superlink import LocalSuperLink
 
 ROUND_LINE = re.compile(r"round (\d+)/(\d+): .*")
 
@@ -85,10 +86,7 @@ class SimulateOptions:
 
 def project_dir() -> Path:
     """The Flower App directory (this repository: pyproject.toml with [tool.flwr.app])."""
-    root = Path(__file__).resolve().parents[1]
-    if not (root / "pyproject.toml").is_file():
-        raise ConfigError(f"cannot find the medsynth project at {root}; install it with `make install`")
-    return root
+    return app_dir()
 
 
 def check_out_dir(out: Path) -> None:

@@ -22,10 +22,10 @@ from typing import Any
 import tomli_w
 
 from common.certs import read_public_keys
+from common.flower import find_tagged_pids, free_port, signal_pids
 from common.secagg import fingerprint
 from simulation.partition import split_by_patient, write_site_dicom
 from simulation.phantoms import phantom_population
-from simulation.superlink import _signal_pids, find_tagged_pids, free_port
 
 MEDSYNTH = [sys.executable, "-m", "simulation.cli"]
 REPO = Path(__file__).resolve().parents[1]
@@ -86,7 +86,7 @@ class Daemon:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, sig)
         if tag:
-            _signal_pids(find_tagged_pids(tag), sig, tag)
+            signal_pids(find_tagged_pids(tag), sig, tag)
 
     def stop(self, grace_s: float = 30.0) -> None:
         if self.proc.poll() is None:

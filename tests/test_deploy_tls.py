@@ -20,8 +20,8 @@ from client.audit import read_entries
 from client.fab_gate import fab_hash_of_app
 from client.ledger import PrivacyLedger
 from common.certs import read_public_keys
+from common.flower import free_port
 from common.secagg import fingerprint
-from simulation.superlink import free_port
 from tests.consortium import Consortium, Daemon, make_consortium, medsynth
 
 pytestmark = pytest.mark.slow
@@ -33,7 +33,7 @@ def _state(c: Consortium) -> dict:  # type: ignore[type-arg]
 
 
 def _no_leftovers(daemons: list[Daemon]) -> None:
-    from simulation.superlink import find_tagged_pids
+    from common.flower import find_tagged_pids
 
     left = {d.name: find_tagged_pids(tag) for d in daemons if (tag := d.tag())}
     assert not any(left.values()), f"processes outlived their daemon: {left}"

@@ -1,8 +1,7 @@
 """``simulation.deployment``: a real SuperLink (Deployment Engine) and real SuperNodes on loopback.
 
-Three levels:
+Two levels (how a node's config becomes ``--node-config`` is in ``tests/test_flower.py``):
 
-* ``node_config_argument``: how a node's config dict becomes ``--node-config`` (no processes);
 * a toy Flower App (written into ``tmp_path``): every node replies with the node config it saw,
   messages are found in the SuperNode logs, one node is SIGKILLed, nothing survives the exit;
 * medsynth itself: 3 phantom hospitals, 2 rounds, plain and secure aggregation, checked through
@@ -19,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
+from common.flower import RunConfigValue, find_tagged_pids, run_app
 from simulation.bench_secagg import protocol_cpu_per_round
-from simulation.deployment import LocalDeployment, node_config_argument
-from simulation.superlink import RunConfigValue, find_tagged_pids, run_app
+from simulation.deployment import LocalDeployment
 
 TOY_PYPROJECT = """\
 [build-system]
@@ -110,21 +109,6 @@ def toy_app(tmp_path: Path) -> Path:
     (app / "toy" / "server.py").write_text(TOY_SERVER)
     (app / "toy" / "client.py").write_text(TOY_CLIENT)
     return app
-
-
-def test_node_config_argument_inline_and_toml_fallback(tmp_path: Path) -> None:
-    assert node_config_argument({}, tmp_path / "n.toml") is None
-    inline = node_config_argument({"site-id": "a b", "epsilon-budget": 2.5, "n": 3, "on": True}, tmp_path / "n.toml")
-    assert inline == 'site-id="a b" epsilon-budget=2.5 n=3 on=true'
-    assert not (tmp_path / "n.toml").exists()
-    # flwr's inline parser cannot take both quote kinds: the config goes to a TOML file instead.
-    path = node_config_argument({"odd": "say \"hi\" it's", "n": 1}, tmp_path / "n.toml")
-    assert path == str(tmp_path / "n.toml")
-    assert 'n = 1' in (tmp_path / "n.toml").read_text()
-    with pytest.raises(ValueError, match="invalid"):
-        node_config_argument({"bad key": 1}, tmp_path / "m.toml")
-    with pytest.raises(TypeError):
-        node_config_argument({"k": [1]}, tmp_path / "m.toml")  # type: ignore[dict-item]
 
 
 @pytest.mark.slow

@@ -12,14 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from simulation.superlink import (
-    FlowerEnv,
-    LocalSuperLink,
-    RunFailedError,
-    find_tagged_pids,
-    format_run_config,
-    run_app,
-)
+from common.flower import RunFailedError, find_tagged_pids, run_app
+from simulation.superlink import LocalSuperLink
 
 TOY_PYPROJECT = """\
 [build-system]
@@ -129,28 +123,6 @@ def _cmdline(pid: int) -> str | None:
         return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
     except (OSError, IndexError):
         return None
-
-
-def test_format_run_config_quotes_strings() -> None:
-    rendered = format_run_config({"a": 1, "b": 0.5, "c": True, "d": "x y", "e": 'say "hi"'})
-    assert rendered == 'a=1 b=0.5 c=true d="x y" e=\'say "hi"\''
-    with pytest.raises(ValueError, match="both quote kinds"):
-        format_run_config({"s": 'it\'s "x"'})
-    with pytest.raises(TypeError):
-        format_run_config({"l": [1, 2]})  # type: ignore[dict-item]
-
-
-def test_flower_env_isolates_subprocesses(tmp_path: Path) -> None:
-    env = FlowerEnv(flwr_home=tmp_path, port=12345, ray_tmpdir=Path("/tmp/x"), tag="t")
-    environ = env.environ({"RAY_ADDRESS": "10.0.0.1:6379", "PATH": "/usr/bin"})
-    assert "RAY_ADDRESS" not in environ
-    assert environ["FLWR_HOME"] == str(tmp_path)
-    assert environ["FLWR_TELEMETRY_ENABLED"] == "0"
-    assert environ["FLWR_DISABLE_UPDATE_CHECK"] == "1"
-    assert environ["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] == "1"
-    assert environ["RAY_TMPDIR"] == "/tmp/x"
-    with pytest.raises(ValueError, match="AF_UNIX"):
-        FlowerEnv(flwr_home=tmp_path, port=1, ray_tmpdir=tmp_path / ("x" * 40))
 
 
 @pytest.mark.slow
