@@ -30,13 +30,14 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from common.atomic import write_bytes_atomic, write_json_atomic
+from common.errors import UserError
 from common.secagg.identity import Roster, SiteIdentity
 
 PRIVATE_MODE = 0o600
 _CURVE = ec.SECP384R1()  # a NIST curve, as `flwr supernode register` requires
 
 
-class CertificateError(Exception):
+class CertificateError(UserError):
     """A key or certificate file is missing, malformed, or does not match; the message says which."""
 
 

@@ -40,6 +40,7 @@ from typing import Any
 
 from common.atomic import write_json_atomic
 from common.config import ConfigError
+from common.errors import EXIT_RESTARTABLE
 from server.server_config import ServerDeployConfig, app_defaults
 from simulation.superlink import (
     FlowerEnv,
@@ -57,6 +58,8 @@ STARTUP_TIMEOUT_S = 60.0
 
 class ServerCrashed(SuperLinkError):
     """The SuperLink or its run ended unexpectedly; a restart resumes from the last checkpoint."""
+
+    exit_code = EXIT_RESTARTABLE  # systemd restarts it (the unit prevents a restart on 2 only)
 
 
 class SuperLinkDaemon:

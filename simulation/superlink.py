@@ -55,6 +55,8 @@ from typing import IO, Any, Protocol
 
 import tomli_w
 
+from common.errors import UserError
+
 __all__ = [
     "TAG_ENV_VAR",
     "FlowerConnection",
@@ -93,7 +95,7 @@ _RUN_CONFIG_KEY_RE = re.compile(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$")
 RunConfigValue = bool | int | float | str
 
 
-class SuperLinkError(RuntimeError):
+class SuperLinkError(UserError, RuntimeError):
     """The local SuperLink or a ``flwr`` command failed; the message says what to do."""
 
 
