@@ -29,3 +29,7 @@ class UserError(Exception):
     """
 
     exit_code: ClassVar[int] = EXIT_FIX_CONFIG
+
+
+class MissingFile(UserError, FileNotFoundError):
+    """A file the configuration names does not exist; the message says what makes it."""

@@ -20,9 +20,9 @@ import yaml
 
 from client.daemon import NodeDaemon
 from client.node_config import NodeDeployConfig
+from medsynth.cli import build_parser
 from server.daemon import SuperLinkDaemon
 from server.server_config import ServerDeployConfig, app_defaults, check_run_overrides
-from simulation.cli import build_parser
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"
