@@ -3,7 +3,7 @@
 A ``UserError``'s message says what is wrong and what to do about it. The ``medsynth`` command
 prints it as one line and exits with its :attr:`UserError.exit_code`; anything that is not a
 ``UserError`` is a bug and keeps its traceback. A hospital's ClientApp answers a ``UserError``
-with the fixed error code of its class (``client.app.ERROR_CODES``), never with the message.
+with the fixed error code of its class (``client.app.error_codes``), never with the message.
 
 Exit codes follow what a supervisor (systemd, a container runtime) should do next:
 
