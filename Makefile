@@ -24,7 +24,7 @@ demo: install
 
 lint: install
 	$(BIN)/ruff check .
-	$(BIN)/mypy common client server simulation
+	$(BIN)/mypy common client server simulation medsynth
 
 test: lint
 	$(BIN)/python -m pytest --durations=15

@@ -24,9 +24,11 @@ from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from client import secagg
-from client.audit import append_entry, entry_for
+from client.audit import AuditLogCorrupt, append_entry, entry_for
 from client.policy import ModelRefused, RunRefused, check_run_allowed
 from common.config import ConfigError, RunConfig, SiteConfig
+from common.dataset import DatasetError
+from common.errors import UserError
 from common.protocol.messages import ProtocolError, SiteReply, decode_train_request, encode_reply, error_reason
 from common.secagg import AlreadyReleased, MembershipMismatch, NothingToMask, SecAggAbort, ValueOutOfRange
 
@@ -34,20 +36,19 @@ log = logging.getLogger("medsynth.client")
 app = ClientApp()
 
 
-def error_code(exc: Exception) -> str:
-    """The fixed error code an exception is reported under (most specific first)."""
-    from client.audit import AuditLogCorrupt
-    from client.ledger import (  # no torch: cheap to import
-        AuditLogBehind,
-        LedgerCorrupt,
-        LedgerMismatch,
-        LedgerMissing,
-        LedgerRolledBack,
-    )
-    from client.release import ReleaseRecordCorrupt
-    from common.dataset import DatasetError
+def error_codes() -> tuple[tuple[type[Exception], str], ...]:
+    """Exception class → the fixed error code its reply carries.
 
-    codes: list[tuple[type[Exception] | tuple[type[Exception], ...], str]] = [
+    The first match wins, so subclasses come before their bases. Every ``UserError`` a ClientApp
+    action can raise is listed (tests check it); anything unlisted is answered ``internal``. The
+    ledger's and the prepare step's classes are imported here, not with this module: they load
+    Opacus, torch and pydicom, which a ClientApp process answering a key exchange never needs.
+    """
+    from client.ledger import AuditLogBehind, LedgerCorrupt, LedgerMismatch, LedgerMissing, LedgerRolledBack
+    from client.prepare.pipeline import PrepareError
+    from client.release import ReleaseRecordCorrupt
+
+    return (
         (RunRefused, "run-refused"),
         (ModelRefused, "model-refused"),
         (MembershipMismatch, "membership"),
@@ -55,16 +56,24 @@ def error_code(exc: Exception) -> str:
         (NothingToMask, "nothing-to-mask"),
         (ValueOutOfRange, "out-of-range"),
         (SecAggAbort, "secagg-abort"),
-        ((LedgerCorrupt, LedgerMismatch, LedgerMissing, LedgerRolledBack, AuditLogBehind, AuditLogCorrupt,
-          ReleaseRecordCorrupt), "ledger"),
+        (LedgerCorrupt, "ledger"),
+        (LedgerMismatch, "ledger"),
+        (LedgerMissing, "ledger"),
+        (LedgerRolledBack, "ledger"),
+        (AuditLogBehind, "ledger"),
+        (AuditLogCorrupt, "ledger"),
+        (ReleaseRecordCorrupt, "ledger"),
         (ConfigError, "config"),
-        ((DatasetError, FileNotFoundError), "data"),
+        (DatasetError, "data"),
+        (PrepareError, "data"),
+        (FileNotFoundError, "data"),
         (ProtocolError, "protocol"),
-    ]
-    for kinds, code in codes:
-        if isinstance(exc, kinds):
-            return code
-    return "internal"
+    )
+
+
+def error_code(exc: Exception) -> str:
+    """The fixed error code an exception is reported under (``internal`` when it is not listed)."""
+    return next((code for kind, code in error_codes() if isinstance(exc, kind)), "internal")
 
 
 def _error_reply(msg: Message, site_id: str, code: str) -> Message:
@@ -108,13 +117,13 @@ def _handle(msg: Message, context: Context, action: Callable[[RunConfig, SiteCon
         site_id = site.site_id
         check_run_allowed(run, site)  # the hospital decides, before anything is charged or sent
         reply = Message(action(run, site), reply_to=msg)
-    except Exception as exc:
-        code = error_code(exc)
-        detail = f"{type(exc).__name__}: {exc}"
-        if code == "internal":
-            log.exception("site %s: unexpected error answering %s", site_id, msg.metadata.message_type)
-        else:
-            log.error("site %s: %s refused (%s): %s", site_id, msg.metadata.message_type, code, detail)
+    except UserError as exc:  # a refusal a person at the hospital can act on: one log line
+        code, detail = error_code(exc), f"{type(exc).__name__}: {exc}"
+        log.error("site %s: %s refused (%s): %s", site_id, msg.metadata.message_type, code, detail)
+        reply = _error_reply(msg, site_id, code)
+    except Exception as exc:  # a bug, or a file gone missing: the traceback goes to the hospital's log
+        code, detail = error_code(exc), f"{type(exc).__name__}: {exc}"
+        log.exception("site %s: unexpected error answering %s", site_id, msg.metadata.message_type)
         reply = _error_reply(msg, site_id, code)
     path = _audit_path(context, site)
     if path is not None:

@@ -32,10 +32,11 @@ from typing import Any
 
 from flwr.app import Message, RecordDict
 
+from common.errors import UserError
 from common.protocol.messages import content_bytes, payload_digest
 
 
-class AuditLogCorrupt(Exception):
+class AuditLogCorrupt(UserError):
     """An audit log line is not a JSON object; the log is kept as is for inspection."""
 
 

@@ -63,13 +63,6 @@ def gated_installer(install: Callable[..., Path], allowed: frozenset[str]) -> Ca
     return install_if_allowed
 
 
-def fab_hash_of_app(app_dir: Path) -> str:
-    """SHA-256 of the FAB ``flwr run``/``flwr build`` makes from ``app_dir`` (deterministic)."""
-    from flwr.cli.build import build_fab_from_disk
-
-    return fab_sha256(build_fab_from_disk(app_dir))
-
-
 def main() -> None:
     """Entry point of the ``flwr-clientapp`` wrapper that ``medsynth node start`` installs."""
     from flwr.supernode.cli.flwr_clientapp import flwr_clientapp

@@ -53,13 +53,14 @@ from typing import Any, Literal
 from client.audit import AuditEntry, LedgerStateEntry, append_entry, latest_ledger_state, read_records
 from common.atomic import exclusive_lock, json_safe, write_json_atomic
 from common.dp.accounting import Charge, epsilon_of
+from common.errors import UserError
 
 FORMAT = 2  # 2: sequence and hash chain (format 1 files are migrated on their first open)
 GENESIS_CHAIN = "0" * 64  # the chain value "before" a ledger's first write
 _CHAIN_FIELDS = ("previous_chain", "chain")
 
 
-class LedgerCorrupt(Exception):
+class LedgerCorrupt(UserError):
     """The ledger file exists but cannot be read; training is refused until a person looks."""
 
 
@@ -67,19 +68,19 @@ class AccountingMismatch(RuntimeError):
     """The optimizer took other steps than the ledger charged: a bug, so nothing is sent."""
 
 
-class LedgerMismatch(Exception):
+class LedgerMismatch(UserError):
     """The run asks for an accounting setting (delta, accountant) other than the ledger's."""
 
 
-class LedgerMissing(Exception):
+class LedgerMissing(UserError):
     """No ledger file, but the audit log shows this hospital spent privacy: it must be restored."""
 
 
-class LedgerRolledBack(Exception):
+class LedgerRolledBack(UserError):
     """The ledger is older than, or differs from, the ledger state the audit log recorded."""
 
 
-class AuditLogBehind(Exception):
+class AuditLogBehind(UserError):
     """The ledger is more than one write ahead of the audit log's newest ledger-state line."""
 
 

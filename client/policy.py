@@ -20,6 +20,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from common.config import ConfigError, RunConfig, SiteConfig
+from common.errors import UserError
 
 #: Largest |value| accepted in a received global model. Trained DCGAN weights and GroupNorm
 #: affine parameters stay within a few units; 1e3 leaves ample room and refuses a crafted
@@ -31,7 +32,7 @@ class RunRefused(ConfigError):
     """The run asks this hospital for something its own settings do not allow; nothing was charged or sent."""
 
 
-class ModelRefused(ValueError):
+class ModelRefused(UserError, ValueError):
     """The received global model is not the run's model, or holds a non-finite or out-of-range value."""
 
 

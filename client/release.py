@@ -27,12 +27,13 @@ from pathlib import Path
 from typing import Any
 
 from common.atomic import exclusive_lock, write_json_atomic
+from common.errors import UserError
 from common.secagg import AlreadyReleased
 
 FORMAT = 1
 
 
-class ReleaseRecordCorrupt(Exception):
+class ReleaseRecordCorrupt(UserError):
     """The release record exists but cannot be read; masking stays refused until a person looks."""
 
 

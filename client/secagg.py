@@ -28,6 +28,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
 from client.release import ReleaseRecord
 from common.config import RunConfig, SiteConfig
+from common.errors import MissingFile
 from common.protocol.messages import SiteReply, decode_reply, decode_train_request, encode_reply
 from common.protocol.secagg import (
     SessionRef,
@@ -57,7 +58,7 @@ STATE_CLIENT, STATE_UPDATE, STATE_PRIVACY = "secagg-client", "secagg-update", "s
 
 def _identity(site: SiteConfig) -> SiteIdentity:
     if not site.signing_key_path.is_file():
-        raise FileNotFoundError(
+        raise MissingFile(
             f"secure aggregation signing key {site.signing_key_path} is missing; create the site's keys "
             "(medsynth simulate does it for virtual hospitals)"
         )

@@ -30,13 +30,14 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from common.atomic import write_bytes_atomic, write_json_atomic
-from common.secagg.identity import Roster, SiteIdentity
+from common.errors import UserError
+from common.secagg.identity import Roster, SiteIdentity, fingerprint
 
 PRIVATE_MODE = 0o600
 _CURVE = ec.SECP384R1()  # a NIST curve, as `flwr supernode register` requires
 
 
-class CertificateError(Exception):
+class CertificateError(UserError):
     """A key or certificate file is missing, malformed, or does not match; the message says which."""
 
 
@@ -197,6 +198,11 @@ def read_public_keys(paths: list[Path]) -> dict[str, bytes]:
                 raise CertificateError(f"site {site!r} appears twice ({path}); each hospital has one key")
             keys[site] = key
     return keys
+
+
+def member_lines(keys: dict[str, bytes]) -> str:
+    """``site = "fingerprint"`` lines for node.toml ``[consortium.members]``, sorted by site."""
+    return "\n".join(f'{site} = "{fingerprint(pk)}"' for site, pk in sorted(keys.items()))
 
 
 def build_roster(public_entries: list[Path], out: Path) -> Roster:

@@ -21,12 +21,13 @@ import torch
 from common.atomic import read_json_object
 from common.checkpoint import Checkpoint, CheckpointInvalid, latest_valid_checkpoint, load_checkpoint
 from common.config import ModelConfig
+from common.errors import UserError
 from common.export import Provenance, privacy_from_history
 from common.models import Generator, build_models
 from common.weights import UpdateLayoutError, load_model_arrays
 
 
-class CheckpointUnusable(ValueError):
+class CheckpointUnusable(UserError, ValueError):
     """The checkpoint cannot be found, verified or turned into a generator; the message says why."""
 
 

@@ -22,6 +22,7 @@ import numpy as np
 from PIL import Image
 
 from common.atomic import fsync_dir
+from common.errors import UserError
 
 CACHE_FILE = "dataset.npz"
 FORMAT_VERSION = 1
@@ -29,7 +30,7 @@ _KEYS = ("images", "labels", "patients", "class_names", "patient_hashes", "patie
          "fingerprint", "format_version")
 
 
-class DatasetError(Exception):
+class DatasetError(UserError):
     """The local dataset or its cache is missing, corrupt or inconsistent."""
 
 

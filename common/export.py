@@ -28,6 +28,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
 from common.atomic import write_json_atomic
+from common.errors import UserError
 
 SIDECAR = "medsynth_export.json"
 ExportFormat = Literal["png", "npz", "dicom"]
@@ -36,7 +37,7 @@ SERIES_DESCRIPTION = "SYNTHETIC - medsynth DP-GAN - not a patient"
 _SAFE = re.compile(r"[^A-Za-z0-9_.-]+")
 
 
-class ExportError(ValueError):
+class ExportError(UserError, ValueError):
     """An export cannot be written as asked (bad format, bad folder, class unknown)."""
 
 

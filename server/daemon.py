@@ -36,6 +36,7 @@ from typing import Any
 
 from common.atomic import write_json_atomic
 from common.config import ConfigError
+from common.errors import EXIT_RESTARTABLE
 from common.flower import (
     CertificateNotTrusted,
     FlowerEnv,
@@ -59,6 +60,8 @@ STOP_GRACE_S = 15.0
 
 class ServerCrashed(SuperLinkError):
     """The SuperLink or its run ended unexpectedly; a restart resumes from the last checkpoint."""
+
+    exit_code = EXIT_RESTARTABLE  # systemd restarts it (the unit prevents a restart on 2 only)
 
 
 class SuperLinkDaemon:

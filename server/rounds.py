@@ -22,6 +22,7 @@ from flwr.serverapp import Grid
 from common.atomic import write_json_atomic
 from common.checkpoint import latest_valid_checkpoint, save_checkpoint
 from common.config import RunConfig
+from common.errors import EXIT_RESTARTABLE, UserError
 from common.models import build_models
 from common.protocol.messages import (
     ProtocolError,
@@ -39,8 +40,10 @@ from server.secagg import SecureRounds, privacy_entry, received_entry
 log = logging.getLogger("medsynth.server")
 
 
-class NoHospitals(RuntimeError):
+class NoHospitals(UserError, RuntimeError):
     """Not enough hospitals connected within the wait timeout."""
+
+    exit_code = EXIT_RESTARTABLE
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,7 @@ from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from common.config import RunConfig
+from common.errors import EXIT_RESTARTABLE, UserError
 from common.protocol.messages import (
     ProtocolError,
     SiteReply,
@@ -69,8 +70,10 @@ from common.weights import UpdateLayout, fedavg
 log = logging.getLogger("medsynth.server")
 
 
-class SecureRoundFailed(RuntimeError):
+class SecureRoundFailed(UserError, RuntimeError):
     """A secure round could not complete (too few hospitals answered); it may be retried."""
+
+    exit_code = EXIT_RESTARTABLE
 
 
 def _send(grid: Grid, requests: Mapping[int, RecordDict], kind: str, group: str, timeout: float) -> list[Message]:

@@ -1,61 +1,39 @@
-"""``medsynth``: the command a hospital ML engineer types.
+"""Research commands of ``medsynth``: simulated federations, and judging and exporting a model.
 
-    medsynth simulate [options]              N virtual hospitals on this machine (default demo)
-    medsynth node prepare --data DIR --out CACHE
-                                             DICOM folder → local training cache, with a report
-    medsynth node privacy --ledger FILE      privacy spent per run and round, from the ledger
-    medsynth node start --config node.toml   the hospital daemon (see simulation/cli_deploy.py)
-    medsynth server start --config server.toml
-    medsynth certs ca|server|node|roster     keys and certificates
+    medsynth simulate [options]                  N virtual hospitals on this machine (default demo)
+    medsynth evaluate --checkpoint RUN --reference REAL
+                                                 quality, usefulness and memorization of the images
+    medsynth sample --checkpoint RUN --n N --out DIR
+                                                 synthetic images (png, npz, dicom) with provenance
 
-Errors a user can fix are printed as one ``error:`` line (exit code 2), never a traceback.
+Registered by ``medsynth.cli`` (the hospital's and the server's commands live in ``client/cli.py``
+and ``server/cli.py``). torch and the evaluation code are imported by the command that runs.
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
-import sys
-from collections import defaultdict
+import json
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from client.ledger import (
-    AuditLogBehind,
-    LedgerCorrupt,
-    LedgerMismatch,
-    LedgerMissing,
-    LedgerRolledBack,
-    PrivacyLedger,
-)
-from client.prepare.pipeline import PrepareError, load_or_create_salt, prepare_site
-from common.config import ConfigError, parse_class_names
-from common.dataset import DatasetError
-from common.dicom.read import DicomRejected
-from common.dp.accounting import PrivacyBudgetExceeded, epsilon_of
-from common.flower import SuperLinkError
-from simulation import cli_deploy, cli_evaluate
-from simulation.partition import PartitionError, SourceDataError
+import numpy as np
 
-USER_ERRORS = (
-    ConfigError,
-    DatasetError,
-    DicomRejected,
-    LedgerCorrupt,
-    LedgerMismatch,
-    LedgerMissing,
-    LedgerRolledBack,
-    AuditLogBehind,
-    PartitionError,
-    PrepareError,
-    PrivacyBudgetExceeded,
-    SourceDataError,
-    SuperLinkError,
-    FileNotFoundError,
-    *cli_evaluate.USER_ERRORS,
-)
+from common.atomic import write_json_atomic
+from common.config import parse_class_names
+from common.export import FORMATS, SIDECAR, ExportError, export_images
+
+if TYPE_CHECKING:
+    SubParsers = argparse._SubParsersAction[argparse.ArgumentParser]
 
 
-def _simulate_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def add_parsers(sub: SubParsers) -> None:
+    """Add ``simulate``, ``evaluate`` and ``sample`` to the ``medsynth`` parser."""
+    _simulate_parser(sub)
+    _evaluate_parsers(sub)
+
+
+def _simulate_parser(sub: SubParsers) -> None:
     p = sub.add_parser(
         "simulate",
         help="run N virtual hospitals through Flower's Simulation Engine",
@@ -106,75 +84,75 @@ def _simulate_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
     p.add_argument("--reference", type=Path, default=None,
                    help="real images (MedMNIST .npz or prepared cache) to evaluate the final model against; "
                         "results go to summary.json under 'evaluation' and to report.html")
+    p.set_defaults(func=cmd_simulate)
 
 
-def _node_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    node = sub.add_parser("node", help="hospital-side commands", description="Hospital-side commands.")
-    nsub = node.add_subparsers(dest="node_command", required=True, metavar="COMMAND")
-    p = nsub.add_parser(
-        "prepare",
-        help="turn a DICOM folder into the local training cache",
+def _evaluate_parsers(sub: SubParsers) -> None:
+    e = sub.add_parser(
+        "evaluate",
+        help="quality, usefulness and memorization of a checkpoint's images against real ones",
         description=(
-            "Read every DICOM file under DATA (labels = first-level sub-folder names, or a CSV, or a "
-            "DICOM attribute), apply the "
-            "modality LUT, VOI LUT/window and MONOCHROME1 inversion, resize, and write the cache "
-            "to OUT. Patient IDs are kept only as salted hashes. Prints a report of kept and "
-            "rejected files; the cache is rebuilt only when the folder changed."
-        ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    p.add_argument("--data", type=Path, required=True, help="folder of DICOM files, one sub-folder per label")
-    p.add_argument("--out", type=Path, required=True, help="cache folder to write")
-    p.add_argument("--image-size", type=int, default=32, choices=(32, 64), help="side of the cached images")
-    p.add_argument("--classes", default=None,
-                   help="comma-separated labels in class order (default: sorted folder names, CSV labels "
-                        "or attribute values)")
-    p.add_argument("--labels-csv", type=Path, default=None,
-                   help="labels from a CSV of 'path-or-SOPInstanceUID,label' rows (paths relative to DATA)")
-    p.add_argument("--label-attribute", default=None, metavar="KEYWORD",
-                   help="labels from this DICOM attribute, e.g. BodyPartExamined")
-    p.add_argument("--modality", default=None,
-                   help="keep only these Modality (0008,0060) values, comma-separated, e.g. CT,MR")
-    p.add_argument("--body-part", default=None,
-                   help="keep only these Body Part Examined (0018,0015) values, comma-separated, e.g. CHEST")
-    p.add_argument("--salt-file", type=Path, default=None,
-                   help="secret salt for patient hashes (created 0600 if missing; default OUT/../salt.bin)")
-    p.add_argument("--force", action="store_true", help="rebuild even if the folder did not change")
-    p.add_argument("--list-rejected", type=Path, default=None, metavar="FILE",
-                   help="write every rejected file with its reason, detail and fix to this CSV (names "
-                        "files: keep it at the hospital; implies --force; outside DATA)")
-    q = nsub.add_parser(
-        "privacy",
-        help="print the privacy ledger: ε spent, budget left, per run and round",
-        description="Read a hospital's privacy ledger and recompute ε from its full history.",
-    )
-    q.add_argument("--ledger", type=Path, default=None, help="the hospital's ledger.json")
-    q.add_argument("--config", type=Path, default=None,
-                   help="node.toml instead of --ledger (deployed node); also checks the ledger against its audit log")
-    q.add_argument("--audit-log", type=Path, default=None,
-                   help="with --ledger: the hospital's audit.jsonl, to check the ledger was not deleted or rolled back")
-    cli_deploy.add_node_parsers(nsub)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="medsynth",
-        description=(
-            "Federated, differentially private GAN for synthetic medical images. Each hospital trains "
-            "locally with DP-SGD (patient-level privacy, ledger-enforced budget); the server averages."
+            "Compare a generator with real images. Reports a domain Fréchet distance and KID (features of a "
+            "small CNN trained with a fixed seed on the reference's own training split, cached and hashed; "
+            "NOT Inception FID), precision/recall and density/coverage, TSTR (a classifier trained on "
+            "synthetic images, tested on the real test split) next to TRTR (the same classifier trained on real "
+            "images), and memorization (the share of synthetic images much nearer to a training image than to "
+            "any held-out one; the closest pairs are saved as a picture). Writes OUT/evaluation.json; when the "
+            "checkpoint belongs to a run folder, that run's report.html is rewritten with the evaluation. "
+            "At a hospital, use --aggregate-only: nothing but aggregate numbers is written, and nothing is "
+            "sent anywhere in any mode."
         ),
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="show library log lines")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    _simulate_parser(sub)
-    _node_parser(sub)
-    cli_evaluate.add_parsers(sub)
-    cli_deploy.add_certs_parser(sub)
-    cli_deploy.add_server_parser(sub)
-    return parser
+    e.add_argument("--checkpoint", type=Path, required=True,
+                   help="a round-NNNN.safetensors file, or a run folder (its newest valid checkpoint is used)")
+    e.add_argument("--reference", type=Path, required=True,
+                   help="real images: a MedMNIST .npz (train/val/test splits) or a prepared cache folder "
+                        "(`medsynth node prepare`; split 80/20 by patient into train/test)")
+    e.add_argument("--held-out", type=Path, default=None,
+                   help="prepared cache of real images the model never trained on (memorization yardstick for a "
+                        "cache reference; a .npz uses its val split)")
+    e.add_argument("--out", type=Path, default=None, help="output folder (default: RUN/evaluation)")
+    e.add_argument("--n", type=int, default=None, dest="n_synthetic",
+                   help="synthetic images to draw (default: as many as real training images, at most 5000)")
+    e.add_argument("--class-balance", choices=("real", "uniform"), default="real",
+                   help="class mix of the synthetic set: that of the real training split (default), or uniform")
+    e.add_argument("--seed", type=int, default=0, help="seed of the latent vectors and subsampling (default: 0)")
+    e.add_argument("--memorization-ratio", type=float, default=0.5,
+                   help="a synthetic image counts as memorized when d(nearest train) < RATIO × d(nearest held-out) "
+                        "(default: 0.5)")
+    e.add_argument("--aggregate-only", action="store_true",
+                   help="hospital mode: write and print only aggregate numbers, no picture of real images")
+    e.add_argument("--cache-dir", type=Path, default=None,
+                   help="where feature extractors are cached (default: $MEDSYNTH_CACHE or ~/.cache/medsynth)")
+    e.set_defaults(func=cmd_evaluate)
+
+    s = sub.add_parser(
+        "sample",
+        help="export synthetic images (png, npz or dicom) with a provenance sidecar",
+        description=(
+            "Draw N images from a checkpoint's generator and write them to OUT as PNG files or DICOM files (one "
+            "sub-folder per class) or as one synthetic.npz. DICOM files are Secondary Capture, marked synthetic "
+            "(Conversion Type SYN, Image Type DERIVED\\SECONDARY\\SYNTHETIC, a series description saying so), "
+            "with fresh UIDs and no patient data. Every export carries " + SIDECAR + ": the model hash, the run, "
+            "and the epsilon and delta of every hospital that trained the model."
+        ),
+    )
+    s.add_argument("--checkpoint", type=Path, required=True,
+                   help="a round-NNNN.safetensors file, or a run folder (its newest valid checkpoint is used)")
+    s.add_argument("--n", type=int, required=True, help="number of images")
+    s.add_argument("--class", dest="label", default=None,
+                   help="class name or index to draw (default: classes in equal shares)")
+    s.add_argument("--format", choices=FORMATS, default="png", help="output format (default: png)")
+    s.add_argument("--out", type=Path, required=True, help="output folder (must not hold an earlier export)")
+    s.add_argument("--seed", type=int, default=None, help="seed of the latent vectors (default: random)")
+    s.add_argument("--classes", default=None,
+                   help="comma-separated class names in class-index order, for a checkpoint whose run did not "
+                        "record them (default: the run's names, else class0, class1, ...)")
+    s.set_defaults(func=cmd_sample)
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
+    """``medsynth simulate``: a whole federation on this machine (``simulation.runner``)."""
     from simulation.runner import SimulateOptions, simulate
 
     simulate(
@@ -207,87 +185,69 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_prepare(args: argparse.Namespace) -> int:
-    salt_file = args.salt_file or args.out.parent / "salt.bin"
-    report = prepare_site(
-        args.data,
-        args.out,
-        image_size=args.image_size,
-        salt=load_or_create_salt(salt_file),
-        class_names=parse_class_names(args.classes) if args.classes else None,
-        force=args.force,
-        progress=True,
-        labels_csv=args.labels_csv,
-        label_attribute=args.label_attribute,
-        modalities=(args.modality or "").split(","),
-        body_parts=(args.body_part or "").split(","),
-        rejected_list=args.list_rejected,
+def _class_index(label: str, names: tuple[str, ...]) -> int:
+    if label in names:
+        return names.index(label)
+    if label.isdigit() and int(label) < len(names):
+        return int(label)
+    raise ExportError(f"unknown class {label!r}; this model's classes are {', '.join(names)} (or 0..{len(names) - 1})")
+
+
+def attach_to_summary(path: Path, result: dict[str, Any]) -> None:
+    """Put the evaluation into an existing ``summary.json`` under ``evaluation``."""
+    if path.is_file():
+        summary = json.loads(path.read_text())
+        summary["evaluation"] = result
+        write_json_atomic(path, summary)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """``medsynth evaluate``: the metrics, and the run's report rewritten with them."""
+    from common.evaluation.evaluate import (
+        EvaluateOptions,
+        EvaluationError,
+        evaluate,
+        format_evaluation,
+        output_dir,
+        run_folder,
     )
-    print(report.format())
-    print(f"cache: {args.out}  (report: {args.out / 'prepare_report.json'})")
-    if args.list_rejected is not None:
-        print(f"rejected files: {args.list_rejected}")
+    from common.report.html import write_report
+
+    opts = EvaluateOptions(
+        checkpoint=args.checkpoint, reference=args.reference, out=args.out, held_out=args.held_out,
+        n_synthetic=args.n_synthetic, class_balance=args.class_balance, seed=args.seed,
+        aggregate_only=args.aggregate_only, memorization_ratio=args.memorization_ratio, cache_dir=args.cache_dir,
+    )
+    if not 0 < opts.memorization_ratio <= 1:
+        raise EvaluationError("--memorization-ratio must be in (0, 1]")
+    result = evaluate(opts)
+    print(format_evaluation(result))
+    run = run_folder(opts.checkpoint)
+    if not opts.aggregate_only and (run / "server_state.json").is_file():
+        attach_to_summary(run / "summary.json", result)
+        pairs = output_dir(opts) / "closest_pairs.png"
+        print(f"report: {write_report(run, evaluation=result, closest_pairs=pairs)}")
     return 0
 
 
-def cmd_privacy(args: argparse.Namespace) -> int:
-    if args.ledger is None and args.config is None:
-        raise ConfigError("give --ledger ledger.json or --config node.toml")
-    audit_log: Path | None = args.audit_log
-    if args.ledger is None:
-        from client.node_config import NodeDeployConfig
+def cmd_sample(args: argparse.Namespace) -> int:
+    """``medsynth sample``: N images of a checkpoint's generator, exported with their provenance."""
+    from common.checkpoint_model import load_generator
 
-        node = NodeDeployConfig.load(args.config)
-        args.ledger, audit_log = node.ledger_path, audit_log or node.audit_path
-    ledger = PrivacyLedger.read(args.ledger, audit_path=audit_log)  # a rolled-back ledger is refused, not shown
-    print(f"ledger {args.ledger}  accountant {ledger.accountant}  δ = {ledger.delta:g}")
-    if audit_log is not None:
-        numbered = (f"sequence {ledger.sequence}" if ledger.sequence
-                    else "no sequence yet: written before rollback protection, numbered at its next round")
-        print(f"audit log {audit_log} agrees: not deleted, not rolled back ({numbered})")
-    by_run: dict[int, list[str]] = defaultdict(list)
-    history = []
-    for entry in ledger.entries:
-        history.append(entry.charge)
-        eps = epsilon_of(history, ledger.delta, ledger.accountant)
-        by_run[entry.run].append(
-            f"    round {entry.round:>3}: {entry.steps} steps, σ = {entry.noise_multiplier:.4f}, "
-            f"q = {entry.sample_rate:.4f} → cumulative ε = {eps:.4f}"
-        )
-    for run, lines in by_run.items():
-        print(f"  run {run}:")
-        print("\n".join(lines))
-    spent = ledger.epsilon()
-    print(f"ε spent {spent:.4f} of budget {ledger.epsilon_budget:g}; left {max(ledger.epsilon_budget - spent, 0):.4f}")
+    if args.n < 1:
+        raise ExportError("--n must be at least 1")
+    override = parse_class_names(args.classes) if args.classes else None
+    generator = load_generator(args.checkpoint, override_names=override)
+    names = generator.class_names
+    seed = int(np.random.SeedSequence().generate_state(1)[0]) if args.seed is None else args.seed
+    if args.label is not None:
+        labels = np.full(args.n, _class_index(args.label, names), dtype=np.int64)
+    else:
+        labels = np.arange(args.n, dtype=np.int64) % len(names)
+    images = generator.sample(labels, seed=seed)
+    files = export_images(images, labels, args.out, args.format, generator.provenance,
+                          sampling={"seed": seed, "class": args.label, "n": args.n})
+    eps = {s: round(p.epsilon, 4) for s, p in generator.provenance.sites.items()}
+    print(f"wrote {len(files)} {args.format} file(s) to {args.out}; sidecar {args.out / SIDECAR}")
+    print(f"model {generator.provenance.model_sha256[:12]}… round {generator.provenance.round}; ε per hospital {eps}")
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    # force: opacus calls logging.basicConfig() when imported, which would make this a no-op
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s",
-                        force=True)
-    try:
-        if args.command == "simulate":
-            return cmd_simulate(args)
-        if args.command in ("evaluate", "sample"):
-            return cli_evaluate.run(args)
-        if args.command == "certs":
-            return cli_deploy.run_certs(args)
-        if args.command == "server":
-            return cli_deploy.run_server(args)
-        if args.node_command == "prepare":
-            return cmd_prepare(args)
-        if args.node_command == "privacy":
-            return cmd_privacy(args)
-        return cli_deploy.run_node(args)
-    except USER_ERRORS + cli_deploy.user_errors() as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -24,6 +24,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.uid import UID, generate_uid
 
+from common.errors import UserError
 from common.export import secondary_capture
 
 # BT.601 luma, the same rule as common.dicom.read for colour DICOM.
@@ -32,11 +33,11 @@ _MEDMNIST_CLASSES = {"pneumoniamnist": ("normal", "pneumonia")}
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
-class SourceDataError(ValueError):
+class SourceDataError(UserError, ValueError):
     """Source arrays or a source file do not have the expected shape or content."""
 
 
-class PartitionError(ValueError):
+class PartitionError(UserError, ValueError):
     """A partition scheme string is malformed, or the split is infeasible."""
 
 

@@ -27,7 +27,7 @@ from common.secagg import fingerprint
 from simulation.partition import split_by_patient, write_site_dicom
 from simulation.phantoms import phantom_population
 
-MEDSYNTH = [sys.executable, "-m", "simulation.cli"]
+MEDSYNTH = [sys.executable, "-m", "medsynth"]
 REPO = Path(__file__).resolve().parents[1]
 
 #: A small, fast run: 3 DP steps of batch 4 on 32² images, narrow models.

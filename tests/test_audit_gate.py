@@ -12,8 +12,9 @@ from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
 
 from client.audit import AuditLogCorrupt, append_entry, entry_for, read_entries
 from client.daemon import diagnose_exit
-from client.fab_gate import AppNotAllowed, fab_hash_of_app, fab_sha256, gated_installer
+from client.fab_gate import AppNotAllowed, fab_sha256, gated_installer
 from common.protocol.messages import payload_digest
+from server.cli import fab_hash_of_app
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -93,8 +94,11 @@ def test_flower_still_exposes_the_name_the_gate_wraps() -> None:
     assert callable(getattr(run_clientapp, "install_from_fab", None)), "flwr moved it: fix client/fab_gate.py"
 
 
-def test_fab_hash_is_deterministic() -> None:
+def test_fab_hash_is_deterministic_and_the_one_the_gate_computes() -> None:
+    from flwr.cli.build import build_fab_from_disk
+
     assert fab_hash_of_app(REPO) == fab_hash_of_app(REPO)
+    assert fab_hash_of_app(REPO) == fab_sha256(build_fab_from_disk(REPO))  # what `server fab-hash` publishes
 
 
 def test_supernode_exits_are_diagnosed() -> None:

@@ -18,8 +18,8 @@ from common.certs import (
 )
 from common.config import ConfigError
 from common.secagg import SiteIdentity, fingerprint
+from medsynth.cli import main
 from server.server_config import ServerDeployConfig, check_run_overrides
-from simulation.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -17,11 +17,11 @@ from pathlib import Path
 import pytest
 
 from client.audit import read_entries
-from client.fab_gate import fab_hash_of_app
 from client.ledger import PrivacyLedger
 from common.certs import read_public_keys
 from common.flower import free_port
 from common.secagg import fingerprint
+from server.cli import fab_hash_of_app
 from tests.consortium import Consortium, Daemon, make_consortium, medsynth
 
 pytestmark = pytest.mark.slow

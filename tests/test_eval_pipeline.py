@@ -18,7 +18,7 @@ from common.evaluation.evaluate import EvaluateOptions, evaluate, trtr_score, ts
 from common.evaluation.features import ExtractorCacheCorrupt, load_or_train_extractor
 from common.evaluation.reference import ReferenceData, load_reference
 from common.export import Provenance
-from simulation.cli import main
+from medsynth.cli import main
 
 REQUIRED = {"fd", "kid", "tstr_auc", "tstr_acc", "trtr_auc", "trtr_acc", "memorization_rate"}
 
@@ -130,4 +130,4 @@ def test_evaluate_user_errors_are_one_line(tmp_path: Path, capsys: pytest.Captur
     code = main(["evaluate", "--checkpoint", str(tmp_path / "none"), "--reference", str(tmp_path / "x.npz")])
     # assert
     err = capsys.readouterr().err
-    assert code == 2 and err.startswith("error: no valid checkpoint") and err.count("\n") == 1
+    assert code == 2 and err.startswith("medsynth: error: no valid checkpoint") and err.count("\n") == 1

@@ -21,8 +21,8 @@ from pydicom.uid import SecondaryCaptureImageStorage
 from client.ledger import PrivacyLedger
 from common.config import RunConfig
 from common.export import SERIES_DESCRIPTION, SIDECAR
+from medsynth.cli import main
 from server.rounds import ServerPaths, run_federation
-from simulation.cli import main
 from tests.helpers import default_run_config
 from tests.inprocess import InProcessGrid, write_phantom_sites
 

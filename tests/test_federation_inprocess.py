@@ -203,7 +203,7 @@ def test_checkpoints_say_what_they_draw_and_hospitals_keep_the_model_they_receiv
 
 def test_node_evaluation_writes_aggregates_only(sites_dir: Path, tmp_path: Path) -> None:
     # prepare: one round, so each hospital holds the initial global model (round 0)
-    from simulation.cli_deploy import evaluate_at_node
+    from client.cli import evaluate_at_node
 
     fresh_state(sites_dir)
     _run(_config(sites_dir, tmp_path, **{"num-server-rounds": 1}), tmp_path)
@@ -220,8 +220,8 @@ def test_node_evaluation_writes_aggregates_only(sites_dir: Path, tmp_path: Path)
 
 def test_node_evaluation_before_any_round_says_why(tmp_path: Path) -> None:
     # prepare
+    from client.cli import evaluate_at_node
     from common.config import ConfigError
-    from simulation.cli_deploy import evaluate_at_node
 
     # act / assert
     with pytest.raises(ConfigError, match="no global model"):

@@ -27,7 +27,7 @@ from common.dp.accounting import Charge
 from common.models import build_models
 from common.protocol.messages import SiteReply, decode_reply, encode_train_request, error_reason
 from common.weights import model_arrays
-from simulation.cli import main
+from medsynth.cli import main
 from tests.helpers import default_run_config
 from tests.inprocess import write_phantom_sites
 

@@ -171,7 +171,7 @@ def test_the_192_slice_mr_series_is_one_patient(shared_data_dir: Path, tmp_path:
 
 def test_cli_prepare_passes_labels_csv_and_selection(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     # prepare: a CT and an MR file, labelled by CSV; keep CT only
-    from simulation.cli import main
+    from medsynth.cli import main
 
     data = tmp_path / "data"
     write_image(data / "ct.dcm", uid="1.2.3.1", modality="CT")
@@ -224,7 +224,7 @@ def test_verbose_cli_and_rejected_list_show_every_rejected_file_with_reason_and_
     expected = {"a/notes.txt": "not-dicom", "a/cut.dcm": "truncated", "stray.dcm": "no-label"}
     # act
     done = subprocess.run(
-        [sys.executable, "-m", "simulation.cli", "-v", "node", "prepare", "--data", str(data),
+        [sys.executable, "-m", "medsynth", "-v", "node", "prepare", "--data", str(data),
          "--out", str(tmp_path / "cache"), "--salt-file", str(tmp_path / "salt"),
          "--list-rejected", str(listing)],
         capture_output=True, text=True, timeout=300, cwd=Path(__file__).resolve().parents[1])

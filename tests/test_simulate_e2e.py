@@ -20,7 +20,7 @@ pytestmark = pytest.mark.slow
 
 def _medsynth(*args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "simulation.cli", *args], capture_output=True, text=True, timeout=timeout
+        [sys.executable, "-m", "medsynth", *args], capture_output=True, text=True, timeout=timeout
     )
 
 
@@ -89,7 +89,7 @@ def test_no_flower_process_outlives_the_simulation(demo_run: tuple[Path, subproc
 def test_user_errors_are_one_line_without_traceback(tmp_path: Path) -> None:
     proc = _medsynth("simulate", "--out", str(tmp_path / "x"), "--partition", "dirichlet:abc", timeout=120)
     assert proc.returncode == 2
-    assert proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr
+    assert proc.stderr.startswith("medsynth: error: ") and "Traceback" not in proc.stderr
 
 
 def test_fixed_noise_small_budget_stops_cleanly_with_status(tmp_path: Path) -> None:

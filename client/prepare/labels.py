@@ -33,6 +33,7 @@ from pydicom.dataset import Dataset
 
 from common.dicom.errors import DicomRejected
 from common.dicom.header import read_header_text
+from common.errors import UserError
 
 LabelMode = Literal["folder", "csv", "attribute"]
 
@@ -46,7 +47,7 @@ _IDENTIFYING_KEYWORDS = frozenset({
 })
 
 
-class LabelError(ValueError):
+class LabelError(UserError, ValueError):
     """The label options or the labels CSV are unusable (the message names the line)."""
 
 

@@ -55,6 +55,7 @@ from common.dataset import DatasetError, LocalDataset, read_cache_fingerprint, r
 from common.dicom.errors import REJECTION_FIXES, DicomRejected
 from common.dicom.paths import FolderEntry, walk_data_folder
 from common.dicom.read import DEFAULT_MAX_DECODED_BYTES, ReadLimits
+from common.errors import UserError
 
 __all__ = ["PIPELINE_VERSION", "REJECTED_LIST_COLUMNS", "REPORT_FILE", "PrepareError", "PrepareReport",
            "load_or_create_salt", "prepare_site", "resize_to_square", "site_fingerprint",
@@ -68,7 +69,7 @@ REJECTED_LIST_COLUMNS = ("path", "reason", "detail", "fix")
 SALT_BYTES = 32
 
 
-class PrepareError(Exception):
+class PrepareError(UserError):
     """The folder cannot be turned into a dataset (nothing usable, bad salt, bad options)."""
 
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from common.errors import UserError
+
 # reason -> what it means for the user (also the table of docs/dicom.md, checked by tests/test_docs.py).
 REJECTION_REASONS: dict[str, str] = {
     # the file system
@@ -87,7 +89,7 @@ REJECTION_FIXES: dict[str, str] = {
 }
 
 
-class DicomRejected(Exception):
+class DicomRejected(UserError):
     """A file that cannot become training pixels; ``reason`` is a key of REJECTION_REASONS.
 
     ``fix`` says what a person can do; it defaults to ``REJECTION_FIXES[reason]``.

@@ -23,8 +23,10 @@ from dataclasses import dataclass
 from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.accountants.accountant import IAccountant
 
+from common.errors import UserError
 
-class PrivacyBudgetExceeded(Exception):
+
+class PrivacyBudgetExceeded(UserError):
     """Training would take a hospital past its epsilon budget; nothing was trained or sent."""
 
     def __init__(self, spent: float, would_be: float, budget: float) -> None:

@@ -33,6 +33,7 @@ import numpy as np
 from common.atomic import write_bytes_atomic, write_json_atomic
 from common.checkpoint_model import load_generator
 from common.config import ModelConfig
+from common.errors import UserError
 from common.evaluation.features import FeatureExtractor, default_cache_dir, load_or_train_extractor
 from common.evaluation.metrics import Memorization, frechet_distance, kernel_distance, memorization, precision_recall
 from common.evaluation.reference import ReferenceData, load_reference
@@ -45,7 +46,7 @@ FD_KIND = ("domain FD/KID: features of a small CNN trained (fixed seed) on the r
 EVALUATION_DIR = "evaluation"
 
 
-class EvaluationError(ValueError):
+class EvaluationError(UserError, ValueError):
     """The evaluation was asked for something it cannot do; the message says what to change."""
 
 

@@ -31,6 +31,7 @@ from safetensors.numpy import save as st_save
 
 from common.atomic import write_bytes_atomic
 from common.checkpoint import content_hash
+from common.errors import UserError
 from common.evaluation.classifier import ClassifierConfig, SmallCNN, embed, train_classifier
 from common.evaluation.reference import ReferenceData
 
@@ -38,7 +39,7 @@ EXTRACTOR_VERSION = 1
 EXTRACTOR_CONFIG = ClassifierConfig(width=32, epochs=8, batch_size=128, lr=1e-3, shift=2, seed=20240601)
 
 
-class ExtractorCacheCorrupt(Exception):
+class ExtractorCacheCorrupt(UserError):
     """A cached extractor fails its hash check; it is never used."""
 
 

@@ -30,12 +30,13 @@ from pathlib import Path
 import numpy as np
 
 from common.dataset import CACHE_FILE, DatasetError, load_cache, resize_to_square
+from common.errors import UserError
 
 _MEDMNIST_CLASSES = {"pneumoniamnist": ("normal", "pneumonia")}
 TEST_SHARE = 0.2  # share of patients of a prepared cache used as the real test split
 
 
-class ReferenceDataError(ValueError):
+class ReferenceDataError(UserError, ValueError):
     """The reference data cannot be read or has no usable split; the message says what to pass."""
 
 

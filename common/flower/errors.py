@@ -1,16 +1,17 @@
 """Errors of the Flower process layer, each saying what failed and where to look.
 
-``SuperLinkError`` is the root (a ``RuntimeError``, as before this package existed); the CLI
-reports it as a user-facing error. When ``common.errors.UserError`` exists, making
-``SuperLinkError`` subclass it is the only change needed here.
+``SuperLinkError`` is the root: a ``common.errors.UserError`` (the CLI prints it as one line)
+and a ``RuntimeError`` (as before this package existed).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from common.errors import UserError
 
-class SuperLinkError(RuntimeError):
+
+class SuperLinkError(UserError, RuntimeError):
     """A Flower daemon or a ``flwr`` command failed; the message says what to do."""
 
 

@@ -24,6 +24,8 @@ from typing import Literal, cast
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 
+from common.errors import UserError
+
 Status = Literal["ok", "budget-exhausted", "error"]
 STATUSES: tuple[str, ...] = ("ok", "budget-exhausted", "error")
 
@@ -53,7 +55,7 @@ def error_reason(code: str) -> str:
     return f"{code}: {ERRORS[code]}"
 
 
-class ProtocolError(ValueError):
+class ProtocolError(UserError, ValueError):
     """A message lacks a record or field this protocol requires."""
 
 

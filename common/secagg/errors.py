@@ -12,8 +12,10 @@ signatures that do not verify, and a server asking for both kinds of shares of o
 
 from __future__ import annotations
 
+from common.errors import UserError
 
-class SecAggAbort(Exception):
+
+class SecAggAbort(UserError):
     """Base of every protocol abort; ``reason`` is the human-readable cause."""
 
     def __init__(self, reason: str) -> None:

@@ -1,0 +1,256 @@
+"""The hospital's commands: ``medsynth node …`` and the hospital's ``medsynth certs …``.
+
+    medsynth node prepare --data DIR --out CACHE   DICOM folder → local training cache, with a report
+    medsynth node privacy --ledger FILE            privacy spent per run and round, from the ledger
+    medsynth node start --config node.toml         the hospital daemon (client/daemon.py)
+    medsynth node audit --config node.toml         every message that left the hospital
+    medsynth node evaluate --config node.toml      the newest global model against local images
+    medsynth certs node --site ID --out DIR        this hospital's auth and signing keys
+    medsynth certs fingerprint FILE...             signing-key fingerprints to pin in node.toml
+
+Registered by ``medsynth.cli``; it imports common/ and client/ only, so a hospital install
+without server/ and simulation/ runs every command here. Heavy modules (torch, Opacus, pydicom)
+are imported by the command that needs them, not to build the parser.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    SubParsers = argparse._SubParsersAction[argparse.ArgumentParser]
+
+
+def add_parsers(sub: SubParsers) -> None:
+    """Add ``node`` and its sub-commands to the ``medsynth`` parser."""
+    node = sub.add_parser("node", help="hospital-side commands", description="Hospital-side commands.")
+    nsub = node.add_subparsers(dest="node_command", required=True, metavar="COMMAND")
+    p = nsub.add_parser(
+        "prepare",
+        help="turn a DICOM folder into the local training cache",
+        description=(
+            "Read every DICOM file under DATA (labels = first-level sub-folder names, or a CSV, or a "
+            "DICOM attribute), apply the "
+            "modality LUT, VOI LUT/window and MONOCHROME1 inversion, resize, and write the cache "
+            "to OUT. Patient IDs are kept only as salted hashes. Prints a report of kept and "
+            "rejected files; the cache is rebuilt only when the folder changed."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--data", type=Path, required=True, help="folder of DICOM files, one sub-folder per label")
+    p.add_argument("--out", type=Path, required=True, help="cache folder to write")
+    p.add_argument("--image-size", type=int, default=32, choices=(32, 64), help="side of the cached images")
+    p.add_argument("--classes", default=None,
+                   help="comma-separated labels in class order (default: sorted folder names, CSV labels "
+                        "or attribute values)")
+    p.add_argument("--labels-csv", type=Path, default=None,
+                   help="labels from a CSV of 'path-or-SOPInstanceUID,label' rows (paths relative to DATA)")
+    p.add_argument("--label-attribute", default=None, metavar="KEYWORD",
+                   help="labels from this DICOM attribute, e.g. BodyPartExamined")
+    p.add_argument("--modality", default=None,
+                   help="keep only these Modality (0008,0060) values, comma-separated, e.g. CT,MR")
+    p.add_argument("--body-part", default=None,
+                   help="keep only these Body Part Examined (0018,0015) values, comma-separated, e.g. CHEST")
+    p.add_argument("--salt-file", type=Path, default=None,
+                   help="secret salt for patient hashes (created 0600 if missing; default OUT/../salt.bin)")
+    p.add_argument("--force", action="store_true", help="rebuild even if the folder did not change")
+    p.add_argument("--list-rejected", type=Path, default=None, metavar="FILE",
+                   help="write every rejected file with its reason, detail and fix to this CSV (names "
+                        "files: keep it at the hospital; implies --force; outside DATA)")
+    p.set_defaults(func=cmd_prepare)
+
+    p = nsub.add_parser(
+        "privacy",
+        help="print the privacy ledger: ε spent, budget left, per run and round",
+        description="Read a hospital's privacy ledger and recompute ε from its full history.",
+    )
+    p.add_argument("--ledger", type=Path, default=None, help="the hospital's ledger.json")
+    p.add_argument("--config", type=Path, default=None,
+                   help="node.toml instead of --ledger (deployed node); also checks the ledger against its audit log")
+    p.add_argument("--audit-log", type=Path, default=None,
+                   help="with --ledger: the hospital's audit.jsonl, to check the ledger was not deleted or rolled back")
+    p.set_defaults(func=cmd_privacy)
+
+    p = nsub.add_parser("start", help="run this hospital's node daemon",
+                        description="Check node.toml, keys and the server's certificate, prepare the local "
+                                    "dataset, then run flower-supernode (outbound TLS only) until stopped.")
+    p.add_argument("--config", type=Path, required=True, help="node.toml (see deploy/node.example.toml)")
+    p.add_argument("--runtime-port", type=int, default=9094,
+                   help="loopback port of the SuperNode's Runtime API for its own ClientApps")
+    p.set_defaults(func=cmd_start)
+
+    p = nsub.add_parser("audit", help="print the audit log: every message that left this hospital",
+                        description="Print every message this hospital sent, from its audit log.")
+    p.add_argument("--config", type=Path, default=None, help="node.toml (the log is STATE/audit.jsonl)")
+    p.add_argument("--log", type=Path, default=None, help="an audit.jsonl file instead of --config")
+    p.set_defaults(func=cmd_audit)
+
+    p = nsub.add_parser(
+        "evaluate", help="judge the newest global model against this hospital's own images (aggregates only)",
+        description="Run `medsynth evaluate` at the hospital: the newest global model the server sent (kept in "
+                    "STATE/global-model) against the prepared local images (STATE/cache, split 80/20 by patient). "
+                    "Only aggregate numbers are printed and written (STATE/evaluation/evaluation.json); no picture "
+                    "of a real image is made and nothing is sent. The local test patients were also training "
+                    "patients of the federation; for memorization, and for a TSTR free of that overlap, give "
+                    "--held-out: a prepared folder of patients that never took part.")
+    p.add_argument("--config", type=Path, required=True, help="node.toml")
+    p.add_argument("--held-out", type=Path, default=None,
+                   help="prepared cache (`medsynth node prepare`) of patients the federation never saw")
+    p.add_argument("--seed", type=int, default=0, help="seed of the latent vectors and the split (default: 0)")
+    p.set_defaults(func=cmd_evaluate)
+
+
+def add_certs_commands(csub: SubParsers) -> None:
+    """Add the hospital's ``certs`` sub-commands (``node``, ``fingerprint``)."""
+    p = csub.add_parser("node", help="a hospital's SuperNode auth key pair and secure-aggregation signing key",
+                        description="Run at the hospital. Send <site>.auth.pub and <site>.secagg.json to the "
+                                    "consortium operator; the .key files never leave this machine.")
+    p.add_argument("--site", required=True, help="the hospital's site id, e.g. site-0")
+    p.add_argument("--out", type=Path, required=True, help="folder for the four files")
+    p.set_defaults(func=cmd_certs_node)
+    p = csub.add_parser("fingerprint", help="signing-key fingerprints to pin in node.toml [consortium.members]",
+                        description="Print the SHA-256 fingerprint of each hospital's secure-aggregation "
+                                    "signing key, as node.toml lines. Read them to each other out of band "
+                                    "(phone, signed letter) before pinning them: the roster alone comes "
+                                    "from the operator.")
+    p.add_argument("entries", type=Path, nargs="+", help="<site>.secagg.json files or a roster.json")
+    p.set_defaults(func=cmd_certs_fingerprint)
+
+
+# ---------------------------------------------------------------------------------- node
+def cmd_prepare(args: argparse.Namespace) -> int:
+    """``medsynth node prepare``: DICOM folder → training cache, and the report."""
+    from client.prepare.pipeline import load_or_create_salt, prepare_site
+    from common.config import parse_class_names
+
+    salt_file = args.salt_file or args.out.parent / "salt.bin"
+    report = prepare_site(
+        args.data,
+        args.out,
+        image_size=args.image_size,
+        salt=load_or_create_salt(salt_file),
+        class_names=parse_class_names(args.classes) if args.classes else None,
+        force=args.force,
+        progress=True,
+        labels_csv=args.labels_csv,
+        label_attribute=args.label_attribute,
+        modalities=(args.modality or "").split(","),
+        body_parts=(args.body_part or "").split(","),
+        rejected_list=args.list_rejected,
+    )
+    print(report.format())
+    print(f"cache: {args.out}  (report: {args.out / 'prepare_report.json'})")
+    if args.list_rejected is not None:
+        print(f"rejected files: {args.list_rejected}")
+    return 0
+
+
+def cmd_privacy(args: argparse.Namespace) -> int:
+    """``medsynth node privacy``: the ledger's ε per run and round, recomputed from its history."""
+    from collections import defaultdict
+
+    from client.ledger import PrivacyLedger
+    from common.config import ConfigError
+    from common.dp.accounting import epsilon_of
+
+    if args.ledger is None and args.config is None:
+        raise ConfigError("give --ledger ledger.json or --config node.toml")
+    audit_log: Path | None = args.audit_log
+    if args.ledger is None:
+        from client.node_config import NodeDeployConfig
+
+        node = NodeDeployConfig.load(args.config)
+        args.ledger, audit_log = node.ledger_path, audit_log or node.audit_path
+    ledger = PrivacyLedger.read(args.ledger, audit_path=audit_log)  # a rolled-back ledger is refused, not shown
+    print(f"ledger {args.ledger}  accountant {ledger.accountant}  δ = {ledger.delta:g}")
+    if audit_log is not None:
+        numbered = (f"sequence {ledger.sequence}" if ledger.sequence
+                    else "no sequence yet: written before rollback protection, numbered at its next round")
+        print(f"audit log {audit_log} agrees: not deleted, not rolled back ({numbered})")
+    by_run: dict[int, list[str]] = defaultdict(list)
+    history = []
+    for entry in ledger.entries:
+        history.append(entry.charge)
+        eps = epsilon_of(history, ledger.delta, ledger.accountant)
+        by_run[entry.run].append(
+            f"    round {entry.round:>3}: {entry.steps} steps, σ = {entry.noise_multiplier:.4f}, "
+            f"q = {entry.sample_rate:.4f} → cumulative ε = {eps:.4f}"
+        )
+    for run, lines in by_run.items():
+        print(f"  run {run}:")
+        print("\n".join(lines))
+    spent = ledger.epsilon()
+    print(f"ε spent {spent:.4f} of budget {ledger.epsilon_budget:g}; left {max(ledger.epsilon_budget - spent, 0):.4f}")
+    return 0
+
+
+def cmd_start(args: argparse.Namespace) -> int:
+    """``medsynth node start``: the hospital daemon, until stopped."""
+    from client.daemon import start_node
+    from client.node_config import NodeDeployConfig
+
+    start_node(NodeDeployConfig.load(args.config), say=lambda line: print(line, flush=True),
+               runtime_port=args.runtime_port)
+    return 0
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    """``medsynth node audit``: every message that left the hospital."""
+    from client.audit import format_entries, read_records
+    from client.node_config import NodeDeployConfig
+    from common.config import ConfigError
+
+    if args.log is None and args.config is None:
+        raise ConfigError("give --config node.toml or --log audit.jsonl")
+    path = args.log if args.log is not None else NodeDeployConfig.load(args.config).audit_path
+    print(format_entries(read_records(path)))
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """``medsynth node evaluate``: see :func:`evaluate_at_node`."""
+    from client.node_config import NodeDeployConfig
+
+    cfg = NodeDeployConfig.load(args.config)
+    return evaluate_at_node(cfg.state_path, cfg.cache_path, held_out=args.held_out, seed=args.seed)
+
+
+def evaluate_at_node(state: Path, cache: Path, *, held_out: Path | None, seed: int) -> int:
+    """``medsynth node evaluate``: aggregate-only evaluation of the kept global model on local data."""
+    from common.config import GLOBAL_MODEL_DIR, ConfigError
+    from common.evaluation.evaluate import EvaluateOptions, evaluate, format_evaluation
+
+    models = state / GLOBAL_MODEL_DIR
+    if not any(models.glob("round-*.safetensors")):
+        raise ConfigError(f"no global model at {models} yet: the node keeps the newest model the server sends "
+                          "with each training round; evaluate after this hospital has taken part in one")
+    result = evaluate(EvaluateOptions(
+        checkpoint=models, reference=cache, out=state / "evaluation", held_out=held_out,
+        aggregate_only=True, cache_dir=state / "evaluation-cache", seed=seed))
+    print(format_evaluation(result))
+    return 0
+
+
+# --------------------------------------------------------------------------------- certs
+def cmd_certs_node(args: argparse.Namespace) -> int:
+    """``medsynth certs node``: this hospital's auth key pair and signing key, made here."""
+    from common.certs import create_node_auth_keys, create_secagg_identity, member_lines, read_public_keys
+
+    auth = create_node_auth_keys(args.out, args.site)
+    secagg = create_secagg_identity(args.out, args.site)
+    print(f"send to the operator: {auth.public}  {secagg.public}\n"
+          f"keep here (0600):     {auth.private}  {secagg.private}")
+    print("tell the other hospitals, out of band, your fingerprint:")
+    print(member_lines(read_public_keys([secagg.public])))
+    return 0
+
+
+def cmd_certs_fingerprint(args: argparse.Namespace) -> int:
+    """``medsynth certs fingerprint``: node.toml ``[consortium.members]`` lines to check out of band."""
+    from common.certs import member_lines, read_public_keys
+
+    print("[consortium.members]  # check every line with that hospital out of band before pinning it")
+    print(member_lines(read_public_keys(args.entries)))
+    return 0
