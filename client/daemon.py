@@ -89,7 +89,7 @@ class NodeDaemon:
         self.say = say
         self.tag = uuid.uuid4().hex
         self.runtime_port = runtime_port
-        self.log_path = cfg.state_path / "supernode.log"
+        self.log_path = cfg.state_dir / "supernode.log"
         self.proc: subprocess.Popen[bytes] | None = None
         self.stopping = False
         self.last_output = ""
@@ -106,16 +106,16 @@ class NodeDaemon:
             "--host", "127.0.0.1",  # Runtime API for its own ClientApps: loopback only
             "--port", str(self.runtime_port),
         ]
-        node_config = node_config_argument(c.flower_node_config(), c.state_path / "node-config.toml")
+        node_config = node_config_argument(c.flower_node_config(), c.state_dir / "node-config.toml")
         if node_config is not None:
             cmd += ["--node-config", node_config]
         return cmd
 
     def environ(self) -> dict[str, str]:
-        env = FlowerEnv(flwr_home=self.cfg.state_path / "flwr-home", port=self.cfg.superlink_port,
+        env = FlowerEnv(flwr_home=self.cfg.state_dir / "flwr-home", port=self.cfg.superlink_port,
                         ray_tmpdir=Path("/tmp"), tag=self.tag).environ()
         if self.cfg.allowed_fabs:
-            wrapper = write_wrapper(self.cfg.state_path / "bin")
+            wrapper = write_wrapper(self.cfg.state_dir / "bin")
             env["PATH"] = os.pathsep.join([str(wrapper.parent), env["PATH"]])
             env[ALLOWLIST_ENV] = ",".join(self.cfg.allowed_fabs)
         return env
@@ -123,22 +123,22 @@ class NodeDaemon:
     def prepare(self) -> PrepareReport:
         """Build (or reuse) the training cache so the first round does not pay for it."""
         return prepare_site(
-            self.cfg.data_path, self.cfg.cache_path, image_size=self.cfg.image_size,
-            salt=load_or_create_salt(self.cfg.state_path / "salt.bin"),
+            self.cfg.data_dir, self.cfg.cache_dir, image_size=self.cfg.image_size,
+            salt=load_or_create_salt(self.cfg.salt_path),
             class_names=parse_class_names(self.cfg.class_names) if self.cfg.class_names else None,
             progress=True,
         )
 
     def run_once(self) -> int:
         """Run the SuperNode until it exits; returns its exit code."""
-        self.cfg.state_path.mkdir(parents=True, exist_ok=True)
-        (self.cfg.state_path / "flwr-home").mkdir(exist_ok=True)
+        self.cfg.state_dir.mkdir(parents=True, exist_ok=True)
+        (self.cfg.state_dir / "flwr-home").mkdir(exist_ok=True)
         start = self.log_path.stat().st_size if self.log_path.exists() else 0
         with self.log_path.open("ab") as log_fh:
             self.proc = subprocess.Popen(self.supernode_command(), env=self.environ(), stdin=subprocess.DEVNULL,
-                                         stdout=log_fh, stderr=subprocess.STDOUT, cwd=self.cfg.state_path,
+                                         stdout=log_fh, stderr=subprocess.STDOUT, cwd=self.cfg.state_dir,
                                          start_new_session=True)
-        write_json_atomic(self.cfg.state_path / "daemon.json",
+        write_json_atomic(self.cfg.state_dir / "daemon.json",
                           {"pid": os.getpid(), "supernode_pid": self.proc.pid, "tag": self.tag})
         self.say(f"node {self.cfg.site_id}: SuperNode started (pid {self.proc.pid}), dialing {self.cfg.superlink}")
         code = self.proc.wait()
@@ -187,7 +187,7 @@ def start_node(cfg: NodeDeployConfig, say: Callable[[str], None] = print, runtim
         say(f"node {cfg.site_id}: the server at {cfg.superlink} presents a certificate signed by your CA")
     else:
         say(f"node {cfg.site_id}: the server at {cfg.superlink} is not reachable yet; the node will keep trying")
-    cfg.state_path.mkdir(parents=True, exist_ok=True)
+    cfg.state_dir.mkdir(parents=True, exist_ok=True)
     daemon = NodeDaemon(cfg, say, runtime_port)
     report = daemon.prepare()
     say(report.format())

@@ -166,7 +166,7 @@ def run_node(args: argparse.Namespace) -> int:
         return 0
     if args.node_command == "evaluate":
         cfg = NodeDeployConfig.load(args.config)
-        return evaluate_at_node(cfg.state_path, cfg.cache_path, held_out=args.held_out, seed=args.seed)
+        return evaluate_at_node(cfg.state_dir, cfg.cache_dir, held_out=args.held_out, seed=args.seed)
     from client.daemon import start_node
 
     start_node(NodeDeployConfig.load(args.config), say=lambda line: print(line, flush=True),
