@@ -127,6 +127,11 @@ def test_node_toml_loads_and_becomes_the_flower_node_config(tmp_path: Path) -> N
     ("change", "message"),
     [
         (lambda d, t: d["node"].update({"insecure": True}), "only over TLS"),
+        (lambda d, t: d["node"].update({"state-path": str(t / "old")}), r"\[node\] state-path is now state-dir"),
+        (lambda d, t: d["keys"].update({"roster": str(t / "roster.json")}), r"\[keys\] roster is now roster-path"),
+        (lambda d, t: d["node"].update({"stat-dir": str(t / "typo")}), r"\[node\] stat-dir is not a setting"),
+        (lambda d, t: d.update({"run": {}}), r"\[run\] is not a node.toml table"),
+        (lambda d, t: d["prepare"].update({"image-size": 48}), r"\[prepare\] image-size = 48"),
         (lambda d, t: d["node"].pop("epsilon-budget"), "epsilon-budget"),
         (lambda d, t: d["node"].update({"epsilon-budget": float("inf")}), "epsilon-budget"),
         (lambda d, t: d["node"].update({"superlink": "fl.example.org"}), "host:port"),
