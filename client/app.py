@@ -26,7 +26,7 @@ from flwr.clientapp import ClientApp
 from client import secagg
 from client.audit import AuditLogCorrupt, append_entry, entry_for
 from client.policy import ModelRefused, RunRefused, check_run_allowed
-from common.config import ConfigError, RunConfig, SiteConfig
+from common.config import ConfigError, RunConfig, SiteConfig, default_state_dir, site_paths
 from common.dataset import DatasetError
 from common.errors import UserError
 from common.protocol.messages import ProtocolError, SiteReply, decode_train_request, encode_reply, error_reason
@@ -96,13 +96,15 @@ def _audit_path(context: Context, site: SiteConfig | None) -> Path | None:
     if site is not None:
         return site.audit_path
     cfg = context.node_config
-    if "audit-log" in cfg:
-        return Path(str(cfg["audit-log"]))
-    if "state-path" in cfg:
-        return Path(str(cfg["state-path"])) / "audit.jsonl"
+    if "audit-path" in cfg:
+        return Path(str(cfg["audit-path"]))
+    if "state-dir" in cfg:
+        return site_paths(Path(str(cfg["state-dir"]))).audit_path
+    if "data-dir" in cfg:
+        return site_paths(default_state_dir(Path(str(cfg["data-dir"])))).audit_path
     sites_dir = context.run_config.get("sim.sites-dir")
     if "partition-id" in cfg and sites_dir:
-        return Path(str(sites_dir)) / f"site-{cfg['partition-id']}" / "audit.jsonl"
+        return site_paths(Path(str(sites_dir)) / f"site-{cfg['partition-id']}").audit_path
     return None
 
 

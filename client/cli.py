@@ -214,7 +214,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from client.node_config import NodeDeployConfig
 
     cfg = NodeDeployConfig.load(args.config)
-    return evaluate_at_node(cfg.state_path, cfg.cache_path, held_out=args.held_out, seed=args.seed)
+    return evaluate_at_node(cfg.state_dir, cfg.cache_dir, held_out=args.held_out, seed=args.seed)
 
 
 def evaluate_at_node(state: Path, cache: Path, *, held_out: Path | None, seed: int) -> int:

@@ -89,7 +89,7 @@ class NodeDaemon:
         self.say = say
         self.tag = uuid.uuid4().hex
         self.runtime_port = runtime_port
-        self.log_path = cfg.state_path / "supernode.log"
+        self.log_path = cfg.state_dir / "supernode.log"
         self.proc: subprocess.Popen[bytes] | None = None
         self.stopping = False
         self.last_output = ""
@@ -101,7 +101,7 @@ class NodeDaemon:
             superlink=c.superlink,
             runtime_port=self.runtime_port,
             node_config=c.flower_node_config(),
-            node_config_file=c.state_path / "node-config.toml",
+            node_config_file=c.state_dir / "node-config.toml",
             root_certificates=c.ca_certificate,
             auth_private_key=c.auth_private_key,
         )
@@ -109,10 +109,10 @@ class NodeDaemon:
     def environ(self) -> dict[str, str]:
         """The SuperNode's environment: its own ``FLWR_HOME`` and tag; with an app allow-list,
         the FAB gate's ``flwr-clientapp`` first on ``PATH``."""
-        env = FlowerEnv(flwr_home=self.cfg.state_path / "flwr-home", port=self.cfg.superlink_port,
+        env = FlowerEnv(flwr_home=self.cfg.state_dir / "flwr-home", port=self.cfg.superlink_port,
                         tag=self.tag).environ()
         if self.cfg.allowed_fabs:
-            wrapper = write_wrapper(self.cfg.state_path / "bin")
+            wrapper = write_wrapper(self.cfg.state_dir / "bin")
             env["PATH"] = os.pathsep.join([str(wrapper.parent), env["PATH"]])
             env[ALLOWLIST_ENV] = ",".join(self.cfg.allowed_fabs)
         return env
@@ -120,20 +120,20 @@ class NodeDaemon:
     def prepare(self) -> PrepareReport:
         """Build (or reuse) the training cache so the first round does not pay for it."""
         return prepare_site(
-            self.cfg.data_path, self.cfg.cache_path, image_size=self.cfg.image_size,
-            salt=load_or_create_salt(self.cfg.state_path / "salt.bin"),
+            self.cfg.data_dir, self.cfg.cache_dir, image_size=self.cfg.image_size,
+            salt=load_or_create_salt(self.cfg.salt_path),
             class_names=parse_class_names(self.cfg.class_names) if self.cfg.class_names else None,
             progress=True,
         )
 
     def run_once(self) -> int:
         """Run the SuperNode until it exits; returns its exit code."""
-        self.cfg.state_path.mkdir(parents=True, exist_ok=True)
-        (self.cfg.state_path / "flwr-home").mkdir(exist_ok=True)
+        self.cfg.state_dir.mkdir(parents=True, exist_ok=True)
+        (self.cfg.state_dir / "flwr-home").mkdir(exist_ok=True)
         start = self.log_path.stat().st_size if self.log_path.exists() else 0
-        self.proc = spawn(self.supernode_command(), self.environ(), self.log_path, cwd=self.cfg.state_path,
+        self.proc = spawn(self.supernode_command(), self.environ(), self.log_path, cwd=self.cfg.state_dir,
                           append=True)
-        write_json_atomic(self.cfg.state_path / "daemon.json",
+        write_json_atomic(self.cfg.state_dir / "daemon.json",
                           {"pid": os.getpid(), "supernode_pid": self.proc.pid, "tag": self.tag})
         self.say(f"node {self.cfg.site_id}: SuperNode started (pid {self.proc.pid}), dialing {self.cfg.superlink}")
         code = self.proc.wait()
@@ -174,7 +174,7 @@ def start_node(cfg: NodeDeployConfig, say: Callable[[str], None] = print, runtim
         say(f"node {cfg.site_id}: the server at {cfg.superlink} presents a certificate signed by your CA")
     else:
         say(f"node {cfg.site_id}: the server at {cfg.superlink} is not reachable yet; the node will keep trying")
-    cfg.state_path.mkdir(parents=True, exist_ok=True)
+    cfg.state_dir.mkdir(parents=True, exist_ok=True)
     daemon = NodeDaemon(cfg, say, runtime_port)
     report = daemon.prepare()
     say(report.format())

@@ -5,8 +5,8 @@ Example (every key is explained in ``deploy/node.example.toml``)::
     [node]
     site-id = "site-0"
     superlink = "fl.consortium.example:443"   # host:port hospitals dial (outbound only)
-    data-path = "/data/dicom"                  # the DICOM export, read-only
-    state-path = "/var/lib/medsynth-node"      # ledger, audit log, cache, salt
+    data-dir = "/data/dicom"                   # the DICOM export, read-only
+    state-dir = "/var/lib/medsynth-node"       # ledger, audit log, cache, salt
     epsilon-budget = 10.0                      # this hospital's own budget; no run can raise it
     delta = 1e-5                               # this hospital's δ; a run asking for another is refused
     accountant = "prv"
@@ -19,14 +19,18 @@ Example (every key is explained in ``deploy/node.example.toml``)::
     ca-certificate = "/etc/medsynth/ca.pem"
     [keys]
     auth-private-key = "/etc/medsynth/site-0.auth.key"
-    secagg-private-key = "/etc/medsynth/site-0.secagg.key"
-    roster = "/etc/medsynth/roster.json"
+    signing-key-path = "/etc/medsynth/site-0.secagg.key"
+    roster-path = "/etc/medsynth/roster.json"
     [apps]
     allowed-fab-sha256 = ["<sha256 from `medsynth server fab-hash`>"]
 
 There is no ``insecure`` setting: a medsynth node connects only over TLS. The app allow-list
 fails closed: an empty ``allowed-fab-sha256`` is refused unless the file also says, in words,
 ``any-app-may-run = true`` (then the node runs whatever code the server sends, and warns).
+
+One vocabulary from this file to the code: a file setting is ``*-path`` here and in the node
+config and ``*_path`` in code, a folder ``*-dir`` / ``*_dir``. A key this file does not know is
+refused (an old name says its new one), so a misspelt ``state-dir`` cannot start an empty ledger.
 """
 
 from __future__ import annotations
@@ -44,16 +48,45 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from common.certs import CertificateError, check_private_mode
 from common.config import (
     MIN_PARTICIPANTS,
+    NODE_DEFAULTS,
+    RENAMED_NODE_KEYS,
     ConfigError,
+    app_defaults,
     format_members,
     parse_class_names,
     parse_members,
     read_toml,
+    site_paths,
 )
 from common.secagg import MembershipMismatch
 from common.secagg.identity import Roster, SiteIdentity, fingerprint
 
 NodeConfigValue = bool | int | float | str
+
+NODE_TOML_KEYS: dict[str, frozenset[str]] = {
+    # table → the settings it may hold
+    "node": frozenset({"site-id", "superlink", "data-dir", "state-dir", "epsilon-budget", "delta", "accountant",
+                       "allow-plain-aggregation"}),
+    "tls": frozenset({"ca-certificate"}),
+    "keys": frozenset({"auth-private-key", "signing-key-path", "roster-path"}),
+    "consortium": frozenset({"min-participants", "members"}),
+    "prepare": frozenset({"image-size", "class-names"}),
+    "apps": frozenset({"allowed-fab-sha256", "any-app-may-run"}),
+}
+
+
+def _check_known_keys(doc: Mapping[str, Any]) -> None:
+    """Refuse a table or key ``node.toml`` does not define; an old key name says its new one."""
+    for table, body in doc.items():
+        if table not in NODE_TOML_KEYS or not isinstance(body, Mapping):
+            raise ConfigError(f"[{table}] is not a node.toml table; known: {', '.join(sorted(NODE_TOML_KEYS))}")
+        for key in body:
+            if key in RENAMED_NODE_KEYS:
+                raise ConfigError(f"[{table}] {key} is now {RENAMED_NODE_KEYS[key]} (one name from node.toml to "
+                                  "the code); rename it")
+            if key not in NODE_TOML_KEYS[table]:
+                known = ", ".join(sorted(NODE_TOML_KEYS[table]))
+                raise ConfigError(f"[{table}] {key} is not a setting; known: {known}")
 
 
 def _resolve(value: Any, base: Path, what: str) -> Path:
@@ -63,28 +96,43 @@ def _resolve(value: Any, base: Path, what: str) -> Path:
     return path if path.is_absolute() else base / path
 
 
+def _image_size(prepare: Mapping[str, Any]) -> int:
+    """``[prepare] image-size``: the side of the cached images, by default the app's ``model.image-size``."""
+    size = prepare["image-size"] if "image-size" in prepare else app_defaults()["model.image-size"]
+    if isinstance(size, bool) or size not in (32, 64):
+        raise ConfigError(f"[prepare] image-size = {size!r}: 32 or 64 (the run's model.image-size)")
+    return int(size)
+
+
+def _flag(node: Mapping[str, Any], key: str) -> bool:
+    value = node.get(key, NODE_DEFAULTS[key])
+    if not isinstance(value, bool):
+        raise ConfigError(f"[node] {key} = {value!r}: expected true or false")
+    return value
+
+
 @dataclass(frozen=True)
 class NodeDeployConfig:
     """Validated ``node.toml``; relative paths are relative to the file's folder."""
 
     site_id: str
     superlink: str  # host:port
-    data_path: Path
-    state_path: Path
+    data_dir: Path
+    state_dir: Path
     epsilon_budget: float
     ca_certificate: Path
     auth_private_key: Path
-    secagg_private_key: Path
-    roster: Path
+    signing_key_path: Path
+    roster_path: Path
     allowed_fabs: tuple[str, ...]
     class_names: str
     members: tuple[tuple[str, str], ...]  # pinned (site id, signing-key fingerprint)
-    delta: float = 1e-5
-    accountant: str = "prv"
-    min_participants: int = MIN_PARTICIPANTS
-    image_size: int = 32
-    allow_plain_aggregation: bool = False
-    any_app_may_run: bool = False  # [apps] any-app-may-run: the hospital's explicit consent to no allow-list
+    delta: float
+    accountant: str
+    min_participants: int
+    image_size: int  # [prepare] image-size, default the app's model.image-size
+    allow_plain_aggregation: bool
+    any_app_may_run: bool  # [apps] any-app-may-run: the hospital's explicit consent to no allow-list
 
     @property
     def superlink_host(self) -> str:
@@ -96,33 +144,37 @@ class NodeDeployConfig:
 
     @property
     def ledger_path(self) -> Path:
-        return self.state_path / "ledger.json"
+        return site_paths(self.state_dir).ledger_path
 
     @property
     def audit_path(self) -> Path:
-        return self.state_path / "audit.jsonl"
+        return site_paths(self.state_dir).audit_path
 
     @property
-    def cache_path(self) -> Path:
-        return self.state_path / "cache"
+    def cache_dir(self) -> Path:
+        return site_paths(self.state_dir).cache_dir
+
+    @property
+    def salt_path(self) -> Path:
+        return site_paths(self.state_dir).salt_path
 
     def flower_node_config(self) -> dict[str, NodeConfigValue]:
         """What ``flower-supernode --node-config`` carries to every ClientApp (``SiteConfig``)."""
         return {
             "site-id": self.site_id,
-            "data-path": str(self.data_path),
-            "state-path": str(self.state_path),
-            "cache-path": str(self.cache_path),
+            "data-dir": str(self.data_dir),
+            "state-dir": str(self.state_dir),
+            "cache-dir": str(self.cache_dir),
             "ledger-path": str(self.ledger_path),
-            "audit-log": str(self.audit_path),
+            "audit-path": str(self.audit_path),
             "epsilon-budget": self.epsilon_budget,
             "delta": self.delta,
             "accountant": self.accountant,
             "class-names": self.class_names,
             "members": format_members(dict(self.members)),
             "min-participants": self.min_participants,
-            "signing-key": str(self.secagg_private_key),
-            "roster": str(self.roster),
+            "signing-key-path": str(self.signing_key_path),
+            "roster-path": str(self.roster_path),
             "allow-plain-aggregation": self.allow_plain_aggregation,
         }
 
@@ -136,6 +188,7 @@ class NodeDeployConfig:
         keys: Mapping[str, Any] = doc.get("keys", {})
         if "insecure" in node or "insecure" in tls:
             raise ConfigError("`insecure` is not a node.toml setting: medsynth nodes connect only over TLS")
+        _check_known_keys(doc)
         budget = node.get("epsilon-budget")
         if (not isinstance(budget, int | float) or isinstance(budget, bool)
                 or not (math.isfinite(budget) and budget > 0)):
@@ -159,12 +212,13 @@ class NodeDeployConfig:
                 "signing key (`medsynth certs fingerprint`), checked with each hospital out of band; this "
                 "hospital is mixed only with the members it pinned"
             )
-        delta, accountant = node.get("delta", 1e-5), node.get("accountant", "prv")
+        delta = node.get("delta", NODE_DEFAULTS["delta"])
+        accountant = node.get("accountant", NODE_DEFAULTS["accountant"])
         if isinstance(delta, bool) or not isinstance(delta, int | float) or not 0 < delta < 1:
             raise ConfigError(f"[node] delta = {delta!r}: a number in (0, 1), this hospital's δ (e.g. 1e-5)")
         if accountant not in ("prv", "rdp"):
             raise ConfigError(f"[node] accountant = {accountant!r}: 'prv' or 'rdp'")
-        min_participants = consortium.get("min-participants", MIN_PARTICIPANTS)
+        min_participants = consortium.get("min-participants", NODE_DEFAULTS["min-participants"])
         if isinstance(min_participants, bool) or not isinstance(min_participants, int) \
                 or min_participants < MIN_PARTICIPANTS:
             raise ConfigError(f"[consortium] min-participants = {min_participants!r}: an integer >= "
@@ -176,21 +230,21 @@ class NodeDeployConfig:
         cfg = NodeDeployConfig(
             site_id=str(node.get("site-id", "")),
             superlink=superlink,
-            data_path=_resolve(node.get("data-path"), base, "[node] data-path"),
-            state_path=_resolve(node.get("state-path", "medsynth-node-state"), base, "[node] state-path"),
+            data_dir=_resolve(node.get("data-dir"), base, "[node] data-dir"),
+            state_dir=_resolve(node.get("state-dir", "medsynth-node-state"), base, "[node] state-dir"),
             epsilon_budget=float(budget),
             ca_certificate=_resolve(tls.get("ca-certificate"), base, "[tls] ca-certificate"),
             auth_private_key=_resolve(keys.get("auth-private-key"), base, "[keys] auth-private-key"),
-            secagg_private_key=_resolve(keys.get("secagg-private-key"), base, "[keys] secagg-private-key"),
-            roster=_resolve(keys.get("roster"), base, "[keys] roster"),
+            signing_key_path=_resolve(keys.get("signing-key-path"), base, "[keys] signing-key-path"),
+            roster_path=_resolve(keys.get("roster-path"), base, "[keys] roster-path"),
             allowed_fabs=tuple(h.lower() for h in fabs),
-            image_size=int(prepare.get("image-size", 32)),
+            image_size=_image_size(prepare),
             class_names=",".join(parse_class_names(class_names)),
             members=parse_members(format_members(members)),
             delta=float(delta),
             accountant=str(accountant),
             min_participants=min_participants,
-            allow_plain_aggregation=bool(node.get("allow-plain-aggregation", False)),
+            allow_plain_aggregation=_flag(node, "allow-plain-aggregation"),
             any_app_may_run=any_app,
         )
         cfg.check_apps()
@@ -220,15 +274,15 @@ class NodeDeployConfig:
         """Site id, data folder, CA certificate, both private keys (and 0600), roster entry."""
         if not self.site_id:
             raise ConfigError("[node] site-id is required (the name the roster and the server use)")
-        if not self.data_path.is_dir():
-            raise ConfigError(f"[node] data-path = {self.data_path}: no such folder")
+        if not self.data_dir.is_dir():
+            raise ConfigError(f"[node] data-dir = {self.data_dir}: no such folder")
         try:
             x509.load_pem_x509_certificate(self.ca_certificate.read_bytes())
         except (OSError, ValueError) as exc:
             raise ConfigError(f"[tls] ca-certificate = {self.ca_certificate}: not a readable PEM certificate "
                               f"({exc})") from exc
         try:
-            for key_path in (self.auth_private_key, self.secagg_private_key):
+            for key_path in (self.auth_private_key, self.signing_key_path):
                 check_private_mode(key_path)
         except CertificateError as exc:
             raise ConfigError(str(exc)) from exc
@@ -240,13 +294,13 @@ class NodeDeployConfig:
         if not isinstance(auth, ec.EllipticCurvePrivateKey):
             raise ConfigError(f"[keys] auth-private-key = {self.auth_private_key}: Flower needs an EC key")
         try:
-            identity = SiteIdentity.load(self.secagg_private_key, self.site_id)
-            roster = Roster.load(self.roster)
+            identity = SiteIdentity.load(self.signing_key_path, self.site_id)
+            roster = Roster.load(self.roster_path)
         except (OSError, ValueError) as exc:
             raise ConfigError(f"secure-aggregation key or roster unreadable: {exc}") from exc
         if roster.keys.get(self.site_id) != identity.public_key():
             raise ConfigError(
-                f"[keys] roster = {self.roster} has no entry for {self.site_id!r} matching this hospital's "
+                f"[keys] roster-path = {self.roster_path} has no entry for {self.site_id!r} matching this hospital's "
                 "signing key; ask the operator for the roster built from your <site>.secagg.json"
             )
         if dict(self.members).get(self.site_id) != fingerprint(identity.public_key()):
@@ -257,4 +311,4 @@ class NodeDeployConfig:
         try:
             roster.check_pinned(dict(self.members))
         except MembershipMismatch as exc:
-            raise ConfigError(f"[keys] roster = {self.roster}: {exc}") from exc
+            raise ConfigError(f"[keys] roster-path = {self.roster_path}: {exc}") from exc

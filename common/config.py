@@ -1,8 +1,13 @@
 """Typed, validated configuration, parsed once from Flower's run config and node config.
 
-Defaults live in ``[tool.flwr.app.config]`` of ``pyproject.toml``; Flower flattens nested keys
-(``dp.noise-multiplier``). Everything else in the code base receives these frozen dataclasses;
-nothing else reads ``run_config`` or ``node_config``.
+Run defaults are written in one place: ``[tool.flwr.app.config]`` of the app's ``pyproject.toml``.
+Flower flattens nested keys (``dp.noise-multiplier``) and hands the ServerApp and every ClientApp
+exactly those keys, overridden where ``--run-config`` says so. Parsing is strict: every key of
+:data:`RUN_KEYS` must be there with its type and no other key is accepted, so no setting can fall
+back to a second default written in code. Tools that build a run themselves (the simulation, the
+benchmarks, the tests) start from :func:`app_defaults` and apply overrides (:func:`run_config`).
+Everything else in the code base receives these frozen dataclasses; nothing else reads
+``run_config`` or ``node_config``.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ import math
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -23,20 +29,34 @@ class ConfigError(UserError, ValueError):
     """A configuration value is missing or out of range; the message names the key and the fix."""
 
 
+_EXAMPLE = {bool: "true", int: "5", float: "0.5", str: '"text"'}
+
+
+def _typed(key: str, value: object, kind: type, where: str = "") -> ConfigValue:
+    """``value`` as ``kind``, else ``ConfigError`` naming ``where`` + ``key`` and the type expected.
+
+    An int is accepted for a float (TOML writes ``900`` for 900 seconds); nothing else is
+    converted: ``"3"``, ``3.0`` for an int and ``1`` for a bool are refused.
+    """
+    checked: ConfigValue | None = None
+    if isinstance(value, bool):
+        checked = value if kind is bool else None
+    elif (kind is int and isinstance(value, int)) or (kind is str and isinstance(value, str)):
+        checked = value
+    elif kind is float and isinstance(value, int | float):
+        checked = float(value)
+    if checked is None:
+        raise ConfigError(f"{where}{key} = {value!r}: expected a {kind.__name__}, e.g. {key} = {_EXAMPLE[kind]}")
+    return checked
+
+
 def _get(cfg: Mapping[str, ConfigValue], key: str, kind: type, default: ConfigValue | None = None) -> ConfigValue:
+    """A node-config value, ``default`` when absent (if there is one); ``ConfigError`` naming the key."""
     if key not in cfg:
         if default is None:
-            raise ConfigError(f"missing config key '{key}' (add it to [tool.flwr.app.config] or --run-config)")
+            raise ConfigError(f"missing node config key '{key}' (`medsynth node start` writes it from node.toml)")
         return default
-    value = cfg[key]
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    if kind is int and isinstance(value, float) and value.is_integer():
-        value = int(value)
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise ConfigError(f"config key '{key}' must be {kind.__name__}, got {value!r}")
-    return value
-
+    return _typed(key, cfg[key], kind, "node config ")
 
 def parse_class_names(text: str) -> tuple[str, ...]:
     """``"normal,lesion"`` → ("normal", "lesion"): the label folders, in class-index order.
@@ -54,13 +74,13 @@ def parse_class_names(text: str) -> tuple[str, ...]:
 class ModelConfig:
     """DCGAN shape: image side 32 or 64, latent size, channel widths, class conditioning."""
 
-    image_size: int = 32
-    latent_dim: int = 64
-    g_width: int = 64
-    d_width: int = 8
-    num_classes: int = 2
-    conditional: bool = True
-    aux_classifier: bool = True  # AC-GAN class head on D (needs conditional); see common/models.py
+    image_size: int
+    latent_dim: int
+    g_width: int
+    d_width: int
+    num_classes: int
+    conditional: bool
+    aux_classifier: bool  # AC-GAN class head on D (needs conditional); see common/models.py
 
     def __post_init__(self) -> None:
         if self.image_size not in (32, 64):
@@ -77,14 +97,14 @@ class ModelConfig:
 class TrainConfig:
     """One local round: ``local_steps`` private D steps, one G step every ``d_steps_per_g``."""
 
-    local_steps: int = 20
-    d_steps_per_g: int = 5
-    batch_size: int = 32  # generated rows per D and G step; 2·B divides D's noisy gradient sum
-    lr_d: float = 2e-4
-    lr_g: float = 2e-4
-    beta1: float = 0.5
-    diversity_weight: float = 10.0  # λ of G's diversity term (common.dp.train.diversity_term); 0: off
-    device: str = "auto"
+    local_steps: int
+    d_steps_per_g: int
+    batch_size: int  # generated rows per D and G step; 2·B divides D's noisy gradient sum
+    lr_d: float
+    lr_g: float
+    beta1: float
+    diversity_weight: float  # λ of G's diversity term (common.dp.train.diversity_term); 0: off
+    device: str
 
     def __post_init__(self) -> None:
         if self.local_steps < 1:
@@ -110,13 +130,13 @@ class PrivacyConfig:
     is used as is and a hospital stops training once its next round would exceed its budget.
     """
 
-    max_grad_norm: float = 1.0
-    noise_multiplier: float = 1.0
-    sample_rate: float = 0.15  # public Poisson rate q over patients, the same at every hospital
-    calibrate: bool = True
-    epsilon_budget: float = 10.0
-    delta: float = 1e-5
-    accountant: str = "prv"
+    max_grad_norm: float
+    noise_multiplier: float
+    sample_rate: float  # public Poisson rate q over patients, the same at every hospital
+    calibrate: bool
+    epsilon_budget: float
+    delta: float
+    accountant: str
 
     def __post_init__(self) -> None:
         if not self.max_grad_norm > 0:
@@ -137,17 +157,17 @@ class PrivacyConfig:
 class FederationConfig:
     """Server-side round loop."""
 
-    num_rounds: int = 3
-    min_nodes: int = 3
-    round_timeout_s: float = 900.0
-    wait_nodes_timeout_s: float = 300.0
-    seed: int = 0
-    output_dir: str = ""
-    sites_dir: str = ""  # simulation only: site-<partition-id>/ folders live here
-    secure_aggregation: bool = True
-    secagg_threshold: int = 0  # 0: default max(3, n // 2 + 1); never below 3
-    secagg_max_retries: int = 2  # protocol restarts of one round after early dropouts
-    deterministic_noise: bool = False  # simulation tests only: seeded DP noise, NOT private
+    num_rounds: int
+    min_nodes: int
+    round_timeout_s: float
+    wait_nodes_timeout_s: float
+    seed: int
+    output_dir: str
+    sites_dir: str  # simulation only: site-<partition-id>/ folders live here
+    secure_aggregation: bool
+    secagg_threshold: int  # 0: default max(3, n // 2 + 1); never below 3
+    secagg_max_retries: int  # protocol restarts of one round after early dropouts
+    deterministic_noise: bool  # simulation tests only: seeded DP noise, NOT private
 
     def __post_init__(self) -> None:
         if self.num_rounds < 1:
@@ -170,7 +190,7 @@ class RunConfig:
     train: TrainConfig
     privacy: PrivacyConfig
     federation: FederationConfig
-    class_names: tuple[str, ...] = ("normal", "lesion")  # label folder names, in index order
+    class_names: tuple[str, ...]  # label folder names, in index order
 
     def __post_init__(self) -> None:
         if len(self.class_names) != self.model.num_classes:
@@ -180,59 +200,154 @@ class RunConfig:
             )
 
     @staticmethod
-    def from_flower(cfg: Mapping[str, ConfigValue]) -> RunConfig:
-        """Parse Flower's flattened run config; raises ``ConfigError`` naming the bad key."""
-        class_names = parse_class_names(str(_get(cfg, "data.class-names", str, "normal,lesion")))
-        model = ModelConfig(
-            image_size=int(_get(cfg, "model.image-size", int, ModelConfig.image_size)),
-            latent_dim=int(_get(cfg, "model.latent-dim", int, ModelConfig.latent_dim)),
-            g_width=int(_get(cfg, "model.g-width", int, ModelConfig.g_width)),
-            d_width=int(_get(cfg, "model.d-width", int, ModelConfig.d_width)),
-            num_classes=len(class_names),
-            conditional=bool(_get(cfg, "model.conditional", bool, ModelConfig.conditional)),
-            aux_classifier=bool(_get(cfg, "model.aux-classifier", bool, ModelConfig.aux_classifier)),
-        )
-        train = TrainConfig(
-            local_steps=int(_get(cfg, "train.local-steps", int, TrainConfig.local_steps)),
-            d_steps_per_g=int(_get(cfg, "train.d-steps-per-g", int, TrainConfig.d_steps_per_g)),
-            batch_size=int(_get(cfg, "train.batch-size", int, TrainConfig.batch_size)),
-            lr_d=float(_get(cfg, "train.lr-d", float, TrainConfig.lr_d)),
-            lr_g=float(_get(cfg, "train.lr-g", float, TrainConfig.lr_g)),
-            beta1=float(_get(cfg, "train.beta1", float, TrainConfig.beta1)),
-            diversity_weight=float(_get(cfg, "train.diversity-weight", float, TrainConfig.diversity_weight)),
-            device=str(_get(cfg, "train.device", str, TrainConfig.device)),
-        )
-        privacy = PrivacyConfig(
-            max_grad_norm=float(_get(cfg, "dp.max-grad-norm", float, PrivacyConfig.max_grad_norm)),
-            noise_multiplier=float(_get(cfg, "dp.noise-multiplier", float, PrivacyConfig.noise_multiplier)),
-            sample_rate=float(_get(cfg, "dp.sample-rate", float, PrivacyConfig.sample_rate)),
-            calibrate=bool(_get(cfg, "dp.calibrate", bool, PrivacyConfig.calibrate)),
-            epsilon_budget=float(_get(cfg, "dp.epsilon-budget", float, PrivacyConfig.epsilon_budget)),
-            delta=float(_get(cfg, "dp.delta", float, PrivacyConfig.delta)),
-            accountant=str(_get(cfg, "dp.accountant", str, PrivacyConfig.accountant)),
-        )
-        federation = FederationConfig(
-            num_rounds=int(_get(cfg, "num-server-rounds", int, FederationConfig.num_rounds)),
-            min_nodes=int(_get(cfg, "min-nodes", int, FederationConfig.min_nodes)),
-            round_timeout_s=float(_get(cfg, "round-timeout", float, FederationConfig.round_timeout_s)),
-            wait_nodes_timeout_s=float(
-                _get(cfg, "wait-nodes-timeout", float, FederationConfig.wait_nodes_timeout_s)
-            ),
-            seed=int(_get(cfg, "seed", int, FederationConfig.seed)),
-            output_dir=str(_get(cfg, "output-dir", str, FederationConfig.output_dir)),
-            sites_dir=str(_get(cfg, "sim.sites-dir", str, FederationConfig.sites_dir)),
-            secure_aggregation=bool(
-                _get(cfg, "secure-aggregation", bool, FederationConfig.secure_aggregation)
-            ),
-            secagg_threshold=int(_get(cfg, "secagg.threshold", int, FederationConfig.secagg_threshold)),
-            secagg_max_retries=int(_get(cfg, "secagg.max-retries", int, FederationConfig.secagg_max_retries)),
-            deterministic_noise=bool(
-                _get(cfg, "sim.deterministic-noise", bool, FederationConfig.deterministic_noise)
-            ),
-        )
+    def from_flower(cfg: Mapping[str, object]) -> RunConfig:
+        """Parse Flower's flattened run config: every key of :data:`RUN_KEYS`, nothing else.
+
+        Raises ``ConfigError`` naming the unknown, missing or mistyped key and the fix.
+        """
+        unknown = sorted(set(cfg) - set(RUN_KEYS))
+        if unknown:
+            raise ConfigError(
+                f"run config key {unknown[0]!r} is unknown: not a setting of this app; remove it (known: "
+                f"{', '.join(sorted(RUN_KEYS))}), or add the setting to [tool.flwr.app.config] and RUN_KEYS"
+            )
+        missing = sorted(set(RUN_KEYS) - set(cfg))
+        if missing:
+            raise ConfigError(
+                f"run config key {missing[0]!r} is missing: its default belongs in [tool.flwr.app.config] "
+                "of the app's pyproject.toml (Flower passes every key written there)"
+            )
+        sections: dict[str, dict[str, Any]] = {"model": {}, "train": {}, "privacy": {}, "federation": {}}
+        for key, (section, name, kind) in RUN_KEYS.items():
+            value = _typed(key, cfg[key], kind, "run config ")
+            if section in sections:
+                sections[section][name] = value
+        class_names = parse_class_names(str(cfg["data.class-names"]))
         return RunConfig(
-            model=model, train=train, privacy=privacy, federation=federation, class_names=class_names
+            model=ModelConfig(**sections["model"], num_classes=len(class_names)),
+            train=TrainConfig(**sections["train"]),
+            privacy=PrivacyConfig(**sections["privacy"]),
+            federation=FederationConfig(**sections["federation"]),
+            class_names=class_names,
         )
+
+    def to_flower(self) -> dict[str, ConfigValue]:
+        """The flattened run config this was parsed from (inverse of :meth:`from_flower`)."""
+        flat: dict[str, ConfigValue] = {}
+        for key, (section, name, _) in RUN_KEYS.items():
+            flat[key] = ",".join(self.class_names) if section == "run" else getattr(getattr(self, section), name)
+        return flat
+
+
+RUN_KEYS: dict[str, tuple[str, str, type]] = {
+    # flattened key of [tool.flwr.app.config] → (RunConfig section, field, type); "run": RunConfig itself.
+    # ModelConfig.num_classes is not a key: it is the number of data.class-names.
+    "num-server-rounds": ("federation", "num_rounds", int),
+    "min-nodes": ("federation", "min_nodes", int),
+    "round-timeout": ("federation", "round_timeout_s", float),
+    "wait-nodes-timeout": ("federation", "wait_nodes_timeout_s", float),
+    "seed": ("federation", "seed", int),
+    "output-dir": ("federation", "output_dir", str),
+    "secure-aggregation": ("federation", "secure_aggregation", bool),
+    "secagg.threshold": ("federation", "secagg_threshold", int),
+    "secagg.max-retries": ("federation", "secagg_max_retries", int),
+    "sim.sites-dir": ("federation", "sites_dir", str),
+    "sim.deterministic-noise": ("federation", "deterministic_noise", bool),
+    "data.class-names": ("run", "class_names", str),
+    "model.image-size": ("model", "image_size", int),
+    "model.latent-dim": ("model", "latent_dim", int),
+    "model.g-width": ("model", "g_width", int),
+    "model.d-width": ("model", "d_width", int),
+    "model.conditional": ("model", "conditional", bool),
+    "model.aux-classifier": ("model", "aux_classifier", bool),
+    "train.local-steps": ("train", "local_steps", int),
+    "train.d-steps-per-g": ("train", "d_steps_per_g", int),
+    "train.batch-size": ("train", "batch_size", int),
+    "train.lr-d": ("train", "lr_d", float),
+    "train.lr-g": ("train", "lr_g", float),
+    "train.beta1": ("train", "beta1", float),
+    "train.diversity-weight": ("train", "diversity_weight", float),
+    "train.device": ("train", "device", str),
+    "dp.max-grad-norm": ("privacy", "max_grad_norm", float),
+    "dp.noise-multiplier": ("privacy", "noise_multiplier", float),
+    "dp.sample-rate": ("privacy", "sample_rate", float),
+    "dp.calibrate": ("privacy", "calibrate", bool),
+    "dp.epsilon-budget": ("privacy", "epsilon_budget", float),
+    "dp.delta": ("privacy", "delta", float),
+    "dp.accountant": ("privacy", "accountant", str),
+}
+
+SECTION_TYPES: dict[str, type] = {"model": ModelConfig, "train": TrainConfig, "privacy": PrivacyConfig,
+                                  "federation": FederationConfig}
+DERIVED_FIELDS = frozenset({("model", "num_classes")})  # fields of a section that no key sets
+
+
+def flatten_table(table: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A TOML table flattened the way Flower flattens run config: ``{"dp": {"delta": x}}`` → ``{"dp.delta": x}``."""
+    flat: dict[str, Any] = {}
+    for key, value in table.items():
+        if isinstance(value, Mapping):
+            flat.update(flatten_table(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def project_root() -> Path:
+    """The app folder: the nearest folder above this package holding a ``pyproject.toml`` with
+    ``[tool.flwr.app]`` (the repository, an editable install, or an unpacked app bundle)."""
+    here = Path(__file__).resolve().parent
+    for folder in here.parents:
+        candidate = folder / "pyproject.toml"
+        if candidate.is_file() and "[tool.flwr.app" in candidate.read_text(encoding="utf-8", errors="replace"):
+            return folder
+    raise ConfigError(
+        f"cannot find the app's pyproject.toml (with [tool.flwr.app.config], the run defaults) above {here}; "
+        "run medsynth from its repository or an editable install (`make install`)"
+    )
+
+
+@lru_cache(maxsize=8)
+def _defaults_of(pyproject: Path) -> tuple[tuple[str, ConfigValue], ...]:
+    doc = read_toml(pyproject)
+    try:
+        table = doc["tool"]["flwr"]["app"]["config"]
+    except (KeyError, TypeError):
+        raise ConfigError(f"{pyproject} has no [tool.flwr.app.config] table (the app's run defaults)") from None
+    flat = flatten_table(table)
+    RunConfig.from_flower(flat)  # every key known, none missing, each of its type
+    return tuple((key, _typed(key, value, RUN_KEYS[key][2], f"{pyproject} ")) for key, value in flat.items())
+
+
+def app_defaults(project: Path | None = None) -> dict[str, ConfigValue]:
+    """The run defaults: ``[tool.flwr.app.config]`` of the app's ``pyproject.toml``, flattened as
+    Flower flattens it and checked. ``project``: the app folder (default :func:`project_root`)."""
+    return dict(_defaults_of((project or project_root()).resolve() / "pyproject.toml"))
+
+
+def check_overrides(
+    overrides: Mapping[str, object], project: Path | None = None, *, where: str = ""
+) -> dict[str, ConfigValue]:
+    """``overrides`` with known keys and their types (an int accepted for a float), validated by
+    parsing them over the app defaults; ``ConfigError`` names ``where`` + the key."""
+    checked: dict[str, ConfigValue] = {}
+    for key, value in overrides.items():
+        if key not in RUN_KEYS:
+            raise ConfigError(f"{where}{key}: unknown setting; known: {', '.join(sorted(RUN_KEYS))}")
+        checked[key] = _typed(key, value, RUN_KEYS[key][2], where)
+    RunConfig.from_flower({**app_defaults(project), **checked})
+    return checked
+
+
+def run_config_values(overrides: Mapping[str, object] | None = None, project: Path | None = None,
+                      ) -> dict[str, ConfigValue]:
+    """The app defaults with ``overrides`` applied: a complete, checked, flattened run config."""
+    return {**app_defaults(project), **check_overrides(overrides or {}, project)}
+
+
+def run_config(overrides: Mapping[str, object] | None = None, project: Path | None = None) -> RunConfig:
+    """The :class:`RunConfig` of the app defaults with ``overrides`` (unknown keys refused)."""
+    return RunConfig.from_flower(run_config_values(overrides, project))
 
 
 MIN_PARTICIPANTS = 3  # a sum over two hospitals reveals each to the other
@@ -266,6 +381,87 @@ def format_members(members: Mapping[str, str]) -> str:
     return ",".join(f"{site}={fp}" for site, fp in sorted(members.items()))
 
 
+NODE_DEFAULTS: dict[str, ConfigValue] = {
+    # a hospital's optional settings when its node.toml (and so its node config) leaves them out
+    "delta": 1e-5,
+    "accountant": "prv",
+    "min-participants": MIN_PARTICIPANTS,
+    "allow-plain-aggregation": False,
+}
+
+NODE_CONFIG_KEYS: dict[str, type] = {
+    # the deployment node config ``client.node_config`` writes (``flower-supernode --node-config``)
+    "site-id": str,
+    "data-dir": str,  # the DICOM export
+    "state-dir": str,  # the hospital's state folder; the paths below default into it (site_paths)
+    "cache-dir": str,
+    "ledger-path": str,
+    "audit-path": str,
+    "signing-key-path": str,
+    "roster-path": str,
+    "epsilon-budget": float,
+    "delta": float,
+    "accountant": str,
+    "class-names": str,
+    "members": str,
+    "min-participants": int,
+    "allow-plain-aggregation": bool,
+}
+
+RENAMED_NODE_KEYS = {
+    # old name → the one name a setting has from node.toml to the code (refused, with the new name)
+    "data-path": "data-dir", "state-path": "state-dir", "cache-path": "cache-dir", "audit-log": "audit-path",
+    "signing-key": "signing-key-path", "roster": "roster-path", "secagg-private-key": "signing-key-path",
+}
+
+SIM_MEMBERS_FILE = "members.txt"  # simulation: a virtual hospital's pinned members (parse_members format)
+RELEASED_FILE = "released.json"  # under a site's state folder (client.release)
+GLOBAL_MODEL_DIR = "global-model"  # under a site's state folder (``medsynth node evaluate`` reads it)
+
+
+@dataclass(frozen=True)
+class SitePaths:
+    """Where a hospital keeps what it owns, all in its state folder unless its config says otherwise."""
+
+    cache_dir: Path  # the prepared dataset
+    ledger_path: Path  # the privacy ledger (client.ledger)
+    salt_path: Path  # the secret salt of patient hashes
+    audit_path: Path  # JSON lines: every message that left the hospital (client.audit)
+    signing_key_path: Path  # Ed25519 key that signs this site's secure-aggregation adverts
+    roster_path: Path  # every site's Ed25519 public key, from the operator
+    released_path: Path  # which (run, round) update left masked in which session (client.release)
+    model_dir: Path  # the newest global model received, for evaluation at the node
+
+
+def site_paths(state_dir: Path) -> SitePaths:
+    """The one place a hospital's default file and folder names are written (under ``state_dir``)."""
+    return SitePaths(
+        cache_dir=state_dir / "cache",
+        ledger_path=state_dir / "ledger.json",
+        salt_path=state_dir / "salt.bin",
+        audit_path=state_dir / "audit.jsonl",
+        signing_key_path=state_dir / "secagg_key.pem",
+        roster_path=state_dir / "roster.json",
+        released_path=state_dir / RELEASED_FILE,
+        model_dir=state_dir / GLOBAL_MODEL_DIR,
+    )
+
+
+def default_state_dir(data_dir: Path) -> Path:
+    """The state folder of a node config without ``state-dir``: beside the DICOM export."""
+    return data_dir.parent / "medsynth-state"
+
+
+def check_node_config_keys(node_cfg: Mapping[str, object]) -> None:
+    """Refuse a deployment node config key that is not a setting (an old name says its new one)."""
+    for key in node_cfg:
+        if key in RENAMED_NODE_KEYS:
+            raise ConfigError(f"node config key '{key}' is now '{RENAMED_NODE_KEYS[key]}' (one name from "
+                              "node.toml to the code); rename it")
+        if key not in NODE_CONFIG_KEYS:
+            raise ConfigError(f"node config key '{key}' is unknown; known: {', '.join(sorted(NODE_CONFIG_KEYS))}")
+
+
 @dataclass(frozen=True)
 class SiteConfig:
     """One hospital's own settings (node config in deployment; derived in simulation).
@@ -288,14 +484,14 @@ class SiteConfig:
     roster_path: Path  # every site's Ed25519 public key, from the operator; checked against ``members``
     members: tuple[tuple[str, str], ...]  # pinned (site id, SHA-256 of its signing key), sorted
     released_path: Path  # which (run, round) update left masked in which session (client.release)
-    delta: float = 1e-5
-    accountant: str = "prv"
-    class_names: tuple[str, ...] = ("normal", "lesion")
-    min_participants: int = MIN_PARTICIPANTS
-    simulated: bool = False
-    allow_plain_aggregation: bool = False  # the hospital's own consent to send unmasked updates
-    audit_path: Path | None = None  # JSON lines: every message that left the hospital (client.audit)
-    model_dir: Path | None = None  # the newest global model received, for evaluation at the node
+    delta: float
+    accountant: str
+    class_names: tuple[str, ...]
+    min_participants: int
+    simulated: bool
+    allow_plain_aggregation: bool  # the hospital's own consent to send unmasked updates
+    audit_path: Path  # JSON lines: every message that left the hospital (client.audit)
+    model_dir: Path  # the newest global model received, for evaluation at the node
 
     def __post_init__(self) -> None:
         if not self.site_id:
@@ -319,77 +515,80 @@ class SiteConfig:
     def from_flower(node_cfg: Mapping[str, ConfigValue], run: RunConfig) -> SiteConfig:
         """Build from node config; in simulation (only ``partition-id``) from ``sim.sites-dir``.
 
-        Deployment node config keys (``client.node_config`` writes them from ``node.toml``):
-        ``site-id``, ``data-path``, ``state-path`` (cache, ledger, salt live there unless
-        ``cache-path``/``ledger-path`` are given), ``epsilon-budget`` (required), ``delta``,
-        ``accountant``, ``class-names`` (required), ``members`` (required, see
-        :func:`parse_members`), ``min-participants``, ``signing-key`` and ``roster`` (default
-        under ``state-path``), ``allow-plain-aggregation`` (default false), ``audit-log``
-        (default ``state-path/audit.jsonl``). In simulation the harness writes each virtual
-        hospital's pinned members to ``<site>/members.txt`` and the privacy settings are the run's.
+        Deployment node config keys (:data:`NODE_CONFIG_KEYS`; ``client.node_config`` writes them
+        from ``node.toml``): ``site-id``, ``data-dir``, ``state-dir`` (cache, ledger, salt, keys and
+        audit log live there unless ``cache-dir``, ``ledger-path``, ``signing-key-path``,
+        ``roster-path``, ``audit-path`` say otherwise: :func:`site_paths`), ``epsilon-budget``,
+        ``class-names`` and ``members`` (required, see :func:`parse_members`), ``delta``,
+        ``accountant``, ``min-participants``, ``allow-plain-aggregation`` (:data:`NODE_DEFAULTS`).
+        Any other key is refused. In simulation the harness writes each virtual hospital's pinned
+        members to ``<site>/members.txt`` and the privacy settings are the run's.
         """
-        if "data-path" in node_cfg:
-            data = Path(str(_get(node_cfg, "data-path", str)))
-            state = Path(str(_get(node_cfg, "state-path", str, str(data.parent / "medsynth-state"))))
-            site_id = str(_get(node_cfg, "site-id", str, data.name))
-            budget = float(_get(node_cfg, "epsilon-budget", float))
-            delta = float(_get(node_cfg, "delta", float, 1e-5))
-            accountant = str(_get(node_cfg, "accountant", str, "prv"))
-            class_names = parse_class_names(str(_get(node_cfg, "class-names", str)))
-            members = parse_members(str(_get(node_cfg, "members", str)))
-            min_participants = int(_get(node_cfg, "min-participants", int, MIN_PARTICIPANTS))
-            signing_key = Path(str(_get(node_cfg, "signing-key", str, str(state / "secagg_key.pem"))))
-            roster = Path(str(_get(node_cfg, "roster", str, str(state / "roster.json"))))
-            simulated = False
-            allow_plain = bool(_get(node_cfg, "allow-plain-aggregation", bool, False))
-            audit = Path(str(_get(node_cfg, "audit-log", str, str(state / "audit.jsonl"))))
-        elif "partition-id" in node_cfg:
-            if not run.federation.sites_dir:
-                raise ConfigError("simulation needs run config 'sim.sites-dir' (set by `medsynth simulate`)")
-            pid = int(_get(node_cfg, "partition-id", int))
-            site_id = f"site-{pid}"
-            state = Path(run.federation.sites_dir) / site_id
-            data = state / "dicom"
-            budget = run.privacy.epsilon_budget
-            delta, accountant, class_names = run.privacy.delta, run.privacy.accountant, run.class_names
-            try:
-                members = parse_members((state / SIM_MEMBERS_FILE).read_text(encoding="utf-8"))
-            except OSError as exc:
-                raise ConfigError(f"virtual hospital {site_id} has no pinned members ({exc.strerror}); "
-                                  "`medsynth simulate` writes them with the site keys") from exc
-            min_participants = MIN_PARTICIPANTS
-            signing_key = state / "secagg_key.pem"
-            roster = Path(run.federation.sites_dir) / "roster.json"
-            simulated = True
-            allow_plain = True  # virtual hospitals follow the run's --plain-aggregation flag
-            audit = state / "audit.jsonl"
-        else:
-            raise ConfigError("node config needs 'data-path' (deployment) or 'partition-id' (simulation)")
+        if "partition-id" in node_cfg:
+            return SiteConfig._simulated(node_cfg, run)
+        if "data-dir" not in node_cfg and not any(k in RENAMED_NODE_KEYS for k in node_cfg):
+            raise ConfigError("node config needs 'data-dir' (deployment) or 'partition-id' (simulation)")
+        check_node_config_keys(node_cfg)
+        data = Path(str(_get(node_cfg, "data-dir", str)))
+        state = Path(str(_get(node_cfg, "state-dir", str, str(default_state_dir(data)))))
+        paths = site_paths(state)
         return SiteConfig(
-            site_id=site_id,
+            site_id=str(_get(node_cfg, "site-id", str, data.name)),
             data_dir=data,
-            cache_dir=Path(str(_get(node_cfg, "cache-path", str, str(state / "cache")))),
-            ledger_path=Path(str(_get(node_cfg, "ledger-path", str, str(state / "ledger.json")))),
-            salt_path=state / "salt.bin",
-            epsilon_budget=budget,
-            signing_key_path=signing_key,
-            roster_path=roster,
-            members=members,
-            released_path=state / RELEASED_FILE,
-            delta=delta,
-            accountant=accountant,
-            class_names=class_names,
-            min_participants=min_participants,
-            simulated=simulated,
-            allow_plain_aggregation=allow_plain,
-            audit_path=audit,
-            model_dir=state / GLOBAL_MODEL_DIR,
+            cache_dir=Path(str(_get(node_cfg, "cache-dir", str, str(paths.cache_dir)))),
+            ledger_path=Path(str(_get(node_cfg, "ledger-path", str, str(paths.ledger_path)))),
+            salt_path=paths.salt_path,
+            epsilon_budget=float(_get(node_cfg, "epsilon-budget", float)),
+            signing_key_path=Path(str(_get(node_cfg, "signing-key-path", str, str(paths.signing_key_path)))),
+            roster_path=Path(str(_get(node_cfg, "roster-path", str, str(paths.roster_path)))),
+            members=parse_members(str(_get(node_cfg, "members", str))),
+            released_path=paths.released_path,
+            delta=float(_get(node_cfg, "delta", float, NODE_DEFAULTS["delta"])),
+            accountant=str(_get(node_cfg, "accountant", str, NODE_DEFAULTS["accountant"])),
+            class_names=parse_class_names(str(_get(node_cfg, "class-names", str))),
+            min_participants=int(_get(node_cfg, "min-participants", int, NODE_DEFAULTS["min-participants"])),
+            simulated=False,
+            allow_plain_aggregation=bool(
+                _get(node_cfg, "allow-plain-aggregation", bool, NODE_DEFAULTS["allow-plain-aggregation"])
+            ),
+            audit_path=Path(str(_get(node_cfg, "audit-path", str, str(paths.audit_path)))),
+            model_dir=paths.model_dir,
         )
 
-
-SIM_MEMBERS_FILE = "members.txt"  # simulation: a virtual hospital's pinned members (parse_members format)
-RELEASED_FILE = "released.json"  # under a site's state folder (client.release)
-GLOBAL_MODEL_DIR = "global-model"  # under a site's state folder (``medsynth node evaluate`` reads it)
+    @staticmethod
+    def _simulated(node_cfg: Mapping[str, ConfigValue], run: RunConfig) -> SiteConfig:
+        """A virtual hospital of ``medsynth simulate``: ``site-<partition-id>`` under ``sim.sites-dir``."""
+        if not run.federation.sites_dir:
+            raise ConfigError("simulation needs run config 'sim.sites-dir' (set by `medsynth simulate`)")
+        site_id = f"site-{int(_get(node_cfg, 'partition-id', int))}"
+        sites = Path(run.federation.sites_dir)
+        state = sites / site_id
+        paths = site_paths(state)
+        try:
+            members = parse_members((state / SIM_MEMBERS_FILE).read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise ConfigError(f"virtual hospital {site_id} has no pinned members ({exc.strerror}); "
+                              "`medsynth simulate` writes them with the site keys") from exc
+        return SiteConfig(
+            site_id=site_id,
+            data_dir=state / "dicom",
+            cache_dir=paths.cache_dir,
+            ledger_path=paths.ledger_path,
+            salt_path=paths.salt_path,
+            epsilon_budget=run.privacy.epsilon_budget,
+            signing_key_path=paths.signing_key_path,
+            roster_path=site_paths(sites).roster_path,  # one roster for the whole simulated consortium
+            members=members,
+            released_path=paths.released_path,
+            delta=run.privacy.delta,
+            accountant=run.privacy.accountant,
+            class_names=run.class_names,
+            min_participants=MIN_PARTICIPANTS,
+            simulated=True,
+            allow_plain_aggregation=True,  # virtual hospitals follow the run's --plain-aggregation flag
+            audit_path=paths.audit_path,
+            model_dir=paths.model_dir,
+        )
 
 
 def read_toml(path: Path) -> dict[str, Any]:

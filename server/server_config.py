@@ -30,42 +30,17 @@ from pathlib import Path
 from typing import Any
 
 from common.certs import CertificateError, check_private_mode, check_tls_pair
-from common.config import ConfigError, RunConfig, read_toml
+from common.config import ConfigError, app_defaults, check_overrides, read_toml
 
 RunValue = bool | int | float | str
 
-
-def app_defaults(app_dir: Path) -> dict[str, RunValue]:
-    """``[tool.flwr.app.config]`` of the app, flattened the way Flower flattens it."""
-    doc = read_toml(app_dir / "pyproject.toml")
-    flat: dict[str, RunValue] = {}
-
-    def walk(prefix: str, node: Mapping[str, Any]) -> None:
-        for key, value in node.items():
-            if isinstance(value, Mapping):
-                walk(f"{prefix}{key}.", value)
-            else:
-                flat[f"{prefix}{key}"] = value
-
-    walk("", doc["tool"]["flwr"]["app"]["config"])
-    return flat
+__all__ = ["ServerDeployConfig", "app_defaults", "check_run_overrides"]
 
 
-def check_run_overrides(overrides: Mapping[str, Any], defaults: Mapping[str, RunValue]) -> dict[str, RunValue]:
-    """Overrides with known keys and the default's type (ints accepted for floats), validated
-    by parsing the merged config into :class:`RunConfig`."""
-    checked: dict[str, RunValue] = {}
-    for key, value in overrides.items():
-        if key not in defaults:
-            raise ConfigError(f"[run] {key}: unknown setting; known: {', '.join(sorted(defaults))}")
-        default = defaults[key]
-        if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if type(value) is not type(default):
-            raise ConfigError(f"[run] {key} = {value!r}: expected a {type(default).__name__} like {default!r}")
-        checked[key] = value
-    RunConfig.from_flower({**defaults, **checked})
-    return checked
+def check_run_overrides(overrides: Mapping[str, Any], app_dir: Path) -> dict[str, RunValue]:
+    """``[run]`` overrides with known keys and their types (ints accepted for floats), validated by
+    parsing them over the app's defaults (``[tool.flwr.app.config]`` in ``app_dir``)."""
+    return check_overrides(overrides, app_dir, where="[run] ")
 
 
 def _path(doc: Mapping[str, Any], table: str, key: str, base: Path) -> Path:
@@ -138,7 +113,7 @@ class ServerDeployConfig:
             certificate=_path(doc, "tls", "certificate", base),
             private_key=_path(doc, "tls", "private-key", base),
             hospitals={str(site): _path(doc, "hospitals", str(site), base) for site in doc.get("hospitals", {})},
-            run_overrides=check_run_overrides(doc.get("run", {}), app_defaults(app_dir)),
+            run_overrides=check_run_overrides(doc.get("run", {}), app_dir),
             app_dir=app_dir,
             run_timeout_s=float(hours) * 3600.0,
         )

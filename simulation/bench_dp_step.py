@@ -25,13 +25,12 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import torch
 from opacus.optimizers import DPOptimizer
 
-from common.config import ModelConfig, PrivacyConfig, RunConfig, TrainConfig
+from common.config import ModelConfig, PrivacyConfig, TrainConfig, run_config
 from common.dataset import LocalDataset
 from common.dp.noise import ChaCha20Gaussian
 from common.dp.train import (
@@ -43,9 +42,12 @@ from common.dp.train import (
     train_local_round,
 )
 from common.models import build_models, select_device
-from server.server_config import app_defaults
 
-PROJECT = Path(__file__).resolve().parents[1]  # holds pyproject.toml with [tool.flwr.app.config]
+
+def bench_model(image_size: int | None = None) -> ModelConfig:
+    """The model timed: the app's default (``[tool.flwr.app.config]``), at ``image_size`` if given."""
+    model = run_config().model
+    return model if image_size is None else replace(model, image_size=image_size)
 
 
 def synthetic_site(num_patients: int, per_patient: int, size: int, seed: int = 0) -> LocalDataset:
@@ -198,7 +200,7 @@ def time_noise_draw(shapes: list[torch.Size], std: float, torch_noise: bool, rep
 
 
 def main(argv: list[str] | None = None) -> None:
-    defaults = RunConfig.from_flower(app_defaults(PROJECT))
+    defaults = run_config()  # [tool.flwr.app.config]: what medsynth simulate runs
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=defaults.train.local_steps, help="steps per timed round")
     p.add_argument("--repeats", type=int, default=5, help="timed rounds per variant (interleaved)")
@@ -219,7 +221,7 @@ def main(argv: list[str] | None = None) -> None:
           f"σ {privacy.noise_multiplier}, C {privacy.max_grad_norm}")
     rows: list[str] = []
     for size in args.image_size:
-        model = replace(defaults.model, image_size=size)
+        model = bench_model(size)
         data = synthetic_site(args.patients, 2, size)
         netG, netD = build_models(model)
         d_shapes = [q.shape for q in netD.parameters()]

@@ -21,8 +21,9 @@ not Inception), TSTR AUC/ACC (classifier trained on synthetic images, tested on 
 split), TRTR AUC/ACC (same classifier on real images; published ResNet-18 baseline AUC 0.944 /
 ACC 0.854), memorization rate, wall time (training; evaluation in brackets).
 
-Defaults are the tuned settings (docs/benchmarks.md, "Quality"); all can be
-changed for a quicker check, e.g. ``--rounds 3 --local-steps 50``. ``--engine inprocess`` runs
+The run settings are the app defaults with the tuned preset (``presets/pneumoniamnist.toml``,
+``--preset``) on top; every flag overrides one run key, e.g. ``--rounds 3 --local-steps 50`` for
+a quicker check. ``--engine inprocess`` runs
 the DP rows in process too (same privacy arithmetic, no secure aggregation) for tuning.
 
     python -m simulation.bench_quality [--rounds R] [--local-steps L] [--batch-size B] [--out DIR] ...
@@ -41,53 +42,56 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from common.config import ModelConfig, TrainConfig
+from common.config import RUN_KEYS, RunConfig, run_config
 from common.flower import RunConfigValue
+from simulation.presets import load_preset
 from simulation.runner import SimulateOptions, simulate
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "medmnist" / "pneumoniamnist.npz"
 BASELINE = "published ResNet-18 on real PneumoniaMNIST (MedMNIST v2): AUC 0.944, ACC 0.854"
 
 
+PRESET = "pneumoniamnist"  # presets/pneumoniamnist.toml: the tuned run settings
+
+FLAGS: dict[str, str] = {
+    # flag (dest) → the run config key it overrides; default: the preset's value, else the app's
+    "rounds": "num-server-rounds", "local_steps": "train.local-steps", "batch_size": "train.batch-size",
+    "sample_rate": "dp.sample-rate", "d_steps_per_g": "train.d-steps-per-g", "lr_d": "train.lr-d",
+    "lr_g": "train.lr-g", "beta1": "train.beta1", "diversity_weight": "train.diversity-weight",
+    "aux_classifier": "model.aux-classifier", "g_width": "model.g-width", "d_width": "model.d-width",
+    "latent_dim": "model.latent-dim", "max_grad_norm": "dp.max-grad-norm", "delta": "dp.delta",
+}
+
+
 @dataclass(frozen=True)
 class BenchSettings:
-    """The training settings shared by every row (the tuned defaults)."""
+    """The experiment shared by every row: the run (app defaults with ``overrides``: the preset,
+    then flags) and the federation's shape."""
 
-    rounds: int = 5  # at a fixed ε, more steps mean more noise per step: 20 rounds scored worse than 5 or 10
-    local_steps: int = 100
-    batch_size: int = 128
-    sample_rate: float = 0.11  # ≈ 128 / 1177, the mean site of a 4-way PneumoniaMNIST split
-    d_steps_per_g: int = 5  # the lever under DP (Bie et al. 2023): D keeps up with a G that costs no privacy
-    nodp_d_steps_per_g: int = 1  # the non-private reference: plain DCGAN (5 lets D win outright without noise)
-    lr_d: float = 2e-4
-    lr_g: float = 2e-4
-    beta1: float = 0.5
-    diversity_weight: float = 10.0  # G's diversity term: without it G drew ~one image per class
-    aux_classifier: bool = True
-    g_width: int = 32
-    d_width: int = 8  # fewer private parameters, less noise in total (‖noise‖ grows with √params)
-    latent_dim: int = 64
-    max_grad_norm: float = 1.0
+    overrides: tuple[tuple[str, RunConfigValue], ...]  # run config keys over [tool.flwr.app.config]
     sites: int = 4
     partition: str = "dirichlet:0.5"
-    delta: float = 1e-5
+    nodp_d_steps_per_g: int = 1  # the non-private reference: plain DCGAN (5 lets D win outright without noise)
     max_images: int | None = None
-    seed: int = 0
+    seed: int | None = None  # None: the app's seed
 
-    def extra_config(self) -> tuple[tuple[str, RunConfigValue], ...]:
-        return (("train.lr-d", self.lr_d), ("train.lr-g", self.lr_g), ("train.beta1", self.beta1),
-                ("train.diversity-weight", self.diversity_weight), ("model.aux-classifier", self.aux_classifier),
-                ("model.g-width", self.g_width), ("model.d-width", self.d_width),
-                ("model.latent-dim", self.latent_dim), ("dp.max-grad-norm", self.max_grad_norm))
+    @property
+    def run(self) -> RunConfig:
+        """The resolved run (app defaults, overrides, seed)."""
+        seed = () if self.seed is None else (("seed", self.seed),)
+        return run_config(dict(self.overrides + seed))
+
+    def describe(self) -> dict[str, Any]:
+        """Every setting of the run and the experiment, for the log and results JSON."""
+        return {**self.run.to_flower(), "sites": self.sites, "partition": self.partition,
+                "nodp_d_steps_per_g": self.nodp_d_steps_per_g, "max_images": self.max_images}
 
 
 def run_flower(name: str, epsilon: float, s: BenchSettings, data: Path, out: Path) -> dict[str, Any]:
     """One DP row through ``medsynth simulate`` (secure aggregation), evaluated by the run."""
     summary = simulate(SimulateOptions(
-        out=out, sites=s.sites, rounds=s.rounds, epsilon=epsilon, delta=s.delta, seed=s.seed, dataset=data,
-        partition=s.partition, max_images=s.max_images, local_steps=s.local_steps, batch_size=s.batch_size,
-        sample_rate=s.sample_rate, d_steps_per_g=s.d_steps_per_g, device="cpu", reference=data,
-        extra_config=s.extra_config(),
+        out=out, sites=s.sites, epsilon=epsilon, seed=s.seed, dataset=data, partition=s.partition,
+        max_images=s.max_images, device="cpu", reference=data, extra_config=s.overrides,
     ), say=lambda line: print(f"[{name}] {line}", flush=True))
     eps = [site["epsilon"] for site in summary["sites"].values()]
     return {"train_s": summary["wall_seconds"], "evaluation": summary.get("evaluation") or {},
@@ -103,20 +107,14 @@ def run_inprocess(name: str, epsilon: float | None, s: BenchSettings, data: Path
         print(f"[{name}] {line}", flush=True)
 
     shutil.rmtree(out, ignore_errors=True)
-    sites = medmnist_sites(data, s.sites, s.partition, s.seed, 32, s.max_images)
-    plan = FedPlan(
-        rounds=s.rounds,
-        model=ModelConfig(g_width=s.g_width, d_width=s.d_width, latent_dim=s.latent_dim,
-                          aux_classifier=s.aux_classifier),
-        train=TrainConfig(local_steps=s.local_steps, batch_size=s.batch_size, lr_d=s.lr_d, lr_g=s.lr_g,
-                          d_steps_per_g=s.d_steps_per_g if epsilon is not None else s.nodp_d_steps_per_g,
-                          beta1=s.beta1, diversity_weight=s.diversity_weight, device="cpu"),
-        sample_rate=s.sample_rate, epsilon=epsilon, delta=s.delta, max_grad_norm=s.max_grad_norm, seed=s.seed,
-    )
+    run = s.run
+    sites = medmnist_sites(data, s.sites, s.partition, run.federation.seed, run.model.image_size, s.max_images)
+    d_steps = run.train.d_steps_per_g if epsilon is not None else s.nodp_d_steps_per_g
+    plan = FedPlan.from_run(replace(run, train=replace(run.train, d_steps_per_g=d_steps, device="cpu")), epsilon)
     t0 = time.monotonic()
     state = train_federated(sites, plan, out, say)
     train_s = round(time.monotonic() - t0, 1)
-    ev = evaluate(EvaluateOptions(checkpoint=out, reference=data, seed=s.seed), say=say)
+    ev = evaluate(EvaluateOptions(checkpoint=out, reference=data, seed=run.federation.seed), say=say)
     eps = [p["epsilon"] for p in state["rounds"][-1]["privacy"].values()] if epsilon is not None else []
     return {"train_s": train_s, "evaluation": ev, "epsilon_max": max(eps) if eps else None, "secure": False}
 
@@ -168,7 +166,6 @@ def _flag(text: str) -> bool:
 
 
 def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, BenchSettings]:
-    d = BenchSettings()
     p = argparse.ArgumentParser(prog="python -m simulation.bench_quality", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=Path, default=DATA, help="PneumoniaMNIST .npz (default: ../shared/data/...)")
@@ -180,18 +177,23 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, BenchSet
                         "fresh) and add their mean (default: 0,1,2; one seed is not a measurement)")
     p.add_argument("--engine", choices=("flower", "inprocess"), default="flower",
                    help="DP rows through medsynth simulate (default) or in process (tuning)")
-    for field, kind in (("rounds", int), ("local_steps", int), ("batch_size", int), ("sample_rate", float),
-                        ("d_steps_per_g", int),
-                        ("nodp_d_steps_per_g", int),
-                        ("lr_d", float), ("lr_g", float), ("beta1", float), ("diversity_weight", float),
-                        ("aux_classifier", _flag), ("g_width", int), ("d_width", int),
-                        ("latent_dim", int), ("max_grad_norm", float), ("sites", int), ("partition", str),
-                        ("delta", float), ("max_images", int)):
-        p.add_argument(f"--{field.replace('_', '-')}", type=kind, default=getattr(d, field),
-                       help=f"default: {getattr(d, field)}")
+    p.add_argument("--preset", default=PRESET, help=f"run settings presets/NAME.toml (default: {PRESET})")
+    known, _ = p.parse_known_args(argv)
+    preset = load_preset(known.preset)
+    resolved = run_config(preset).to_flower()
+    for dest, key in FLAGS.items():
+        kind = _flag if RUN_KEYS[key][2] is bool else RUN_KEYS[key][2]
+        p.add_argument(f"--{dest.replace('_', '-')}", type=kind, default=None,
+                       help=f"{key} (default: {resolved[key]}, the {'preset' if key in preset else 'app'}'s)")
+    shape = BenchSettings(overrides=())
+    for dest, kind in (("nodp_d_steps_per_g", int), ("sites", int), ("partition", str), ("max_images", int)):
+        p.add_argument(f"--{dest.replace('_', '-')}", type=kind, default=getattr(shape, dest),
+                       help=f"default: {getattr(shape, dest)}")
     args = p.parse_args(argv)
-    fields = {k: getattr(args, k) for k in BenchSettings.__dataclass_fields__ if k != "seed"}
-    return args, BenchSettings(**fields)
+    flags = {key: getattr(args, dest) for dest, key in FLAGS.items() if getattr(args, dest) is not None}
+    return args, BenchSettings(overrides=tuple({**preset, **flags}.items()), sites=args.sites,
+                               partition=args.partition, nodp_d_steps_per_g=args.nodp_d_steps_per_g,
+                               max_images=args.max_images)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -200,7 +202,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {args.data} not found; the benchmark needs PneumoniaMNIST (see ../shared/data/README.md)",
               file=sys.stderr)
         return 2
-    print(f"settings: {json.dumps(s.__dict__)}; seeds {args.seeds}; engine {args.engine}; "
+    print(f"settings: {json.dumps(s.describe())}; preset {args.preset}; seeds {args.seeds}; engine {args.engine}; "
           f"load average {os.getloadavg()[0]:.2f}",
           flush=True)
     t0 = time.monotonic()
@@ -231,8 +233,8 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"(goal: 60 min on 2 cores); load average {os.getloadavg()[0]:.2f}.")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "bench_quality.json").write_text(json.dumps(
-        {"settings": s.__dict__, "seeds": args.seeds, "engine": args.engine, "total_s": round(total, 1),
-         "rows": {name: r for name, r in rows}}, indent=1, default=str))
+        {"settings": s.describe(), "preset": args.preset, "seeds": args.seeds, "engine": args.engine,
+         "total_s": round(total, 1), "rows": {name: r for name, r in rows}}, indent=1, default=str))
     (args.out / "bench_quality.md").write_text(table + "\n")
     return 0
 

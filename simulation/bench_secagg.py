@@ -5,14 +5,14 @@ What runs
 N phantom hospitals (default 5) are written as DICOM and prepared, each with a signing key, and
 one roster is made (``simulation.runner``). One :class:`simulation.deployment.LocalDeployment`
 starts a real ``flower-superlink`` and one ``flower-supernode`` per hospital with a deployment
-node config (``data-path``, ``state-path``, ``site-id``, ``epsilon-budget``, ``signing-key``,
-``roster``, and ``allow-plain-aggregation = true``: a hospital sends an unmasked update only if
+node config (``data-dir``, ``state-dir``, ``site-id``, ``epsilon-budget``, ``signing-key-path``,
+``roster-path``, and ``allow-plain-aggregation = true``: a hospital sends an unmasked update only if
 its own node config consents). On that same deployment, back to back in this one process, medsynth runs R rounds
 with plain aggregation (``secure-aggregation = false``), then R rounds with secure aggregation.
 Each run starts from empty ledgers (a fresh consortium, same budget and so the same calibrated
 noise) and writes to its own output folder. The model is the default of ``pyproject.toml``;
 only the training length (``--local-steps``, ``--batch-size``) can be changed. The default of 20
-local steps (the app's is 50) keeps the whole benchmark under about 10 minutes on 2 CPUs.
+local steps (fewer than the app's) keeps the whole benchmark under about 10 minutes on 2 CPUs.
 
 What is reported (per hospital per round unless noted; medians)
 ----------------------------------------------------------------
@@ -306,10 +306,11 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--local-steps",
         type=int,
         default=20,
-        help="private D steps per hospital per round; default 20 (the app's default, 50, makes a round "
-        "about 130 s with 5 hospitals on 2 CPUs and the whole benchmark about 15 minutes)",
+        help="private D steps per hospital per round; default 20, fewer than the app's train.local-steps (at "
+        "50 steps a round took about 130 s with 5 hospitals on 2 CPUs, the whole benchmark about 15 minutes)",
     )
-    p.add_argument("--batch-size", type=int, default=32, help="expected patients per step (Poisson); default 32")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="generated rows per D and G step; default: the app's train.batch-size")
     p.add_argument("--patients-per-site", type=int, default=200, help="phantom patients per hospital; default 200")
     p.add_argument("--images-per-patient", type=int, default=2, help="phantom images per patient; default 2")
     p.add_argument("--epsilon", type=float, default=10.0, help="each hospital's ε budget (node config); default 10")
@@ -324,7 +325,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.sites < 3:
         p.error("--sites must be >= 3 (secure aggregation's threshold is never below 3)")
-    if args.rounds < 1 or args.local_steps < 1 or args.batch_size < 1:
+    if args.rounds < 1 or args.local_steps < 1 or (args.batch_size is not None and args.batch_size < 1):
         p.error("--rounds, --local-steps and --batch-size must be >= 1")
     if args.patients_per_site < 1 or args.images_per_patient < 1 or args.timeout <= 0:
         p.error("--patients-per-site and --images-per-patient must be >= 1 and --timeout > 0")
@@ -362,11 +363,8 @@ def main(argv: list[str] | None = None) -> int:
             site: deployed_node_config(sites_dir, site, source.class_names, float(args.epsilon)) for site in ledgers
         }
         base_config: dict[str, RunConfigValue] = {
-            "num-server-rounds": args.rounds,
-            "min-nodes": args.sites,
+            **opts.overrides(),
             "data.class-names": ",".join(source.class_names),
-            "train.local-steps": args.local_steps,
-            "train.batch-size": args.batch_size,
             "wait-nodes-timeout": 120.0,
         }
         say(f"starting the Deployment Engine: 1 SuperLink + {args.sites} SuperNodes on loopback")
@@ -381,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
         plain, secure_result = results
         say("")
         say(f"{args.sites} hospitals, {args.rounds} rounds per mode, {args.local_steps} local steps, batch "
-            f"{args.batch_size}, default model; medians per hospital per round; load average now "
+            f"{opts.run.train.batch_size}, default model; medians per hospital per round; load average now "
             f"{os.getloadavg()[0]:.2f}; total {time.monotonic() - t0:.0f} s")
         say(format_table(plain, secure_result))
         if keep:

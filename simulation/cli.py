@@ -33,6 +33,21 @@ def add_parsers(sub: SubParsers) -> None:
     _evaluate_parsers(sub)
 
 
+class _AppDefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a run option's default (``None``: the app's, from ``[tool.flwr.app.config]``) as that value."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        from simulation.runner import RUN_OPTIONS  # read only when help is printed
+
+        text = action.help or ""
+        if action.default is None and action.dest in RUN_OPTIONS:
+            from common.config import app_defaults
+
+            key = RUN_OPTIONS[action.dest]
+            return f"{text} (default: {app_defaults()[key]}, the app's {key})"
+        return super()._get_help_string(action)
+
+
 def _simulate_parser(sub: SubParsers) -> None:
     p = sub.add_parser(
         "simulate",
@@ -43,18 +58,19 @@ def _simulate_parser(sub: SubParsers) -> None:
             "SuperLink (own FLWR_HOME and port) and stops it afterwards. Results: OUT/summary.json, "
             "OUT/samples/*.png, OUT/checkpoints/, and each hospital's privacy ledger."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_AppDefaultsHelpFormatter,
     )
     p.add_argument("--out", type=Path, default=Path("medsynth-output/simulation"), help="results folder")
     p.add_argument("--sites", type=int, default=3, help="number of virtual hospitals")
-    p.add_argument("--rounds", type=int, default=4, help="federated rounds")
-    p.add_argument("--epsilon", type=float, default=10.0,
+    p.add_argument("--rounds", type=int, default=None, help="federated rounds")
+    p.add_argument("--epsilon", type=float, default=None,
                    help="per-hospital privacy budget ε (patient level); no hospital ever exceeds it")
-    p.add_argument("--delta", type=float, default=1e-5, help="δ of the (ε, δ) guarantee")
+    p.add_argument("--delta", type=float, default=None, help="δ of the (ε, δ) guarantee")
     p.add_argument("--noise-multiplier", type=float, default=None,
                    help="fix σ instead of calibrating it; hospitals then stop when the budget is reached "
-                        "(default: calibrate σ so the planned rounds end at, never above, the budget)")
-    p.add_argument("--seed", type=int, default=0, help="seed for data generation, partitioning and model init")
+                        "(default: the app's dp.calibrate, true: σ calibrated so the planned rounds end at, "
+                        "never above, the budget)")
+    p.add_argument("--seed", type=int, default=None, help="seed for data generation, partitioning and model init")
     p.add_argument("--dataset", type=Path, default=None,
                    help="a MedMNIST v2 .npz (e.g. pneumoniamnist.npz); default: built-in DICOM phantoms")
     p.add_argument("--max-images", type=int, default=None,
@@ -63,17 +79,17 @@ def _simulate_parser(sub: SubParsers) -> None:
                    help="'iid' or 'dirichlet:ALPHA' (label skew; smaller ALPHA = more skew); never splits a patient")
     p.add_argument("--patients-per-site", type=int, default=200, help="phantoms: patients per hospital")
     p.add_argument("--images-per-patient", type=int, default=2, help="phantoms: images per patient")
-    p.add_argument("--image-size", type=int, default=32, choices=(32, 64), help="model image side")
-    p.add_argument("--local-steps", type=int, default=50, help="private D steps per hospital per round")
-    p.add_argument("--batch-size", type=int, default=32,
+    p.add_argument("--image-size", type=int, default=None, choices=(32, 64), help="model image side")
+    p.add_argument("--local-steps", type=int, default=None, help="private D steps per hospital per round")
+    p.add_argument("--batch-size", type=int, default=None,
                    help="generated images per D and G step (and the public divisor of D's noisy gradient)")
-    p.add_argument("--sample-rate", type=float, default=0.15,
+    p.add_argument("--sample-rate", type=float, default=None,
                    help="Poisson rate q: each patient's chance to be in a D step, the same at every hospital "
                         "(public, so the ε a hospital reports does not reveal its patient count)")
-    p.add_argument("--d-steps-per-g", type=int, default=5,
-                   help="private D steps per G step (default 5: under DP noise D must keep up with G)")
+    p.add_argument("--d-steps-per-g", type=int, default=None,
+                   help="private D steps per G step (under DP noise D must keep up with G)")
     p.add_argument("--cpus-per-site", type=int, default=1, help="whole CPUs reserved per virtual hospital")
-    p.add_argument("--device", default="auto",
+    p.add_argument("--device", default=None,
                    help="auto (CUDA when a GPU is visible to the virtual hospitals, else CPU), cpu, cuda")
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds before the run is stopped")
     p.add_argument("--plain-aggregation", action="store_true",
@@ -178,7 +194,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             device=args.device,
             timeout_s=args.timeout,
             resume=args.resume,
-            secure_aggregation=not args.plain_aggregation,
+            secure_aggregation=False if args.plain_aggregation else None,
             reference=args.reference,
         )
     )

@@ -149,7 +149,7 @@ class LocalDeployment:
         folder being run unless git ignores it (``flwr run`` packs the app folder).
     nodes : Mapping[str, NodeConfig]
         Site name (``[A-Za-z0-9_-]+``, used as the node's folder name) → its node config,
-        e.g. ``{"site-0": {"data-path": "/data/site-0", "epsilon-budget": 10.0}}``.
+        e.g. ``{"site-0": {"data-dir": "/data/site-0", "epsilon-budget": 10.0}}``.
     port : int | None
         Fixed SuperLink port, or ``None`` for a free one (retried on a bind race).
     database : Path | None

@@ -26,7 +26,7 @@ import torch
 
 from common.atomic import write_json_atomic
 from common.checkpoint import save_checkpoint
-from common.config import ModelConfig, PrivacyConfig, TrainConfig
+from common.config import ModelConfig, RunConfig, TrainConfig
 from common.dataset import LocalDataset
 from common.dp.accounting import Charge, calibrate_noise_multiplier, epsilon_of
 from common.dp.train import train_local_round
@@ -45,11 +45,18 @@ class FedPlan:
     rounds: int
     model: ModelConfig
     train: TrainConfig
-    sample_rate: float = PrivacyConfig.sample_rate  # the public Poisson rate over patients
-    epsilon: float | None = 10.0
-    delta: float = 1e-5
-    max_grad_norm: float = 1.0
-    seed: int = 0
+    sample_rate: float  # the public Poisson rate over patients
+    epsilon: float | None
+    delta: float
+    max_grad_norm: float
+    seed: int
+
+    @staticmethod
+    def from_run(run: RunConfig, epsilon: float | None) -> FedPlan:
+        """The plan of ``run`` (rounds, model, training, q, δ, C, seed) at budget ``epsilon`` (None: no DP)."""
+        return FedPlan(rounds=run.federation.num_rounds, model=run.model, train=run.train,
+                       sample_rate=run.privacy.sample_rate, epsilon=epsilon, delta=run.privacy.delta,
+                       max_grad_norm=run.privacy.max_grad_norm, seed=run.federation.seed)
 
 
 def medmnist_sites(npz: Path, sites: int, partition: str, seed: int, image_size: int,

@@ -18,14 +18,14 @@ import re
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from client.prepare.pipeline import PrepareReport, load_or_create_salt, prepare_site
-from common.config import RELEASED_FILE, SIM_MEMBERS_FILE, ConfigError, format_members
+from common.config import SIM_MEMBERS_FILE, ConfigError, ConfigValue, RunConfig, format_members, run_config, site_paths
 from common.flower import RunConfigValue, app_dir, run_app
 from common.report.html import write_report
 from common.secagg import Roster, SiteIdentity
@@ -43,45 +43,80 @@ from simulation.superlink import LocalSuperLink
 ROUND_LINE = re.compile(r"round (\d+)/(\d+): .*")
 
 
+RUN_OPTIONS: dict[str, str] = {
+    # SimulateOptions field → the run config key it overrides (None: the app default)
+    "rounds": "num-server-rounds",
+    "epsilon": "dp.epsilon-budget",
+    "delta": "dp.delta",
+    "seed": "seed",
+    "image_size": "model.image-size",
+    "local_steps": "train.local-steps",
+    "batch_size": "train.batch-size",
+    "sample_rate": "dp.sample-rate",
+    "d_steps_per_g": "train.d-steps-per-g",
+    "device": "train.device",
+    "secure_aggregation": "secure-aggregation",
+}
+
+
 @dataclass(frozen=True)
 class SimulateOptions:
-    """Everything ``medsynth simulate`` can be told; defaults are the demo's."""
+    """Everything ``medsynth simulate`` can be told.
+
+    The simulation's own settings (sites, data, partition, …) have their defaults here; a run
+    setting left ``None`` is the app default (``[tool.flwr.app.config]``, :data:`RUN_OPTIONS`
+    names its key). ``extra_config`` overrides any run key, after the named fields. The resolved
+    run is :attr:`run`.
+    """
 
     out: Path
     sites: int = 3
-    rounds: int = 4
-    epsilon: float = 10.0
-    delta: float = 1e-5
-    noise_multiplier: float | None = None  # None: calibrate to end at the budget
-    seed: int = 0
+    rounds: int | None = None
+    epsilon: float | None = None  # each virtual hospital's budget (dp.epsilon-budget)
+    delta: float | None = None
+    noise_multiplier: float | None = None  # None: the app's dp.calibrate / dp.noise-multiplier (calibrated)
+    seed: int | None = None  # also seeds the data, the split and the evaluation
     dataset: Path | None = None  # MedMNIST .npz; None: phantoms
     partition: str = "iid"
     patients_per_site: int = 200
     images_per_patient: int = 2
     max_images: int | None = None  # subsample a large dataset (MedMNIST) for a quick run
-    image_size: int = 32
-    local_steps: int = 50
-    batch_size: int = 32
-    sample_rate: float = 0.15
-    d_steps_per_g: int = 5
+    image_size: int | None = None
+    local_steps: int | None = None
+    batch_size: int | None = None
+    sample_rate: float | None = None
+    d_steps_per_g: int | None = None
     cpus_per_site: int = 1
-    device: str = "auto"
+    device: str | None = None
     timeout_s: float = 3600.0
     resume: bool = False
-    secure_aggregation: bool = True
+    secure_aggregation: bool | None = None
     extra_config: tuple[tuple[str, RunConfigValue], ...] = ()
     reference: Path | None = None  # real images to evaluate the final model against (.npz or prepared cache)
+    run: RunConfig = field(init=False, repr=False, compare=False)  # the app defaults with overrides()
 
     def __post_init__(self) -> None:
-        if self.sites < 1 or self.rounds < 1:
-            raise ConfigError("--sites and --rounds must be >= 1")
-        if not self.epsilon > 0 or not 0 < self.delta < 1:
-            raise ConfigError("--epsilon must be > 0 and --delta in (0, 1)")
+        if self.sites < 1:
+            raise ConfigError("--sites must be >= 1")
         if self.noise_multiplier is not None and not self.noise_multiplier > 0:
             raise ConfigError("--noise-multiplier must be > 0")
         parse_partition(self.partition)
+        object.__setattr__(self, "run", run_config(self.overrides()))  # a bad override is refused now
         if self.reference is not None and not self.reference.exists():  # found out now, not after training
             raise ConfigError(f"--reference {self.reference} not found: pass a MedMNIST .npz or a prepared cache")
+
+    def overrides(self) -> dict[str, ConfigValue]:
+        """The run config keys these options set (everything else is the app default)."""
+        cfg: dict[str, ConfigValue] = {"min-nodes": self.sites}
+        for name, key in RUN_OPTIONS.items():
+            value = getattr(self, name)
+            if value is not None:
+                cfg[key] = value
+        if self.noise_multiplier is not None:
+            cfg.update({"dp.calibrate": False, "dp.noise-multiplier": float(self.noise_multiplier)})
+        cfg.update(dict(self.extra_config))
+        return cfg
+
 
 
 def project_dir() -> Path:
@@ -106,13 +141,14 @@ def check_out_dir(out: Path) -> None:
 
 def load_source(opts: SimulateOptions) -> SourceData:
     """Phantoms (default) or a MedMNIST split, optionally subsampled with the run's seed."""
+    seed = opts.run.federation.seed
     if opts.dataset is None:
         return phantom_population(
-            opts.sites * opts.patients_per_site, opts.images_per_patient, image_size=64, seed=opts.seed
+            opts.sites * opts.patients_per_site, opts.images_per_patient, image_size=64, seed=seed
         )
     source = load_medmnist_npz(opts.dataset, "train")
     if opts.max_images is not None and opts.max_images < source.labels.size:
-        keep = np.sort(np.random.default_rng(opts.seed).choice(source.labels.size, opts.max_images, replace=False))
+        keep = np.sort(np.random.default_rng(seed).choice(source.labels.size, opts.max_images, replace=False))
         source = SourceData(
             images=source.images[keep],
             labels=source.labels[keep],
@@ -132,12 +168,12 @@ def make_site_keys(sites_dir: Path, site_ids: list[str]) -> Path:
     """
     keys: dict[str, bytes] = {}
     for site in site_ids:
-        path = sites_dir / site / "secagg_key.pem"
+        path = site_paths(sites_dir / site).signing_key_path
         identity = SiteIdentity.load(path, site) if path.exists() else SiteIdentity.generate(site)
         if not path.exists():
             identity.save(path)
         keys[site] = identity.public_key()
-    roster_path = sites_dir / "roster.json"
+    roster_path = site_paths(sites_dir).roster_path  # one roster for the simulated consortium
     roster = Roster(keys)
     roster.save(roster_path)
     pins = format_members(roster.fingerprints())  # what each hospital pins after checking out of band
@@ -154,13 +190,13 @@ def deployed_node_config(
     budget, and consent to plain aggregation (the benchmark and tests compare both modes)."""
     return {
         "site-id": site,
-        "data-path": str(sites_dir / site / "dicom"),
-        "state-path": str(sites_dir / site),
+        "data-dir": str(sites_dir / site / "dicom"),
+        "state-dir": str(sites_dir / site),
         "epsilon-budget": epsilon_budget,
         "class-names": ",".join(class_names),
         "members": (sites_dir / site / SIM_MEMBERS_FILE).read_text(encoding="utf-8"),
-        "signing-key": str(sites_dir / site / "secagg_key.pem"),
-        "roster": str(sites_dir / "roster.json"),
+        "signing-key-path": str(site_paths(sites_dir / site).signing_key_path),
+        "roster-path": str(site_paths(sites_dir).roster_path),
         "allow-plain-aggregation": True,
     }
 
@@ -170,17 +206,19 @@ def forget_privacy_history(ledger: Path) -> None:
     simulated consortium).
 
     Both go: deleting only the ledger is refused at the next round (``client.ledger.LedgerMissing``),
-    because the audit log (``audit.jsonl`` in the site's state folder, ``SiteConfig.from_flower``)
-    shows the privacy already spent. Only for simulated sites whose state folder holds both files.
+    because the audit log (in the site's state folder, ``common.config.site_paths``) shows the
+    privacy already spent. Only for simulated sites whose state folder holds both files.
     """
+    paths = site_paths(ledger.parent)
     ledger.unlink(missing_ok=True)
-    (ledger.parent / "audit.jsonl").unlink(missing_ok=True)
-    (ledger.parent / RELEASED_FILE).unlink(missing_ok=True)
+    paths.audit_path.unlink(missing_ok=True)
+    paths.released_path.unlink(missing_ok=True)
 
 
 def build_sites(opts: SimulateOptions, source: SourceData, say: Callable[[str], None]) -> dict[str, Path]:
     """Write and prepare every site, make their keys; returns site id → ledger path."""
-    parts = split_by_patient(source, opts.sites, opts.partition, opts.seed)
+    seed = opts.run.federation.seed
+    parts = split_by_patient(source, opts.sites, opts.partition, seed)
     ledgers: dict[str, Path] = {}
     for i, indices in enumerate(parts):
         site = f"site-{i}"
@@ -188,12 +226,13 @@ def build_sites(opts: SimulateOptions, source: SourceData, say: Callable[[str], 
         if not opts.resume and (root / "dicom").exists():
             shutil.rmtree(root / "dicom")
         if not (root / "dicom").exists():
-            write_site_dicom(source, indices, root / "dicom", site_name=site, seed=opts.seed)
+            write_site_dicom(source, indices, root / "dicom", site_name=site, seed=seed)
+        paths = site_paths(root)
         report: PrepareReport = prepare_site(
             root / "dicom",
-            root / "cache",
-            image_size=opts.image_size,
-            salt=load_or_create_salt(root / "salt.bin"),
+            paths.cache_dir,
+            image_size=opts.run.model.image_size,
+            salt=load_or_create_salt(paths.salt_path),
             class_names=source.class_names,
             progress=True,
         )
@@ -201,33 +240,21 @@ def build_sites(opts: SimulateOptions, source: SourceData, say: Callable[[str], 
         if not report.patient_identity:
             say(f"{site}: the data has no patient identity (no Patient ID): privacy is per study or per "
                 "file, not per patient")
-        ledgers[site] = root / "ledger.json"
+        ledgers[site] = paths.ledger_path
     make_site_keys(opts.out / "sites", list(ledgers))
     return ledgers
 
 
 def run_config_for(opts: SimulateOptions, class_names: tuple[str, ...], sites_dir: Path) -> dict[str, RunConfigValue]:
-    """The ``--run-config`` overrides (keys exist in pyproject's [tool.flwr.app.config])."""
+    """The ``--run-config`` overrides: the options' and the run's folders and classes (every key
+    exists in [tool.flwr.app.config]; checked by parsing them over the app defaults)."""
     cfg: dict[str, RunConfigValue] = {
-        "num-server-rounds": opts.rounds,
-        "min-nodes": opts.sites,
-        "seed": opts.seed,
         "output-dir": str(opts.out.resolve()),
         "sim.sites-dir": str(sites_dir.resolve()),
         "data.class-names": ",".join(class_names),
-        "model.image-size": opts.image_size,
-        "train.local-steps": opts.local_steps,
-        "train.batch-size": opts.batch_size,
-        "dp.sample-rate": opts.sample_rate,
-        "train.d-steps-per-g": opts.d_steps_per_g,
-        "train.device": opts.device,
-        "dp.epsilon-budget": float(opts.epsilon),
-        "dp.delta": float(opts.delta),
-        "dp.calibrate": opts.noise_multiplier is None,
-        "dp.noise-multiplier": float(opts.noise_multiplier or 1.0),
-        "secure-aggregation": opts.secure_aggregation,
+        **opts.overrides(),
     }
-    cfg.update(dict(opts.extra_config))
+    run_config(cfg)
     return cfg
 
 
@@ -249,7 +276,8 @@ def simulate(opts: SimulateOptions, say: Callable[[str], None] = print) -> dict[
     say(f"data: {'phantoms' if opts.dataset is None else opts.dataset} — {source.labels.size} images, "
         f"classes {list(source.class_names)}, partition {opts.partition}, {opts.sites} sites")
     ledgers = build_sites(opts, source, say)
-    run_config = run_config_for(opts, source.class_names, opts.out / "sites")
+    overrides = run_config_for(opts, source.class_names, opts.out / "sites")
+    run = opts.run
 
     def on_line(line: str) -> None:
         match = ROUND_LINE.search(line)
@@ -257,14 +285,15 @@ def simulate(opts: SimulateOptions, say: Callable[[str], None] = print) -> dict[
             say(match.group(0))
 
     say("starting a private Flower SuperLink and the Simulation Engine (round 1 includes start-up)")
-    say(f"federation: {opts.rounds} rounds, {'secure' if opts.secure_aggregation else 'PLAIN'} aggregation, "
-        f"budget ε={opts.epsilon:g} per hospital at δ={opts.delta:g}"
-        + ("" if opts.noise_multiplier is None else f", fixed σ={opts.noise_multiplier:g}"))
+    say(f"federation: {run.federation.num_rounds} rounds, "
+        f"{'secure' if run.federation.secure_aggregation else 'PLAIN'} aggregation, "
+        f"budget ε={run.privacy.epsilon_budget:g} per hospital at δ={run.privacy.delta:g}"
+        + ("" if run.privacy.calibrate else f", fixed σ={run.privacy.noise_multiplier:g}"))
     with LocalSuperLink(opts.out / ".flwr") as link:
         result = run_app(
             project_dir(),
             link,
-            run_config=run_config,
+            run_config=overrides,
             num_supernodes=opts.sites,
             num_cpus_per_node=opts.cpus_per_site,
             log_path=opts.out / "flower.log",
@@ -290,4 +319,5 @@ def evaluate_run(opts: SimulateOptions, say: Callable[[str], None]) -> dict[str,
         say("evaluation skipped: the run produced no checkpoint")
         return None
     say(f"evaluating the final model against {opts.reference}")
-    return evaluate(EvaluateOptions(checkpoint=opts.out, reference=opts.reference, seed=opts.seed), say=say)
+    return evaluate(EvaluateOptions(checkpoint=opts.out, reference=opts.reference, seed=opts.run.federation.seed),
+                    say=say)

@@ -137,12 +137,12 @@ class Consortium:
         """node.toml for ``site`` (``changes`` override [node]/[tls]/[keys] entries by key)."""
         d = self.site_dir(site)
         doc: dict[str, Any] = {
-            "node": {"site-id": site, "superlink": f"127.0.0.1:{self.port}", "data-path": str(d / "dicom"),
-                     "state-path": str(d / "state"), "epsilon-budget": 10.0},
+            "node": {"site-id": site, "superlink": f"127.0.0.1:{self.port}", "data-dir": str(d / "dicom"),
+                     "state-dir": str(d / "state"), "epsilon-budget": 10.0},
             "tls": {"ca-certificate": str(self.root / "operator" / "ca" / "ca.pem")},
             "keys": {"auth-private-key": str(d / "keys" / f"{site}.auth.key"),
-                     "secagg-private-key": str(d / "keys" / f"{site}.secagg.key"),
-                     "roster": str(d / "roster.json")},
+                     "signing-key-path": str(d / "keys" / f"{site}.secagg.key"),
+                     "roster-path": str(d / "roster.json")},
             "prepare": {"class-names": ",".join(self.class_names)},
             "consortium": {"members": self.pinned_members()},
             # no hash listed: the hospitals say in words that any app may run (the node refuses an empty list)

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+from typing import Any
+
 import numpy as np
 
+from common.config import ModelConfig, TrainConfig
 from common.dataset import LocalDataset
 
 
@@ -24,20 +28,22 @@ def toy_dataset(num_patients: int = 40, per_patient: int = 3, size: int = 32, se
 
 
 def default_run_config(**overrides: object) -> dict[str, object]:
-    """``[tool.flwr.app.config]`` flattened as Flower does (``dp.delta``), plus overrides."""
-    import tomllib
-    from pathlib import Path
+    """``[tool.flwr.app.config]`` flattened as Flower does (``dp.delta``), plus overrides
+    (``dp__delta=...`` for ``dp.delta``); an unknown key or a wrong type is refused."""
+    from common.config import run_config_values
 
-    raw = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
-    flat: dict[str, object] = {}
+    return dict(run_config_values({k.replace("__", "."): v for k, v in overrides.items()}))
 
-    def walk(prefix: str, node: dict[str, object]) -> None:
-        for key, value in node.items():
-            if isinstance(value, dict):
-                walk(f"{prefix}{key}.", value)
-            else:
-                flat[prefix + key] = value
 
-    walk("", raw["tool"]["flwr"]["app"]["config"])
-    flat.update({k.replace("__", "."): v for k, v in overrides.items()})
-    return flat
+def app_model(**fields: Any) -> ModelConfig:
+    """The app's default model (``[tool.flwr.app.config]``) with ``fields`` changed."""
+    from common.config import run_config
+
+    return replace(run_config().model, **fields)
+
+
+def app_train(**fields: Any) -> TrainConfig:
+    """The app's default local training with ``fields`` changed."""
+    from common.config import run_config
+
+    return replace(run_config().train, **fields)

@@ -64,7 +64,7 @@ def test_a_model_of_another_shape_is_refused(sites: Path, tmp_path: Path) -> Non
 
 
 def _context(tmp_path: Path) -> Context:
-    node = {"site-id": "site-0", "data-path": str(tmp_path / "dicom"), "state-path": str(tmp_path),
+    node = {"site-id": "site-0", "data-dir": str(tmp_path / "dicom"), "state-dir": str(tmp_path),
             "epsilon-budget": 10.0, "class-names": "normal,lesion", "members": "site-0=" + "ab" * 32}
     from tests.helpers import default_run_config
 

@@ -24,7 +24,7 @@ pytestmark = pytest.mark.usefixtures("task_identity")
 def _ask(tmp_path: Path, **run: object) -> tuple[str, str]:
     """Send a plain train request of a run with ``run`` overrides to a deployed hospital."""
     (tmp_path / "dicom").mkdir(exist_ok=True)
-    node = {**NODE, "data-path": str(tmp_path / "dicom"), "state-path": str(tmp_path),
+    node = {**NODE, "data-dir": str(tmp_path / "dicom"), "state-dir": str(tmp_path),
             "allow-plain-aggregation": True}
     cfg = default_run_config(**{"secure-aggregation": False, **run})
     msg = Message(encode_train_request({}, 1), dst_node_id=5, message_type="train", group_id="1")

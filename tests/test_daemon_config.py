@@ -85,9 +85,8 @@ def test_server_private_key_readable_by_others_is_refused(tmp_path: Path) -> Non
 
 
 def test_run_overrides_keep_the_defaults_types() -> None:
-    defaults = {"num-server-rounds": 4, "dp.delta": 1e-5, "secure-aggregation": True}
     with pytest.raises(ConfigError, match="expected a bool"):
-        check_run_overrides({"secure-aggregation": 1}, defaults)
+        check_run_overrides({"secure-aggregation": 1}, REPO)
 
 
 AGREED_APP = "ab" * 32  # stands for the SHA-256 of the app bundle a hospital agreed to run
@@ -100,11 +99,11 @@ def _node_doc(tmp: Path, site: str = "site-0") -> dict[str, Any]:
     roster = build_roster([secagg.public], tmp / "roster.json")
     (tmp / "dicom").mkdir()
     return {
-        "node": {"site-id": site, "superlink": "fl.example.org:443", "data-path": str(tmp / "dicom"),
-                 "state-path": str(tmp / "state"), "epsilon-budget": 10.0},
+        "node": {"site-id": site, "superlink": "fl.example.org:443", "data-dir": str(tmp / "dicom"),
+                 "state-dir": str(tmp / "state"), "epsilon-budget": 10.0},
         "tls": {"ca-certificate": str(ca.public)},
-        "keys": {"auth-private-key": str(auth.private), "secagg-private-key": str(secagg.private),
-                 "roster": str(tmp / "roster.json")},
+        "keys": {"auth-private-key": str(auth.private), "signing-key-path": str(secagg.private),
+                 "roster-path": str(tmp / "roster.json")},
         "prepare": {"class-names": "normal,lesion"},
         "consortium": {"members": roster.fingerprints()},
         "apps": {"allowed-fab-sha256": [AGREED_APP]},
@@ -115,11 +114,11 @@ def test_node_toml_loads_and_becomes_the_flower_node_config(tmp_path: Path) -> N
     cfg = NodeDeployConfig.load(_write(tmp_path / "node.toml", _node_doc(tmp_path)))
     node_config = cfg.flower_node_config()
     assert node_config["site-id"] == "site-0" and node_config["epsilon-budget"] == 10.0
-    assert node_config["audit-log"] == str(tmp_path / "state" / "audit.jsonl")
+    assert node_config["audit-path"] == str(tmp_path / "state" / "audit.jsonl")
     assert node_config["allow-plain-aggregation"] is False
     assert (node_config["delta"], node_config["accountant"], node_config["min-participants"]) == (1e-5, "prv", 3)
     assert node_config["class-names"] == "normal,lesion"
-    own = SiteIdentity.load(cfg.secagg_private_key, "site-0").public_key()
+    own = SiteIdentity.load(cfg.signing_key_path, "site-0").public_key()
     assert node_config["members"] == f"site-0={fingerprint(own)}"
     assert (cfg.superlink_host, cfg.superlink_port) == ("fl.example.org", 443)
 
@@ -128,12 +127,17 @@ def test_node_toml_loads_and_becomes_the_flower_node_config(tmp_path: Path) -> N
     ("change", "message"),
     [
         (lambda d, t: d["node"].update({"insecure": True}), "only over TLS"),
+        (lambda d, t: d["node"].update({"state-path": str(t / "old")}), r"\[node\] state-path is now state-dir"),
+        (lambda d, t: d["keys"].update({"roster": str(t / "roster.json")}), r"\[keys\] roster is now roster-path"),
+        (lambda d, t: d["node"].update({"stat-dir": str(t / "typo")}), r"\[node\] stat-dir is not a setting"),
+        (lambda d, t: d.update({"run": {}}), r"\[run\] is not a node.toml table"),
+        (lambda d, t: d["prepare"].update({"image-size": 48}), r"\[prepare\] image-size = 48"),
         (lambda d, t: d["node"].pop("epsilon-budget"), "epsilon-budget"),
         (lambda d, t: d["node"].update({"epsilon-budget": float("inf")}), "epsilon-budget"),
         (lambda d, t: d["node"].update({"superlink": "fl.example.org"}), "host:port"),
-        (lambda d, t: d["node"].update({"data-path": str(t / "nope")}), "no such folder"),
+        (lambda d, t: d["node"].update({"data-dir": str(t / "nope")}), "no such folder"),
         (lambda d, t: d["node"].update({"site-id": "site-9"}), "no entry for 'site-9'"),
-        (lambda d, t: d["tls"].update({"ca-certificate": d["keys"]["roster"]}), "not a readable PEM"),
+        (lambda d, t: d["tls"].update({"ca-certificate": d["keys"]["roster-path"]}), "not a readable PEM"),
         (lambda d, t: d.update({"apps": {"allowed-fab-sha256": ["abc"]}}), "64-hex-digit"),
         (lambda d, t: Path(d["keys"]["auth-private-key"]).chmod(0o644), "0600"),
         (lambda d, t: d.pop("consortium"), r"\[consortium.members\] is required"),

@@ -22,7 +22,7 @@ from client.daemon import NodeDaemon
 from client.node_config import NodeDeployConfig
 from medsynth.cli import build_parser
 from server.daemon import SuperLinkDaemon
-from server.server_config import ServerDeployConfig, app_defaults, check_run_overrides
+from server.server_config import ServerDeployConfig, check_run_overrides
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"
@@ -91,7 +91,7 @@ def test_systemd_units_verify(unit: str) -> None:
 
 def test_example_configs_use_only_known_keys() -> None:
     server = tomllib.loads((DEPLOY / "server.example.toml").read_text())
-    check_run_overrides(server["run"], app_defaults(REPO))
+    check_run_overrides(server["run"], REPO)
     assert set(server) == {"superlink", "tls", "hospitals", "run"}
     node = tomllib.loads((DEPLOY / "node.example.toml").read_text())
     assert set(node) == {"node", "tls", "keys", "consortium", "prepare", "apps"}
@@ -112,10 +112,11 @@ def test_commands_the_kit_documents_are_the_ones_the_daemons_run(tmp_path: Path)
         assert flag in cmd
     assert "--insecure" not in cmd
     node_cfg = NodeDeployConfig(
-        site_id="site-0", superlink="fl.example:443", data_path=tmp_path, state_path=tmp_path,
+        site_id="site-0", superlink="fl.example:443", data_dir=tmp_path, state_dir=tmp_path,
         epsilon_budget=10.0, ca_certificate=Path("ca.pem"), auth_private_key=Path("a.key"),
-        secagg_private_key=Path("s.key"), roster=Path("roster.json"), allowed_fabs=(),
-        class_names="normal,lesion", members=(("site-0", "ab" * 32),),
+        signing_key_path=Path("s.key"), roster_path=Path("roster.json"), allowed_fabs=(),
+        class_names="normal,lesion", members=(("site-0", "ab" * 32),), delta=1e-5, accountant="prv",
+        min_participants=3, image_size=32, allow_plain_aggregation=False, any_app_may_run=False,
     )
     node_cmd = NodeDaemon(node_cfg).supernode_command()
     assert "--root-certificates" in node_cmd and "--auth-supernode-private-key" in node_cmd

@@ -71,10 +71,10 @@ def test_three_hospitals_over_tls_with_node_auth_and_refused_nodes(tmp_path: Pat
     medsynth("certs", "roster", "--out", rogue / "roster.json", rogue / "keys" / "rogue.secagg.json")
     rogue_pin = {s: fingerprint(k) for s, k in read_public_keys([rogue / "keys" / "rogue.secagg.json"]).items()}
     c.write_node_toml("rogue", rogue / "node.toml", members=rogue_pin,
-                      **{"data-path": str(c.site_dir("site-0") / "dicom")})
+                      **{"data-dir": str(c.site_dir("site-0") / "dicom")})
     no_tls = c.write_node_toml("site-0", tmp_path / "no-tls.toml", insecure=True)
     wrong_ca = c.write_node_toml("site-0", tmp_path / "wrong-ca.toml",
-                                 **{"ca-certificate": str(other_ca / "ca.pem"), "state-path": str(tmp_path / "w")})
+                                 **{"ca-certificate": str(other_ca / "ca.pem"), "state-dir": str(tmp_path / "w")})
     raw_log = tmp_path / "raw-insecure-supernode.log"
     raw: subprocess.Popen[bytes] | None = None
     server = c.start_server(c.write_server_toml(rounds=2))

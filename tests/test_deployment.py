@@ -114,7 +114,7 @@ def toy_app(tmp_path: Path) -> Path:
 @pytest.mark.slow
 def test_toy_app_on_three_supernodes_kill_one_and_clean_exit(tmp_path: Path, toy_app: Path) -> None:
     nodes: dict[str, dict[str, RunConfigValue]] = {
-        f"site-{i}": {"site-id": f"site-{i}", "data-path": str(tmp_path / f"data dir {i}"), "epsilon-budget": 1.5 + i}
+        f"site-{i}": {"site-id": f"site-{i}", "data-dir": str(tmp_path / f"data dir {i}"), "epsilon-budget": 1.5 + i}
         for i in range(3)
     }
     nodes["site-2"]["quotes"] = "both \" and '"  # goes through the TOML-file path

@@ -9,12 +9,12 @@ import pytest
 import torch
 from scipy.stats import kstest
 
-from common.config import ModelConfig, TrainConfig
 from common.dp.accounting import Charge
 from common.dp.noise import ChaCha20Gaussian, words_to_normals
 from common.dp.train import discriminator_loss, make_private_discriminator
 from common.models import build_models
 from common.secagg.primitives import prg_words
+from tests.helpers import app_model, app_train
 
 ALPHA = 0.001  # fixed significance of the normality test (the draws are seeded: no flakiness)
 DRAWS = 200_000
@@ -115,10 +115,10 @@ def _grad_after_pre_step(
     sigma: float, clip: float, seed: int | None, zero_loss: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(flat p.grad after clip → noise → scale, torch RNG state changed?) for one batch of D."""
-    cfg = ModelConfig()
+    cfg = app_model()
     _, netD = build_models(cfg, seed=3)
     priv = make_private_discriminator(
-        netD, train=TrainConfig(batch_size=5), noise_multiplier=sigma, max_grad_norm=clip,
+        netD, train=app_train(batch_size=5), noise_multiplier=sigma, max_grad_norm=clip,
         sample_rate=0.25, noise_seed=seed,
     )
     try:
@@ -174,10 +174,10 @@ def test_sigma_zero_draws_no_noise_and_keeps_the_clipped_sum() -> None:
 
 def test_a_full_step_counts_in_the_accountant_and_refuses_reused_gradients() -> None:
     # prepare
-    cfg = ModelConfig()
+    cfg = app_model()
     _, netD = build_models(cfg, seed=0)
     priv = make_private_discriminator(
-        netD, train=TrainConfig(batch_size=6), noise_multiplier=1.1, max_grad_norm=1.0, sample_rate=0.2
+        netD, train=app_train(batch_size=6), noise_multiplier=1.1, max_grad_norm=1.0, sample_rate=0.2
     )
     real, y_real, fake, y_fake = _one_batch(4)
     before = [p.detach().clone() for p in netD.parameters()]

@@ -8,7 +8,6 @@ import torch
 import torch.nn.functional as F
 from opacus.validators import ModuleValidator
 
-from common.config import ModelConfig, TrainConfig
 from common.dp.train import (
     DIVERSITY_CAP,
     PatientSampler,
@@ -20,7 +19,7 @@ from common.dp.train import (
     train_local_round,
 )
 from common.models import build_models
-from tests.helpers import toy_dataset
+from tests.helpers import app_model, app_train, toy_dataset
 
 CPU = torch.device("cpu")
 
@@ -44,8 +43,8 @@ def _summed_clipped_grad(netD, cfg, train, real, y_real, fake, y_fake, clip) -> 
 @pytest.mark.parametrize("conditional", [True, False])
 def test_one_patients_contribution_is_at_most_the_clipping_norm(conditional: bool) -> None:
     # prepare: a batch with and without one patient whose gradient is huge (clip binds)
-    cfg = ModelConfig(conditional=conditional)
-    train = TrainConfig(batch_size=8)
+    cfg = app_model(conditional=conditional)
+    train = app_train(batch_size=8)
     clip = 0.7
     _, netD = build_models(cfg, seed=1)
     gen = torch.Generator().manual_seed(2)
@@ -64,8 +63,8 @@ def test_one_patients_contribution_is_at_most_the_clipping_norm(conditional: boo
 
 def test_every_row_is_clipped_separately() -> None:
     # prepare: all-real and all-fake rows large, so every row's norm is cut to C
-    cfg = ModelConfig(conditional=False)
-    train = TrainConfig(batch_size=4)
+    cfg = app_model(conditional=False)
+    train = app_train(batch_size=4)
     _, netD = build_models(cfg, seed=3)
     real = torch.full((4, 1, 32, 32), 30.0)
     fake = torch.full((4, 1, 32, 32), -30.0)
@@ -78,15 +77,15 @@ def test_every_row_is_clipped_separately() -> None:
 
 def test_discriminator_passes_opacus_validator() -> None:
     for size in (32, 64):
-        _, netD = build_models(ModelConfig(image_size=size))
+        _, netD = build_models(app_model(image_size=size))
         assert ModuleValidator.validate(netD, strict=False) == []
         assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in netD.modules())
 
 
 def test_generator_step_leaves_no_per_sample_gradients_and_no_accountant_step() -> None:
     # prepare: a private D after one real D step
-    cfg = ModelConfig()
-    train = TrainConfig(batch_size=4)
+    cfg = app_model()
+    train = app_train(batch_size=4)
     netG, netD = build_models(cfg, seed=0)
     priv = make_private_discriminator(
         netD, train=train, noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=0.1
@@ -129,8 +128,8 @@ def test_poisson_sampler_takes_at_most_one_image_per_patient_at_rate_q() -> None
 def test_local_round_counts_exactly_the_configured_steps() -> None:
     # prepare
     data = toy_dataset()
-    cfg = ModelConfig()
-    train = TrainConfig(local_steps=6, batch_size=8, d_steps_per_g=2)
+    cfg = app_model()
+    train = app_train(local_steps=6, batch_size=8, d_steps_per_g=2)
     netG, netD = build_models(cfg, seed=0)
     # act
     result = train_local_round(netG, netD, data, model=cfg, train=train, sample_rate=0.2, noise_multiplier=1.3,
@@ -146,12 +145,12 @@ def test_local_round_counts_exactly_the_configured_steps() -> None:
 def test_sites_of_any_size_are_charged_the_public_sample_rate() -> None:
     # prepare: 5 and 40 patients, batch 8 (q = B / P would be 1 and 0.2: the charge would reveal P)
     small, large = toy_dataset(num_patients=5), toy_dataset(num_patients=40)
-    train = TrainConfig(batch_size=8, local_steps=2)
+    train = app_train(batch_size=8, local_steps=2)
     # act
     charges = []
     for data in (small, large):
-        netG, netD = build_models(ModelConfig())
-        result = train_local_round(netG, netD, data, model=ModelConfig(), train=train, sample_rate=0.3,
+        netG, netD = build_models(app_model())
+        result = train_local_round(netG, netD, data, model=app_model(), train=train, sample_rate=0.3,
                                    noise_multiplier=1.0, max_grad_norm=1.0, device=CPU)
         charges.append(result.charge)
     # assert: the accountant counted the public q at both, which is what their ledgers charge
@@ -161,7 +160,7 @@ def test_sites_of_any_size_are_charged_the_public_sample_rate() -> None:
 
 def test_fake_rows_loss_does_not_depend_on_real_rows() -> None:
     # prepare: one D, the same fake rows, two different sets of real rows (and counts)
-    cfg = ModelConfig()
+    cfg = app_model()
     _, netD = build_models(cfg, seed=3)
     gen = torch.Generator().manual_seed(6)
     fake, y_fake = torch.rand(4, 1, 32, 32, generator=gen), torch.tensor([0, 1, 0, 1])
@@ -179,7 +178,7 @@ def test_fake_rows_loss_does_not_depend_on_real_rows() -> None:
 
 def test_class_head_learns_from_real_rows_only() -> None:
     # prepare: an AC-GAN discriminator and a batch of 3 real and 2 fake rows
-    cfg = ModelConfig(aux_classifier=True)
+    cfg = app_model(aux_classifier=True)
     _, netD = build_models(cfg, seed=3)
     gen = torch.Generator().manual_seed(4)
     real, fake = torch.rand(3, 1, 32, 32, generator=gen), torch.rand(2, 1, 32, 32, generator=gen)

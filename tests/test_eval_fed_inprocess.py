@@ -7,19 +7,20 @@ from pathlib import Path
 import pytest
 
 from common.checkpoint_model import load_generator
-from common.config import ModelConfig, TrainConfig
+from common.config import run_config
 from simulation.fed_inprocess import FedPlan, train_federated
 from tests.helpers import toy_dataset
 
-MODEL = ModelConfig(g_width=8, d_width=8, latent_dim=8)
-TRAIN = TrainConfig(local_steps=3, batch_size=4, device="cpu")
+RUN = run_config({"model.g-width": 8, "model.d-width": 8, "model.latent-dim": 8, "train.local-steps": 3,
+                  "train.batch-size": 4, "train.device": "cpu", "num-server-rounds": 2})
+MODEL = RUN.model
 
 
 @pytest.mark.parametrize("epsilon", [2.0, None])
 def test_rounds_end_at_the_budget_and_leave_a_loadable_checkpoint(tmp_path: Path, epsilon: float | None) -> None:
     # prepare: two sites of 20 and 30 patients
     sites = [toy_dataset(num_patients=20, per_patient=1, seed=0), toy_dataset(num_patients=30, per_patient=1, seed=1)]
-    plan = FedPlan(rounds=2, model=MODEL, train=TRAIN, epsilon=epsilon)
+    plan = FedPlan.from_run(RUN, epsilon)
     # act
     state = train_federated(sites, plan, tmp_path, say=lambda _: None)
     generator = load_generator(tmp_path)

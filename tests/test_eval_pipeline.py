@@ -13,12 +13,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common.config import ModelConfig
 from common.evaluation.evaluate import EvaluateOptions, evaluate, trtr_score, tstr_score
 from common.evaluation.features import ExtractorCacheCorrupt, load_or_train_extractor
 from common.evaluation.reference import ReferenceData, load_reference
 from common.export import Provenance
 from medsynth.cli import main
+from tests.helpers import app_model
 
 REQUIRED = {"fd", "kid", "tstr_auc", "tstr_acc", "trtr_auc", "trtr_acc", "memorization_rate"}
 
@@ -59,7 +59,7 @@ class FixedSource:
 
     def __init__(self, pool: ReferenceData | None) -> None:
         self.pool = pool
-        self.cfg = ModelConfig(image_size=32, num_classes=2)
+        self.cfg = app_model(image_size=32, num_classes=2)
         self.class_names = ("class0", "class1")
         self.provenance = Provenance("0" * 64, "none", 0, None, {}, self.class_names, {})
 

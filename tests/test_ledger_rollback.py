@@ -61,7 +61,7 @@ def global_arrays() -> dict[str, np.ndarray]:
 @pytest.fixture
 def node_config(dicom_dir: Path, tmp_path: Path) -> dict[str, bool | float | str]:
     """A deployed hospital's node config with a fresh state folder (ledger, audit log, cache)."""
-    return {"site-id": "site-0", "data-path": str(dicom_dir), "state-path": str(tmp_path / "state"),
+    return {"site-id": "site-0", "data-dir": str(dicom_dir), "state-dir": str(tmp_path / "state"),
             "epsilon-budget": 10.0, "allow-plain-aggregation": True, "class-names": "normal,lesion",
             "members": "site-0=" + "ab" * 32}
 

@@ -139,7 +139,7 @@ def test_after_a_dead_site_the_next_round_uses_a_fresh_session(sites4: Path, tmp
 
 
 def test_a_deployed_hospital_refuses_plain_aggregation_unless_it_allows_it(tmp_path: Path) -> None:
-    # prepare: a deployment-style node config (data-path), a plain train request
+    # prepare: a deployment-style node config (data-dir), a plain train request
     from flwr.app import Context, Message, RecordDict
 
     from client.app import train
@@ -148,7 +148,7 @@ def test_a_deployed_hospital_refuses_plain_aggregation_unless_it_allows_it(tmp_p
 
     cfg = default_run_config(**{"secure-aggregation": False})
     msg = Message(encode_train_request({}, 1), dst_node_id=5, message_type="train", group_id="1")
-    node_config = {"data-path": str(tmp_path / "dicom"), "state-path": str(tmp_path), "epsilon-budget": 5.0,
+    node_config = {"data-dir": str(tmp_path / "dicom"), "state-dir": str(tmp_path), "epsilon-budget": 5.0,
                    "class-names": "normal,lesion", "members": "dicom=" + "ab" * 32}
     ctx = Context(run_id=1, node_id=5, node_config=node_config, state=RecordDict(), run_config=cfg)  # type: ignore[arg-type]
     # act

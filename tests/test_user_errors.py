@@ -165,7 +165,7 @@ def _context(tmp_path: Path) -> Context:
     from tests.helpers import default_run_config
 
     node: dict[str, bool | float | int | str] = {
-        "site-id": "site-0", "data-path": str(tmp_path / "dicom"), "state-path": str(tmp_path),
+        "site-id": "site-0", "data-dir": str(tmp_path / "dicom"), "state-dir": str(tmp_path),
         "epsilon-budget": 10.0, "class-names": "normal,lesion", "members": "site-0=" + "ab" * 32,
     }
     return Context(run_id=1, node_id=5, node_config=node, state=RecordDict(),

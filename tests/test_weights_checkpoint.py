@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from common.checkpoint import latest_valid_checkpoint, load_checkpoint, save_checkpoint
-from common.config import ModelConfig
 from common.models import build_models
 from common.weights import UpdateLayout, fedavg, model_arrays, sum_vectors
+from tests.helpers import app_model
 
 
 def test_summed_vectors_give_the_weighted_average() -> None:
@@ -37,7 +37,7 @@ def test_summed_vectors_give_the_weighted_average() -> None:
 
 def test_resume_picks_the_last_good_checkpoint(tmp_path: Path) -> None:
     # prepare: rounds 1..3, then round 3 torn and a stray temp file
-    g, d = build_models(ModelConfig(), seed=0)
+    g, d = build_models(app_model(), seed=0)
     arrays = model_arrays(g, d)
     for r in (1, 2, 3):
         save_checkpoint(tmp_path, r, {k: v + r if v.dtype.kind == "f" else v for k, v in arrays.items()},
@@ -54,7 +54,7 @@ def test_resume_picks_the_last_good_checkpoint(tmp_path: Path) -> None:
 
 
 def test_altered_checkpoint_fails_its_hash(tmp_path: Path) -> None:
-    g, d = build_models(ModelConfig(), seed=0)
+    g, d = build_models(app_model(), seed=0)
     path = save_checkpoint(tmp_path, 1, model_arrays(g, d), [])
     blob = bytearray(path.read_bytes())
     blob[-10] ^= 0xFF  # flip a byte of tensor data
