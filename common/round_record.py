@@ -249,11 +249,6 @@ class RoundRecord:
         if self.secure is not None and self.metrics is None:
             raise RecordError(f"round {self.round}: secure-aggregation stats without an update")
 
-    @property
-    def produced_update(self) -> bool:
-        """Whether the round summed at least one update (else the run stops)."""
-        return self.metrics is not None
-
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
             "round": self.round,
