@@ -20,7 +20,6 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from safetensors import SafetensorError
@@ -28,6 +27,7 @@ from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
 from common.atomic import write_bytes_atomic
+from common.round_record import RoundRecord, history_from_json, history_to_json
 
 log = logging.getLogger("medsynth.checkpoint")
 NAME = re.compile(r"^round-(\d{4,})\.safetensors$")
@@ -43,7 +43,7 @@ class Checkpoint:
 
     round: int
     arrays: dict[str, np.ndarray]
-    history: list[dict[str, Any]]
+    history: tuple[RoundRecord, ...]
     path: Path
     content_sha256: str
     class_names: tuple[str, ...] | None = None  # None: written before the names were recorded
@@ -68,7 +68,7 @@ def save_checkpoint(
     folder: Path,
     server_round: int,
     arrays: dict[str, np.ndarray],
-    history: list[dict[str, Any]],
+    history: Sequence[RoundRecord],
     *,
     class_names: Sequence[str] = (),
     run_id: int | None = None,
@@ -76,7 +76,7 @@ def save_checkpoint(
     """Write round ``server_round`` atomically and durably; returns its path."""
     folder.mkdir(parents=True, exist_ok=True)
     digest = content_hash(arrays)
-    meta = {"round": str(server_round), "history": json.dumps(history), "content_sha256": digest}
+    meta = {"round": str(server_round), "history": history_to_json(history), "content_sha256": digest}
     if class_names:
         meta["class_names"] = json.dumps(list(class_names))
     if run_id is not None:
@@ -117,10 +117,10 @@ def load_checkpoint(path: Path) -> Checkpoint:
         raise CheckpointInvalid(f"{path.name}: content hash mismatch (altered or torn)")
     try:
         server_round = int(meta["round"])
-        history = json.loads(meta["history"])
+        history = history_from_json(meta["history"], source=path.name)
         names = tuple(str(n) for n in json.loads(meta["class_names"])) if "class_names" in meta else None
         run_id = int(meta["run_id"]) if "run_id" in meta else None
-    except (KeyError, ValueError, TypeError) as exc:
+    except (KeyError, ValueError, TypeError) as exc:  # RecordError is a ValueError
         raise CheckpointInvalid(f"{path.name}: bad metadata ({exc})") from exc
     return Checkpoint(server_round, dict(arrays), history, path, digest, names, run_id)
 

@@ -24,6 +24,7 @@ from common.config import ModelConfig
 from common.errors import UserError
 from common.export import Provenance, privacy_from_history
 from common.models import Generator, build_models
+from common.round_record import RECORDS_FILE, read_server_state
 from common.weights import UpdateLayoutError, load_model_arrays
 
 
@@ -115,7 +116,7 @@ def load_generator(path: Path, *, class_names: tuple[str, ...] | None = None,
     except UpdateLayoutError as exc:
         raise CheckpointUnusable(f"{ckpt.path.name}: {exc}") from exc
     netG.eval()
-    state = _run_file(ckpt, "server_state.json")
+    state = read_server_state(ckpt.path.parent.parent / RECORDS_FILE)
     run_id = ckpt.run_id if ckpt.run_id is not None else summary.get("run_id")
     provenance = Provenance(
         model_sha256=ckpt.content_sha256,
@@ -125,6 +126,6 @@ def load_generator(path: Path, *, class_names: tuple[str, ...] | None = None,
         model_config=asdict(cfg),
         class_names=tuple(names),
         sites=privacy_from_history(ckpt.history),
-        secure_aggregation=bool(state["secure_aggregation"]) if "secure_aggregation" in state else None,
+        secure_aggregation=state.secure_aggregation if state is not None else None,
     )
     return LoadedGenerator(netG, cfg, tuple(names), provenance)

@@ -29,6 +29,7 @@ from pydicom.uid import UID, ExplicitVRLittleEndian, SecondaryCaptureImageStorag
 
 from common.atomic import write_json_atomic
 from common.errors import UserError
+from common.round_record import RoundRecord
 
 SIDECAR = "medsynth_export.json"
 ExportFormat = Literal["png", "npz", "dicom"]
@@ -79,15 +80,14 @@ class Provenance:
         }
 
 
-def privacy_from_history(history: Sequence[Mapping[str, Any]]) -> dict[str, SitePrivacy]:
+def privacy_from_history(history: Sequence[RoundRecord]) -> dict[str, SitePrivacy]:
     """Latest (ε, δ) of every hospital that trained in any round of a checkpoint's history."""
-    trained = {s for r in history for s in r.get("sites_trained", [])}
+    trained = {s for r in history for s in r.sites_trained}
     latest: dict[str, SitePrivacy] = {}
     for record in history:
-        for site, p in record.get("privacy", {}).items():
+        for site, p in record.privacy.items():
             if site in trained:
-                latest[site] = SitePrivacy(float(p["epsilon"]), float(p["delta"]),
-                                           float(p["epsilon_budget"]), int(p["steps"]))
+                latest[site] = SitePrivacy(p.epsilon, p.delta, p.epsilon_budget, p.steps)
     return latest
 
 

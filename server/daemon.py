@@ -32,8 +32,8 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
-from typing import Any
 
+from common import round_record
 from common.atomic import write_json_atomic
 from common.config import ConfigError
 from common.errors import EXIT_RESTARTABLE
@@ -51,6 +51,7 @@ from common.flower import (
     terminate_then_kill,
     wait_healthy,
 )
+from common.round_record import ServerState, SitePrivacyReport
 from server.server_config import ServerDeployConfig, app_defaults
 
 STARTUP_TIMEOUT_S = 60.0
@@ -135,13 +136,13 @@ class SuperLinkDaemon:
         terminate_then_kill([self.proc], [self.tag], grace_s=STOP_GRACE_S)
 
     # ---------------------------------------------------------------- the run
-    def run(self) -> dict[str, Any]:
+    def run(self) -> ServerState | None:
         """Start, register, run to the end; returns the final server state."""
         self.start_superlink()
         self.say(f"SuperLink up at {self.env.base_url} (TLS, node authentication, state {self.cfg.database})")
         self.register_hospitals()
         state = read_server_state(self.cfg.results_dir)
-        done = len(state.get("rounds", []))
+        done = len(state.rounds) if state is not None else 0
         if done:
             self.say(f"resuming: {done} round(s) completed before; continuing from the last good checkpoint")
         overrides = {**self.cfg.run_overrides, "output-dir": str(self.cfg.results_dir)}
@@ -158,22 +159,19 @@ class SuperLinkDaemon:
         return read_server_state(self.cfg.results_dir)
 
 
-def read_server_state(results_dir: Path) -> dict[str, Any]:
-    path = results_dir / "server_state.json"
-    if not path.exists():
-        return {"rounds": []}
+def read_server_state(results_dir: Path) -> ServerState | None:
+    """The run's records file (None before the first round finished); a malformed one is a ConfigError."""
     try:
-        state: dict[str, Any] = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{path} is not valid JSON ({exc}); it is written atomically, so inspect it") from exc
-    return state
+        return round_record.read_server_state(results_dir / round_record.RECORDS_FILE)
+    except round_record.RecordError as exc:
+        raise ConfigError(str(exc)) from exc
 
 
 def _raise_on_sigterm(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-def start_server(cfg: ServerDeployConfig, say: Callable[[str], None] = print) -> dict[str, Any]:
+def start_server(cfg: ServerDeployConfig, say: Callable[[str], None] = print) -> ServerState | None:
     """``medsynth server start``: run the federation; the SuperLink is stopped however this ends."""
     if cfg.state_dir.resolve().is_relative_to(cfg.app_dir.resolve()):
         raise ConfigError(f"[superlink] state-dir {cfg.state_dir} lies inside the app folder {cfg.app_dir}; "
@@ -189,23 +187,24 @@ def start_server(cfg: ServerDeployConfig, say: Callable[[str], None] = print) ->
     return state
 
 
-def format_status(state: dict[str, Any], cfg: ServerDeployConfig) -> str:
+def format_status(state: ServerState | None, cfg: ServerDeployConfig) -> str:
     """Rounds, who took part, and each hospital's cumulative ε (budget spending is not patient data)."""
-    rounds = state.get("rounds", [])
+    rounds = state.rounds if state is not None else ()
     total = {**app_defaults(cfg.app_dir), **cfg.run_overrides}["num-server-rounds"]
-    lines = [f"rounds completed: {len(rounds)} of {total}" + (" (finished)" if state.get("finished") else "")]
-    latest: dict[str, dict[str, Any]] = {}
+    finished = state is not None and state.finished
+    lines = [f"rounds completed: {len(rounds)} of {total}" + (" (finished)" if finished else "")]
+    latest: dict[str, SitePrivacyReport] = {}
     for r in rounds:
-        lines.append(f"  round {r['round']}: trained {', '.join(r.get('sites_trained', [])) or 'nobody'}"
-                     + (f"; {len(r['failures'])} failure(s)" if r.get("failures") else ""))
-        latest.update(r.get("privacy", {}))
+        lines.append(f"  round {r.round}: trained {', '.join(r.sites_trained) or 'nobody'}"
+                     + (f"; {len(r.failures)} failure(s)" if r.failures else ""))
+        latest.update(r.privacy)
     if latest:
         lines.append("privacy spent per hospital (cumulative, patient level):")
         for site, p in sorted(latest.items()):
-            lines.append(f"  {site}: ε = {p['epsilon']:.3f} of {p['epsilon_budget']:g} at δ = {p['delta']:g} "
-                         f"({p['steps']} steps, {p['status']})")
-    if state.get("stopped_early"):
-        lines.append(f"stopped early: {state['stopped_early']}")
+            lines.append(f"  {site}: ε = {p.epsilon:.3f} of {p.epsilon_budget:g} at δ = {p.delta:g} "
+                         f"({p.steps} steps, {p.status})")
+    if state is not None and state.stopped_early is not None:
+        lines.append(f"stopped early: {state.stopped_early.reason}")
     lines.append(f"results: {cfg.results_dir}")
     return "\n".join(lines)
 

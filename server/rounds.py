@@ -11,15 +11,13 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from flwr.app import Message, MessageType
 from flwr.serverapp import Grid
 
-from common.atomic import write_json_atomic
 from common.checkpoint import latest_valid_checkpoint, save_checkpoint
 from common.config import RunConfig
 from common.errors import EXIT_RESTARTABLE, UserError
@@ -27,15 +25,23 @@ from common.models import build_models
 from common.protocol.messages import (
     ProtocolError,
     SiteReply,
-    content_bytes,
     decode_reply,
     encode_train_request,
     flower_error_line,
 )
 from common.report.html import write_report
 from common.report.samples import sample_grid, save_png
+from common.round_record import (
+    RECORDS_FILE,
+    RoundMetrics,
+    RoundRecord,
+    ServerState,
+    SiteCost,
+    StoppedEarly,
+    write_server_state,
+)
 from common.weights import UpdateLayout, fedavg, load_model_arrays, model_arrays, sum_vectors
-from server.secagg import SecureRounds, privacy_entry, received_entry
+from server.secagg import SecureRounds, privacy_fields, received_entry
 
 log = logging.getLogger("medsynth.server")
 
@@ -62,7 +68,7 @@ class ServerPaths:
 
     @property
     def state(self) -> Path:
-        return self.root / "server_state.json"
+        return self.root / RECORDS_FILE
 
 
 def wait_for_nodes(grid: Grid, minimum: int, timeout_s: float) -> list[int]:
@@ -102,7 +108,7 @@ def run_round(
     layout: UpdateLayout,
     server_round: int,
     timeout_s: float,
-) -> tuple[dict[str, np.ndarray] | None, dict[str, Any]]:
+) -> tuple[dict[str, np.ndarray] | None, RoundRecord]:
     """One round; returns (new global arrays or None if nobody trained, the round record)."""
     t0 = time.monotonic()
     content = encode_train_request(global_arrays, server_round)
@@ -113,9 +119,7 @@ def run_round(
     replies = list(grid.send_and_receive(messages, timeout=timeout_s))
     decoded, failures = collect_replies(replies)
     costs = {
-        str(m.content.config_records["privacy"]["site"]): {
-            "bytes_up": float(content_bytes(m.content)), "received": [received_entry(m)]
-        }
+        str(m.content.config_records["privacy"]["site"]): SiteCost.of([received_entry(m)])
         for m in replies
         if not m.has_error() and "privacy" in m.content.config_records
     }
@@ -124,40 +128,39 @@ def run_round(
         failures.append(f"{missing} hospital(s) did not answer within {timeout_s:.0f} s")
     failures += [f"{r.site_id}: {r.reason}" for r in decoded if r.status == "error"]
     trained = [r for r in decoded if r.status == "ok" and r.update is not None]
-    record: dict[str, Any] = {
-        "round": server_round,
-        "sites_trained": sorted(r.site_id for r in trained),
-        "sites_budget_exhausted": sorted(r.site_id for r in decoded if r.status == "budget-exhausted"),
-        "failures": failures,
-        "privacy": {r.site_id: privacy_entry(r) for r in decoded if r.status != "error"},
-        "costs": costs,
-    }
-    new_arrays = None
+    new_arrays, metrics = None, None
     if trained:
         total = sum_vectors([r.update for r in trained if r.update is not None])  # plain sum
-        new_arrays, metrics = fedavg(global_arrays, layout, total)
-        record.update(metrics)
-    record["seconds"] = round(time.monotonic() - t0, 2)
+        new_arrays, means = fedavg(global_arrays, layout, total)
+        metrics = RoundMetrics.from_means(means)
+    record = RoundRecord(
+        round=server_round,
+        sites_trained=tuple(sorted(r.site_id for r in trained)),
+        failures=tuple(failures),
+        costs=costs,
+        metrics=metrics,
+        seconds=round(time.monotonic() - t0, 2),
+        **privacy_fields({r.site_id: r for r in decoded if r.status != "error"}),
+    )
     return new_arrays, record
 
 
-def describe_round(record: dict[str, Any], num_rounds: int) -> str:
+def describe_round(record: RoundRecord, num_rounds: int) -> str:
     """One readable log line per round."""
     eps = ", ".join(
-        f"{site} ε={p['epsilon']:.2f}/{p['epsilon_budget']:g}" + ("" if p["status"] == "ok" else " (budget spent)")
-        for site, p in sorted(record["privacy"].items())
+        f"{site} ε={p.epsilon:.2f}/{p.epsilon_budget:g}" + ("" if p.status == "ok" else " (budget spent)")
+        for site, p in sorted(record.privacy.items())
     )
-    losses = (
-        f"loss_d_fake={record['loss_d_fake']:.3f} loss_g={record['loss_g']:.3f}" if "loss_g" in record else "no update"
-    )
-    trained = len(record["sites_trained"])
-    line = f"round {record['round']}/{num_rounds}: {trained} trained; {losses}; {eps}; {record['seconds']:.1f} s"
-    if record["failures"]:
-        line += "; failures: " + "; ".join(record["failures"])
+    m = record.metrics
+    losses = "no update" if m is None else f"loss_d_fake={m.loss_d_fake:.3f} loss_g={m.loss_g:.3f}"
+    trained = len(record.sites_trained)
+    line = f"round {record.round}/{num_rounds}: {trained} trained; {losses}; {eps}; {record.seconds:.1f} s"
+    if record.failures:
+        line += "; failures: " + "; ".join(record.failures)
     return line
 
 
-def run_federation(grid: Grid, run: RunConfig, paths: ServerPaths, run_id: int) -> dict[str, Any]:
+def run_federation(grid: Grid, run: RunConfig, paths: ServerPaths, run_id: int) -> ServerState:
     """Run (or resume) the rounds of ``run`` and return the final server state.
 
     Secure aggregation (default) or, only when ``secure-aggregation = false``, plain sums.
@@ -170,13 +173,13 @@ def run_federation(grid: Grid, run: RunConfig, paths: ServerPaths, run_id: int) 
         arrays, history, start = ckpt.arrays, ckpt.history, ckpt.round + 1
         log.info("resuming from %s (round %d)", ckpt.path, ckpt.round)
     else:
-        arrays, history, start = model_arrays(netG, netD), [], 1
+        arrays, history, start = model_arrays(netG, netD), (), 1
     layout = UpdateLayout.of(arrays)
     secure = SecureRounds(grid, run, run_id, layout) if fed.secure_aggregation else None
     if secure is None:
         log.warning("plain aggregation: the server sees every hospital's update (secure-aggregation = false)")
-    state: dict[str, Any] = {"rounds": history, "finished": False, "secure_aggregation": fed.secure_aggregation,
-                             "run_id": run_id}
+    state = ServerState(rounds=history, finished=False, secure_aggregation=fed.secure_aggregation,
+                        run_id=run_id)
     for server_round in range(start, fed.num_rounds + 1):
         nodes = wait_for_nodes(grid, fed.min_nodes, fed.wait_nodes_timeout_s)
         if secure is not None:
@@ -185,19 +188,20 @@ def run_federation(grid: Grid, run: RunConfig, paths: ServerPaths, run_id: int) 
             new_arrays, record = run_round(grid, nodes, arrays, layout, server_round, fed.round_timeout_s)
         log.info(describe_round(record, fed.num_rounds))
         if new_arrays is None:
-            state["stopped_early"] = f"round {server_round}: no hospital could train (budgets spent or failures)"
-            state["last_round_attempted"] = record
-            log.info("stopping: %s", state["stopped_early"])
+            reason = f"round {server_round}: no hospital could train (budgets spent or failures)"
+            state = replace(state, stopped_early=StoppedEarly(reason, record))
+            log.info("stopping: %s", reason)
             break
         arrays = new_arrays
-        history.append(record)
-        save_checkpoint(paths.checkpoints, server_round, arrays, history, class_names=run.class_names, run_id=run_id)
+        state = replace(state, rounds=(*state.rounds, record))
+        save_checkpoint(paths.checkpoints, server_round, arrays, state.rounds, class_names=run.class_names,
+                        run_id=run_id)
         load_model_arrays(netG, netD, arrays)
         save_png(sample_grid(netG, run.model, seed=fed.seed), paths.samples / f"round-{server_round:04d}.png")
-        write_json_atomic(paths.state, {**state, "rounds": history})
+        write_server_state(paths.state, state)
         write_report(paths.root)  # readable while the run goes on, and after a crash
-    state.update(rounds=history, finished=True)
-    write_json_atomic(paths.state, state)
+    state = replace(state, finished=True)
+    write_server_state(paths.state, state)
     write_report(paths.root)
     return state
 

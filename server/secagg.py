@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping
-from typing import Any, cast
+from typing import TypedDict, cast
 
 import numpy as np
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
@@ -54,6 +54,14 @@ from common.protocol.secagg import (
     secagg_record,
     split_pairs,
     str_list,
+)
+from common.round_record import (
+    ReceivedMessage,
+    RoundMetrics,
+    RoundRecord,
+    SecureStats,
+    SiteCost,
+    SitePrivacyReport,
 )
 from common.secagg import (
     KeyAdvert,
@@ -107,16 +115,14 @@ class SecureRounds:
         self.setup_id = 0
         self.server: SecAggServer | None = None
         self.nodes_of: dict[str, int] = {}  # site id → Flower node id, of the current session
-        self.costs: dict[str, dict[str, Any]] = {}  # per site this round: bytes up, payload digests
+        self.received: dict[str, list[ReceivedMessage]] = {}  # per site this round: what it sent
 
     def _account(self, replies: list[Message]) -> list[Message]:
-        """Add each reply's payload bytes and digest to its site's costs."""
+        """Add each reply (type, payload bytes and digest) to its site's messages of the round."""
         for msg in replies:
             recs = msg.content.config_records
             site = str(recs["privacy"]["site"]) if "privacy" in recs else str(recs["secagg"]["site"])
-            cost = self.costs.setdefault(site, {"bytes_up": 0.0, "received": []})
-            cost["bytes_up"] += content_bytes(msg.content)
-            cost["received"].append(received_entry(msg))
+            self.received.setdefault(site, []).append(received_entry(msg))
         return replies
 
     @property
@@ -226,12 +232,11 @@ class SecureRounds:
 
     def run_round(
         self, nodes: list[int], global_arrays: dict[str, np.ndarray], server_round: int
-    ) -> tuple[dict[str, np.ndarray] | None, dict[str, Any]]:
+    ) -> tuple[dict[str, np.ndarray] | None, RoundRecord]:
         """One secure round with bounded restarts; returns (new arrays or None, round record)."""
         t0 = time.monotonic()
         failures: list[str] = []
-        self.costs = {}
-        record: dict[str, Any] = {"round": server_round, "failures": failures, "costs": self.costs}
+        self.received = {}
         privacy: dict[str, SiteReply] = {}
         for attempt in range(self.run.federation.secagg_max_retries + 1):
             privacy, node_of = self.train(nodes, global_arrays, server_round, failures)
@@ -259,39 +264,56 @@ class SecureRounds:
             if dead:
                 self.server = None  # the dead sites' s-keys were revealed: new session next round
             vector = self.quantizer.decode_sum(total, len(alive))
-            record.update(
-                sites_trained=sorted(alive),
-                **privacy_fields(privacy),
-                secure={"session": self.setup_id, "alive": alive, "dead": dead, "attempts": attempt + 1},
-            )
             new_arrays, metrics = fedavg(global_arrays, self.layout, vector)
-            record.update(metrics)
-            record["seconds"] = round(time.monotonic() - t0, 2)
-            return new_arrays, record
-        record.update(sites_trained=[], **privacy_fields(privacy), seconds=round(time.monotonic() - t0, 2))
-        return None, record
+            return new_arrays, self._record(
+                server_round, privacy, failures, t0, sorted(alive), RoundMetrics.from_means(metrics),
+                SecureStats(session=self.setup_id, alive=tuple(alive), dead=tuple(dead), attempts=attempt + 1),
+            )
+        return None, self._record(server_round, privacy, failures, t0, [], None, None)
+
+    def _record(
+        self, server_round: int, privacy: Mapping[str, SiteReply], failures: list[str], t0: float,
+        trained: list[str], metrics: RoundMetrics | None, secure: SecureStats | None,
+    ) -> RoundRecord:
+        """The round's record: the hospitals' privacy reports, what they sent, the outcome."""
+        return RoundRecord(
+            round=server_round,
+            sites_trained=tuple(trained),
+            failures=tuple(failures),
+            costs={site: SiteCost.of(msgs) for site, msgs in self.received.items()},
+            metrics=metrics,
+            secure=secure,
+            seconds=round(time.monotonic() - t0, 2),
+            **privacy_fields(privacy),
+        )
 
 
-def received_entry(msg: Message) -> dict[str, Any]:
+def received_entry(msg: Message) -> ReceivedMessage:
     """What the server records of one reply: its type, size and payload digest (matches the
     hospital's audit log line for the same message)."""
-    return {"type": msg.metadata.message_type, "group": msg.metadata.group_id,
-            "bytes": content_bytes(msg.content), "sha256": payload_digest(msg.content)}
+    return ReceivedMessage(type=msg.metadata.message_type, group=msg.metadata.group_id,
+                           bytes=content_bytes(msg.content), sha256=payload_digest(msg.content))
 
 
-def privacy_fields(privacy: Mapping[str, SiteReply]) -> dict[str, Any]:
-    """The round record's ``sites_budget_exhausted`` and ``privacy`` from the hospitals' records."""
-    return {
-        "sites_budget_exhausted": sorted(s for s, r in privacy.items() if r.status == "budget-exhausted"),
-        "privacy": {s: privacy_entry(r) for s, r in privacy.items()},
-    }
+class PrivacyFields(TypedDict):
+    """The two fields of a round record built from the hospitals' privacy records."""
+
+    sites_budget_exhausted: tuple[str, ...]
+    privacy: dict[str, SitePrivacyReport]
 
 
-def privacy_entry(r: SiteReply) -> dict[str, Any]:
-    return {
-        "status": r.status,
-        "epsilon": r.epsilon,
-        "epsilon_budget": r.epsilon_budget,
-        "delta": r.delta,
-        "steps": r.total_steps,
-    }
+def privacy_fields(privacy: Mapping[str, SiteReply]) -> PrivacyFields:
+    """The round record's ``sites_budget_exhausted`` and ``privacy`` from the hospitals' records
+    (replies with status "error" are failures, never passed here)."""
+    return PrivacyFields(
+        sites_budget_exhausted=tuple(sorted(s for s, r in privacy.items() if r.status == "budget-exhausted")),
+        privacy={s: privacy_entry(r) for s, r in privacy.items()},
+    )
+
+
+def privacy_entry(r: SiteReply) -> SitePrivacyReport:
+    """A hospital's privacy report as recorded: its ledger figures, nothing else of the reply."""
+    if r.status == "error":
+        raise ProtocolError(f"{r.site_id}: an error reply has no privacy report")
+    return SitePrivacyReport(status=r.status, epsilon=r.epsilon, epsilon_budget=r.epsilon_budget,
+                             delta=r.delta, steps=r.total_steps)

@@ -115,7 +115,7 @@ def run_inprocess(name: str, epsilon: float | None, s: BenchSettings, data: Path
     state = train_federated(sites, plan, out, say)
     train_s = round(time.monotonic() - t0, 1)
     ev = evaluate(EvaluateOptions(checkpoint=out, reference=data, seed=run.federation.seed), say=say)
-    eps = [p["epsilon"] for p in state["rounds"][-1]["privacy"].values()] if epsilon is not None else []
+    eps = [p.epsilon for p in state.rounds[-1].privacy.values()] if epsilon is not None else []
     return {"train_s": train_s, "evaluation": ev, "epsilon_max": max(eps) if eps else None, "secure": False}
 
 

@@ -57,11 +57,11 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from client.audit import read_entries
 from common.config import ConfigError
 from common.flower import NodeConfig, RunConfigValue, SuperLinkError, flwr_json, run_app
+from common.round_record import RECORDS_FILE, RecordError, RoundRecord, read_server_state
 from simulation.deployment import LocalDeployment
 from simulation.runner import (
     ROUND_LINE,
@@ -84,7 +84,7 @@ class ModeResult:
     secure: bool
     run_id: int
     run_wall_s: float
-    rounds: list[dict[str, Any]]  # server_state.json round records
+    rounds: tuple[RoundRecord, ...]  # server_state.json round records
     setup_rounds: frozenset[int]  # rounds that opened a secure session (plain: round 1, "first")
     messages: dict[str, dict[int, int]]  # site → round → messages received
     clientapp_s: float | None  # Flower's compute-time.clientapp-seconds for the run
@@ -133,16 +133,16 @@ def protocol_cpu_per_round(ledgers: dict[str, Path], run_id: int) -> dict[str, d
     }
 
 
-def setup_rounds_of(rounds: list[dict[str, Any]], secure: bool) -> frozenset[int]:
+def setup_rounds_of(rounds: Sequence[RoundRecord], secure: bool) -> frozenset[int]:
     """Rounds that opened a secure-aggregation session (plain: just round 1, for comparison)."""
     if not secure:
-        return frozenset(r["round"] for r in rounds[:1])
+        return frozenset(r.round for r in rounds[:1])
     found: set[int] = set()
     last_session = None
     for record in rounds:
-        session = record.get("secure", {}).get("session")
+        session = None if record.secure is None else record.secure.session
         if session != last_session:
-            found.add(int(record["round"]))
+            found.add(record.round)
         last_session = session
     return frozenset(found)
 
@@ -184,16 +184,19 @@ def run_mode(
     result = run_app(
         project_dir(), deployment, run_config=run_config, log_path=out / "run.log", timeout_s=timeout_s, on_line=on_line
     )
-    state_path = out / "server_state.json"
+    state_path = out / RECORDS_FILE
     try:
-        state = json.loads(state_path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
+        state = read_server_state(state_path)
+    except (OSError, RecordError) as err:
         raise SuperLinkError(f"{label} run {result.run_id} left no readable {state_path}: {err}") from err
-    rounds: list[dict[str, Any]] = state.get("rounds", [])
-    if not state.get("finished") or len(rounds) != base_config["num-server-rounds"]:
+    if state is None:
+        raise SuperLinkError(f"{label} run {result.run_id} left no {state_path}. Log: {out / 'run.log'}")
+    rounds = state.rounds
+    if not state.finished or len(rounds) != base_config["num-server-rounds"]:
+        stopped = None if state.stopped_early is None else state.stopped_early.reason
         raise SuperLinkError(
             f"{label} run {result.run_id} did not complete all rounds "
-            f"({len(rounds)} done; stopped early: {state.get('stopped_early')}). Log: {out / 'run.log'}"
+            f"({len(rounds)} done; stopped early: {stopped}). Log: {out / 'run.log'}"
         )
     return ModeResult(
         secure=secure,
@@ -207,13 +210,15 @@ def run_mode(
     )
 
 
-def _per_site_round(mode: ModeResult, key: str, setup: bool | None) -> list[float]:
-    """``costs[site][key]`` for every (hospital, round), restricted to setup/steady rounds."""
+def _bytes_up(mode: ModeResult, setup: bool | None) -> list[float]:
+    """``costs[site].bytes_up`` for every (hospital, round), restricted to setup/steady rounds."""
     values = []
     for record in mode.rounds:
-        if setup is not None and (record["round"] in mode.setup_rounds) != setup:
+        if setup is not None and (record.round in mode.setup_rounds) != setup:
             continue
-        values += [float(c[key]) for c in record.get("costs", {}).values() if key in c]
+        if record.costs is None:
+            raise SuperLinkError(f"round {record.round} of run {mode.run_id} records no costs (not a Flower run)")
+        values += [c.bytes_up for c in record.costs.values()]
     return values
 
 
@@ -228,9 +233,9 @@ def _protocol_cpu(mode: ModeResult, setup: bool | None) -> list[float]:
 
 def _round_seconds(mode: ModeResult, setup: bool | None) -> list[float]:
     return [
-        float(r["seconds"])
+        r.seconds
         for r in mode.rounds
-        if setup is None or (r["round"] in mode.setup_rounds) == setup
+        if setup is None or (r.round in mode.setup_rounds) == setup
     ]
 
 
@@ -269,7 +274,7 @@ def format_table(plain: ModeResult, secure: ModeResult) -> str:
 
     row("round wall time (s)", _round_seconds)
     row("protocol CPU / hospital (s)", _protocol_cpu)
-    row("bytes up / hospital (MB)", lambda m, s: _per_site_round(m, "bytes_up", s), "MB")
+    row("bytes up / hospital (MB)", _bytes_up, "MB")
     row("messages / hospital", _messages)
     widths = [max(len(r[i]) for r in (header, *rows)) for i in range(len(header))]
     lines = ["  ".join(cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in enumerate(zip(r, widths, strict=True)))
@@ -385,7 +390,8 @@ def main(argv: list[str] | None = None) -> int:
         if keep:
             summary = {
                 "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-                "runs": {r.label: {"run_id": r.run_id, "run_wall_s": r.run_wall_s, "rounds": r.rounds,
+                "runs": {r.label: {"run_id": r.run_id, "run_wall_s": r.run_wall_s,
+                                   "rounds": [x.to_json() for x in r.rounds],
                                    "setup_rounds": sorted(r.setup_rounds), "messages": r.messages,
                                    "clientapp_s": r.clientapp_s} for r in results},
             }

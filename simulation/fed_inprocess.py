@@ -19,12 +19,10 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
-from common.atomic import write_json_atomic
 from common.checkpoint import save_checkpoint
 from common.config import ModelConfig, RunConfig, TrainConfig
 from common.dataset import LocalDataset
@@ -33,6 +31,15 @@ from common.dp.train import train_local_round
 from common.evaluation.reference import to_model_range, unit_per_image
 from common.models import build_models
 from common.report.samples import sample_grid, save_png
+from common.round_record import (
+    RECORDS_FILE,
+    InProcessRun,
+    RoundMetrics,
+    RoundRecord,
+    ServerState,
+    SitePrivacyReport,
+    write_server_state,
+)
 from common.weights import PUBLIC_WEIGHT, UpdateLayout, fedavg, load_model_arrays, model_arrays, sum_vectors
 from simulation.partition import split_by_patient
 from simulation.runner import SimulateOptions, load_source
@@ -77,7 +84,7 @@ def medmnist_sites(npz: Path, sites: int, partition: str, seed: int, image_size:
 
 
 def train_federated(sites: Sequence[LocalDataset], plan: FedPlan, out: Path,
-                    say: Callable[[str], None] = print) -> dict[str, Any]:
+                    say: Callable[[str], None] = print) -> ServerState:
     """Run ``plan.rounds`` rounds over ``sites``; writes checkpoints/, samples/, server_state.json."""
     t0 = time.monotonic()
     netG, netD = build_models(plan.model, seed=plan.seed)
@@ -92,11 +99,12 @@ def train_federated(sites: Sequence[LocalDataset], plan: FedPlan, out: Path,
         sigmas.append(sigma)
         say(f"site-{i}: {site.num_patients} patients {np.bincount(site.labels).tolist()}, q={q:.4f}, "
             f"σ={'none (no DP)' if sigma is None else f'{sigma:.3f}'}")
-    history: list[dict[str, Any]] = []
+    history: list[RoundRecord] = []
     device = torch.device("cpu")
     for rnd in range(1, plan.rounds + 1):
         t_round = time.monotonic()
-        vectors, privacy = [], {}
+        vectors: list[np.ndarray] = []
+        privacy: dict[str, SitePrivacyReport] = {}
         for i, site in enumerate(sites):
             load_model_arrays(netG, netD, arrays)
             res = train_local_round(netG, netD, site, model=plan.model, train=plan.train, sample_rate=rates[i],
@@ -109,19 +117,20 @@ def train_federated(sites: Sequence[LocalDataset], plan: FedPlan, out: Path,
             sigma = sigmas[i]
             eps = 0.0 if sigma is None else epsilon_of([Charge(sigma, rates[i], rnd * plan.train.local_steps)],
                                                        plan.delta)
-            privacy[f"site-{i}"] = {"status": "ok", "epsilon": eps, "epsilon_budget": plan.epsilon or float("inf"),
-                                    "delta": plan.delta, "steps": rnd * plan.train.local_steps}
+            privacy[f"site-{i}"] = SitePrivacyReport(status="ok", epsilon=eps,
+                                                     epsilon_budget=plan.epsilon or float("inf"),
+                                                     delta=plan.delta, steps=rnd * plan.train.local_steps)
         arrays, means = fedavg(arrays, layout, sum_vectors(vectors))
-        record = {"round": rnd, "sites_trained": sorted(privacy), "sites_budget_exhausted": [], "failures": [],
-                  "privacy": privacy, "loss_d_fake": means["loss_d_fake"], "loss_g": means["loss_g"],
-                  "seconds": round(time.monotonic() - t_round, 2)}
+        record = RoundRecord(round=rnd, sites_trained=tuple(sorted(privacy)), sites_budget_exhausted=(), failures=(),
+                             privacy=privacy, metrics=RoundMetrics.from_means(means),
+                             seconds=round(time.monotonic() - t_round, 2))
         history.append(record)
         save_checkpoint(out / "checkpoints", rnd, arrays, history, class_names=sites[0].class_names)
         load_model_arrays(netG, netD, arrays)
         save_png(sample_grid(netG, plan.model, seed=plan.seed), out / "samples" / f"round-{rnd:04d}.png")
-        say(f"round {rnd}/{plan.rounds}: loss_d_fake={record['loss_d_fake']:.3f} loss_g={record['loss_g']:.3f} "
-            f"{record['seconds']:.0f} s")
-    state = {"rounds": history, "finished": True, "secure_aggregation": False, "in_process": True,
-             "wall_seconds": round(time.monotonic() - t0, 1)}
-    write_json_atomic(out / "server_state.json", state)
+        say(f"round {rnd}/{plan.rounds}: loss_d_fake={means['loss_d_fake']:.3f} loss_g={means['loss_g']:.3f} "
+            f"{record.seconds:.0f} s")
+    state = ServerState(rounds=tuple(history), finished=True, secure_aggregation=False,
+                        in_process=InProcessRun(wall_seconds=round(time.monotonic() - t0, 1)))
+    write_server_state(out / RECORDS_FILE, state)
     return state

@@ -18,12 +18,12 @@ if the hospital ever declined a round for lack of budget.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from client.ledger import PrivacyLedger
 from common.atomic import write_json_atomic
+from common.round_record import RECORDS_FILE, read_server_state
 
 
 def site_summary(out: Path, site_id: str, ledger_path: Path, exhausted: bool) -> dict[str, Any]:
@@ -53,27 +53,27 @@ def build_summary(
 
     ``evaluation``: the result of ``common.evaluation.evaluate`` when the run was given a reference.
     """
-    state_path = out / "server_state.json"
-    state = json.loads(state_path.read_text()) if state_path.exists() else {"rounds": []}
-    rounds = state.get("rounds", [])
-    attempted = [*rounds, *([state["last_round_attempted"]] if "last_round_attempted" in state else [])]
-    exhausted = {s for r in attempted for s in r.get("sites_budget_exhausted", [])}
+    state = read_server_state(out / RECORDS_FILE)
+    rounds = state.rounds if state is not None else ()
+    stopped = state.stopped_early if state is not None else None
+    attempted = [*rounds, *([stopped.last_round_attempted] if stopped is not None else [])]
+    exhausted = {s for r in attempted for s in r.sites_budget_exhausted}
     summary: dict[str, Any] = {
         "rounds_completed": len(rounds),
-        "secure_aggregation": bool(state.get("secure_aggregation", False)),
-        "stopped_early": state.get("stopped_early"),
+        "secure_aggregation": state is not None and state.secure_aggregation,
+        "stopped_early": stopped.reason if stopped is not None else None,
         "sites": {
             site: site_summary(out, site, path, site in exhausted) for site, path in sorted(site_ledgers.items())
         },
         "rounds": [
             {
-                "round": r["round"],
-                "sites_trained": r["sites_trained"],
-                "sites_budget_exhausted": r.get("sites_budget_exhausted", []),
-                "loss_d_fake": r.get("loss_d_fake"),
-                "loss_g": r.get("loss_g"),
-                "failures": r.get("failures", []),
-                "seconds": r.get("seconds"),
+                "round": r.round,
+                "sites_trained": list(r.sites_trained),
+                "sites_budget_exhausted": list(r.sites_budget_exhausted),
+                "loss_d_fake": None if r.metrics is None else r.metrics.loss_d_fake,
+                "loss_g": None if r.metrics is None else r.metrics.loss_g,
+                "failures": list(r.failures),
+                "seconds": r.seconds,
             }
             for r in rounds
         ],

@@ -40,9 +40,9 @@ def test_the_server_abandons_a_round_with_one_contributor_and_requests_no_update
     # act: the honest driver
     new_arrays, record = attack.driver.run_round(attack.nodes, attack.arrays, 1)
     # assert: no update, no masking requested, the record says why
-    assert new_arrays is None and record["sites_trained"] == []
-    assert record["sites_budget_exhausted"] == list(SPENT)
-    assert any("only 1 hospital(s) trained (site-0)" in f and "needs at least 3" in f for f in record["failures"])
+    assert new_arrays is None and record.sites_trained == ()
+    assert record.sites_budget_exhausted == tuple(SPENT)
+    assert any("only 1 hospital(s) trained (site-0)" in f and "needs at least 3" in f for f in record.failures)
     assert sum(n for (kind, _), n in attack.grid.sent.items() if kind != "train") == 0
     assert attack.releases("site-0", 1) == []
 

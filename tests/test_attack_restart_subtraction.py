@@ -18,7 +18,7 @@ def completed(tmp_path_factory: pytest.TempPathFactory) -> Attack:
     sites = write_sites(tmp_path_factory.mktemp("restart"), [6, 6, 6, 6])
     attack = Attack(sites, tmp_path_factory.mktemp("out"), 4)
     new_arrays, record = attack.driver.run_round(attack.nodes, attack.arrays, 1)
-    assert new_arrays is not None and record["sites_trained"] == ["site-0", "site-1", "site-2", "site-3"]
+    assert new_arrays is not None and record.sites_trained == ("site-0", "site-1", "site-2", "site-3")
     return attack
 
 

@@ -25,12 +25,12 @@ def test_rounds_end_at_the_budget_and_leave_a_loadable_checkpoint(tmp_path: Path
     state = train_federated(sites, plan, tmp_path, say=lambda _: None)
     generator = load_generator(tmp_path)
     # assert
-    assert [r["round"] for r in state["rounds"]] == [1, 2]
+    assert [r.round for r in state.rounds] == [1, 2]
     assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == ["round-0001.png", "round-0002.png"]
     assert generator.provenance.round == 2 and generator.cfg == MODEL
-    last = state["rounds"][-1]["privacy"]
+    last = state.rounds[-1].privacy
     if epsilon is None:
-        assert all(p["epsilon"] == 0.0 for p in last.values())
+        assert all(p.epsilon == 0.0 for p in last.values())
     else:  # calibrated to end at, never above, the budget
-        assert all(epsilon - 0.05 < p["epsilon"] <= epsilon for p in last.values())
-        assert generator.provenance.sites["site-0"].epsilon == last["site-0"]["epsilon"]
+        assert all(epsilon - 0.05 < p.epsilon <= epsilon for p in last.values())
+        assert generator.provenance.sites["site-0"].epsilon == last["site-0"].epsilon

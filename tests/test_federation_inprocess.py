@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from flwr.supercore.task_identity import TaskIdentity
@@ -24,6 +23,7 @@ from common.checkpoint import latest_valid_checkpoint, load_checkpoint
 from common.config import RunConfig
 from common.dp.accounting import epsilon_of
 from common.protocol.messages import error_reason
+from common.round_record import ServerState, read_server_state
 from server.rounds import ServerPaths, run_federation
 from tests.helpers import default_run_config
 from tests.inprocess import InProcessGrid, fresh_state, write_phantom_sites
@@ -63,7 +63,7 @@ def _config(sites_dir: Path, out: Path, **overrides: object) -> dict[str, object
     return default_run_config(**base)
 
 
-def _run(cfg: dict[str, object], out: Path, run_id: int = RUN_ID) -> dict[str, Any]:
+def _run(cfg: dict[str, object], out: Path, run_id: int = RUN_ID) -> ServerState:
     grid = InProcessGrid(3, cfg, run_id)
     return run_federation(grid, RunConfig.from_flower(cfg), ServerPaths(out), run_id)  # type: ignore[arg-type]
 
@@ -84,18 +84,18 @@ def test_reported_epsilon_is_cumulative_and_recomputable_from_the_ledger(sites_d
     # act
     state = _run(cfg, tmp_path)
     # assert
-    assert [r["round"] for r in state["rounds"]] == [1, 2, 3]
-    last = state["rounds"][-1]["privacy"]
+    assert [r.round for r in state.rounds] == [1, 2, 3]
+    last = state.rounds[-1].privacy
     for site in ("site-0", "site-1", "site-2"):
         ledger = PrivacyLedger.read(sites_dir / site / "ledger.json")
         assert [(e.run, e.round, e.steps, e.noise_multiplier) for e in ledger.entries] == [
             (RUN_ID, r, 3, 1.2) for r in (1, 2, 3)
         ]
         independent = _stepwise_epsilon(ledger)
-        assert last[site]["epsilon"] == pytest.approx(independent, rel=1e-6)
-        assert last[site]["steps"] == 9
+        assert last[site].epsilon == pytest.approx(independent, rel=1e-6)
+        assert last[site].steps == 9
         per_round_reset = epsilon_of(ledger.charges[-1:], ledger.delta)  # Flower example's bug
-        assert last[site]["epsilon"] > 1.3 * per_round_reset
+        assert last[site].epsilon > 1.3 * per_round_reset
 
 
 def test_small_budget_stops_training_at_never_above_the_budget(sites_dir: Path, tmp_path: Path) -> None:
@@ -108,17 +108,19 @@ def test_small_budget_stops_training_at_never_above_the_budget(sites_dir: Path, 
     # act
     state = _run(cfg, tmp_path)
     # assert: two rounds trained, the third declined by every hospital, the run ended cleanly
-    assert len(state["rounds"]) == 2
-    assert state["finished"] is True
-    assert "no hospital could train" in state["stopped_early"]
-    assert state["last_round_attempted"]["sites_budget_exhausted"] == ["site-0", "site-1", "site-2"]
+    assert len(state.rounds) == 2
+    assert state.finished is True
+    stopped = state.stopped_early
+    assert stopped is not None and "no hospital could train" in stopped.reason
+    assert stopped.last_round_attempted.sites_budget_exhausted == ("site-0", "site-1", "site-2")
     for site in ("site-0", "site-1", "site-2"):
         ledger = PrivacyLedger.read(sites_dir / site / "ledger.json")
         assert ledger.total_steps == 6
         assert ledger.epsilon() <= budget
-        assert state["last_round_attempted"]["privacy"][site]["status"] == "budget-exhausted"
+        assert stopped.last_round_attempted.privacy[site].status == "budget-exhausted"
     saved = json.loads((tmp_path / "server_state.json").read_text())
-    assert saved["stopped_early"] == state["stopped_early"]
+    assert saved["stopped_early"] == stopped.reason
+    assert read_server_state(tmp_path / "server_state.json") == state  # the file holds the whole state
 
 
 def test_calibrated_noise_ends_the_planned_rounds_at_the_budget(sites_dir: Path, tmp_path: Path) -> None:
@@ -128,7 +130,7 @@ def test_calibrated_noise_ends_the_planned_rounds_at_the_budget(sites_dir: Path,
     for site in ("site-0", "site-1", "site-2"):
         eps = PrivacyLedger.read(sites_dir / site / "ledger.json").epsilon()
         assert 4.0 - 0.05 < eps <= 4.0
-        assert state["rounds"][-1]["privacy"][site]["epsilon"] == pytest.approx(eps)
+        assert state.rounds[-1].privacy[site].epsilon == pytest.approx(eps)
 
 
 def test_resume_continues_round_numbering_without_touching_finished_rounds(sites_dir: Path, tmp_path: Path) -> None:
@@ -142,7 +144,7 @@ def test_resume_continues_round_numbering_without_touching_finished_rounds(sites
     cfg3 = _config(sites_dir, tmp_path, **{"num-server-rounds": 3})
     state = _run(cfg3, tmp_path, RUN_ID + 1)
     # assert
-    assert [r["round"] for r in state["rounds"]] == [1, 2, 3]
+    assert [r.round for r in state.rounds] == [1, 2, 3]
     for r, digest in hashes.items():
         assert load_checkpoint(tmp_path / "checkpoints" / f"round-{r:04d}.safetensors").content_sha256 == digest
     ckpt = latest_valid_checkpoint(tmp_path / "checkpoints")
@@ -172,9 +174,9 @@ def test_a_hospital_crashing_mid_round_is_still_charged_and_the_round_goes_on(
     # act
     state = _run(cfg, tmp_path)
     # assert: the round finished with the two others; site-1's ledger still counts its steps
-    record = state["rounds"][0]
-    assert record["sites_trained"] == ["site-0", "site-2"]
-    assert f"site-1: {error_reason('internal')}" in record["failures"]  # a fixed text, no detail
+    record = state.rounds[0]
+    assert record.sites_trained == ("site-0", "site-2")
+    assert f"site-1: {error_reason('internal')}" in record.failures  # a fixed text, no detail
     assert any("simulated crash" in e.detail for e in read_entries(sites_dir / "site-1" / "audit.jsonl"))
     assert PrivacyLedger.read(sites_dir / "site-1" / "ledger.json").total_steps == 3
 

@@ -22,9 +22,11 @@ def _run_folder(root: Path, rounds: int = 3) -> Path:
     for r in range(1, rounds + 1):
         privacy = {f"site-{s}": {"status": "ok", "epsilon": 2.5 * r + s, "epsilon_budget": 10.0, "delta": 1e-5,
                                  "steps": 20 * r} for s in range(3)}
-        records.append({"round": r, "sites_trained": sorted(privacy), "loss_d_fake": 1.5 - 0.1 * r,
-                        "loss_g": 0.7 + 0.2 * r, "privacy": privacy, "failures": [], "seconds": 12.5})
-    (root / "server_state.json").write_text(json.dumps({"rounds": records, "secure_aggregation": True}))
+        records.append({"round": r, "sites_trained": sorted(privacy), "sites_budget_exhausted": [],
+                        "loss_d_fake": 1.5 - 0.1 * r, "loss_g": 0.7 + 0.2 * r, "privacy": privacy, "failures": [],
+                        "seconds": 12.5})
+    (root / "server_state.json").write_text(json.dumps({"rounds": records, "finished": True,
+                                                        "secure_aggregation": True}))
     sites = {f"site-{s}": {"epsilon": 7.5 + s, "delta": 1e-5, "epsilon_budget": 10.0, "steps": 60, "status": "ok"}
              for s in range(3)}
     (root / "summary.json").write_text(json.dumps({"run_id": 42, "sites": sites, "wall_seconds": 99.0}))

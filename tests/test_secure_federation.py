@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -17,6 +16,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from common.checkpoint import latest_valid_checkpoint
 from common.config import RunConfig
+from common.round_record import ServerState
 from server.rounds import ServerPaths, run_federation
 from tests.helpers import default_run_config
 from tests.inprocess import DropRule, InProcessGrid, fresh_state, write_phantom_sites
@@ -45,7 +45,7 @@ def _config(sites: Path, out: Path, secure: bool, rounds: int = 1) -> dict[str, 
 
 
 def _run(sites: Path, out: Path, secure: bool, drop: DropRule | None = None, rounds: int = 1,
-         grid: InProcessGrid | None = None) -> dict[str, Any]:
+         grid: InProcessGrid | None = None) -> ServerState:
     fresh_state(sites)
     cfg = _config(sites, out, secure, rounds)
     grid = grid or InProcessGrid(4, cfg, RUN_ID, drop=drop)
@@ -73,13 +73,16 @@ def test_secure_aggregation_gives_the_plain_model(sites4: Path, tmp_path: Path) 
     secure = _run(sites4, tmp_path / "secure", secure=True)
     # assert
     _assert_same_model(_final(tmp_path / "plain"), _final(tmp_path / "secure"))
-    assert secure["rounds"][0]["sites_trained"] == plain["rounds"][0]["sites_trained"] == [
-        "site-0", "site-1", "site-2", "site-3"]
+    assert secure.rounds[0].sites_trained == plain.rounds[0].sites_trained == (
+        "site-0", "site-1", "site-2", "site-3")
     # metrics: quantization error n·B/(2^48−1)/Σω with the public ω = 1 each: 4·1e3/2.8e14/4 ≈ 4e-12
     metric_error = 4 * 1e3 / (2**48 - 1) / 4
-    assert secure["rounds"][0]["loss_d_fake"] == pytest.approx(plain["rounds"][0]["loss_d_fake"], abs=metric_error)
-    assert secure["secure_aggregation"] is True and plain["secure_aggregation"] is False
-    assert secure["rounds"][0]["secure"]["dead"] == []
+    secure_metrics, plain_metrics = secure.rounds[0].metrics, plain.rounds[0].metrics
+    assert secure_metrics is not None and plain_metrics is not None
+    assert secure_metrics.loss_d_fake == pytest.approx(plain_metrics.loss_d_fake, abs=metric_error)
+    assert secure.secure_aggregation is True and plain.secure_aggregation is False
+    stats = secure.rounds[0].secure
+    assert stats is not None and stats.dead == ()
 
 
 def test_in_a_secure_round_only_the_ledger_figures_travel_in_plain_text(sites4: Path, tmp_path: Path) -> None:
@@ -124,18 +127,19 @@ def test_a_dropout_at_any_stage_still_gives_the_exact_result(
     secure = _run(sites4, tmp_path / "secure", secure=True, drop=_drop_once(stage, 3))
     plain = _run(sites4, tmp_path / "plain", secure=False, drop=_drop_once(*plain_drop) if plain_drop else None)
     # assert: the round completed (maybe after a restart) and equals plain on the same sites
-    record = secure["rounds"][0]
-    assert len(record["sites_trained"]) == expect_alive
-    assert record["sites_trained"] == plain["rounds"][0]["sites_trained"]
+    record = secure.rounds[0]
+    assert len(record.sites_trained) == expect_alive
+    assert record.sites_trained == plain.rounds[0].sites_trained
     _assert_same_model(_final(tmp_path / "plain"), _final(tmp_path / "secure"))
 
 
 def test_after_a_dead_site_the_next_round_uses_a_fresh_session(sites4: Path, tmp_path: Path) -> None:
     secure = _run(sites4, tmp_path / "s", secure=True, drop=_drop_once("train.secagg_mask", 2), rounds=2)
-    first, second = secure["rounds"]
-    assert first["secure"]["dead"] == ["site-2"] and len(first["sites_trained"]) == 3
-    assert second["secure"]["session"] == first["secure"]["session"] + 1
-    assert second["sites_trained"] == ["site-0", "site-1", "site-2", "site-3"]
+    first, second = secure.rounds
+    assert first.secure is not None and second.secure is not None
+    assert first.secure.dead == ("site-2",) and len(first.sites_trained) == 3
+    assert second.secure.session == first.secure.session + 1
+    assert second.sites_trained == ("site-0", "site-1", "site-2", "site-3")
 
 
 def test_a_deployed_hospital_refuses_plain_aggregation_unless_it_allows_it(tmp_path: Path) -> None:

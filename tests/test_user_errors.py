@@ -46,6 +46,7 @@ from common.flower.errors import (
     SuperLinkError,
 )
 from common.protocol.messages import ProtocolError, decode_reply, encode_train_request, error_reason
+from common.round_record import RecordError
 from common.secagg import AlreadyReleased, KeySwapDetected, MembershipMismatch, NothingToMask, ValueOutOfRange
 
 pytestmark = pytest.mark.usefixtures("task_identity")
@@ -77,6 +78,7 @@ ANSWERED = [
 
 # UserErrors of common/ and client/ that no ClientApp action lets out, and why
 NEVER_ANSWERED = {
+    RecordError: "the server's round records: the server, its report and the harness read them, a hospital never",
     **{cls: "the Flower process layer: the daemons and the harness start processes, a ClientApp never does"
        for cls in (SuperLinkError, NotHealthy, DaemonExited, HealthTimeout, CertificateNotTrusted, RunFailedError)},
     PrivacyBudgetExceeded: "client.task turns it into the reply status budget-exhausted",

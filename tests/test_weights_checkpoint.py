@@ -9,6 +9,7 @@ import pytest
 
 from common.checkpoint import latest_valid_checkpoint, load_checkpoint, save_checkpoint
 from common.models import build_models
+from common.round_record import RoundRecord
 from common.weights import UpdateLayout, fedavg, model_arrays, sum_vectors
 from tests.helpers import app_model
 
@@ -35,13 +36,18 @@ def test_summed_vectors_give_the_weighted_average() -> None:
     assert layout.names == ("d.b", "g.w")
 
 
+def _round(i: int) -> RoundRecord:
+    """The smallest valid round record: round ``i``, nobody trained."""
+    return RoundRecord(round=i, sites_trained=(), sites_budget_exhausted=(), failures=(), privacy={}, seconds=0.0)
+
+
 def test_resume_picks_the_last_good_checkpoint(tmp_path: Path) -> None:
     # prepare: rounds 1..3, then round 3 torn and a stray temp file
     g, d = build_models(app_model(), seed=0)
     arrays = model_arrays(g, d)
     for r in (1, 2, 3):
         save_checkpoint(tmp_path, r, {k: v + r if v.dtype.kind == "f" else v for k, v in arrays.items()},
-                        [{"round": i} for i in range(1, r + 1)])
+                        [_round(i) for i in range(1, r + 1)])
     third = tmp_path / "round-0003.safetensors"
     third.write_bytes(third.read_bytes()[: third.stat().st_size // 2])
     (tmp_path / ".round-0004.safetensors.tmp-1").write_bytes(b"half")
@@ -49,7 +55,7 @@ def test_resume_picks_the_last_good_checkpoint(tmp_path: Path) -> None:
     ckpt = latest_valid_checkpoint(tmp_path)
     # assert
     assert ckpt is not None and ckpt.round == 2
-    assert ckpt.history == [{"round": 1}, {"round": 2}]
+    assert ckpt.history == (_round(1), _round(2))
     np.testing.assert_array_equal(ckpt.arrays["g.body.0.weight"], arrays["g.body.0.weight"] + 2)
 
 

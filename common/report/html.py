@@ -1,9 +1,9 @@
 """``report.html``: one self-contained page about a run, readable offline.
 
 Sources, all in the run folder: ``server_state.json`` (the server's record of every round:
-losses, each hospital's reported ε), ``summary.json`` when a simulation wrote one (ε recomputed
-from each ledger; the evaluation), ``samples/round-NNNN.png`` (sample grids) and, when an
-evaluation ran, its ``closest_pairs.png``. Plots come first (losses over rounds, each
+losses, each hospital's reported ε; read with ``common.round_record``), ``summary.json`` when a
+simulation wrote one (ε recomputed from each ledger; the evaluation), ``samples/round-NNNN.png``
+(sample grids) and, when an evaluation ran, its ``closest_pairs.png``. Plots come first (losses over rounds, each
 hospital's ε against its budget, sample grids over rounds, TSTR against TRTR), tables give the
 exact figures. Pictures are PNGs inlined as ``data:`` URIs, so the page is a single file.
 
@@ -23,6 +23,7 @@ from typing import Any
 
 from common.atomic import read_json_object, write_bytes_atomic
 from common.report.plots import bar_chart, line_chart
+from common.round_record import RECORDS_FILE, RoundRecord, read_server_state
 
 REPORT_FILE = "report.html"
 MAX_GRIDS = 8
@@ -50,35 +51,37 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
-def _training(rounds: list[dict[str, Any]]) -> str:
-    series = {name: [(float(r["round"]), float(r[name])) for r in rounds if r.get(name) is not None]
-              for name in ("loss_d_fake", "loss_g")}
+def _training(rounds: Sequence[RoundRecord]) -> str:
+    # a non-finite loss (a diverged round) has no point on the plot; the table shows "–"
+    losses = {"loss_d_fake": [(float(r.round), r.metrics.loss_d_fake) for r in rounds if r.metrics is not None],
+              "loss_g": [(float(r.round), r.metrics.loss_g) for r in rounds if r.metrics is not None]}
+    series = {name: [(x, y) for x, y in points if math.isfinite(y)] for name, points in losses.items()}
     parts = ["<h2>Training</h2>"]
     if rounds:
         parts.append(_img(line_chart(series, title="Mean local losses on generated images per round (all hospitals)",
                                      xlabel="round", ylabel="loss", integer_x=True), "Per-round losses"))
     parts.append(_table(
         ["round", "hospitals trained", "loss D (generated)", "loss G", "seconds", "failures"],
-        [[r["round"], ", ".join(r.get("sites_trained", [])), r.get("loss_d_fake"), r.get("loss_g"), r.get("seconds"),
-          "; ".join(r.get("failures", [])) or "–"] for r in rounds],
+        [[r.round, ", ".join(r.sites_trained), None if r.metrics is None else r.metrics.loss_d_fake,
+          None if r.metrics is None else r.metrics.loss_g, r.seconds, "; ".join(r.failures) or "–"] for r in rounds],
     ))
     return "".join(parts)
 
 
-def _privacy(rounds: list[dict[str, Any]], sites: Mapping[str, Mapping[str, Any]]) -> str:
+def _privacy(rounds: Sequence[RoundRecord], sites: Mapping[str, Mapping[str, Any]]) -> str:
     per_round: dict[str, list[tuple[float, float]]] = {}
     budgets: dict[str, float] = {}
     for r in rounds:
-        for site, p in sorted(r.get("privacy", {}).items()):
-            per_round.setdefault(site, []).append((float(r["round"]), float(p["epsilon"])))
-            budgets[site] = float(p["epsilon_budget"])
+        for site, p in sorted(r.privacy.items()):
+            per_round.setdefault(site, []).append((float(r.round), p.epsilon))
+            budgets[site] = p.epsilon_budget if math.isfinite(p.epsilon_budget) else math.nan  # inf: no budget
     final = {s: dict(v) for s, v in sites.items()} or {
         s: {"epsilon": pts[-1][1], "epsilon_budget": budgets[s]} for s, pts in per_round.items()}
     parts = ["<h2>Privacy spent per hospital</h2>",
              '<p class="note">ε per patient at the hospital\'s δ, cumulative over every step its ledger holds. '
              "Dashed: the hospital's budget; no hospital trains past it.</p>"]
     if per_round:
-        hlines = {f"budget {b:g}": b for b in sorted(set(budgets.values()))}
+        hlines = {f"budget {b:g}": b for b in sorted({b for b in budgets.values() if math.isfinite(b)})}
         parts.append(_img(line_chart(per_round, title="Cumulative epsilon of each hospital after each round",
                                      xlabel="round", ylabel="epsilon", hlines=hlines, integer_x=True),
                           "Epsilon per round"))
@@ -136,12 +139,15 @@ def _evaluation(ev: Mapping[str, Any], closest_pairs: Path | None) -> str:
 def write_report(root: Path, *, evaluation: Mapping[str, Any] | None = None, closest_pairs: Path | None = None,
                  title: str = "medsynth run report") -> Path:
     """Write ``root/report.html`` from the run folder (and an evaluation, if given); returns its path."""
-    state, summary = read_json_object(root / "server_state.json"), read_json_object(root / "summary.json")
-    rounds = [r for r in state.get("rounds", []) if isinstance(r, dict)]
+    state, summary = read_server_state(root / RECORDS_FILE), read_json_object(root / "summary.json")
+    rounds = state.rounds if state is not None else ()
+    stopped = state.stopped_early if state is not None else None
+    run_id = state.run_id if state is not None and state.run_id is not None else "–"
     ev = evaluation if evaluation is not None else summary.get("evaluation")
-    facts = [["rounds completed", len(rounds)], ["secure aggregation", state.get("secure_aggregation", "–")],
-             ["stopped early", state.get("stopped_early") or "no"],
-             ["run id", summary.get("run_id", state.get("run_id", "–"))],
+    facts: list[list[Any]] = [["rounds completed", len(rounds)],
+             ["secure aggregation", state.secure_aggregation if state is not None else "–"],
+             ["stopped early", stopped.reason if stopped is not None else "no"],
+             ["run id", summary.get("run_id", run_id)],
              ["wall seconds", summary.get("wall_seconds", "–")]]
     body = [f"<h1>{html.escape(title)}</h1>",
             f'<p class="note">{html.escape(str(root))} — written '
