@@ -141,6 +141,9 @@ class SuperLinkDaemon:
         self.start_superlink()
         self.say(f"SuperLink up at {self.env.base_url} (TLS, node authentication, state {self.cfg.database})")
         self.register_hospitals()
+        # only now can every hospital connect: a node that dials before its key is registered is
+        # refused as unknown (and stops, exit 2), so operators and tests wait for this line
+        self.say(f"accepting hospitals: {len(self.cfg.hospitals)} registered ({', '.join(sorted(self.cfg.hospitals))})")
         state = read_server_state(self.cfg.results_dir)
         done = len(state.rounds) if state is not None else 0
         if done:

@@ -79,7 +79,7 @@ def test_three_hospitals_over_tls_with_node_auth_and_refused_nodes(tmp_path: Pat
     raw: subprocess.Popen[bytes] | None = None
     server = c.start_server(c.write_server_toml(rounds=2))
     try:
-        server.wait_for("SuperLink up", 90)
+        server.wait_for("accepting hospitals", 120)
         nodes = [c.start_node(site) for site in c.sites]
         # act: the refused ones try while the federation runs
         rogue_node = c.start_node("rogue", rogue / "node.toml")
@@ -167,7 +167,7 @@ def test_server_sigkill_resumes_and_a_killed_hospital_keeps_its_steps(tmp_path: 
     victim = "site-3"
     server = c.start_server(config)
     try:
-        server.wait_for("SuperLink up", 90)
+        server.wait_for("accepting hospitals", 120)
         nodes = {site: c.start_node(site) for site in c.sites}
         _wait_file(ckpts / "round-0001.safetensors", 500)
         round1_hash = _sha256(ckpts / "round-0001.safetensors")
