@@ -27,6 +27,7 @@ from client.policy import ModelRefused, RunRefused
 from client.prepare.labels import LabelError
 from client.prepare.pipeline import PrepareError
 from client.release import ReleaseRecordCorrupt
+from common.certs import CertificateError
 from common.checkpoint_model import CheckpointUnusable
 from common.config import ConfigError
 from common.dataset import DatasetError
@@ -78,6 +79,7 @@ ANSWERED = [
 
 # UserErrors of common/ and client/ that no ClientApp action lets out, and why
 NEVER_ANSWERED = {
+    CertificateError: "keys and certificates: checked by `node start` and the certs commands, before a ClientApp runs",
     RecordError: "the server's round records: the server, its report and the harness read them, a hospital never",
     **{cls: "the Flower process layer: the daemons and the harness start processes, a ClientApp never does"
        for cls in (SuperLinkError, NotHealthy, DaemonExited, HealthTimeout, CertificateNotTrusted, RunFailedError)},
@@ -130,9 +132,16 @@ def test_each_error_class_has_its_fixed_code(exc: Exception, code: str) -> None:
 
 
 def test_every_user_error_a_client_action_can_raise_has_a_code() -> None:
-    # prepare: every module a ClientApp action runs
-    for module in ("client.app", "client.task", "client.secagg", "client.policy", "client.release"):
-        importlib.import_module(module)
+    # prepare: every module of common/ and client/, so the answer does not depend on which other
+    # tests ran first
+    import pkgutil
+
+    import client
+    import common
+
+    for package in (common, client):
+        for info in pkgutil.walk_packages(package.__path__, package.__name__ + "."):
+            importlib.import_module(info.name)
     # act
     unanswered = {cls for cls in _all_user_errors()
                   if cls.__module__.partition(".")[0] in ("common", "client")
