@@ -29,7 +29,7 @@ def test_epsilon_of_history_equals_stepwise_opacus(accountant: str) -> None:
     assert epsilon_of(history, 1e-5, accountant) == pytest.approx(_stepwise(history, 1e-5, accountant), rel=1e-6)
 
 
-def test_field_notes_golden_cumulative_vs_per_round() -> None:
+def test_golden_cumulative_epsilon_against_per_round_accounting() -> None:
     # N=1000, B=32, σ=1, 20 rounds of one epoch (31 steps), δ=1e-5 (PRV): 5.14 vs 1.54
     rounds = [Charge(1.0, 32 / 1000, 31)] * 20
     assert epsilon_of(rounds, 1e-5) == pytest.approx(5.14, abs=0.02)
