@@ -160,8 +160,8 @@ def _solve_sigma(
 
     Works on f(x) = log eps(e^x) − log budget, decreasing in x = log σ. Until the root is
     bracketed it steps with the secant slope (``slope`` before two points exist), at most ×4 in σ per
-    step; once bracketed, Illinois regula falsi (the retained end's f halved when the same end
-    moves twice) keeps the bracket and converges superlinearly.
+    step; once bracketed, Illinois regula falsi (the retained end's weight halved when the same
+    end moves twice; the tolerance test always uses the true ε) keeps the bracket and converges superlinearly.
     """
     log_budget = math.log(budget)
 
@@ -171,15 +171,16 @@ def _solve_sigma(
     x_max = math.log(sigma_max)
     lo: tuple[float, float] | None = None  # (x, f) with f > 0: ε above the budget
     hi: tuple[float, float] | None = None  # (x, f) with f <= 0: within the budget
-    x, fx = math.log(min(start, sigma_max)), 0.0
+    w_lo = w_hi = 1.0  # Illinois weights on the ends' f in the interpolation only (true f kept above)
+    x = math.log(min(start, sigma_max))
     prev: tuple[float, float] | None = None  # the previous point, for the secant slope
     side = 0  # which end moved last: -1 lo, +1 hi
     for _ in range(100):
         fx = f(x)
         if fx > 0:
-            lo, moved = (x, fx), -1
+            lo, moved, w_lo = (x, fx), -1, 1.0
         else:
-            hi, moved = (x, fx), 1
+            hi, moved, w_hi = (x, fx), 1, 1.0
         if prev is not None and prev[0] != x:
             slope = min((fx - prev[1]) / (x - prev[0]), -0.25)  # ε decreases in σ: never flat or rising
         prev = (x, fx)
@@ -189,11 +190,12 @@ def _solve_sigma(
             if hi[0] - lo[0] < 1e-3:
                 return math.exp(hi[0]), slope
             if moved == side == 1:
-                lo = (lo[0], lo[1] / 2)
+                w_lo /= 2
             elif moved == side == -1:
-                hi = (hi[0], hi[1] / 2)
+                w_hi /= 2
             side = moved
-            x = lo[0] + (hi[0] - lo[0]) * lo[1] / (lo[1] - hi[1])
+            f_lo, f_hi = w_lo * lo[1], w_hi * hi[1]
+            x = lo[0] + (hi[0] - lo[0]) * f_lo / (f_lo - f_hi)
             # keep the step strictly inside the bracket
             x = min(max(x, lo[0] + 0.01 * (hi[0] - lo[0])), hi[0] - 0.01 * (hi[0] - lo[0]))
         else:
