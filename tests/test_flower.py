@@ -15,12 +15,14 @@ from pathlib import Path
 
 import pytest
 
+from common.config import ConfigError
 from common.flower import (
     DaemonExited,
     FlowerEnv,
     HealthTimeout,
     ServerTls,
     app_dir,
+    check_app_folder,
     find_tagged_pids,
     format_run_config,
     free_port,
@@ -129,6 +131,21 @@ def test_supernode_command_listens_on_loopback_and_needs_tls_for_auth(tmp_path: 
 def test_app_dir_is_this_checkout() -> None:
     assert app_dir() == REPO
     assert (app_dir() / "pyproject.toml").is_file()
+
+
+@pytest.mark.parametrize("name", ["tmp.O8fdBcGmah", "medsynth_v2", "2medsynth", "m" * 33])
+def test_an_app_folder_name_flower_refuses_is_a_config_error_that_says_what_to_do(tmp_path: Path, name: str) -> None:
+    # prepare: a project folder whose name `flwr build` would refuse
+    root = tmp_path / name
+    root.mkdir()
+    (root / "pyproject.toml").write_text("[project]\n")
+    # act / assert
+    with pytest.raises(ConfigError, match="clone or move it"):
+        check_app_folder(root)
+    ok = tmp_path / "medsynth-v2"
+    ok.mkdir()
+    (ok / "pyproject.toml").write_text("[project]\n")
+    assert check_app_folder(ok) == ok
 
 
 def _env(tmp_path: Path, port: int = 1) -> FlowerEnv:

@@ -10,6 +10,8 @@ import sys
 import zipfile
 from pathlib import Path
 
+from common.flower import app_dir
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -17,7 +19,7 @@ def test_flwr_build_bundles_only_the_app_packages(tmp_path: Path) -> None:
     env = {**os.environ, "FLWR_HOME": str(tmp_path / ".flwr"), "FLWR_TELEMETRY_ENABLED": "0",
            "FLWR_DISABLE_UPDATE_CHECK": "1"}
     flwr = Path(sys.executable).parent / "flwr"
-    proc = subprocess.run([str(flwr), "build", "--app", str(ROOT)], cwd=tmp_path, env=env,
+    proc = subprocess.run([str(flwr), "build", "--app", str(app_dir())], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     (fab,) = tmp_path.glob("*.fab")
@@ -55,8 +57,6 @@ print(json.dumps({"failures": failures, "elsewhere": elsewhere, "imported": len(
 def test_every_module_in_the_app_bundle_imports_from_the_bundle_alone(tmp_path: Path) -> None:
     # The bundle `flwr run` submits and `medsynth server fab-hash` hashes (both build it this way).
     from flwr.cli.build import build_fab_from_disk
-
-    from common.flower import app_dir
 
     bundle = tmp_path / "fab"
     with zipfile.ZipFile(io.BytesIO(build_fab_from_disk(app_dir()))) as fab:

@@ -27,7 +27,15 @@ from common.flower.commands import (
     supernode_command,
     write_run_config_file,
 )
-from common.flower.env import MAX_RAY_TMPDIR_LEN, TAG_ENV_VAR, FlowerEnv, app_dir, executable, free_port
+from common.flower.env import (
+    MAX_RAY_TMPDIR_LEN,
+    TAG_ENV_VAR,
+    FlowerEnv,
+    app_dir,
+    check_app_folder,
+    executable,
+    free_port,
+)
 from common.flower.errors import (
     CertificateNotTrusted,
     DaemonExited,
@@ -65,6 +73,7 @@ __all__ = [
     "ServerTls",
     "SuperLinkError",
     "app_dir",
+    "check_app_folder",
     "describe_pids",
     "executable",
     "find_tagged_pids",
