@@ -29,7 +29,14 @@ from client.policy import ModelRefused, RunRefused, check_run_allowed
 from common.config import ConfigError, RunConfig, SiteConfig, default_state_dir, site_paths
 from common.dataset import DatasetError
 from common.errors import UserError
-from common.protocol.messages import ProtocolError, SiteReply, decode_train_request, encode_reply, error_reason
+from common.protocol.messages import (
+    ProtocolError,
+    SiteReply,
+    decode_train_request,
+    decode_warm_start,
+    encode_reply,
+    error_reason,
+)
 from common.secagg import AlreadyReleased, MembershipMismatch, NothingToMask, SecAggAbort, ValueOutOfRange
 
 log = logging.getLogger("medsynth.client")
@@ -148,7 +155,8 @@ def train(msg: Message, context: Context) -> Message:
         from client.task import train_round  # torch & Opacus: loaded only by the step that trains
 
         arrays, server_round = decode_train_request(msg.content)
-        return encode_reply(train_round(run, site, arrays, run_id=context.run_id, server_round=server_round))
+        return encode_reply(train_round(run, site, arrays, run_id=context.run_id, server_round=server_round,
+                                        warm_start=decode_warm_start(msg.content)))
 
     return _handle(msg, context, act)
 

@@ -72,3 +72,16 @@ def check_global_model(arrays: Mapping[str, np.ndarray], expected: Mapping[str, 
             raise ModelRefused(f"global model tensor {name} holds a non-finite value")
         if value.size and float(np.max(np.abs(value))) > MODEL_VALUE_BOUND:
             raise ModelRefused(f"global model tensor {name} holds a value beyond ±{MODEL_VALUE_BOUND:g}")
+
+
+def check_warm_start(vector: np.ndarray | None, size: int) -> np.ndarray:
+    """``ModelRefused`` unless a run with a warm start sent its summed release: (size,), finite.
+
+    The sum is the server's to send (it is DP output of every hospital's round 0); a crafted one
+    can only steer G, whose steps are post-processing, never what this hospital's data reveals.
+    """
+    if vector is None:
+        raise ModelRefused("the run has a warm start but the train request carries no warm-start sum")
+    if vector.shape != (size,) or not np.all(np.isfinite(vector)):
+        raise ModelRefused(f"the warm-start sum must be {size} finite values, got shape {vector.shape}")
+    return vector

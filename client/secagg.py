@@ -29,7 +29,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 from client.release import ReleaseRecord
 from common.config import RunConfig, SiteConfig
 from common.errors import MissingFile
-from common.protocol.messages import SiteReply, decode_reply, decode_train_request, encode_reply
+from common.protocol.messages import SiteReply, decode_reply, decode_train_request, decode_warm_start, encode_reply
 from common.protocol.secagg import (
     SessionRef,
     bytes_list,
@@ -146,10 +146,11 @@ def train_secure(
             return encode_reply(reply)
     from client.task import train_round  # torch & Opacus: only the step that trains loads them
 
-    reply = train_round(run, site, arrays, run_id=run_id, server_round=server_round)
+    reply = train_round(run, site, arrays, run_id=run_id, server_round=server_round,
+                        warm_start=decode_warm_start(content))
     state.array_records.pop(STATE_UPDATE, None)
     if reply.update is not None:
-        x = quantizer_for(run, UpdateLayout.of(arrays)).encode(reply.update)  # ValueOutOfRange: refuse
+        x = quantizer_for(run, UpdateLayout.of(arrays), server_round).encode(reply.update)  # ValueOutOfRange: refuse
         state[STATE_UPDATE] = ArrayRecord({"x": Array(x)})
     out = encode_reply(SiteReply(**{**reply.__dict__, "update": None}))  # the privacy record alone
     state[STATE_PRIVACY] = ConfigRecord({**out.config_records["privacy"], "run": str(run_id), "round": server_round})

@@ -12,6 +12,12 @@ Order of operations, each step before the next:
 5. train (private D, post-processing G) and check the accountant counted what was charged;
 6. pack the update vector (delta, weight and losses together; see ``common.weights``).
 
+Round 0 of a run with a warm start (``warm-start.budget-share`` > 0) is not a training round:
+the hospital releases its class-conditional mean embedding once through the Gaussian mechanism
+(``common.dp.embedding``), charged to the ledger as one step at q = 1 before it is computed, and
+the later rounds' σ is calibrated on top of it. Every later round carries the summed release,
+which anchors the G steps.
+
 Everything that leaves is DP output or public: the delta is post-processing of the private D
 steps; the weight is the public constant 1 (each contributing hospital counts once, so the sum
 carries no patient count); the losses are computed on generated rows only.
@@ -24,13 +30,16 @@ import hashlib
 import numpy as np
 
 from client.ledger import AccountingMismatch, NoisePlan, PrivacyLedger
-from client.policy import check_global_model
+from client.policy import ModelRefused, check_global_model, check_warm_start
 from client.prepare.pipeline import load_or_create_salt, prepare_site
 from common.checkpoint import save_checkpoint
 from common.config import ConfigError, RunConfig, SiteConfig
 from common.dataset import LocalDataset, load_cache
 from common.dp.accounting import Charge, PrivacyBudgetExceeded, calibrate_noise_multiplier, check_budget
+from common.dp.embedding import Anchor, ClassTargets, FeatureMap, noisy_release, release_noise_multiplier
+from common.dp.noise import ChaCha20Gaussian
 from common.dp.train import train_local_round
+from common.dp.warm_start import WARM_START_ROUND, EmbeddingSpec
 from common.models import build_models, select_device
 from common.protocol.messages import SiteReply, Status
 from common.weights import PUBLIC_WEIGHT, UpdateLayout, load_model_arrays, model_arrays
@@ -106,6 +115,65 @@ def noise_for_round(
     return sigma
 
 
+def open_ledger(site: SiteConfig) -> PrivacyLedger:
+    """The site's ledger (hold ``PrivacyLedger.locked`` around its use)."""
+    return PrivacyLedger.open(
+        site.ledger_path,
+        site=site.site_id,
+        accountant=site.accountant,
+        delta=site.delta,
+        epsilon_budget=site.epsilon_budget,
+        audit_path=site.audit_path,
+    )
+
+
+def site_reply(site: SiteConfig, ledger: PrivacyLedger, status: Status, eps: float, sigma: float | None,
+               update: np.ndarray | None) -> SiteReply:
+    """The reply of a round: the ledger's public figures, and the update (DP output) if any."""
+    return SiteReply(site_id=site.site_id, status=status, epsilon=eps, epsilon_budget=ledger.epsilon_budget,
+                     delta=ledger.delta, total_steps=ledger.total_steps, noise_multiplier=sigma, update=update)
+
+
+def release_round(run: RunConfig, site: SiteConfig, global_arrays: dict[str, np.ndarray], *, run_id: int
+                  ) -> SiteReply:
+    """Round 0: charge, then release Σ_patients v + N(0, σ²·I), padded into an update-sized vector."""
+    if not run.warm_start.enabled:
+        raise ModelRefused("round 0 is the warm-start release, and this run has none (warm-start.budget-share = 0)")
+    netG, netD = build_models(run.model)
+    check_global_model(global_arrays, {k: tuple(v.shape) for k, v in model_arrays(netG, netD).items()})
+    spec, layout = EmbeddingSpec.of(run), UpdateLayout.of(global_arrays)
+    if spec.size > layout.num_params:
+        raise ConfigError(f"warm-start.frequencies = {run.warm_start.frequencies} makes a release of {spec.size} "
+                          f"values, more than the model's {layout.num_params}; lower it")
+    data = load_site_dataset(site, run)
+    with PrivacyLedger.locked(site.ledger_path):
+        ledger = open_ledger(site)
+        try:
+            sigma = release_noise_multiplier(ledger.charges, budget=ledger.epsilon_budget,
+                                             share=run.warm_start.budget_share, delta=ledger.delta,
+                                             accountant=ledger.accountant)
+            charge = Charge(sigma, 1.0, 1)
+            eps_after = check_budget(ledger.charges, charge, delta=ledger.delta, budget=ledger.epsilon_budget,
+                                     accountant=ledger.accountant)
+        except PrivacyBudgetExceeded:
+            return site_reply(site, ledger, "budget-exhausted", ledger.epsilon(), None, None)
+        ledger.charge(charge, run=run_id, round=WARM_START_ROUND)  # durable before the data is read
+    seed = round_seed(run, site, WARM_START_ROUND)
+    noise = ChaCha20Gaussian.from_os() if seed is None else ChaCha20Gaussian.from_seed(seed)
+    update = np.zeros(layout.size, dtype=np.float64)  # (L,) the release in front, zeros after
+    update[: spec.size] = noisy_release(spec, data.images, data.labels, data.patients, sigma, noise)
+    return site_reply(site, ledger, "ok", eps_after, sigma, update)
+
+
+def anchor_of(run: RunConfig, warm_start: np.ndarray | None) -> Anchor | None:
+    """The G steps' anchor from the summed release a train request carries (None: no warm start)."""
+    if not run.warm_start.enabled:
+        return None
+    spec = EmbeddingSpec.of(run)
+    total = check_warm_start(warm_start, spec.size)
+    return Anchor(FeatureMap(spec), ClassTargets.from_sum(spec, total), run.warm_start.anchor_weight)
+
+
 def train_round(
     run: RunConfig,
     site: SiteConfig,
@@ -113,34 +181,18 @@ def train_round(
     *,
     run_id: int,
     server_round: int,
+    warm_start: np.ndarray | None = None,
 ) -> SiteReply:
     """Do one round at this hospital; see the module docstring for the order of operations."""
+    if server_round == WARM_START_ROUND:
+        return release_round(run, site, global_arrays, run_id=run_id)
     netG, netD = build_models(run.model)
     check_global_model(global_arrays, {k: tuple(v.shape) for k, v in model_arrays(netG, netD).items()})
+    anchor = anchor_of(run, warm_start)
     keep_global_model(site, run, global_arrays, run_id=run_id, model_round=server_round - 1)
     data = load_site_dataset(site, run)
     with PrivacyLedger.locked(site.ledger_path):
-        ledger = PrivacyLedger.open(
-            site.ledger_path,
-            site=site.site_id,
-            accountant=site.accountant,
-            delta=site.delta,
-            epsilon_budget=site.epsilon_budget,
-            audit_path=site.audit_path,
-        )
-
-        def outcome(status: Status, eps: float, sigma: float | None, update: np.ndarray | None) -> SiteReply:
-            return SiteReply(
-                site_id=site.site_id,
-                status=status,
-                epsilon=eps,
-                epsilon_budget=ledger.epsilon_budget,
-                delta=ledger.delta,
-                total_steps=ledger.total_steps,
-                noise_multiplier=sigma,
-                update=update,
-            )
-
+        ledger = open_ledger(site)
         sample_rate = run.privacy.sample_rate  # public: ε below depends on no patient count
         try:
             sigma = noise_for_round(
@@ -155,7 +207,7 @@ def train_round(
                 accountant=ledger.accountant,
             )
         except PrivacyBudgetExceeded:
-            return outcome("budget-exhausted", ledger.epsilon(), None, None)
+            return site_reply(site, ledger, "budget-exhausted", ledger.epsilon(), None, None)
         ledger.charge(charge, run=run_id, round=server_round)  # durable before any training
 
     load_model_arrays(netG, netD, global_arrays)
@@ -170,6 +222,7 @@ def train_round(
         max_grad_norm=run.privacy.max_grad_norm,
         device=select_device(run.train.device),
         seed=round_seed(run, site, server_round),
+        anchor=anchor,
     )
     if result.charge != charge:
         raise AccountingMismatch(f"ledger charged {charge}, optimizer accounted {result.charge}")
@@ -180,4 +233,4 @@ def train_round(
         weight=PUBLIC_WEIGHT,
         metrics={"loss_d_fake": result.loss_d_fake, "loss_g": result.loss_g},
     )
-    return outcome("ok", eps_after, sigma, update)
+    return site_reply(site, ledger, "ok", eps_after, sigma, update)

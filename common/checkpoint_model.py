@@ -68,10 +68,11 @@ def model_config_from_arrays(arrays: dict[str, np.ndarray], num_classes: int | N
     else:
         classes, latent = num_classes or 1, int(project.shape[1])
     stages = len(convs)
+    upsample = "resize" if arrays[convs[0]].shape[-1] == 3 else "transposed"  # 3×3 conv or 4×4 transposed
     top = int(project.shape[0]) // 16
     return ModelConfig(image_size=4 * 2**stages, latent_dim=latent, g_width=top // 2 ** (stages - 1),
                        d_width=d_width, num_classes=classes, conditional=conditional,
-                       aux_classifier="d.classify.weight" in arrays)
+                       aux_classifier="d.classify.weight" in arrays, upsample=upsample)
 
 
 def resolve_checkpoint(path: Path) -> Checkpoint:

@@ -70,6 +70,9 @@ def parse_class_names(text: str) -> tuple[str, ...]:
     return names
 
 
+UPSAMPLE_KINDS = ("resize", "transposed")  # model.upsample: see common/models.py
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """DCGAN shape: image side 32 or 64, latent size, channel widths, class conditioning."""
@@ -81,6 +84,7 @@ class ModelConfig:
     num_classes: int
     conditional: bool
     aux_classifier: bool  # AC-GAN class head on D (needs conditional); see common/models.py
+    upsample: str = "resize"  # G's upsampling: "resize" (nearest, then 3×3 conv) or "transposed"
 
     def __post_init__(self) -> None:
         if self.image_size not in (32, 64):
@@ -91,6 +95,8 @@ class ModelConfig:
             raise ConfigError(f"model.d-width must be a multiple of 4 (GroupNorm groups), got {self.d_width}")
         if self.num_classes < 1:
             raise ConfigError(f"model.num-classes must be >= 1, got {self.num_classes}")
+        if self.upsample not in UPSAMPLE_KINDS:
+            raise ConfigError(f"model.upsample must be one of {', '.join(UPSAMPLE_KINDS)}, got {self.upsample!r}")
 
 
 @dataclass(frozen=True)
@@ -154,6 +160,33 @@ class PrivacyConfig:
 
 
 @dataclass(frozen=True)
+class WarmStartConfig:
+    """The private class-conditional mean embedding that starts and anchors G (``common.dp.embedding``).
+
+    ``budget_share`` of each hospital's ε goes to one release of its summed embedding (0: no
+    release, pure DP-GAN); the server pre-trains G on the sum for ``pretrain_steps`` steps and
+    every G step adds ``anchor_weight`` × the embedding loss.
+    """
+
+    budget_share: float
+    frequencies: int
+    pretrain_steps: int
+    anchor_weight: float
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.budget_share < 1:
+            raise ConfigError(f"warm-start.budget-share must be in [0, 1), got {self.budget_share}")
+        if self.frequencies < 1 or self.pretrain_steps < 0:
+            raise ConfigError("warm-start.frequencies must be >= 1 and warm-start.pretrain-steps >= 0")
+        if not (self.anchor_weight >= 0 and math.isfinite(self.anchor_weight)):
+            raise ConfigError(f"warm-start.anchor-weight must be a finite number >= 0, got {self.anchor_weight}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.budget_share > 0
+
+
+@dataclass(frozen=True)
 class FederationConfig:
     """Server-side round loop."""
 
@@ -191,6 +224,7 @@ class RunConfig:
     privacy: PrivacyConfig
     federation: FederationConfig
     class_names: tuple[str, ...]  # label folder names, in index order
+    warm_start: WarmStartConfig
 
     def __post_init__(self) -> None:
         if len(self.class_names) != self.model.num_classes:
@@ -217,7 +251,8 @@ class RunConfig:
                 f"run config key {missing[0]!r} is missing: its default belongs in [tool.flwr.app.config] "
                 "of the app's pyproject.toml (Flower passes every key written there)"
             )
-        sections: dict[str, dict[str, Any]] = {"model": {}, "train": {}, "privacy": {}, "federation": {}}
+        sections: dict[str, dict[str, Any]] = {"model": {}, "train": {}, "privacy": {}, "federation": {},
+                                               "warm_start": {}}
         for key, (section, name, kind) in RUN_KEYS.items():
             value = _typed(key, cfg[key], kind, "run config ")
             if section in sections:
@@ -229,6 +264,7 @@ class RunConfig:
             privacy=PrivacyConfig(**sections["privacy"]),
             federation=FederationConfig(**sections["federation"]),
             class_names=class_names,
+            warm_start=WarmStartConfig(**sections["warm_start"]),
         )
 
     def to_flower(self) -> dict[str, ConfigValue]:
@@ -260,6 +296,7 @@ RUN_KEYS: dict[str, tuple[str, str, type]] = {
     "model.d-width": ("model", "d_width", int),
     "model.conditional": ("model", "conditional", bool),
     "model.aux-classifier": ("model", "aux_classifier", bool),
+    "model.upsample": ("model", "upsample", str),
     "train.local-steps": ("train", "local_steps", int),
     "train.d-steps-per-g": ("train", "d_steps_per_g", int),
     "train.batch-size": ("train", "batch_size", int),
@@ -275,10 +312,14 @@ RUN_KEYS: dict[str, tuple[str, str, type]] = {
     "dp.epsilon-budget": ("privacy", "epsilon_budget", float),
     "dp.delta": ("privacy", "delta", float),
     "dp.accountant": ("privacy", "accountant", str),
+    "warm-start.budget-share": ("warm_start", "budget_share", float),
+    "warm-start.frequencies": ("warm_start", "frequencies", int),
+    "warm-start.pretrain-steps": ("warm_start", "pretrain_steps", int),
+    "warm-start.anchor-weight": ("warm_start", "anchor_weight", float),
 }
 
 SECTION_TYPES: dict[str, type] = {"model": ModelConfig, "train": TrainConfig, "privacy": PrivacyConfig,
-                                  "federation": FederationConfig}
+                                  "federation": FederationConfig, "warm_start": WarmStartConfig}
 DERIVED_FIELDS = frozenset({("model", "num_classes")})  # fields of a section that no key sets
 
 

@@ -36,6 +36,20 @@ def _groups(channels: int) -> int:
     return 8 if channels % 8 == 0 else 4
 
 
+def _upsample(kind: str, c_in: int, c_out: int, *, bias: bool) -> list[nn.Module]:
+    """Double the side: (B, c_in, s, s) → (B, c_out, 2s, 2s).
+
+    ``transposed``: DCGAN's 4×4 stride-2 transposed convolution. Its kernel overlaps unevenly
+    (each output pixel sums 1, 2 or 4 kernel taps by position), which draws the checkerboard
+    seen in every sample under DP noise (Odena, Dumoulin, Olah, "Deconvolution and checkerboard
+    artifacts", Distill 2016). ``resize``: nearest-neighbour upsampling then a 3×3 convolution,
+    the fix that paper proposes: every output pixel sees the same number of taps.
+    """
+    if kind == "transposed":
+        return [nn.ConvTranspose2d(c_in, c_out, 4, 2, 1, bias=bias)]
+    return [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(c_in, c_out, 3, 1, 1, bias=bias)]
+
+
 class Generator(nn.Module):
     """z (B, latent) [+ label (B,)] → image (B, 1, S, S) in [-1, 1] (tanh)."""
 
@@ -51,13 +65,10 @@ class Generator(nn.Module):
         layers: list[nn.Module] = []
         ch = top
         for _ in range(stages - 1):
-            layers += [
-                nn.ConvTranspose2d(ch, ch // 2, 4, 2, 1, bias=False),
-                nn.GroupNorm(_groups(ch // 2), ch // 2),
-                nn.ReLU(inplace=True),
-            ]
+            layers += [*_upsample(cfg.upsample, ch, ch // 2, bias=False), nn.GroupNorm(_groups(ch // 2), ch // 2),
+                       nn.ReLU(inplace=True)]
             ch //= 2
-        layers += [nn.ConvTranspose2d(ch, 1, 4, 2, 1), nn.Tanh()]
+        layers += [*_upsample(cfg.upsample, ch, 1, bias=True), nn.Tanh()]
         self.body = nn.Sequential(*layers)
         self._top = top
 

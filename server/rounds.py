@@ -15,13 +15,17 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
+import torch
 from flwr.app import Message, MessageType
 from flwr.serverapp import Grid
 
+from common.atomic import read_json_object, write_json_atomic
 from common.checkpoint import latest_valid_checkpoint, save_checkpoint
 from common.config import RunConfig
+from common.dp.embedding import Anchor, ClassTargets, FeatureMap, pretrain_generator
+from common.dp.warm_start import WARM_START_ROUND, EmbeddingSpec
 from common.errors import EXIT_RESTARTABLE, UserError
-from common.models import build_models
+from common.models import Discriminator, Generator, build_models
 from common.protocol.messages import (
     ProtocolError,
     SiteReply,
@@ -33,6 +37,7 @@ from common.report.html import write_report
 from common.report.samples import sample_grid, save_png
 from common.round_record import (
     RECORDS_FILE,
+    RecordError,
     RoundMetrics,
     RoundRecord,
     ServerState,
@@ -40,8 +45,8 @@ from common.round_record import (
     StoppedEarly,
     write_server_state,
 )
-from common.weights import UpdateLayout, fedavg, load_model_arrays, model_arrays, sum_vectors
-from server.secagg import SecureRounds, privacy_fields, received_entry
+from common.weights import UpdateLayout, load_model_arrays, model_arrays, sum_vectors
+from server.secagg import Aggregate, SecureRounds, fedavg_of, privacy_fields, received_entry
 
 log = logging.getLogger("medsynth.server")
 
@@ -69,6 +74,10 @@ class ServerPaths:
     @property
     def state(self) -> Path:
         return self.root / RECORDS_FILE
+
+    @property
+    def warm_start(self) -> Path:
+        return self.root / "warm_start.json"
 
 
 def wait_for_nodes(grid: Grid, minimum: int, timeout_s: float) -> list[int]:
@@ -108,10 +117,12 @@ def run_round(
     layout: UpdateLayout,
     server_round: int,
     timeout_s: float,
+    aggregate: Aggregate | None = None,
+    warm_start: np.ndarray | None = None,
 ) -> tuple[dict[str, np.ndarray] | None, RoundRecord]:
     """One round; returns (new global arrays or None if nobody trained, the round record)."""
     t0 = time.monotonic()
-    content = encode_train_request(global_arrays, server_round)
+    content = encode_train_request(global_arrays, server_round, warm_start)
     messages = [
         Message(content, dst_node_id=n, message_type=MessageType.TRAIN, group_id=str(server_round))
         for n in nodes
@@ -131,8 +142,7 @@ def run_round(
     new_arrays, metrics = None, None
     if trained:
         total = sum_vectors([r.update for r in trained if r.update is not None])  # plain sum
-        new_arrays, means = fedavg(global_arrays, layout, total)
-        metrics = RoundMetrics.from_means(means)
+        new_arrays, metrics = (aggregate or fedavg_of(global_arrays, layout))(total)
     record = RoundRecord(
         round=server_round,
         sites_trained=tuple(sorted(r.site_id for r in trained)),
@@ -154,16 +164,61 @@ def describe_round(record: RoundRecord, num_rounds: int) -> str:
     m = record.metrics
     losses = "no update" if m is None else f"loss_d_fake={m.loss_d_fake:.3f} loss_g={m.loss_g:.3f}"
     trained = len(record.sites_trained)
-    line = f"round {record.round}/{num_rounds}: {trained} trained; {losses}; {eps}; {record.seconds:.1f} s"
+    if record.round == WARM_START_ROUND:
+        line = f"round 0 (warm start): {trained} released their class means; {eps}; {record.seconds:.1f} s"
+    else:
+        line = f"round {record.round}/{num_rounds}: {trained} trained; {losses}; {eps}; {record.seconds:.1f} s"
     if record.failures:
         line += "; failures: " + "; ".join(record.failures)
     return line
 
 
+@dataclass(frozen=True)
+class WarmStartRelease:
+    """The summed warm-start release of a run (DP output), kept so a resumed run anchors G to it."""
+
+    run_id: int
+    total: np.ndarray  # (EmbeddingSpec.size,) float64
+
+    def write(self, path: Path) -> None:
+        write_json_atomic(path, {"format": 1, "run_id": self.run_id, "sum": [float(v) for v in self.total]})
+
+    @staticmethod
+    def read(path: Path, size: int) -> WarmStartRelease | None:
+        """The stored release, or None when there is none; ``RecordError`` when it is not one."""
+        if not path.is_file():
+            return None
+        raw = read_json_object(path)
+        total = np.asarray(raw.get("sum"), dtype=np.float64)
+        if raw.get("format") != 1 or total.shape != (size,) or not isinstance(raw.get("run_id"), int):
+            raise RecordError(f"{path} is not a warm-start release of {size} values; move it away to start over")
+        return WarmStartRelease(int(raw["run_id"]), total)
+
+
+def warm_start_aggregate(run: RunConfig, netG: Generator, netD: Discriminator, kept: list[np.ndarray]) -> Aggregate:
+    """Round 0's :data:`Aggregate`: pre-train G on the summed release (post-processing), keep the sum."""
+    spec = EmbeddingSpec.of(run)
+
+    def aggregate(total: np.ndarray) -> tuple[dict[str, np.ndarray], RoundMetrics | None]:
+        release = np.asarray(total[: spec.size], dtype=np.float64)
+        anchor = Anchor(FeatureMap(spec), ClassTargets.from_sum(spec, release), run.warm_start.anchor_weight)
+        loss = pretrain_generator(netG, anchor, latent_dim=run.model.latent_dim, num_classes=run.model.num_classes,
+                                  steps=run.warm_start.pretrain_steps, batch_size=run.train.batch_size,
+                                  lr=run.train.lr_g, beta1=run.train.beta1, seed=run.federation.seed,
+                                  device=torch.device("cpu"))
+        log.info("warm start: G pre-trained for %d steps on the summed class means (embedding loss %.4f)",
+                 run.warm_start.pretrain_steps, loss)
+        kept.append(release)
+        return model_arrays(netG, netD), None
+
+    return aggregate
+
+
 def run_federation(grid: Grid, run: RunConfig, paths: ServerPaths, run_id: int) -> ServerState:
     """Run (or resume) the rounds of ``run`` and return the final server state.
 
-    Secure aggregation (default) or, only when ``secure-aggregation = false``, plain sums.
+    Secure aggregation (default) or, only when ``secure-aggregation = false``, plain sums. With a
+    warm start, round 0 collects the hospitals' release and pre-trains G before round 1.
     """
     fed = run.federation
     ckpt = latest_valid_checkpoint(paths.checkpoints)
@@ -180,18 +235,33 @@ def run_federation(grid: Grid, run: RunConfig, paths: ServerPaths, run_id: int) 
         log.warning("plain aggregation: the server sees every hospital's update (secure-aggregation = false)")
     state = ServerState(rounds=history, finished=False, secure_aggregation=fed.secure_aggregation,
                         run_id=run_id)
+    release: np.ndarray | None = None
+    if run.warm_start.enabled:
+        stored = WarmStartRelease.read(paths.warm_start, EmbeddingSpec.of(run).size)
+        release = None if stored is None else stored.total
+        if release is None and ckpt is None:
+            start = WARM_START_ROUND
+        elif release is None:
+            raise RecordError(f"{paths.checkpoints} holds a run with a warm start but {paths.warm_start} is "
+                              "missing; restore it, or start the run in a new output folder")
     for server_round in range(start, fed.num_rounds + 1):
         nodes = wait_for_nodes(grid, fed.min_nodes, fed.wait_nodes_timeout_s)
+        kept: list[np.ndarray] = []
+        aggregate = warm_start_aggregate(run, netG, netD, kept) if server_round == WARM_START_ROUND else None
         if secure is not None:
-            new_arrays, record = secure.run_round(nodes, arrays, server_round)
+            new_arrays, record = secure.run_round(nodes, arrays, server_round, aggregate, release)
         else:
-            new_arrays, record = run_round(grid, nodes, arrays, layout, server_round, fed.round_timeout_s)
+            new_arrays, record = run_round(grid, nodes, arrays, layout, server_round, fed.round_timeout_s,
+                                           aggregate, release)
         log.info(describe_round(record, fed.num_rounds))
         if new_arrays is None:
             reason = f"round {server_round}: no hospital could train (budgets spent or failures)"
             state = replace(state, stopped_early=StoppedEarly(reason, record))
             log.info("stopping: %s", reason)
             break
+        if kept:  # round 0: stored before its checkpoint, so a checkpoint always has its release
+            release = kept[0]
+            WarmStartRelease(run_id, release).write(paths.warm_start)
         arrays = new_arrays
         state = replace(state, rounds=(*state.rounds, record))
         save_checkpoint(paths.checkpoints, server_round, arrays, state.rounds, class_names=run.class_names,
@@ -204,4 +274,3 @@ def run_federation(grid: Grid, run: RunConfig, paths: ServerPaths, run_id: int) 
     write_server_state(paths.state, state)
     write_report(paths.root)
     return state
-

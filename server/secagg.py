@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TypedDict, cast
 
 import numpy as np
@@ -78,6 +78,19 @@ from common.weights import UpdateLayout, fedavg
 log = logging.getLogger("medsynth.server")
 
 
+#: a round's sum → (the new global model, the round's metrics): FedAvg, or the warm start's pre-training
+Aggregate = Callable[[np.ndarray], tuple[dict[str, np.ndarray], RoundMetrics | None]]
+
+
+def fedavg_of(global_arrays: Mapping[str, np.ndarray], layout: UpdateLayout) -> Aggregate:
+    """FedAvg of ``global_arrays`` as an :data:`Aggregate` (with the losses' weighted means)."""
+    def aggregate(total: np.ndarray) -> tuple[dict[str, np.ndarray], RoundMetrics | None]:
+        new_arrays, means = fedavg(global_arrays, layout, total)
+        return new_arrays, RoundMetrics.from_means(means)
+
+    return aggregate
+
+
 class SecureRoundFailed(UserError, RuntimeError):
     """A secure round could not complete (too few hospitals answered); it may be retried."""
 
@@ -110,7 +123,6 @@ class SecureRounds:
 
     def __init__(self, grid: Grid, run: RunConfig, run_id: int, layout: UpdateLayout) -> None:
         self.grid, self.run, self.run_id, self.layout = grid, run, run_id, layout
-        self.quantizer = quantizer_for(run, layout)
         self.timeout = run.federation.round_timeout_s
         self.setup_id = 0
         self.server: SecAggServer | None = None
@@ -142,10 +154,11 @@ class SecureRounds:
 
     # ---- step 1: train ---------------------------------------------------------------------
     def train(
-        self, nodes: list[int], global_arrays: dict[str, np.ndarray], server_round: int, failures: list[str]
+        self, nodes: list[int], global_arrays: dict[str, np.ndarray], server_round: int, failures: list[str],
+        warm_start: np.ndarray | None = None,
     ) -> tuple[dict[str, SiteReply], dict[str, int]]:
         """Every node trains (or declines) and keeps its update; (privacy records, site → node)."""
-        content = encode_train_request(global_arrays, server_round)
+        content = encode_train_request(global_arrays, server_round, warm_start)
         content["secagg"] = ConfigRecord({"run": str(self.run_id)})
         sent = _send(self.grid, dict.fromkeys(nodes, content), MessageType.TRAIN, str(server_round), self.timeout)
         privacy: dict[str, SiteReply] = {}
@@ -231,15 +244,21 @@ class SecureRounds:
         return server.aggregate()
 
     def run_round(
-        self, nodes: list[int], global_arrays: dict[str, np.ndarray], server_round: int
+        self, nodes: list[int], global_arrays: dict[str, np.ndarray], server_round: int,
+        aggregate: Aggregate | None = None, warm_start: np.ndarray | None = None,
     ) -> tuple[dict[str, np.ndarray] | None, RoundRecord]:
-        """One secure round with bounded restarts; returns (new arrays or None, round record)."""
+        """One secure round with bounded restarts; returns (new arrays or None, round record).
+
+        ``aggregate`` turns the sum into the new model (default: FedAvg of the global model);
+        ``warm_start`` is the summed release the train requests carry.
+        """
+        combine = aggregate or fedavg_of(global_arrays, self.layout)
         t0 = time.monotonic()
         failures: list[str] = []
         self.received = {}
         privacy: dict[str, SiteReply] = {}
         for attempt in range(self.run.federation.secagg_max_retries + 1):
-            privacy, node_of = self.train(nodes, global_arrays, server_round, failures)
+            privacy, node_of = self.train(nodes, global_arrays, server_round, failures, warm_start)
             contributors = {s: n for s, n in node_of.items() if privacy[s].status == "ok"}
             needed = max(self.run.federation.secagg_threshold, default_threshold(len(contributors)), 3)
             if len(contributors) < needed:
@@ -263,10 +282,10 @@ class SecureRounds:
             dead = sorted(set(self.nodes_of) - set(alive))
             if dead:
                 self.server = None  # the dead sites' s-keys were revealed: new session next round
-            vector = self.quantizer.decode_sum(total, len(alive))
-            new_arrays, metrics = fedavg(global_arrays, self.layout, vector)
+            vector = quantizer_for(self.run, self.layout, server_round).decode_sum(total, len(alive))
+            new_arrays, metrics = combine(vector)
             return new_arrays, self._record(
-                server_round, privacy, failures, t0, sorted(alive), RoundMetrics.from_means(metrics),
+                server_round, privacy, failures, t0, sorted(alive), metrics,
                 SecureStats(session=self.setup_id, alive=tuple(alive), dead=tuple(dead), attempts=attempt + 1),
             )
         return None, self._record(server_round, privacy, failures, t0, [], None, None)

@@ -60,6 +60,9 @@ FLAGS: dict[str, str] = {
     "lr_g": "train.lr-g", "beta1": "train.beta1", "diversity_weight": "train.diversity-weight",
     "aux_classifier": "model.aux-classifier", "g_width": "model.g-width", "d_width": "model.d-width",
     "latent_dim": "model.latent-dim", "max_grad_norm": "dp.max-grad-norm", "delta": "dp.delta",
+    "upsample": "model.upsample", "warm_share": "warm-start.budget-share",
+    "frequencies": "warm-start.frequencies", "pretrain_steps": "warm-start.pretrain-steps",
+    "anchor_weight": "warm-start.anchor-weight",
 }
 
 

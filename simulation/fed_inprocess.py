@@ -24,10 +24,13 @@ import numpy as np
 import torch
 
 from common.checkpoint import save_checkpoint
-from common.config import ModelConfig, RunConfig, TrainConfig
+from common.config import ModelConfig, RunConfig, TrainConfig, WarmStartConfig
 from common.dataset import LocalDataset
 from common.dp.accounting import Charge, calibrate_noise_multiplier, epsilon_of
+from common.dp.embedding import Anchor, ClassTargets, FeatureMap, patient_sum, pretrain_generator
+from common.dp.noise import ChaCha20Gaussian
 from common.dp.train import train_local_round
+from common.dp.warm_start import EmbeddingSpec
 from common.evaluation.reference import to_model_range, unit_per_image
 from common.models import build_models
 from common.report.samples import sample_grid, save_png
@@ -57,13 +60,15 @@ class FedPlan:
     delta: float
     max_grad_norm: float
     seed: int
+    warm_start: WarmStartConfig
 
     @staticmethod
     def from_run(run: RunConfig, epsilon: float | None) -> FedPlan:
         """The plan of ``run`` (rounds, model, training, q, δ, C, seed) at budget ``epsilon`` (None: no DP)."""
         return FedPlan(rounds=run.federation.num_rounds, model=run.model, train=run.train,
                        sample_rate=run.privacy.sample_rate, epsilon=epsilon, delta=run.privacy.delta,
-                       max_grad_norm=run.privacy.max_grad_norm, seed=run.federation.seed)
+                       max_grad_norm=run.privacy.max_grad_norm, seed=run.federation.seed,
+                       warm_start=run.warm_start)
 
 
 def medmnist_sites(npz: Path, sites: int, partition: str, seed: int, image_size: int,
@@ -92,15 +97,18 @@ def train_federated(sites: Sequence[LocalDataset], plan: FedPlan, out: Path,
     steps = plan.rounds * plan.train.local_steps
     layout = UpdateLayout.of(arrays)
     rates = [plan.sample_rate for _ in sites]
+    device = torch.device("cpu")
+    anchor, past = warm_start(netG, sites, plan, device, say)
     sigmas: list[float | None] = []
     for i, (site, q) in enumerate(zip(sites, rates, strict=True)):
         sigma = None if plan.epsilon is None else calibrate_noise_multiplier(
-            [], sample_rate=q, planned_steps=steps, delta=plan.delta, budget=plan.epsilon)
+            past, sample_rate=q, planned_steps=steps, delta=plan.delta, budget=plan.epsilon)
         sigmas.append(sigma)
         say(f"site-{i}: {site.num_patients} patients {np.bincount(site.labels).tolist()}, q={q:.4f}, "
             f"σ={'none (no DP)' if sigma is None else f'{sigma:.3f}'}")
+    if anchor is not None:
+        arrays = model_arrays(netG, netD)
     history: list[RoundRecord] = []
-    device = torch.device("cpu")
     for rnd in range(1, plan.rounds + 1):
         t_round = time.monotonic()
         vectors: list[np.ndarray] = []
@@ -110,13 +118,13 @@ def train_federated(sites: Sequence[LocalDataset], plan: FedPlan, out: Path,
             res = train_local_round(netG, netD, site, model=plan.model, train=plan.train, sample_rate=rates[i],
                                     noise_multiplier=sigmas[i],
                                     max_grad_norm=plan.max_grad_norm, device=device,
-                                    seed=plan.seed * 1_000_003 + rnd * 101 + i)
+                                    seed=plan.seed * 1_000_003 + rnd * 101 + i, anchor=anchor)
             # the hospitals' update vector and the server's FedAvg, as in a real round
             vectors.append(layout.pack(model_arrays(netG, netD), arrays, weight=PUBLIC_WEIGHT,
                                        metrics={"loss_d_fake": res.loss_d_fake, "loss_g": res.loss_g}))
             sigma = sigmas[i]
-            eps = 0.0 if sigma is None else epsilon_of([Charge(sigma, rates[i], rnd * plan.train.local_steps)],
-                                                       plan.delta)
+            eps = 0.0 if sigma is None else epsilon_of(
+                [*past, Charge(sigma, rates[i], rnd * plan.train.local_steps)], plan.delta)
             privacy[f"site-{i}"] = SitePrivacyReport(status="ok", epsilon=eps,
                                                      epsilon_budget=plan.epsilon or float("inf"),
                                                      delta=plan.delta, steps=rnd * plan.train.local_steps)
@@ -134,3 +142,33 @@ def train_federated(sites: Sequence[LocalDataset], plan: FedPlan, out: Path,
                         in_process=InProcessRun(wall_seconds=round(time.monotonic() - t0, 1)))
     write_server_state(out / RECORDS_FILE, state)
     return state
+
+
+def warm_start(netG: torch.nn.Module, sites: Sequence[LocalDataset], plan: FedPlan, device: torch.device,
+               say: Callable[[str], None]) -> tuple[Anchor | None, list[Charge]]:
+    """The private mean-embedding release of every site, summed, and G pre-trained on it.
+
+    Returns the anchor for the G steps and the charge each site's ledger carries before DP-SGD
+    (none without DP: the release is then exact, the non-private reference's same path).
+    """
+    ws = plan.warm_start
+    if not ws.enabled:
+        return None, []
+    spec = EmbeddingSpec(plan.model.image_size, plan.model.num_classes, ws.frequencies, seed=plan.seed)
+    sigma = None if plan.epsilon is None else calibrate_noise_multiplier(
+        [], sample_rate=1.0, planned_steps=1, delta=plan.delta, budget=ws.budget_share * plan.epsilon)
+    total = np.zeros(spec.size)
+    for site in sites:
+        total += patient_sum(spec, site.images, site.labels, site.patients)
+        if sigma is not None:
+            total += sigma * ChaCha20Gaussian.from_os().standard_normal(spec.size)
+    targets = ClassTargets.from_sum(spec, total)
+    anchor = Anchor(FeatureMap(spec), targets, ws.anchor_weight)
+    t0 = time.monotonic()
+    last = pretrain_generator(netG, anchor, latent_dim=plan.model.latent_dim, num_classes=plan.model.num_classes,
+                              steps=ws.pretrain_steps, batch_size=plan.train.batch_size, lr=plan.train.lr_g,
+                              beta1=plan.train.beta1, seed=plan.seed, device=device)
+    say(f"warm start: release σ={'none (no DP)' if sigma is None else f'{sigma:.2f}'}, noisy counts "
+        f"{[round(float(c)) for c in targets.counts]}, G pre-trained {ws.pretrain_steps} steps "
+        f"(loss {last:.4f}, {time.monotonic() - t0:.0f} s)")
+    return anchor, ([] if sigma is None else [Charge(sigma, 1.0, 1)])

@@ -20,10 +20,18 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.accountants.accountant import IAccountant
 
 from common.errors import UserError
+
+# RDP orders: Opacus's defaults stop at 63, and the optimal order of one step at large σ and
+# tiny δ lies beyond (one Gaussian release at σ = 17 and the δ/(8T) that PRV's domain bound uses
+# wants ≈ 100–300). Opacus then warns and returns the bound at 63: valid but loose. Opacus's PRV
+# accountant sizes its truncation domain with a fresh ``RDPAccountant()``, so the orders are set
+# on the class: more orders only ever tighten an RDP bound (the minimum over a superset).
+RDPAccountant.DEFAULT_ALPHAS = [*RDPAccountant.DEFAULT_ALPHAS, *range(64, 256, 8), *range(256, 1025, 64)]
 
 
 class PrivacyBudgetExceeded(UserError):
@@ -93,7 +101,11 @@ def _epsilon_of_entries(entries: tuple[tuple[float, float, int], ...], delta: fl
     PRV call is Opacus's RDP bound on the domain (≈ 1–4 s on one core)."""
     acc = make_accountant(accountant)
     acc.history = list(entries)
-    eps = float(acc.get_epsilon(delta=delta))
+    # A step at q = 1 (the warm-start release: the plain Gaussian mechanism) makes Opacus's PRV
+    # evaluate log(1 − q) = log 0 = −inf, which is the right value there (its test t > log(1 − q)
+    # then holds for every t); numpy's divide warning for it says nothing about the result.
+    with np.errstate(divide="ignore" if any(q == 1.0 for _, q, _ in entries) else "warn"):
+        eps = float(acc.get_epsilon(delta=delta))
     if math.isnan(eps):
         raise ArithmeticError(f"accountant returned NaN for history {list(entries)}")
     return eps
@@ -128,8 +140,13 @@ def calibrate_noise_multiplier(
         return epsilon_of([*history, Charge(sigma, sample_rate, planned_steps)], delta, name)
 
     start, slope = 1.0, -1.0
-    if accountant == "prv":
-        # σ ≤ 32 here: above it Opacus's RDP orders run out (it warns) and the start hardly matters
+    if sample_rate == 1.0:
+        # the plain Gaussian mechanism (a warm-start release): start from the classical bound
+        # σ = √(2 ln(1.25/δ)) / ε (Dwork & Roth 2014, Thm. 3.22), not from RDP, whose default
+        # orders are too few for one release at small ε (Opacus warns and the start is poor)
+        start = max(math.sqrt(2 * math.log(1.25 / delta)) / budget, 0.05)
+    elif accountant == "prv":
+        # σ ≤ 32 here: the start hardly matters above it
         top = min(sigma_max, 32.0)
         try:
             start, slope = _solve_sigma(lambda s: eps_at(s, "rdp"), budget, 1.0, -1.0, top, 0.05 * budget, None)

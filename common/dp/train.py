@@ -43,6 +43,7 @@ from opacus.validators import ModuleValidator
 from common.config import ModelConfig, TrainConfig
 from common.dataset import LocalDataset
 from common.dp.accounting import Charge, make_accountant
+from common.dp.embedding import Anchor
 from common.dp.noise import ChaCha20Gaussian, CsprngDPOptimizer
 from common.models import Discriminator, Generator
 
@@ -197,6 +198,7 @@ def train_local_round(
     device: torch.device,
     seed: int | None = None,
     on_step: Callable[[int], None] | None = None,
+    anchor: Anchor | None = None,
 ) -> RoundResult:
     """Train G and D in place for ``train.local_steps`` D steps at patient sample rate ``sample_rate``.
 
@@ -253,7 +255,7 @@ def train_local_round(
             # ---- G step (post-processing): hooks off, then clear D's gradients ----
             if (step + 1) % train.d_steps_per_g == 0:
                 loss_g_sum += generator_step(netG, d_module, optG, optD, model, n_fake, device, latent_gen,
-                                             diversity_weight=train.diversity_weight)
+                                             diversity_weight=train.diversity_weight, anchor=anchor)
                 g_steps += 1
             if on_step is not None:
                 on_step(step + 1)
@@ -303,6 +305,7 @@ def generator_step(
     gen: torch.Generator | None = None,
     *,
     diversity_weight: float = 0.0,
+    anchor: Anchor | None = None,
 ) -> float:
     """Non-saturating G loss −log D(G(z)) [+ CE(y | G(z, y)) with a class head] [− λ·diversity].
 
@@ -323,6 +326,8 @@ def generator_step(
             loss_g = loss_g + F.cross_entropy(class_logits, y)
         if diversity_weight > 0:
             loss_g = loss_g - diversity_weight * diversity_term(fake, z)
+        if anchor is not None:  # the released class means (common.dp.embedding): post-processing
+            loss_g = loss_g + anchor.loss(fake, y)
         optG.zero_grad(set_to_none=True)
         loss_g.backward()
         optG.step()

@@ -16,7 +16,9 @@ on the same machine and thread count; nothing global is reseeded.
 
 from __future__ import annotations
 
+import copy
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -89,10 +91,13 @@ def _random_shift(x: torch.Tensor, max_shift: int, gen: torch.Generator) -> torc
 
 
 def train_classifier(
-    images: np.ndarray, labels: np.ndarray, num_classes: int, cfg: ClassifierConfig, *, desc: str = "classifier"
+    images: np.ndarray, labels: np.ndarray, num_classes: int, cfg: ClassifierConfig, *, desc: str = "classifier",
+    select: Callable[[SmallCNN], float] | None = None,
 ) -> SmallCNN:
     """Train a :class:`SmallCNN` on float32 images (N, 1, S, S) in [-1, 1] and int labels (N,).
 
+    ``select`` scores the model (in eval mode) after every epoch, e.g. its AUC on a validation
+    split; the epoch with the highest score is returned (early stopping). Without it, the last.
     Returns the model in eval mode. Deterministic for a given (data, cfg) on one machine.
     """
     if images.ndim != 4 or images.shape[1] != 1 or labels.shape != (images.shape[0],):
@@ -111,8 +116,10 @@ def train_classifier(
     model.train()
     n = x_all.shape[0]
     batches = (n + cfg.batch_size - 1) // cfg.batch_size
+    best: tuple[float, dict[str, torch.Tensor]] | None = None
     with tqdm(total=cfg.epochs * batches, desc=desc, unit="batch", leave=False) as bar:
         for _ in range(cfg.epochs):
+            model.train()
             perm = torch.randperm(n, generator=order_gen)
             for b in range(batches):
                 idx = perm[b * cfg.batch_size : (b + 1) * cfg.batch_size]
@@ -124,6 +131,13 @@ def train_classifier(
                 loss.backward()
                 opt.step()
                 bar.update(1)
+            if select is not None:
+                model.eval()
+                score = select(model)
+                if best is None or score > best[0]:
+                    best = (score, copy.deepcopy(model.state_dict()))
+    if best is not None:
+        model.load_state_dict(best[1])
     model.eval()
     return model
 

@@ -97,15 +97,18 @@ def output_dir(opts: EvaluateOptions) -> Path:
 
 def tstr_score(images: np.ndarray, labels: np.ndarray, reference: ReferenceData, *,
                desc: str = "TSTR classifier") -> ClassifierScore:
-    """Train the judge on (images, labels), score it on the reference's real test split."""
+    """Train the judge on (images, labels), score it on the reference's real test split; the epoch
+    is picked on the held-out split (MedMNIST's val) when there is one."""
+    held = reference.held_out
     return train_and_score(images, labels, reference.test.images, reference.test.labels,
-                           len(reference.class_names), TSTR_CONFIG, desc=desc)
+                           len(reference.class_names), TSTR_CONFIG, desc=desc,
+                           validation=None if held is None else (held.images, held.labels))
 
 
 def trtr_score(reference: ReferenceData, cache_dir: Path | None) -> ClassifierScore:
     """TRTR: :func:`tstr_score` of the real training split; cached (it never depends on the model)."""
-    spec = json.dumps({"ref": reference.sha256, "size": reference.image_size, "cfg": asdict(TSTR_CONFIG)},
-                      sort_keys=True)
+    spec = json.dumps({"ref": reference.sha256, "size": reference.image_size, "cfg": asdict(TSTR_CONFIG),
+                       "selected_on_held_out": reference.held_out is not None}, sort_keys=True)
     key = hashlib.sha256(spec.encode()).hexdigest()[:32]
     path = (cache_dir or default_cache_dir()) / "trtr" / f"{key}.json"
     if path.is_file():

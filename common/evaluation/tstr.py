@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from common.evaluation.classifier import ClassifierConfig, predict_proba, train_classifier
+from common.evaluation.classifier import ClassifierConfig, SmallCNN, predict_proba, train_classifier
 
 TSTR_CONFIG = ClassifierConfig(width=16, epochs=10, batch_size=128, lr=1e-3, shift=2, seed=7)
 
@@ -68,9 +68,22 @@ def train_and_score(
     cfg: ClassifierConfig = TSTR_CONFIG,
     *,
     desc: str = "classifier",
+    validation: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> ClassifierScore:
-    """Train on (train_images, train_labels), score on the test split. TSTR and TRTR both use this."""
-    model = train_classifier(train_images, train_labels, num_classes, cfg, desc=desc)
+    """Train on (train_images, train_labels), score on the test split. TSTR and TRTR both use this.
+
+    ``validation`` (real images, labels), when given, picks the epoch with the best AUC on it
+    (never on the test split): a classifier trained on synthetic images drifts towards their
+    artefacts as it trains on, so the last epoch is a noisy pick.
+    """
+    select = None
+    if validation is not None:
+        val_images, val_labels = validation
+
+        def select(model: SmallCNN) -> float:
+            return auc(predict_proba(model, val_images), val_labels)
+
+    model = train_classifier(train_images, train_labels, num_classes, cfg, desc=desc, select=select)
     proba = predict_proba(model, test_images)
     accuracy = float((proba.argmax(axis=1) == test_labels).mean())
     return ClassifierScore(accuracy=accuracy, auc=auc(proba, test_labels))

@@ -1,7 +1,9 @@
 """What travels between server and hospitals, and its Flower record encoding.
 
-Server → hospital (``train``): ``global`` (ArrayRecord: every ``g.*``/``d.*`` tensor) and
-``round`` (ConfigRecord: ``round``).
+Server → hospital (``train``): ``global`` (ArrayRecord: every ``g.*``/``d.*`` tensor),
+``round`` (ConfigRecord: ``round``; round 0 asks for the warm-start release) and, in runs with a
+warm start, ``warm-start`` (ArrayRecord ``sum``: the summed release of round 0, DP output, which
+every G step is anchored to; ``common.dp.embedding``).
 
 Hospital → server: ``update`` (ArrayRecord with one ``vector``: the packed update, see
 ``common.weights``; absent when the hospital did not train) and ``privacy`` (ConfigRecord:
@@ -80,11 +82,25 @@ def flower_error_line(msg: Message) -> str:
     return f"node {msg.metadata.src_node_id}: {lines[-1] if lines else 'error ' + str(msg.error.code)}"
 
 
-def encode_train_request(arrays: dict[str, np.ndarray], server_round: int) -> RecordDict:
+def encode_train_request(arrays: dict[str, np.ndarray], server_round: int,
+                         warm_start: np.ndarray | None = None) -> RecordDict:
     record = ArrayRecord()
     for name, value in arrays.items():
         record[name] = Array(np.ascontiguousarray(value))
-    return RecordDict({"global": record, "round": ConfigRecord({"round": server_round})})
+    content = RecordDict({"global": record, "round": ConfigRecord({"round": server_round})})
+    if warm_start is not None:
+        content["warm-start"] = ArrayRecord({"sum": Array(np.ascontiguousarray(warm_start, dtype=np.float64))})
+    return content
+
+
+def decode_warm_start(content: RecordDict) -> np.ndarray | None:
+    """The summed warm-start release a train request carries, or None."""
+    record = content.array_records.get("warm-start")
+    if record is None:
+        return None
+    if "sum" not in record:
+        raise ProtocolError("the warm-start record lacks 'sum'")
+    return np.asarray(record["sum"].numpy(), dtype=np.float64)
 
 
 def decode_train_request(content: RecordDict) -> tuple[dict[str, np.ndarray], int]:

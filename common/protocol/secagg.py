@@ -28,9 +28,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import cast
 
+import numpy as np
 from flwr.app import ConfigRecord, RecordDict
 
 from common.config import RunConfig
+from common.dp.warm_start import RELEASE_BOUND, WARM_START_ROUND, EmbeddingSpec
 from common.protocol.messages import ProtocolError
 from common.secagg import Quantizer
 from common.weights import UpdateLayout, update_bounds
@@ -106,8 +108,15 @@ def split_pairs(mapping: Mapping[str, bytes]) -> tuple[list[str], list[bytes]]:
     return keys, [mapping[k] for k in keys]
 
 
-def quantizer_for(run: RunConfig, layout: UpdateLayout) -> Quantizer:
-    """The ring encoding both sides agree on; bounds follow from the training config."""
+def quantizer_for(run: RunConfig, layout: UpdateLayout, server_round: int) -> Quantizer:
+    """The ring encoding both sides agree on for a round; bounds follow from the training config.
+
+    Round 0 of a warm-started run carries the release (``common.dp.embedding``) in front of
+    zeros: its coordinates get ``RELEASE_BOUND``, the rest the smallest bound (they are 0).
+    """
+    if server_round == WARM_START_ROUND:
+        size = EmbeddingSpec.of(run).size
+        return Quantizer(np.concatenate([np.full(size, RELEASE_BOUND), np.ones(layout.size - size)]))
     return Quantizer(
         update_bounds(
             layout,
