@@ -6,7 +6,10 @@ import base64
 import io
 import json
 import re
+import shutil
+import subprocess
 import xml.etree.ElementTree as ET
+from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
@@ -110,3 +113,62 @@ def test_charts_are_svgs_of_the_asked_size_and_ticks_are_round() -> None:
     assert _svg_size(line) == (500, 250) and _svg_size(bars) == (720, 320)
     assert _y_ticks(9.7) == [0.0, 2.0, 4.0, 6.0, 8.0, 10.0]
     assert _y_ticks(0.93) == pytest.approx([0.0, 0.2, 0.4, 0.6, 0.8, 1.0])
+
+
+class _Resources(HTMLParser):
+    """Every attribute through which a page loads something (src, href, srcset, poster, data, action)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.urls: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.urls += [v for k, v in attrs if v is not None and k in ("src", "href", "srcset", "poster", "data",
+                                                                        "action")]
+
+
+def test_the_report_fetches_nothing_from_the_network(tmp_path: Path) -> None:
+    # prepare: a report with every section, charts included
+    run = _run_folder(tmp_path)
+    evaluation = {"fd": 12.5, "tstr_auc": 0.81, "tstr_acc": 0.75, "trtr_auc": 0.95, "trtr_acc": 0.86}
+    # act
+    page = write_report(run, evaluation=evaluation).read_text()
+    resources = _Resources()
+    resources.feed(page)
+    svgs = [base64.b64decode(d) for d in re.findall(r'src="data:image/svg\+xml;base64,([^"]+)"', page)]
+    # assert: every resource (4 charts, 3 sample grids) is inline data; no script, style sheet, CSS
+    # import or font to fetch
+    assert len(resources.urls) == 7 and all(u.startswith("data:image/") for u in resources.urls)
+    assert not re.search(r"(?i)<script|<link|@import|url\(|@font-face", page)
+    # the four charts (SVG documents) link only to their own elements and embed no image or font
+    assert len(svgs) == 4
+    for svg in svgs:
+        assert all(h.startswith(b"#") for h in re.findall(rb'href="([^"]*)"', svg))
+        assert not re.search(rb"<image|@font-face|url\(http", svg)
+
+
+@pytest.mark.slow
+def test_the_report_renders_in_headless_chromium(tmp_path: Path) -> None:
+    # prepare
+    browser = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)),
+                   None)
+    if browser is None:
+        pytest.skip("Chromium is not installed (Debian: apt-get install chromium): report.html not checked "
+                    "in a browser")
+    (tmp_path / "run").mkdir()
+    run = _run_folder(tmp_path / "run")
+    page = write_report(run, evaluation={"fd": 12.5, "tstr_auc": 0.81, "tstr_acc": 0.75, "trtr_auc": 0.95,
+                                         "trtr_acc": 0.86})
+    shot = tmp_path / "shot.png"
+    # act: no network for the browser either (an unreachable proxy), so a fetch could not succeed
+    done = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                           "--proxy-server=127.0.0.1:9", f"--user-data-dir={tmp_path / 'profile'}",
+                           "--window-size=1200,2400", f"--screenshot={shot}", page.as_uri()],
+                          capture_output=True, text=True, timeout=180, check=False)
+    # assert: a screenshot that is not blank: a white page with dark text, coloured lines and bars
+    assert done.returncode == 0 and shot.is_file(), done.stderr[-2000:]
+    pixels = np.asarray(Image.open(shot).convert("RGB"), dtype=np.int16)  # (H, W, 3)
+    dark = (pixels.sum(axis=2) < 200).mean()
+    coloured = (np.abs(pixels - pixels.mean(axis=2, keepdims=True)).max(axis=2) > 60).mean()
+    assert pixels.shape[:2] == (2400, 1200)
+    assert dark > 0.002 and coloured > 0.002, (dark, coloured)
