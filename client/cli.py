@@ -19,6 +19,8 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from common.cli_help import DefaultsOnceHelpFormatter
+
 if TYPE_CHECKING:
     SubParsers = argparse._SubParsersAction[argparse.ArgumentParser]
 
@@ -37,7 +39,7 @@ def add_parsers(sub: SubParsers) -> None:
             "to OUT. Patient IDs are kept only as salted hashes. Prints a report of kept and "
             "rejected files; the cache is rebuilt only when the folder changed."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsOnceHelpFormatter,
     )
     p.add_argument("--data", type=Path, required=True, help="folder of DICOM files, one sub-folder per label")
     p.add_argument("--out", type=Path, required=True, help="cache folder to write")
@@ -98,7 +100,7 @@ def add_parsers(sub: SubParsers) -> None:
     p.add_argument("--config", type=Path, required=True, help="node.toml")
     p.add_argument("--held-out", type=Path, default=None,
                    help="prepared cache (`medsynth node prepare`) of patients the federation never saw")
-    p.add_argument("--seed", type=int, default=0, help="seed of the latent vectors and the split (default: 0)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the latent vectors and the split")
     p.set_defaults(func=cmd_evaluate)
 
 

@@ -28,6 +28,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import ModuleType
 
+from common.cli_help import DefaultsOnceHelpFormatter
 from common.errors import EXIT_FIX_CONFIG, UserError
 
 PROG = "medsynth"
@@ -96,7 +97,20 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
         csub = certs.add_subparsers(dest="certs_command", required=True, metavar="COMMAND")
         for module in certs_sides:
             module.add_certs_commands(csub)
+    _say_defaults_once(parser)
     return parser
+
+
+def _say_defaults_once(parser: argparse.ArgumentParser) -> None:
+    """Every help page in the tree shows an option's default once (``common.cli_help``); a page
+    with its own formatter of that kind (``simulate``'s, which names the app's defaults) keeps it."""
+    formatter = parser.formatter_class
+    if not (isinstance(formatter, type) and issubclass(formatter, DefaultsOnceHelpFormatter)):
+        parser.formatter_class = DefaultsOnceHelpFormatter
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                _say_defaults_once(child)
 
 
 def _refuse(message: str, exit_code: int) -> int:

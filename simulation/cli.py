@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from common.atomic import write_json_atomic
+from common.cli_help import DefaultsOnceHelpFormatter, says_its_default
 from common.config import parse_class_names
 from common.export import FORMATS, SIDECAR, ExportError, export_images
 
@@ -33,14 +34,14 @@ def add_parsers(sub: SubParsers) -> None:
     _evaluate_parsers(sub)
 
 
-class _AppDefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows a run option's default (``None``: the app's, from ``[tool.flwr.app.config]``) as that value."""
+class _AppDefaultsHelpFormatter(DefaultsOnceHelpFormatter):
+    """Shows a run option's default (``None``: the app's, from ``[tool.flwr.app.config]``) as that value, once."""
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
         from simulation.runner import RUN_OPTIONS  # read only when help is printed
 
         text = action.help or ""
-        if action.default is None and action.dest in RUN_OPTIONS:
+        if action.default is None and action.dest in RUN_OPTIONS and not says_its_default(text):
             from common.config import app_defaults
 
             key = RUN_OPTIONS[action.dest]
@@ -132,10 +133,9 @@ def _evaluate_parsers(sub: SubParsers) -> None:
                    help="synthetic images to draw (default: as many as real training images, at most 5000)")
     e.add_argument("--class-balance", choices=("real", "uniform"), default="real",
                    help="class mix of the synthetic set: that of the real training split (default), or uniform")
-    e.add_argument("--seed", type=int, default=0, help="seed of the latent vectors and subsampling (default: 0)")
+    e.add_argument("--seed", type=int, default=0, help="seed of the latent vectors and subsampling")
     e.add_argument("--memorization-ratio", type=float, default=0.5,
-                   help="a synthetic image counts as memorized when d(nearest train) < RATIO × d(nearest held-out) "
-                        "(default: 0.5)")
+                   help="a synthetic image counts as memorized when d(nearest train) < RATIO × d(nearest held-out)")
     e.add_argument("--aggregate-only", action="store_true",
                    help="hospital mode: write and print only aggregate numbers, no picture of real images")
     e.add_argument("--cache-dir", type=Path, default=None,

@@ -85,6 +85,48 @@ def test_every_command_explains_itself_and_has_a_handler() -> None:
         assert callable(leaf.get_default("func")), path
 
 
+def _pages(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()) -> list[Leaf]:
+    """Every help page: the root, each command group and each command."""
+    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return [(path, parser), *(page for s in subs for name, child in s.choices.items()
+                              for page in _pages(child, (*path, name)))]
+
+
+def _entries(help_text: str) -> dict[str, str]:
+    """Option or argument → its whole help entry (first line indented two spaces, the rest deeper)."""
+    entries: dict[str, str] = {}
+    current: str | None = None
+    for line in help_text.splitlines():
+        if re.match(r"^  \S", line):
+            current = line.split()[0].rstrip(",")
+            entries[current] = line
+        elif line.startswith("   ") and current is not None:
+            entries[current] += " " + line.strip()
+        else:
+            current = None
+    return entries
+
+
+def test_every_help_page_says_each_default_once() -> None:
+    # prepare
+    pages = _pages(build_parser())
+    # act: each page as `medsynth … --help` prints it, cut into one entry per option
+    checked = 0
+    for path, page in pages:
+        entries = _entries(page.format_help())
+        for action in page._actions:
+            if not action.option_strings or action.help == argparse.SUPPRESS:
+                continue
+            entry = entries[action.option_strings[0]]
+            said = len(re.findall(r"\bdefault\b", entry, flags=re.IGNORECASE))
+            meaningful = action.default not in (None, False, argparse.SUPPRESS)
+            # assert: a default is said at most once, and a real value (32, 0.5, iid) exactly once
+            assert said <= 1, f"medsynth {' '.join(path)}: {entry}"
+            assert said == 1 or not meaningful, f"medsynth {' '.join(path)} hides its default: {entry}"
+            checked += 1
+    assert len(pages) == 20 and checked > 60  # every page walked, not an empty loop
+
+
 def test_the_dispatch_table_names_each_sides_commands() -> None:
     # prepare: the commands each side's module adds, asked one side at a time
     for side in SIDES:

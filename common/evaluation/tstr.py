@@ -6,8 +6,9 @@ classifier (architecture, config, seed) trained on the real training split and s
 same test split gives TRTR, the yardstick. Both go through one function, so real images passed
 as "synthetic" give exactly the TRTR figures.
 
-Scores: accuracy (arg-max class) and ROC AUC — for two classes the AUC of the positive class
-probability, for more the unweighted mean of one-vs-rest AUCs (MedMNIST v2's convention).
+Scores: accuracy (arg-max class) and ROC AUC (scikit-learn) — for two classes the AUC of the
+positive class probability, for more the unweighted mean of one-vs-rest AUCs over the classes
+the test split holds (MedMNIST v2's convention).
 """
 
 from __future__ import annotations
@@ -30,24 +31,16 @@ class ClassifierScore:
 
 
 def binary_auc(scores: np.ndarray, positive: np.ndarray) -> float:
-    """ROC AUC as the Mann–Whitney statistic: P(score_pos > score_neg) + ½ P(tie).
+    """ROC AUC of ``scores`` for the ``positive`` mask (scikit-learn's ``roc_auc_score``): P(pos > neg) + ½ P(tie).
 
-    Ties get their average rank. NaN when one class is absent.
+    NaN when one class is absent (scikit-learn refuses that case; a test split may lack a class).
     """
+    from sklearn.metrics import roc_auc_score
+
     pos = np.asarray(positive, dtype=bool)
-    n_pos, n_neg = int(pos.sum()), int((~pos).sum())
-    if n_pos == 0 or n_neg == 0:
+    if pos.all() or not pos.any():
         return float("nan")
-    order = np.argsort(scores, kind="mergesort")
-    sorted_scores = scores[order]
-    ranks = np.empty(scores.shape[0], dtype=np.float64)
-    # average rank over each run of equal scores (1-based ranks)
-    boundaries = np.flatnonzero(np.diff(sorted_scores)) + 1
-    starts = np.concatenate([[0], boundaries])
-    ends = np.concatenate([boundaries, [scores.shape[0]]])
-    for s, e in zip(starts, ends, strict=True):
-        ranks[order[s:e]] = (s + 1 + e) / 2.0
-    return float((ranks[pos].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+    return float(roc_auc_score(pos, scores))
 
 
 def auc(proba: np.ndarray, labels: np.ndarray) -> float:

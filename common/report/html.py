@@ -5,7 +5,9 @@ losses, each hospital's reported ε; read with ``common.round_record``), ``summa
 simulation wrote one (ε recomputed from each ledger; the evaluation), ``samples/round-NNNN.png``
 (sample grids) and, when an evaluation ran, its ``closest_pairs.png``. Plots come first (losses over rounds, each
 hospital's ε against its budget, sample grids over rounds, TSTR against TRTR), tables give the
-exact figures. Pictures are PNGs inlined as ``data:`` URIs, so the page is a single file.
+exact figures. Charts are matplotlib SVGs (``common.report.plots``), pictures PNGs, all inlined as
+``data:`` URIs: the page is a single file and references nothing outside itself (no script, no
+style sheet, no font, no image to fetch).
 
 It lives in ``common`` (not ``simulation``) so that the server in deployment, which ships only
 ``server/``, ``client/`` and ``common/``, can write the same report; it imports neither.
@@ -22,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from common.atomic import read_json_object, write_bytes_atomic
-from common.report.plots import bar_chart, line_chart
+from common.report.plots import SVG_MIME, bar_chart, line_chart
 from common.round_record import RECORDS_FILE, RoundRecord, read_server_state
 
 REPORT_FILE = "report.html"
@@ -33,8 +35,8 @@ th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}img{max-widt
 .grids figure{display:inline-block;margin:0 12px 12px 0}.note{color:#555;font-size:90%}"""
 
 
-def _img(png: bytes, alt: str) -> str:
-    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
+def _img(data: bytes, alt: str, mime: str = "image/png") -> str:
+    return f'<img alt="{html.escape(alt)}" src="data:{mime};base64,{base64.b64encode(data).decode()}">'
 
 
 def _num(v: Any, digits: int = 4) -> str:
@@ -53,13 +55,15 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 def _training(rounds: Sequence[RoundRecord]) -> str:
     # a non-finite loss (a diverged round) has no point on the plot; the table shows "–"
-    losses = {"loss_d_fake": [(float(r.round), r.metrics.loss_d_fake) for r in rounds if r.metrics is not None],
-              "loss_g": [(float(r.round), r.metrics.loss_g) for r in rounds if r.metrics is not None]}
+    losses = {"D on generated images": [(float(r.round), r.metrics.loss_d_fake) for r in rounds
+                                        if r.metrics is not None],
+              "G": [(float(r.round), r.metrics.loss_g) for r in rounds if r.metrics is not None]}
     series = {name: [(x, y) for x, y in points if math.isfinite(y)] for name, points in losses.items()}
     parts = ["<h2>Training</h2>"]
     if rounds:
         parts.append(_img(line_chart(series, title="Mean local losses on generated images per round (all hospitals)",
-                                     xlabel="round", ylabel="loss", integer_x=True), "Per-round losses"))
+                                     xlabel="federated round", ylabel="binary cross-entropy (nats)", integer_x=True),
+                          "Per-round losses", SVG_MIME))
     parts.append(_table(
         ["round", "hospitals trained", "loss D (generated)", "loss G", "seconds", "failures"],
         [[r.round, ", ".join(r.sites_trained), None if r.metrics is None else r.metrics.loss_d_fake,
@@ -81,16 +85,18 @@ def _privacy(rounds: Sequence[RoundRecord], sites: Mapping[str, Mapping[str, Any
              '<p class="note">ε per patient at the hospital\'s δ, cumulative over every step its ledger holds. '
              "Dashed: the hospital's budget; no hospital trains past it.</p>"]
     if per_round:
-        hlines = {f"budget {b:g}": b for b in sorted({b for b in budgets.values() if math.isfinite(b)})}
-        parts.append(_img(line_chart(per_round, title="Cumulative epsilon of each hospital after each round",
-                                     xlabel="round", ylabel="epsilon", hlines=hlines, integer_x=True),
-                          "Epsilon per round"))
+        hlines = {f"budget ε = {b:g}": b for b in sorted({b for b in budgets.values() if math.isfinite(b)})}
+        parts.append(_img(line_chart(per_round, title="Cumulative privacy loss of each hospital after each round",
+                                     xlabel="federated round", ylabel="ε per patient (at the hospital's δ)",
+                                     hlines=hlines, integer_x=True),
+                          "Epsilon per round", SVG_MIME))
     if final:
         names = sorted(final)
         parts.append(_img(bar_chart(
             names, {"epsilon spent": [float(final[s].get("epsilon", math.nan)) for s in names]},
             markers={"budget": [float(final[s].get("epsilon_budget", math.nan) or math.nan) for s in names]},
-            title="Epsilon spent by each hospital against its budget", ylabel="epsilon"), "Epsilon against budget"))
+            title="Privacy loss spent by each hospital against its budget",
+            ylabel="ε per patient (at the hospital's δ)"), "Epsilon against budget", SVG_MIME))
         parts.append(_table(["hospital", "ε", "δ", "budget", "DP steps", "status"],
                             [[s, final[s].get("epsilon"), final[s].get("delta"), final[s].get("epsilon_budget"),
                               final[s].get("steps"), final[s].get("status", "–")] for s in names]))
@@ -119,8 +125,8 @@ def _evaluation(ev: Mapping[str, Any], closest_pairs: Path | None) -> str:
         parts.append(_img(bar_chart(["AUC", "accuracy"], {"synthetic (TSTR)": [scores[0], scores[2]],
                                                          "real (TRTR)": [scores[1], scores[3]]},
                                     title="Classifier trained on synthetic or on real images, tested on real",
-                                    ylabel="score"),
-                          "TSTR against TRTR"))
+                                    ylabel="score on the real test split (0–1)"),
+                          "TSTR against TRTR", SVG_MIME))
     labels = {"fd": "Fréchet distance (domain features)", "kid": "KID", "precision": "precision",
               "recall": "recall", "density": "density", "coverage": "coverage", "tstr_auc": "TSTR AUC",
               "tstr_acc": "TSTR accuracy", "trtr_auc": "TRTR AUC", "trtr_acc": "TRTR accuracy",

@@ -1,8 +1,22 @@
-"""Small charts drawn with Pillow (no plotting library is installed): line charts, bar charts, image tables.
+"""The report's charts, drawn with matplotlib, and its image tables, pasted with Pillow.
 
-Every function returns PNG bytes, ready to embed in an HTML page as a ``data:`` URI, so a report
-is one self-contained file that opens offline. Colours are the Okabe–Ito palette (readable
-with the common colour-vision deficiencies).
+Charts (:func:`line_chart`, :func:`bar_chart`) are matplotlib figures saved as SVG: vector
+graphics stay sharp at any zoom and when printed, like a paper's figure, and every glyph is
+written as a path (matplotlib's default ``svg.fonttype``), so the picture needs no font and no
+file besides itself. ``report.html`` inlines them as ``data:`` URIs; a browser never lets an
+SVG loaded as an image fetch anything, so the page stays one offline file. Figures are built
+with matplotlib's object interface (``Figure``, no ``pyplot``): no GUI backend, no global
+figure registry, nothing shared between threads; the drawing is matplotlib's own renderer for
+the format asked (SVG here; Agg for PNG). Output is deterministic (fixed SVG id salt, no date),
+so two reports of one run are byte-identical.
+
+:func:`image_table` stays on Pillow: it pastes small greyscale images side by side at an
+integer nearest-neighbour scale, with no axes, which is what Pillow does and a plotting
+library would only resample.
+
+matplotlib is imported inside the functions: the report is written by the server and by the
+evaluation, and no ``medsynth`` command should pay for the import at start-up. Colours are the
+Okabe–Ito palette (readable with the common colour-vision deficiencies).
 """
 
 from __future__ import annotations
@@ -10,17 +24,152 @@ from __future__ import annotations
 import io
 import math
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+    from matplotlib.typing import RcKeyType
+
 PALETTE = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#F0E442", "#000000")
-_GRID, _AXIS, _TEXT = "#DDDDDD", "#444444", "#222222"
+DPI = 96  # CSS pixels per inch: a figure asked for W × H pixels shows at W × H CSS pixels
+SVG_MIME = "image/svg+xml"
+_TEXT = "#222222"
+_STYLE: dict[RcKeyType, Any] = {
+    "svg.hashsalt": "medsynth-report",  # ids of clip paths etc. from this salt, not at random
+    "svg.fonttype": "path",  # glyphs as paths: no font needed to view the file
+    "font.size": 10,
+    "axes.titlesize": 11,
+    "axes.titleweight": "bold",
+    "axes.labelsize": 10,
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+    "axes.grid": True,
+    "axes.axisbelow": True,
+    "grid.color": "#DDDDDD",
+    "grid.linewidth": 0.8,
+    "legend.frameon": False,
+    "legend.fontsize": 9,
+}
 Point = tuple[float, float]
 
 
-def _font(size: int = 12) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
-    return ImageFont.load_default(size=size)
+def _figure(width: int, height: int) -> tuple[Figure, Axes]:
+    """A figure of ``width`` × ``height`` CSS pixels with one axes; layout fitted at save time."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width / DPI, height / DPI), dpi=DPI, layout="constrained")
+    return fig, fig.add_subplot()
+
+
+def svg_bytes(fig: Figure) -> bytes:
+    """The figure as SVG, deterministic (no date in the metadata, fixed id salt)."""
+    import matplotlib
+
+    buf = io.BytesIO()
+    with matplotlib.rc_context(_STYLE):
+        fig.savefig(buf, format="svg", metadata={"Date": None})
+    return buf.getvalue()
+
+
+def _round_y(ax: Axes, low: float, high: float) -> None:
+    """y axis from ``low`` to ``high`` widened to round ticks (1, 2 or 5 × 10^k apart, about 6 of them)."""
+    from matplotlib.ticker import MaxNLocator
+
+    if high <= low:
+        high = low + (abs(low) or 1.0)
+    ticks = np.asarray(MaxNLocator(nbins=6, steps=[1, 2, 5, 10]).tick_values(low, high), dtype=np.float64)
+    ticks = ticks[(ticks >= ticks[ticks <= low].max()) & (ticks <= ticks[ticks >= high].min())]
+    ax.set_yticks(ticks)
+    ax.set_ylim(float(ticks[0]), float(ticks[-1]))
+
+
+def _legend(ax: Axes) -> None:
+    """Legend right of the plot area, so it never hides a point."""
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+
+
+def line_figure(series: Mapping[str, Sequence[Point]], *, title: str, xlabel: str, ylabel: str,
+                hlines: Mapping[str, float] | None = None, width: int = 720, height: int = 320,
+                integer_x: bool = False) -> Figure:
+    """One line with point markers per series; ``hlines`` are dashed horizontal references (budgets).
+
+    Non-finite y values are left out (a diverged round has no point). ``integer_x``: x ticks at
+    whole numbers only (rounds). The y axis spans 0 and every value, widened to round ticks.
+    """
+    import matplotlib
+    from matplotlib.ticker import MaxNLocator
+
+    with matplotlib.rc_context(_STYLE):
+        fig, ax = _figure(width, height)
+        for i, (name, pts) in enumerate(series.items()):
+            finite = [(x, y) for x, y in pts if math.isfinite(y)]
+            xs, ys = [x for x, _ in finite], [y for _, y in finite]
+            ax.plot(xs, ys, marker="o", markersize=4, linewidth=1.8, color=PALETTE[i % len(PALETTE)], label=name)
+        for j, (name, value) in enumerate((hlines or {}).items()):
+            ax.axhline(value, linestyle="--", linewidth=1.5, color=PALETTE[(len(series) + j) % len(PALETTE)],
+                       label=name)
+        ax.set_title(title)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.xaxis.set_major_locator(MaxNLocator(nbins=8, integer=integer_x))
+        values = [y for pts in series.values() for _, y in pts if math.isfinite(y)]
+        values += [v * 1.04 for v in (hlines or {}).values() if math.isfinite(v)]  # a budget line clear of the frame
+        _round_y(ax, min([0.0, *values]), max([0.0, *values]))
+        _legend(ax)
+    return fig
+
+
+def line_chart(series: Mapping[str, Sequence[Point]], *, title: str, xlabel: str, ylabel: str,
+               hlines: Mapping[str, float] | None = None, width: int = 720, height: int = 320,
+               integer_x: bool = False) -> bytes:
+    """:func:`line_figure` as SVG bytes."""
+    return svg_bytes(line_figure(series, title=title, xlabel=xlabel, ylabel=ylabel, hlines=hlines, width=width,
+                                 height=height, integer_x=integer_x))
+
+
+def bar_figure(groups: Sequence[str], bars: Mapping[str, Sequence[float]], *, title: str, ylabel: str,
+               markers: Mapping[str, Sequence[float]] | None = None, width: int = 720, height: int = 320) -> Figure:
+    """Grouped bars (one colour per series, each labelled with its value); ``markers`` draw a dashed
+    line across each group (e.g. a budget). Non-finite values draw nothing."""
+    import matplotlib
+
+    markers = dict(markers or {})
+    with matplotlib.rc_context(_STYLE):
+        fig, ax = _figure(width, height)
+        x = np.arange(len(groups), dtype=np.float64)
+        bar_w = 0.7 / max(len(bars), 1)
+        for i, (name, values) in enumerate(bars.items()):
+            heights = np.array([v if math.isfinite(v) else 0.0 for v in values], dtype=np.float64)
+            drawn = ax.bar(x - 0.35 + bar_w * (i + 0.5), heights, bar_w * 0.92, color=PALETTE[i % len(PALETTE)],
+                           label=name)
+            ax.bar_label(drawn, labels=[f"{v:.3g}" if math.isfinite(v) else "" for v in values], padding=2,
+                         fontsize=8, color=_TEXT)
+        for j, (name, values) in enumerate(markers.items()):
+            colour = PALETTE[(len(bars) + j) % len(PALETTE)]
+            finite = [(g, v) for g, v in enumerate(values) if math.isfinite(v)]
+            if finite:
+                ax.hlines([v for _, v in finite], [g - 0.42 for g, _ in finite], [g + 0.42 for g, _ in finite],
+                          colors=colour, linestyles="--", linewidth=2.0, label=name)
+        ax.set_xticks(x, list(groups))
+        ax.grid(axis="x", visible=False)
+        ax.set_title(title)
+        ax.set_ylabel(ylabel)
+        values = [v for vs in (*bars.values(), *markers.values()) for v in vs if math.isfinite(v)]
+        _round_y(ax, min([0.0, *values]), max([0.0, *values]) * 1.1)  # room for the value labels
+        _legend(ax)
+    return fig
+
+
+def bar_chart(groups: Sequence[str], bars: Mapping[str, Sequence[float]], *, title: str, ylabel: str,
+              markers: Mapping[str, Sequence[float]] | None = None, width: int = 720, height: int = 320) -> bytes:
+    """:func:`bar_figure` as SVG bytes."""
+    return svg_bytes(bar_figure(groups, bars, title=title, ylabel=ylabel, markers=markers, width=width,
+                                height=height))
 
 
 def png_bytes(image: Image.Image) -> bytes:
@@ -29,146 +178,9 @@ def png_bytes(image: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-def nice_ticks(low: float, high: float, count: int = 5) -> list[float]:
-    """Round tick values (1, 2 or 5 × 10^k apart) covering [low, high], as close to ``count`` as possible."""
-    if not (math.isfinite(low) and math.isfinite(high)):
-        return [0.0, 1.0]
-    if high <= low:
-        high = low + (abs(low) or 1.0)
-    raw = (high - low) / max(count - 1, 1)
-    mag = 10 ** math.floor(math.log10(raw))
-
-    def intervals(step: float) -> int:
-        return math.ceil(high / step - 1e-9) - math.floor(low / step + 1e-9)
-
-    step = min((m * mag for m in (1, 2, 5, 10)), key=lambda s: (abs(intervals(s) - (count - 1)), -s))
-    start = math.floor(low / step + 1e-9) * step
-    ticks, t = [], start
-    while t <= high + step * 0.5:
-        ticks.append(round(t, 10))
-        t += step
-    return ticks
-
-
-def _fmt(v: float) -> str:
-    return f"{v:.3g}" if abs(v) < 1e4 else f"{v:.2e}"
-
-
-class _Frame:
-    """Plot area with axes, grid, ticks, title and axis labels; maps data to pixels."""
-
-    def __init__(self, width: int, height: int, title: str, xlabel: str, ylabel: str,
-                 xticks: list[float], yticks: list[float], *, label_x: bool = True) -> None:
-        self.image = Image.new("RGB", (width, height), "white")
-        self.draw = ImageDraw.Draw(self.image)
-        self.left, self.right, self.top, self.bottom = 64, width - 150, 34, height - 44
-        self.x0, self.x1, self.y0, self.y1 = xticks[0], xticks[-1], yticks[0], yticks[-1]
-        d, font = self.draw, _font()
-        d.text((width // 2, 6), title, fill=_TEXT, font=_font(14), anchor="ma")
-        for y in yticks:
-            py = self.py(y)
-            d.line([(self.left, py), (self.right, py)], fill=_GRID)
-            d.text((self.left - 6, py), _fmt(y), fill=_TEXT, font=font, anchor="rm")
-        for x in xticks if label_x else []:
-            px = self.px(x)
-            d.line([(px, self.bottom), (px, self.bottom + 4)], fill=_AXIS)
-            d.text((px, self.bottom + 6), _fmt(x), fill=_TEXT, font=font, anchor="ma")
-        d.rectangle([self.left, self.top, self.right, self.bottom], outline=_AXIS)
-        d.text(((self.left + self.right) // 2, height - 16), xlabel, fill=_TEXT, font=font, anchor="ma")
-        d.text((6, self.top - 18), ylabel, fill=_TEXT, font=font)
-
-    def px(self, x: float) -> float:
-        return self.left + (x - self.x0) / ((self.x1 - self.x0) or 1.0) * (self.right - self.left)
-
-    def py(self, y: float) -> float:
-        return self.bottom - (y - self.y0) / ((self.y1 - self.y0) or 1.0) * (self.bottom - self.top)
-
-    def legend(self, entries: Sequence[tuple[str, str, bool]]) -> None:
-        """(label, colour, dashed) per entry, right of the plot area."""
-        font = _font()
-        for i, (label, colour, dashed) in enumerate(entries):
-            y = self.top + 8 + 18 * i
-            x = self.right + 12
-            if dashed:
-                for s in range(0, 22, 6):
-                    self.draw.line([(x + s, y), (x + s + 3, y)], fill=colour, width=2)
-            else:
-                self.draw.line([(x, y), (x + 22, y)], fill=colour, width=3)
-            self.draw.text((x + 28, y), label[:20], fill=_TEXT, font=font, anchor="lm")
-
-
-def line_chart(series: Mapping[str, Sequence[Point]], *, title: str, xlabel: str, ylabel: str,
-               hlines: Mapping[str, float] | None = None, width: int = 720, height: int = 320,
-               integer_x: bool = False) -> bytes:
-    """One line with point markers per series; ``hlines`` are dashed horizontal references (budgets).
-
-    ``integer_x``: x ticks at whole numbers only (rounds). Labels are drawn with Pillow's built-in
-    font, which has Latin glyphs only: write "epsilon", not the Greek letter.
-    """
-    hlines = dict(hlines or {})
-    xs = [x for pts in series.values() for x, _ in pts] or [0.0, 1.0]
-    ys = [y for pts in series.values() for _, y in pts if math.isfinite(y)] + list(hlines.values())
-    ys = ys or [0.0, 1.0]
-    xticks = nice_ticks(min(xs), max(xs), 6)
-    if integer_x:
-        xticks = nice_ticks(min(xs), max(max(xs), min(xs) + 1), min(6, int(max(xs) - min(xs)) + 1))
-        xticks = [t for t in xticks if float(t).is_integer()] or [min(xs), max(xs)]
-    frame = _Frame(width, height, title, xlabel, ylabel, xticks, nice_ticks(min(0.0, min(ys)), max(ys)))
-    entries: list[tuple[str, str, bool]] = []
-    for i, (name, pts) in enumerate(series.items()):
-        colour = PALETTE[i % len(PALETTE)]
-        coords = [(frame.px(x), frame.py(y)) for x, y in pts if math.isfinite(y)]
-        if len(coords) > 1:
-            frame.draw.line(coords, fill=colour, width=2)
-        for cx, cy in coords:
-            frame.draw.ellipse([cx - 3, cy - 3, cx + 3, cy + 3], fill=colour)
-        entries.append((name, colour, False))
-    for j, (name, value) in enumerate(hlines.items()):
-        colour = PALETTE[(len(series) + j) % len(PALETTE)]
-        y = frame.py(value)
-        for s in range(frame.left, frame.right, 10):
-            frame.draw.line([(s, y), (min(s + 5, frame.right), y)], fill=colour, width=2)
-        entries.append((name, colour, True))
-    frame.legend(entries)
-    return png_bytes(frame.image)
-
-
-def bar_chart(groups: Sequence[str], bars: Mapping[str, Sequence[float]], *, title: str, ylabel: str,
-              markers: Mapping[str, Sequence[float]] | None = None, width: int = 720, height: int = 320) -> bytes:
-    """Grouped bars (one colour per series); ``markers`` draw a dashed tick per group (e.g. a budget)."""
-    markers = dict(markers or {})
-    values = [v for vs in (*bars.values(), *markers.values()) for v in vs if math.isfinite(v)] or [1.0]
-    frame = _Frame(width, height, title, "", ylabel, [0.0, float(len(groups))],
-                   nice_ticks(min(0.0, min(values)), max(values) * 1.12), label_x=False)  # room for labels
-    slot = (frame.right - frame.left) / max(len(groups), 1)
-    bar_w = slot * 0.7 / max(len(bars), 1)
-    font = _font()
-    entries: list[tuple[str, str, bool]] = []
-    for g, group in enumerate(groups):
-        base = frame.left + g * slot + slot * 0.15
-        frame.draw.text((base + slot * 0.35, frame.bottom + 6), group[:16], fill=_TEXT, font=font, anchor="ma")
-        for i, vs in enumerate(bars.values()):
-            v = vs[g]
-            if math.isfinite(v):
-                x = base + i * bar_w
-                frame.draw.rectangle([x, frame.py(max(v, 0.0)), x + bar_w - 2, frame.py(0.0)],
-                                     fill=PALETTE[i % len(PALETTE)])
-                frame.draw.text((x + bar_w / 2, frame.py(max(v, 0.0)) - 2), _fmt(v), fill=_TEXT,
-                                font=font, anchor="md")
-        for j, ms in enumerate(markers.values()):
-            y = frame.py(ms[g])
-            colour = PALETTE[(len(bars) + j) % len(PALETTE)]
-            for s in np.arange(base - 4, base + slot * 0.7 + 4, 8):
-                frame.draw.line([(s, y), (s + 4, y)], fill=colour, width=3)
-    entries += [(n, PALETTE[i % len(PALETTE)], False) for i, n in enumerate(bars)]
-    entries += [(n, PALETTE[(len(bars) + j) % len(PALETTE)], True) for j, n in enumerate(markers)]
-    frame.legend(entries)
-    return png_bytes(frame.image)
-
-
 def image_table(rows: Sequence[Sequence[np.ndarray]], *, columns: Sequence[str], captions: Sequence[str],
                 scale: int = 3) -> bytes:
-    """A grid of uint8 greyscale images: one row per entry, titled columns, a caption per row."""
+    """A PNG grid of uint8 greyscale images: one row per entry, titled columns, a caption per row."""
     if not rows:
         raise ValueError("image_table needs at least one row")
     side = max(max(img.shape) for row in rows for img in row) * scale
@@ -176,7 +188,7 @@ def image_table(rows: Sequence[Sequence[np.ndarray]], *, columns: Sequence[str],
     width = pad + len(columns) * (side + pad) + cap_w
     height = head + len(rows) * (side + pad) + pad
     canvas = Image.new("RGB", (width, height), "white")
-    draw, font = ImageDraw.Draw(canvas), _font()
+    draw, font = ImageDraw.Draw(canvas), ImageFont.load_default(size=12)
     for c, name in enumerate(columns):
         draw.text((pad + c * (side + pad) + side // 2, 4), name, fill=_TEXT, font=font, anchor="ma")
     for r, row in enumerate(rows):
