@@ -35,6 +35,7 @@ from common.protocol.secagg import (
     bytes_list,
     field,
     pairs,
+    protocol_round,
     quantizer_for,
     run_of,
     secagg_record,
@@ -166,7 +167,7 @@ def mask(site: SiteConfig, content: RecordDict, state: RecordDict) -> RecordDict
     if cached is None or cached[0] is None:
         raise NothingToMask(f"site {site.site_id} trained no update for run {ref.run_id} round {server_round}")
     x = cached[0]
-    masked = client.mask(server_round, x)
+    masked = client.mask(protocol_round(server_round), x)
     with ReleaseRecord.locked(site.released_path) as record:
         record.record(ref.run_id, server_round, ref.setup_id, _digest(x))  # AlreadyReleased: refuse
     _save_client(state, client)
@@ -181,7 +182,7 @@ def unmask(site: SiteConfig, content: RecordDict, state: RecordDict) -> RecordDi
     ref = session_of(content)
     client = _load_client(state, site, ref)
     reply = client.unmask(
-        int(cast(int, field(content, "round"))),
+        protocol_round(int(cast(int, field(content, "round")))),
         str_list(content, "alive"),
         str_list(content, "dead"),
         pairs(content, "s_senders", "s_cts"),

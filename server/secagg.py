@@ -50,6 +50,7 @@ from common.protocol.secagg import (
     SessionRef,
     field,
     pairs,
+    protocol_round,
     quantizer_for,
     secagg_record,
     split_pairs,
@@ -214,7 +215,7 @@ class SecureRounds:
     def _masked_round(
         self, server: SecAggServer, server_round: int, failures: list[str]
     ) -> tuple[np.ndarray, list[str]]:
-        server.begin_round(server_round)
+        server.begin_round(protocol_round(server_round))
         request = secagg_record(self.ref, round=server_round)
         sent = _send(self.grid, dict.fromkeys(self.nodes_of.values(), request), MASK, str(server_round), self.timeout)
         for msg in self._account(_ok(sent, failures, "mask")):

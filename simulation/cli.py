@@ -89,6 +89,9 @@ def _simulate_parser(sub: SubParsers) -> None:
                         "(public, so the ε a hospital reports does not reveal its patient count)")
     p.add_argument("--d-steps-per-g", type=int, default=None,
                    help="private D steps per G step (under DP noise D must keep up with G)")
+    p.add_argument("--warm-start-share", type=float, default=None,
+                   help="share of each hospital's ε for round 0's release of its class means, which starts "
+                        "and anchors the generator (docs/privacy.md); 0: no warm start")
     p.add_argument("--cpus-per-site", type=int, default=1, help="whole CPUs reserved per virtual hospital")
     p.add_argument("--device", default=None,
                    help="auto (CUDA when a GPU is visible to the virtual hospitals, else CPU), cpu, cuda")
@@ -195,6 +198,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             timeout_s=args.timeout,
             resume=args.resume,
             secure_aggregation=False if args.plain_aggregation else None,
+            warm_start_share=args.warm_start_share,
             reference=args.reference,
         )
     )

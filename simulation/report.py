@@ -23,6 +23,7 @@ from typing import Any
 
 from client.ledger import PrivacyLedger
 from common.atomic import write_json_atomic
+from common.dp.warm_start import WARM_START_ROUND
 from common.round_record import RECORDS_FILE, read_server_state
 
 
@@ -59,7 +60,7 @@ def build_summary(
     attempted = [*rounds, *([stopped.last_round_attempted] if stopped is not None else [])]
     exhausted = {s for r in attempted for s in r.sites_budget_exhausted}
     summary: dict[str, Any] = {
-        "rounds_completed": len(rounds),
+        "rounds_completed": len([r for r in rounds if r.round != WARM_START_ROUND]),  # GAN rounds
         "secure_aggregation": state is not None and state.secure_aggregation,
         "stopped_early": stopped.reason if stopped is not None else None,
         "sites": {

@@ -40,7 +40,7 @@ from simulation.phantoms import phantom_population
 from simulation.report import build_summary, format_summary
 from simulation.superlink import LocalSuperLink
 
-ROUND_LINE = re.compile(r"round (\d+)/(\d+): .*")
+ROUND_LINE = re.compile(r"round (\d+)/(\d+): .*|round 0 \(warm start\): .*")
 
 
 RUN_OPTIONS: dict[str, str] = {
@@ -56,6 +56,7 @@ RUN_OPTIONS: dict[str, str] = {
     "d_steps_per_g": "train.d-steps-per-g",
     "device": "train.device",
     "secure_aggregation": "secure-aggregation",
+    "warm_start_share": "warm-start.budget-share",
 }
 
 
@@ -91,6 +92,7 @@ class SimulateOptions:
     timeout_s: float = 3600.0
     resume: bool = False
     secure_aggregation: bool | None = None
+    warm_start_share: float | None = None
     extra_config: tuple[tuple[str, RunConfigValue], ...] = ()
     reference: Path | None = None  # real images to evaluate the final model against (.npz or prepared cache)
     run: RunConfig = field(init=False, repr=False, compare=False)  # the app defaults with overrides()
@@ -264,7 +266,8 @@ def simulate(opts: SimulateOptions, say: Callable[[str], None] = print) -> dict[
     check_out_dir(opts.out)
     opts.out.mkdir(parents=True, exist_ok=True)
     if not opts.resume:
-        for stale in ("checkpoints", "samples", "server_state.json", "summary.json", "report.html", "evaluation"):
+        for stale in ("checkpoints", "samples", "server_state.json", "summary.json", "report.html", "evaluation",
+                      "warm_start.json"):
             path = opts.out / stale
             if path.is_dir():
                 shutil.rmtree(path)
@@ -309,15 +312,37 @@ def simulate(opts: SimulateOptions, say: Callable[[str], None] = print) -> dict[
     return summary
 
 
+REFERENCE_SEED_OFFSET = 1_000_003  # the phantom reference's seed: never the training population's
+REFERENCE_PATIENTS = 200
+
+
+def phantom_reference(opts: SimulateOptions, say: Callable[[str], None]) -> Path:
+    """A phantom population no hospital trained on (another seed), prepared like a site: the
+    yardstick of a phantom run. Phantoms are synthetic, so comparing them with the model's
+    images in the report reveals nothing about anyone."""
+    root = opts.out / "reference"
+    source = phantom_population(REFERENCE_PATIENTS, opts.images_per_patient, image_size=64,
+                                seed=opts.run.federation.seed + REFERENCE_SEED_OFFSET)
+    if not (root / "dicom").exists():
+        write_site_dicom(source, np.arange(source.labels.size), root / "dicom", site_name="reference",
+                         seed=opts.run.federation.seed + REFERENCE_SEED_OFFSET)
+    prepare_site(root / "dicom", root / "cache", image_size=opts.run.model.image_size,
+                 salt=load_or_create_salt(root / "salt"), class_names=source.class_names, progress=False)
+    say(f"reference: {source.labels.size} phantom images of {REFERENCE_PATIENTS} patients no hospital holds")
+    return root / "cache"
+
+
 def evaluate_run(opts: SimulateOptions, say: Callable[[str], None]) -> dict[str, Any] | None:
-    """The evaluation of the run's newest checkpoint against ``opts.reference`` (None without one)."""
-    if opts.reference is None:
+    """The evaluation of the run's newest checkpoint against ``opts.reference`` or, for phantoms,
+    against a fresh phantom population (None for a data set without ``--reference``)."""
+    if opts.reference is None and opts.dataset is not None:
         return None
     from common.evaluation.evaluate import EvaluateOptions, evaluate  # torch: only when evaluating
 
     if not any((opts.out / "checkpoints").glob("round-*.safetensors")):
         say("evaluation skipped: the run produced no checkpoint")
         return None
-    say(f"evaluating the final model against {opts.reference}")
-    return evaluate(EvaluateOptions(checkpoint=opts.out, reference=opts.reference, seed=opts.run.federation.seed),
+    reference = opts.reference if opts.reference is not None else phantom_reference(opts, say)
+    say(f"evaluating the final model against {reference}")
+    return evaluate(EvaluateOptions(checkpoint=opts.out, reference=reference, seed=opts.run.federation.seed),
                     say=say)

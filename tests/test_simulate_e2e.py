@@ -41,31 +41,43 @@ def test_three_phantom_hospitals_two_rounds_complete(demo_run: tuple[Path, subpr
     # summary layout
     assert summary["rounds_completed"] == 2
     assert summary["secure_aggregation"] is True
-    assert [r["round"] for r in summary["rounds"]] == [1, 2]
+    # round 0 is the warm-start release (no losses: nothing trained), then the two GAN rounds
+    assert [r["round"] for r in summary["rounds"]] == [0, 1, 2]
     assert all(r["sites_trained"] == ["site-0", "site-1", "site-2"] for r in summary["rounds"])
-    assert all(np.isfinite(r["loss_d_fake"]) and np.isfinite(r["loss_g"]) for r in summary["rounds"])
+    assert summary["rounds"][0]["loss_d_fake"] is None
+    assert all(np.isfinite(r["loss_d_fake"]) and np.isfinite(r["loss_g"]) for r in summary["rounds"][1:])
     assert set(summary["sites"]) == {"site-0", "site-1", "site-2"}
     for site, s in summary["sites"].items():
         assert {"epsilon", "delta", "steps", "status", "ledger"} <= set(s)
-        assert s["status"] == "ok" and s["delta"] == 1e-5 and s["steps"] == 8
+        assert s["status"] == "ok" and s["delta"] == 1e-5 and s["steps"] == 9
         # ledger layout, and epsilon recomputable from it; calibration ends at ≤ budget
         raw = json.loads((out / s["ledger"]).read_text())
         assert raw["accountant"] == "prv" and raw["delta"] == 1e-5 and raw["epsilon_budget"] == 8.0
-        assert [(h["round"], h["steps"]) for h in raw["history"]] == [(1, 4), (2, 4)]
+        first = raw["history"][0]
+        assert (first["round"], first["sample_rate"], first["steps"]) == (0, 1.0, 1)
+        assert [(h["round"], h["steps"]) for h in raw["history"]][1:] == [(1, 4), (2, 4)]
         assert len({h["run"] for h in raw["history"]}) == 1
         ledger = PrivacyLedger.read(out / s["ledger"])
         assert s["epsilon"] == pytest.approx(epsilon_of(ledger.charges, 1e-5))
         assert 8.0 - 0.05 < s["epsilon"] <= 8.0, site
-    # checkpoints: pickle-free, verified, one per round
+        assert 0.19 * 8.0 <= epsilon_of(ledger.charges[:1], 1e-5) <= 0.2 * 8.0  # the release's share
+    # the summed release is kept for a resumed run
+    warm = json.loads((out / "warm_start.json").read_text())
+    assert warm["format"] == 1 and len(warm["sum"]) == 2 * (64 + 2 * 500 + 1)
+    # checkpoints: pickle-free, verified, one per round (round 0: the pre-trained G)
     names = sorted(p.name for p in (out / "checkpoints").iterdir())
-    assert names == ["round-0001.safetensors", "round-0002.safetensors"]
+    assert names == ["round-0000.safetensors", "round-0001.safetensors", "round-0002.safetensors"]
     ckpt = latest_valid_checkpoint(out / "checkpoints")
     assert ckpt is not None and ckpt.round == 2
-    assert load_checkpoint(out / "checkpoints" / names[0]).round == 1
+    assert load_checkpoint(out / "checkpoints" / names[1]).round == 1
     # samples: one PNG grid per round, one row per class
-    for r in (1, 2):
+    for r in (0, 1, 2):
         img = Image.open(out / "samples" / f"round-{r:04d}.png")
         assert img.mode == "L" and img.size[0] > img.size[1] > 0
+    # phantoms: evaluated against a phantom population no hospital holds; real beside synthetic
+    assert summary["evaluation"]["tstr_auc"] is not None
+    assert (out / "evaluation" / "real_vs_synthetic.png").is_file()
+    assert "TSTR AUC" in proc.stdout
     # the user sees where results are and each hospital's epsilon
     assert "ε =" in proc.stdout and str(out) in proc.stdout
 
@@ -99,7 +111,7 @@ def test_fixed_noise_small_budget_stops_cleanly_with_status(tmp_path: Path) -> N
     proc = _medsynth(
         "simulate", "--out", str(out), "--sites", "3", "--rounds", "4", "--epsilon", "2.0",
         "--noise-multiplier", "3.0", "--patients-per-site", "12", "--images-per-patient", "2",
-        "--local-steps", "6", "--batch-size", "4", "--sample-rate", str(1 / 3),
+        "--local-steps", "6", "--batch-size", "4", "--sample-rate", str(1 / 3), "--warm-start-share", "0",
     )
     # assert: the run ended normally, fewer rounds than asked, every site at or below budget
     assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
@@ -123,7 +135,7 @@ def test_secure_and_plain_simulations_give_the_same_model(tmp_path: Path) -> Non
         out = tmp_path / ("secure" if secure else "plain")
         simulate(SimulateOptions(
             out=out, sites=3, rounds=1, epsilon=8.0, noise_multiplier=1.1, patients_per_site=12,
-            images_per_patient=2, local_steps=3, batch_size=4, secure_aggregation=secure,
+            images_per_patient=2, local_steps=3, batch_size=4, secure_aggregation=secure, warm_start_share=0.0,
             extra_config=(("sim.deterministic-noise", True), ("model.g-width", 16)),
         ), say=lambda _: None)
         summary = json.loads((out / "summary.json").read_text())

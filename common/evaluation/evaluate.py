@@ -44,6 +44,7 @@ from common.report.plots import image_table
 FD_KIND = ("domain FD/KID: features of a small CNN trained (fixed seed) on the reference's own training split; "
            "not Inception FID, not comparable with published FIDs")
 EVALUATION_DIR = "evaluation"
+REAL_VS_SYNTHETIC = "real_vs_synthetic.png"
 
 
 class EvaluationError(UserError, ValueError):
@@ -131,6 +132,24 @@ def closest_pairs_png(mem: Memorization, fake: np.ndarray, reference: ReferenceD
     return image_table(rows, columns=["synthetic", "nearest train", "nearest held-out"], captions=captions)
 
 
+def real_vs_synthetic_png(fake: np.ndarray, fake_labels: np.ndarray, reference: ReferenceData,
+                          class_names: tuple[str, ...], n: int = 6) -> bytes:
+    """One row per class: ``n`` real training images of the class, then ``n`` synthetic ones."""
+    def u8(x: np.ndarray) -> np.ndarray:
+        return np.clip((x[0] + 1.0) * 127.5, 0, 255).round().astype(np.uint8)  # (S, S)
+
+    rows, captions = [], []
+    for k, name in enumerate(class_names):
+        real = reference.train.images[reference.train.labels == k][:n]
+        synth = fake[fake_labels == k][:n]
+        if real.shape[0] < n or synth.shape[0] < n:
+            continue
+        rows.append([u8(x) for x in real] + [u8(x) for x in synth])
+        captions.append(name)
+    columns = ["real"] + [""] * (n - 1) + ["synthetic"] + [""] * (n - 1)
+    return image_table(rows, columns=columns, captions=captions)
+
+
 def _fidelity(extractor: FeatureExtractor, fake: np.ndarray, real: np.ndarray, seed: int) -> dict[str, float]:
     f_fake, f_real = extractor(fake), extractor(real)
     kid, kid_std = kernel_distance(f_real, f_fake, seed=seed)
@@ -187,6 +206,9 @@ def evaluate(
     say(f"TSTR AUC {tstr.auc:.3f} ACC {tstr.accuracy:.3f}; TRTR AUC {trtr.auc:.3f} ACC {trtr.accuracy:.3f}")
     result.update(memorization_rate=None, nearer_train_share=None, memorization_ratio=opts.memorization_ratio)
     out.mkdir(parents=True, exist_ok=True)
+    if not opts.aggregate_only and generator.cfg.conditional:  # real images beside synthetic: never at a hospital
+        write_bytes_atomic(out / REAL_VS_SYNTHETIC, real_vs_synthetic_png(fake, labels, reference,
+                                                                          reference.class_names))
     if reference.held_out is not None:
         mem = memorization(fake, reference.train.images, reference.held_out.images, ratio=opts.memorization_ratio)
         result.update(memorization_rate=mem.rate, nearer_train_share=mem.nearer_share)

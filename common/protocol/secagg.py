@@ -108,6 +108,16 @@ def split_pairs(mapping: Mapping[str, bytes]) -> tuple[list[str], list[bytes]]:
     return keys, [mapping[k] for k in keys]
 
 
+def protocol_round(server_round: int) -> int:
+    """The secure-aggregation round of a Flower round: ``server_round + 1``.
+
+    The protocol binds its key setup to round 0 (``common.secagg.client.SETUP_ROUND``: the
+    associated data of the s-key shares) and needs rounds to increase, so data rounds start at 1;
+    Flower round 0 (the warm-start release) is protocol round 1, Flower round r is r + 1.
+    """
+    return server_round + 1
+
+
 def quantizer_for(run: RunConfig, layout: UpdateLayout, server_round: int) -> Quantizer:
     """The ring encoding both sides agree on for a round; bounds follow from the training config.
 

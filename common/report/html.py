@@ -134,6 +134,12 @@ def _evaluation(ev: Mapping[str, Any], closest_pairs: Path | None) -> str:
               "n_synthetic": "synthetic images", "extractor_sha256": "feature extractor sha256",
               "reference": "reference", "model_sha256": "model sha256"}
     parts.append(_table(["metric", "value"], [[labels[k], ev[k]] for k in labels if k in ev]))
+    real_vs_synthetic = None if closest_pairs is None else closest_pairs.parent / "real_vs_synthetic.png"
+    if real_vs_synthetic is not None and real_vs_synthetic.is_file():
+        parts.append("<h3>Real and synthetic images, by class</h3>"
+                     '<p class="note">Real images of the reference (left) beside synthetic images of the same '
+                     "class (right).</p>")
+        parts.append(_img(real_vs_synthetic.read_bytes(), "Real and synthetic images"))
     if closest_pairs is not None and closest_pairs.is_file():
         parts.append("<h3>Closest synthetic–training pairs</h3>"
                      '<p class="note">The synthetic images nearest (relative to the held-out set) to a training '
