@@ -84,7 +84,7 @@ class ModelConfig:
     num_classes: int
     conditional: bool
     aux_classifier: bool  # AC-GAN class head on D (needs conditional); see common/models.py
-    upsample: str = "resize"  # G's upsampling: "resize" (nearest, then 3×3 conv) or "transposed"
+    upsample: str  # G's upsampling: "resize" (nearest, then 3×3 conv) or "transposed"
 
     def __post_init__(self) -> None:
         if self.image_size not in (32, 64):

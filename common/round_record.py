@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from common.atomic import write_json_atomic
+from common.dp.warm_start import WARM_START_ROUND
 from common.errors import UserError
 
 RECORDS_FILE = "server_state.json"
@@ -244,6 +245,12 @@ class RoundRecord:
     secure: SecureStats | None = None  # None: plain aggregation, or no update
 
     def __post_init__(self) -> None:
+        if self.round == WARM_START_ROUND:  # the release: contributions in the sum, but no training, no losses
+            if self.metrics is not None:
+                raise RecordError("round 0 is the warm-start release: it has no losses")
+            if self.secure is not None and not self.sites_trained:
+                raise RecordError("round 0: secure-aggregation stats without a release")
+            return
         if (self.metrics is None) != (not self.sites_trained):
             raise RecordError(f"round {self.round}: losses are recorded exactly when a hospital trained "
                               f"(trained: {list(self.sites_trained)}, losses: {self.metrics})")

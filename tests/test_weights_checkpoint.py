@@ -56,7 +56,7 @@ def test_resume_picks_the_last_good_checkpoint(tmp_path: Path) -> None:
     # assert
     assert ckpt is not None and ckpt.round == 2
     assert ckpt.history == (_round(1), _round(2))
-    np.testing.assert_array_equal(ckpt.arrays["g.body.0.weight"], arrays["g.body.0.weight"] + 2)
+    np.testing.assert_array_equal(ckpt.arrays["g.project.weight"], arrays["g.project.weight"] + 2)
 
 
 def test_altered_checkpoint_fails_its_hash(tmp_path: Path) -> None:

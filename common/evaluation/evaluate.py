@@ -44,6 +44,10 @@ from common.report.plots import image_table
 FD_KIND = ("domain FD/KID: features of a small CNN trained (fixed seed) on the reference's own training split; "
            "not Inception FID, not comparable with published FIDs")
 EVALUATION_DIR = "evaluation"
+# TSTR trains on this many times the real training images (drawn from the model): measured on a
+# PneumoniaMNIST ε = 10 checkpoint, 1× gave TSTR AUC 0.827 and 4.25× 0.849 (same model, same judge).
+TSTR_MULTIPLE = 5
+FIDELITY_MAX = 5000  # real (and as many synthetic) images in FD/KID/precision-recall
 REAL_VS_SYNTHETIC = "real_vs_synthetic.png"
 
 
@@ -71,8 +75,8 @@ class EvaluateOptions:
     reference: Path
     out: Path | None = None
     held_out: Path | None = None
-    n_synthetic: int | None = None  # None: as many as real training images (≤ max_synthetic)
-    max_synthetic: int = 5000
+    n_synthetic: int | None = None  # None: TSTR_MULTIPLE × the real training images (≤ max_synthetic)
+    max_synthetic: int = 20000
     class_balance: Literal["real", "uniform"] = "real"
     seed: int = 0
     aggregate_only: bool = False
@@ -186,14 +190,15 @@ def evaluate(
     extractor = load_or_train_extractor(reference, cache_dir=opts.cache_dir)
     say(f"feature extractor {'trained and cached' if extractor.trained_now else 'from cache'}: {extractor.path} "
         f"(sha256 {extractor.sha256[:12]}…)")
-    n = opts.n_synthetic or min(len(reference.train), opts.max_synthetic)
+    n = opts.n_synthetic or min(TSTR_MULTIPLE * len(reference.train), opts.max_synthetic)
     num_classes = len(reference.class_names)
     shares = reference.class_shares() if opts.class_balance == "real" else np.full(num_classes, 1.0 / num_classes)
     labels = balanced_labels(n, shares, seed=opts.seed)
     fake = generator.sample(labels, seed=opts.seed)
-    real_cap = reference.train.images[: opts.max_synthetic]
+    real_cap = reference.train.images[:FIDELITY_MAX]
+    fidelity_fake = fake[: real_cap.shape[0]]  # FD/KID/PRDC: as many synthetic as real images
     result: dict[str, Any] = {"fd_kind": FD_KIND, "n_synthetic": n, "class_balance": opts.class_balance,
-                              **_fidelity(extractor, fake, real_cap, opts.seed)}
+                              **_fidelity(extractor, fidelity_fake, real_cap, opts.seed)}
     say(f"domain FD {result['fd']:.3f}, KID {result['kid']:.4f}, precision {result['precision']:.3f}, "
         f"recall {result['recall']:.3f}")
     if generator.cfg.conditional:
@@ -210,12 +215,13 @@ def evaluate(
         write_bytes_atomic(out / REAL_VS_SYNTHETIC, real_vs_synthetic_png(fake, labels, reference,
                                                                           reference.class_names))
     if reference.held_out is not None:
-        mem = memorization(fake, reference.train.images, reference.held_out.images, ratio=opts.memorization_ratio)
+        mem = memorization(fidelity_fake, reference.train.images, reference.held_out.images,
+                           ratio=opts.memorization_ratio)
         result.update(memorization_rate=mem.rate, nearer_train_share=mem.nearer_share)
         say(f"memorization: {mem.rate:.2%} of synthetic images are < {opts.memorization_ratio:g}× as far from "
             f"a training image as from any held-out one ({mem.nearer_share:.2%} simply nearer)")
         if not opts.aggregate_only:
-            write_bytes_atomic(out / "closest_pairs.png", closest_pairs_png(mem, fake, reference))
+            write_bytes_atomic(out / "closest_pairs.png", closest_pairs_png(mem, fidelity_fake, reference))
     else:
         say("memorization: skipped, no held-out real images (pass --held-out with a prepared folder)")
     result.update(
