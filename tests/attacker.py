@@ -34,6 +34,7 @@ RUN_ID = 4242
 
 #: A small, fast run through the real code: 3 DP steps, narrow models, fresh (OS) DP noise.
 FAST: dict[str, Any] = {
+    "warm-start__budget-share": 0.0,  # the attacks target training rounds; test_warm_start covers round 0
     "train__local-steps": 3, "train__batch-size": 4, "model__g-width": 16, "model__d-width": 16,
     "dp__calibrate": False, "dp__noise-multiplier": 1.2, "dp__sample-rate": 0.3, "wait-nodes-timeout": 5.0,
     "secure-aggregation": True, "min-nodes": 3,

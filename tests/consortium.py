@@ -39,6 +39,7 @@ FAST_RUN: dict[str, Any] = {
     "round-timeout": 90.0,
     "wait-nodes-timeout": 120.0,
     "secure-aggregation": True,
+    "warm-start.budget-share": 0.0,  # round 0 is covered by test_warm_start and the simulation test
 }
 
 

@@ -69,7 +69,7 @@ def _context(tmp_path: Path) -> Context:
     from tests.helpers import default_run_config
 
     return Context(run_id=1, node_id=5, node_config=node, state=RecordDict(),
-                   run_config=default_run_config())  # type: ignore[arg-type]
+                   run_config=default_run_config(**{"warm-start__budget-share": 0.0}))  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(

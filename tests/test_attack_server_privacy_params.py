@@ -26,7 +26,7 @@ def _ask(tmp_path: Path, **run: object) -> tuple[str, str]:
     (tmp_path / "dicom").mkdir(exist_ok=True)
     node = {**NODE, "data-dir": str(tmp_path / "dicom"), "state-dir": str(tmp_path),
             "allow-plain-aggregation": True}
-    cfg = default_run_config(**{"secure-aggregation": False, **run})
+    cfg = default_run_config(**{"secure-aggregation": False, "warm-start__budget-share": 0.0, **run})
     msg = Message(encode_train_request({}, 1), dst_node_id=5, message_type="train", group_id="1")
     ctx = Context(run_id=1, node_id=5, node_config=node, state=RecordDict(), run_config=cfg)  # type: ignore[arg-type]
     reply = decode_reply(train(msg, ctx).content)

@@ -219,6 +219,7 @@ def test_medsynth_three_hospitals_on_the_deployment_engine(hospitals: Hospitals,
         "model.g-width": 16,
         "model.d-width": 16,
         "secure-aggregation": secure,
+        "warm-start.budget-share": 0.0,
         "round-timeout": 120.0,
         "wait-nodes-timeout": 30.0,
     }

@@ -12,7 +12,8 @@ from simulation.fed_inprocess import FedPlan, train_federated
 from tests.helpers import toy_dataset
 
 RUN = run_config({"model.g-width": 8, "model.d-width": 8, "model.latent-dim": 8, "train.local-steps": 3,
-                  "train.batch-size": 4, "train.device": "cpu", "num-server-rounds": 2})
+                  "train.batch-size": 4, "train.device": "cpu", "num-server-rounds": 2,
+                  "warm-start.budget-share": 0.0})
 MODEL = RUN.model
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common.evaluation.evaluate import EvaluateOptions, evaluate, trtr_score, tstr_score
+from common.evaluation.evaluate import TSTR_MULTIPLE, EvaluateOptions, evaluate, trtr_score, tstr_score
 from common.evaluation.features import ExtractorCacheCorrupt, load_or_train_extractor
 from common.evaluation.reference import ReferenceData, load_reference
 from common.export import Provenance
@@ -100,12 +100,14 @@ def test_a_copying_generator_is_flagged_and_a_noise_generator_is_not(
     assert copying["fd"] < noise["fd"] / 10
     assert copying["precision"] > 0.9 and noise["precision"] == 0.0
     assert copying["tstr_auc"] > 0.85  # (noise's TSTR is left out: on this toy any brightness ranking scores)
-    assert copying["n_synthetic"] == 160 and "not Inception FID" in copying["fd_kind"]
+    assert copying["n_synthetic"] == TSTR_MULTIPLE * 160 and "not Inception FID" in copying["fd_kind"]
     assert copying["extractor_sha256"] == noise["extractor_sha256"]  # one cached extractor for both
     # the picture of the closest pairs holds real images: written, but not in aggregate-only mode
     assert (tmp_path / "copy" / "closest_pairs.png").is_file()
     assert (tmp_path / "copy" / "evaluation.json").is_file()
     assert not (tmp_path / "noise" / "closest_pairs.png").exists()
+    assert (tmp_path / "copy" / "real_vs_synthetic.png").is_file()  # real beside synthetic, by class
+    assert not (tmp_path / "noise" / "real_vs_synthetic.png").exists()
 
 
 def test_the_extractor_is_cached_hashed_and_refused_when_altered(toy_npz: Path, tmp_path: Path) -> None:

@@ -47,6 +47,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
         "sim__sites-dir": str(sites), "output-dir": str(out), "num-server-rounds": 2, "train__local-steps": 2,
         "train__batch-size": 4, "model__g-width": 8, "model__d-width": 8, "dp__calibrate": False,
         "dp__noise-multiplier": 1.3, "wait-nodes-timeout": 5.0, "secure-aggregation": False,
+        "warm-start__budget-share": 0.0,
     })
     run_federation(InProcessGrid(3, cfg, RUN_ID), RunConfig.from_flower(cfg), ServerPaths(out), RUN_ID)  # type: ignore[arg-type]
     return out, sites

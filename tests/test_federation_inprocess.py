@@ -58,6 +58,7 @@ def _config(sites_dir: Path, out: Path, **overrides: object) -> dict[str, object
         "dp__sample-rate": 0.25,  # the public q: 4 expected patients of a 16-patient site
         "wait-nodes-timeout": 5.0,
         "secure-aggregation": False,  # these tests are about the plain loop; see test_secure_federation
+        "warm-start__budget-share": 0.0,  # round 0: test_warm_start
     }
     base.update(overrides)
     return default_run_config(**base)

@@ -33,6 +33,7 @@ from tests.inprocess import write_phantom_sites
 
 RUN_ID, NODE_ID = 31, 101
 RUN_CONFIG = default_run_config(**{
+    "warm-start__budget-share": 0.0,
     "train__local-steps": 3, "train__batch-size": 4, "model__g-width": 16, "model__d-width": 16,
     "dp__calibrate": False, "dp__noise-multiplier": 1.2, "secure-aggregation": False,
 })

@@ -40,7 +40,7 @@ def _config(sites: Path, out: Path, secure: bool, rounds: int = 1) -> dict[str, 
         "sim__sites-dir": str(sites), "output-dir": str(out), "num-server-rounds": rounds,
         "train__local-steps": 3, "train__batch-size": 4, "model__g-width": 16, "model__d-width": 16,
         "dp__calibrate": False, "dp__noise-multiplier": 1.2, "wait-nodes-timeout": 5.0,
-        "secure-aggregation": secure, "sim__deterministic-noise": True, "min-nodes": 3,
+        "secure-aggregation": secure, "sim__deterministic-noise": True, "min-nodes": 3, "warm-start__budget-share": 0.0,
     })
 
 
@@ -150,7 +150,7 @@ def test_a_deployed_hospital_refuses_plain_aggregation_unless_it_allows_it(tmp_p
     from client.audit import read_entries
     from common.protocol.messages import decode_reply, encode_train_request, error_reason
 
-    cfg = default_run_config(**{"secure-aggregation": False})
+    cfg = default_run_config(**{"secure-aggregation": False, "warm-start__budget-share": 0.0})
     msg = Message(encode_train_request({}, 1), dst_node_id=5, message_type="train", group_id="1")
     node_config = {"data-dir": str(tmp_path / "dicom"), "state-dir": str(tmp_path), "epsilon-budget": 5.0,
                    "class-names": "normal,lesion", "members": "dicom=" + "ab" * 32}

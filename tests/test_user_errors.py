@@ -180,7 +180,7 @@ def _context(tmp_path: Path) -> Context:
         "epsilon-budget": 10.0, "class-names": "normal,lesion", "members": "site-0=" + "ab" * 32,
     }
     return Context(run_id=1, node_id=5, node_config=node, state=RecordDict(),
-                   run_config=default_run_config())  # type: ignore[arg-type]  # run config: values of any type
+                   run_config=default_run_config(**{"warm-start__budget-share": 0.0}))  # type: ignore[arg-type]  # run config: values of any type
 
 
 @pytest.mark.parametrize(
