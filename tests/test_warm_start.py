@@ -240,3 +240,21 @@ def test_a_warm_started_round_without_the_summed_release_is_refused_before_any_c
     assert missing.status == wrong.status == "error"
     assert missing.reason == wrong.reason == error_reason("model-refused")
     assert not site.ledger_path.exists()
+
+
+def test_the_server_keeps_the_summed_release_for_a_resumed_run(tmp_path: Path) -> None:
+    from common.round_record import RecordError
+    from server.rounds import WarmStartRelease
+
+    # prepare
+    total = np.arange(2 * (64 + 2 * 50 + 1), dtype=np.float64) * 0.5
+    path = tmp_path / "warm_start.json"
+    # act
+    WarmStartRelease(run_id=7, total=total).write(path)
+    back = WarmStartRelease.read(path, total.size)
+    # assert: the same values come back; a file of another size is refused, an absent one is None
+    assert back is not None and back.run_id == 7
+    np.testing.assert_array_equal(back.total, total)
+    with pytest.raises(RecordError, match="not a warm-start release"):
+        WarmStartRelease.read(path, total.size + 1)
+    assert WarmStartRelease.read(tmp_path / "absent.json", total.size) is None

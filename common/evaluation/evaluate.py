@@ -140,7 +140,8 @@ def real_vs_synthetic_png(fake: np.ndarray, fake_labels: np.ndarray, reference: 
                           class_names: tuple[str, ...], n: int = 6) -> bytes:
     """One row per class: ``n`` real training images of the class, then ``n`` synthetic ones."""
     def u8(x: np.ndarray) -> np.ndarray:
-        return np.clip((x[0] + 1.0) * 127.5, 0, 255).round().astype(np.uint8)  # (S, S)
+        out: np.ndarray = np.clip((x[0] + 1.0) * 127.5, 0, 255).round().astype(np.uint8)  # (S, S)
+        return out
 
     rows, captions = [], []
     for k, name in enumerate(class_names):
