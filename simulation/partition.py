@@ -29,7 +29,7 @@ from common.export import secondary_capture
 
 # BT.601 luma, the same rule as common.dicom.read for colour DICOM.
 _LUMA = np.array([0.299, 0.587, 0.114])
-_MEDMNIST_CLASSES = {"pneumoniamnist": ("normal", "pneumonia")}
+_MEDMNIST_CLASSES = {"pneumoniamnist": ("normal", "pneumonia"), "hc18-28": ("small-head", "large-head")}
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 

@@ -32,7 +32,7 @@ import numpy as np
 from common.dataset import CACHE_FILE, DatasetError, load_cache, resize_to_square
 from common.errors import UserError
 
-_MEDMNIST_CLASSES = {"pneumoniamnist": ("normal", "pneumonia")}
+_MEDMNIST_CLASSES = {"pneumoniamnist": ("normal", "pneumonia"), "hc18-28": ("small-head", "large-head")}
 TEST_SHARE = 0.2  # share of patients of a prepared cache used as the real test split
 
 
