@@ -32,7 +32,8 @@ def test_a_second_session_for_a_completed_round_gets_no_masked_update(completed:
     # act: a new session with three of them, then the request to mask round 1 again
     attack.driver.setup(three, attack.failures)
     assert attack.driver.server is not None
-    with pytest.raises(Exception, match="masked inputs in round 1, need 3"):
+    # (the protocol numbers Flower round r as r + 1: its round 0 is the key setup)
+    with pytest.raises(Exception, match="0 masked inputs in round 2, need 3"):
         attack.driver._masked_round(attack.driver.server, 1, attack.failures)
 
     # assert: each of the three refused with the fixed text, and nothing was unmasked

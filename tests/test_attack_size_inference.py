@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from common.protocol.secagg import quantizer_for
 from common.weights import PUBLIC_WEIGHT
 from tests.attacker import Attack, write_sites
 
@@ -33,7 +34,8 @@ def test_hospitals_of_different_sizes_send_identical_privacy_records_and_sum_no_
     privacy, node_of = attack.driver.train(attack.nodes, attack.arrays, 1, attack.failures)
     server = attack.driver._session_for(node_of, attack.failures)
     total, alive = attack.driver._masked_round(server, 1, attack.failures)
-    _, weight, _ = attack.driver.layout.unpack_sum(attack.driver.quantizer.decode_sum(total, len(alive)))
+    quantizer = quantizer_for(attack.run, attack.driver.layout, 1)
+    _, weight, _ = attack.driver.layout.unpack_sum(quantizer.decode_sum(total, len(alive)))
 
     # assert: the records differ only in the site id; Σω = number of contributors
     records = [{k: v for k, v in vars(r).items() if k != "site_id"} for r in privacy.values()]
