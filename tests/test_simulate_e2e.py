@@ -14,6 +14,7 @@ from PIL import Image
 from client.ledger import PrivacyLedger
 from common.checkpoint import latest_valid_checkpoint, load_checkpoint
 from common.dp.accounting import epsilon_of
+from common.report.plots import SVG_MIME
 
 pytestmark = pytest.mark.slow
 
@@ -85,8 +86,9 @@ def test_three_phantom_hospitals_two_rounds_complete(demo_run: tuple[Path, subpr
 def test_report_html_is_written_with_the_plots(demo_run: tuple[Path, subprocess.CompletedProcess[str]]) -> None:
     out, proc = demo_run
     page = (out / "report.html").read_text()
-    for alt in ("Per-round losses", "Epsilon per round", "Epsilon against budget",
-                "Sample grid round-0001", "Sample grid round-0002"):
+    for alt in ("Per-round losses", "Epsilon per round", "Epsilon against budget"):  # matplotlib charts
+        assert f'<img alt="{alt}" src="data:{SVG_MIME};base64,' in page, alt
+    for alt in ("Sample grid round-0001", "Sample grid round-0002", "Real and synthetic images"):
         assert f'<img alt="{alt}" src="data:image/png;base64,' in page, alt
     assert "<td>site-2</td>" in page and "http" not in page  # exact figures; nothing fetched when opened
     assert str(out / "report.html") in proc.stdout
