@@ -36,8 +36,9 @@ from common.checkpoint import save_checkpoint
 from common.config import ConfigError, RunConfig, SiteConfig
 from common.dataset import LocalDataset, load_cache
 from common.dp.accounting import Charge, PrivacyBudgetExceeded, calibrate_noise_multiplier, check_budget
-from common.dp.embedding import Anchor, ClassTargets, FeatureMap, noisy_release, release_noise_multiplier
+from common.dp.embedding import Anchor, ClassTargets, FeatureMap
 from common.dp.noise import ChaCha20Gaussian
+from common.dp.release import noisy_release, release_noise_multiplier
 from common.dp.train import train_local_round
 from common.dp.warm_start import WARM_START_ROUND, EmbeddingSpec
 from common.models import build_models, select_device

@@ -34,8 +34,8 @@ from common.dp.embedding import (
     embedding_loss,
     patient_sum,
     pretrain_generator,
-    release_noise_multiplier,
 )
+from common.dp.release import release_noise_multiplier
 from common.dp.warm_start import WARM_START_ROUND, EmbeddingSpec
 from common.models import build_models
 from common.protocol.messages import SiteReply, decode_reply, encode_train_request, error_reason
@@ -258,3 +258,13 @@ def test_the_server_keeps_the_summed_release_for_a_resumed_run(tmp_path: Path) -
     with pytest.raises(RecordError, match="not a warm-start release"):
         WarmStartRelease.read(path, total.size + 1)
     assert WarmStartRelease.read(tmp_path / "absent.json", total.size) is None
+
+
+def test_the_server_app_does_not_load_opacus() -> None:
+    # Opacus configures the root logger when imported; in the ServerApp process that silenced the
+    # round lines the server daemon waits for. The warm start's server side must not pull it in.
+    import subprocess
+    import sys
+
+    code = "import sys, server.app, server.rounds; sys.exit(1 if 'opacus' in sys.modules else 0)"
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0

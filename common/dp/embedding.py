@@ -39,8 +39,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common.dp.accounting import Charge, PrivacyBudgetExceeded, calibrate_noise_multiplier, epsilon_of
-from common.dp.noise import ChaCha20Gaussian
 from common.dp.warm_start import COARSE, COARSE_SIDE, COUNT, FOURIER, FOURIER_SIDE, EmbeddingSpec
 
 
@@ -84,28 +82,6 @@ def patient_sum(spec: EmbeddingSpec, images: np.ndarray, labels: np.ndarray, pat
         total[k, :-1] = weight[mine] @ feats[mine]
         total[k, -1] = COUNT * weight[mine].sum()
     return total.ravel()
-
-
-def release_noise_multiplier(history: list[Charge], *, budget: float, share: float, delta: float,
-                             accountant: str) -> float:
-    """σ of the release: it takes ε from what is spent to spent + ``share`` × (budget − spent).
-
-    On a fresh ledger that is ``share`` of the budget; a hospital that already spent some of its
-    budget in earlier runs gives the release the same share of what is left. The DP-SGD rounds
-    are then calibrated on top of the ledger, release included, so the run still ends at, never
-    above, the budget. ``PrivacyBudgetExceeded`` when nothing is left.
-    """
-    spent = epsilon_of(history, delta, accountant) if history else 0.0
-    if spent >= budget:
-        raise PrivacyBudgetExceeded(spent, spent, budget)
-    return calibrate_noise_multiplier(history, sample_rate=1.0, planned_steps=1, delta=delta,
-                                      budget=spent + share * (budget - spent), accountant=accountant)
-
-
-def noisy_release(spec: EmbeddingSpec, images: np.ndarray, labels: np.ndarray, patients: np.ndarray,
-                  sigma: float, noise: ChaCha20Gaussian) -> np.ndarray:
-    """The Gaussian mechanism: Σ_patients v + N(0, σ²·I), (spec.size,) float64. Sensitivity 1."""
-    return patient_sum(spec, images, labels, patients) + sigma * noise.standard_normal(spec.size)
 
 
 @dataclass(frozen=True)
