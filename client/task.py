@@ -36,7 +36,7 @@ from common.checkpoint import save_checkpoint
 from common.config import ConfigError, RunConfig, SiteConfig
 from common.dataset import LocalDataset, load_cache
 from common.dp.accounting import Charge, PrivacyBudgetExceeded, calibrate_noise_multiplier, check_budget
-from common.dp.embedding import Anchor, ClassTargets, FeatureMap
+from common.dp.embedding import Anchor
 from common.dp.noise import ChaCha20Gaussian
 from common.dp.release import noisy_release, release_noise_multiplier
 from common.dp.train import train_local_round
@@ -172,7 +172,7 @@ def anchor_of(run: RunConfig, warm_start: np.ndarray | None) -> Anchor | None:
         return None
     spec = EmbeddingSpec.of(run)
     total = check_warm_start(warm_start, spec.size)
-    return Anchor(FeatureMap(spec), ClassTargets.from_sum(spec, total), run.warm_start.anchor_weight)
+    return Anchor.of_release(spec, total, run.warm_start.anchor_weight)
 
 
 def train_round(

@@ -22,7 +22,7 @@ from flwr.serverapp import Grid
 from common.atomic import read_json_object, write_json_atomic
 from common.checkpoint import latest_valid_checkpoint, save_checkpoint
 from common.config import RunConfig
-from common.dp.embedding import Anchor, ClassTargets, FeatureMap, pretrain_generator
+from common.dp.embedding import warm_start_generator
 from common.dp.warm_start import WARM_START_ROUND, EmbeddingSpec
 from common.errors import EXIT_RESTARTABLE, UserError
 from common.models import Discriminator, Generator, build_models
@@ -201,11 +201,8 @@ def warm_start_aggregate(run: RunConfig, netG: Generator, netD: Discriminator, k
 
     def aggregate(total: np.ndarray) -> tuple[dict[str, np.ndarray], RoundMetrics | None]:
         release = np.asarray(total[: spec.size], dtype=np.float64)
-        anchor = Anchor(FeatureMap(spec), ClassTargets.from_sum(spec, release), run.warm_start.anchor_weight)
-        loss = pretrain_generator(netG, anchor, latent_dim=run.model.latent_dim, num_classes=run.model.num_classes,
-                                  steps=run.warm_start.pretrain_steps, batch_size=run.train.batch_size,
-                                  lr=run.train.lr_g, beta1=run.train.beta1, seed=run.federation.seed,
-                                  device=torch.device("cpu"))
+        _, loss = warm_start_generator(netG, spec, release, warm_start=run.warm_start, model=run.model,
+                                       train=run.train, seed=run.federation.seed, device=torch.device("cpu"))
         log.info("warm start: G pre-trained for %d steps on the summed class means (embedding loss %.4f)",
                  run.warm_start.pretrain_steps, loss)
         kept.append(release)

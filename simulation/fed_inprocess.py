@@ -27,8 +27,9 @@ from common.checkpoint import save_checkpoint
 from common.config import ModelConfig, RunConfig, TrainConfig, WarmStartConfig
 from common.dataset import LocalDataset
 from common.dp.accounting import Charge, calibrate_noise_multiplier, epsilon_of
-from common.dp.embedding import Anchor, ClassTargets, FeatureMap, patient_sum, pretrain_generator
+from common.dp.embedding import Anchor, patient_sum, warm_start_generator
 from common.dp.noise import ChaCha20Gaussian
+from common.dp.release import noisy_release, release_noise_multiplier
 from common.dp.train import train_local_round
 from common.dp.warm_start import EmbeddingSpec
 from common.evaluation.reference import to_model_range, unit_per_image
@@ -155,20 +156,16 @@ def warm_start(netG: torch.nn.Module, sites: Sequence[LocalDataset], plan: FedPl
     if not ws.enabled:
         return None, []
     spec = EmbeddingSpec(plan.model.image_size, plan.model.num_classes, ws.frequencies, seed=plan.seed)
-    sigma = None if plan.epsilon is None else calibrate_noise_multiplier(
-        [], sample_rate=1.0, planned_steps=1, delta=plan.delta, budget=ws.budget_share * plan.epsilon)
+    sigma = None if plan.epsilon is None else release_noise_multiplier(
+        [], budget=plan.epsilon, share=ws.budget_share, delta=plan.delta, accountant="prv")  # as every sim call
     total = np.zeros(spec.size)
     for site in sites:
-        total += patient_sum(spec, site.images, site.labels, site.patients)
-        if sigma is not None:
-            total += sigma * ChaCha20Gaussian.from_os().standard_normal(spec.size)
-    targets = ClassTargets.from_sum(spec, total)
-    anchor = Anchor(FeatureMap(spec), targets, ws.anchor_weight)
+        total += (patient_sum(spec, site.images, site.labels, site.patients) if sigma is None else
+                  noisy_release(spec, site.images, site.labels, site.patients, sigma, ChaCha20Gaussian.from_os()))
     t0 = time.monotonic()
-    last = pretrain_generator(netG, anchor, latent_dim=plan.model.latent_dim, num_classes=plan.model.num_classes,
-                              steps=ws.pretrain_steps, batch_size=plan.train.batch_size, lr=plan.train.lr_g,
-                              beta1=plan.train.beta1, seed=plan.seed, device=device)
+    anchor, last = warm_start_generator(netG, spec, total, warm_start=ws, model=plan.model, train=plan.train,
+                                        seed=plan.seed, device=device)
     say(f"warm start: release σ={'none (no DP)' if sigma is None else f'{sigma:.2f}'}, noisy counts "
-        f"{[round(float(c)) for c in targets.counts]}, G pre-trained {ws.pretrain_steps} steps "
+        f"{[round(float(c)) for c in anchor.targets.counts]}, G pre-trained {ws.pretrain_steps} steps "
         f"(loss {last:.4f}, {time.monotonic() - t0:.0f} s)")
     return anchor, ([] if sigma is None else [Charge(sigma, 1.0, 1)])

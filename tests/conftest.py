@@ -22,9 +22,25 @@ def shared_data_dir() -> Path:
 @pytest.fixture
 def task_identity() -> None:
     """The identity Flower gives a ServerApp process, which building a ``Message`` needs."""
-    from flwr.supercore.task_identity import TaskIdentity
+    from tests.helpers import set_task_identity
 
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 4242, 1, 1
+    set_task_identity()
+
+
+@pytest.fixture(scope="module")
+def phantom_dicom_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One phantom hospital's DICOM export (16 patients × 2 images), written once per module."""
+    from tests.inprocess import write_phantom_sites
+
+    return write_phantom_sites(tmp_path_factory.mktemp("hospital"), 1) / "site-0" / "dicom"
+
+
+@pytest.fixture
+def node_config(phantom_dicom_dir: Path, tmp_path: Path) -> dict[str, bool | float | str]:
+    """A deployed hospital's node config over ``phantom_dicom_dir`` with a fresh state folder."""
+    return {"site-id": "site-0", "data-dir": str(phantom_dicom_dir), "state-dir": str(tmp_path / "state"),
+            "epsilon-budget": 10.0, "allow-plain-aggregation": True, "class-names": "normal,lesion",
+            "members": "site-0=" + "ab" * 32}
 
 
 @pytest.fixture(autouse=True)

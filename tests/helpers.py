@@ -10,6 +10,15 @@ import numpy as np
 from common.config import ModelConfig, TrainConfig
 from common.dataset import LocalDataset
 
+RUN_ID = 4242  # the run id tests give Flower's task identity and their messages
+
+
+def set_task_identity(run_id: int = RUN_ID) -> None:
+    """What Flower's ServerApp process sets before it builds a ``Message``."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = run_id, 1, 1
+
 
 def toy_dataset(num_patients: int = 40, per_patient: int = 3, size: int = 32, seed: int = 0) -> LocalDataset:
     """Random images in [-1, 1], two classes, ``per_patient`` images per patient."""

@@ -8,13 +8,11 @@ transport, so the sidecar's ε can be checked against the hospitals' own ledgers
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pydicom
 import pytest
-from flwr.supercore.task_identity import TaskIdentity
 from PIL import Image
 from pydicom.uid import SecondaryCaptureImageStorage
 
@@ -23,24 +21,16 @@ from common.config import RunConfig
 from common.export import SERIES_DESCRIPTION, SIDECAR
 from medsynth.cli import main
 from server.rounds import ServerPaths, run_federation
-from tests.helpers import default_run_config
+from tests.helpers import RUN_ID, default_run_config, set_task_identity
 from tests.inprocess import InProcessGrid, write_phantom_sites
 
-RUN_ID = 777
-
-
-@pytest.fixture(autouse=True)
-def _task_identity() -> Iterator[None]:
-    TaskIdentity.run_id = RUN_ID
-    TaskIdentity.node_id = 1
-    TaskIdentity.task_id = 1
-    yield
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """(run folder with checkpoints, sites folder with DICOM and ledgers) after 2 tiny rounds."""
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = RUN_ID, 1, 1
+    set_task_identity()
     sites = write_phantom_sites(tmp_path_factory.mktemp("sites"), 3)
     out = tmp_path_factory.mktemp("run")
     cfg = default_run_config(**{

@@ -9,11 +9,9 @@ Simulation Engine) is covered by ``test_simulate_e2e.py``.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from flwr.supercore.task_identity import TaskIdentity
 from opacus.accountants import PRVAccountant
 
 import client.task
@@ -25,18 +23,10 @@ from common.dp.accounting import epsilon_of
 from common.protocol.messages import error_reason
 from common.round_record import ServerState, read_server_state
 from server.rounds import ServerPaths, run_federation
-from tests.helpers import default_run_config
+from tests.helpers import RUN_ID, default_run_config
 from tests.inprocess import InProcessGrid, fresh_state, write_phantom_sites
 
-RUN_ID = 4242
-
-
-@pytest.fixture(autouse=True)
-def _task_identity() -> Iterator[None]:
-    TaskIdentity.run_id = RUN_ID  # what Flower's ServerApp process sets before main()
-    TaskIdentity.node_id = 1
-    TaskIdentity.task_id = 1
-    yield
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 @pytest.fixture(scope="module")

@@ -11,13 +11,11 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 from flwr.app import Context, Message, MessageType, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from client import app as client_app
 from client.audit import AuditEntry, LedgerStateEntry, read_entries, read_records
@@ -28,10 +26,11 @@ from common.models import build_models
 from common.protocol.messages import SiteReply, decode_reply, encode_train_request, error_reason
 from common.weights import model_arrays
 from medsynth.cli import main
-from tests.helpers import default_run_config
-from tests.inprocess import write_phantom_sites
+from tests.helpers import RUN_ID, default_run_config
 
-RUN_ID, NODE_ID = 31, 101
+pytestmark = pytest.mark.usefixtures("task_identity")
+
+NODE_ID = 101
 RUN_CONFIG = default_run_config(**{
     "warm-start__budget-share": 0.0,
     "train__local-steps": 3, "train__batch-size": 4, "model__g-width": 16, "model__d-width": 16,
@@ -39,32 +38,10 @@ RUN_CONFIG = default_run_config(**{
 })
 
 
-@pytest.fixture(autouse=True)
-def _task_identity() -> Iterator[None]:
-    TaskIdentity.run_id = RUN_ID  # what Flower's ServerApp process sets before it builds messages
-    TaskIdentity.node_id = 1
-    TaskIdentity.task_id = 1
-    yield
-
-
-@pytest.fixture(scope="module")
-def dicom_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One phantom hospital's DICOM export (16 patients × 2 images), written once."""
-    return write_phantom_sites(tmp_path_factory.mktemp("hospital"), 1) / "site-0" / "dicom"
-
-
 @pytest.fixture(scope="module")
 def global_arrays() -> dict[str, np.ndarray]:
     netG, netD = build_models(RunConfig.from_flower(RUN_CONFIG).model, seed=0)  # type: ignore[arg-type]
     return model_arrays(netG, netD)
-
-
-@pytest.fixture
-def node_config(dicom_dir: Path, tmp_path: Path) -> dict[str, bool | float | str]:
-    """A deployed hospital's node config with a fresh state folder (ledger, audit log, cache)."""
-    return {"site-id": "site-0", "data-dir": str(dicom_dir), "state-dir": str(tmp_path / "state"),
-            "epsilon-budget": 10.0, "allow-plain-aggregation": True, "class-names": "normal,lesion",
-            "members": "site-0=" + "ab" * 32}
 
 
 @pytest.fixture

@@ -7,27 +7,19 @@ secure result must then equal the plain one within the stated quantization error
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
-from flwr.supercore.task_identity import TaskIdentity
 
 from common.checkpoint import latest_valid_checkpoint
 from common.config import RunConfig
 from common.round_record import ServerState
 from server.rounds import ServerPaths, run_federation
-from tests.helpers import default_run_config
+from tests.helpers import RUN_ID, default_run_config
 from tests.inprocess import DropRule, InProcessGrid, fresh_state, write_phantom_sites
 
-RUN_ID = 777
-
-
-@pytest.fixture(autouse=True)
-def _task_identity() -> Iterator[None]:
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = RUN_ID, 1, 1
-    yield
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 @pytest.fixture(scope="module")

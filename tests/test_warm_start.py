@@ -13,14 +13,12 @@ What each test rules out:
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from flwr.app import Context, Message, MessageType, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 from scipy.stats import norm
 
 from client import app as client_app
@@ -41,8 +39,9 @@ from common.models import build_models
 from common.protocol.messages import SiteReply, decode_reply, encode_train_request, error_reason
 from common.protocol.secagg import quantizer_for
 from common.weights import UpdateLayout, model_arrays
-from tests.helpers import default_run_config
-from tests.inprocess import write_phantom_sites
+from tests.helpers import RUN_ID, default_run_config
+
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 SPEC = EmbeddingSpec(image_size=32, num_classes=2, frequencies=50, seed=3)
 
@@ -166,32 +165,12 @@ def test_the_secure_sum_of_releases_equals_their_plain_sum() -> None:
 
 # ---- a hospital's round 0 through its ClientApp ---------------------------------------------
 
-RUN_ID, NODE_ID = 41, 7
+NODE_ID = 7
 RUN_CONFIG = default_run_config(**{
     "train__local-steps": 2, "train__batch-size": 4, "model__g-width": 8, "model__d-width": 8,
     "secure-aggregation": False, "warm-start__budget-share": 0.25, "warm-start__frequencies": 50,
     "num-server-rounds": 2,
 })
-
-
-@pytest.fixture(autouse=True)
-def _task_identity() -> Iterator[None]:
-    TaskIdentity.run_id = RUN_ID
-    TaskIdentity.node_id = 1
-    TaskIdentity.task_id = 1
-    yield
-
-
-@pytest.fixture(scope="module")
-def dicom_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_phantom_sites(tmp_path_factory.mktemp("hospital"), 1) / "site-0" / "dicom"
-
-
-@pytest.fixture
-def node_config(dicom_dir: Path, tmp_path: Path) -> dict[str, bool | float | str]:
-    return {"site-id": "site-0", "data-dir": str(dicom_dir), "state-dir": str(tmp_path / "state"),
-            "epsilon-budget": 10.0, "allow-plain-aggregation": True, "class-names": "normal,lesion",
-            "members": "site-0=" + "ab" * 32}
 
 
 def _send(node_config: dict[str, bool | float | str], server_round: int,

@@ -39,6 +39,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from common.config import ModelConfig, TrainConfig, WarmStartConfig
 from common.dp.warm_start import COARSE, COARSE_SIDE, COUNT, FOURIER, FOURIER_SIDE, EmbeddingSpec
 
 
@@ -122,6 +123,11 @@ class Anchor:
     def loss(self, fake: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return self.weight * embedding_loss(self.phi, fake, labels, self.targets)
 
+    @staticmethod
+    def of_release(spec: EmbeddingSpec, total: np.ndarray, weight: float) -> Anchor:
+        """The anchor a summed release ``total`` (spec.size,) defines: every side builds it this way."""
+        return Anchor(FeatureMap(spec), ClassTargets.from_sum(spec, total), weight)
+
 
 def pretrain_generator(
     netG: torch.nn.Module, anchor: Anchor, *, latent_dim: int, num_classes: int, steps: int, batch_size: int,
@@ -145,3 +151,19 @@ def pretrain_generator(
         opt.step()
         last = float(loss.detach())
     return last
+
+
+def warm_start_generator(
+    netG: torch.nn.Module, spec: EmbeddingSpec, total: np.ndarray, *, warm_start: WarmStartConfig,
+    model: ModelConfig, train: TrainConfig, seed: int, device: torch.device,
+) -> tuple[Anchor, float]:
+    """Round 0's post-processing, one definition for the server and the in-process simulation:
+    the anchor of the summed release ``total`` and G pre-trained on it with the run's settings.
+
+    Returns the anchor and the last pre-training step's embedding loss.
+    """
+    anchor = Anchor.of_release(spec, total, warm_start.anchor_weight)
+    loss = pretrain_generator(netG, anchor, latent_dim=model.latent_dim, num_classes=model.num_classes,
+                              steps=warm_start.pretrain_steps, batch_size=train.batch_size, lr=train.lr_g,
+                              beta1=train.beta1, seed=seed, device=device)
+    return anchor, loss
