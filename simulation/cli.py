@@ -38,7 +38,7 @@ class _AppDefaultsHelpFormatter(DefaultsOnceHelpFormatter):
     """Shows a run option's default (``None``: the app's, from ``[tool.flwr.app.config]``) as that value, once."""
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
-        from simulation.runner import RUN_OPTIONS  # read only when help is printed
+        from simulation.run_options import RUN_OPTIONS  # read only when help is printed
 
         text = action.help or ""
         if action.default is None and action.dest in RUN_OPTIONS and not says_its_default(text):

@@ -38,26 +38,10 @@ from simulation.partition import (
 )
 from simulation.phantoms import phantom_population
 from simulation.report import build_summary, format_summary
+from simulation.run_options import RUN_OPTIONS
 from simulation.superlink import LocalSuperLink
 
 ROUND_LINE = re.compile(r"round (\d+)/(\d+): .*|round 0 \(warm start\): .*")
-
-
-RUN_OPTIONS: dict[str, str] = {
-    # SimulateOptions field → the run config key it overrides (None: the app default)
-    "rounds": "num-server-rounds",
-    "epsilon": "dp.epsilon-budget",
-    "delta": "dp.delta",
-    "seed": "seed",
-    "image_size": "model.image-size",
-    "local_steps": "train.local-steps",
-    "batch_size": "train.batch-size",
-    "sample_rate": "dp.sample-rate",
-    "d_steps_per_g": "train.d-steps-per-g",
-    "device": "train.device",
-    "secure_aggregation": "secure-aggregation",
-    "warm_start_share": "warm-start.budget-share",
-}
 
 
 @dataclass(frozen=True)
