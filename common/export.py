@@ -20,16 +20,18 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
-from PIL import Image
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import UID, ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
 from common.atomic import write_json_atomic
 from common.errors import UserError
 from common.round_record import RoundRecord
+
+if TYPE_CHECKING:  # pydicom and Pillow are imported by the functions that write files, so that a
+    # command's help page (``medsynth sample --help`` names FORMATS and SIDECAR) starts without them
+    from pydicom.dataset import Dataset
+    from pydicom.uid import UID
 
 SIDECAR = "medsynth_export.json"
 ExportFormat = Literal["png", "npz", "dicom"]
@@ -107,6 +109,9 @@ def secondary_capture(sop_uid: UID) -> Dataset:
     File meta (0002,0002)/(0002,0003)/(0002,0010) and SOP Class/Instance UID (0008,0016)/(0008,0018);
     the caller adds patient, study, series and pixel attributes.
     """
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage
+
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
     meta.MediaStorageSOPInstanceUID = sop_uid
@@ -121,6 +126,8 @@ def secondary_capture(sop_uid: UID) -> Dataset:
 def synthetic_dicom(pixels: np.ndarray, *, label: str, study_uid: str, series_uid: str, number: int,
                     provenance: Provenance) -> Dataset:
     """One uint8 (S, S) image as a Secondary Capture dataset carrying the synthetic markers."""
+    from pydicom.uid import generate_uid
+
     ds = secondary_capture(generate_uid())
     ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, series_uid
     ds.PatientName, ds.PatientID = "SYNTHETIC", "SYNTHETIC"
@@ -170,6 +177,9 @@ def export_images(
                             class_names=np.array(names, dtype=np.str_))
         files.append(path)
     else:
+        from PIL import Image
+        from pydicom.uid import generate_uid
+
         study_uid, series_uid = generate_uid(), generate_uid()
         for k, (img, label) in enumerate(zip(pixels, labels, strict=True)):
             folder = out / _class_folder(names[int(label)])

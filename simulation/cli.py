@@ -1,6 +1,9 @@
 """Research commands of ``medsynth``: simulated federations, and judging and exporting a model.
 
     medsynth simulate [options]                  N virtual hospitals on this machine (default demo)
+    medsynth simulate --write-sites DIR [data options]
+                                                 only their DICOM folders, one per hospital, to rehearse
+                                                 a deployment (simulation/rehearsal.py)
     medsynth evaluate --checkpoint RUN --reference REAL
                                                  quality, usefulness and memorization of the images
     medsynth sample --checkpoint RUN --n N --out DIR
@@ -38,7 +41,7 @@ class _AppDefaultsHelpFormatter(DefaultsOnceHelpFormatter):
     """Shows a run option's default (``None``: the app's, from ``[tool.flwr.app.config]``) as that value, once."""
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
-        from simulation.runner import RUN_OPTIONS  # read only when help is printed
+        from simulation.run_options import RUN_OPTIONS  # read only when help is printed
 
         text = action.help or ""
         if action.default is None and action.dest in RUN_OPTIONS and not says_its_default(text):
@@ -57,7 +60,10 @@ def _simulate_parser(sub: SubParsers) -> None:
             "Train a DP-GAN across N virtual hospitals on this machine. Each hospital's data is "
             "written as DICOM and prepared like a real node's; the run uses its own Flower "
             "SuperLink (own FLWR_HOME and port) and stops it afterwards. Results: OUT/summary.json, "
-            "OUT/samples/*.png, OUT/checkpoints/, and each hospital's privacy ledger."
+            "OUT/samples/*.png, OUT/checkpoints/, and each hospital's privacy ledger. "
+            "With --write-sites DIR nothing is trained: each hospital's DICOM folder is written to "
+            "DIR/site-N/<class>/ for a rehearsal of a real deployment (deploy/README.md), the same data and "
+            "split a simulation with these options trains on."
         ),
         formatter_class=_AppDefaultsHelpFormatter,
     )
@@ -101,6 +107,10 @@ def _simulate_parser(sub: SubParsers) -> None:
                         "(default: secure aggregation, the server learns only the sum)")
     p.add_argument("--resume", action="store_true",
                    help="keep OUT's checkpoints and ledgers and continue from the last good round")
+    p.add_argument("--write-sites", type=Path, default=None, metavar="DIR",
+                   help="write each hospital's DICOM folder (DIR/site-N/<class>/*.dcm, the layout `medsynth node "
+                        "prepare` reads) and stop, for a rehearsal; only --sites, --dataset, --max-images, "
+                        "--partition, --patients-per-site, --images-per-patient and --seed apply")
     p.add_argument("--reference", type=Path, default=None,
                    help="real images (MedMNIST .npz or prepared cache) to evaluate the final model against; "
                         "results go to summary.json under 'evaluation' and to report.html")
@@ -171,10 +181,30 @@ def _evaluate_parsers(sub: SubParsers) -> None:
     s.set_defaults(func=cmd_sample)
 
 
+#: ``simulate`` options that concern training: refused with ``--write-sites``, which trains nothing.
+TRAINING_ONLY = ("rounds", "epsilon", "delta", "noise_multiplier", "image_size", "local_steps", "batch_size",
+                 "sample_rate", "d_steps_per_g", "warm_start_share", "device", "resume", "plain_aggregation",
+                 "reference")
+
+
 def cmd_simulate(args: argparse.Namespace) -> int:
-    """``medsynth simulate``: a whole federation on this machine (``simulation.runner``)."""
+    """``medsynth simulate``: a whole federation on this machine (``simulation.runner``), or with
+    ``--write-sites`` only its hospitals' data (``simulation.rehearsal``)."""
     from simulation.runner import SimulateOptions, simulate
 
+    if args.write_sites is not None:
+        from common.config import ConfigError
+        from simulation.rehearsal import write_sites
+
+        given = [f"--{name.replace('_', '-')}" for name in TRAINING_ONLY if getattr(args, name) not in (None, False)]
+        if given:
+            raise ConfigError(f"--write-sites trains nothing: {', '.join(given)} would have no effect; leave "
+                              f"{'it' if len(given) == 1 else 'them'} out")
+        write_sites(SimulateOptions(out=args.out, sites=args.sites, seed=args.seed, dataset=args.dataset,
+                                    partition=args.partition, patients_per_site=args.patients_per_site,
+                                    images_per_patient=args.images_per_patient, max_images=args.max_images),
+                    args.write_sites)
+        return 0
     simulate(
         SimulateOptions(
             out=args.out,

@@ -38,26 +38,10 @@ from simulation.partition import (
 )
 from simulation.phantoms import phantom_population
 from simulation.report import build_summary, format_summary
+from simulation.run_options import RUN_OPTIONS
 from simulation.superlink import LocalSuperLink
 
 ROUND_LINE = re.compile(r"round (\d+)/(\d+): .*|round 0 \(warm start\): .*")
-
-
-RUN_OPTIONS: dict[str, str] = {
-    # SimulateOptions field → the run config key it overrides (None: the app default)
-    "rounds": "num-server-rounds",
-    "epsilon": "dp.epsilon-budget",
-    "delta": "dp.delta",
-    "seed": "seed",
-    "image_size": "model.image-size",
-    "local_steps": "train.local-steps",
-    "batch_size": "train.batch-size",
-    "sample_rate": "dp.sample-rate",
-    "d_steps_per_g": "train.d-steps-per-g",
-    "device": "train.device",
-    "secure_aggregation": "secure-aggregation",
-    "warm_start_share": "warm-start.budget-share",
-}
 
 
 @dataclass(frozen=True)
@@ -106,6 +90,9 @@ class SimulateOptions:
         object.__setattr__(self, "run", run_config(self.overrides()))  # a bad override is refused now
         if self.reference is not None and not self.reference.exists():  # found out now, not after training
             raise ConfigError(f"--reference {self.reference} not found: pass a MedMNIST .npz or a prepared cache")
+        if self.dataset is not None and not self.dataset.is_file():
+            raise ConfigError(f"--dataset {self.dataset} not found: pass a MedMNIST v2 .npz (e.g. "
+                              "../shared/data/medmnist/pneumoniamnist.npz), or leave it out for the built-in phantoms")
 
     def overrides(self) -> dict[str, ConfigValue]:
         """The run config keys these options set (everything else is the app default)."""
@@ -217,13 +204,18 @@ def forget_privacy_history(ledger: Path) -> None:
     paths.released_path.unlink(missing_ok=True)
 
 
+def site_shares(opts: SimulateOptions, source: SourceData) -> dict[str, np.ndarray]:
+    """Site id → the indices of its images: the split by patient that a simulation trains on and
+    that ``medsynth simulate --write-sites`` writes for a rehearsal (same options, same split)."""
+    parts = split_by_patient(source, opts.sites, opts.partition, opts.run.federation.seed)
+    return {f"site-{i}": indices for i, indices in enumerate(parts)}
+
+
 def build_sites(opts: SimulateOptions, source: SourceData, say: Callable[[str], None]) -> dict[str, Path]:
     """Write and prepare every site, make their keys; returns site id → ledger path."""
     seed = opts.run.federation.seed
-    parts = split_by_patient(source, opts.sites, opts.partition, seed)
     ledgers: dict[str, Path] = {}
-    for i, indices in enumerate(parts):
-        site = f"site-{i}"
+    for site, indices in site_shares(opts, source).items():
         root = opts.out / "sites" / site
         if not opts.resume and (root / "dicom").exists():
             shutil.rmtree(root / "dicom")

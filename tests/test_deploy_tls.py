@@ -21,11 +21,9 @@ from client.ledger import PrivacyLedger
 from common.certs import read_public_keys
 from common.flower import free_port
 from common.secagg import fingerprint
-from server.cli import fab_hash_of_app
 from tests.consortium import Consortium, Daemon, make_consortium, medsynth
 
 pytestmark = pytest.mark.slow
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _state(c: Consortium) -> dict:  # type: ignore[type-arg]
@@ -60,14 +58,26 @@ def _assert_ledgers_and_audits_agree_with_server(c: Consortium, sites: list[str]
         assert ledger.epsilon() <= ledger.epsilon_budget
 
 
+def _flwr_as_operator(c: Consortium, *args: str) -> dict:  # type: ignore[type-arg]
+    """``flwr ARGS medsynth-server --format json`` as deploy/README.md has the operator run it: with the
+    server's Flower home, whose connection ``server start`` wrote."""
+    env = {**os.environ, "FLWR_HOME": str(c.server_state / "flwr-home")}
+    done = subprocess.run([str(Path(sys.executable).parent / "flwr"), *args, "medsynth-server", "--format", "json"],
+                          env=env, capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return json.loads(done.stdout)  # type: ignore[no-any-return]
+
+
 def test_three_hospitals_over_tls_with_node_auth_and_refused_nodes(tmp_path: Path) -> None:
-    # prepare: an operator, three registered hospitals that allow only this app's bundle, and
-    # three nodes that must be refused
-    c = make_consortium(tmp_path, 3, allowed_fabs=[fab_hash_of_app(REPO)])
+    # prepare: an operator, three registered hospitals that allow only the bundle `server fab-hash`
+    # names, and three nodes that must be refused
+    fab_hash = medsynth("server", "fab-hash").stdout.strip()
+    c = make_consortium(tmp_path, 3, allowed_fabs=[fab_hash])
     other_ca = tmp_path / "other-ca"
     medsynth("certs", "ca", "--out", other_ca)
     rogue = c.site_dir("rogue")
     medsynth("certs", "node", "--site", "rogue", "--out", rogue / "keys")
+    pins = medsynth("certs", "fingerprint", *(c.site_dir(s) / "keys" / f"{s}.secagg.json" for s in c.sites)).stdout
     medsynth("certs", "roster", "--out", rogue / "roster.json", rogue / "keys" / "rogue.secagg.json")
     rogue_pin = {s: fingerprint(k) for s, k in read_public_keys([rogue / "keys" / "rogue.secagg.json"]).items()}
     c.write_node_toml("rogue", rogue / "node.toml", members=rogue_pin,
@@ -80,6 +90,10 @@ def test_three_hospitals_over_tls_with_node_auth_and_refused_nodes(tmp_path: Pat
     server = c.start_server(c.write_server_toml(rounds=2))
     try:
         server.wait_for("accepting hospitals", 120)
+        # the operator registers the rogue's key and unregisters it again (deploy/README.md, section 6)
+        rogue_id = _flwr_as_operator(c, "supernode", "register", str(rogue / "keys" / "rogue.auth.pub"))["node-id"]
+        _flwr_as_operator(c, "supernode", "unregister", str(rogue_id))
+        listed = _flwr_as_operator(c, "supernode", "list")["nodes"]
         nodes = [c.start_node(site) for site in c.sites]
         # act: the refused ones try while the federation runs
         rogue_node = c.start_node("rogue", rogue / "node.toml")
@@ -114,6 +128,7 @@ def test_three_hospitals_over_tls_with_node_auth_and_refused_nodes(tmp_path: Pat
     assert "privacy spent per hospital" in server.text()
     _assert_ledgers_and_audits_agree_with_server(c, c.sites)
     audit = medsynth("node", "audit", "--config", c.node_toml("site-0"))
+    assert all(f'{site} = "{pin}"' in pins for site, pin in c.pinned_members().items())  # what node.toml pins
     assert "8 message(s) left this hospital" in audit.stdout  # keys, shares, 2 × (train, mask, unmask)
     privacy = medsynth("node", "privacy", "--config", c.node_toml("site-0"))
     assert "ε spent" in privacy.stdout and "round   2" in privacy.stdout
@@ -123,7 +138,8 @@ def test_three_hospitals_over_tls_with_node_auth_and_refused_nodes(tmp_path: Pat
     evaluated = medsynth("node", "evaluate", "--config", c.node_toml("site-0"))
     assert "domain FD" in evaluated.stdout and "TSTR" in evaluated.stdout
     assert sorted(p.name for p in (c.site_dir("site-0") / "state" / "evaluation").iterdir()) == ["evaluation.json"]
-    # each refusal is clear, and touched nothing
+    # each refusal is clear, and touched nothing; an unregistered key is refused like an unknown one
+    assert {n["node-id"]: n["status"] for n in listed}[str(rogue_id)] == "unregistered"
     assert rogue_node.proc.returncode == 2
     assert "authentication key: it is not registered" in rogue_node.text()
     assert not (rogue / "state" / "ledger.json").exists()
