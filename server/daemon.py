@@ -239,7 +239,10 @@ class SuperLinkDaemon:
                 known = registry.node_ids.get(site)
                 self.say(f"hospital {site} already registered" + (f" (node {known})" if known is not None else ""))
                 continue
-            node_id = int(data["node-id"])
+            try:
+                node_id = int(data["node-id"])
+            except (KeyError, TypeError, ValueError) as exc:
+                raise SuperLinkError(f"`flwr supernode register` answered without a node id: {data}") from exc
             registry = registry.with_site(site, node_id)
             self.say(f"registered hospital {site} (node {node_id})")
         registry.write(self.registry_path)
