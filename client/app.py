@@ -2,7 +2,8 @@
 
 Actions: ``train`` (a round: plain update, or — when the request carries a ``secagg`` record —
 train and keep the update for masking), ``train.secagg_keys`` / ``train.secagg_share`` (session
-setup), ``train.secagg_mask`` and ``train.secagg_unmask``. Before any action the run is checked
+setup), ``train.secagg_mask`` and ``train.secagg_unmask``, and ``query.final_model`` (the final
+global model after the last round: kept, not trained on; ``client.final_model``). Before any action the run is checked
 against the hospital's own settings (``client.policy``). Every reply, errors included, is first
 written to the hospital's audit log (``client.audit``).
 
@@ -159,6 +160,14 @@ def train(msg: Message, context: Context) -> Message:
                                         warm_start=decode_warm_start(msg.content)))
 
     return _handle(msg, context, act)
+
+
+@app.query("final_model")
+def final_model(msg: Message, context: Context) -> Message:
+    """The final global model: kept as this hospital's newest model; nothing is trained or charged."""
+    from client.final_model import keep_final_model
+
+    return _handle(msg, context, lambda run, site: keep_final_model(run, site, msg.content, run_id=context.run_id))
 
 
 @app.train("secagg_keys")

@@ -4,7 +4,8 @@
     medsynth node privacy --ledger FILE            privacy spent per run and round, from the ledger
     medsynth node start --config node.toml         the hospital daemon (client/daemon.py)
     medsynth node audit --config node.toml         every message that left the hospital
-    medsynth node evaluate --config node.toml      the newest global model against local images
+    medsynth node evaluate --config node.toml      the newest (after a run: the final) global model
+                                                   against local images; --checkpoint PATH another one
     medsynth certs node --site ID --out DIR        this hospital's auth and signing keys
     medsynth certs fingerprint FILE...             signing-key fingerprints to pin in node.toml
 
@@ -92,7 +93,9 @@ def add_parsers(sub: SubParsers) -> None:
     p = nsub.add_parser(
         "evaluate", help="judge the newest global model against this hospital's own images (aggregates only)",
         description="Run `medsynth evaluate` at the hospital: the newest global model the server sent (kept in "
-                    "STATE/global-model) against the prepared local images (STATE/cache, split 80/20 by patient). "
+                    "STATE/global-model; after a run, the final model the server sends after its last round), "
+                    "or the checkpoint --checkpoint names, "
+                    "against the prepared local images (STATE/cache, split 80/20 by patient). "
                     "Only aggregate numbers are printed and written (STATE/evaluation/evaluation.json); no picture "
                     "of a real image is made and nothing is sent. The local test patients were also training "
                     "patients of the federation; for memorization, and for a TSTR free of that overlap, give "
@@ -101,6 +104,9 @@ def add_parsers(sub: SubParsers) -> None:
     p.add_argument("--held-out", type=Path, default=None,
                    help="prepared cache (`medsynth node prepare`) of patients the federation never saw")
     p.add_argument("--seed", type=int, default=0, help="seed of the latent vectors and the split")
+    p.add_argument("--checkpoint", type=Path, default=None,
+                   help="a checkpoint file (round-NNNN.safetensors) or folder to judge instead of the newest "
+                        "global model")
     p.set_defaults(func=cmd_evaluate)
 
 
@@ -216,20 +222,28 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from client.node_config import NodeDeployConfig
 
     cfg = NodeDeployConfig.load(args.config)
-    return evaluate_at_node(cfg.state_dir, cfg.cache_dir, held_out=args.held_out, seed=args.seed)
+    return evaluate_at_node(cfg.state_dir, cfg.cache_dir, held_out=args.held_out, seed=args.seed,
+                            checkpoint=args.checkpoint)
 
 
-def evaluate_at_node(state: Path, cache: Path, *, held_out: Path | None, seed: int) -> int:
-    """``medsynth node evaluate``: aggregate-only evaluation of the kept global model on local data."""
+def evaluate_at_node(state: Path, cache: Path, *, held_out: Path | None, seed: int,
+                     checkpoint: Path | None = None) -> int:
+    """``medsynth node evaluate``: aggregate-only evaluation on local data of ``checkpoint``, by
+    default the kept global model (the final one once the server has sent it)."""
     from common.config import GLOBAL_MODEL_DIR, ConfigError
+    from common.errors import MissingFile
     from common.evaluation.evaluate import EvaluateOptions, evaluate, format_evaluation
 
     models = state / GLOBAL_MODEL_DIR
-    if not any(models.glob("round-*.safetensors")):
+    if checkpoint is not None and not checkpoint.exists():
+        raise MissingFile(f"--checkpoint {checkpoint}: no such file or folder")
+    if checkpoint is None and not any(models.glob("round-*.safetensors")):
         raise ConfigError(f"no global model at {models} yet: the node keeps the newest model the server sends "
-                          "with each training round; evaluate after this hospital has taken part in one")
+                          "with each training round, and the final one after the last round; evaluate after "
+                          "this hospital has taken part in one")
     result = evaluate(EvaluateOptions(
-        checkpoint=models, reference=cache, out=state / "evaluation", held_out=held_out,
+        checkpoint=checkpoint if checkpoint is not None else models, reference=cache, out=state / "evaluation",
+        held_out=held_out,
         aggregate_only=True, cache_dir=state / "evaluation-cache", seed=seed))
     print(format_evaluation(result))
     return 0

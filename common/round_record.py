@@ -18,6 +18,8 @@ JSON shape (``server_state.json``; keys in brackets are written only when presen
 
     {"rounds": [ROUND, …], "finished": true, "secure_aggregation": true, ["run_id": 7],
      ["stopped_early": "round 3: …", "last_round_attempted": ROUND],
+     ["final_model": {"round": 3, "content_sha256": "…", "kept": ["site-0", …], "failures": [],
+                      "received": {"site-0": {"type": "query.final_model", …}, …}}],
      ["in_process": true, "wall_seconds": 12.3]}
     ROUND = {"round": 1, "sites_trained": ["site-0", …], "sites_budget_exhausted": [],
              "failures": ["…"], "seconds": 4.2,
@@ -319,8 +321,34 @@ class InProcessRun:
     wall_seconds: float
 
 
+@dataclass(frozen=True)
+class FinalModel:
+    """The final global model sent to the hospitals after the last round, and who kept it.
+
+    ``received`` holds each hospital's answer (type, group, size, payload digest), which its own
+    audit log holds too; the answer carries only its site id and the round.
+    """
+
+    round: int
+    content_sha256: str  # common.checkpoint.content_hash of the model sent
+    kept: tuple[str, ...]  # sorted; the hospitals that answered they kept it
+    failures: tuple[str, ...]
+    received: Mapping[str, ReceivedMessage]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"round": self.round, "content_sha256": self.content_sha256, "kept": list(self.kept),
+                "failures": list(self.failures), "received": {s: m.to_json() for s, m in self.received.items()}}
+
+    @classmethod
+    def from_json(cls, obj: object, *, source: str) -> FinalModel:
+        f = _Fields(obj, "final model", source, {"round", "content_sha256", "kept", "failures", "received"})
+        return cls(f.int_("round"), f.str_("content_sha256"), f.strs("kept"), f.strs("failures"),
+                   {site: ReceivedMessage.from_json(m, source=source) for site, m in f.dict_("received").items()})
+
+
 _STATE_KEYS = {"rounds", "finished", "secure_aggregation"}
-_STATE_OPTIONAL = frozenset({"run_id", "stopped_early", "last_round_attempted", "in_process", "wall_seconds"})
+_STATE_OPTIONAL = frozenset({"run_id", "stopped_early", "last_round_attempted", "in_process", "wall_seconds",
+                             "final_model"})
 
 
 @dataclass(frozen=True)
@@ -333,6 +361,7 @@ class ServerState:
     run_id: int | None = None  # the Flower run; None for an in-process run
     stopped_early: StoppedEarly | None = None
     in_process: InProcessRun | None = None
+    final_model: FinalModel | None = None  # None: not sent (yet), or an in-process run
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"rounds": [r.to_json() for r in self.rounds], "finished": self.finished,
@@ -344,6 +373,8 @@ class ServerState:
                        last_round_attempted=self.stopped_early.last_round_attempted.to_json())
         if self.in_process is not None:
             out.update(in_process=True, wall_seconds=self.in_process.wall_seconds)
+        if self.final_model is not None:
+            out["final_model"] = self.final_model.to_json()
         return out
 
     @classmethod
@@ -367,6 +398,7 @@ class ServerState:
             run_id=f.int_("run_id") if f.has("run_id") else None,
             stopped_early=stopped,
             in_process=InProcessRun(f.float_("wall_seconds")) if f.has("in_process") else None,
+            final_model=FinalModel.from_json(f.obj["final_model"], source=src) if f.has("final_model") else None,
         )
 
 

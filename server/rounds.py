@@ -4,13 +4,19 @@ Per round: wait for hospitals, send each the global model, collect replies withi
 sum the update vectors of those that trained, apply FedAvg, checkpoint atomically, save a
 sample grid, write the server state. Hospitals that hit their budget, failed, or did not
 answer in time are recorded and the round goes on with the others. The run ends early, and
-cleanly, when no hospital can train any more.
+cleanly, when no hospital can train any more. After the last round every connected hospital is
+sent the final global model (``query.final_model``), which it keeps and does not train on.
+
+While it waits for hospitals the loop says who has joined and who is missing (by site id, from
+``STATE/results/hospitals.json`` that ``server start`` writes), on every change and every
+:data:`WAIT_REPORT_S` seconds.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -20,16 +26,19 @@ from flwr.app import Message, MessageType
 from flwr.serverapp import Grid
 
 from common.atomic import read_json_object, write_json_atomic
-from common.checkpoint import latest_valid_checkpoint, save_checkpoint
+from common.checkpoint import content_hash, latest_valid_checkpoint, save_checkpoint
 from common.config import RunConfig
 from common.dp.embedding import warm_start_generator
 from common.dp.warm_start import WARM_START_ROUND, EmbeddingSpec
 from common.errors import EXIT_RESTARTABLE, UserError
 from common.models import Discriminator, Generator, build_models
 from common.protocol.messages import (
+    FINAL_MODEL,
     ProtocolError,
     SiteReply,
+    decode_final_ack,
     decode_reply,
+    encode_final_model,
     encode_train_request,
     flower_error_line,
 )
@@ -37,6 +46,8 @@ from common.report.html import write_report
 from common.report.samples import sample_grid, save_png
 from common.round_record import (
     RECORDS_FILE,
+    FinalModel,
+    ReceivedMessage,
     RecordError,
     RoundMetrics,
     RoundRecord,
@@ -46,13 +57,19 @@ from common.round_record import (
     write_server_state,
 )
 from common.weights import UpdateLayout, load_model_arrays, model_arrays, sum_vectors
+from server.outcome import LAST_ERROR_FILE
+from server.registry import HOSPITALS_FILE, NodeRegistry
 from server.secagg import Aggregate, SecureRounds, fedavg_of, privacy_fields, received_entry
 
 log = logging.getLogger("medsynth.server")
 
+#: seconds between two "waiting for hospitals" lines when nobody joins or leaves
+WAIT_REPORT_S = 30.0
+
 
 class NoHospitals(UserError, RuntimeError):
-    """Not enough hospitals connected within the wait timeout."""
+    """Not enough hospitals connected within the wait timeout: a late hospital is transient, so
+    the server exits 1 and its service manager starts it again (the next start waits again)."""
 
     exit_code = EXIT_RESTARTABLE
 
@@ -79,20 +96,67 @@ class ServerPaths:
     def warm_start(self) -> Path:
         return self.root / "warm_start.json"
 
+    @property
+    def hospitals(self) -> Path:
+        """Site id → node id, written by ``server start`` (absent in a simulation)."""
+        return self.root / HOSPITALS_FILE
 
-def wait_for_nodes(grid: Grid, minimum: int, timeout_s: float) -> list[int]:
-    """Node ids once at least ``minimum`` are connected; raises ``NoHospitals`` on timeout."""
-    deadline = time.monotonic() + timeout_s
+    @property
+    def last_error(self) -> Path:
+        """Why the ServerApp stopped, for ``server start`` (``server.outcome``)."""
+        return self.root / LAST_ERROR_FILE
+
+
+def waiting_line(connected: Sequence[int], minimum: int, registry: NodeRegistry) -> str:
+    """One line: how many of the hospitals needed have joined, which, and which registered ones are missing."""
+    joined = registry.names(connected)
+    line = f"waiting for hospitals: {len(connected)} of the {minimum} needed joined"
+    if joined:
+        line += f" ({', '.join(joined)})"
+    missing = registry.missing(connected)
+    if missing:
+        line += f"; missing: {', '.join(missing)}"
+    return line
+
+
+def wait_for_nodes(
+    grid: Grid,
+    minimum: int,
+    timeout_s: float,
+    registry: NodeRegistry | None = None,
+    *,
+    say: Callable[[str], None] = log.info,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+    report_every_s: float = WAIT_REPORT_S,
+) -> list[int]:
+    """Node ids once at least ``minimum`` are connected; raises ``NoHospitals`` on timeout.
+
+    Silent when enough are there at once; otherwise says :func:`waiting_line` at the start, on
+    every change of who is connected and every ``report_every_s``, and who is there once enough are.
+    """
+    registry = registry or NodeRegistry()
+    start = clock()
+    last_seen: list[int] | None = None
+    last_said = start
     while True:
         nodes = sorted(grid.get_node_ids())
         if len(nodes) >= minimum:
+            if last_seen is not None:
+                say(f"hospitals joined: {len(nodes)} of the {minimum} needed ({', '.join(registry.names(nodes))})")
             return nodes
-        if time.monotonic() > deadline:
+        now = clock()
+        if nodes != last_seen or now - last_said >= report_every_s:
+            say(waiting_line(nodes, minimum, registry))
+            last_seen, last_said = nodes, now
+        if now - start > timeout_s:
+            missing = registry.missing(nodes)
             raise NoHospitals(
-                f"only {len(nodes)} of the required {minimum} hospitals connected within "
-                f"{timeout_s:.0f} s; check that their nodes run and reach the SuperLink"
+                f"only {len(nodes)} of the {minimum} hospitals needed joined within {timeout_s:.0f} s"
+                + (f" (missing: {', '.join(missing)})" if missing else "")
+                + "; check that their nodes run and reach the SuperLink; the next start waits again"
             )
-        time.sleep(1.0)
+        sleep(1.0)
 
 
 def collect_replies(replies: list[Message]) -> tuple[list[SiteReply], list[str]]:
@@ -153,6 +217,41 @@ def run_round(
         **privacy_fields({r.site_id: r for r in decoded if r.status != "error"}),
     )
     return new_arrays, record
+
+
+def deliver_final_model(grid: Grid, arrays: dict[str, np.ndarray], model_round: int, timeout_s: float
+                        ) -> FinalModel:
+    """Send every connected hospital the final global model (it keeps it, trains nothing); who kept it."""
+    nodes = sorted(grid.get_node_ids())
+    content = encode_final_model(arrays, model_round)
+    messages = [Message(content, dst_node_id=n, message_type=FINAL_MODEL, group_id=f"final-{model_round}")
+                for n in nodes]
+    replies = list(grid.send_and_receive(messages, timeout=timeout_s))
+    failures: list[str] = []
+    received: dict[str, ReceivedMessage] = {}
+    for msg in replies:
+        if msg.has_error():
+            failures.append(flower_error_line(msg))
+            continue
+        privacy = msg.content.config_records.get("privacy")
+        if privacy is not None:  # the hospital refused (a fixed error text, as for a round)
+            failures.append(f"{privacy.get('site')!s}: {privacy.get('reason')!s}")
+            continue
+        try:
+            site, _ = decode_final_ack(msg.content)
+        except ProtocolError as exc:
+            failures.append(f"node {msg.metadata.src_node_id}: malformed answer ({exc})")
+            continue
+        received[site] = received_entry(msg)
+    if len(replies) < len(nodes):
+        failures.append(f"{len(nodes) - len(replies)} hospital(s) did not answer within {timeout_s:.0f} s")
+    return FinalModel(model_round, content_hash(arrays), tuple(sorted(received)), tuple(failures), received)
+
+
+def describe_final(final: FinalModel) -> str:
+    """One log line: who received the final model."""
+    line = f"final model (round {final.round}) sent: kept by {', '.join(final.kept) or 'nobody'}"
+    return line + ("; failures: " + "; ".join(final.failures) if final.failures else "")
 
 
 def describe_round(record: RoundRecord, num_rounds: int) -> str:
@@ -241,8 +340,9 @@ def run_federation(grid: Grid, run: RunConfig, paths: ServerPaths, run_id: int) 
         elif release is None:
             raise RecordError(f"{paths.checkpoints} holds a run with a warm start but {paths.warm_start} is "
                               "missing; restore it, or start the run in a new output folder")
+    registry = NodeRegistry.read(paths.hospitals)
     for server_round in range(start, fed.num_rounds + 1):
-        nodes = wait_for_nodes(grid, fed.min_nodes, fed.wait_nodes_timeout_s)
+        nodes = wait_for_nodes(grid, fed.min_nodes, fed.wait_nodes_timeout_s, registry)
         kept: list[np.ndarray] = []
         aggregate = warm_start_aggregate(run, netG, netD, kept) if server_round == WARM_START_ROUND else None
         if secure is not None:
@@ -267,6 +367,10 @@ def run_federation(grid: Grid, run: RunConfig, paths: ServerPaths, run_id: int) 
         save_png(sample_grid(netG, run.model, seed=fed.seed), paths.samples / f"round-{server_round:04d}.png")
         write_server_state(paths.state, state)
         write_report(paths.root)  # readable while the run goes on, and after a crash
+    if state.rounds:  # the model of the last completed round: every hospital keeps it
+        final = deliver_final_model(grid, arrays, state.rounds[-1].round, fed.round_timeout_s)
+        log.info(describe_final(final))
+        state = replace(state, final_model=final)
     state = replace(state, finished=True)
     write_server_state(paths.state, state)
     write_report(paths.root)

@@ -25,6 +25,7 @@ HANDLERS = {
     "train.secagg_share": client_app.secagg_share,
     "train.secagg_mask": client_app.secagg_mask,
     "train.secagg_unmask": client_app.secagg_unmask,
+    "query.final_model": client_app.final_model,
 }
 
 DropRule = Callable[[str, int, int], bool]

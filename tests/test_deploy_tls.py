@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -19,7 +20,7 @@ import pytest
 from client.audit import read_entries
 from client.ledger import PrivacyLedger
 from common.certs import read_public_keys
-from common.flower import free_port
+from common.flower import find_tagged_pids, free_port
 from common.secagg import fingerprint
 from tests.consortium import Consortium, Daemon, make_consortium, medsynth
 
@@ -31,8 +32,6 @@ def _state(c: Consortium) -> dict:  # type: ignore[type-arg]
 
 
 def _no_leftovers(daemons: list[Daemon]) -> None:
-    from common.flower import find_tagged_pids
-
     left = {d.name: find_tagged_pids(tag) for d in daemons if (tag := d.tag())}
     assert not any(left.values()), f"processes outlived their daemon: {left}"
 
@@ -56,6 +55,22 @@ def _assert_ledgers_and_audits_agree_with_server(c: Consortium, sites: list[str]
         # the hospital's ledger, recomputed from its history, is the last ε the server saw
         assert ledger.epsilon() == pytest.approx(trained_rounds[-1]["privacy"][site]["epsilon"], rel=1e-9)
         assert ledger.epsilon() <= ledger.epsilon_budget
+        # its answer to the final model is in its audit log under the digest the server recorded
+        final = state["final_model"]["received"][site]
+        assert (by_digest[final["sha256"]].action, by_digest[final["sha256"]].epsilon) == ("query.final_model", None)
+
+
+def _assert_hospitals_hold_the_final_model(c: Consortium, sites: list[str]) -> None:
+    from common.checkpoint import latest_valid_checkpoint, load_checkpoint
+
+    state = _state(c)
+    last = state["rounds"][-1]["round"]
+    server_final = load_checkpoint(c.results / "checkpoints" / f"round-{last:04d}.safetensors")
+    assert state["final_model"]["round"] == last and state["final_model"]["kept"] == sites
+    assert state["final_model"]["content_sha256"] == server_final.content_sha256
+    for site in sites:
+        kept = latest_valid_checkpoint(c.site_dir(site) / "state" / "global-model")
+        assert kept is not None and (kept.round, kept.content_sha256) == (last, server_final.content_sha256), site
 
 
 def _flwr_as_operator(c: Consortium, *args: str) -> dict:  # type: ignore[type-arg]
@@ -125,11 +140,14 @@ def test_three_hospitals_over_tls_with_node_auth_and_refused_nodes(tmp_path: Pat
         assert r["sites_trained"] == c.sites and r["failures"] == [], r
         assert r["secure"]["dead"] == []
     assert "server: running" in status.stdout and "ε" in status.stdout
+    assert "hospitals: 3 registered, 3 connected" in status.stdout and "site-2: connected" in status.stdout
     assert "privacy spent per hospital" in server.text()
+    assert "final model (round 2) sent: kept by site-0, site-1, site-2" in server.text()
     _assert_ledgers_and_audits_agree_with_server(c, c.sites)
+    _assert_hospitals_hold_the_final_model(c, c.sites)
     audit = medsynth("node", "audit", "--config", c.node_toml("site-0"))
     assert all(f'{site} = "{pin}"' in pins for site, pin in c.pinned_members().items())  # what node.toml pins
-    assert "8 message(s) left this hospital" in audit.stdout  # keys, shares, 2 × (train, mask, unmask)
+    assert "9 message(s) left this hospital" in audit.stdout  # keys, shares, 2 × (train, mask, unmask), final
     privacy = medsynth("node", "privacy", "--config", c.node_toml("site-0"))
     assert "ε spent" in privacy.stdout and "round   2" in privacy.stdout
     # the server's report.html, and the evaluation of the received model at a hospital (aggregates only)
@@ -138,6 +156,8 @@ def test_three_hospitals_over_tls_with_node_auth_and_refused_nodes(tmp_path: Pat
     evaluated = medsynth("node", "evaluate", "--config", c.node_toml("site-0"))
     assert "domain FD" in evaluated.stdout and "TSTR" in evaluated.stdout
     assert sorted(p.name for p in (c.site_dir("site-0") / "state" / "evaluation").iterdir()) == ["evaluation.json"]
+    judged = json.loads((c.site_dir("site-0") / "state" / "evaluation" / "evaluation.json").read_text())
+    assert judged["round"] == 2  # the final model, not the one round 2 trained from
     # each refusal is clear, and touched nothing; an unregistered key is refused like an unknown one
     assert {n["node-id"]: n["status"] for n in listed}[str(rogue_id)] == "unregistered"
     assert rogue_node.proc.returncode == 2
@@ -179,7 +199,7 @@ def _wait_ledger_round(path: Path, server_round: int, timeout_s: float, not_run:
 
 def test_server_sigkill_resumes_and_a_killed_hospital_keeps_its_steps(tmp_path: Path) -> None:
     # prepare: four hospitals (secure aggregation keeps a 3-of-4 threshold when one dies); two
-    # rounds: the server dies after round 1, a hospital dies in the resumed run's round 2
+    # rounds: the SuperLink dies after round 1, a hospital dies in the resumed run's round 2
     c = make_consortium(tmp_path, 4, patients_per_site=10)
     config = c.write_server_toml(rounds=2)
     ckpts = c.results / "checkpoints"
@@ -192,9 +212,13 @@ def test_server_sigkill_resumes_and_a_killed_hospital_keeps_its_steps(tmp_path: 
         round1_hash = _sha256(ckpts / "round-0001.safetensors")
         victim_ledger = c.site_dir(victim) / "state" / "ledger.json"
         (first_run,) = {e.run for e in PrivacyLedger.read(victim_ledger).entries if e.round == 1}
-        # act 1: SIGKILL the server daemon, its SuperLink and its ServerApp mid-run
-        server.kill_tree(signal.SIGKILL)
-        server.proc.wait(timeout=30)
+        # act 1: SIGKILL the SuperLink mid-run (out of memory, a kill -9); the daemon must notice,
+        # stop its ServerApp and exit 1, so that systemd (Restart=on-failure) starts it again
+        superlink_pid = json.loads((c.server_state / "daemon.json").read_text())["superlink_pid"]
+        first_tag = server.tag()
+        os.kill(superlink_pid, signal.SIGKILL)
+        server.proc.wait(timeout=120)
+        left_by_first = find_tagged_pids(first_tag) if first_tag else set()
         # a half-written checkpoint of round 2 (as if the crash hit mid-write without the atomic rename)
         (ckpts / "round-0002.safetensors").write_bytes((ckpts / "round-0001.safetensors").read_bytes()[:5000])
         restarted = c.start_server(config)
@@ -204,10 +228,18 @@ def test_server_sigkill_resumes_and_a_killed_hospital_keeps_its_steps(tmp_path: 
         _wait_ledger_round(victim_ledger, 2, 700, not_run=first_run)
         nodes[victim].kill_tree(signal.SIGKILL)
         restarted.proc.wait(timeout=600)
+        # act 3: started again once finished, it says so and starts nothing
+        again = medsynth("server", "start", "--config", config, check=False)
     finally:
         c.stop_all()
 
-    # assert: no completed round lost, numbering continued, round 1 untouched, the corrupt file replaced
+    # assert: the crash was a restartable exit, in one line, leaving nothing behind
+    assert server.proc.returncode == 1, server.text()[-3000:]
+    errors = [line for line in server.text().splitlines() if line.startswith("medsynth: error:")]
+    assert len(errors) == 1 and "the SuperLink exited unexpectedly" in errors[0]
+    assert "Traceback" not in server.text() and left_by_first == set()
+    # the restart resumed: no completed round lost, numbering continued, round 1 untouched, the
+    # corrupt file replaced
     assert restarted.proc.returncode == 0, restarted.text()[-3000:]
     state = _state(c)
     assert [r["round"] for r in state["rounds"]] == [1, 2] and state["finished"] is True
@@ -227,4 +259,38 @@ def test_server_sigkill_resumes_and_a_killed_hospital_keeps_its_steps(tmp_path: 
     reported = state["rounds"][0]["privacy"][victim]["epsilon"]
     assert ledger.epsilon() > reported
     _assert_ledgers_and_audits_agree_with_server(c, ["site-0", "site-1", "site-2"])
+    _assert_hospitals_hold_the_final_model(c, ["site-0", "site-1", "site-2"])
     _no_leftovers(c.daemons)
+    # the finished run was not started again; each start that ran kept its own logs
+    assert again.returncode == 0 and "the run has finished: round 2 of 2" in again.stdout, again.stderr
+    logs = sorted(p.name.split("-")[0] for p in (c.server_state / "logs").iterdir())
+    assert logs == ["run", "run", "superlink", "superlink"]
+    assert "resuming from" in (c.server_state / "run.log").read_text()  # the link names the newest
+
+
+def test_server_exit_codes_without_hospitals(tmp_path: Path) -> None:
+    # prepare: a consortium whose hospitals never start; a short wait for them
+    c = make_consortium(tmp_path, 3, patients_per_site=4)
+    config = c.write_server_toml(rounds=1, **{"wait-nodes-timeout": 5.0})
+    # act 1: the port is taken by another program
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", c.port))
+        taken.listen()
+        in_use = medsynth("server", "start", "--config", config, check=False)
+    # act 2: nobody joins
+    alone = medsynth("server", "start", "--config", config, check=False)
+    status = medsynth("server", "status", "--config", config)
+    # assert: a port in use is the operator's to fix (2); late hospitals are transient (1); each is one line
+    assert in_use.returncode == 2, in_use.stderr
+    assert in_use.stderr.splitlines() == [
+        f"medsynth: error: port {c.port} on 127.0.0.1 is in use by another program; stop it or change "
+        f"[superlink] port in server.toml (see {c.server_state / 'superlink.log'})"]
+    assert alone.returncode == 1, alone.stderr
+    assert alone.stderr.splitlines() == [
+        "medsynth: error: only 0 of the 3 hospitals needed joined within 5 s (missing: site-0, site-1, site-2); "
+        "check that their nodes run and reach the SuperLink; the next start waits again"]
+    assert "waiting for hospitals: 0 of the 3 needed joined; missing: site-0, site-1, site-2" in alone.stdout
+    for noise in ("Traceback", "Exit Code", "flower.ai/docs"):
+        assert noise not in alone.stdout + alone.stderr
+    assert "Traceback" in (c.server_state / "run.log").read_text()  # the run log keeps everything
+    assert "hospitals: 3 registered (site-0, site-1, site-2)" in status.stdout

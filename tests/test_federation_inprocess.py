@@ -17,7 +17,7 @@ from opacus.accountants import PRVAccountant
 import client.task
 from client.audit import read_entries
 from client.ledger import PrivacyLedger
-from common.checkpoint import latest_valid_checkpoint, load_checkpoint
+from common.checkpoint import latest_valid_checkpoint, load_checkpoint, save_checkpoint
 from common.config import RunConfig
 from common.dp.accounting import epsilon_of
 from common.protocol.messages import error_reason
@@ -172,43 +172,55 @@ def test_a_hospital_crashing_mid_round_is_still_charged_and_the_round_goes_on(
     assert PrivacyLedger.read(sites_dir / "site-1" / "ledger.json").total_steps == 3
 
 
-def test_checkpoints_say_what_they_draw_and_hospitals_keep_the_model_they_received(
-    sites_dir: Path, tmp_path: Path
-) -> None:
+def test_checkpoints_say_what_they_draw_and_hospitals_keep_the_final_model(sites_dir: Path, tmp_path: Path) -> None:
     # prepare
     fresh_state(sites_dir)
     cfg = _config(sites_dir, tmp_path, **{"num-server-rounds": 2})
     # act
-    _run(cfg, tmp_path)
+    state = _run(cfg, tmp_path)
     # assert: the server's checkpoint names its classes and run; report.html is there after the run
-    server_ckpt = load_checkpoint(tmp_path / "checkpoints" / "round-0001.safetensors")
+    server_ckpt = load_checkpoint(tmp_path / "checkpoints" / "round-0002.safetensors")
     assert server_ckpt.class_names == ("normal", "lesion") and server_ckpt.run_id == RUN_ID
     report = (tmp_path / "report.html").read_text()
     assert report.count('src="data:image/') >= 3 and str(RUN_ID) in report  # charts (SVG) and sample grids
-    # every hospital kept exactly one model: the global model after round 1, which round 2 sent
-    for site in ("site-0", "site-1", "site-2"):
+    # every hospital kept exactly one model: the final one, after round 2 (sent after the last round)
+    sites = ("site-0", "site-1", "site-2")
+    final = state.final_model
+    assert final is not None and final.round == 2 and final.kept == sites and final.failures == ()
+    assert final.content_sha256 == server_ckpt.content_sha256
+    for site in sites:
         kept = sorted((sites_dir / site / "global-model").glob("round-*.safetensors"))
-        assert [p.name for p in kept] == ["round-0001.safetensors"]
+        assert [p.name for p in kept] == ["round-0002.safetensors"]
         received = load_checkpoint(kept[0])
         assert received.content_sha256 == server_ckpt.content_sha256
         assert received.class_names == ("normal", "lesion") and received.run_id == RUN_ID
+        # the answer left the hospital as its audit log says (same digest), charged nothing, trained nothing
+        answer = [e for e in read_entries(sites_dir / site / "audit.jsonl") if e.action == "query.final_model"]
+        assert [(e.sha256, e.epsilon) for e in answer] == [(final.received[site].sha256, None)]
+        assert PrivacyLedger.read(sites_dir / site / "ledger.json").total_steps == 2 * 3
+    assert read_server_state(tmp_path / "server_state.json") == state
 
 
 def test_node_evaluation_writes_aggregates_only(sites_dir: Path, tmp_path: Path) -> None:
-    # prepare: one round, so each hospital holds the initial global model (round 0)
+    # prepare: one round, so each hospital holds the final model (round 1); and another checkpoint
     from client.cli import evaluate_at_node
 
     fresh_state(sites_dir)
-    _run(_config(sites_dir, tmp_path, **{"num-server-rounds": 1}), tmp_path)
+    _run(_config(sites_dir, tmp_path / "run", **{"num-server-rounds": 1}), tmp_path / "run")
     site = sites_dir / "site-0"
-    # act
+    other = load_checkpoint(tmp_path / "run" / "checkpoints" / "round-0001.safetensors")
+    elsewhere = save_checkpoint(tmp_path / "elsewhere", 7, other.arrays, [], class_names=other.class_names or ())
+    # act: the default (the final model), then --checkpoint
     code = evaluate_at_node(site, site / "cache", held_out=None, seed=0)
+    default = json.loads((site / "evaluation" / "evaluation.json").read_text())
+    code_other = evaluate_at_node(site, site / "cache", held_out=None, seed=0, checkpoint=elsewhere)
+    chosen = json.loads((site / "evaluation" / "evaluation.json").read_text())
     # assert: aggregate numbers only; no picture (a picture would hold real images)
     written = sorted(p.name for p in (site / "evaluation").iterdir())
-    result = json.loads((site / "evaluation" / "evaluation.json").read_text())
-    assert code == 0 and written == ["evaluation.json"]
-    assert result["aggregate_only"] is True and result["round"] == 0
-    assert {"fd", "kid", "tstr_auc", "trtr_auc"} <= set(result)
+    assert code == code_other == 0 and written == ["evaluation.json"]
+    assert default["aggregate_only"] is True and default["round"] == 1
+    assert {"fd", "kid", "tstr_auc", "trtr_auc"} <= set(default)
+    assert chosen["round"] == 7 and chosen["aggregate_only"] is True
 
 
 def test_node_evaluation_before_any_round_says_why(tmp_path: Path) -> None:

@@ -45,7 +45,8 @@ def test_calibration_ends_at_never_above_budget() -> None:
     assert 10.0 - 0.05 < eps <= 10.0
 
 
-@pytest.mark.parametrize(("budget", "q", "steps"), [(0.8, 0.11, 500), (0.8, 0.11, 250), (0.5, 0.11, 500), (2.0, 0.11, 500)])
+@pytest.mark.parametrize(("budget", "q", "steps"),
+                         [(0.8, 0.11, 500), (0.8, 0.11, 250), (0.5, 0.11, 500), (2.0, 0.11, 500)])
 def test_calibration_lands_inside_the_budget_at_small_epsilon(budget: float, q: float, steps: int) -> None:
     # (0.8, 0.11, 500) once stalled: secant steps crept to ε = 0.80001 from above and never landed
     sigma = calibrate_noise_multiplier([], sample_rate=q, planned_steps=steps, delta=1e-5, budget=budget)

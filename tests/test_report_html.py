@@ -83,6 +83,18 @@ def test_report_holds_loss_epsilon_and_sample_plots_and_tables(tmp_path: Path) -
     assert "Evaluation" not in page  # no reference given
 
 
+def test_a_deployed_run_fills_the_privacy_table_and_wall_time_from_the_round_records(tmp_path: Path) -> None:
+    # prepare: a deployed run writes no summary.json, only the server's round records
+    run = _run_folder(tmp_path)
+    (run / "summary.json").unlink()
+    # act
+    page = write_report(run).read_text()
+    # assert: each hospital's newest report (round 3: ε = 7.5 + s, 60 steps), δ, steps and status filled
+    for s in range(3):
+        assert f"<td>site-{s}</td><td>{7.5 + s:g}</td><td>1e-05</td><td>10</td><td>60</td><td>ok</td>" in page
+    assert "<td>wall seconds (sum of rounds)</td><td>37.5</td>" in page
+
+
 def test_report_includes_the_evaluation_when_given(tmp_path: Path) -> None:
     # prepare
     run = _run_folder(tmp_path)

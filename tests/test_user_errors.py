@@ -106,7 +106,8 @@ ONE_LINE_BEFORE = [
 ]
 
 # a restart can succeed: the deployment units restart on exit 1
-RESTARTABLE = {"server.daemon.ServerCrashed", "server.secagg.SecureRoundFailed", "server.rounds.NoHospitals"}
+RESTARTABLE = {"server.daemon.ServerCrashed", "server.daemon.RunStopped", "server.secagg.SecureRoundFailed",
+               "server.rounds.NoHospitals"}
 
 
 def _class(dotted: str) -> type[BaseException]:

@@ -5,6 +5,11 @@ Server → hospital (``train``): ``global`` (ArrayRecord: every ``g.*``/``d.*`` 
 warm start, ``warm-start`` (ArrayRecord ``sum``: the summed release of round 0, DP output, which
 every G step is anchored to; ``common.dp.embedding``).
 
+Server → hospital after the last round (:data:`FINAL_MODEL`, ``query.final_model``): ``global`` and
+``round`` as in a train request, the final global model, which the hospital keeps (for ``medsynth
+node evaluate``) and does not train on. Its answer (``kept``: site id and round, both public) says
+only that it arrived.
+
 Hospital → server: ``update`` (ArrayRecord with one ``vector``: the packed update, see
 ``common.weights``; absent when the hospital did not train) and ``privacy`` (ConfigRecord:
 site id, status, cumulative epsilon, budget, delta, total steps, reason). The privacy record
@@ -91,6 +96,34 @@ def encode_train_request(arrays: dict[str, np.ndarray], server_round: int,
     if warm_start is not None:
         content["warm-start"] = ArrayRecord({"sum": Array(np.ascontiguousarray(warm_start, dtype=np.float64))})
     return content
+
+
+#: the message type of the final model (Flower's ``query`` category: nothing is trained or charged)
+FINAL_MODEL = "query.final_model"
+
+
+def encode_final_model(arrays: dict[str, np.ndarray], model_round: int) -> RecordDict:
+    """The final global model (after round ``model_round``), in the layout of a train request."""
+    return encode_train_request(arrays, model_round)
+
+
+def decode_final_model(content: RecordDict) -> tuple[dict[str, np.ndarray], int]:
+    """(the final global model, the round it is the result of)."""
+    return decode_train_request(content)
+
+
+def encode_final_ack(site_id: str, model_round: int) -> RecordDict:
+    """A hospital's answer to the final model: which site kept which round (public values only)."""
+    return RecordDict({"kept": ConfigRecord({"site": site_id, "round": int(model_round)})})
+
+
+def decode_final_ack(content: RecordDict) -> tuple[str, int]:
+    """(site id, round) of a hospital's answer to the final model."""
+    try:
+        kept = content.config_records["kept"]
+        return str(kept["site"]), int(cast(int, kept["round"]))
+    except KeyError as exc:
+        raise ProtocolError(f"final-model answer lacks {exc}") from exc
 
 
 def decode_warm_start(content: RecordDict) -> np.ndarray | None:

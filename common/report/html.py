@@ -25,7 +25,7 @@ from typing import Any
 
 from common.atomic import read_json_object, write_bytes_atomic
 from common.report.plots import SVG_MIME, bar_chart, line_chart
-from common.round_record import RECORDS_FILE, RoundRecord, read_server_state
+from common.round_record import RECORDS_FILE, RoundRecord, ServerState, read_server_state
 
 REPORT_FILE = "report.html"
 MAX_GRIDS = 8
@@ -72,15 +72,21 @@ def _training(rounds: Sequence[RoundRecord]) -> str:
     return "".join(parts)
 
 
-def _privacy(rounds: Sequence[RoundRecord], sites: Mapping[str, Mapping[str, Any]]) -> str:
+def _privacy(rounds: Sequence[RoundRecord], sites: Mapping[str, Mapping[str, Any]],
+             attempted: RoundRecord | None = None) -> str:
+    """ε per round and per hospital. The table's figures come from ``summary.json`` (a simulation
+    recomputes them from the ledgers) or else from each hospital's newest report in the round records
+    (a deployed run; ``attempted``, a round that trained nobody, holds the newest statuses)."""
     per_round: dict[str, list[tuple[float, float]]] = {}
     budgets: dict[str, float] = {}
+    latest: dict[str, dict[str, Any]] = {}
     for r in rounds:
         for site, p in sorted(r.privacy.items()):
             per_round.setdefault(site, []).append((float(r.round), p.epsilon))
             budgets[site] = p.epsilon_budget if math.isfinite(p.epsilon_budget) else math.nan  # inf: no budget
-    final = {s: dict(v) for s, v in sites.items()} or {
-        s: {"epsilon": pts[-1][1], "epsilon_budget": budgets[s]} for s, pts in per_round.items()}
+    for r in (*rounds, *(() if attempted is None else (attempted,))):
+        latest.update({site: p.to_json() for site, p in r.privacy.items()})
+    final = {s: dict(v) for s, v in sites.items()} or latest
     parts = ["<h2>Privacy spent per hospital</h2>",
              '<p class="note">ε per patient at the hospital\'s δ, cumulative over every step its ledger holds. '
              "Dashed: the hospital's budget; no hospital trains past it.</p>"]
@@ -148,6 +154,18 @@ def _evaluation(ev: Mapping[str, Any], closest_pairs: Path | None) -> str:
     return "".join(parts)
 
 
+def _wall_seconds(summary: Mapping[str, Any], state: ServerState | None) -> list[Any]:
+    """The run's wall time: a simulation's own figure, else the sum of the rounds' (a deployed run,
+    whose rounds are timed at the server; waits between rounds are not in it)."""
+    if "wall_seconds" in summary:
+        return ["wall seconds", summary["wall_seconds"]]
+    if state is not None and state.in_process is not None:
+        return ["wall seconds", state.in_process.wall_seconds]
+    if state is not None and state.rounds:
+        return ["wall seconds (sum of rounds)", round(sum(r.seconds for r in state.rounds), 1)]
+    return ["wall seconds", "–"]
+
+
 def write_report(root: Path, *, evaluation: Mapping[str, Any] | None = None, closest_pairs: Path | None = None,
                  title: str = "medsynth run report") -> Path:
     """Write ``root/report.html`` from the run folder (and an evaluation, if given); returns its path."""
@@ -160,11 +178,16 @@ def write_report(root: Path, *, evaluation: Mapping[str, Any] | None = None, clo
              ["secure aggregation", state.secure_aggregation if state is not None else "–"],
              ["stopped early", stopped.reason if stopped is not None else "no"],
              ["run id", summary.get("run_id", run_id)],
-             ["wall seconds", summary.get("wall_seconds", "–")]]
+             _wall_seconds(summary, state)]
+    if state is not None and state.final_model is not None:
+        fm = state.final_model
+        facts.append(["final model sent to", f"{', '.join(fm.kept) or 'nobody'} (round {fm.round})"])
     body = [f"<h1>{html.escape(title)}</h1>",
             f'<p class="note">{html.escape(str(root))} — written '
             f'{dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}</p>',
-            _table(["", ""], facts), _training(rounds), _privacy(rounds, summary.get("sites", {})), _grids(root)]
+            _table(["", ""], facts), _training(rounds),
+            _privacy(rounds, summary.get("sites", {}), stopped.last_round_attempted if stopped is not None else None),
+            _grids(root)]
     if ev:
         body.append(_evaluation(ev, closest_pairs))
     page = (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
