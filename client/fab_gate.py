@@ -12,10 +12,11 @@ whose ``flwr-clientapp`` runs :func:`main`: Flower's own ClientApp process, exce
 step that installs the received bundle first checks SHA-256 of the bundle's bytes (computed
 here, not taken from the server) against ``allowed-fab-sha256`` in ``node.toml``. A bundle not
 on the list is never installed or imported: the ClientApp process fails before any app code
-runs, Flower sends the server an error reply naming :class:`AppNotAllowed`. Each verdict is one
-log line on the ClientApp's stderr, which is the SuperNode's log (``app allow-list: accepted …``
-or ``… refused …``, with the bundle's hash); the node daemon echoes them on its console. The gate depends on one name in Flower's internals
-(``flwr.supernode.runtime.run_clientapp.install_from_fab``); ``tests/test_fab_gate.py`` fails
+runs, and Flower sends the server an error reply naming :class:`AppNotAllowed`. Each verdict is
+one log line on the ClientApp's stderr, which is the SuperNode's log (``app allow-list:
+accepted …`` or ``… refused …``, with the bundle's hash); the node daemon echoes them on its
+console. The gate depends on one name in Flower's internals
+(``flwr.supernode.runtime.run_clientapp.install_from_fab``); ``tests/test_audit_gate.py`` fails
 if a Flower upgrade moves it.
 
 The operator publishes the hash with ``medsynth server fab-hash`` (the FAB is built
