@@ -97,6 +97,10 @@ def test_example_configs_use_only_known_keys() -> None:
     assert set(node) == {"node", "tls", "keys", "consortium", "prepare", "apps"}
     assert set(node["consortium"]) == {"min-participants", "members"}
     assert "insecure" not in node["node"] and "insecure" not in node["tls"]
+    from client.node_config import NODE_TOML_KEYS
+
+    assert all(set(body) <= NODE_TOML_KEYS[table] for table, body in node.items())
+    assert {"max-epsilon-per-run", "max-noise-multiplier", "runtime-port"} <= set(node["node"])
 
 
 def test_commands_the_kit_documents_are_the_ones_the_daemons_run(tmp_path: Path) -> None:
