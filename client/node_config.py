@@ -10,6 +10,9 @@ Example (every key is explained in ``deploy/node.example.toml``)::
     epsilon-budget = 10.0                      # this hospital's own budget; no run can raise it
     delta = 1e-5                               # this hospital's δ; a run asking for another is refused
     accountant = "prv"
+    max-epsilon-per-run = 10.0                 # the most ε one run may add (default: the budget)
+    max-noise-multiplier = 10.0                # a training round needing a larger σ is refused
+    runtime-port = 9094                        # the SuperNode's Runtime API on loopback, free at start
     [consortium]
     min-participants = 3                       # never below 3
     [consortium.members]                       # pinned after checking fingerprints out of band
@@ -31,6 +34,7 @@ fails closed: an empty ``allowed-fab-sha256`` is refused unless the file also sa
 One vocabulary from this file to the code: a file setting is ``*-path`` here and in the node
 config and ``*_path`` in code, a folder ``*-dir`` / ``*_dir``. A key this file does not know is
 refused (an old name says its new one), so a misspelt ``state-dir`` cannot start an empty ledger.
+Paths are resolved as they are loaded (absolute, without ``..``), and printed that way.
 """
 
 from __future__ import annotations
