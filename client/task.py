@@ -5,9 +5,10 @@ Order of operations, each step before the next:
 0. check the received global model (the run's names and shapes, finite, in range: ``client.policy``);
 1. read the prepared local dataset (the cache; DICOM files are not touched again);
 2. fix the noise multiplier: the run's plan in the ledger, else calibrate so that the run's
-   remaining rounds end at, never above, the budget given everything already spent — or use
-   the run's fixed σ when calibration is off;
-3. budget check: if this round would take ε above the budget, do not train (typed status);
+   remaining rounds end at, never above, the run's target given everything already spent (the
+   budget, or what other runs spent + ``max-epsilon-per-run``: ``common.dp.plan``) — or use
+   the run's fixed σ when calibration is off; a σ above ``max-noise-multiplier`` is refused;
+3. budget check: if this round would take ε above the target, do not train (typed status);
 4. charge the round's steps to the ledger, durably;
 5. train (private D, post-processing G) and check the accountant counted what was charged;
 6. pack the update vector (delta, weight and losses together; see ``common.weights``).
