@@ -26,7 +26,7 @@ from flwr.clientapp import ClientApp
 
 from client import secagg
 from client.audit import AuditLogCorrupt, append_entry, entry_for
-from client.policy import ModelRefused, RunRefused, check_run_allowed
+from client.policy import ModelRefused, NoiseRefused, RunRefused, check_run_allowed
 from common.config import ConfigError, RunConfig, SiteConfig, default_state_dir, site_paths
 from common.dataset import DatasetError
 from common.errors import UserError
@@ -57,6 +57,7 @@ def error_codes() -> tuple[tuple[type[Exception], str], ...]:
     from client.release import ReleaseRecordCorrupt
 
     return (
+        (NoiseRefused, "noise-refused"),
         (RunRefused, "run-refused"),
         (ModelRefused, "model-refused"),
         (MembershipMismatch, "membership"),

@@ -56,6 +56,7 @@ class AuditEntry:
     session: str = ""  # secure-aggregation session (setup id) the request named, "" for none
     detail: str = ""  # for an error reply: the hospital-local cause (never sent; the reply has a fixed text)
     cpu_s: float | None = None  # CPU seconds this hospital spent on the message (local; read by benchmarks)
+    noise_multiplier: float | None = None  # σ of the round, when the reply reports it (a training reply)
 
 
 LEDGER_STATE = "ledger-state"
@@ -90,12 +91,16 @@ def entry_for(
     """The audit entry of ``reply_content``, sent in answer to ``request``."""
     privacy = reply_content.config_records.get("privacy")
     epsilon: float | None = None
+    sigma: float | None = None
     status = "-"
     if privacy is not None:
         status = str(privacy.get("status", "-"))
         raw = privacy.get("epsilon")
         if isinstance(raw, int | float) and math.isfinite(float(raw)):
             epsilon = float(raw)
+        raw = privacy.get("noise-multiplier")
+        if isinstance(raw, int | float) and math.isfinite(float(raw)):
+            sigma = float(raw)
     return AuditEntry(
         time=time.time(),
         run=str(request.metadata.run_id),
@@ -109,6 +114,7 @@ def entry_for(
         session=_session_of(request),
         detail=detail,
         cpu_s=cpu_s,
+        noise_multiplier=sigma,
     )
 
 
@@ -148,6 +154,11 @@ def _record(obj: Any) -> AuditRecord:
     return state
 
 
+def parse_line(line: str) -> AuditRecord:
+    """One line of the log as its record; ``ValueError`` (or ``TypeError``) when it is not one."""
+    return _record(json.loads(line))
+
+
 def read_records(path: Path) -> list[AuditRecord]:
     """Every line, messages and ledger states, in order; a missing log is empty.
 
@@ -161,7 +172,7 @@ def read_records(path: Path) -> list[AuditRecord]:
         if not line.strip():
             continue
         try:
-            records.append(_record(json.loads(line)))
+            records.append(parse_line(line))
         except (json.JSONDecodeError, TypeError, ValueError) as exc:
             raise AuditLogCorrupt(
                 f"{path}:{number}: not an audit entry ({exc}); medsynth never repairs the log, and training "

@@ -3,6 +3,7 @@
     medsynth node prepare --data DIR --out CACHE   DICOM folder → local training cache, with a report
     medsynth node privacy --ledger FILE            privacy spent per run and round, from the ledger
     medsynth node start --config node.toml         the hospital daemon (client/daemon.py)
+    medsynth node status --config node.toml        running?, ε spent and left, caps, last round, logs
     medsynth node audit --config node.toml         every message that left the hospital
     medsynth node evaluate --config node.toml      the newest (after a run: the final) global model
                                                    against local images; --checkpoint PATH another one
@@ -80,9 +81,15 @@ def add_parsers(sub: SubParsers) -> None:
                         description="Check node.toml, keys and the server's certificate, prepare the local "
                                     "dataset, then run flower-supernode (outbound TLS only) until stopped.")
     p.add_argument("--config", type=Path, required=True, help="node.toml (see deploy/node.example.toml)")
-    p.add_argument("--runtime-port", type=int, default=9094,
-                   help="loopback port of the SuperNode's Runtime API for its own ClientApps")
     p.set_defaults(func=cmd_start)
+
+    p = nsub.add_parser("status", help="this hospital's node: running?, budget spent and left, caps, last round, logs",
+                        description="Read this hospital's own files (node.toml, ledger, audit log, daemon.json) and "
+                                    "say whether the node daemon runs, how much of the budget is spent and left, "
+                                    "what one run may do, the last round, and where the logs are. Exit status 2 "
+                                    "when the ledger cannot be trusted (deleted or rolled back).")
+    p.add_argument("--config", type=Path, required=True, help="node.toml")
+    p.set_defaults(func=cmd_status)
 
     p = nsub.add_parser("audit", help="print the audit log: every message that left this hospital",
                         description="Print every message this hospital sent, from its audit log.")
@@ -199,9 +206,18 @@ def cmd_start(args: argparse.Namespace) -> int:
     from client.daemon import start_node
     from client.node_config import NodeDeployConfig
 
-    start_node(NodeDeployConfig.load(args.config), say=lambda line: print(line, flush=True),
-               runtime_port=args.runtime_port)
+    start_node(NodeDeployConfig.load(args.config), say=lambda line: print(line, flush=True))
     return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """``medsynth node status``: see :func:`client.status.node_status`."""
+    from client.node_config import NodeDeployConfig
+    from client.status import node_status
+
+    text, code = node_status(NodeDeployConfig.load(args.config))
+    print(text)
+    return code
 
 
 def cmd_audit(args: argparse.Namespace) -> int:

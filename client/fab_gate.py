@@ -12,9 +12,11 @@ whose ``flwr-clientapp`` runs :func:`main`: Flower's own ClientApp process, exce
 step that installs the received bundle first checks SHA-256 of the bundle's bytes (computed
 here, not taken from the server) against ``allowed-fab-sha256`` in ``node.toml``. A bundle not
 on the list is never installed or imported: the ClientApp process fails before any app code
-runs, Flower sends the server an error reply naming :class:`AppNotAllowed`, and the refusal is
-logged. The gate depends on one name in Flower's internals
-(``flwr.supernode.runtime.run_clientapp.install_from_fab``); ``tests/test_fab_gate.py`` fails
+runs, and Flower sends the server an error reply naming :class:`AppNotAllowed`. Each verdict is
+one log line on the ClientApp's stderr, which is the SuperNode's log (``app allow-list:
+accepted …`` or ``… refused …``, with the bundle's hash); the node daemon echoes them on its
+console. The gate depends on one name in Flower's internals
+(``flwr.supernode.runtime.run_clientapp.install_from_fab``); ``tests/test_audit_gate.py`` fails
 if a Flower upgrade moves it.
 
 The operator publishes the hash with ``medsynth server fab-hash`` (the FAB is built
@@ -54,10 +56,13 @@ def gated_installer(install: Callable[..., Path], allowed: frozenset[str]) -> Ca
         content = fab_file if isinstance(fab_file, bytes) else Path(fab_file).read_bytes()
         digest = fab_sha256(content)
         if digest not in allowed:
+            log.error("app allow-list: refused app bundle sha256 %s: not on [apps] allowed-fab-sha256 in node.toml; "
+                      "it was not installed or run", digest)
             raise AppNotAllowed(
                 f"app bundle sha256 {digest} is not on this hospital's allow-list (node.toml "
                 "[apps] allowed-fab-sha256); it was not installed or run"
             )
+        log.info("app allow-list: accepted app bundle sha256 %s (on [apps] allowed-fab-sha256)", digest)
         return install(fab_file, *args, **kwargs)
 
     return install_if_allowed
@@ -68,6 +73,10 @@ def main() -> None:
     from flwr.supernode.cli.flwr_clientapp import flwr_clientapp
     from flwr.supernode.runtime import run_clientapp
 
+    handler = logging.StreamHandler(sys.stderr)  # the SuperNode's log; Flower configures only its own logger
+    handler.setFormatter(logging.Formatter("%(levelname)-8s medsynth: %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
     allowed = allowed_hashes()
     if not allowed:
         sys.exit(f"{ALLOWLIST_ENV} is empty: the FAB gate would refuse every app; check node.toml [apps]")

@@ -10,6 +10,9 @@ Example (every key is explained in ``deploy/node.example.toml``)::
     epsilon-budget = 10.0                      # this hospital's own budget; no run can raise it
     delta = 1e-5                               # this hospital's δ; a run asking for another is refused
     accountant = "prv"
+    max-epsilon-per-run = 10.0                 # the most ε one run may add (default: the budget)
+    max-noise-multiplier = 10.0                # a training round needing a larger σ is refused
+    runtime-port = 9094                        # the SuperNode's Runtime API on loopback, free at start
     [consortium]
     min-participants = 3                       # never below 3
     [consortium.members]                       # pinned after checking fingerprints out of band
@@ -31,6 +34,7 @@ fails closed: an empty ``allowed-fab-sha256`` is refused unless the file also sa
 One vocabulary from this file to the code: a file setting is ``*-path`` here and in the node
 config and ``*_path`` in code, a folder ``*-dir`` / ``*_dir``. A key this file does not know is
 refused (an old name says its new one), so a misspelt ``state-dir`` cannot start an empty ledger.
+Paths are resolved as they are loaded (absolute, without ``..``), and printed that way.
 """
 
 from __future__ import annotations
@@ -66,7 +70,7 @@ NodeConfigValue = bool | int | float | str
 NODE_TOML_KEYS: dict[str, frozenset[str]] = {
     # table → the settings it may hold
     "node": frozenset({"site-id", "superlink", "data-dir", "state-dir", "epsilon-budget", "delta", "accountant",
-                       "allow-plain-aggregation"}),
+                       "allow-plain-aggregation", "max-epsilon-per-run", "max-noise-multiplier", "runtime-port"}),
     "tls": frozenset({"ca-certificate"}),
     "keys": frozenset({"auth-private-key", "signing-key-path", "roster-path"}),
     "consortium": frozenset({"min-participants", "members"}),
@@ -89,11 +93,31 @@ def _check_known_keys(doc: Mapping[str, Any]) -> None:
                 raise ConfigError(f"[{table}] {key} is not a setting; known: {known}")
 
 
+#: ``[node] runtime-port``: where the SuperNode's Runtime API listens (loopback) for its own ClientApps.
+DEFAULT_RUNTIME_PORT = 9094
+
+
 def _resolve(value: Any, base: Path, what: str) -> Path:
+    """``value`` as an absolute path without ``..`` (relative to ``base``), as it is printed and used."""
     if not isinstance(value, str) or not value:
         raise ConfigError(f"{what} is required (a path)")
-    path = Path(value)
-    return path if path.is_absolute() else base / path
+    return (base / Path(value).expanduser()).resolve()
+
+
+def _positive(node: Mapping[str, Any], key: str, default: float, meaning: str) -> float:
+    """A ``[node]`` number > 0 (``inf`` allowed: no cap), ``default`` when absent."""
+    value = node.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise ConfigError(f"[node] {key} = {value!r}: a number > 0, {meaning}")
+    return float(value)
+
+
+def _port(node: Mapping[str, Any]) -> int:
+    port = node.get("runtime-port", DEFAULT_RUNTIME_PORT)
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
+        raise ConfigError(f"[node] runtime-port = {port!r}: an integer in 1..65535 (a free port on this machine's "
+                          "loopback, where the SuperNode serves its own ClientApps)")
+    return port
 
 
 def _image_size(prepare: Mapping[str, Any]) -> int:
@@ -133,6 +157,9 @@ class NodeDeployConfig:
     image_size: int  # [prepare] image-size, default the app's model.image-size
     allow_plain_aggregation: bool
     any_app_may_run: bool  # [apps] any-app-may-run: the hospital's explicit consent to no allow-list
+    max_epsilon_per_run: float  # [node] max-epsilon-per-run: the most ε one run may add (default: the budget)
+    max_noise_multiplier: float  # [node] max-noise-multiplier: a training σ above it is refused
+    runtime_port: int  # [node] runtime-port: the SuperNode's Runtime API on 127.0.0.1
 
     @property
     def superlink_host(self) -> str:
@@ -176,6 +203,8 @@ class NodeDeployConfig:
             "signing-key-path": str(self.signing_key_path),
             "roster-path": str(self.roster_path),
             "allow-plain-aggregation": self.allow_plain_aggregation,
+            "max-epsilon-per-run": self.max_epsilon_per_run,
+            "max-noise-multiplier": self.max_noise_multiplier,
         }
 
     @staticmethod
@@ -246,6 +275,11 @@ class NodeDeployConfig:
             min_participants=min_participants,
             allow_plain_aggregation=_flag(node, "allow-plain-aggregation"),
             any_app_may_run=any_app,
+            max_epsilon_per_run=_positive(node, "max-epsilon-per-run", float(budget),
+                                          "the most ε one run may add to this hospital's ledger"),
+            max_noise_multiplier=_positive(node, "max-noise-multiplier", float(NODE_DEFAULTS["max-noise-multiplier"]),
+                                           "the largest σ this hospital trains at"),
+            runtime_port=_port(node),
         )
         cfg.check_apps()
         cfg.check()
@@ -301,7 +335,7 @@ class NodeDeployConfig:
         if roster.keys.get(self.site_id) != identity.public_key():
             raise ConfigError(
                 f"[keys] roster-path = {self.roster_path} has no entry for {self.site_id!r} matching this hospital's "
-                "signing key; ask the operator for the roster built from your <site>.secagg.json"
+                f"signing key; ask the operator for the roster built from your {self.site_id}.secagg.json"
             )
         if dict(self.members).get(self.site_id) != fingerprint(identity.public_key()):
             raise ConfigError(

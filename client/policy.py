@@ -8,6 +8,9 @@ touched, before any data is read for training, and before any key is advertised:
   "ε = 10" at δ = 0.5 is ε ≈ 42 at δ = 1e-5); the ε budget is always the hospital's;
 * classes: the run's class names must be the hospital's label configuration, in its order (the
   server must not choose which of the hospital's folders train);
+* noise: a training round whose σ (calibrated to what is left of the budget, or the run's fixed
+  σ) exceeds the hospital's ``max-noise-multiplier`` is refused (``check_noise_multiplier``):
+  training on noise would spend budget for nothing, so it is not done silently;
 * the received global model: the names and shapes of the run's model, finite, and within
   ``MODEL_VALUE_BOUND`` (a crafted parameter such as a discriminator bias of −1e10 is refused
   before any training or charge).
@@ -32,6 +35,10 @@ class RunRefused(ConfigError):
     """The run asks this hospital for something its own settings do not allow; nothing was charged or sent."""
 
 
+class NoiseRefused(RunRefused):
+    """The run would train at a σ above this hospital's ``max-noise-multiplier``; nothing was charged."""
+
+
 class ModelRefused(UserError, ValueError):
     """The received global model is not the run's model, or holds a non-finite or out-of-range value."""
 
@@ -53,6 +60,24 @@ def check_run_allowed(run: RunConfig, site: SiteConfig) -> None:
             f"the run trains classes {list(run.class_names)}, this hospital's label configuration is "
             f"{list(site.class_names)} ([prepare] class-names in node.toml); the server does not choose them"
         )
+
+
+def check_noise_multiplier(sigma: float, site: SiteConfig, *, calibrated: bool) -> None:
+    """``NoiseRefused`` when a training round's σ exceeds the hospital's ``max-noise-multiplier``.
+
+    Checked before the ledger is charged and before the plan is kept, so a refused run costs
+    nothing and a raised cap takes effect at the next request.
+    """
+    if sigma <= site.max_noise_multiplier:
+        return
+    why = ("calibrated to what is left of this run's ε (the budget, or max-epsilon-per-run)" if calibrated
+           else "the run's fixed dp.noise-multiplier")
+    raise NoiseRefused(
+        f"the run would train at σ = {sigma:.3g} ({why}), above this hospital's max-noise-multiplier = "
+        f"{site.max_noise_multiplier:g}: at such σ the update is mostly noise, so this hospital does not train "
+        "(nothing was charged). Ask for fewer rounds or local steps, or raise [node] max-noise-multiplier or "
+        "the budget in node.toml if your privacy officer agrees"
+    )
 
 
 def check_global_model(arrays: Mapping[str, np.ndarray], expected: Mapping[str, tuple[int, ...]]) -> None:

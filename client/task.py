@@ -5,9 +5,10 @@ Order of operations, each step before the next:
 0. check the received global model (the run's names and shapes, finite, in range: ``client.policy``);
 1. read the prepared local dataset (the cache; DICOM files are not touched again);
 2. fix the noise multiplier: the run's plan in the ledger, else calibrate so that the run's
-   remaining rounds end at, never above, the budget given everything already spent — or use
-   the run's fixed σ when calibration is off;
-3. budget check: if this round would take ε above the budget, do not train (typed status);
+   remaining rounds end at, never above, the run's target given everything already spent (the
+   budget, or what other runs spent + ``max-epsilon-per-run``: ``common.dp.plan``) — or use
+   the run's fixed σ when calibration is off; a σ above ``max-noise-multiplier`` is refused;
+3. budget check: if this round would take ε above the target, do not train (typed status);
 4. charge the round's steps to the ledger, durably;
 5. train (private D, post-processing G) and check the accountant counted what was charged;
 6. pack the update vector (delta, weight and losses together; see ``common.weights``).
@@ -30,15 +31,16 @@ import hashlib
 import numpy as np
 
 from client.ledger import AccountingMismatch, NoisePlan, PrivacyLedger
-from client.policy import ModelRefused, check_global_model, check_warm_start
+from client.policy import ModelRefused, check_global_model, check_noise_multiplier, check_warm_start
 from client.prepare.pipeline import load_or_create_salt, prepare_site
 from common.checkpoint import save_checkpoint
 from common.config import ConfigError, RunConfig, SiteConfig
 from common.dataset import LocalDataset, load_cache
-from common.dp.accounting import Charge, PrivacyBudgetExceeded, calibrate_noise_multiplier, check_budget
+from common.dp.accounting import Charge, PrivacyBudgetExceeded, check_budget, epsilon_of
 from common.dp.embedding import Anchor
 from common.dp.noise import ChaCha20Gaussian
-from common.dp.release import noisy_release, release_noise_multiplier
+from common.dp.plan import release_noise_multiplier, run_target, training_noise_multiplier
+from common.dp.release import noisy_release
 from common.dp.train import train_local_round
 from common.dp.warm_start import WARM_START_ROUND, EmbeddingSpec
 from common.models import build_models, select_device
@@ -90,29 +92,32 @@ def keep_global_model(
             older.unlink(missing_ok=True)
 
 
+def run_target_of(ledger: PrivacyLedger, site: SiteConfig, run_id: int) -> float:
+    """The ε this run ends at, never above: the budget, or what other runs spent + ``max-epsilon-per-run``."""
+    before = epsilon_of([e.charge for e in ledger.entries if e.run != run_id], ledger.delta, ledger.accountant)
+    return run_target(before, budget=ledger.epsilon_budget, max_epsilon_per_run=site.max_epsilon_per_run)
+
+
 def noise_for_round(
-    ledger: PrivacyLedger, run: RunConfig, *, sample_rate: float, run_id: int, server_round: int
+    ledger: PrivacyLedger, run: RunConfig, site: SiteConfig, *, run_id: int, server_round: int, target: float
 ) -> float:
     """σ for this round: fixed, or the run's calibrated plan (made at the site's first round).
 
     The plan covers the run's remaining rounds (``num_rounds − round + 1``) on top of the whole
-    ledger history, so a resumed or later run only ever gets what is left of the budget.
+    ledger history and ends at ``target`` (:func:`run_target_of`), so a resumed or later run only
+    ever gets what is left. A σ above the hospital's ``max-noise-multiplier`` is refused
+    (``NoiseRefused``) before the plan is kept or anything charged.
     """
-    if not run.privacy.calibrate:
-        return run.privacy.noise_multiplier
-    plan = ledger.plan(run_id)
+    sample_rate = run.privacy.sample_rate
+    plan = ledger.plan(run_id) if run.privacy.calibrate else None
     if plan is not None and plan.sample_rate == sample_rate:
+        check_noise_multiplier(plan.noise_multiplier, site, calibrated=True)
         return plan.noise_multiplier
-    remaining = max(run.federation.num_rounds - server_round + 1, 1)
-    sigma = calibrate_noise_multiplier(
-        ledger.charges,
-        sample_rate=sample_rate,
-        planned_steps=remaining * run.train.local_steps,
-        delta=ledger.delta,
-        budget=ledger.epsilon_budget,
-        accountant=ledger.accountant,
-    )
-    ledger.set_plan(run_id, NoisePlan(noise_multiplier=sigma, sample_rate=sample_rate))
+    sigma = training_noise_multiplier(ledger.charges, run, server_round=server_round, target=target,
+                                      delta=ledger.delta, accountant=ledger.accountant)
+    check_noise_multiplier(sigma, site, calibrated=run.privacy.calibrate)
+    if run.privacy.calibrate:
+        ledger.set_plan(run_id, NoisePlan(noise_multiplier=sigma, sample_rate=sample_rate))
     return sigma
 
 
@@ -149,12 +154,12 @@ def release_round(run: RunConfig, site: SiteConfig, global_arrays: dict[str, np.
     data = load_site_dataset(site, run)
     with PrivacyLedger.locked(site.ledger_path):
         ledger = open_ledger(site)
+        target = run_target_of(ledger, site, run_id)
         try:
-            sigma = release_noise_multiplier(ledger.charges, budget=ledger.epsilon_budget,
-                                             share=run.warm_start.budget_share, delta=ledger.delta,
-                                             accountant=ledger.accountant)
+            sigma = release_noise_multiplier(ledger.charges, budget=target, share=run.warm_start.budget_share,
+                                             delta=ledger.delta, accountant=ledger.accountant)
             charge = Charge(sigma, 1.0, 1)
-            eps_after = check_budget(ledger.charges, charge, delta=ledger.delta, budget=ledger.epsilon_budget,
+            eps_after = check_budget(ledger.charges, charge, delta=ledger.delta, budget=target,
                                      accountant=ledger.accountant)
         except PrivacyBudgetExceeded:
             return site_reply(site, ledger, "budget-exhausted", ledger.epsilon(), None, None)
@@ -195,18 +200,12 @@ def train_round(
     with PrivacyLedger.locked(site.ledger_path):
         ledger = open_ledger(site)
         sample_rate = run.privacy.sample_rate  # public: ε below depends on no patient count
+        target = run_target_of(ledger, site, run_id)
         try:
-            sigma = noise_for_round(
-                ledger, run, sample_rate=sample_rate, run_id=run_id, server_round=server_round
-            )
+            sigma = noise_for_round(ledger, run, site, run_id=run_id, server_round=server_round, target=target)
             charge = Charge(sigma, sample_rate, run.train.local_steps)
-            eps_after = check_budget(
-                ledger.charges,
-                charge,
-                delta=ledger.delta,
-                budget=ledger.epsilon_budget,
-                accountant=ledger.accountant,
-            )
+            eps_after = check_budget(ledger.charges, charge, delta=ledger.delta, budget=target,
+                                     accountant=ledger.accountant)
         except PrivacyBudgetExceeded:
             return site_reply(site, ledger, "budget-exhausted", ledger.epsilon(), None, None)
         ledger.charge(charge, run=run_id, round=server_round)  # durable before any training

@@ -428,6 +428,10 @@ NODE_DEFAULTS: dict[str, ConfigValue] = {
     "accountant": "prv",
     "min-participants": MIN_PARTICIPANTS,
     "allow-plain-aggregation": False,
+    # the largest DP-SGD noise multiplier the hospital trains at: a round that would need more is
+    # refused before anything is charged (at σ ≫ 1 the update is noise; node.example.toml says more)
+    "max-noise-multiplier": 10.0,
+    # "max-epsilon-per-run" has no entry: by default one run may spend the whole budget
 }
 
 NODE_CONFIG_KEYS: dict[str, type] = {
@@ -441,6 +445,8 @@ NODE_CONFIG_KEYS: dict[str, type] = {
     "signing-key-path": str,
     "roster-path": str,
     "epsilon-budget": float,
+    "max-epsilon-per-run": float,  # default: epsilon-budget
+    "max-noise-multiplier": float,
     "delta": float,
     "accountant": str,
     "class-names": str,
@@ -533,12 +539,18 @@ class SiteConfig:
     allow_plain_aggregation: bool  # the hospital's own consent to send unmasked updates
     audit_path: Path  # JSON lines: every message that left the hospital (client.audit)
     model_dir: Path  # the newest global model received, for evaluation at the node
+    max_epsilon_per_run: float  # the most ε one run may add to the ledger (common.dp.plan.run_target)
+    max_noise_multiplier: float  # a training round that needs a larger σ is refused (inf: no cap)
 
     def __post_init__(self) -> None:
         if not self.site_id:
             raise ConfigError("site-id must not be empty")
         if not (self.epsilon_budget > 0 and math.isfinite(self.epsilon_budget)):
             raise ConfigError(f"epsilon-budget must be a finite number > 0, got {self.epsilon_budget}")
+        if not self.max_epsilon_per_run > 0:
+            raise ConfigError(f"max-epsilon-per-run must be a number > 0, got {self.max_epsilon_per_run}")
+        if not self.max_noise_multiplier > 0:
+            raise ConfigError(f"max-noise-multiplier must be a number > 0, got {self.max_noise_multiplier}")
         if not 0 < self.delta < 1:
             raise ConfigError(f"delta must be in (0, 1), got {self.delta}")
         if self.accountant not in ("prv", "rdp"):
@@ -561,7 +573,8 @@ class SiteConfig:
         audit log live there unless ``cache-dir``, ``ledger-path``, ``signing-key-path``,
         ``roster-path``, ``audit-path`` say otherwise: :func:`site_paths`), ``epsilon-budget``,
         ``class-names`` and ``members`` (required, see :func:`parse_members`), ``delta``,
-        ``accountant``, ``min-participants``, ``allow-plain-aggregation`` (:data:`NODE_DEFAULTS`).
+        ``accountant``, ``min-participants``, ``allow-plain-aggregation``, ``max-noise-multiplier``
+        (:data:`NODE_DEFAULTS`) and ``max-epsilon-per-run`` (by default ``epsilon-budget``).
         Any other key is refused. In simulation the harness writes each virtual hospital's pinned
         members to ``<site>/members.txt`` and the privacy settings are the run's.
         """
@@ -594,6 +607,10 @@ class SiteConfig:
             ),
             audit_path=Path(str(_get(node_cfg, "audit-path", str, str(paths.audit_path)))),
             model_dir=paths.model_dir,
+            max_epsilon_per_run=float(_get(node_cfg, "max-epsilon-per-run", float,
+                                           _get(node_cfg, "epsilon-budget", float))),
+            max_noise_multiplier=float(_get(node_cfg, "max-noise-multiplier", float,
+                                            NODE_DEFAULTS["max-noise-multiplier"])),
         )
 
     @staticmethod
@@ -629,6 +646,10 @@ class SiteConfig:
             allow_plain_aggregation=True,  # virtual hospitals follow the run's --plain-aggregation flag
             audit_path=paths.audit_path,
             model_dir=paths.model_dir,
+            # the harness plays every hospital: no cap beyond the run's budget, so a simulation at
+            # a small ε still trains (and shows what such a run is worth)
+            max_epsilon_per_run=run.privacy.epsilon_budget,
+            max_noise_multiplier=math.inf,
         )
 
 

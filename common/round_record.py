@@ -138,19 +138,23 @@ class SitePrivacyReport:
     epsilon_budget: float  # inf: no budget (an in-process run without DP)
     delta: float
     steps: int  # DP steps in its ledger
+    noise_multiplier: float | None = None  # σ of the round, when it trained or released (public: common.dp.plan)
 
     def to_json(self) -> dict[str, Any]:
-        return {"status": self.status, "epsilon": self.epsilon, "epsilon_budget": self.epsilon_budget,
-                "delta": self.delta, "steps": self.steps}
+        out = {"status": self.status, "epsilon": self.epsilon, "epsilon_budget": self.epsilon_budget,
+               "delta": self.delta, "steps": self.steps}
+        return out if self.noise_multiplier is None else {**out, "noise_multiplier": self.noise_multiplier}
 
     @classmethod
     def from_json(cls, obj: object, *, source: str, site: str = "") -> SitePrivacyReport:
-        f = _Fields(obj, f"privacy of {site}", source, {"status", "epsilon", "epsilon_budget", "delta", "steps"})
+        f = _Fields(obj, f"privacy of {site}", source, {"status", "epsilon", "epsilon_budget", "delta", "steps"},
+                    optional=frozenset({"noise_multiplier"}))  # records written before σ was sent lack it
         status = f.str_("status")
         if status not in _STATUSES:
             raise f.error(f"'status' must be one of {list(_STATUSES)}, got {status!r}")
+        sigma = f.float_("noise_multiplier") if f.has("noise_multiplier") else None
         return cls(status, f.float_("epsilon"), f.float_("epsilon_budget", null=math.inf),
-                   f.float_("delta"), f.int_("steps"))
+                   f.float_("delta"), f.int_("steps"), sigma)
 
 
 @dataclass(frozen=True)

@@ -80,10 +80,13 @@ def fab_hash_of_app(folder: Path) -> str:
 # -------------------------------------------------------------------------------- server
 def cmd_start(args: argparse.Namespace) -> int:
     """``medsynth server start``: SuperLink and the run, to its last round."""
+    from common.dp.plan import fresh_hospital_line
     from server.daemon import start_server
     from server.server_config import ServerDeployConfig
 
-    start_server(ServerDeployConfig.load(args.config, app_dir()), say=lambda line: print(line, flush=True))
+    cfg = ServerDeployConfig.load(args.config, app_dir())
+    print(fresh_hospital_line(cfg.run_config()), flush=True)  # what the run will spend at each hospital
+    start_server(cfg, say=lambda line: print(line, flush=True))
     return 0
 
 

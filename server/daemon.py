@@ -365,8 +365,9 @@ def format_status(state: ServerState | None, cfg: ServerDeployConfig) -> str:
     if latest:
         lines.append("privacy spent per hospital (cumulative, patient level):")
         for site, p in sorted(latest.items()):
+            sigma = "" if p.noise_multiplier is None else f", last σ = {p.noise_multiplier:.3g}"
             lines.append(f"  {site}: ε = {p.epsilon:.3f} of {p.epsilon_budget:g} at δ = {p.delta:g} "
-                         f"({p.steps} steps, {p.status})")
+                         f"({p.steps} steps{sigma}, {p.status})")
     if state is not None and state.stopped_early is not None:
         lines.append(f"stopped early: {state.stopped_early.reason}")
     if state is not None and state.final_model is not None:

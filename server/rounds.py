@@ -257,7 +257,9 @@ def describe_final(final: FinalModel) -> str:
 def describe_round(record: RoundRecord, num_rounds: int) -> str:
     """One readable log line per round."""
     eps = ", ".join(
-        f"{site} ε={p.epsilon:.2f}/{p.epsilon_budget:g}" + ("" if p.status == "ok" else " (budget spent)")
+        f"{site} ε={p.epsilon:.2f}/{p.epsilon_budget:g}"
+        + ("" if p.noise_multiplier is None else f" σ={p.noise_multiplier:.3g}")
+        + ("" if p.status == "ok" else " (budget spent)")
         for site, p in sorted(record.privacy.items())
     )
     m = record.metrics

@@ -336,4 +336,4 @@ def privacy_entry(r: SiteReply) -> SitePrivacyReport:
     if r.status == "error":
         raise ProtocolError(f"{r.site_id}: an error reply has no privacy report")
     return SitePrivacyReport(status=r.status, epsilon=r.epsilon, epsilon_budget=r.epsilon_budget,
-                             delta=r.delta, steps=r.total_steps)
+                             delta=r.delta, steps=r.total_steps, noise_multiplier=r.noise_multiplier)

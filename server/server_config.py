@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from common.certs import CertificateError, check_private_mode, check_tls_pair
-from common.config import ConfigError, app_defaults, check_overrides, read_toml
+from common.config import ConfigError, RunConfig, app_defaults, check_overrides, read_toml
 
 RunValue = bool | int | float | str
 
@@ -120,6 +120,10 @@ class ServerDeployConfig:
         cfg.check_files()
         return cfg
 
+    def run_config(self) -> RunConfig:
+        """The run this server submits: the app's defaults with ``[run]`` over them."""
+        return RunConfig.from_flower({**app_defaults(self.app_dir), **self.run_overrides})
+
     def check_files(self) -> None:
         """Fail fast, naming the file, on anything the SuperLink would otherwise trip over later."""
         for what, p in (("[tls] ca-certificate", self.ca_certificate), ("[tls] certificate", self.certificate),
@@ -135,7 +139,7 @@ class ServerDeployConfig:
             raise ConfigError("[hospitals] is empty: list each hospital's site id = its .auth.pub file")
         for site, key in self.hospitals.items():
             if not key.is_file():
-                raise ConfigError(f"[hospitals] {site} = {key}: no such file (the hospital's <site>.auth.pub)")
+                raise ConfigError(f"[hospitals] {site} = {key}: no such file (the hospital's {site}.auth.pub)")
             if not key.read_text(encoding="utf-8", errors="replace").startswith("ecdsa-sha2-"):
                 raise ConfigError(
                     f"[hospitals] {site} = {key}: not an OpenSSH EC public key (from `medsynth certs node`)"

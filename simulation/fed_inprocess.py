@@ -29,7 +29,8 @@ from common.dataset import LocalDataset
 from common.dp.accounting import Charge, calibrate_noise_multiplier, epsilon_of
 from common.dp.embedding import Anchor, patient_sum, warm_start_generator
 from common.dp.noise import ChaCha20Gaussian
-from common.dp.release import noisy_release, release_noise_multiplier
+from common.dp.plan import release_noise_multiplier
+from common.dp.release import noisy_release
 from common.dp.train import train_local_round
 from common.dp.warm_start import EmbeddingSpec
 from common.evaluation.reference import to_model_range, unit_per_image

@@ -14,6 +14,7 @@ Steps, each visible to the user:
 
 from __future__ import annotations
 
+import math
 import re
 import shutil
 import time
@@ -176,7 +177,8 @@ def deployed_node_config(
 ) -> dict[str, str | float | bool]:
     """A virtual hospital's node config as a deployed node carries it (``client.node_config``
     writes the same keys from a real ``node.toml``): its folders, keys, pinned members, classes and
-    budget, and consent to plain aggregation (the benchmark and tests compare both modes)."""
+    budget, and consent to plain aggregation (the benchmark and tests compare both modes). No cap on
+    σ: the harness measures what a run at any ε is worth (a hospital's node.toml caps it at 10)."""
     return {
         "site-id": site,
         "data-dir": str(sites_dir / site / "dicom"),
@@ -187,6 +189,7 @@ def deployed_node_config(
         "signing-key-path": str(site_paths(sites_dir / site).signing_key_path),
         "roster-path": str(site_paths(sites_dir).roster_path),
         "allow-plain-aggregation": True,
+        "max-noise-multiplier": math.inf,  # as in-process virtual hospitals: a run at small ε still trains
     }
 
 

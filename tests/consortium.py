@@ -139,7 +139,8 @@ class Consortium:
         d = self.site_dir(site)
         doc: dict[str, Any] = {
             "node": {"site-id": site, "superlink": f"127.0.0.1:{self.port}", "data-dir": str(d / "dicom"),
-                     "state-dir": str(d / "state"), "epsilon-budget": 10.0},
+                     "state-dir": str(d / "state"), "epsilon-budget": 10.0,
+                     "runtime-port": free_port()},  # hospitals sharing a host: one port each
             "tls": {"ca-certificate": str(self.root / "operator" / "ca" / "ca.pem")},
             "keys": {"auth-private-key": str(d / "keys" / f"{site}.auth.key"),
                      "signing-key-path": str(d / "keys" / f"{site}.secagg.key"),
@@ -184,7 +185,7 @@ class Consortium:
 
     def start_node(self, site: str, config: Path | None = None) -> Daemon:
         cfg = config or self.node_toml(site)
-        d = spawn(site, ["node", "start", "--config", cfg, "--runtime-port", str(free_port())],
+        d = spawn(site, ["node", "start", "--config", cfg],
                   self.root / "logs" / f"{site}.log", self.site_dir(site) / "state")
         self.daemons.append(d)
         return d

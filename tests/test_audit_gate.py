@@ -23,7 +23,8 @@ def _reply_content(eps: float = 3.25) -> RecordDict:
     vec = np.arange(10, dtype=np.float64)
     return RecordDict({
         "masked": ArrayRecord({"y": Array(vec)}),
-        "privacy": ConfigRecord({"site": "site-0", "status": "ok", "epsilon": eps, "steps": 40}),
+        "privacy": ConfigRecord({"site": "site-0", "status": "ok", "epsilon": eps, "steps": 40,
+                                 "noise-multiplier": 0.75}),
         "secagg": ConfigRecord({"cts": [b"\x00\x01", b"\x02"], "receivers": ["site-1", "site-2"]}),
     })
 
@@ -50,6 +51,7 @@ def test_audit_log_appends_0600_entries_with_epsilon(tmp_path: Path) -> None:
     # assert
     entries = read_entries(log)
     assert [e.epsilon for e in entries] == [1.5, 2.5]
+    assert [e.noise_multiplier for e in entries] == [0.75, 0.75]  # the σ the reply carried
     assert entries[0].run == "77" and entries[0].group == "3" and entries[0].action == "train"
     assert entries[0].sha256 == payload_digest(_reply_content(1.5))
     assert log.stat().st_mode & 0o777 == 0o600
@@ -88,6 +90,22 @@ def test_fab_gate_installs_only_allow_listed_bundles(tmp_path: Path) -> None:
     assert installed == [good]
 
 
+def test_fab_gate_logs_each_verdict_with_the_bundle_hash(caplog: pytest.LogCaptureFixture) -> None:
+    # prepare
+    good, bad = b"agreed app bundle", b"some other app"
+    gate = gated_installer(lambda fab, *a, **k: Path("."), frozenset({fab_sha256(good)}))
+    # act
+    with caplog.at_level("INFO", logger="medsynth.node"):
+        gate(good)
+        with pytest.raises(AppNotAllowed):
+            gate(bad)
+    # assert: one line per verdict, each naming the hash, in the form the node daemon echoes
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines[0].startswith("app allow-list: accepted") and fab_sha256(good) in lines[0]
+    assert lines[1].startswith("app allow-list: refused") and fab_sha256(bad) in lines[1]
+    assert [r.levelname for r in caplog.records] == ["INFO", "ERROR"]
+
+
 def test_flower_still_exposes_the_name_the_gate_wraps() -> None:
     from flwr.supernode.runtime import run_clientapp
 
@@ -107,3 +125,6 @@ def test_supernode_exits_are_diagnosed() -> None:
     assert "not registered" in (diagnose_exit(unregistered) or "")
     assert "does not verify" in (diagnose_exit(wrong_ca) or "")
     assert diagnose_exit("WARNING : Connection attempt failed, retrying in 0.6 seconds") is None
+    taken = "RuntimeError: SuperNode Runtime HTTP API failed to start."
+    assert "runtime-port = 9200" in (diagnose_exit(taken, "site-4", 9200) or "")
+    assert "site-4.auth.pub" in (diagnose_exit(unregistered, "site-4", 9200) or "")  # no <site> placeholder

@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 import tomli_w
 
+from client.daemon import RuntimePortInUse
 from client.node_config import NodeDeployConfig
 from common.certs import (
     build_roster,
@@ -147,6 +148,10 @@ def test_node_toml_loads_and_becomes_the_flower_node_config(tmp_path: Path) -> N
         (lambda d, t: d["prepare"].update({"class-names": ""}), "class-names is required"),
         (lambda d, t: d["consortium"]["members"].update({"site-1": "ab" * 32}), "pinned but absent"),
         (lambda d, t: d["consortium"]["members"].update({"site-0": "ab" * 32}), "must pin this hospital"),
+        (lambda d, t: d["node"].update({"max-noise-multiplier": 0}), r"\[node\] max-noise-multiplier = 0"),
+        (lambda d, t: d["node"].update({"max-epsilon-per-run": "2"}), r"\[node\] max-epsilon-per-run = '2'"),
+        (lambda d, t: d["node"].update({"runtime-port": 70000}), r"\[node\] runtime-port = 70000"),
+        (lambda d, t: d["node"].update({"site-id": "site-7"}), "roster built from your site-7.secagg.json"),
     ],
 )
 def test_node_toml_refusals_name_the_problem(tmp_path: Path, change: Any, message: str) -> None:
@@ -206,3 +211,54 @@ def test_node_app_opt_in_must_be_a_bool_and_not_contradict_the_list(
     doc["apps"] = apps
     with pytest.raises(ConfigError, match=message):
         NodeDeployConfig.load(_write(tmp_path / "node.toml", doc))
+
+
+def test_node_toml_caps_and_port_default_and_reach_the_clientapp(tmp_path: Path) -> None:
+    # prepare: no caps and no port written; then written
+    doc = _node_doc(tmp_path)
+    default = NodeDeployConfig.load(_write(tmp_path / "default.toml", doc))
+    doc["node"].update({"max-epsilon-per-run": 2, "max-noise-multiplier": 8.5, "runtime-port": 9194})
+    written = NodeDeployConfig.load(_write(tmp_path / "written.toml", doc))
+    # assert: by default one run may spend the whole budget, σ above 10 is refused, the port is 9094;
+    # the caps travel to the ClientApp (the SiteConfig it builds), the port does not (the daemon's)
+    assert (default.max_epsilon_per_run, default.max_noise_multiplier, default.runtime_port) == (10.0, 10.0, 9094)
+    assert (written.max_epsilon_per_run, written.max_noise_multiplier, written.runtime_port) == (2.0, 8.5, 9194)
+    from common.config import RunConfig, SiteConfig, app_defaults
+
+    site = SiteConfig.from_flower(written.flower_node_config(), RunConfig.from_flower(app_defaults()))
+    assert (site.max_epsilon_per_run, site.max_noise_multiplier) == (2.0, 8.5)
+
+
+def test_node_toml_paths_are_resolved_without_dot_dot(tmp_path: Path) -> None:
+    # prepare: node.toml in site-0/etc, state named as site-0/etc/../state
+    doc = _node_doc(tmp_path)
+    etc = tmp_path / "site-0" / "etc"
+    etc.mkdir(parents=True)
+    doc["node"]["state-dir"] = "../state"
+    # act
+    cfg = NodeDeployConfig.load(_write(etc / "node.toml", doc))
+    # assert: printed and used as site-0/state
+    assert cfg.state_dir == tmp_path / "site-0" / "state" and ".." not in str(cfg.ledger_path)
+
+
+def test_a_runtime_port_in_use_stops_node_start_at_once_naming_port_and_key(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import socket
+
+    # prepare: another program listens on the port node.toml names
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        doc = _node_doc(tmp_path)
+        doc["node"]["runtime-port"] = port
+        path = _write(tmp_path / "node.toml", doc)
+        # act
+        code = main(["node", "start", "--config", str(path)])
+    # assert: exit 2 (systemd does not restart it), one line naming the port and the key; nothing started
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and RuntimePortInUse.exit_code == 2
+    assert len(err.splitlines()) == 1 and f"runtime-port = {port} is already in use" in err
+    assert "set [node] runtime-port in node.toml" in err
+    assert not (tmp_path / "state" / "daemon.json").exists()

@@ -232,6 +232,10 @@ def test_example_configs_use_only_known_keys() -> None:
     assert set(node) == {"node", "tls", "keys", "consortium", "prepare", "apps"}
     assert set(node["consortium"]) == {"min-participants", "members"}
     assert "insecure" not in node["node"] and "insecure" not in node["tls"]
+    from client.node_config import NODE_TOML_KEYS
+
+    assert all(set(body) <= NODE_TOML_KEYS[table] for table, body in node.items())
+    assert {"max-epsilon-per-run", "max-noise-multiplier", "runtime-port"} <= set(node["node"])
 
 
 def test_commands_the_kit_documents_are_the_ones_the_daemons_run(tmp_path: Path) -> None:
@@ -252,6 +256,7 @@ def test_commands_the_kit_documents_are_the_ones_the_daemons_run(tmp_path: Path)
         signing_key_path=Path("s.key"), roster_path=Path("roster.json"), allowed_fabs=(),
         class_names="normal,lesion", members=(("site-0", "ab" * 32),), delta=1e-5, accountant="prv",
         min_participants=3, image_size=32, allow_plain_aggregation=False, any_app_may_run=False,
+        max_epsilon_per_run=10.0, max_noise_multiplier=10.0, runtime_port=9094,
     )
     node_cmd = NodeDaemon(node_cfg).supernode_command()
     assert "--root-certificates" in node_cmd and "--auth-supernode-private-key" in node_cmd

@@ -124,6 +124,7 @@ def test_three_hospitals_over_tls_with_node_auth_and_refused_nodes(tmp_path: Pat
         rogue_node.proc.wait(timeout=180)
         server.wait_for("round 1/2", 400)
         status = medsynth("server", "status", "--config", c.root / "operator" / "server.toml")
+        node_status = medsynth("node", "status", "--config", c.node_toml("site-0"))
         server.proc.wait(timeout=400)
     finally:
         if raw is not None:
@@ -139,10 +140,21 @@ def test_three_hospitals_over_tls_with_node_auth_and_refused_nodes(tmp_path: Pat
     for r in state["rounds"]:
         assert r["sites_trained"] == c.sites and r["failures"] == [], r
         assert r["secure"]["dead"] == []
-    assert "server: running" in status.stdout and "ε" in status.stdout
+    assert "server: running" in status.stdout and "ε" in status.stdout and "last σ = " in status.stdout
     assert "hospitals: 3 registered, 3 connected" in status.stdout and "site-2: connected" in status.stdout
     assert "privacy spent per hospital" in server.text()
     assert "final model (round 2) sent: kept by site-0, site-1, site-2" in server.text()
+    # what the run would spend was said before it started, and each round line carries σ
+    assert "planned run: each hospital with a fresh budget of ε = 10" in server.text()
+    assert "round 1/2: 3 trained" in server.text() and "site-0 ε=" in server.text() and " σ=" in server.text()
+    # each node said its budget at start, then one line per round, and the allow-list's verdict
+    for node in nodes:
+        text = node.text()
+        assert "privacy: nothing spent yet: budget ε 10" in text and "σ > 10 is refused" in text
+        assert "began: it may take ε from 0.0000 to 10.0000" in text
+        assert "round 1: trained at σ = " in text and "round 2: trained at σ = " in text
+        assert f"app allow-list: accepted app bundle sha256 {fab_hash}" in text
+    assert "node site-0: running" in node_status.stdout and "last round: run" in node_status.stdout
     _assert_ledgers_and_audits_agree_with_server(c, c.sites)
     _assert_hospitals_hold_the_final_model(c, c.sites)
     audit = medsynth("node", "audit", "--config", c.node_toml("site-0"))
@@ -171,7 +183,8 @@ def test_three_hospitals_over_tls_with_node_auth_and_refused_nodes(tmp_path: Pat
         assert "Traceback" not in node.text(), node.text()[-2000:]
     for site in c.sites:  # every ClientApp went through the hash gate, and the hash matched
         assert (c.site_dir(site) / "state" / "bin" / "flwr-clientapp").exists()
-        assert "AppNotAllowed" not in (c.site_dir(site) / "state" / "supernode.log").read_text()
+        (log,) = (c.site_dir(site) / "state" / "logs").glob("supernode-*.log")  # one start, one log
+        assert "AppNotAllowed" not in log.read_text() and "app allow-list: accepted" in log.read_text()
     _no_leftovers(c.daemons)
 
 

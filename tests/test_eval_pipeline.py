@@ -13,7 +13,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common.evaluation.evaluate import TSTR_MULTIPLE, EvaluateOptions, evaluate, trtr_score, tstr_score
+from common.evaluation.evaluate import (
+    TSTR_MULTIPLE,
+    EvaluateOptions,
+    evaluate,
+    format_evaluation,
+    trtr_score,
+    tstr_score,
+)
 from common.evaluation.features import ExtractorCacheCorrupt, load_or_train_extractor
 from common.evaluation.reference import ReferenceData, load_reference
 from common.export import Provenance
@@ -133,3 +140,17 @@ def test_evaluate_user_errors_are_one_line(tmp_path: Path, capsys: pytest.Captur
     # assert
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("medsynth: error: no valid checkpoint") and err.count("\n") == 1
+
+
+@pytest.mark.parametrize(("n_test", "tstr_auc", "small", "swapped"),
+                         [(40, 0.15, True, True), (40, 0.62, True, False), (2000, 0.2, False, True),
+                          (2000, 0.81, False, False)])
+def test_the_table_warns_of_a_small_test_split_and_reads_a_swapped_auc(
+    n_test: int, tstr_auc: float, small: bool, swapped: bool
+) -> None:
+    # act
+    text = format_evaluation({"n_test": n_test, "tstr_auc": tstr_auc, "trtr_auc": 0.9, "fd": 1.0})
+    # assert: each note exactly when it applies, with what to do
+    assert (f"only {n_test} real test images" in text) is small
+    assert ("TSTR AUC well below 0.5" in text and "classes are swapped" in text) is swapped
+    assert "TRTR AUC well below" not in text

@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import math
+import warnings
+
+import numpy as np
 import pytest
 from opacus.accountants import PRVAccountant, RDPAccountant
+from opacus.accountants.analysis import rdp as opacus_rdp
 
 from common.dp.accounting import (
+    BASE_ORDERS,
     Charge,
     PrivacyBudgetExceeded,
     calibrate_noise_multiplier,
     check_budget,
     epsilon_of,
+    log_a_int_stable,
 )
 
 
@@ -73,3 +80,37 @@ def test_calibration_impossible_when_budget_already_spent() -> None:
     history = [Charge(0.5, 0.2, 200)]
     with pytest.raises(PrivacyBudgetExceeded):
         calibrate_noise_multiplier(history, sample_rate=0.2, planned_steps=10, delta=1e-5, budget=1.0)
+
+
+@pytest.mark.parametrize("accountant", ["prv", "rdp"])
+def test_a_ledger_with_a_round_at_a_huge_sigma_is_accounted_without_opacus_warnings(accountant: str) -> None:
+    # prepare: what the hospitals held after training on noise (σ = 192), and a release at σ = 12
+    history = [Charge(0.5, 0.15, 3), Charge(192.0, 0.15, 3), Charge(12.0, 1.0, 1)]
+    # act: every prefix, as `medsynth node privacy` prints them
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # "Optimal order is the largest alpha" would fail here
+        eps = [epsilon_of(history[:k], 1e-5, accountant) for k in (1, 2, 3)]
+        alone = epsilon_of(history[1:2], 1e-5, accountant)
+    # assert: finite, and the σ = 192 round alone is at most Opacus's bound at its largest usable order
+    assert all(math.isfinite(e) for e in eps)
+    if accountant == "rdp":
+        rdp = opacus_rdp.compute_rdp(q=0.15, noise_multiplier=192.0, steps=3, orders=BASE_ORDERS)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the loose bound at order 1024 is what is compared with
+            loose, _ = opacus_rdp.get_privacy_spent(orders=BASE_ORDERS, rdp=rdp, delta=1e-5)
+        assert alone < loose
+
+
+@pytest.mark.parametrize(("q", "sigma"), [(0.15, 1.3), (0.15, 192.0), (0.01, 5.0), (0.5, 20.0)])
+def test_the_stable_rdp_sum_is_opacus_own_where_opacus_is_finite(q: float, sigma: float) -> None:
+    # prepare: Opacus's original integer-order sum (the module keeps it under its own name)
+    from common.dp.accounting import _opacus_log_a_int
+
+    for alpha in (2, 17, 400, 1024):
+        # act / assert: the same value up to rounding
+        assert log_a_int_stable(q, sigma, alpha) == pytest.approx(_opacus_log_a_int(q, sigma, alpha), rel=1e-9)
+    # above 1024 Opacus's sum is NaN; the stable one is finite, RDP grows with the order and stays
+    # below the un-subsampled Gaussian's α/2σ²; and Opacus now calls it (a rename upstream fails here)
+    rdp = [opacus_rdp._compute_rdp(q, sigma, a) for a in (1024, 2048, 4096, 65536)]
+    assert all(np.isfinite(rdp)) and rdp == sorted(rdp)
+    assert all(r <= a / (2 * sigma**2) for r, a in zip(rdp, (1024, 2048, 4096, 65536), strict=True))

@@ -38,7 +38,7 @@ def _secure_round(r: int) -> RoundRecord:
         sites_trained=SITES[:2],
         sites_budget_exhausted=("site-2",),
         failures=("mask: node 7: timeout",),
-        privacy={"site-0": SitePrivacyReport("ok", 1.25 * r, 10.0, 1e-5, 20 * r),
+        privacy={"site-0": SitePrivacyReport("ok", 1.25 * r, 10.0, 1e-5, 20 * r, noise_multiplier=1.1),
                  "site-1": SitePrivacyReport("ok", 1.5 * r, 10.0, 1e-5, 20 * r),
                  "site-2": SitePrivacyReport("budget-exhausted", 9.9, 10.0, 1e-5, 400)},
         seconds=4.25,
@@ -67,7 +67,9 @@ def test_a_record_survives_json_and_keeps_the_shape_readers_use() -> None:
     assert back == record
     assert set(data) == {"round", "sites_trained", "sites_budget_exhausted", "failures", "privacy", "seconds",
                          "loss_d_fake", "loss_g", "costs", "secure"}
-    assert set(data["privacy"]["site-0"]) == {"status", "epsilon", "epsilon_budget", "delta", "steps"}
+    assert set(data["privacy"]["site-0"]) == {"status", "epsilon", "epsilon_budget", "delta", "steps",
+                                              "noise_multiplier"}
+    assert "noise_multiplier" not in data["privacy"]["site-2"]  # declined: no σ (and older records have none)
     assert set(data["costs"]["site-0"]) == {"bytes_up", "received"} and data["costs"]["site-0"]["bytes_up"] == 1020.0
     assert set(data["secure"]) == {"session", "alive", "dead", "attempts"}
     # an abandoned round has no losses and no secure-aggregation stats
@@ -166,3 +168,22 @@ def test_a_record_says_losses_exactly_when_a_hospital_trained() -> None:
                     seconds=0.0)
     with pytest.raises(RecordError, match="round metrics must be loss_d_fake and loss_g"):
         RoundMetrics.from_means({"loss_d_fake": 0.7})
+
+
+def test_round_lines_and_server_status_show_each_hospitals_sigma(tmp_path: Path) -> None:
+    from server.daemon import format_status
+    from server.rounds import describe_round
+    from server.server_config import ServerDeployConfig
+
+    # prepare: a round where site-0 trained at σ = 1.1 and site-2 declined
+    record = _secure_round(2)
+    cfg = ServerDeployConfig(host="127.0.0.1", port=9093, state_dir=tmp_path, ca_certificate=tmp_path / "ca.pem",
+                             certificate=tmp_path / "s.pem", private_key=tmp_path / "s.key", hospitals={},
+                             run_overrides={"num-server-rounds": 3}, app_dir=Path(__file__).resolve().parents[1])
+    # act
+    line = describe_round(record, 3)
+    status = format_status(ServerState(rounds=(record,), finished=False, secure_aggregation=True), cfg)
+    # assert: σ beside ε where a hospital reported one, nothing invented where it did not
+    assert "site-0 ε=2.50/10 σ=1.1" in line and "site-2 ε=9.90/10 (budget spent)" in line
+    assert "site-0: ε = 2.500 of 10 at δ = 1e-05 (40 steps, last σ = 1.1, ok)" in status
+    assert "site-1: ε = 3.000 of 10 at δ = 1e-05 (40 steps, ok)" in status

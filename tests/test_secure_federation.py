@@ -81,15 +81,17 @@ def test_in_a_secure_round_only_the_ledger_figures_travel_in_plain_text(sites4: 
     # act
     grid = InProcessGrid(4, {}, RUN_ID)
     _run(sites4, tmp_path, secure=True, grid=grid)
-    # assert: a train reply is a privacy record with ledger figures only (no σ, no patient count,
-    # no loss, no timing); a mask reply is a uint64 masked vector and encrypted shares
+    # assert: a train reply is a privacy record with ledger figures and σ only (no patient count,
+    # no loss, no timing; σ is the same at every hospital: a function of public values and the
+    # hospitals' equal settings); a mask reply is a uint64 masked vector and encrypted shares
     train_replies = [m for m in grid.replies if m.metadata.message_type == "train"]
     mask_replies = [m for m in grid.replies if m.metadata.message_type == "train.secagg_mask"]
     assert len(train_replies) == len(mask_replies) == 4
     for msg in train_replies:
         assert not msg.content.array_records and set(msg.content.config_records) == {"privacy"}
         assert set(msg.content.config_records["privacy"]) == {
-            "site", "status", "epsilon", "epsilon-budget", "delta", "steps", "reason"}
+            "site", "status", "epsilon", "epsilon-budget", "delta", "steps", "noise-multiplier", "reason"}
+    assert len({m.content.config_records["privacy"]["noise-multiplier"] for m in train_replies}) == 1
     for msg in mask_replies:
         assert set(msg.content.array_records) == {"masked"}
         assert msg.content.array_records["masked"]["y"].numpy().dtype == np.uint64

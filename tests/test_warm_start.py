@@ -33,7 +33,7 @@ from common.dp.embedding import (
     patient_sum,
     pretrain_generator,
 )
-from common.dp.release import release_noise_multiplier
+from common.dp.plan import release_noise_multiplier
 from common.dp.warm_start import WARM_START_ROUND, EmbeddingSpec
 from common.models import build_models
 from common.protocol.messages import SiteReply, decode_reply, encode_train_request, error_reason

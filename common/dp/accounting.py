@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import numpy as np
 from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.accountants.accountant import IAccountant
+from opacus.accountants.analysis import rdp as opacus_rdp
+from scipy.special import gammaln, logsumexp
 
 from common.errors import UserError
 
@@ -31,7 +33,57 @@ from common.errors import UserError
 # wants ≈ 100–300). Opacus then warns and returns the bound at 63: valid but loose. Opacus's PRV
 # accountant sizes its truncation domain with a fresh ``RDPAccountant()``, so the orders are set
 # on the class: more orders only ever tighten an RDP bound (the minimum over a superset).
-RDPAccountant.DEFAULT_ALPHAS = [*RDPAccountant.DEFAULT_ALPHAS, *range(64, 256, 8), *range(256, 1025, 64)]
+BASE_ORDERS: list[float] = [*RDPAccountant.DEFAULT_ALPHAS, *range(64, 256, 8), *range(256, 1025, 64)]
+RDPAccountant.DEFAULT_ALPHAS = BASE_ORDERS
+
+# Beyond order 1024 Opacus's subsampled-Gaussian RDP is NaN: its integer-order sum takes
+# log(scipy.special.binom(α, i)), and the binomial overflows a float from α ≈ 1030. A history
+# with a large σ/q (σ = 192 at q = 0.15: its optimal order at PRV's δ is ≈ 10⁴) then gets the
+# bound at 1024 — valid but loose — and Opacus warns on every ε computed from it. Above 1024 the
+# same sum is computed here in log space (log-binomials by lgamma), and such histories get the
+# higher orders they need (:func:`orders_for`); at 1024 and below Opacus's own code runs.
+OPACUS_MAX_INT_ORDER = 1024
+MAX_ORDER = 2**20  # a sum of 10⁶ terms (8 MB); a σ/q needing more keeps the (valid, loose) bound there
+_opacus_log_a_int = opacus_rdp._compute_log_a_for_int_alpha
+
+
+def log_a_int(q: float, sigma: float, alpha: int) -> float:
+    """log A_α of the Poisson-subsampled Gaussian at integer order α: Opacus's own code up to
+    :data:`OPACUS_MAX_INT_ORDER`, :func:`log_a_int_stable` above."""
+    if alpha <= OPACUS_MAX_INT_ORDER:
+        return float(_opacus_log_a_int(q, sigma, alpha))
+    return log_a_int_stable(q, sigma, alpha)
+
+
+def log_a_int_stable(q: float, sigma: float, alpha: int) -> float:
+    """log Σ_i C(α, i) q^i (1 − q)^(α−i) exp((i² − i) / 2σ²) (Mironov et al. 2019, §3.3; Opacus's
+    formula) with every term in log space, so no binomial overflows."""
+    i = np.arange(alpha + 1, dtype=np.float64)
+    log_binom = gammaln(alpha + 1.0) - gammaln(i + 1.0) - gammaln(alpha - i + 1.0)
+    terms = log_binom + i * math.log(q) + (alpha - i) * math.log1p(-q) + (i * i - i) / (2 * sigma**2)
+    return float(logsumexp(terms))
+
+
+opacus_rdp._compute_log_a_for_int_alpha = log_a_int  # tests/test_privacy.py fails if Opacus renames it
+
+
+def orders_for(entries: Sequence[tuple[float, float, int]], delta: float) -> list[float]:
+    """The RDP orders for a history of (σ, q, steps): :data:`BASE_ORDERS`, and doubling orders up
+    to twice the largest optimal order any entry can have (none for usual histories).
+
+    For one step of the subsampled Gaussian RDP(α) ≈ q²α / 2σ² (α/2σ² at q = 1), so ε(α) ≈
+    RDP(α) + log(1/δ)/(α − 1) is least near α = (σ/q)·√(2 log(1/δ)); composition only lowers it.
+    The smallest δ asked of the RDP accountant is PRV's domain bound, δ / (8000 · total steps).
+    """
+    total = sum(n for _, _, n in entries)
+    log_inv_delta = math.log(8000 * max(total, 1) / delta)
+    top = max((s / q) * math.sqrt(2 * log_inv_delta) for s, q, _ in entries)
+    extra: list[float] = []
+    order = 2 * OPACUS_MAX_INT_ORDER
+    while order < 4 * top and order <= MAX_ORDER:  # the optimum then lies below the last order
+        extra.append(order)
+        order *= 2
+    return [*BASE_ORDERS, *extra]
 
 
 class PrivacyBudgetExceeded(UserError):
@@ -104,8 +156,12 @@ def _epsilon_of_entries(entries: tuple[tuple[float, float, int], ...], delta: fl
     # A step at q = 1 (the warm-start release: the plain Gaussian mechanism) makes Opacus's PRV
     # evaluate log(1 − q) = log 0 = −inf, which is the right value there (its test t > log(1 − q)
     # then holds for every t); numpy's divide warning for it says nothing about the result.
-    with np.errstate(divide="ignore" if any(q == 1.0 for _, q, _ in entries) else "warn"):
-        eps = float(acc.get_epsilon(delta=delta))
+    RDPAccountant.DEFAULT_ALPHAS = orders_for(entries, delta)  # read by RDP and by PRV's domain bound
+    try:
+        with np.errstate(divide="ignore" if any(q == 1.0 for _, q, _ in entries) else "warn"):
+            eps = float(acc.get_epsilon(delta=delta))
+    finally:
+        RDPAccountant.DEFAULT_ALPHAS = BASE_ORDERS
     if math.isnan(eps):
         raise ArithmeticError(f"accountant returned NaN for history {list(entries)}")
     return eps

@@ -49,6 +49,10 @@ EVALUATION_DIR = "evaluation"
 TSTR_MULTIPLE = 5
 FIDELITY_MAX = 5000  # real (and as many synthetic) images in FD/KID/precision-recall
 REAL_VS_SYNTHETIC = "real_vs_synthetic.png"
+# Below this many real test images an AUC or accuracy moves by several points between splits and
+# seeds (the standard error of an AUC on 40 images of two classes is ≈ 0.07): said beside the table.
+SMALL_TEST_SET = 200
+SWAPPED_AUC = 0.4  # an AUC this far below chance is a ranking turned round, not a weak model
 
 
 class EvaluationError(UserError, ValueError):
@@ -198,7 +202,8 @@ def evaluate(
     fake = generator.sample(labels, seed=opts.seed)
     real_cap = reference.train.images[:FIDELITY_MAX]
     fidelity_fake = fake[: real_cap.shape[0]]  # FD/KID/PRDC: as many synthetic as real images
-    result: dict[str, Any] = {"fd_kind": FD_KIND, "n_synthetic": n, "class_balance": opts.class_balance,
+    result: dict[str, Any] = {"fd_kind": FD_KIND, "n_synthetic": n, "n_test": len(reference.test),
+                              "class_balance": opts.class_balance,
                               **_fidelity(extractor, fidelity_fake, real_cap, opts.seed)}
     say(f"domain FD {result['fd']:.3f}, KID {result['kid']:.4f}, precision {result['precision']:.3f}, "
         f"recall {result['recall']:.3f}")
@@ -243,6 +248,7 @@ def format_evaluation(ev: dict[str, Any]) -> str:
         return "–" if v is None or (isinstance(v, float) and not np.isfinite(v)) else f"{v:.{digits}g}"
 
     return "\n".join([
+        *reading_notes(ev),
         f"  domain FD  {f('fd')}    KID {f('kid')} ± {f('kid_std', 2)}    ({FD_KIND})",
         f"  precision  {f('precision', 3)}    recall {f('recall', 3)}    density {f('density', 3)}    "
         f"coverage {f('coverage', 3)}",
@@ -251,3 +257,21 @@ def format_evaluation(ev: dict[str, Any]) -> str:
         f"  memorization rate {f('memorization_rate', 3)}    nearer to train than held-out "
         f"{f('nearer_train_share', 3)}",
     ])
+
+
+def reading_notes(ev: dict[str, Any]) -> list[str]:
+    """How to read the table: a warning when the real test split is small, and what an AUC well
+    below 0.5 means (the judge ranks the classes the wrong way round)."""
+    notes = []
+    n_test = ev.get("n_test")
+    if isinstance(n_test, int) and n_test < SMALL_TEST_SET:
+        notes.append(f"  note: only {n_test} real test images: AUC and accuracy move by several points between "
+                     f"splits and seeds at this size (≥ {SMALL_TEST_SET} for figures to compare); read them as a "
+                     "check that the pipeline runs, not as a measurement")
+    low = [k for k in ("tstr_auc", "trtr_auc") if isinstance(v := ev.get(k), float) and v < SWAPPED_AUC]
+    if low:
+        notes.append(f"  note: {' and '.join(k.split('_')[0].upper() for k in low)} AUC well below 0.5: the "
+                     "classifier ranks the two classes the wrong way round, i.e. the classes are swapped (the "
+                     "model draws class 0 where the real images are class 1): check that data.class-names has "
+                     "the same order at the server and every hospital; on a tiny test split it can also be chance")
+    return notes

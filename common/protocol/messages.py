@@ -12,11 +12,14 @@ only that it arrived.
 
 Hospital → server: ``update`` (ArrayRecord with one ``vector``: the packed update, see
 ``common.weights``; absent when the hospital did not train) and ``privacy`` (ConfigRecord:
-site id, status, cumulative epsilon, budget, delta, total steps, reason). The privacy record
-is the only plain-text part, and every value in it is a function of public run parameters and
-the hospital's own settings: ε is computed from (σ, q, steps) with the run's public sample rate
-q and σ calibrated from q, the planned steps and the hospital's budget and δ, so two hospitals
-with different patient counts send identical records. An error reply's ``reason`` is one of the
+site id, status, cumulative epsilon, budget, delta, total steps, the round's noise multiplier σ
+when it trained or released, reason). The privacy record is the only plain-text part, and every
+value in it is a function of public run parameters and the hospital's own settings: ε is
+computed from (σ, q, steps) with the run's public sample rate q (``dp.sample-rate``, never a
+batch over a patient count) and σ calibrated from q, the planned steps, the hospital's budget,
+per-run cap and δ and its ledger's earlier (σ, q, steps), themselves computed the same way; the
+warm-start release's σ from the budget share alone (``common.dp.plan``). So two hospitals with
+the same settings and different patient counts send identical records. An error reply's ``reason`` is one of the
 fixed texts of ``ERRORS`` (a code and a sentence, never a value: a loss or a count in an error
 message would leave without DP); the detail stays in the hospital's own log and audit log.
 Everything else that leaves is inside ``vector``: DP output or public.
@@ -41,6 +44,8 @@ STATUSES: tuple[str, ...] = ("ok", "budget-exhausted", "error")
 ERRORS: dict[str, str] = {
     "run-refused": "the run asks for privacy parameters or classes this hospital's settings do not allow; "
                    "nothing was charged or sent",
+    "noise-refused": "the run would train at a noise multiplier above the hospital's max-noise-multiplier "
+                     "(what is left of its budget is too little for the rounds asked); nothing was charged",
     "config": "the hospital's node configuration needs fixing (see the hospital's node log)",
     "model-refused": "the global model was refused (not the run's model, or a non-finite or out-of-range "
                      "value); nothing was charged",
@@ -157,6 +162,8 @@ def encode_reply(reply: SiteReply) -> RecordDict:
             "reason": reply.reason,
         }
     )
+    if reply.noise_multiplier is not None:
+        privacy["noise-multiplier"] = float(reply.noise_multiplier)
     content = RecordDict({"privacy": privacy})
     if reply.update is not None:
         content["update"] = ArrayRecord({"vector": Array(np.ascontiguousarray(reply.update))})
@@ -179,7 +186,9 @@ def decode_reply(content: RecordDict) -> SiteReply:
             epsilon_budget=float(cast(float, p["epsilon-budget"])),
             delta=float(cast(float, p["delta"])),
             total_steps=int(cast(int, p["steps"])),
-            noise_multiplier=None,  # never sent: a calibrated σ reveals q = batch / patients
+            # σ is a function of public values (see the module docstring): q is the run's public
+            # dp.sample-rate, not batch / patients, so it may leave with ε; absent when not trained
+            noise_multiplier=float(cast(float, p["noise-multiplier"])) if "noise-multiplier" in p else None,
             update=update,
             reason=str(p["reason"]),
         )

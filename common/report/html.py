@@ -137,7 +137,8 @@ def _evaluation(ev: Mapping[str, Any], closest_pairs: Path | None) -> str:
               "recall": "recall", "density": "density", "coverage": "coverage", "tstr_auc": "TSTR AUC",
               "tstr_acc": "TSTR accuracy", "trtr_auc": "TRTR AUC", "trtr_acc": "TRTR accuracy",
               "memorization_rate": "memorization rate", "nearer_train_share": "nearer to train than held-out",
-              "n_synthetic": "synthetic images", "extractor_sha256": "feature extractor sha256",
+              "n_synthetic": "synthetic images", "n_test": "real test images",
+              "extractor_sha256": "feature extractor sha256",
               "reference": "reference", "model_sha256": "model sha256"}
     parts.append(_table(["metric", "value"], [[labels[k], ev[k]] for k in labels if k in ev]))
     real_vs_synthetic = None if closest_pairs is None else closest_pairs.parent / "real_vs_synthetic.png"
