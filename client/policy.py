@@ -4,6 +4,9 @@ A server proposes a run (its ``[tool.flwr.app.config]``); the hospital's own set
 (``SiteConfig``, from its ``node.toml``) decide. Every check here runs before the ledger is
 touched, before any data is read for training, and before any key is advertised:
 
+* differential privacy itself: a run without it (``dp.enabled = false``, the non-private
+  reference of ``medsynth simulate --no-dp``) is refused by every hospital that is not a virtual
+  one of a simulation;
 * privacy parameters: the run's δ and accountant must be the hospital's own (a run that meets
   "ε = 10" at δ = 0.5 is ε ≈ 42 at δ = 1e-5); the ε budget is always the hospital's;
 * classes: the run's class names must be the hospital's label configuration, in its order (the
@@ -44,7 +47,13 @@ class ModelRefused(UserError, ValueError):
 
 
 def check_run_allowed(run: RunConfig, site: SiteConfig) -> None:
-    """``RunRefused`` unless the run's privacy parameters and classes are the hospital's own."""
+    """``RunRefused`` unless the run is differentially private and its privacy parameters and
+    classes are the hospital's own."""
+    if not run.privacy.enabled and not site.simulated:
+        raise RunRefused(
+            "the run asks to train without differential privacy (dp.enabled = false); a hospital always "
+            "trains with DP: only the virtual hospitals of `medsynth simulate --no-dp` accept that"
+        )
     if run.privacy.delta != site.delta:
         raise RunRefused(
             f"the run asks for δ = {run.privacy.delta:g}, this hospital accounts at δ = {site.delta:g} "

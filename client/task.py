@@ -27,6 +27,7 @@ carries no patient count); the losses are computed on generated rows only.
 from __future__ import annotations
 
 import hashlib
+import math
 
 import numpy as np
 
@@ -37,7 +38,7 @@ from common.checkpoint import save_checkpoint
 from common.config import ConfigError, RunConfig, SiteConfig
 from common.dataset import LocalDataset, load_cache
 from common.dp.accounting import Charge, PrivacyBudgetExceeded, check_budget, epsilon_of
-from common.dp.embedding import Anchor
+from common.dp.embedding import Anchor, patient_sum
 from common.dp.noise import ChaCha20Gaussian
 from common.dp.plan import release_noise_multiplier, run_target, training_noise_multiplier
 from common.dp.release import noisy_release
@@ -140,6 +141,13 @@ def site_reply(site: SiteConfig, ledger: PrivacyLedger, status: Status, eps: flo
                      delta=ledger.delta, total_steps=ledger.total_steps, noise_multiplier=sigma, update=update)
 
 
+def no_dp_reply(site: SiteConfig, update: np.ndarray) -> SiteReply:
+    """The reply of a round without DP (``dp.enabled = false``, simulation only): nothing charged,
+    no budget (∞, as the in-process non-private reference reports it), no σ."""
+    return SiteReply(site_id=site.site_id, status="ok", epsilon=0.0, epsilon_budget=math.inf, delta=site.delta,
+                     total_steps=0, noise_multiplier=None, update=update)
+
+
 def release_round(run: RunConfig, site: SiteConfig, global_arrays: dict[str, np.ndarray], *, run_id: int
                   ) -> SiteReply:
     """Round 0: charge, then release Σ_patients v + N(0, σ²·I), padded into an update-sized vector."""
@@ -152,6 +160,10 @@ def release_round(run: RunConfig, site: SiteConfig, global_arrays: dict[str, np.
         raise ConfigError(f"warm-start.frequencies = {run.warm_start.frequencies} makes a release of {spec.size} "
                           f"values, more than the model's {layout.num_params}; lower it")
     data = load_site_dataset(site, run)
+    if not run.privacy.enabled:  # a virtual hospital of `simulate --no-dp` (check_run_allowed): the exact sum
+        update = np.zeros(layout.size, dtype=np.float64)
+        update[: spec.size] = patient_sum(spec, data.images, data.labels, data.patients)
+        return no_dp_reply(site, update)
     with PrivacyLedger.locked(site.ledger_path):
         ledger = open_ledger(site)
         target = run_target_of(ledger, site, run_id)
@@ -197,18 +209,21 @@ def train_round(
     anchor = anchor_of(run, warm_start)
     keep_global_model(site, run, global_arrays, run_id=run_id, model_round=server_round - 1)
     data = load_site_dataset(site, run)
-    with PrivacyLedger.locked(site.ledger_path):
-        ledger = open_ledger(site)
-        sample_rate = run.privacy.sample_rate  # public: ε below depends on no patient count
-        target = run_target_of(ledger, site, run_id)
-        try:
-            sigma = noise_for_round(ledger, run, site, run_id=run_id, server_round=server_round, target=target)
-            charge = Charge(sigma, sample_rate, run.train.local_steps)
-            eps_after = check_budget(ledger.charges, charge, delta=ledger.delta, budget=target,
-                                     accountant=ledger.accountant)
-        except PrivacyBudgetExceeded:
-            return site_reply(site, ledger, "budget-exhausted", ledger.epsilon(), None, None)
-        ledger.charge(charge, run=run_id, round=server_round)  # durable before any training
+    sample_rate = run.privacy.sample_rate  # public: ε below depends on no patient count
+    sigma: float | None = None
+    charge: Charge | None = None
+    if run.privacy.enabled:
+        with PrivacyLedger.locked(site.ledger_path):
+            ledger = open_ledger(site)
+            target = run_target_of(ledger, site, run_id)
+            try:
+                sigma = noise_for_round(ledger, run, site, run_id=run_id, server_round=server_round, target=target)
+                charge = Charge(sigma, sample_rate, run.train.local_steps)
+                eps_after = check_budget(ledger.charges, charge, delta=ledger.delta, budget=target,
+                                         accountant=ledger.accountant)
+            except PrivacyBudgetExceeded:
+                return site_reply(site, ledger, "budget-exhausted", ledger.epsilon(), None, None)
+            ledger.charge(charge, run=run_id, round=server_round)  # durable before any training
 
     load_model_arrays(netG, netD, global_arrays)
     result = train_local_round(
@@ -224,7 +239,7 @@ def train_round(
         seed=round_seed(run, site, server_round),
         anchor=anchor,
     )
-    if result.charge != charge:
+    if result.charge != charge:  # both None without DP
         raise AccountingMismatch(f"ledger charged {charge}, optimizer accounted {result.charge}")
     layout = UpdateLayout.of(global_arrays)
     update = layout.pack(
@@ -233,4 +248,6 @@ def train_round(
         weight=PUBLIC_WEIGHT,
         metrics={"loss_d_fake": result.loss_d_fake, "loss_g": result.loss_g},
     )
+    if charge is None:
+        return no_dp_reply(site, update)
     return site_reply(site, ledger, "ok", eps_after, sigma, update)

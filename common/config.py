@@ -134,8 +134,13 @@ class PrivacyConfig:
     ``calibrate``: choose the noise multiplier so that the planned rounds end at, never above,
     each hospital's budget (given what its ledger already spent). Otherwise ``noise_multiplier``
     is used as is and a hospital stops training once its next round would exceed its budget.
+
+    ``enabled = false`` trains without DP (no clipping, no noise, nothing charged): the
+    non-private reference of ``medsynth simulate --no-dp`` only. A deployed hospital refuses such
+    a run before it reads anything (``client.policy.check_run_allowed``).
     """
 
+    enabled: bool
     max_grad_norm: float
     noise_multiplier: float
     sample_rate: float  # public Poisson rate q over patients, the same at every hospital
@@ -305,6 +310,7 @@ RUN_KEYS: dict[str, tuple[str, str, type]] = {
     "train.beta1": ("train", "beta1", float),
     "train.diversity-weight": ("train", "diversity_weight", float),
     "train.device": ("train", "device", str),
+    "dp.enabled": ("privacy", "enabled", bool),
     "dp.max-grad-norm": ("privacy", "max_grad_norm", float),
     "dp.noise-multiplier": ("privacy", "noise_multiplier", float),
     "dp.sample-rate": ("privacy", "sample_rate", float),

@@ -98,6 +98,9 @@ def _simulate_parser(sub: SubParsers) -> None:
     p.add_argument("--warm-start-share", type=float, default=None,
                    help="share of each hospital's ε for round 0's release of its class means, which starts "
                         "and anchors the generator (docs/privacy.md); 0: no warm start")
+    p.add_argument("--no-dp", action="store_true",
+                   help="train WITHOUT differential privacy (no clipping, no noise, nothing charged): a non-private "
+                        "reference for benchmarks only; a deployed hospital refuses such a run")
     p.add_argument("--cpus-per-site", type=int, default=1, help="whole CPUs reserved per virtual hospital")
     p.add_argument("--device", default=None,
                    help="auto (CUDA when a GPU is visible to the virtual hospitals, else CPU), cpu, cuda")
@@ -184,7 +187,7 @@ def _evaluate_parsers(sub: SubParsers) -> None:
 #: ``simulate`` options that concern training: refused with ``--write-sites``, which trains nothing.
 TRAINING_ONLY = ("rounds", "epsilon", "delta", "noise_multiplier", "image_size", "local_steps", "batch_size",
                  "sample_rate", "d_steps_per_g", "warm_start_share", "device", "resume", "plain_aggregation",
-                 "reference")
+                 "reference", "no_dp")
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
@@ -230,6 +233,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             resume=args.resume,
             secure_aggregation=False if args.plain_aggregation else None,
             warm_start_share=args.warm_start_share,
+            dp=False if args.no_dp else None,
             reference=args.reference,
         )
     )

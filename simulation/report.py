@@ -93,8 +93,11 @@ def format_summary(summary: dict[str, Any], out: Path) -> str:
     lines = [f"rounds completed: {summary['rounds_completed']}"]
     if summary.get("stopped_early"):
         lines.append(f"stopped early: {summary['stopped_early']}")
-    lines.append("privacy spent per hospital (patient level):")
-    for site, s in summary["sites"].items():
+    if summary.get("differential_privacy") is False:
+        lines.append("privacy: NONE — trained without differential privacy (--no-dp); a reference, never to share")
+    else:
+        lines.append("privacy spent per hospital (patient level):")
+    for site, s in summary["sites"].items() if summary.get("differential_privacy") is not False else ():
         lines.append(
             f"  {site}: ε = {s['epsilon']:.3f} of budget {s['epsilon_budget']:g} at δ = {s['delta']:g}, "
             f"{s['steps']} DP steps, status {s['status']}"

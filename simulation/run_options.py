@@ -21,4 +21,5 @@ RUN_OPTIONS: dict[str, str] = {
     "device": "train.device",
     "secure_aggregation": "secure-aggregation",
     "warm_start_share": "warm-start.budget-share",
+    "dp": "dp.enabled",
 }

@@ -78,6 +78,7 @@ class SimulateOptions:
     resume: bool = False
     secure_aggregation: bool | None = None
     warm_start_share: float | None = None
+    dp: bool | None = None  # False: no DP at all (--no-dp, a non-private reference); None: the app default
     extra_config: tuple[tuple[str, RunConfigValue], ...] = ()
     reference: Path | None = None  # real images to evaluate the final model against (.npz or prepared cache)
     run: RunConfig = field(init=False, repr=False, compare=False)  # the app defaults with overrides()
@@ -87,6 +88,8 @@ class SimulateOptions:
             raise ConfigError("--sites must be >= 1")
         if self.noise_multiplier is not None and not self.noise_multiplier > 0:
             raise ConfigError("--noise-multiplier must be > 0")
+        if self.dp is False and (self.epsilon is not None or self.noise_multiplier is not None):
+            raise ConfigError("--no-dp trains without privacy: drop --epsilon / --noise-multiplier")
         parse_partition(self.partition)
         object.__setattr__(self, "run", run_config(self.overrides()))  # a bad override is refused now
         if self.reference is not None and not self.reference.exists():  # found out now, not after training
@@ -283,10 +286,11 @@ def simulate(opts: SimulateOptions, say: Callable[[str], None] = print) -> dict[
             say(match.group(0))
 
     say("starting a private Flower SuperLink and the Simulation Engine (round 1 includes start-up)")
+    privacy = (f"budget ε={run.privacy.epsilon_budget:g} per hospital at δ={run.privacy.delta:g}"
+               + ("" if run.privacy.calibrate else f", fixed σ={run.privacy.noise_multiplier:g}")
+               if run.privacy.enabled else "NO DIFFERENTIAL PRIVACY (--no-dp: a non-private reference, never deployed)")
     say(f"federation: {run.federation.num_rounds} rounds, "
-        f"{'secure' if run.federation.secure_aggregation else 'PLAIN'} aggregation, "
-        f"budget ε={run.privacy.epsilon_budget:g} per hospital at δ={run.privacy.delta:g}"
-        + ("" if run.privacy.calibrate else f", fixed σ={run.privacy.noise_multiplier:g}"))
+        f"{'secure' if run.federation.secure_aggregation else 'PLAIN'} aggregation, {privacy}")
     with LocalSuperLink(opts.out / ".flwr") as link:
         result = run_app(
             project_dir(),
@@ -299,7 +303,7 @@ def simulate(opts: SimulateOptions, say: Callable[[str], None] = print) -> dict[
             on_line=on_line,
         )
     extra = {"run_id": result.run_id, "wall_seconds": round(time.monotonic() - t0, 1),
-             "class_names": list(source.class_names)}
+             "class_names": list(source.class_names), "differential_privacy": run.privacy.enabled}
     evaluation = evaluate_run(opts, say)
     summary = build_summary(opts.out, ledgers, extra=extra, evaluation=evaluation)
     write_report(opts.out, closest_pairs=opts.out / "evaluation" / "closest_pairs.png")

@@ -108,6 +108,9 @@ def fresh_hospital_line(run: RunConfig) -> str:
     """What ``medsynth server start`` prints before the run: the σ a hospital with a fresh budget of
     ``dp.epsilon-budget`` (at the run's δ and accountant, no per-run cap) would train at."""
     p = run.privacy
+    if not p.enabled:
+        return ("planned run: WITHOUT differential privacy (dp.enabled = false): every deployed hospital refuses it; "
+                "only the virtual hospitals of `medsynth simulate --no-dp` train it")
     try:
         plan = plan_run(run, budget=p.epsilon_budget, delta=p.delta, accountant=p.accountant)
     except PrivacyBudgetExceeded:

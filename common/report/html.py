@@ -167,6 +167,12 @@ def _wall_seconds(summary: Mapping[str, Any], state: ServerState | None) -> list
     return ["wall seconds", "–"]
 
 
+#: The privacy section of a run trained without DP (``medsynth simulate --no-dp``).
+_NO_DP = ('<h2>Privacy</h2><p class="note"><strong>No differential privacy.</strong> This run trained without '
+          "clipping or noise and charged no ledger (<code>medsynth simulate --no-dp</code>): a non-private "
+          "reference for benchmarks. Its model and images carry no privacy guarantee; never share them.</p>")
+
+
 def write_report(root: Path, *, evaluation: Mapping[str, Any] | None = None, closest_pairs: Path | None = None,
                  title: str = "medsynth run report") -> Path:
     """Write ``root/report.html`` from the run folder (and an evaluation, if given); returns its path."""
@@ -187,7 +193,8 @@ def write_report(root: Path, *, evaluation: Mapping[str, Any] | None = None, clo
             f'<p class="note">{html.escape(str(root))} — written '
             f'{dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}</p>',
             _table(["", ""], facts), _training(rounds),
-            _privacy(rounds, summary.get("sites", {}), stopped.last_round_attempted if stopped is not None else None),
+            (_privacy(rounds, summary.get("sites", {}), stopped.last_round_attempted if stopped is not None else None)
+             if summary.get("differential_privacy") is not False else _NO_DP),
             _grids(root)]
     if ev:
         body.append(_evaluation(ev, closest_pairs))
