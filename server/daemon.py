@@ -237,7 +237,7 @@ class SuperLinkDaemon:
                 if "already in use" not in str(exc):
                     raise
                 known = registry.node_ids.get(site)
-                self.say(f"hospital {site} already registered" + (f" (node {known})" if known is not None else ""))
+                self.say(self._already_registered(site, known))
                 continue
             try:
                 node_id = int(data["node-id"])
@@ -246,6 +246,19 @@ class SuperLinkDaemon:
             registry = registry.with_site(site, node_id)
             self.say(f"registered hospital {site} (node {node_id})")
         registry.write(self.registry_path)
+
+    def _already_registered(self, site: str, node_id: int | None) -> str:
+        """The line for a key the SuperLink already holds: registered, or unregistered for good."""
+        if node_id is not None:
+            try:
+                nodes = flwr_json(["supernode", "list", self.env.connection], self, 30.0).get("nodes")
+            except SuperLinkError:
+                nodes = None
+            states = {str(n.get("node-id")): n.get("status") for n in nodes or () if isinstance(n, dict)}
+            if states.get(str(node_id)) == "unregistered":
+                return (f"hospital {site}: its key was unregistered (node {node_id}) and Flower refuses it for good; "
+                        f"remove {site} from [hospitals] or register a new key for it (deploy/README.md, section 6)")
+        return f"hospital {site} already registered" + (f" (node {node_id})" if node_id is not None else "")
 
     def write_pid_file(self) -> None:
         write_json_atomic(self.cfg.state_dir / "daemon.json", {

@@ -304,3 +304,21 @@ def test_the_registry_reads_what_it_wrote_and_refuses_anything_else(tmp_path: Pa
     (tmp_path / "bad.json").write_text(json.dumps({"format": 1, "node_ids": {"site-0": "11"}}))
     with pytest.raises(RecordError, match="not a node registry"):
         NodeRegistry.read(tmp_path / "bad.json")
+
+
+def test_a_key_unregistered_for_good_is_named_at_start_not_called_registered(
+    server_cfg: ServerDeployConfig, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # prepare: the SuperLink (stubbed: a unit test of the wording) lists node 7 as unregistered
+    import server.daemon as daemon_module
+
+    listed = {"nodes": [{"node-id": "7", "status": "unregistered"}, {"node-id": "8", "status": "online"}]}
+    monkeypatch.setattr(daemon_module, "flwr_json", lambda args, link, timeout: listed)
+    daemon = SuperLinkDaemon(server_cfg)
+    # act
+    gone, live, unknown = (daemon._already_registered("site-1", 7), daemon._already_registered("site-2", 8),
+                           daemon._already_registered("site-0", None))
+    # assert
+    assert "unregistered (node 7)" in gone and "remove site-1 from [hospitals]" in gone
+    assert live == "hospital site-2 already registered (node 8)"
+    assert unknown == "hospital site-0 already registered"
