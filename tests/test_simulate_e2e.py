@@ -66,7 +66,7 @@ def test_three_phantom_hospitals_two_rounds_complete(demo_run: tuple[Path, subpr
         assert (share - 0.01) * 8.0 <= epsilon_of(ledger.charges[:1], 1e-5) <= share * 8.0  # the release's share
     # the summed release is kept for a resumed run
     warm = json.loads((out / "warm_start.json").read_text())
-    assert warm["format"] == 1 and len(warm["sum"]) == 2 * (64 + 2 * 500 + 1)
+    assert warm["format"] == 1 and len(warm["sum"]) == 2 * (64 + 2 * run_config().warm_start.frequencies + 1)
     # checkpoints: pickle-free, verified, one per round (round 0: the pre-trained G)
     names = sorted(p.name for p in (out / "checkpoints").iterdir())
     assert names == ["round-0000.safetensors", "round-0001.safetensors", "round-0002.safetensors"]

