@@ -97,11 +97,8 @@ def format_summary(summary: dict[str, Any], out: Path) -> str:
         lines.append("privacy: NONE — trained without differential privacy (--no-dp); a reference, never to share")
     else:
         lines.append("privacy spent per hospital (patient level):")
-    for site, s in summary["sites"].items() if summary.get("differential_privacy") is not False else ():
-        lines.append(
-            f"  {site}: ε = {s['epsilon']:.3f} of budget {s['epsilon_budget']:g} at δ = {s['delta']:g}, "
-            f"{s['steps']} DP steps, status {s['status']}"
-        )
+        lines += [f"  {site}: ε = {s['epsilon']:.3f} of budget {s['epsilon_budget']:g} at δ = {s['delta']:g}, "
+                  f"{s['steps']} DP steps, status {s['status']}" for site, s in summary["sites"].items()]
     evaluation = summary.get("evaluation")
     if evaluation:
         from common.evaluation.evaluate import format_evaluation
