@@ -230,6 +230,7 @@ class SuperLinkDaemon:
         """Register each hospital's public key (keys already in the SQLite state are kept) and
         record which node id each got (``STATE/results/hospitals.json``)."""
         registry = NodeRegistry.read(self.registry_path)
+        states: dict[str, object] | None = None
         for site, key in sorted(self.cfg.hospitals.items()):
             try:
                 data = flwr_json(["supernode", "register", str(key), self.env.connection, "--name", site], self, 60.0)
@@ -237,7 +238,9 @@ class SuperLinkDaemon:
                 if "already in use" not in str(exc):
                     raise
                 known = registry.node_ids.get(site)
-                self.say(self._already_registered(site, known))
+                if known is not None and states is None:  # one listing for every already-registered key
+                    states = self._node_states()
+                self.say(already_registered_line(site, known, states or {}))
                 continue
             try:
                 node_id = int(data["node-id"])
@@ -247,18 +250,13 @@ class SuperLinkDaemon:
             self.say(f"registered hospital {site} (node {node_id})")
         registry.write(self.registry_path)
 
-    def _already_registered(self, site: str, node_id: int | None) -> str:
-        """The line for a key the SuperLink already holds: registered, or unregistered for good."""
-        if node_id is not None:
-            try:
-                nodes = flwr_json(["supernode", "list", self.env.connection], self, 30.0).get("nodes")
-            except SuperLinkError:
-                nodes = None
-            states = {str(n.get("node-id")): n.get("status") for n in nodes or () if isinstance(n, dict)}
-            if states.get(str(node_id)) == "unregistered":
-                return (f"hospital {site}: its key was unregistered (node {node_id}) and Flower refuses it for good; "
-                        f"remove {site} from [hospitals] or register a new key for it (deploy/README.md, section 6)")
-        return f"hospital {site} already registered" + (f" (node {node_id})" if node_id is not None else "")
+    def _node_states(self) -> dict[str, object]:
+        """Node id (as text) → status, from ``flwr supernode list`` ({} when it does not answer)."""
+        try:
+            nodes = flwr_json(["supernode", "list", self.env.connection], self, 30.0).get("nodes")
+        except SuperLinkError:
+            return {}
+        return {str(n.get("node-id")): n.get("status") for n in nodes or () if isinstance(n, dict)}
 
     def write_pid_file(self) -> None:
         write_json_atomic(self.cfg.state_dir / "daemon.json", {
@@ -439,6 +437,14 @@ def server_status(cfg: ServerDeployConfig) -> str:
            f"{cfg.state_dir / 'logs'})"
     return "\n".join([f"server: {running}", *hospital_lines(cfg, nodes),
                       format_status(read_server_state(cfg.results_dir), cfg), logs])
+
+
+def already_registered_line(site: str, node_id: int | None, states: dict[str, object]) -> str:
+    """The line for a key the SuperLink already holds: registered, or unregistered for good."""
+    if node_id is not None and states.get(str(node_id)) == "unregistered":
+        return (f"hospital {site}: its key was unregistered (node {node_id}) and Flower refuses it for good; "
+                f"remove {site} from [hospitals] or register a new key for it (deploy/README.md, section 6)")
+    return f"hospital {site} already registered" + (f" (node {node_id})" if node_id is not None else "")
 
 
 def list_nodes(cfg: ServerDeployConfig) -> list[dict[str, str]] | None:

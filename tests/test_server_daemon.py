@@ -35,6 +35,7 @@ from server.daemon import (
     RunStopped,
     ServerCrashed,
     SuperLinkDaemon,
+    already_registered_line,
     finished_already,
     hospital_lines,
     log_for_this_start,
@@ -315,9 +316,10 @@ def test_a_key_unregistered_for_good_is_named_at_start_not_called_registered(
     listed = {"nodes": [{"node-id": "7", "status": "unregistered"}, {"node-id": "8", "status": "online"}]}
     monkeypatch.setattr(daemon_module, "flwr_json", lambda args, link, timeout: listed)
     daemon = SuperLinkDaemon(server_cfg)
+    states = daemon._node_states()
     # act
-    gone, live, unknown = (daemon._already_registered("site-1", 7), daemon._already_registered("site-2", 8),
-                           daemon._already_registered("site-0", None))
+    gone, live, unknown = (already_registered_line("site-1", 7, states), already_registered_line("site-2", 8, states),
+                           already_registered_line("site-0", None, states))
     # assert
     assert "unregistered (node 7)" in gone and "remove site-1 from [hospitals]" in gone
     assert live == "hospital site-2 already registered (node 8)"
