@@ -2,8 +2,10 @@
 
 Format: safetensors (a JSON header and raw little-endian tensor bytes, no code execution on
 load; ``torch.load`` has had ``weights_only`` bypasses, CVE-2025-32434). The header's metadata
-holds the round, the server's round history (JSON), the class names and Flower run id (so a
-checkpoint file alone says what its generator draws and where it came from) and
+holds the round, the server's round history (JSON), the class names and Flower run id, how the
+run's model started (``initialisation``: the random seed, or the content hash and file name of
+the public checkpoint it started from; absent in files written before it was recorded), so a
+checkpoint file alone says what its generator draws and where it came from, and
 ``content_sha256``, a hash over every
 tensor's name, dtype, shape and bytes, checked on load. A file is written to a temporary name,
 fsynced and renamed, so a crash leaves no half-written ``round-NNNN.safetensors``; a file that
@@ -27,7 +29,13 @@ from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
 from common.atomic import write_bytes_atomic
-from common.round_record import RoundRecord, history_from_json, history_to_json
+from common.round_record import (
+    NOT_RECORDED,
+    Initialisation,
+    RoundRecord,
+    history_from_json,
+    history_to_json,
+)
 
 log = logging.getLogger("medsynth.checkpoint")
 NAME = re.compile(r"^round-(\d{4,})\.safetensors$")
@@ -48,6 +56,7 @@ class Checkpoint:
     content_sha256: str
     class_names: tuple[str, ...] | None = None  # None: written before the names were recorded
     run_id: int | None = None
+    initialisation: Initialisation = NOT_RECORDED  # NOT_RECORDED: written before it was recorded
 
 
 def content_hash(arrays: dict[str, np.ndarray]) -> str:
@@ -72,6 +81,7 @@ def save_checkpoint(
     *,
     class_names: Sequence[str] = (),
     run_id: int | None = None,
+    initialisation: Initialisation = NOT_RECORDED,
 ) -> Path:
     """Write round ``server_round`` atomically and durably; returns its path."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -81,6 +91,8 @@ def save_checkpoint(
         meta["class_names"] = json.dumps(list(class_names))
     if run_id is not None:
         meta["run_id"] = str(run_id)
+    if initialisation != NOT_RECORDED:
+        meta["initialisation"] = json.dumps(initialisation.to_json())
     blob = st_save({k: np.ascontiguousarray(v) for k, v in arrays.items()}, metadata=meta)
     final = checkpoint_path(folder, server_round)
     write_bytes_atomic(final, blob)
@@ -120,9 +132,11 @@ def load_checkpoint(path: Path) -> Checkpoint:
         history = history_from_json(meta["history"], source=path.name)
         names = tuple(str(n) for n in json.loads(meta["class_names"])) if "class_names" in meta else None
         run_id = int(meta["run_id"]) if "run_id" in meta else None
+        init = (Initialisation.from_json(json.loads(meta["initialisation"]), source=path.name)
+                if "initialisation" in meta else NOT_RECORDED)
     except (KeyError, ValueError, TypeError) as exc:  # RecordError is a ValueError
         raise CheckpointInvalid(f"{path.name}: bad metadata ({exc})") from exc
-    return Checkpoint(server_round, dict(arrays), history, path, digest, names, run_id)
+    return Checkpoint(server_round, dict(arrays), history, path, digest, names, run_id, init)
 
 
 def latest_valid_checkpoint(folder: Path) -> Checkpoint | None:

@@ -1,4 +1,5 @@
-"""A checkpoint → a ready generator, its model config and its provenance (for evaluate and sample).
+"""A checkpoint → a ready generator, its model config and its provenance (for evaluate and sample),
+or the public weights a run starts from (``init-from``, :func:`load_initial_model`).
 
 A checkpoint (``common.checkpoint``) holds the tensors of G and D, the round history, a content
 hash, the class names and the run id, but not the model config. The config is read back from
@@ -24,8 +25,8 @@ from common.config import ModelConfig
 from common.errors import UserError
 from common.export import Provenance, privacy_from_history
 from common.models import Generator, build_models
-from common.round_record import RECORDS_FILE, read_server_state
-from common.weights import UpdateLayoutError, load_model_arrays
+from common.round_record import RECORDS_FILE, Initialisation, read_server_state
+from common.weights import UpdateLayoutError, load_model_arrays, model_arrays
 
 
 class CheckpointUnusable(UserError, ValueError):
@@ -73,6 +74,49 @@ def model_config_from_arrays(arrays: dict[str, np.ndarray], num_classes: int | N
     return ModelConfig(image_size=4 * 2**stages, latent_dim=latent, g_width=top // 2 ** (stages - 1),
                        d_width=d_width, num_classes=classes, conditional=conditional,
                        aux_classifier="d.classify.weight" in arrays, upsample=upsample)
+
+
+def describe_model(cfg: ModelConfig) -> str:
+    """A model's shape in words: what a mismatch message names for both sides."""
+    return (f"{cfg.image_size}×{cfg.image_size} images, latent {cfg.latent_dim}, G width {cfg.g_width}, "
+            f"D width {cfg.d_width}, {cfg.num_classes} classes"
+            + ("" if cfg.conditional else ", unconditional") + ("" if cfg.aux_classifier else ", no aux classifier")
+            + f", {cfg.upsample} upsampling")
+
+
+@dataclass(frozen=True, eq=False)
+class InitialModel:
+    """The public G and D a run starts from instead of the seeded random initialisation."""
+
+    arrays: dict[str, np.ndarray]  # g.*/d.* exactly as the run's model lays them out
+    initialisation: Initialisation  # the file's content hash and name: public provenance
+    class_names: tuple[str, ...] | None  # as the public run recorded them
+
+
+def load_initial_model(path: Path, model: ModelConfig, *, what: str = "--init-from") -> InitialModel:
+    """Load and verify the checkpoint file ``path`` and check it has exactly the shapes of ``model``.
+
+    Refused with :class:`CheckpointUnusable` (exit 2), naming ``what`` (the option or key that
+    named the file): a missing file, one that fails its content hash, one medsynth did not write,
+    and one whose tensors are not those of ``model`` (both shapes named).
+    """
+    if not path.is_file():
+        raise CheckpointUnusable(f"{what} {path}: no such file; pass a round-NNNN.safetensors file of the public "
+                                 "pre-training run (docs/configuration.md, 'Starting from a public model')")
+    try:
+        ckpt = load_checkpoint(path)
+    except (CheckpointInvalid, OSError) as exc:
+        raise CheckpointUnusable(f"{what} {path} is not a valid checkpoint: {exc}") from exc
+    want = {k: (v.shape, v.dtype) for k, v in model_arrays(*build_models(model, seed=0)).items()}
+    have = {k: (v.shape, v.dtype) for k, v in ckpt.arrays.items()}
+    if have != want:
+        try:
+            theirs = describe_model(model_config_from_arrays(ckpt.arrays, model.num_classes))
+        except UserError:
+            theirs = "tensors that are not a medsynth model"
+        raise CheckpointUnusable(f"{what} {path}: its model ({theirs}) does not match this run's "
+                                 f"({describe_model(model)}); pre-train the public model with the run's model settings")
+    return InitialModel(ckpt.arrays, Initialisation.public(ckpt.content_sha256, path.name), ckpt.class_names)
 
 
 def resolve_checkpoint(path: Path) -> Checkpoint:
@@ -128,5 +172,6 @@ def load_generator(path: Path, *, class_names: tuple[str, ...] | None = None,
         class_names=tuple(names),
         sites=privacy_from_history(ckpt.history),
         secure_aggregation=state.secure_aggregation if state is not None else None,
+        initialisation=ckpt.initialisation,
     )
     return LoadedGenerator(netG, cfg, tuple(names), provenance)

@@ -1,6 +1,7 @@
 """Export synthetic images as PNG, NPZ or DICOM, always with a provenance sidecar.
 
-Every export folder holds ``medsynth_export.json``: the model's content hash and round, the
+Every export folder holds ``medsynth_export.json``: the model's content hash and round, how the
+run's model started (the random seed, or the public checkpoint it was initialised from), the
 run, and the (ε, δ) of every hospital that trained the model, so whoever receives the images
 can tell what produced them and under which privacy guarantee. Images are post-processing of
 the DP generator; the export touches no patient data.
@@ -26,7 +27,7 @@ import numpy as np
 
 from common.atomic import write_json_atomic
 from common.errors import UserError
-from common.round_record import RoundRecord
+from common.round_record import NOT_RECORDED, Initialisation, RoundRecord
 
 if TYPE_CHECKING:  # pydicom and Pillow are imported by the functions that write files, so that a
     # command's help page (``medsynth sample --help`` names FORMATS and SIDECAR) starts without them
@@ -56,7 +57,8 @@ class SitePrivacy:
 
 @dataclass(frozen=True)
 class Provenance:
-    """What made the images: model hash and config, checkpoint round, run, per-hospital privacy."""
+    """What made the images: model hash and config, checkpoint round, how the model started, run,
+    per-hospital privacy."""
 
     model_sha256: str
     checkpoint: str
@@ -66,12 +68,15 @@ class Provenance:
     class_names: tuple[str, ...]
     sites: Mapping[str, SitePrivacy]
     secure_aggregation: bool | None = None
+    initialisation: Initialisation = NOT_RECORDED
 
     def to_json(self) -> dict[str, Any]:
         eps = [s.epsilon for s in self.sites.values()]
         return {
             "model": {"content_sha256": self.model_sha256, "checkpoint": self.checkpoint, "round": self.round,
-                      "config": dict(self.model_config), "class_names": list(self.class_names)},
+                      "config": dict(self.model_config), "class_names": list(self.class_names),
+                      "initialisation": {**self.initialisation.to_json(),
+                                         "description": self.initialisation.describe()}},
             "run": {"run_id": self.run_id, "secure_aggregation": self.secure_aggregation},
             "privacy": {
                 "unit": "patient",

@@ -20,7 +20,8 @@ JSON shape (``server_state.json``; keys in brackets are written only when presen
      ["stopped_early": "round 3: …", "last_round_attempted": ROUND],
      ["final_model": {"round": 3, "content_sha256": "…", "kept": ["site-0", …], "failures": [],
                       "received": {"site-0": {"type": "query.final_model", …}, …}}],
-     ["in_process": true, "wall_seconds": 12.3]}
+     ["in_process": true, "wall_seconds": 12.3],
+     ["initialisation": {"seed": 0} or {"public_sha256": "…", "public_file": "round-0005.safetensors"}]}
     ROUND = {"round": 1, "sites_trained": ["site-0", …], "sites_budget_exhausted": [],
              "failures": ["…"], "seconds": 4.2,
              "privacy": {"site-0": {"status": "ok", "epsilon": 1.2, "epsilon_budget": 10.0,
@@ -350,9 +351,62 @@ class FinalModel:
                    {site: ReceivedMessage.from_json(m, source=source) for site, m in f.dict_("received").items()})
 
 
+@dataclass(frozen=True)
+class Initialisation:
+    """How the run's G and D started: the seeded random initialisation, or a public checkpoint.
+
+    A public checkpoint (``--init-from``, run key ``init-from``) is named by its content hash
+    (``common.checkpoint.content_hash``) and file name: public provenance, nothing of a hospital.
+    Recorded in every checkpoint's metadata and in the records file; a file written before it was
+    recorded has none, which means the seeded random initialisation with the seed not recorded.
+    """
+
+    seed: int | None = None  # the random initialisation's seed; None with a public checkpoint
+    public_sha256: str | None = None
+    public_file: str | None = None
+
+    def __post_init__(self) -> None:
+        if (self.public_sha256 is None) != (self.public_file is None) or (
+                self.public_sha256 is not None and self.seed is not None):
+            raise RecordError("an initialisation is either a seed or a public checkpoint's hash and file name")
+
+    @classmethod
+    def random(cls, seed: int) -> Initialisation:
+        return cls(seed=seed)
+
+    @classmethod
+    def public(cls, sha256: str, file: str) -> Initialisation:
+        return cls(public_sha256=sha256, public_file=file)
+
+    def describe(self) -> str:
+        """One phrase for the report, the logs and the export sidecar."""
+        if self.public_sha256 is not None:
+            return f"initialised from public checkpoint {self.public_sha256[:16]}… ({self.public_file})"
+        return f"random initialisation (seed {'not recorded' if self.seed is None else self.seed})"
+
+    def to_json(self) -> dict[str, Any]:
+        if self.public_sha256 is not None:
+            return {"public_sha256": self.public_sha256, "public_file": self.public_file}
+        return {} if self.seed is None else {"seed": self.seed}
+
+    @classmethod
+    def from_json(cls, obj: object, *, source: str) -> Initialisation:
+        f = _Fields(obj, "initialisation", source, set(), frozenset({"seed", "public_sha256", "public_file"}))
+        if f.has("seed") and (f.has("public_sha256") or f.has("public_file")):
+            raise f.error("either 'seed' or 'public_sha256' and 'public_file'")
+        if f.has("public_sha256") != f.has("public_file"):
+            raise f.error("'public_sha256' and 'public_file' come together")
+        if f.has("public_sha256"):
+            return cls.public(f.str_("public_sha256"), f.str_("public_file"))
+        return cls(seed=f.int_("seed") if f.has("seed") else None)
+
+
+#: What a file that records no initialisation means: every run before ``init-from`` existed.
+NOT_RECORDED = Initialisation()
+
 _STATE_KEYS = {"rounds", "finished", "secure_aggregation"}
 _STATE_OPTIONAL = frozenset({"run_id", "stopped_early", "last_round_attempted", "in_process", "wall_seconds",
-                             "final_model"})
+                             "final_model", "initialisation"})
 
 
 @dataclass(frozen=True)
@@ -366,6 +420,7 @@ class ServerState:
     stopped_early: StoppedEarly | None = None
     in_process: InProcessRun | None = None
     final_model: FinalModel | None = None  # None: not sent (yet), or an in-process run
+    initialisation: Initialisation = NOT_RECORDED
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"rounds": [r.to_json() for r in self.rounds], "finished": self.finished,
@@ -379,6 +434,8 @@ class ServerState:
             out.update(in_process=True, wall_seconds=self.in_process.wall_seconds)
         if self.final_model is not None:
             out["final_model"] = self.final_model.to_json()
+        if self.initialisation != NOT_RECORDED:
+            out["initialisation"] = self.initialisation.to_json()
         return out
 
     @classmethod
@@ -403,6 +460,8 @@ class ServerState:
             stopped_early=stopped,
             in_process=InProcessRun(f.float_("wall_seconds")) if f.has("in_process") else None,
             final_model=FinalModel.from_json(f.obj["final_model"], source=src) if f.has("final_model") else None,
+            initialisation=(Initialisation.from_json(f.obj["initialisation"], source=src)
+                            if f.has("initialisation") else NOT_RECORDED),
         )
 
 

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from common.round_record import (
+    Initialisation,
     InProcessRun,
     ReceivedMessage,
     RecordError,
@@ -79,12 +80,14 @@ def test_a_record_survives_json_and_keeps_the_shape_readers_use() -> None:
 def test_the_records_file_round_trips_with_its_optional_parts(tmp_path: Path) -> None:
     # prepare: a server run that stopped early, and an in-process run without DP (budget inf)
     server = ServerState(rounds=(_secure_round(1), _secure_round(2)), finished=True, secure_aggregation=True,
-                         run_id=7, stopped_early=StoppedEarly("round 3: no hospital could train", _abandoned_round(3)))
+                         run_id=7, stopped_early=StoppedEarly("round 3: no hospital could train", _abandoned_round(3)),
+                         initialisation=Initialisation.public("ab" * 32, "round-0009.safetensors"))
     no_budget = SitePrivacyReport("ok", 0.0, math.inf, 1e-5, 3)
     in_process = ServerState(
         rounds=(RoundRecord(round=1, sites_trained=("site-0",), sites_budget_exhausted=(), failures=(),
                             privacy={"site-0": no_budget}, seconds=1.0, metrics=RoundMetrics(0.7, 0.8)),),
-        finished=True, secure_aggregation=False, in_process=InProcessRun(wall_seconds=2.5))
+        finished=True, secure_aggregation=False, in_process=InProcessRun(wall_seconds=2.5),
+        initialisation=Initialisation.random(0))
     for name, state in (("server", server), ("in-process", in_process)):
         path = tmp_path / name / "server_state.json"
         path.parent.mkdir()
@@ -95,8 +98,10 @@ def test_the_records_file_round_trips_with_its_optional_parts(tmp_path: Path) ->
     raw = json.loads((tmp_path / "server" / "server_state.json").read_text())
     assert raw["stopped_early"] == "round 3: no hospital could train" and raw["run_id"] == 7
     assert raw["last_round_attempted"]["sites_budget_exhausted"] == list(SITES)
+    assert raw["initialisation"] == {"public_sha256": "ab" * 32, "public_file": "round-0009.safetensors"}
     raw = json.loads((tmp_path / "in-process" / "server_state.json").read_text())
     assert raw["in_process"] is True and "run_id" not in raw and "stopped_early" not in raw
+    assert raw["initialisation"] == {"seed": 0}
     assert raw["rounds"][0]["privacy"]["site-0"]["epsilon_budget"] is None  # strict JSON has no inf
     assert read_server_state(tmp_path / "nowhere.json") is None
 
@@ -149,6 +154,8 @@ def test_the_records_file_is_read_strictly(tmp_path: Path) -> None:
         "missing.json": {k: v for k, v in good.items() if k != "finished"},
         "half.json": {**good, "stopped_early": "round 2"},  # without the round it stopped at
         "round.json": {**good, "rounds": [{**good["rounds"][0], "extra": 1}]},
+        "init.json": {**good, "initialisation": {"seed": 0, "public_sha256": "ab" * 32, "public_file": "x"}},
+        "init-half.json": {**good, "initialisation": {"public_sha256": "ab" * 32}},
     }
     for name, data in cases.items():
         (tmp_path / name).write_text(json.dumps(data))

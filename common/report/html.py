@@ -1,8 +1,8 @@
 """``report.html``: one self-contained page about a run, readable offline.
 
 Sources, all in the run folder: ``server_state.json`` (the server's record of every round:
-losses, each hospital's reported ε; read with ``common.round_record``), ``summary.json`` when a
-simulation wrote one (ε recomputed from each ledger; the evaluation), ``samples/round-NNNN.png``
+losses, each hospital's reported ε; how the model started; read with ``common.round_record``),
+``summary.json`` when a simulation wrote one (ε recomputed from each ledger; the evaluation), ``samples/round-NNNN.png``
 (sample grids) and, when an evaluation ran, its ``closest_pairs.png``. Plots come first (losses over rounds, each
 hospital's ε against its budget, sample grids over rounds, TSTR against TRTR), tables give the
 exact figures. Charts are matplotlib SVGs (``common.report.plots``), pictures PNGs, all inlined as
@@ -182,6 +182,7 @@ def write_report(root: Path, *, evaluation: Mapping[str, Any] | None = None, clo
     run_id = state.run_id if state is not None and state.run_id is not None else "–"
     ev = evaluation if evaluation is not None else summary.get("evaluation")
     facts: list[list[Any]] = [["rounds completed", len(rounds)],
+             ["model initialisation", state.initialisation.describe() if state is not None else "–"],
              ["secure aggregation", state.secure_aggregation if state is not None else "–"],
              ["stopped early", stopped.reason if stopped is not None else "no"],
              ["run id", summary.get("run_id", run_id)],
