@@ -201,6 +201,7 @@ class FederationConfig:
     wait_nodes_timeout_s: float
     seed: int
     output_dir: str
+    init_from: str  # a public checkpoint G and D start from (server's file); "": the seeded random init
     sites_dir: str  # simulation only: site-<partition-id>/ folders live here
     secure_aggregation: bool
     secagg_threshold: int  # 0: default max(3, n // 2 + 1); never below 3
@@ -289,6 +290,7 @@ RUN_KEYS: dict[str, tuple[str, str, type]] = {
     "wait-nodes-timeout": ("federation", "wait_nodes_timeout_s", float),
     "seed": ("federation", "seed", int),
     "output-dir": ("federation", "output_dir", str),
+    "init-from": ("federation", "init_from", str),
     "secure-aggregation": ("federation", "secure_aggregation", bool),
     "secagg.threshold": ("federation", "secagg_threshold", int),
     "secagg.max-retries": ("federation", "secagg_max_retries", int),

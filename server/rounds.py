@@ -26,8 +26,9 @@ from flwr.app import Message, MessageType
 from flwr.serverapp import Grid
 
 from common.atomic import read_json_object, write_json_atomic
-from common.checkpoint import content_hash, latest_valid_checkpoint, save_checkpoint
-from common.config import RunConfig
+from common.checkpoint import Checkpoint, content_hash, latest_valid_checkpoint, save_checkpoint
+from common.checkpoint_model import InitialModel, load_initial_model
+from common.config import ConfigError, RunConfig
 from common.dp.embedding import warm_start_generator
 from common.dp.warm_start import WARM_START_ROUND, EmbeddingSpec
 from common.errors import EXIT_RESTARTABLE, UserError
@@ -47,6 +48,7 @@ from common.report.samples import sample_grid, save_png
 from common.round_record import (
     RECORDS_FILE,
     FinalModel,
+    Initialisation,
     ReceivedMessage,
     RecordError,
     RoundMetrics,
@@ -312,27 +314,62 @@ def warm_start_aggregate(run: RunConfig, netG: Generator, netD: Discriminator, k
     return aggregate
 
 
+def initial_model(run: RunConfig) -> InitialModel | None:
+    """The public checkpoint of ``init-from``, verified and of the run's shapes; None without one.
+
+    The file was checked before the run was submitted (``simulate``, ``server start``); checked
+    again here, so a file changed since is refused (exit 2) before any round.
+    """
+    fed = run.federation
+    if not fed.init_from:
+        return None
+    initial = load_initial_model(Path(fed.init_from), run.model, what="init-from")
+    if initial.class_names is not None and initial.class_names != run.class_names:
+        log.warning("init-from %s was trained on classes %s, this run's are %s: class k must mean the same on "
+                    "both sides", fed.init_from, ",".join(initial.class_names), ",".join(run.class_names))
+    return initial
+
+
+def check_resumed_initialisation(ckpt: Checkpoint, run: RunConfig, initial: InitialModel | None) -> None:
+    """Refuse to resume a run that started otherwise than ``init-from`` now says (its records would lie)."""
+    now = None if initial is None else initial.initialisation.public_sha256
+    if ckpt.initialisation.public_sha256 != now:
+        said = "no init-from" if now is None else f"init-from = {run.federation.init_from} (sha256 {now[:16]}…)"
+        raise ConfigError(f"the run in {ckpt.path.parent} began with '{ckpt.initialisation.describe()}', but the run "
+                          f"config now says {said}; restore the setting to resume, or start the run in a new output "
+                          "folder")
+
+
 def run_federation(grid: Grid, run: RunConfig, paths: ServerPaths, run_id: int) -> ServerState:
     """Run (or resume) the rounds of ``run`` and return the final server state.
 
-    Secure aggregation (default) or, only when ``secure-aggregation = false``, plain sums. With a
-    warm start, round 0 collects the hospitals' release and pre-trains G before round 1.
+    Secure aggregation (default) or, only when ``secure-aggregation = false``, plain sums. G and D
+    start from the seeded random initialisation, or from a public checkpoint (``init-from``). With a
+    warm start, round 0 collects the hospitals' release and pre-trains G (from those weights) before
+    round 1.
     """
     fed = run.federation
     ckpt = latest_valid_checkpoint(paths.checkpoints)
     netG, netD = build_models(run.model, seed=fed.seed)
+    initial = initial_model(run)
     if ckpt is not None:
+        check_resumed_initialisation(ckpt, run, initial)
         load_model_arrays(netG, netD, ckpt.arrays)
         arrays, history, start = ckpt.arrays, ckpt.history, ckpt.round + 1
+        initialisation = ckpt.initialisation
         log.info("resuming from %s (round %d)", ckpt.path, ckpt.round)
     else:
+        if initial is not None:
+            load_model_arrays(netG, netD, initial.arrays)
+        initialisation = Initialisation.random(fed.seed) if initial is None else initial.initialisation
         arrays, history, start = model_arrays(netG, netD), (), 1
+        log.info("model: %s", initialisation.describe())
     layout = UpdateLayout.of(arrays)
     secure = SecureRounds(grid, run, run_id, layout) if fed.secure_aggregation else None
     if secure is None:
         log.warning("plain aggregation: the server sees every hospital's update (secure-aggregation = false)")
     state = ServerState(rounds=history, finished=False, secure_aggregation=fed.secure_aggregation,
-                        run_id=run_id)
+                        run_id=run_id, initialisation=initialisation)
     release: np.ndarray | None = None
     if run.warm_start.enabled:
         stored = WarmStartRelease.read(paths.warm_start, EmbeddingSpec.of(run).size)
@@ -364,7 +401,7 @@ def run_federation(grid: Grid, run: RunConfig, paths: ServerPaths, run_id: int) 
         arrays = new_arrays
         state = replace(state, rounds=(*state.rounds, record))
         save_checkpoint(paths.checkpoints, server_round, arrays, state.rounds, class_names=run.class_names,
-                        run_id=run_id)
+                        run_id=run_id, initialisation=initialisation)
         load_model_arrays(netG, netD, arrays)
         save_png(sample_grid(netG, run.model, seed=fed.seed), paths.samples / f"round-{server_round:04d}.png")
         write_server_state(paths.state, state)

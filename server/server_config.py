@@ -14,6 +14,11 @@ Example (every key is explained in ``deploy/server.example.toml``)::
     site-0 = "/etc/medsynth/hospitals/site-0.auth.pub"
     [run]                       # overrides of [tool.flwr.app.config] (pyproject.toml)
     num-server-rounds = 10
+    init-from = "public/round-0020.safetensors"   # optional: start from a public model
+
+``[run] init-from`` names a checkpoint on this machine (relative to the file's folder) that G and
+D start from instead of the seeded random initialisation; it is checked (content hash, the run's
+model shapes) when the file is loaded, so a wrong one is refused before anything starts.
 
 TLS and node authentication are not options: a deployed SuperLink always runs with both.
 Without ``host`` the SuperLink listens on 127.0.0.1 only: its port also serves Flower's Control
@@ -49,6 +54,14 @@ def _path(doc: Mapping[str, Any], table: str, key: str, base: Path) -> Path:
         raise ConfigError(f"[{table}] {key} is required (a file path)")
     path = Path(value)
     return path if path.is_absolute() else (base / path)
+
+
+def _resolve_init_from(overrides: dict[str, RunValue], base: Path) -> dict[str, RunValue]:
+    """``init-from`` made absolute (relative to server.toml's folder): the ServerApp runs elsewhere."""
+    value = overrides.get("init-from")
+    if isinstance(value, str) and value and not Path(value).is_absolute():
+        return {**overrides, "init-from": str(base / value)}
+    return overrides
 
 
 @dataclass(frozen=True)
@@ -113,16 +126,25 @@ class ServerDeployConfig:
             certificate=_path(doc, "tls", "certificate", base),
             private_key=_path(doc, "tls", "private-key", base),
             hospitals={str(site): _path(doc, "hospitals", str(site), base) for site in doc.get("hospitals", {})},
-            run_overrides=check_run_overrides(doc.get("run", {}), app_dir),
+            run_overrides=_resolve_init_from(check_run_overrides(doc.get("run", {}), app_dir), base),
             app_dir=app_dir,
             run_timeout_s=float(hours) * 3600.0,
         )
         cfg.check_files()
+        cfg.check_init_from()
         return cfg
 
     def run_config(self) -> RunConfig:
         """The run this server submits: the app's defaults with ``[run]`` over them."""
         return RunConfig.from_flower({**app_defaults(self.app_dir), **self.run_overrides})
+
+    def check_init_from(self) -> None:
+        """``[run] init-from``, when set, is a checkpoint that verifies and has the run's model shapes."""
+        path = str(self.run_overrides.get("init-from", ""))
+        if path:
+            from common.checkpoint_model import load_initial_model  # torch: only when a server.toml asks
+
+            load_initial_model(Path(path), self.run_config().model, what="[run] init-from =")
 
     def check_files(self) -> None:
         """Fail fast, naming the file, on anything the SuperLink would otherwise trip over later."""

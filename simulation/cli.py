@@ -117,6 +117,10 @@ def _simulate_parser(sub: SubParsers) -> None:
     p.add_argument("--reference", type=Path, default=None,
                    help="real images (MedMNIST .npz or prepared cache) to evaluate the final model against; "
                         "results go to summary.json under 'evaluation' and to report.html")
+    p.add_argument("--init-from", type=Path, default=None, metavar="CKPT",
+                   help="start G and D from this round-NNNN.safetensors of a public pre-training run (same model "
+                        "settings) instead of the seeded random initialisation; its sha256 goes into every "
+                        "checkpoint and export (docs/configuration.md, 'Starting from a public model')")
     p.set_defaults(func=cmd_simulate)
 
 
@@ -187,7 +191,7 @@ def _evaluate_parsers(sub: SubParsers) -> None:
 #: ``simulate`` options that concern training: refused with ``--write-sites``, which trains nothing.
 TRAINING_ONLY = ("rounds", "epsilon", "delta", "noise_multiplier", "image_size", "local_steps", "batch_size",
                  "sample_rate", "d_steps_per_g", "warm_start_share", "device", "resume", "plain_aggregation",
-                 "reference", "no_dp")
+                 "reference", "no_dp", "init_from")
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
@@ -235,6 +239,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             warm_start_share=args.warm_start_share,
             dp=False if args.no_dp else None,
             reference=args.reference,
+            init_from=args.init_from,
         )
     )
     return 0

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from common.checkpoint import save_checkpoint
+from common.checkpoint_model import load_initial_model
 from common.config import ModelConfig, RunConfig, TrainConfig, WarmStartConfig
 from common.dataset import LocalDataset
 from common.dp.accounting import Charge, calibrate_noise_multiplier, epsilon_of
@@ -38,6 +39,7 @@ from common.models import build_models
 from common.report.samples import sample_grid, save_png
 from common.round_record import (
     RECORDS_FILE,
+    Initialisation,
     InProcessRun,
     RoundMetrics,
     RoundRecord,
@@ -63,14 +65,16 @@ class FedPlan:
     max_grad_norm: float
     seed: int
     warm_start: WarmStartConfig
+    init_from: Path | None = None  # a public checkpoint G and D start from; None: the seeded random init
 
     @staticmethod
     def from_run(run: RunConfig, epsilon: float | None) -> FedPlan:
         """The plan of ``run`` (rounds, model, training, q, δ, C, seed) at budget ``epsilon`` (None: no DP)."""
+        init = run.federation.init_from
         return FedPlan(rounds=run.federation.num_rounds, model=run.model, train=run.train,
                        sample_rate=run.privacy.sample_rate, epsilon=epsilon, delta=run.privacy.delta,
                        max_grad_norm=run.privacy.max_grad_norm, seed=run.federation.seed,
-                       warm_start=run.warm_start)
+                       warm_start=run.warm_start, init_from=Path(init) if init else None)
 
 
 def medmnist_sites(npz: Path, sites: int, partition: str, seed: int, image_size: int,
@@ -95,6 +99,12 @@ def train_federated(sites: Sequence[LocalDataset], plan: FedPlan, out: Path,
     """Run ``plan.rounds`` rounds over ``sites``; writes checkpoints/, samples/, server_state.json."""
     t0 = time.monotonic()
     netG, netD = build_models(plan.model, seed=plan.seed)
+    initialisation = Initialisation.random(plan.seed)
+    if plan.init_from is not None:  # before the warm start, which pre-trains G from these weights
+        initial = load_initial_model(plan.init_from, plan.model)
+        load_model_arrays(netG, netD, initial.arrays)
+        initialisation = initial.initialisation
+        say(f"model: {initialisation.describe()}")
     arrays = model_arrays(netG, netD)
     steps = plan.rounds * plan.train.local_steps
     layout = UpdateLayout.of(arrays)
@@ -135,13 +145,15 @@ def train_federated(sites: Sequence[LocalDataset], plan: FedPlan, out: Path,
                              privacy=privacy, metrics=RoundMetrics.from_means(means),
                              seconds=round(time.monotonic() - t_round, 2))
         history.append(record)
-        save_checkpoint(out / "checkpoints", rnd, arrays, history, class_names=sites[0].class_names)
+        save_checkpoint(out / "checkpoints", rnd, arrays, history, class_names=sites[0].class_names,
+                        initialisation=initialisation)
         load_model_arrays(netG, netD, arrays)
         save_png(sample_grid(netG, plan.model, seed=plan.seed), out / "samples" / f"round-{rnd:04d}.png")
         say(f"round {rnd}/{plan.rounds}: loss_d_fake={means['loss_d_fake']:.3f} loss_g={means['loss_g']:.3f} "
             f"{record.seconds:.0f} s")
     state = ServerState(rounds=tuple(history), finished=True, secure_aggregation=False,
-                        in_process=InProcessRun(wall_seconds=round(time.monotonic() - t0, 1)))
+                        in_process=InProcessRun(wall_seconds=round(time.monotonic() - t0, 1)),
+                        initialisation=initialisation)
     write_server_state(out / RECORDS_FILE, state)
     return state
 

@@ -81,6 +81,7 @@ class SimulateOptions:
     dp: bool | None = None  # False: no DP at all (--no-dp, a non-private reference); None: the app default
     extra_config: tuple[tuple[str, RunConfigValue], ...] = ()
     reference: Path | None = None  # real images to evaluate the final model against (.npz or prepared cache)
+    init_from: Path | None = None  # a public checkpoint G and D start from (run key init-from); None: seeded init
     run: RunConfig = field(init=False, repr=False, compare=False)  # the app defaults with overrides()
 
     def __post_init__(self) -> None:
@@ -97,6 +98,17 @@ class SimulateOptions:
         if self.dataset is not None and not self.dataset.is_file():
             raise ConfigError(f"--dataset {self.dataset} not found: pass a MedMNIST v2 .npz (e.g. "
                               "../shared/data/medmnist/pneumoniamnist.npz), or leave it out for the built-in phantoms")
+        if self.init_from is not None:
+            self.check_init_from(self.init_from)
+
+    def check_init_from(self, path: Path) -> None:
+        """The public checkpoint verifies, has this run's model shapes, and survives the run's clean-up."""
+        from common.checkpoint_model import load_initial_model
+
+        load_initial_model(path, self.run.model)
+        if not self.resume and path.resolve().is_relative_to((self.out / "checkpoints").resolve()):
+            raise ConfigError(f"--init-from {path} lies in --out's checkpoints, which a new run deletes first; "
+                              "copy it elsewhere, or choose another --out")
 
     def overrides(self) -> dict[str, ConfigValue]:
         """The run config keys these options set (everything else is the app default)."""
@@ -107,6 +119,8 @@ class SimulateOptions:
                 cfg[key] = value
         if self.noise_multiplier is not None:
             cfg.update({"dp.calibrate": False, "dp.noise-multiplier": float(self.noise_multiplier)})
+        if self.init_from is not None:  # absolute: the ServerApp runs in another folder
+            cfg["init-from"] = str(self.init_from.resolve())
         cfg.update(dict(self.extra_config))
         return cfg
 
@@ -258,10 +272,23 @@ def run_config_for(opts: SimulateOptions, class_names: tuple[str, ...], sites_di
     return cfg
 
 
+def check_resume_initialisation(opts: SimulateOptions) -> None:
+    """``--resume`` names the same public checkpoint (or none) as the run began with; refused now
+    (exit 2), not after Flower has started, as the ServerApp would refuse it."""
+    from common.checkpoint import latest_valid_checkpoint
+    from server.rounds import check_resumed_initialisation, initial_model
+
+    ckpt = latest_valid_checkpoint(opts.out / "checkpoints")
+    if ckpt is not None:
+        check_resumed_initialisation(ckpt, opts.run, initial_model(opts.run))
+
+
 def simulate(opts: SimulateOptions, say: Callable[[str], None] = print) -> dict[str, Any]:
     """Run the whole simulation; returns the summary dict (also written to summary.json)."""
     t0 = time.monotonic()
     check_out_dir(opts.out)
+    if opts.resume:
+        check_resume_initialisation(opts)
     opts.out.mkdir(parents=True, exist_ok=True)
     if not opts.resume:
         for stale in ("checkpoints", "samples", "server_state.json", "summary.json", "report.html", "evaluation",
@@ -291,6 +318,8 @@ def simulate(opts: SimulateOptions, say: Callable[[str], None] = print) -> dict[
                if run.privacy.enabled else "NO DIFFERENTIAL PRIVACY (--no-dp: a non-private reference, never deployed)")
     say(f"federation: {run.federation.num_rounds} rounds, "
         f"{'secure' if run.federation.secure_aggregation else 'PLAIN'} aggregation, {privacy}")
+    if opts.init_from is not None:
+        say(f"model: starts from the public checkpoint {opts.init_from} (its sha256 is in every checkpoint)")
     with LocalSuperLink(opts.out / ".flwr") as link:
         result = run_app(
             project_dir(),

@@ -17,10 +17,15 @@ from common.certs import (
     create_secagg_identity,
     issue_server_certificate,
 )
+from common.checkpoint import save_checkpoint
+from common.checkpoint_model import CheckpointUnusable
 from common.config import ConfigError
+from common.models import build_models
 from common.secagg import SiteIdentity, fingerprint
+from common.weights import model_arrays
 from medsynth.cli import main
 from server.server_config import ServerDeployConfig, check_run_overrides
+from tests.helpers import app_model
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -88,6 +93,26 @@ def test_server_private_key_readable_by_others_is_refused(tmp_path: Path) -> Non
 def test_run_overrides_keep_the_defaults_types() -> None:
     with pytest.raises(ConfigError, match="expected a bool"):
         check_run_overrides({"secure-aggregation": 1}, REPO)
+
+
+def test_init_from_is_resolved_beside_server_toml_and_checked_before_anything_starts(tmp_path: Path) -> None:
+    # prepare: a public checkpoint of the run's model beside server.toml, and one of other shapes
+    netG, netD = build_models(app_model(), seed=7)
+    good = save_checkpoint(tmp_path / "public", 4, model_arrays(netG, netD), ())
+    netG, netD = build_models(app_model(latent_dim=32), seed=7)
+    other = save_checkpoint(tmp_path / "other", 4, model_arrays(netG, netD), ())
+    doc = _server_doc(tmp_path)
+    doc["run"]["init-from"] = "public/round-0004.safetensors"
+    # act
+    cfg = ServerDeployConfig.load(_write(tmp_path / "server.toml", doc), REPO)
+    # assert: the ServerApp, which runs in another folder, gets the absolute path
+    assert cfg.run_overrides["init-from"] == str(good)
+    assert cfg.run_config().federation.init_from == str(good)
+    for path, message in ((str(other), "latent 32.*does not match this run's.*latent 64"),
+                          ("missing.safetensors", "no such file")):
+        doc["run"]["init-from"] = path
+        with pytest.raises(CheckpointUnusable, match=r"^\[run\] init-from = .*" + message):
+            ServerDeployConfig.load(_write(tmp_path / "server.toml", doc), REPO)
 
 
 AGREED_APP = "ab" * 32  # stands for the SHA-256 of the app bundle a hospital agreed to run
