@@ -21,10 +21,10 @@ import torch
 
 from common.atomic import read_json_object
 from common.checkpoint import Checkpoint, CheckpointInvalid, latest_valid_checkpoint, load_checkpoint
-from common.config import ModelConfig
+from common.config import LATENT_SCALE, ModelConfig
 from common.errors import UserError
 from common.export import Provenance, privacy_from_history
-from common.models import Generator, build_models
+from common.models import Generator, build_models, sample_latents
 from common.round_record import RECORDS_FILE, Initialisation, read_server_state
 from common.weights import UpdateLayoutError, load_model_arrays, model_arrays
 
@@ -43,14 +43,15 @@ class LoadedGenerator:
     provenance: Provenance
 
     @torch.no_grad()
-    def sample(self, labels: np.ndarray, *, seed: int, batch_size: int = 512) -> np.ndarray:
-        """Images (n, 1, S, S) float32 in [-1, 1] for class labels (n,); latents from ``seed``."""
+    def sample(self, labels: np.ndarray, *, seed: int, latent_scale: float = LATENT_SCALE,
+               batch_size: int = 512) -> np.ndarray:
+        """Images (n, 1, S, S) float32 in [-1, 1] for class labels (n,); latents N(0, latent_scale²·I) from ``seed``."""
         gen = torch.Generator().manual_seed(seed)
         self.generator.eval()
         out = []
         for i in range(0, labels.shape[0], batch_size):
             y = torch.from_numpy(np.asarray(labels[i : i + batch_size], dtype=np.int64))
-            z = torch.randn(y.shape[0], self.cfg.latent_dim, generator=gen)
+            z = sample_latents(y.shape[0], self.cfg.latent_dim, gen, latent_scale)  # (b, latent)
             out.append(self.generator(z, y if self.cfg.conditional else None))
         return torch.cat(out).numpy() if out else np.zeros((0, 1, self.cfg.image_size, self.cfg.image_size), np.float32)
 

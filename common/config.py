@@ -71,6 +71,7 @@ def parse_class_names(text: str) -> tuple[str, ...]:
 
 
 UPSAMPLE_KINDS = ("resize", "transposed")  # model.upsample: see common/models.py
+LATENT_SCALE = 0.7  # sampling spread of the latents, z ~ N(0, 0.7² I): see common/models.py
 
 
 @dataclass(frozen=True)

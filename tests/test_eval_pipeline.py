@@ -70,7 +70,7 @@ class FixedSource:
         self.class_names = ("class0", "class1")
         self.provenance = Provenance("0" * 64, "none", 0, None, {}, self.class_names, {})
 
-    def sample(self, labels: np.ndarray, *, seed: int) -> np.ndarray:
+    def sample(self, labels: np.ndarray, *, seed: int, latent_scale: float = 1.0) -> np.ndarray:  # scale: unused
         rng = np.random.default_rng(seed)
         if self.pool is None:
             return rng.uniform(-1, 1, (labels.size, 1, 32, 32)).astype(np.float32)

@@ -120,3 +120,33 @@ def test_npz_export_of_one_class_and_refusals(trained: tuple[Path, Path], tmp_pa
     with np.load(tmp_path / "a" / "synthetic.npz") as npz:
         assert npz["images"].shape == (5, 32, 32) and npz["images"].dtype == np.uint8
         assert npz["labels"].tolist() == [1] * 5 and npz["class_names"].tolist() == ["normal", "lesion"]
+
+
+def test_latent_scale_draws_the_same_latents_narrowed(trained: tuple[Path, Path], tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    # prepare: the generator by hand, fed the seed's N(0, I) latents scaled by 1 and by the default
+    import torch
+
+    from common.checkpoint_model import load_generator
+    from common.config import LATENT_SCALE
+
+    run, _ = trained
+    loaded = load_generator(run)
+    z = torch.randn(6, loaded.cfg.latent_dim, generator=torch.Generator().manual_seed(5))  # (6, latent)
+    labels = torch.arange(6) % 2
+    with torch.no_grad():
+        by_hand = {s: loaded.generator(s * z, labels).numpy() for s in (1.0, LATENT_SCALE)}
+    # act
+    drawn = {s: loaded.sample(labels.numpy(), seed=5, latent_scale=s) for s in (1.0, LATENT_SCALE)}
+    default = loaded.sample(labels.numpy(), seed=5)
+    args = ["sample", "--checkpoint", str(run), "--n", "2", "--latent-scale"]
+    code = main([*args, "1", "--out", str(tmp_path / "a")])
+    refused = main([*args, "0", "--out", str(tmp_path / "b")])
+    # assert
+    assert LATENT_SCALE == 0.7
+    for s in (1.0, LATENT_SCALE):
+        np.testing.assert_allclose(drawn[s], by_hand[s], atol=1e-6)
+    np.testing.assert_array_equal(default, drawn[LATENT_SCALE])
+    assert not np.allclose(drawn[1.0], drawn[LATENT_SCALE], atol=1e-3)  # the scale changes the images
+    assert code == 0 and json.loads((tmp_path / "a" / SIDECAR).read_text())["sampling"]["latent_scale"] == 1.0
+    assert refused == 2 and "--latent-scale must be in (0, 1]" in capsys.readouterr().err

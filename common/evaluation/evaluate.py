@@ -32,7 +32,7 @@ import numpy as np
 
 from common.atomic import write_bytes_atomic, write_json_atomic
 from common.checkpoint_model import load_generator
-from common.config import ModelConfig
+from common.config import LATENT_SCALE, ModelConfig
 from common.errors import UserError
 from common.evaluation.features import FeatureExtractor, default_cache_dir, load_or_train_extractor
 from common.evaluation.metrics import Memorization, frechet_distance, kernel_distance, memorization, precision_recall
@@ -68,7 +68,7 @@ class ImageSource(Protocol):
     def class_names(self) -> tuple[str, ...]: ...
     @property
     def provenance(self) -> Provenance: ...
-    def sample(self, labels: np.ndarray, *, seed: int) -> np.ndarray: ...
+    def sample(self, labels: np.ndarray, *, seed: int, latent_scale: float = ...) -> np.ndarray: ...
 
 
 @dataclass(frozen=True)
@@ -83,6 +83,7 @@ class EvaluateOptions:
     max_synthetic: int = 20000
     class_balance: Literal["real", "uniform"] = "real"
     seed: int = 0
+    latent_scale: float = LATENT_SCALE  # sampling spread of the latents (common.models)
     aggregate_only: bool = False
     memorization_ratio: float = 0.5
     cache_dir: Path | None = None
@@ -92,6 +93,8 @@ class EvaluateOptions:
             raise EvaluationError("--n must be at least 10 synthetic images")
         if self.class_balance not in ("real", "uniform"):
             raise EvaluationError(f"class balance must be 'real' or 'uniform', got {self.class_balance!r}")
+        if not 0 < self.latent_scale <= 1:
+            raise EvaluationError(f"--latent-scale must be in (0, 1], got {self.latent_scale}")
 
 
 def run_folder(checkpoint: Path) -> Path:
@@ -199,11 +202,11 @@ def evaluate(
     num_classes = len(reference.class_names)
     shares = reference.class_shares() if opts.class_balance == "real" else np.full(num_classes, 1.0 / num_classes)
     labels = balanced_labels(n, shares, seed=opts.seed)
-    fake = generator.sample(labels, seed=opts.seed)
+    fake = generator.sample(labels, seed=opts.seed, latent_scale=opts.latent_scale)
     real_cap = reference.train.images[:FIDELITY_MAX]
     fidelity_fake = fake[: real_cap.shape[0]]  # FD/KID/PRDC: as many synthetic as real images
     result: dict[str, Any] = {"fd_kind": FD_KIND, "n_synthetic": n, "n_test": len(reference.test),
-                              "class_balance": opts.class_balance,
+                              "class_balance": opts.class_balance, "latent_scale": opts.latent_scale,
                               **_fidelity(extractor, fidelity_fake, real_cap, opts.seed)}
     say(f"domain FD {result['fd']:.3f}, KID {result['kid']:.4f}, precision {result['precision']:.3f}, "
         f"recall {result['recall']:.3f}")

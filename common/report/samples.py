@@ -14,16 +14,17 @@ import torch
 from PIL import Image
 
 from common.config import ModelConfig
-from common.models import Generator
+from common.models import Generator, sample_latents
 
 
 @torch.no_grad()
 def generate(
     netG: Generator, cfg: ModelConfig, labels: torch.Tensor, *, seed: int | None = None
 ) -> np.ndarray:
-    """Images (n, S, S) float32 in [-1, 1] for the given class labels (n,), G in eval mode."""
+    """Images (n, S, S) float32 in [-1, 1] for the given class labels (n,), G in eval mode,
+    latents at the sampling spread (:data:`common.models.LATENT_SCALE`)."""
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
-    z = torch.randn(labels.shape[0], cfg.latent_dim, generator=gen)
+    z = sample_latents(labels.shape[0], cfg.latent_dim, gen)  # (n, latent)
     was_training = netG.training
     netG.eval()
     try:
