@@ -42,10 +42,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from common.config import RUN_KEYS, RunConfig, run_config
 from common.flower import RunConfigValue
 from simulation.presets import load_preset
-from simulation.runner import SimulateOptions, simulate
+from simulation.runner import SimulateOptions, load_source, simulate
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "medmnist" / "pneumoniamnist.npz"
 BASELINE = "published ResNet-18 on real PneumoniaMNIST (MedMNIST v2): AUC 0.944, ACC 0.854"
@@ -160,6 +162,19 @@ def format_table(rows: Sequence[tuple[str, dict[str, Any]]]) -> str:
     return "\n".join(lines)
 
 
+def sample_rate_for(data: Path, sites: int, max_images: int | None, expected_batch: int) -> float:
+    """q = min(1, B / mean patients per site) of the benchmark's split, rounded to 4 digits.
+
+    The benchmark's own data are public, so their size may set q here. A deployment must not use a
+    hospital's exact count (σ and ε would then depend on it); it uses public approximate sizes.
+    """
+    if expected_batch < 1:
+        raise SystemExit("error: --expected-batch must be at least 1")
+    source = load_source(SimulateOptions(out=Path("unused"), sites=sites, dataset=data, max_images=max_images))
+    patients = source.labels.size if source.patient_ids is None else np.unique(source.patient_ids).size
+    return round(min(1.0, expected_batch * sites / patients), 4)
+
+
 def _flag(text: str) -> bool:
     if text.lower() in ("1", "true", "yes", "on"):
         return True
@@ -189,11 +204,19 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, BenchSet
         p.add_argument(f"--{dest.replace('_', '-')}", type=kind, default=None,
                        help=f"{key} (default: {resolved[key]}, the {'preset' if key in preset else 'app'}'s)")
     shape = BenchSettings(overrides=())
+    p.add_argument("--expected-batch", type=int, default=None, metavar="B",
+                   help="set dp.sample-rate from the data's size: q = min(1, B / the mean patients per site of the "
+                        "split), the rule behind the preset's q (128 / 1177 on PneumoniaMNIST); a simulation knows "
+                        "its split, a consortium uses its hospitals' public approximate sizes")
     for dest, kind in (("nodp_d_steps_per_g", int), ("sites", int), ("partition", str), ("max_images", int)):
         p.add_argument(f"--{dest.replace('_', '-')}", type=kind, default=getattr(shape, dest),
                        help=f"default: {getattr(shape, dest)}")
     args = p.parse_args(argv)
     flags = {key: getattr(args, dest) for dest, key in FLAGS.items() if getattr(args, dest) is not None}
+    if args.expected_batch is not None:
+        if "dp.sample-rate" in flags:
+            p.error("give --sample-rate or --expected-batch, not both")
+        flags["dp.sample-rate"] = sample_rate_for(args.data, args.sites, args.max_images, args.expected_batch)
     return args, BenchSettings(overrides=tuple({**preset, **flags}.items()), sites=args.sites,
                                partition=args.partition, nodp_d_steps_per_g=args.nodp_d_steps_per_g,
                                max_images=args.max_images)

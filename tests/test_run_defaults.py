@@ -14,6 +14,7 @@ from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from flwr.app import Context, RecordDict
 
@@ -198,3 +199,19 @@ def test_an_unknown_node_config_key_is_refused(tmp_path: Path) -> None:
         SiteConfig.from_flower(_node_config(tmp_path, **{"ledger-dir": "x"}), run_config())
     assert {k for k in NODE_CONFIG_KEYS if k.endswith(("-path", "-dir"))} == {
         "data-dir", "state-dir", "cache-dir", "ledger-path", "audit-path", "signing-key-path", "roster-path"}
+
+
+def test_bench_expected_batch_sets_q_from_the_splits_size(tmp_path: Path) -> None:
+    # prepare: a MedMNIST-shaped file with 200 training images (one patient each)
+    data = tmp_path / "tiny.npz"
+    split = {f"{part}_images": np.zeros((n, 28, 28), np.uint8) for part, n in (("train", 200), ("val", 4), ("test", 4))}
+    labels = {f"{part}_labels": np.zeros((n, 1), np.uint8) for part, n in (("train", 200), ("val", 4), ("test", 4))}
+    np.savez(data, **split, **labels)  # type: ignore[arg-type]
+    # act
+    _, four = parse_args(["--data", str(data), "--expected-batch", "10"])
+    _, capped = parse_args(["--data", str(data), "--expected-batch", "100", "--sites", "3"])
+    # assert: q = B / (200 / sites), at most 1; the preset's other keys kept
+    assert four.run.privacy.sample_rate == 0.2 and capped.run.privacy.sample_rate == 1.0
+    assert four.run.train.batch_size == load_preset("pneumoniamnist")["train.batch-size"]
+    with pytest.raises(SystemExit):
+        parse_args(["--data", str(data), "--expected-batch", "10", "--sample-rate", "0.5"])
