@@ -82,6 +82,26 @@ def test_calibration_impossible_when_budget_already_spent() -> None:
         calibrate_noise_multiplier(history, sample_rate=0.2, planned_steps=10, delta=1e-5, budget=1.0)
 
 
+def test_a_run_that_ended_at_its_budget_is_refused_the_next_round_not_crashed() -> None:
+    # prepare: a release, then a run calibrated to end inside the band just below ε = 10
+    release = Charge(0.6, 1.0, 1)
+    sigma = calibrate_noise_multiplier([release], sample_rate=0.3, planned_steps=2, delta=1e-5, budget=10.0)
+    history = [release, Charge(sigma, 0.3, 2)]
+    spent = epsilon_of(history, 1e-5)
+    # act: one round more, at another q (before: 100 accountant calls, then ArithmeticError)
+    try:
+        outcome: float | PrivacyBudgetExceeded = calibrate_noise_multiplier(
+            history, sample_rate=0.5, planned_steps=2, delta=1e-5, budget=10.0)
+    except PrivacyBudgetExceeded as exc:
+        outcome = exc
+    # assert: refused as spent, or only the largest σ, whose ε still fits
+    assert 9.99 < spent <= 10.0
+    if isinstance(outcome, PrivacyBudgetExceeded):
+        assert outcome.spent == pytest.approx(spent) and outcome.would_be > 10.0
+    else:
+        assert outcome == 500.0 and epsilon_of([*history, Charge(outcome, 0.5, 2)], 1e-5) <= 10.0
+
+
 @pytest.mark.parametrize("accountant", ["prv", "rdp"])
 def test_a_ledger_with_a_round_at_a_huge_sigma_is_accounted_without_opacus_warnings(accountant: str) -> None:
     # prepare: what the hospitals held after training on noise (σ = 192), and a release at σ = 12

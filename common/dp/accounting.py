@@ -195,6 +195,16 @@ def calibrate_noise_multiplier(
     def eps_at(sigma: float, name: str) -> float:
         return epsilon_of([*history, Charge(sigma, sample_rate, planned_steps)], delta, name)
 
+    if history:
+        spent = epsilon_of(history, delta, accountant)
+        if budget - spent < tolerance:
+            # less than the tolerance is left: there is no band to aim into, and the solver's steps
+            # would drown in the accountant's own error. The largest σ fits (and the hospital's
+            # max-noise-multiplier then refuses it), or nothing does.
+            at_max = eps_at(sigma_max, accountant)
+            if at_max > budget:
+                raise PrivacyBudgetExceeded(spent, at_max, budget)
+            return sigma_max
     start, slope = 1.0, -1.0
     if sample_rate == 1.0:
         # the plain Gaussian mechanism (a warm-start release): start from the classical bound
