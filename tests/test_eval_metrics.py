@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from common.evaluation.metrics import frechet_distance, kernel_distance, memorization, precision_recall
 from common.evaluation.tstr import auc, balanced_labels, binary_auc
@@ -144,3 +145,27 @@ def test_balanced_labels_follow_the_shares_exactly() -> None:
     # assert: 2.5/7.5 → largest remainder gives 3/7 (ties → lower class first)
     assert np.bincount(labels).tolist() == [3, 7]
     assert np.bincount(balanced_labels(4708, np.array([1214, 3494]) / 4708)).tolist() == [1214, 3494]
+
+
+def test_the_classifier_is_scored_every_check_and_the_best_point_kept() -> None:
+    # prepare: 10 images in batches of 2 (5 steps an epoch), 2 epochs; a score that peaks at the 3rd check
+    from common.evaluation.classifier import ClassifierConfig, train_classifier
+
+    rng = np.random.default_rng(0)
+    images = rng.uniform(-1, 1, (10, 1, 8, 8)).astype(np.float32)
+    labels = np.arange(10) % 2
+    calls: list[dict[str, torch.Tensor]] = []
+
+    def score(model: torch.nn.Module) -> float:
+        calls.append({k: v.clone() for k, v in model.state_dict().items()})
+        return [0.1, 0.2, 0.9, 0.3, 0.4, 0.5][len(calls) - 1]
+
+    cfg = ClassifierConfig(width=4, epochs=2, batch_size=2, check_every=2, seed=1)
+    # act
+    kept = train_classifier(images, labels, 2, cfg, select=score)
+    # assert: steps 2, 4, then the epoch's end (5); 7, 9, then 10: six checks, the third kept
+    assert len(calls) == 6
+    for key, value in kept.state_dict().items():
+        torch.testing.assert_close(value, calls[2][key])
+    with pytest.raises(ValueError, match="check_every"):
+        ClassifierConfig(check_every=-1)

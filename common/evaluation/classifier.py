@@ -33,7 +33,10 @@ class ClassifierConfig:
     """Width of the first conv block (doubled twice), epochs, batch, Adam learning rate, seed.
 
     ``shift`` is the largest random translation in pixels used as augmentation (0: none): it
-    makes the classifier judge content rather than exact pixel positions.
+    makes the classifier judge content rather than exact pixel positions. ``check_every``: with a
+    ``select`` score, the model is scored every that many steps (0: at each epoch's end only) and
+    the best-scoring point is kept, so the training length is picked on the validation split
+    whatever the training set's size.
     """
 
     width: int = 32
@@ -43,12 +46,13 @@ class ClassifierConfig:
     weight_decay: float = 1e-4
     shift: int = 2
     seed: int = 0
+    check_every: int = 0
 
     def __post_init__(self) -> None:
         if self.width < 1 or self.epochs < 1 or self.batch_size < 1:
             raise ValueError("classifier width, epochs and batch_size must be >= 1")
-        if not self.lr > 0 or self.weight_decay < 0 or self.shift < 0:
-            raise ValueError("classifier lr must be > 0, weight_decay and shift >= 0")
+        if not self.lr > 0 or self.weight_decay < 0 or self.shift < 0 or self.check_every < 0:
+            raise ValueError("classifier lr must be > 0, weight_decay, shift and check_every >= 0")
 
 
 class SmallCNN(nn.Module):
@@ -96,8 +100,9 @@ def train_classifier(
 ) -> SmallCNN:
     """Train a :class:`SmallCNN` on float32 images (N, 1, S, S) in [-1, 1] and int labels (N,).
 
-    ``select`` scores the model (in eval mode) after every epoch, e.g. its AUC on a validation
-    split; the epoch with the highest score is returned (early stopping). Without it, the last.
+    ``select`` scores the model (in eval mode) after every epoch and every ``cfg.check_every``
+    steps, e.g. its AUC on a validation split; the best-scoring point is returned (early stopping).
+    Without it, the last.
     Returns the model in eval mode. Deterministic for a given (data, cfg) on one machine.
     """
     if images.ndim != 4 or images.shape[1] != 1 or labels.shape != (images.shape[0],):
@@ -117,6 +122,18 @@ def train_classifier(
     n = x_all.shape[0]
     batches = (n + cfg.batch_size - 1) // cfg.batch_size
     best: tuple[float, dict[str, torch.Tensor]] | None = None
+
+    def check() -> None:
+        nonlocal best
+        if select is None:
+            return
+        model.eval()
+        score = select(model)
+        model.train()
+        if best is None or score > best[0]:
+            best = (score, copy.deepcopy(model.state_dict()))
+
+    step = 0
     with tqdm(total=cfg.epochs * batches, desc=desc, unit="batch", leave=False) as bar:
         for _ in range(cfg.epochs):
             model.train()
@@ -131,11 +148,10 @@ def train_classifier(
                 loss.backward()
                 opt.step()
                 bar.update(1)
-            if select is not None:
-                model.eval()
-                score = select(model)
-                if best is None or score > best[0]:
-                    best = (score, copy.deepcopy(model.state_dict()))
+                step += 1
+                if cfg.check_every and step % cfg.check_every == 0 and b < batches - 1:
+                    check()
+            check()  # at each epoch's end
     if best is not None:
         model.load_state_dict(best[1])
     model.eval()

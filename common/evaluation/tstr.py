@@ -19,7 +19,7 @@ import numpy as np
 
 from common.evaluation.classifier import ClassifierConfig, SmallCNN, predict_proba, train_classifier
 
-TSTR_CONFIG = ClassifierConfig(width=16, epochs=10, batch_size=128, lr=1e-3, shift=2, seed=7)
+TSTR_CONFIG = ClassifierConfig(width=16, epochs=10, batch_size=128, lr=1e-3, shift=2, seed=7, check_every=20)
 
 
 @dataclass(frozen=True)
