@@ -195,16 +195,15 @@ def calibrate_noise_multiplier(
     def eps_at(sigma: float, name: str) -> float:
         return epsilon_of([*history, Charge(sigma, sample_rate, planned_steps)], delta, name)
 
-    if history:
-        spent = epsilon_of(history, delta, accountant)
-        if budget - spent < tolerance:
-            # less than the tolerance is left: there is no band to aim into, and the solver's steps
-            # would drown in the accountant's own error. The largest σ fits (and the hospital's
-            # max-noise-multiplier then refuses it), or nothing does.
-            at_max = eps_at(sigma_max, accountant)
-            if at_max > budget:
-                raise PrivacyBudgetExceeded(spent, at_max, budget)
-            return sigma_max
+    spent = epsilon_of(history, delta, accountant) if history else 0.0
+    if history and budget - spent < tolerance:
+        # less than the tolerance is left: there is no band to aim into, and the solver's steps
+        # would drown in the accountant's own error. The largest σ fits (and the hospital's
+        # max-noise-multiplier then refuses it), or nothing does.
+        at_max = eps_at(sigma_max, accountant)
+        if at_max > budget:
+            raise PrivacyBudgetExceeded(spent, at_max, budget)
+        return sigma_max
     start, slope = 1.0, -1.0
     if sample_rate == 1.0:
         # the plain Gaussian mechanism (a warm-start release): start from the classical bound
@@ -216,15 +215,10 @@ def calibrate_noise_multiplier(
         top = min(sigma_max, 32.0)
         try:
             start, slope = _solve_sigma(lambda s: eps_at(s, "rdp"), budget, 1.0, -1.0, top, 0.05 * budget, None)
-        except PrivacyBudgetExceeded:  # RDP is the looser bound: PRV may still fit, unless already spent
-            spent = epsilon_of(history, delta, accountant)
-            if spent >= budget:
-                # any round adds to what is spent: ε would be at least ``spent`` at every σ
-                raise PrivacyBudgetExceeded(spent, spent, budget) from None
+        except PrivacyBudgetExceeded:  # RDP is the looser bound: PRV may still fit (what is spent was checked above)
             start = top
     sigma, _ = _solve_sigma(
-        lambda s: eps_at(s, accountant), budget, start, slope, sigma_max, tolerance,
-        history_eps=lambda: epsilon_of(history, delta, accountant),
+        lambda s: eps_at(s, accountant), budget, start, slope, sigma_max, tolerance, history_eps=lambda: spent,
     )
     return sigma
 
