@@ -27,6 +27,7 @@ from client.policy import ModelRefused, RunRefused
 from client.prepare.labels import LabelError
 from client.prepare.pipeline import PrepareError
 from client.release import ReleaseRecordCorrupt
+from common.audit_record import AuditRecordError
 from common.certs import CertificateError
 from common.checkpoint_model import CheckpointUnusable
 from common.config import ConfigError
@@ -91,6 +92,7 @@ NEVER_ANSWERED = {
     ExportError: "the sample command only",
     ExtractorCacheCorrupt: "evaluate commands only",
     ReferenceDataError: "evaluate commands only",
+    AuditRecordError: "audit.json: the audit command and the server's report read it, a hospital never",
 }
 
 # what the command line answered with one line and exit 2 before UserError existed
