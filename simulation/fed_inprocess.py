@@ -85,10 +85,12 @@ class AuditHooks(Protocol):
     broken control, no noise) while the round records keep the ε of the calibrated σ, as a
     ledger would. ``canary`` gives site i's hook for one round (``train_local_round``'s
     ``audit_canary``); ``on_global`` sees the global model the server holds, before round 1
-    (``rnd`` 0) and after every round.
+    (``rnd`` 0) and after every round. ``coins`` shifts every round's seed (patient samples,
+    latents, noise): a shadow run with other coins is independent of the audited run's.
     """
 
     noise_scale: float
+    coins: int
 
     def canary(self, site: int, rnd: int) -> Callable[[list[torch.Tensor]], None] | None: ...
 
@@ -142,6 +144,7 @@ def train_federated(sites: Sequence[LocalDataset], plan: FedPlan, out: Path,
     if anchor is not None:
         arrays = model_arrays(netG, netD)
     trained = sigmas if audit is None else [None if s is None else s * audit.noise_scale for s in sigmas]
+    coins = 0 if audit is None else audit.coins * 7_777_777  # shifts every round seed
     if audit is not None:
         audit.on_global(0, arrays)
     history: list[RoundRecord] = []
@@ -154,7 +157,8 @@ def train_federated(sites: Sequence[LocalDataset], plan: FedPlan, out: Path,
             res = train_local_round(netG, netD, site, model=plan.model, train=plan.train, sample_rate=rates[i],
                                     noise_multiplier=trained[i],
                                     max_grad_norm=plan.max_grad_norm, device=device,
-                                    seed=plan.seed * 1_000_003 + rnd * 101 + i, anchor=anchor,
+                                    seed=plan.seed * 1_000_003 + rnd * 101 + i + coins,
+                                    anchor=anchor,
                                     audit_canary=None if audit is None else audit.canary(i, rnd))
             # the hospitals' update vector and the server's FedAvg, as in a real round
             vectors.append(layout.pack(model_arrays(netG, netD), arrays, weight=PUBLIC_WEIGHT,

@@ -2,10 +2,11 @@
 
 One audited run = :func:`one_run_audit`: the in-process engine (``simulation.fed_inprocess``,
 the hospitals' local round, calibration and FedAvg) with :class:`GradientCanaries`, then the
-statistics of ``simulation.audit.one_run``. Further attacks (membership inference on the
-released generator, synthetic set and discriminator) plug in as :data:`Attack` callables that
-read the trained run folder and return findings; :func:`audit_runs` calls each of them after
-each run, and ``audit.json`` (``common.audit_record``) holds every finding.
+statistics of ``simulation.audit.one_run``. Per seed: the canaries' placement and one shadow
+run (no canary in, other coins) are shared by every audited run. Further attacks (membership
+inference on the released generator, synthetic set and discriminator) plug in as
+:data:`Attack` callables that read the trained run and return findings; :func:`audit` calls
+each of them after each run, and ``audit.json`` (``common.audit_record``) holds every finding.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from common.dataset import LocalDataset
 from common.evaluation.reference import to_model_range, unit_per_image
 from common.flower import RunConfigValue
 from common.models import build_models
-from simulation.audit.canaries import GradientCanaries, gradient_probe, place_canaries
+from simulation.audit.canaries import Canaries, GradientCanaries, gradient_probe, place_canaries
 from simulation.audit.one_run import audit_scores, ceiling
 from simulation.fed_inprocess import FedPlan, train_federated
 from simulation.partition import split_by_patient
@@ -60,24 +61,40 @@ class TrainedRun:
 Attack = Callable[[TrainedRun], Sequence[AuditFinding]]  # e.g. a membership-inference attack
 
 
-def one_run_audit(sites: Sequence[LocalDataset], plan: FedPlan, run: AuditedRun, out: Path, *,
-                  canaries: int = DEFAULT_CANARIES, confidence: float = CONFIDENCE,
-                  say: Callable[[str], None] = print) -> tuple[AuditFinding, TrainedRun]:
-    """Train ``plan`` over ``sites`` with ``canaries`` gradient canaries and audit the result."""
+def placement(sites: Sequence[LocalDataset], plan: FedPlan, canaries: int) -> Canaries:
+    """The m quietest coordinates of the initial D (``gradient_probe``), their owners and inclusion bits."""
     netG, netD = build_models(plan.model, seed=plan.seed)  # the initial model train_federated builds
+    canaries = min(canaries, sum(p.numel() for p in netD.parameters()))
     loudness = gradient_probe(netG, netD, list(sites), model=plan.model, train=plan.train,
                               sample_rate=plan.sample_rate, max_grad_norm=plan.max_grad_norm, seed=plan.seed)
-    placed = place_canaries(netD, canaries, len(sites), seed=plan.seed * 7919 + 17, loudness=loudness)
+    return place_canaries(netD, canaries, len(sites), seed=plan.seed * 7919 + 17, loudness=loudness)
+
+
+def shadow_run(sites: Sequence[LocalDataset], plan: FedPlan, placed: Canaries, out: Path,
+               say: Callable[[str], None] = print) -> np.ndarray:
+    """U_shadow (m,): the canaries' coordinates' total update in a run with no canary in, other coins,
+    and the broken control's noise (σ × 10⁻³), a reference of the patients' own drift."""
+    none_in = replace(placed, included=np.zeros_like(placed.included))
+    hooks = GradientCanaries(none_in, sample_rate=plan.sample_rate, norm=plan.max_grad_norm, seed=0,
+                             noise_scale=BROKEN_NOISE_SCALE, coins=1)
+    train_federated(sites, plan, out, say=say, audit=hooks)
+    return hooks.total_update()
+
+
+def one_run_audit(sites: Sequence[LocalDataset], plan: FedPlan, run: AuditedRun, out: Path, placed: Canaries, *,
+                  shadow: np.ndarray | None, confidence: float = CONFIDENCE,
+                  say: Callable[[str], None] = print) -> tuple[AuditFinding, TrainedRun]:
+    """Train ``plan`` over ``sites`` with the canaries ``placed`` and audit the result against ``shadow``."""
     hooks = GradientCanaries(placed, sample_rate=plan.sample_rate, norm=plan.max_grad_norm,
                              seed=plan.seed * 7919 + 18, noise_scale=run.noise_scale)
     t0 = time.monotonic()
     state = train_federated(sites, plan, out, say=say, audit=hooks)
     claimed = None if plan.epsilon is None else max(p.epsilon for p in state.rounds[-1].privacy.values())
-    result = audit_scores(hooks.scores(), placed.included, delta=plan.delta, beta=1.0 - confidence)
+    result = audit_scores(hooks.scores(shadow), placed.included, delta=plan.delta, beta=1.0 - confidence)
     detail = (f"{run.kind}; {result.describe()}; q = {plan.sample_rate}, C = {plan.max_grad_norm}, "
               f"{plan.rounds} rounds × {plan.train.local_steps} steps; "
-              f"ceiling {ceiling(result.guesses, 1 - confidence):.2f} "
-              f"at δ = 0; {time.monotonic() - t0:.0f} s")
+              f"ceiling {ceiling(result.guesses, 1 - confidence):.2f} at δ = 0; "
+              f"score {'|U − U_shadow|' if shadow is not None else '−U'}; {time.monotonic() - t0:.0f} s")
     finding = AuditFinding(attack="one-run", target="DP-SGD updates (global model per round)", run=run.label,
                            claimed_epsilon=claimed, epsilon_lower_bound=result.epsilon_lower_bound,
                            confidence=confidence, auc=None, tpr_at_1pct_fpr=None, tpr_at_01pct_fpr=None,
@@ -87,24 +104,6 @@ def one_run_audit(sites: Sequence[LocalDataset], plan: FedPlan, run: AuditedRun,
 
 def _prefixed(say: Callable[[str], None], name: str) -> Callable[[str], None]:
     return lambda line: say(f"[{name}] {line}")
-
-
-def audit_runs(sites: Sequence[LocalDataset], base: FedPlan, runs: Sequence[AuditedRun], out: Path, *,
-               canaries: int = DEFAULT_CANARIES, confidence: float = CONFIDENCE,
-               attacks: Sequence[Attack] = (), say: Callable[[str], None] = print) -> list[AuditFinding]:
-    """Every run of ``runs`` on ``sites``: the one-run audit, then each of ``attacks`` on the trained run."""
-    findings: list[AuditFinding] = []
-    for i, run in enumerate(runs):
-        plan = replace(base, epsilon=run.epsilon)
-        folder = out / f"run-{i}"
-        finding, trained = one_run_audit(sites, plan, run, folder, canaries=canaries, confidence=confidence,
-                                         say=_prefixed(say, run.label))
-        findings.append(finding)
-        say(f"[{run.label}] one-run: claimed ε {finding.claimed_epsilon}, lower bound "
-            f"{finding.epsilon_lower_bound:.2f} ({finding.detail})")
-        for attack in attacks:
-            findings.extend(attack(trained))
-    return findings
 
 
 def audit_sites(dataset: Path | None, sites: int, partition: str, seed: int, image_size: int, *,
@@ -213,12 +212,15 @@ def audit(opts: AuditOptions, *, attacks: Sequence[Attack] = (), say: Callable[[
         sites = audit_sites(opts.dataset, opts.sites, opts.partition, seed, run.model.image_size,
                             max_images=opts.max_images, patients_per_site=opts.patients_per_site)
         base = FedPlan.from_run(replace(run, train=replace(run.train, device="cpu")), None)
-        canaries = min(opts.canaries, sum(p.numel() for p in build_models(run.model, seed=seed)[1].parameters()))
+        placed = placement(sites, base, opts.canaries)
+        shadow_claim = opts.broken or min(opts.epsilons, default=1.0)
+        shadow = shadow_run(sites, replace(base, epsilon=shadow_claim), placed, opts.out / f"shadow-seed{seed}",
+                            say=_prefixed(say, f"shadow, seed {seed}"))
         for audited in opts.runs(seed):
             folder = opts.out / _slug(audited.label)
             shutil.rmtree(folder, ignore_errors=True)
             plan = replace(base, epsilon=audited.epsilon)
-            finding, trained = one_run_audit(sites, plan, audited, folder, canaries=canaries,
+            finding, trained = one_run_audit(sites, plan, audited, folder, placed, shadow=shadow,
                                              confidence=opts.confidence, say=_prefixed(say, audited.label))
             mine = [finding, *(f for attack in attacks for f in attack(trained))]
             write_audit(folder, AuditReport(tuple(mine)))
