@@ -247,10 +247,10 @@ def _audit_parser(sub: SubParsers) -> None:
 
 def cmd_audit(args: argparse.Namespace) -> int:
     """``medsynth audit``: the audit runs (``simulation.audit.run``), ``audit.json`` and a table."""
-    from simulation.audit.run import AuditOptions, audit, format_findings
+    from simulation.audit.run import AuditOptions, audit, default_attacks, format_findings
 
     opts = AuditOptions.from_args(args)
-    report = audit(opts)
+    report = audit(opts, attacks=default_attacks())
     print(format_findings(report.findings))
     print(f"audit: {opts.out / 'audit.json'}")
     return 0

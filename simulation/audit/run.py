@@ -31,7 +31,7 @@ from simulation.audit.one_run import audit_scores, ceiling
 from simulation.fed_inprocess import FedPlan, train_federated
 from simulation.partition import split_by_patient
 from simulation.presets import load_preset
-from simulation.runner import SimulateOptions, load_source
+from simulation.runner import SimulateOptions, check_out_dir, load_source
 
 DEFAULT_CANARIES = 2000
 CONFIDENCE = 0.95
@@ -59,6 +59,15 @@ class TrainedRun:
 
 
 Attack = Callable[[TrainedRun], Sequence[AuditFinding]]  # e.g. a membership-inference attack
+
+
+def default_attacks() -> tuple[Attack, ...]:
+    """The attacks ``medsynth audit`` runs on every trained run after the one-run audit.
+
+    None yet: membership inference on the released generator, synthetic set and discriminator
+    (issue 16, part 2) is added here, each attack a callable returning its findings.
+    """
+    return ()
 
 
 def placement(sites: Sequence[LocalDataset], plan: FedPlan, canaries: int) -> Canaries:
@@ -172,6 +181,7 @@ class AuditOptions:
             raise ConfigError(f"--canaries must be at least 10, got {self.canaries}")
         if self.dataset is not None and not self.dataset.is_file():
             raise ConfigError(f"--dataset {self.dataset} is not a file")
+        check_out_dir(self.out)
 
     def run_config(self, seed: int) -> RunConfig:
         """App defaults, the preset, then this audit's rounds, steps, warm start and seed."""
