@@ -205,17 +205,19 @@ def _audit_parser(sub: SubParsers) -> None:
             "no Flower, no secure aggregation) with gradient canaries: m coordinates of the discriminator, "
             "each an extra patient of one hospital, included with probability 1/2 and then Poisson-sampled "
             "at the run's rate q and added, with norm C, to the clipped gradient sum before the noise. From "
-            "the global model after each round (what the server sees) it guesses which canaries were in and "
+            "the global model after each round (what the server sees), against a shadow run with no canary in, it "
+            "guesses which canaries were in and "
             "turns the correct guesses into a LOWER BOUND on ε at the stated confidence (Steinke, Nasr, "
             "Jagielski, 'Privacy auditing with one (1) training run', NeurIPS 2023). The ledgers' ε is an "
             "upper bound; a correct implementation keeps every lower bound at or below it. A lower bound "
             "under the claim is evidence, not a proof: an attack that found little says nothing of a better "
             "one. Runs: every --epsilons budget, a non-private control (--no-control skips it) and a broken "
-            "control (the same training at --broken ε with the noise switched off while the claim stays: its "
+            "control (the same training at --broken ε with σ multiplied by 1e-3 while the claim stays: its "
             "bound must exceed the claim, or the audit could not fail), each once per --seeds seed. Writes "
             "OUT/audit.json and each run's folder OUT/<run>/ (checkpoints, report.html with an 'Empirical "
             "privacy' section); prints a table. Exit 0 when done (the verdict is in the table), 2 for a "
-            "setting to fix."
+            "setting to fix. The bound cannot exceed about 5.8 with 2000 canaries (every guess right), so only "
+            "claims below that can be contradicted (docs/privacy.md, 'Empirical audit')."
         ),
         formatter_class=DefaultsOnceHelpFormatter,
     )
