@@ -80,3 +80,12 @@ def test_no_noise_is_caught() -> None:
 def test_grid_correction_costs_confidence() -> None:
     # the same all-right guesses at level β / 8 give a smaller bound than at β
     assert epsilon_lower_bound(5000, 2000, 2000, 1e-5, 0.05 / 8) < epsilon_lower_bound(5000, 2000, 2000, 1e-5, 0.05)
+
+
+def test_the_documented_ceiling_of_2000_canaries() -> None:
+    # every canary guessed right (k = 1000 per side) at δ = 1e-5, β = 0.05 over the 8 k of the grid
+    rng = np.random.default_rng(0)
+    included = rng.permutation(np.arange(2000) < 1000)  # exactly 1000 in, so all 2000 guesses can be right
+    result = audit_scores(included + 1e-3 * rng.standard_normal(2000), included, delta=1e-5)
+    assert result.guesses == 2000 and result.correct == 2000
+    assert result.epsilon_lower_bound == pytest.approx(5.78, abs=0.01) == result.ceiling

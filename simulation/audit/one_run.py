@@ -90,6 +90,7 @@ class OneRunResult:
     guesses: int  # r = 2k
     correct: int  # v
     k: int
+    ceiling: float  # the bound had all r guesses been right (same δ, same grid-corrected level)
 
     def describe(self) -> str:
         """One line for a finding's ``detail``."""
@@ -125,7 +126,8 @@ def audit_scores(scores: np.ndarray, included: np.ndarray, *, delta: float, beta
         correct = int(included[ins].sum() + (~included[outs]).sum())
         eps = epsilon_lower_bound(m, 2 * k, correct, delta, level)
         if best is None or eps > best.epsilon_lower_bound:
-            best = OneRunResult(eps, 1.0 - beta, m, 2 * k, correct, k)
+            best = OneRunResult(eps, 1.0 - beta, m, 2 * k, correct, k,
+                                ceiling=epsilon_lower_bound(m, 2 * k, 2 * k, delta, level))
     if best is None:
         raise ValueError("no guess set")
     return best

@@ -27,7 +27,7 @@ from common.evaluation.reference import to_model_range, unit_per_image
 from common.flower import RunConfigValue
 from common.models import build_models
 from simulation.audit.canaries import Canaries, GradientCanaries, gradient_probe, place_canaries
-from simulation.audit.one_run import audit_scores, ceiling
+from simulation.audit.one_run import audit_scores
 from simulation.fed_inprocess import FedPlan, train_federated
 from simulation.partition import split_by_patient
 from simulation.presets import load_preset
@@ -102,7 +102,7 @@ def one_run_audit(sites: Sequence[LocalDataset], plan: FedPlan, run: AuditedRun,
     result = audit_scores(hooks.scores(shadow), placed.included, delta=plan.delta, beta=1.0 - confidence)
     detail = (f"{run.kind}; {result.describe()}; q = {plan.sample_rate}, C = {plan.max_grad_norm}, "
               f"{plan.rounds} rounds × {plan.train.local_steps} steps; "
-              f"ceiling {ceiling(result.guesses, 1 - confidence):.2f} at δ = 0; "
+              f"all {result.guesses} right would give {result.ceiling:.2f}; "
               f"score {'|U − U_shadow|' if shadow is not None else '−U'}; {time.monotonic() - t0:.0f} s")
     finding = AuditFinding(attack="one-run", target="DP-SGD updates (global model per round)", run=run.label,
                            claimed_epsilon=claimed, epsilon_lower_bound=result.epsilon_lower_bound,
