@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 DEMO_OUT ?= medsynth-output/demo
 
-.PHONY: install demo test test-quick lint bench bench-secagg bench-prepare bench-quality clean
+.PHONY: install demo test test-quick lint bench bench-secagg bench-prepare bench-quality bench-audit clean
 
 install: $(STAMP)
 
@@ -45,6 +45,10 @@ bench-prepare: install
 # needs ../shared/data/medmnist/pneumoniamnist.npz; about an hour on 2 CPU cores
 bench-quality: install
 	$(BIN)/python -m simulation.bench_quality
+
+# the one-run privacy audit (medsynth audit): phantoms and PneumoniaMNIST, 3 seeds; under an hour on 2 cores
+bench-audit: install
+	$(BIN)/python -m simulation.bench_audit
 
 clean:
 	rm -rf medsynth-output .pytest_cache .mypy_cache .ruff_cache

@@ -4,7 +4,7 @@
     medsynth server …                   the consortium's aggregation server      (server/cli.py)
     medsynth certs …                    keys and certificates: node, fingerprint (client/cli.py);
                                         ca, server, roster                       (server/cli.py)
-    medsynth simulate|evaluate|sample   research commands                        (simulation/cli.py)
+    medsynth simulate|evaluate|sample|audit  research commands                   (simulation/cli.py)
 
 A side's command module is imported only when one of its commands is asked for (every installed
 one for ``medsynth --help``), and only if its package is installed: a hospital image holding
@@ -49,7 +49,7 @@ class Side:
 SIDES: tuple[Side, ...] = (
     Side("client.cli", ("node",), certs=True),
     Side("server.cli", ("server",), certs=True),
-    Side("simulation.cli", ("simulate", "evaluate", "sample"), certs=False),
+    Side("simulation.cli", ("simulate", "evaluate", "sample", "audit"), certs=False),
 )
 
 

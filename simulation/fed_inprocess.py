@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -47,7 +48,7 @@ from common.round_record import (
     SitePrivacyReport,
     write_server_state,
 )
-from common.weights import PUBLIC_WEIGHT, UpdateLayout, fedavg, load_model_arrays, model_arrays, sum_vectors
+from common.weights import PUBLIC_WEIGHT, Arrays, UpdateLayout, fedavg, load_model_arrays, model_arrays, sum_vectors
 from simulation.partition import split_by_patient
 from simulation.runner import SimulateOptions, load_source
 
@@ -77,6 +78,25 @@ class FedPlan:
                        warm_start=run.warm_start, init_from=Path(init) if init else None)
 
 
+class AuditHooks(Protocol):
+    """What an empirical audit (``simulation.audit.canaries``) plugs into :func:`train_federated`.
+
+    ``noise_scale`` multiplies every site's calibrated σ in training (1: as calibrated; 0: the
+    broken control, no noise) while the round records keep the ε of the calibrated σ, as a
+    ledger would. ``canary`` gives site i's hook for one round (``train_local_round``'s
+    ``audit_canary``); ``on_global`` sees the global model the server holds, before round 1
+    (``rnd`` 0) and after every round. ``coins`` shifts every round's seed (patient samples,
+    latents, noise): a shadow run with other coins is independent of the audited run's.
+    """
+
+    noise_scale: float
+    coins: int
+
+    def canary(self, site: int, rnd: int) -> Callable[[list[torch.Tensor]], None] | None: ...
+
+    def on_global(self, rnd: int, arrays: Arrays) -> None: ...
+
+
 def medmnist_sites(npz: Path, sites: int, partition: str, seed: int, image_size: int,
                    max_images: int | None = None) -> list[LocalDataset]:
     """The sites ``medsynth simulate`` would make of a MedMNIST file: same subsample, same split, same pixels.
@@ -95,8 +115,11 @@ def medmnist_sites(npz: Path, sites: int, partition: str, seed: int, image_size:
 
 
 def train_federated(sites: Sequence[LocalDataset], plan: FedPlan, out: Path,
-                    say: Callable[[str], None] = print) -> ServerState:
-    """Run ``plan.rounds`` rounds over ``sites``; writes checkpoints/, samples/, server_state.json."""
+                    say: Callable[[str], None] = print, audit: AuditHooks | None = None) -> ServerState:
+    """Run ``plan.rounds`` rounds over ``sites``; writes checkpoints/, samples/, server_state.json.
+
+    ``audit`` (simulation only): the empirical audit's canaries and observer (:class:`AuditHooks`).
+    """
     t0 = time.monotonic()
     netG, netD = build_models(plan.model, seed=plan.seed)
     initialisation = Initialisation.random(plan.seed)
@@ -120,6 +143,10 @@ def train_federated(sites: Sequence[LocalDataset], plan: FedPlan, out: Path,
             f"σ={'none (no DP)' if sigma is None else f'{sigma:.3f}'}")
     if anchor is not None:
         arrays = model_arrays(netG, netD)
+    trained = sigmas if audit is None else [None if s is None else s * audit.noise_scale for s in sigmas]
+    coins = 0 if audit is None else audit.coins * 7_777_777  # shifts every round seed
+    if audit is not None:
+        audit.on_global(0, arrays)
     history: list[RoundRecord] = []
     for rnd in range(1, plan.rounds + 1):
         t_round = time.monotonic()
@@ -128,9 +155,11 @@ def train_federated(sites: Sequence[LocalDataset], plan: FedPlan, out: Path,
         for i, site in enumerate(sites):
             load_model_arrays(netG, netD, arrays)
             res = train_local_round(netG, netD, site, model=plan.model, train=plan.train, sample_rate=rates[i],
-                                    noise_multiplier=sigmas[i],
+                                    noise_multiplier=trained[i],
                                     max_grad_norm=plan.max_grad_norm, device=device,
-                                    seed=plan.seed * 1_000_003 + rnd * 101 + i, anchor=anchor)
+                                    seed=plan.seed * 1_000_003 + rnd * 101 + i + coins,
+                                    anchor=anchor,
+                                    audit_canary=None if audit is None else audit.canary(i, rnd))
             # the hospitals' update vector and the server's FedAvg, as in a real round
             vectors.append(layout.pack(model_arrays(netG, netD), arrays, weight=PUBLIC_WEIGHT,
                                        metrics={"loss_d_fake": res.loss_d_fake, "loss_g": res.loss_g}))
@@ -145,6 +174,8 @@ def train_federated(sites: Sequence[LocalDataset], plan: FedPlan, out: Path,
                              privacy=privacy, metrics=RoundMetrics.from_means(means),
                              seconds=round(time.monotonic() - t_round, 2))
         history.append(record)
+        if audit is not None:
+            audit.on_global(rnd, arrays)
         save_checkpoint(out / "checkpoints", rnd, arrays, history, class_names=sites[0].class_names,
                         initialisation=initialisation)
         load_model_arrays(netG, netD, arrays)

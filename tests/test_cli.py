@@ -61,7 +61,8 @@ def _leaves(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()) -> list
     return [leaf for name, child in subs[0].choices.items() for leaf in _leaves(child, (*path, name))]
 
 
-@pytest.mark.parametrize("args", [[], ["node"], ["server"], ["simulate"], ["certs"], ["evaluate"], ["sample"]])
+@pytest.mark.parametrize("args", [[], ["node"], ["server"], ["simulate"], ["certs"], ["evaluate"], ["sample"],
+                                  ["audit"]])
 def test_help_pages_work(args: list[str]) -> None:
     # act
     done = _medsynth(*args, "--help")
@@ -76,9 +77,9 @@ def test_every_command_explains_itself_and_has_a_handler() -> None:
     leaves = _leaves(build_parser())
     # assert: today's commands all exist, each with a description and a handler
     words = {path for path, _ in leaves}
-    assert {("simulate",), ("evaluate",), ("sample",), ("node", "prepare"), ("node", "privacy"), ("node", "start"),
-            ("node", "status"), ("node", "audit"), ("node", "evaluate"), ("server", "start"), ("server", "status"),
-            ("server", "fab-hash"), ("certs", "ca"), ("certs", "server"), ("certs", "node"),
+    assert {("simulate",), ("evaluate",), ("sample",), ("audit",), ("node", "prepare"), ("node", "privacy"),
+            ("node", "start"), ("node", "status"), ("node", "audit"), ("node", "evaluate"), ("server", "start"),
+            ("server", "status"), ("server", "fab-hash"), ("certs", "ca"), ("certs", "server"), ("certs", "node"),
             ("certs", "roster"), ("certs", "fingerprint")} == words
     for path, leaf in leaves:
         assert leaf.description, f"medsynth {' '.join(path)} --help says nothing"
@@ -124,7 +125,7 @@ def test_every_help_page_says_each_default_once() -> None:
             assert said <= 1, f"medsynth {' '.join(path)}: {entry}"
             assert said == 1 or not meaningful, f"medsynth {' '.join(path)} hides its default: {entry}"
             checked += 1
-    assert len(pages) == 21 and checked > 60  # every page walked, not an empty loop
+    assert len(pages) == 22 and checked > 60  # every page walked, not an empty loop
 
 
 def test_the_dispatch_table_names_each_sides_commands() -> None:

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from common.audit_record import AuditFinding, AuditReport, write_audit
 from common.report.html import write_report
 from common.report.plots import DPI, bar_chart, image_table, line_chart, line_figure
 from common.report.samples import save_png
@@ -108,6 +109,25 @@ def test_report_includes_the_evaluation_when_given(tmp_path: Path) -> None:
     assert {"TSTR against TRTR", "Closest pairs"} <= set(_images(page))
     assert "<td>TSTR AUC</td><td>0.81</td>" in page and "<td>memorization rate</td><td>0</td>" in page
     assert "not Inception FID" in page
+
+
+def test_report_shows_the_empirical_privacy_section_when_an_audit_ran(tmp_path: Path) -> None:
+    # prepare
+    run = _run_folder(tmp_path)
+    assert "Empirical privacy" not in write_report(run).read_text()  # no audit.json, no section
+    findings = (AuditFinding(attack="one-run", target="DP-SGD updates", run="ε = 1, seed 0", claimed_epsilon=1.0,
+                             epsilon_lower_bound=0.21, confidence=0.95, auc=None, tpr_at_1pct_fpr=None,
+                             tpr_at_01pct_fpr=None, detail="2000 canaries"),
+                AuditFinding(attack="one-run", target="DP-SGD updates", run="broken", claimed_epsilon=1.0,
+                             epsilon_lower_bound=3.7, confidence=0.95, auc=None, tpr_at_1pct_fpr=None,
+                             tpr_at_01pct_fpr=None, detail="broken control"))
+    write_audit(run, AuditReport(findings))
+    # act
+    page = write_report(run).read_text()
+    # assert
+    assert "<h2>Empirical privacy</h2>" in page and "lower bound" in page and "does not prove it" in page
+    assert "<td>ε = 1, seed 0</td><td>1</td><td>0.21</td><td>0.95</td>" in page
+    assert page.count("EXCEEDS THE CLAIM") == 1  # the broken control's row only
 
 
 def _y_ticks(top: float) -> list[float]:

@@ -48,6 +48,7 @@ from __future__ import annotations
 import hashlib
 import math
 import secrets
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -131,6 +132,11 @@ class CsprngDPOptimizer(DPOptimizer):  # type: ignore[misc]  # opacus ships no t
     queue, scaling by the expected batch size (``scale_grad``), the accountant's step hook and
     the wrapped optimizer's step are Opacus's own. ``generator`` and ``secure_mode`` of the
     parent are unused (``None``/``False``): the noise source is ``noise``.
+
+    ``audit_canary`` (default None, off) is the empirical audit's hook (``simulation.audit``):
+    called with the per-parameter clipped sums just before the noise is added, it adds gradient
+    canaries as extra rows of norm ≤ C. No configuration key reaches it; only the simulation
+    harness passes it (tests/test_audit_canaries.py checks that client/ and server/ never do).
     """
 
     def __init__(
@@ -142,6 +148,7 @@ class CsprngDPOptimizer(DPOptimizer):  # type: ignore[misc]  # opacus ships no t
         max_grad_norm: float,
         expected_batch_size: int | None,
         loss_reduction: str = "mean",
+        audit_canary: Callable[[list[torch.Tensor]], None] | None = None,
     ) -> None:
         super().__init__(
             optimizer,
@@ -151,6 +158,7 @@ class CsprngDPOptimizer(DPOptimizer):  # type: ignore[misc]  # opacus ships no t
             loss_reduction=loss_reduction,
         )
         self.noise_source = noise
+        self.audit_canary = audit_canary
 
     def add_noise(self) -> None:
         """p.grad = p.summed_grad + N(0, (σC)² I), for every parameter, as Opacus does.
@@ -169,6 +177,8 @@ class CsprngDPOptimizer(DPOptimizer):  # type: ignore[misc]  # opacus ships no t
                 raise RuntimeError("add_noise() before clip_and_accumulate(): no summed_grad to add noise to")
             _check_processed_flag(s)
             summed.append(s)
+        if self.audit_canary is not None:
+            self.audit_canary(summed)  # audit only: canary rows join the clipped sum, before the noise
         sizes = [int(s.numel()) for s in summed]
         flat = torch.from_numpy(self.noise_source.standard_normal(sum(sizes)) * std) if std else None  # (Σ numel,)
         offset = 0

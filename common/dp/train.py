@@ -131,10 +131,12 @@ def make_private_discriminator(
     max_grad_norm: float,
     sample_rate: float,
     noise_seed: int | None = None,
+    audit_canary: Callable[[list[torch.Tensor]], None] | None = None,
 ) -> PrivateDiscriminator:
     """Wrap D for DP-SGD. The Gaussian noise is ChaCha20 keyed by the OS (``common.dp.noise``)
     unless a test passes ``noise_seed``, which makes it reproducible and so not private. The
-    noise is drawn on the CPU and moved to each gradient's device."""
+    noise is drawn on the CPU and moved to each gradient's device. ``audit_canary``: the empirical
+    audit's hook (``CsprngDPOptimizer``), None (off) outside ``simulation.audit``."""
     errors = ModuleValidator.validate(netD, strict=False)
     if errors:
         raise DiscriminatorNotPrivate(f"discriminator is not DP-compatible: {errors}")
@@ -149,6 +151,7 @@ def make_private_discriminator(
         # put P into the update outside the mechanism's output.
         expected_batch_size=2 * train.batch_size,
         loss_reduction="mean",
+        audit_canary=audit_canary,
     )
     accountant = make_accountant("rdp")  # counts steps only; epsilon is the ledger's business
     optD.attach_step_hook(accountant.get_optimizer_hook_fn(sample_rate=sample_rate))
@@ -199,13 +202,17 @@ def train_local_round(
     seed: int | None = None,
     on_step: Callable[[int], None] | None = None,
     anchor: Anchor | None = None,
+    audit_canary: Callable[[list[torch.Tensor]], None] | None = None,
 ) -> RoundResult:
     """Train G and D in place for ``train.local_steps`` D steps at patient sample rate ``sample_rate``.
 
     ``noise_multiplier=None`` trains D without DP (benchmark / non-private reference only).
     ``seed`` fixes every random draw of the round (patient sampling, fake latents, DP noise);
     only for tests and benchmarks: noise anyone can recompute protects nothing. ``None``
-    (the default) draws all three seeds from the OS.
+    (the default) draws all three seeds from the OS. ``audit_canary`` is the empirical audit's
+    hook (``simulation.audit.canaries``; default None, off, and no configuration key reaches it):
+    called with D's per-parameter gradient sums of each D step (DP: the clipped sum before the
+    noise; no DP: the plain gradients before the step), it adds gradient canaries in place.
     """
     seeds = np.random.SeedSequence(secrets.randbits(128) if seed is None else seed).generate_state(3)
     sampler_seed, latent_seed, noise_seed = (int(x) for x in seeds)
@@ -230,6 +237,7 @@ def train_local_round(
             max_grad_norm=max_grad_norm,
             sample_rate=sample_rate,
             noise_seed=noise_seed,
+            audit_canary=audit_canary,
         )
         d_module, optD = private_d.module, private_d.optimizer
     else:
@@ -248,6 +256,8 @@ def train_local_round(
             loss_d, rows, loss_fake = discriminator_loss(d_module, real, y_real, fake, y_fake, model.conditional)
             optD.zero_grad(set_to_none=True)
             loss_d.backward()
+            if audit_canary is not None and private_d is None:  # audit only (no DP): canaries join D's gradient
+                audit_canary([_grad_of(p) for p in netD.parameters()])
             optD.step()
             loss_d_sum += float(loss_d.detach()) / rows
             loss_fake_sum += loss_fake
@@ -272,6 +282,13 @@ def train_local_round(
         loss_g=loss_g_sum / max(g_steps, 1),
         charge=charge,
     )
+
+
+def _grad_of(p: torch.nn.Parameter) -> torch.Tensor:
+    """p.grad, made zeros first if backward left it None (the audit hook indexes every parameter)."""
+    if p.grad is None:
+        p.grad = torch.zeros_like(p)
+    return p.grad
 
 
 # τ: above it, more spread earns nothing. Real same-class pairs of PneumoniaMNIST at 32 px score

@@ -3,7 +3,8 @@
 Sources, all in the run folder: ``server_state.json`` (the server's record of every round:
 losses, each hospital's reported ε; how the model started; read with ``common.round_record``),
 ``summary.json`` when a simulation wrote one (ε recomputed from each ledger; the evaluation), ``samples/round-NNNN.png``
-(sample grids) and, when an evaluation ran, its ``closest_pairs.png``. Plots come first (losses over rounds, each
+(sample grids), when an evaluation ran, its ``closest_pairs.png``, and when an empirical audit ran
+(``medsynth audit``), its ``audit.json`` (read with ``common.audit_record``). Plots come first (losses over rounds, each
 hospital's ε against its budget, sample grids over rounds, TSTR against TRTR), tables give the
 exact figures. Charts are matplotlib SVGs (``common.report.plots``), pictures PNGs, all inlined as
 ``data:`` URIs: the page is a single file and references nothing outside itself (no script, no
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from common.atomic import read_json_object, write_bytes_atomic
+from common.audit_record import AuditReport, read_audit
 from common.report.plots import SVG_MIME, bar_chart, line_chart
 from common.round_record import RECORDS_FILE, RoundRecord, ServerState, read_server_state
 
@@ -155,6 +157,21 @@ def _evaluation(ev: Mapping[str, Any], closest_pairs: Path | None) -> str:
     return "".join(parts)
 
 
+def _audit(report: AuditReport) -> str:
+    """The "Empirical privacy" section: each attack's ε lower bound beside the ledgers' claim."""
+    rows = [[f.attack, f.target, f.run, "– (no DP)" if f.claimed_epsilon is None else f.claimed_epsilon,
+             f.epsilon_lower_bound, f.confidence, f.auc, f.tpr_at_1pct_fpr, f.tpr_at_01pct_fpr,
+             "EXCEEDS THE CLAIM" if f.exceeds_claim else "", f.detail] for f in report.findings]
+    return ("<h2>Empirical privacy</h2>"
+            '<p class="note">What attacks demonstrably learned (<code>medsynth audit</code>): each is a '
+            "<strong>lower bound</strong> on ε at the stated confidence, to set beside the ledgers' ε, an upper "
+            "bound. A lower bound at or below the claim is consistent with it but does not prove it: a stronger "
+            "attack could show more. A bound above the claim means the claim is wrong (or the run was a broken "
+            "control, built to be caught).</p>"
+            + _table(["attack", "target", "run", "claimed ε", "ε lower bound", "confidence", "AUC",
+                      "TPR @ 1% FPR", "TPR @ 0.1% FPR", "", "detail"], rows))
+
+
 def _wall_seconds(summary: Mapping[str, Any], state: ServerState | None) -> list[Any]:
     """The run's wall time: a simulation's own figure, else the sum of the rounds' (a deployed run,
     whose rounds are timed at the server; waits between rounds are not in it)."""
@@ -199,6 +216,9 @@ def write_report(root: Path, *, evaluation: Mapping[str, Any] | None = None, clo
             _grids(root)]
     if ev:
         body.append(_evaluation(ev, closest_pairs))
+    audit = read_audit(root)
+    if audit is not None:
+        body.append(_audit(audit))
     page = (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
             f"<style>{_CSS}</style></head><body>{''.join(body)}</body></html>\n")
     path = root / REPORT_FILE
