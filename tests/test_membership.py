@@ -11,7 +11,24 @@ from scipy.optimize import brentq
 from scipy.stats import norm
 from sklearn.metrics import roc_auc_score
 
-from simulation.audit.membership import epsilon_lower_bound, epsilon_lower_bound_at, roc_auc, tpr_at_fpr
+from common.config import ModelConfig
+from common.evaluation.reference import LabelledImages
+from common.models import build_models
+from simulation.audit.membership import (
+    ATTACKS,
+    AttackSettings,
+    MembershipData,
+    ReleasedModel,
+    domias_scores,
+    epsilon_lower_bound,
+    epsilon_lower_bound_at,
+    gan_leaks_calibrated_scores,
+    gan_leaks_full_scores,
+    membership_findings,
+    roc_auc,
+    tpr_at_fpr,
+)
+from simulation.audit.mia_runs import phantom_split
 
 
 def gaussian_epsilon(mu: float, delta: float) -> float:
@@ -102,3 +119,56 @@ def test_counts_bound_is_monotone_and_zero_without_evidence() -> None:
     # assert
     assert none == 0.0
     assert np.all(np.diff(more) > 0)
+
+
+def _images(rng: np.random.Generator, n: int, size: int = 8) -> LabelledImages:
+    return LabelledImages(np.tanh(rng.normal(size=(n, 1, size, size))).astype(np.float32),
+                          rng.integers(0, 2, n).astype(np.int64))
+
+
+def test_gan_leaks_and_domias_catch_a_synthetic_set_that_copies_its_members() -> None:
+    # prepare: 60 members, 60 non-members, a reference; the "synthetic set" is the members plus small noise
+    rng = np.random.default_rng(4)
+    members, non_members, reference = _images(rng, 60), _images(rng, 60), _images(rng, 200)
+    copies = members.images + 0.05 * rng.normal(size=members.images.shape).astype(np.float32)
+    # act
+    full = [gan_leaks_full_scores(x, copies) for x in (members, non_members)]
+    calibrated = [gan_leaks_calibrated_scores(x, copies, reference.images) for x in (members, non_members)]
+    domias = [domias_scores(x, copies, reference.images, dims=4) for x in (members, non_members)]
+    # assert: every member has a copy, no non-member has: full separation; the density ratio sees it too
+    assert roc_auc(*full) == 1.0 and roc_auc(*calibrated) == 1.0
+    assert roc_auc(*domias) > 0.8
+    assert epsilon_lower_bound(*full, seed=0).epsilon > 2.0
+
+
+def test_membership_findings_of_a_tiny_model_name_every_attack_and_its_control() -> None:
+    # prepare: an untrained tiny conditional model (it has seen nobody: no attack should find much)
+    cfg = ModelConfig(image_size=32, latent_dim=8, g_width=4, d_width=4, num_classes=2, conditional=True,
+                      aux_classifier=True, upsample="resize")
+    netG, netD = build_models(cfg, seed=0)
+    rng = np.random.default_rng(5)
+    data = MembershipData(_images(rng, 40, 32), _images(rng, 40, 32), _images(rng, 80, 32))
+    # act
+    findings = membership_findings(ReleasedModel(netG.eval(), netD.eval(), cfg), data, run="tiny", claimed_epsilon=1.0,
+                                   seed=0, settings=AttackSettings(n_synthetic=50, latent_steps=2), say=lambda _: None)
+    # assert: 5 attacks, 5 controls; targets as the record names them; rates are rates
+    assert [f.attack for f in findings[:5]] == [a.name for a in ATTACKS]
+    assert all(f.attack.endswith("(member-vs-member control)") for f in findings[5:]) and len(findings) == 10
+    assert {f.target for f in findings} == {"discriminator", "generator", "synthetic set"}
+    for f in findings:
+        assert f.auc is not None and 0.0 <= f.auc <= 1.0 and f.claimed_epsilon == 1.0 and f.confidence == 0.95
+        assert f.tpr_at_01pct_fpr is not None and f.tpr_at_1pct_fpr is not None
+        assert f.tpr_at_01pct_fpr <= f.tpr_at_1pct_fpr
+        assert not f.exceeds_claim
+
+
+def test_phantom_split_keeps_members_and_non_members_apart() -> None:
+    # act
+    split = phantom_split(members_per_site=3, seed=7, size=16, reference_patients=5)
+    # assert: 4 sites × 3 member patients (2 images each); queries: one image per patient, none shared
+    assert [s.num_patients for s in split.sites] == [3, 3, 3, 3]
+    members = {x.tobytes() for x in split.data.members.images}
+    trained = {x.tobytes() for s in split.sites for x in s.images}
+    assert members <= trained
+    assert not {x.tobytes() for x in split.data.non_members.images} & trained
+    assert len(split.data.members) == len(split.data.non_members) == 12

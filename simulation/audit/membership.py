@@ -55,10 +55,21 @@ privacy.
 from __future__ import annotations
 
 import math
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
-from scipy.stats import beta
+import torch
+from scipy.stats import beta, gaussian_kde
+
+from common.audit_record import AuditFinding
+from common.checkpoint_model import model_config_from_arrays, resolve_checkpoint
+from common.config import LATENT_SCALE, ModelConfig
+from common.evaluation.reference import LabelledImages
+from common.models import Discriminator, Generator, build_models, sample_latents
+from common.weights import load_model_arrays
 
 CONFIDENCE = 0.95  # of every ε lower bound
 DELTA = 1e-5  # the runs' δ (pyproject's dp.delta): the bound is for (ε, δ)-DP at this δ
@@ -174,3 +185,229 @@ def epsilon_lower_bound(members: np.ndarray, non_members: np.ndarray, *, seed: i
     tp, fp = int(_counts_at(m_eval, np.array([t]))[0]), int(_counts_at(n_eval, np.array([t]))[0])
     eps = float(epsilon_lower_bound_at(tp, m_eval.size, fp, n_eval.size, delta=delta, confidence=confidence))
     return EpsilonBound(eps, t, tp, m_eval.size, fp, n_eval.size)
+
+
+# ---------------------------------------------------------------------------------------------
+# What is released, and the attacks on it
+
+
+@dataclass(frozen=True, eq=False)
+class ReleasedModel:
+    """A run's released G and D (eval mode) and their config, as every hospital receives them."""
+
+    generator: Generator
+    discriminator: Discriminator
+    cfg: ModelConfig
+
+    @staticmethod
+    def load(run: Path) -> ReleasedModel:
+        """The newest valid checkpoint of a run folder (or a checkpoint file), G and D loaded strictly."""
+        ckpt = resolve_checkpoint(run)
+        cfg = model_config_from_arrays(ckpt.arrays, len(ckpt.class_names) if ckpt.class_names else None)
+        netG, netD = build_models(cfg, seed=0)
+        load_model_arrays(netG, netD, ckpt.arrays)
+        netG.eval()
+        netD.eval()
+        return ReleasedModel(netG, netD, cfg)
+
+    @torch.no_grad()
+    def sample(self, labels: np.ndarray, *, seed: int, latent_scale: float = LATENT_SCALE) -> np.ndarray:
+        """Synthetic images (n, 1, S, S) for ``labels`` (n,), drawn as ``medsynth sample`` draws them."""
+        gen = torch.Generator().manual_seed(seed)
+        y = torch.from_numpy(np.asarray(labels, np.int64))
+        z = sample_latents(y.shape[0], self.cfg.latent_dim, gen, latent_scale)  # (n, latent)
+        out: np.ndarray = self.generator(z, y if self.cfg.conditional else None).numpy()
+        return out
+
+
+@dataclass(frozen=True, eq=False)
+class MembershipData:
+    """Query images of known membership, and the attacker's reference images (all (N, 1, S, S) in [-1, 1]).
+
+    ``members`` were in some hospital's training data; ``non_members`` come from the same
+    population (the same split of the same data set) but no hospital held them; ``reference`` is
+    disjoint from both (e.g. the data set's test split): the attacker's public real images.
+    """
+
+    members: LabelledImages
+    non_members: LabelledImages
+    reference: LabelledImages
+
+
+@dataclass(frozen=True)
+class AttackSettings:
+    """Sizes and search effort of the attacks (defaults: the issue-16 grid's)."""
+
+    n_synthetic: int = 2000  # the released synthetic set GAN-Leaks and DOMIAS see
+    latent_steps: int = 60  # Adam steps of the partial black-box latent search (0: skip that attack)
+    latent_restarts: int = 1
+    latent_prior: float = 1e-3  # weight of ‖z‖² in the latent search (keeps z plausible)
+    pca_dims: int = PCA_DIMS
+
+
+def _nearest_sq_distance(queries: np.ndarray, pool: np.ndarray, batch: int = 256) -> np.ndarray:
+    """Squared L2 pixel distance of each query (N, 1, S, S) to its nearest image of ``pool`` (M, 1, S, S) → (N,)."""
+    q = torch.from_numpy(queries.reshape(queries.shape[0], -1).astype(np.float32))  # (N, P)
+    p = torch.from_numpy(pool.reshape(pool.shape[0], -1).astype(np.float32))  # (M, P)
+    out = [torch.cdist(q[i : i + batch], p).min(dim=1).values ** 2 for i in range(0, q.shape[0], batch)]
+    return torch.cat(out).double().numpy()
+
+
+def discriminator_scores(model: ReleasedModel, images: LabelledImages) -> np.ndarray:
+    """D's real/fake logit of each (x, y) (N,): higher means "looks like training data"."""
+    with torch.no_grad():
+        x = torch.from_numpy(images.images)
+        y = torch.from_numpy(images.labels) if model.cfg.conditional else None
+        logit, _ = model.discriminator(x, y)  # (N,)
+    out: np.ndarray = logit.double().numpy()
+    return out
+
+
+def gan_leaks_full_scores(images: LabelledImages, synthetic: np.ndarray) -> np.ndarray:
+    """GAN-Leaks full black-box: minus the squared distance to the nearest synthetic image (N,)."""
+    return -_nearest_sq_distance(images.images, synthetic)
+
+
+def gan_leaks_calibrated_scores(images: LabelledImages, synthetic: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """GAN-Leaks calibrated: nearest reference distance minus nearest synthetic distance (N,)."""
+    out: np.ndarray = _nearest_sq_distance(images.images, reference) - _nearest_sq_distance(images.images, synthetic)
+    return out
+
+
+def gan_leaks_partial_scores(model: ReleasedModel, images: LabelledImages, settings: AttackSettings,
+                             seed: int) -> np.ndarray:
+    """GAN-Leaks partial black-box: minus min over z of ‖G(z, y) − x‖² (per pixel mean) (N,).
+
+    z is searched by Adam (lr 0.05) from ``latent_restarts`` random starts, with a small
+    ``latent_prior``·‖z‖² term; the best reconstruction error over the restarts is the score.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.from_numpy(images.images)  # (N, 1, S, S)
+    y = torch.from_numpy(images.labels) if model.cfg.conditional else None
+    best = torch.full((x.shape[0],), float("inf"))
+    for p in model.generator.parameters():
+        p.requires_grad_(False)
+    for _ in range(settings.latent_restarts):
+        z = torch.randn(x.shape[0], model.cfg.latent_dim, generator=gen).requires_grad_(True)  # (N, latent)
+        opt = torch.optim.Adam([z], lr=0.05)
+        for _ in range(settings.latent_steps):
+            opt.zero_grad()
+            err = ((model.generator(z, y) - x) ** 2).mean(dim=(1, 2, 3))  # (N,)
+            (err + settings.latent_prior * (z**2).mean(dim=1)).sum().backward()
+            opt.step()
+        with torch.no_grad():
+            best = torch.minimum(best, ((model.generator(z, y) - x) ** 2).mean(dim=(1, 2, 3)))
+    return -best.double().numpy()
+
+
+def _pca(reference: np.ndarray, dims: int) -> tuple[np.ndarray, np.ndarray]:
+    """Mean (P,) and top ``dims`` principal axes (dims, P) of flattened reference images."""
+    flat = reference.reshape(reference.shape[0], -1).astype(np.float64)  # (M, P)
+    mean = flat.mean(axis=0)
+    _, _, vt = np.linalg.svd(flat - mean, full_matrices=False)
+    return mean, vt[:dims]
+
+
+def domias_scores(images: LabelledImages, synthetic: np.ndarray, reference: np.ndarray, dims: int) -> np.ndarray:
+    """DOMIAS: log p_synthetic(x) − log p_reference(x), Gaussian KDEs in the reference's top-``dims`` PCA space (N,)."""
+    mean, axes = _pca(reference, dims)
+
+    def project(a: np.ndarray) -> np.ndarray:
+        out: np.ndarray = (a.reshape(a.shape[0], -1).astype(np.float64) - mean) @ axes.T  # (n, dims)
+        return out
+
+    q = project(images.images).T  # (dims, N): gaussian_kde's layout
+    p_syn = gaussian_kde(project(synthetic).T).logpdf(q)
+    p_ref = gaussian_kde(project(reference).T).logpdf(q)
+    out: np.ndarray = p_syn - p_ref
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Findings
+
+
+@dataclass(frozen=True)
+class Attack:
+    """One attack's name and target as the audit record names them."""
+
+    name: str
+    target: str
+
+
+DISCRIMINATOR = Attack("discriminator logit", "discriminator")
+GAN_LEAKS_FULL = Attack("GAN-Leaks full black-box", "synthetic set")
+GAN_LEAKS_CALIBRATED = Attack("GAN-Leaks calibrated", "synthetic set")
+GAN_LEAKS_PARTIAL = Attack("GAN-Leaks partial black-box", "generator")
+DOMIAS = Attack("DOMIAS", "synthetic set")
+ATTACKS = (DISCRIMINATOR, GAN_LEAKS_FULL, GAN_LEAKS_CALIBRATED, GAN_LEAKS_PARTIAL, DOMIAS)
+CONTROL = " (member-vs-member control)"  # appended to the attack's name in a control's finding
+
+
+def finding(attack: Attack, members: np.ndarray, non_members: np.ndarray, *, run: str,
+            claimed_epsilon: float | None, seed: int, control: bool = False, note: str = "") -> AuditFinding:
+    """The audit finding of one attack's scores (members positive): AUC, TPR at 1 % and 0.1 % FPR, ε bound."""
+    bound = epsilon_lower_bound(members, non_members, seed=seed)
+    return AuditFinding(
+        attack=attack.name + (CONTROL if control else ""), target=attack.target, run=run,
+        claimed_epsilon=claimed_epsilon, epsilon_lower_bound=bound.epsilon, confidence=CONFIDENCE,
+        auc=roc_auc(members, non_members), tpr_at_1pct_fpr=tpr_at_fpr(members, non_members, FPR_LOW),
+        tpr_at_01pct_fpr=tpr_at_fpr(members, non_members, FPR_VERY_LOW),
+        detail=f"{members.size} {'members (half A)' if control else 'members'} vs {non_members.size} "
+               f"{'members (half B)' if control else 'non-members'}; {bound.describe()}; δ {DELTA:g}"
+               + (f"; {note}" if note else ""))
+
+
+def attack_scores(model: ReleasedModel, data: MembershipData, *, seed: int,
+                  settings: AttackSettings = AttackSettings(),
+                  say: Callable[[str], None] = print) -> dict[Attack, tuple[np.ndarray, np.ndarray]]:
+    """Each attack's scores of the members and of the non-members (higher: "member")."""
+    shares = np.bincount(data.reference.labels, minlength=model.cfg.num_classes) / len(data.reference)
+    labels = np.random.default_rng(seed).choice(model.cfg.num_classes, settings.n_synthetic, p=shares)
+    synthetic = model.sample(labels, seed=seed)  # (n_synthetic, 1, S, S): the released set
+    ref = data.reference.images
+    out: dict[Attack, tuple[np.ndarray, np.ndarray]] = {}
+    for attack in ATTACKS:
+        if attack is GAN_LEAKS_PARTIAL and (settings.latent_steps == 0 or settings.latent_restarts == 0):
+            continue
+        t0 = time.monotonic()
+        pair = []
+        for images in (data.members, data.non_members):
+            if attack is DISCRIMINATOR:
+                pair.append(discriminator_scores(model, images))
+            elif attack is GAN_LEAKS_FULL:
+                pair.append(gan_leaks_full_scores(images, synthetic))
+            elif attack is GAN_LEAKS_CALIBRATED:
+                pair.append(gan_leaks_calibrated_scores(images, synthetic, ref))
+            elif attack is GAN_LEAKS_PARTIAL:
+                pair.append(gan_leaks_partial_scores(model, images, settings, seed))
+            else:
+                pair.append(domias_scores(images, synthetic, ref, settings.pca_dims))
+        out[attack] = (pair[0], pair[1])
+        say(f"{attack.name}: scored {len(data.members)} + {len(data.non_members)} queries "
+            f"({time.monotonic() - t0:.0f} s)")
+    return out
+
+
+def membership_findings(model: Path | ReleasedModel, data: MembershipData, *, run: str,
+                        claimed_epsilon: float | None, seed: int, settings: AttackSettings = AttackSettings(),
+                        controls: bool = True, say: Callable[[str], None] = print) -> list[AuditFinding]:
+    """Every attack against one run's release: one finding per attack × target, then (``controls``)
+    each attack's member-vs-member control (two random halves of the members; AUC ≈ 0.5 expected).
+
+    ``model``: a run folder or checkpoint file (its newest valid checkpoint), or a loaded
+    :class:`ReleasedModel`; ``run``: the label findings carry (e.g. "ε = 10, seed 0");
+    ``claimed_epsilon``: the ledgers' ε (None for a non-private control); ``seed``: the synthetic
+    set's latents and labels, the latent search's starts and every random half.
+    """
+    released = ReleasedModel.load(model) if isinstance(model, Path) else model
+    scores = attack_scores(released, data, seed=seed, settings=settings, say=say)
+    findings = [finding(a, m, n, run=run, claimed_epsilon=claimed_epsilon, seed=seed,
+                        note=f"{settings.n_synthetic} synthetic images" if a.target == "synthetic set" else "")
+                for a, (m, n) in scores.items()]
+    if controls:
+        half = np.random.default_rng(seed + 1).permutation(len(data.members))
+        a_idx, b_idx = half[: half.size // 2], half[half.size // 2:]
+        findings += [finding(a, m[a_idx], m[b_idx], run=run, claimed_epsilon=claimed_epsilon, seed=seed,
+                             control=True) for a, (m, _) in scores.items()]
+    return findings
