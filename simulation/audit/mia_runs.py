@@ -1,0 +1,225 @@
+"""The membership-inference grid of issue 16: train small federations in process, attack what they release.
+
+For each data set × run kind × seed: a member / non-member split by patient of the data set's
+training population, 4 hospitals trained on the members only through the in-process engine
+(``simulation.fed_inprocess``: the hospitals' local round, σ calibration and FedAvg, without
+Flower or secure aggregation, which change neither the model nor the privacy arithmetic), then
+every attack of :mod:`simulation.audit.membership` on the final G, D and a synthetic set, with
+the held-out non-members and a reference set disjoint from both. Each run folder gets
+``audit.json`` (``common.audit_record``); the grid prints one Markdown table.
+
+Data sets:
+
+* ``pneumonia``: PneumoniaMNIST's training split (one image per patient, as MedMNIST has no
+  patient ids) shuffled with the seed: the first ``sites × members_per_site`` images are the
+  members, dealt round-robin to the hospitals, the next as many the non-members; the test
+  split is the reference.
+* ``phantoms``: a phantom population (``simulation.phantoms``, 2 images per patient) of twice
+  as many patients; the first half (by the seed's shuffle) are members, the rest non-members;
+  each patient is queried with its first image (a member's is one it trained on); the
+  reference is a population drawn with another seed. Pixels: the CT soft-tissue window
+  (center 40, width 400, PS3.3 LINEAR) to [0, 1], then the model side.
+
+Why small member sets (default 32 patients per hospital, 128 in all): memorization needs each
+member to be seen often. q = batch / patients per site = 32/32, capped at 0.99
+(:data:`MAX_SAMPLE_RATE`): nearly every member is in every step of 6 rounds × 50 local steps
+(× the D steps per G step), so a non-private run memorizes and shows whether the attacks work
+(with 100 per site and 2 rounds D's AUC was 0.53: too little). The price: 128 + 128 queries bound
+what an attack can show (ε ≈ 2.8 at most, see ``membership``). The DP runs use the same sites,
+rounds and q; σ is calibrated so the planned steps end at ε (δ 1e-5), with almost no subsampling
+amplification at q = 0.99. The warm start runs with fewer pre-training steps than the app's
+(``--pretrain-steps``), to fit 2 shared cores: the same private release, shorter pre-training of G.
+
+    python -m simulation.audit.mia_runs [--datasets pneumonia,phantoms] [--kinds none,10,1] [--seeds 0,1,2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from common.audit_record import AuditFinding, AuditReport, write_audit
+from common.config import RunConfig, run_config
+from common.dataset import LocalDataset
+from common.evaluation.reference import LabelledImages, to_model_range, unit_per_image
+from simulation.audit.membership import AttackSettings, MembershipData, membership_findings
+from simulation.phantoms import CT_MAPPING, HU_OFFSET, phantom_population
+from simulation.presets import load_preset
+
+DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "medmnist" / "pneumoniamnist.npz"
+SITES = 4
+# q at most 0.99: at q = 1 the σ calibration fails (the PRV accountant overflows: "no noise multiplier
+# found for ε budget 10.0 within 100 accountant calls"); 0.99 trains as q = 1 does, give or take a row
+MAX_SAMPLE_RATE = 0.99
+PHANTOM_REFERENCE_SEED = 1_000_003  # the reference population's seed offset: never a training population
+
+
+@dataclass(frozen=True, eq=False)
+class AuditSplit:
+    """The hospitals' training data (members only) and the attack's query and reference images."""
+
+    sites: tuple[LocalDataset, ...]
+    data: MembershipData
+
+
+def _site(images: np.ndarray, labels: np.ndarray, patients: np.ndarray, names: tuple[str, ...]) -> LocalDataset:
+    _, index = np.unique(patients, return_inverse=True)
+    return LocalDataset(images=images, labels=labels, patients=index.astype(np.int64).reshape(-1),
+                        class_names=names, patient_identity=True)
+
+
+def pneumonia_split(npz: Path, members_per_site: int, seed: int, size: int = 32) -> AuditSplit:
+    """Members and non-members from the training split (seeded shuffle), reference the test split."""
+    with np.load(npz, allow_pickle=False) as raw:
+        x, y = raw["train_images"], raw["train_labels"].reshape(-1).astype(np.int64)
+        xt, yt = raw["test_images"], raw["test_labels"].reshape(-1).astype(np.int64)
+    n = SITES * members_per_site
+    order = np.random.default_rng(seed).permutation(y.size)
+    members, non = order[:n], order[n : 2 * n]
+    images = to_model_range(unit_per_image(x[np.r_[members, non]]), size)  # (2n, 1, S, S)
+    names = ("normal", "pneumonia")
+    sites = tuple(_site(images[:n][i::SITES], y[members][i::SITES], np.arange(n)[i::SITES], names)
+                  for i in range(SITES))
+    return AuditSplit(sites, MembershipData(LabelledImages(images[:n], y[members]),
+                                            LabelledImages(images[n:], y[non]),
+                                            LabelledImages(to_model_range(unit_per_image(xt), size), yt)))
+
+
+def phantom_pixels(stored: np.ndarray, size: int) -> np.ndarray:
+    """uint16 phantoms (N, H, W) → (N, 1, size, size) in [-1, 1] through the CT soft-tissue window."""
+    center, width = CT_MAPPING.window_center or 40.0, CT_MAPPING.window_width or 400.0
+    hu = stored.astype(np.float64) - HU_OFFSET
+    unit = np.clip((hu - (center - 0.5)) / (width - 1.0) + 0.5, 0.0, 1.0)  # PS3.3 C.11.2.1.2.1 LINEAR
+    return to_model_range(unit, size)
+
+
+def phantom_split(members_per_site: int, seed: int, size: int = 32, reference_patients: int = 300) -> AuditSplit:
+    """Member / non-member patients of one phantom population; reference: another population."""
+    n = SITES * members_per_site
+    source = phantom_population(2 * n, 2, image_size=64, seed=seed)  # 2 images per patient, grouped
+    patient = np.repeat(np.arange(2 * n), 2)
+    order = np.random.default_rng(seed).permutation(2 * n)
+    members, non = order[:n], order[n:]
+    pixels = phantom_pixels(source.images, size)
+    site_images = [np.flatnonzero(np.isin(patient, members[i::SITES])) for i in range(SITES)]
+    sites = tuple(_site(pixels[idx], source.labels[idx], patient[idx], source.class_names) for idx in site_images)
+
+    def first_images(patients: np.ndarray) -> LabelledImages:
+        return LabelledImages(pixels[2 * patients], source.labels[2 * patients])
+
+    ref = phantom_population(reference_patients, 2, image_size=64, seed=seed + PHANTOM_REFERENCE_SEED)
+    return AuditSplit(sites, MembershipData(first_images(members), first_images(non),
+                                            LabelledImages(phantom_pixels(ref.images, size), ref.labels)))
+
+
+@dataclass(frozen=True)
+class GridSettings:
+    """The training of every run of the grid (app defaults with the PneumoniaMNIST preset, then these)."""
+
+    members_per_site: int = 32
+    rounds: int = 6
+    local_steps: int = 50
+    batch_size: int = 32
+    pretrain_steps: int = 300
+
+    def run(self, seed: int) -> RunConfig:
+        return run_config({**load_preset("pneumoniamnist"), "num-server-rounds": self.rounds,
+                           "train.local-steps": self.local_steps, "train.batch-size": self.batch_size,
+                           "dp.sample-rate": round(min(MAX_SAMPLE_RATE, self.batch_size / self.members_per_site), 4),
+                           "warm-start.pretrain-steps": self.pretrain_steps, "seed": seed})
+
+
+def run_label(epsilon: float | None, dataset: str, seed: int) -> str:
+    return f"{dataset}, {'no DP (control)' if epsilon is None else f'ε = {epsilon:g}'}, seed {seed}"
+
+
+def audit_run(dataset: str, epsilon: float | None, seed: int, grid: GridSettings, attacks: AttackSettings,
+              out: Path, data: Path = DATA) -> list[AuditFinding]:
+    """Train one federation on the members and attack its release; writes ``out/audit.json``."""
+    from simulation.fed_inprocess import FedPlan, train_federated  # torch-heavy: only when training
+
+    label = run_label(epsilon, dataset, seed)
+
+    def say(line: str) -> None:
+        print(f"[{label}] {line}", flush=True)
+
+    split = (pneumonia_split(data, grid.members_per_site, seed) if dataset == "pneumonia"
+             else phantom_split(grid.members_per_site, seed))
+    run = grid.run(seed)
+    d_steps = run.train.d_steps_per_g if epsilon is not None else 1  # as bench_quality's non-private row
+    plan = FedPlan.from_run(replace(run, train=replace(run.train, d_steps_per_g=d_steps, device="cpu")), epsilon)
+    t0 = time.monotonic()
+    train_federated(split.sites, plan, out, say)
+    say(f"trained in {time.monotonic() - t0:.0f} s; attacking")
+    findings = membership_findings(out, split.data, run=label, claimed_epsilon=epsilon, seed=seed,
+                                   settings=attacks, say=say)
+    write_audit(out, AuditReport(tuple(findings)))
+    return findings
+
+
+def format_table(findings: Sequence[AuditFinding]) -> str:
+    """One Markdown row per finding: run, attack, target, AUC, TPR at 1 % and 0.1 % FPR, ε lower bound."""
+    def f(v: float | None, fmt: str) -> str:
+        return "–" if v is None else format(v, fmt)
+
+    lines = ["| run | attack | target | AUC | TPR @ 1 % FPR | TPR @ 0.1 % FPR | ε lower bound (95 %) |",
+             "|---|---|---|---|---|---|---|"]
+    lines += [f"| {x.run} | {x.attack} | {x.target} | {f(x.auc, '.3f')} | {f(x.tpr_at_1pct_fpr, '.3f')} | "
+              f"{f(x.tpr_at_01pct_fpr, '.3f')} | {x.epsilon_lower_bound:.2f} |" for x in findings]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m simulation.audit.mia_runs", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    g, a = GridSettings(), AttackSettings()
+    p.add_argument("--datasets", default="pneumonia,phantoms", help="comma-separated: pneumonia, phantoms")
+    p.add_argument("--kinds", default="none,10,1", help="comma-separated ε budgets; 'none' = no DP (default none,10,1)")
+    p.add_argument("--seeds", default="0,1,2", help="default 0,1,2")
+    p.add_argument("--data", type=Path, default=DATA, help="PneumoniaMNIST .npz (default ../shared/data/...)")
+    p.add_argument("--out", type=Path, default=Path("medsynth-output/audit-mia"), help="results folder")
+    for name in ("members_per_site", "rounds", "local_steps", "batch_size", "pretrain_steps"):
+        p.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(g, name),
+                       help=f"default {getattr(g, name)}")
+    for name in ("n_synthetic", "latent_steps", "latent_restarts"):
+        p.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(a, name),
+                       help=f"default {getattr(a, name)}")
+    args = p.parse_args(argv)
+    datasets = [d for d in args.datasets.split(",") if d]
+    if unknown := set(datasets) - {"pneumonia", "phantoms"}:
+        p.error(f"unknown data set(s) {sorted(unknown)}; use pneumonia, phantoms")
+    if "pneumonia" in datasets and not args.data.is_file():
+        print(f"error: {args.data} not found (see ../shared/data/README.md)", file=sys.stderr)
+        return 2
+    grid = GridSettings(args.members_per_site, args.rounds, args.local_steps, args.batch_size, args.pretrain_steps)
+    attacks = AttackSettings(n_synthetic=args.n_synthetic, latent_steps=args.latent_steps,
+                             latent_restarts=args.latent_restarts)
+    kinds = [None if k == "none" else float(k) for k in args.kinds.split(",") if k]
+    seeds = [int(s) for s in args.seeds.split(",") if s]
+    print(f"grid {grid}, attacks {attacks}; load average {os.getloadavg()[0]:.2f}", flush=True)
+    t0 = time.monotonic()
+    findings: list[AuditFinding] = []
+    for dataset in datasets:
+        for eps in kinds:
+            for seed in seeds:
+                out = args.out / dataset / ("nodp" if eps is None else f"eps{eps:g}") / f"seed{seed}"
+                findings += audit_run(dataset, eps, seed, grid, attacks, out, args.data)
+                (args.out / "audit_mia.md").write_text(format_table(findings) + "\n")
+    table = format_table(findings)
+    print(f"\n{table}\n\nTotal wall time {(time.monotonic() - t0) / 60:.1f} min; load average "
+          f"{os.getloadavg()[0]:.2f}.", flush=True)
+    (args.out / "audit_mia.json").write_text(json.dumps({"grid": asdict(grid), "attacks": asdict(attacks), "findings": [
+        asdict(x) for x in findings]}, indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
