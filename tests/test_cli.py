@@ -77,7 +77,9 @@ def test_every_command_explains_itself_and_has_a_handler() -> None:
     # assert: today's commands all exist, each with a description and a handler
     words = {path for path, _ in leaves}
     assert {("simulate",), ("evaluate",), ("sample",), ("node", "prepare"), ("node", "privacy"), ("node", "start"),
-            ("node", "status"), ("node", "audit"), ("node", "evaluate"), ("server", "start"), ("server", "status"),
+            ("node", "status"), ("node", "audit"), ("node", "evaluate"), ("node", "augment"),
+            ("node", "train-classifier"),
+            ("server", "start"), ("server", "status"),
             ("server", "fab-hash"), ("certs", "ca"), ("certs", "server"), ("certs", "node"),
             ("certs", "roster"), ("certs", "fingerprint")} == words
     for path, leaf in leaves:
