@@ -67,6 +67,10 @@ def add_parsers(sub: SubParsers) -> None:
                    help="keep only these Body Part Examined (0018,0015) values, comma-separated, e.g. CHEST")
     p.add_argument("--salt-file", type=Path, default=None,
                    help="secret salt for patient hashes (created 0600 if missing; default OUT/../salt.bin)")
+    p.add_argument("--denoise", default="none", choices=("none", "median3", "median5"),
+                   help="optional denoising of every frame before resizing: a 3x3 or 5x5 median filter removes "
+                        "salt-and-pepper (impulse) noise; recorded in the cache fingerprint, so changing it "
+                        "rebuilds the cache (docs/augment.md)")
     p.add_argument("--force", action="store_true", help="rebuild even if the folder did not change")
     p.add_argument("--list-rejected", type=Path, default=None, metavar="FILE",
                    help="write every rejected file with its reason, detail and fix to this CSV (names "
@@ -239,6 +243,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         modalities=(args.modality or "").split(","),
         body_parts=(args.body_part or "").split(","),
         rejected_list=args.list_rejected,
+        denoise=args.denoise,
     )
     print(report.format())
     print(f"cache: {args.out}  (report: {args.out / 'prepare_report.json'})")
