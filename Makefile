@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 DEMO_OUT ?= medsynth-output/demo
 
-.PHONY: install demo test test-quick lint bench bench-secagg bench-prepare bench-quality clean
+.PHONY: install demo test test-quick lint bench bench-secagg bench-prepare bench-quality bench-augment clean
 
 install: $(STAMP)
 
@@ -45,6 +45,11 @@ bench-prepare: install
 # needs ../shared/data/medmnist/pneumoniamnist.npz; about an hour on 2 CPU cores
 bench-quality: install
 	$(BIN)/python -m simulation.bench_quality
+
+# needs ../shared/data/medmnist/pneumoniamnist.npz; federations are the slow part (~5-10 min each):
+# BENCH_AUGMENT_ARGS="--checkpoints DIR" reuses trained ones (docs/augment.md)
+bench-augment: install
+	$(BIN)/python -m simulation.bench_augment $(BENCH_AUGMENT_ARGS)
 
 clean:
 	rm -rf medsynth-output .pytest_cache .mypy_cache .ruff_cache
