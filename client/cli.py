@@ -174,7 +174,7 @@ def add_parsers(sub: SubParsers) -> None:
     p.add_argument("--n", dest="extra", type=int, default=None,
                    help="rare-class images (c) and (d) add (default: as many as level it with the largest class)")
     p.add_argument("--all-classes", action="store_true",
-                   help="also (e): synthetic images of every class, each class topped up to the same count")
+                   help="also (e): as many synthetic images of every class as (d) adds of the rare class")
     p.add_argument("--seed", type=int, default=0, help="seed of the patient split, the oversampling and the bootstrap")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples of the test patients")
     p.add_argument("--epochs", type=int, default=None,

@@ -37,6 +37,7 @@ from common.config import RunConfig, run_config
 from common.dataset import LocalDataset
 from common.evaluation.augment import (
     ALL_CLASSES_ARM,
+    ARM_TITLES,
     ARMS,
     AugmentSettings,
     Comparison,
@@ -118,7 +119,8 @@ def site_roles(sites: Sequence[LocalDataset]) -> list[tuple[str, ...]]:
 
 
 def compare_sites(run_dir: Path, epsilon: float, seed: int, data: Path, settings: AugmentSettings, *,
-                  only: Sequence[int] | str | None, all_classes: bool, say: Callable[[str], None],
+                  only: Sequence[int] | str | None, all_classes: bool, chosen: Sequence[str] = (),
+                  say: Callable[[str], None],
                   preset: str = PRESET) -> list[SiteRow]:
     """Every hospital's (a)–(d) on the official test split, the synthetic images from ``run_dir``'s model.
 
@@ -142,11 +144,11 @@ def compare_sites(run_dir: Path, epsilon: float, seed: int, data: Path, settings
         rare = rare_class(train.labels, site.num_classes)
         extra = balancing_extra(train.labels, site.num_classes, rare)
         t0 = time.monotonic()
-        wanted = range(site.num_classes) if all_classes else (rare,)
+        wanted = range(site.num_classes) if all_classes or ALL_CLASSES_ARM in chosen else (rare,)
         synthetic = {c: generator.sample(np.full(extra, c, dtype=np.int64), seed=seed * 1000 + 10 * i + c)
                      for c in wanted}
         t1 = time.monotonic()
-        arms = (*ARMS, ALL_CLASSES_ARM) if all_classes else ARMS
+        arms = tuple(chosen) if chosen else (*ARMS, ALL_CLASSES_ARM) if all_classes else ARMS
         comparison = compare_arms(train, val, test, site.num_classes, site.class_names, synthetic=synthetic,
                                   rare=rare, extra=extra, arms=arms, settings=settings)
         row = SiteRow(epsilon, seed, i, site.num_patients, tuple(int(v) for v in np.bincount(site.labels)),
@@ -159,19 +161,20 @@ def compare_sites(run_dir: Path, epsilon: float, seed: int, data: Path, settings
 
 
 def format_summary(rows: Sequence[SiteRow]) -> str:
-    """One line per hospital and run: the rare class's sensitivity and balanced accuracy of each arm."""
-    head = ("| ε | seed | site | patients (per class) | rare | sens. rare (a) / (b) / (c) / (d) | "
-            "balanced acc. (a) / (b) / (c) / (d) | Δ sens. (d)−(a) [95 % CI] | Δ bal. acc. (d)−(a) [95 % CI] |")
+    """One line per hospital and run: the rare class's sensitivity and balanced accuracy of each arm run,
+    and the paired difference (d) − (a) (or (e) − (a) when (d) was not run)."""
+    head = ("| ε | seed | site | patients (per class) | rare | arms | sens. rare | balanced acc. | "
+            "Δ sens. rare vs (a) [95 % CI] | Δ bal. acc. vs (a) [95 % CI] |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         c = r.comparison
-        arms = [c.arm(a) for a in ARMS]
-        sens = " / ".join(f"{a.sensitivity[c.rare].value * 100:.1f}" for a in arms)
-        bal = " / ".join(f"{a.balanced_accuracy.value * 100:.1f}" for a in arms)
-        d = c.arm("synthetic")
+        names = " / ".join(ARM_TITLES[a.arm][:3] for a in c.arms)
+        sens = " / ".join(f"{a.sensitivity[c.rare].value * 100:.1f}" for a in c.arms)
+        bal = " / ".join(f"{a.balanced_accuracy.value * 100:.1f}" for a in c.arms)
+        d = next((a for a in c.arms if a.arm == "synthetic"), c.arms[-1])
         name = f"site-{r.site}" + (f" ({', '.join(r.roles)})" if r.roles else "")
         lines.append(f"| {r.epsilon:g} | {r.seed} | {name} | {r.patients} {list(r.counts)} | {c.class_names[c.rare]} "
-                     f"+{c.extra} | {sens} | {bal} | "
+                     f"+{c.extra} | {names} | {sens} | {bal} | {ARM_TITLES[d.arm][:3]} "
                      f"{d.delta_rare_sensitivity.format() if d.delta_rare_sensitivity else '–'} | "
                      f"{d.delta_balanced_accuracy.format() if d.delta_balanced_accuracy else '–'} |")
     return "\n".join(lines)
@@ -181,7 +184,7 @@ def goal_verdict(rows: Sequence[SiteRow]) -> str:
     """Issue 15's goal at ε = 10 for the most skewed hospital, per seed, stated as met or not."""
     out = []
     for r in rows:
-        if r.epsilon != 10 or "most skewed" not in r.roles:
+        if r.epsilon != 10 or "most skewed" not in r.roles or {a.arm for a in r.comparison.arms} < set(ARMS):
             continue
         c = r.comparison
         sens = {a: c.arm(a).sensitivity[c.rare].value for a in ARMS}
@@ -280,6 +283,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="'all' (default), 'key' (only the most skewed and the smallest hospital: the large ones "
                         "take the longest to train classifiers on), or indices, e.g. 0,2")
     p.add_argument("--all-classes", action="store_true", help="also arm (e): synthetic images of every class")
+    p.add_argument("--arms", default=None,
+                   help="only these arms, comma-separated, e.g. real,synthetic-all (default: a-d, and e with "
+                        "--all-classes); (a) 'real' is always run, the differences are against it")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples of the test images")
     p.add_argument("--train-only", action="store_true", help="train the missing federations and stop")
     p.add_argument("--noise-site", type=int, default=None, metavar="I",
@@ -303,6 +309,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     only: Sequence[int] | str | None = (None if args.sites == "all" else args.sites if args.sites == "key"
                                         else [int(x) for x in args.sites.split(",")])
     settings = AugmentSettings(bootstrap=args.bootstrap)
+    chosen = ["real", *(a for a in args.arms.split(",") if a and a != "real")] if args.arms else []
 
     def say(line: str) -> None:
         print(line, flush=True)
@@ -327,7 +334,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.train_only:
                 continue
             rows += compare_sites(run_dir, eps, seed, args.data, replace(settings, seed=seed), only=only,
-                                  all_classes=args.all_classes, say=say, preset=args.preset)
+                                  all_classes=args.all_classes, chosen=chosen, say=say, preset=args.preset)
     if args.train_only:
         return 0
     summary = format_summary(rows)

@@ -12,9 +12,10 @@ and scores each on the same held-out patients:
   real rare-class images (random minority oversampling);
 * ``synthetic``: real images plus ``extra`` synthetic images of the rare class (from the
   federation's DP generator, ``client.augment``);
-* optionally ``synthetic-all``: real images plus synthetic images of every class (``extra``
-  of the rare class, and as many of each other class as the rare class lacks to it, none if
-  it has more).
+* optionally ``synthetic-all``: real images plus ``extra`` synthetic images of *every* class, so
+  that synthetic images are not all of one class (a classifier could otherwise learn "looks
+  synthetic" as a cue for the rare class); the rare class gains as in ``synthetic``, the others
+  as many.
 
 ``oversample`` and ``synthetic`` add the same number of rare-class images, so they differ only
 in where the images come from. Every arm uses the same training patients, validation patients,
@@ -297,9 +298,7 @@ def arm_training_set(arm: str, train: Split, rare: int, extra: int, synthetic: M
     if arm == "synthetic":
         added = {rare: synthetic[rare][:extra]}
     elif arm == ALL_CLASSES_ARM:
-        counts = np.bincount(train.labels, minlength=max(synthetic) + 1)
-        target = counts[rare] + extra
-        added = {c: imgs[: max(0, int(target - counts[c])) if c != rare else extra] for c, imgs in synthetic.items()}
+        added = {c: imgs[:extra] for c, imgs in sorted(synthetic.items())}
     else:
         raise AugmentError(f"unknown arm {arm!r}; arms are {', '.join((*ARMS, ALL_CLASSES_ARM))}")
     images = [train.images] + [a.astype(np.float32) for a in added.values()]
@@ -334,7 +333,7 @@ def compare_arms(train: Split, val: Split, test: Split, num_classes: int, class_
         need = [rare] if arm == "synthetic" else list(range(num_classes)) if arm == ALL_CLASSES_ARM else []
         for c in need:
             have = synthetic.get(c, np.zeros((0,))).shape[0]
-            want = extra if c == rare else 0
+            want = extra
             if have < want:
                 raise AugmentError(f"arm {arm} needs {want} synthetic images of class {class_names[c]}, have {have}")
     cfg = settings.classifier
