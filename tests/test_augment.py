@@ -223,3 +223,18 @@ def test_cli_defaults_written_once() -> None:
     from client import cli
 
     assert (cli._LATENT_SCALE, cli._SIDECAR) == (LATENT_SCALE, SIDECAR)
+
+
+def test_benchmark_names_the_most_skewed_and_the_smallest_hospital() -> None:
+    from common.dataset import LocalDataset
+    from simulation.bench_augment import site_roles
+
+    def site(normal: int, lesion: int) -> LocalDataset:
+        n = normal + lesion
+        return LocalDataset(images=np.zeros((n, 1, 8, 8), np.float32), labels=np.repeat([0, 1], [normal, lesion]),
+                            patients=np.arange(n, dtype=np.int64), class_names=NAMES, patient_identity=False)
+
+    # act
+    roles = site_roles([site(10, 30), site(5, 95), site(3, 7), site(50, 50)])
+    # assert
+    assert roles == [(), ("most skewed",), ("smallest",), ()]
