@@ -120,6 +120,7 @@ def site_roles(sites: Sequence[LocalDataset]) -> list[tuple[str, ...]]:
 
 def compare_sites(run_dir: Path, epsilon: float, seed: int, data: Path, settings: AugmentSettings, *,
                   only: Sequence[int] | str | None, all_classes: bool, chosen: Sequence[str] = (),
+                  extra_share: float | None = None,
                   say: Callable[[str], None],
                   preset: str = PRESET) -> list[SiteRow]:
     """Every hospital's (a)–(d) on the official test split, the synthetic images from ``run_dir``'s model.
@@ -142,7 +143,8 @@ def compare_sites(run_dir: Path, epsilon: float, seed: int, data: Path, settings
         train_idx, val_idx = patient_split(site.labels, site.patients, (0.8, 0.2), seed)
         train, val = whole.take(train_idx), whole.take(val_idx)
         rare = rare_class(train.labels, site.num_classes)
-        extra = balancing_extra(train.labels, site.num_classes, rare)
+        extra = balancing_extra(train.labels, site.num_classes, rare) if extra_share is None else \
+            max(1, round(extra_share * int((train.labels == rare).sum())))
         t0 = time.monotonic()
         wanted = range(site.num_classes) if all_classes or ALL_CLASSES_ARM in chosen else (rare,)
         synthetic = {c: generator.sample(np.full(extra, c, dtype=np.int64), seed=seed * 1000 + 10 * i + c)
@@ -288,6 +290,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         "--all-classes); (a) 'real' is always run, the differences are against it")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples of the test images")
     p.add_argument("--train-only", action="store_true", help="train the missing federations and stop")
+    p.add_argument("--extra-share", type=float, default=None, metavar="R",
+                   help="(c) and (d) add R × the hospital's real rare-class training images (default: as many as "
+                        "level the rare class with the largest)")
     p.add_argument("--noise-site", type=int, default=None, metavar="I",
                    help="instead of the augment table: the noise experiment, hospital I's images partly corrupted "
                         "with salt-and-pepper noise; federations clean, noisy, noisy + median3 (quality and TSTR)")
@@ -334,7 +339,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.train_only:
                 continue
             rows += compare_sites(run_dir, eps, seed, args.data, replace(settings, seed=seed), only=only,
-                                  all_classes=args.all_classes, chosen=chosen, say=say, preset=args.preset)
+                                  all_classes=args.all_classes, chosen=chosen, extra_share=args.extra_share,
+                                  say=say, preset=args.preset)
     if args.train_only:
         return 0
     summary = format_summary(rows)
