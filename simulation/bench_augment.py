@@ -186,7 +186,7 @@ def goal_verdict(rows: Sequence[SiteRow]) -> str:
     """Issue 15's goal at ε = 10 for the most skewed hospital, per seed, stated as met or not."""
     out = []
     for r in rows:
-        if r.epsilon != 10 or "most skewed" not in r.roles or {a.arm for a in r.comparison.arms} < set(ARMS):
+        if r.epsilon != 10 or "most skewed" not in r.roles or not set(ARMS) <= {a.arm for a in r.comparison.arms}:
             continue
         c = r.comparison
         sens = {a: c.arm(a).sensitivity[c.rare].value for a in ARMS}
