@@ -335,7 +335,9 @@ def compare_arms(train: Split, val: Split, test: Split, num_classes: int, class_
             have = synthetic.get(c, np.zeros((0,))).shape[0]
             want = extra
             if have < want:
-                raise AugmentError(f"arm {arm} needs {want} synthetic images of class {class_names[c]}, have {have}")
+                raise AugmentError(f"arm {arm} needs {want} synthetic images of class {class_names[c]}, have {have}: "
+                                   f"draw {want - have} more (`medsynth node augment --class {class_names[c]}`) "
+                                   "or add fewer (--n)")
     cfg = settings.classifier
     boot = _bootstrap_indices(test.patients, settings.bootstrap, settings.seed)
 
