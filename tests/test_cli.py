@@ -126,7 +126,7 @@ def test_every_help_page_says_each_default_once() -> None:
             assert said <= 1, f"medsynth {' '.join(path)}: {entry}"
             assert said == 1 or not meaningful, f"medsynth {' '.join(path)} hides its default: {entry}"
             checked += 1
-    assert len(pages) == 21 and checked > 60  # every page walked, not an empty loop
+    assert len(pages) == 23 and checked > 60  # every page walked, not an empty loop
 
 
 def test_the_dispatch_table_names_each_sides_commands() -> None:
