@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 DEMO_OUT ?= medsynth-output/demo
 
-.PHONY: install demo test test-quick lint bench bench-secagg bench-prepare bench-quality bench-audit clean
+.PHONY: install demo test test-quick lint bench bench-secagg bench-prepare bench-quality bench-audit bench-augment clean
 
 install: $(STAMP)
 
@@ -49,6 +49,11 @@ bench-quality: install
 # the one-run privacy audit (medsynth audit): phantoms and PneumoniaMNIST, 3 seeds; under an hour on 2 cores
 bench-audit: install
 	$(BIN)/python -m simulation.bench_audit
+
+# needs ../shared/data/medmnist/pneumoniamnist.npz; federations are the slow part (~5-10 min each):
+# BENCH_AUGMENT_ARGS="--checkpoints DIR" reuses trained ones (docs/augment.md)
+bench-augment: install
+	$(BIN)/python -m simulation.bench_augment $(BENCH_AUGMENT_ARGS)
 
 clean:
 	rm -rf medsynth-output .pytest_cache .mypy_cache .ruff_cache

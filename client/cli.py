@@ -7,6 +7,11 @@
     medsynth node audit --config node.toml         every message that left the hospital
     medsynth node evaluate --config node.toml      the newest (after a run: the final) global model
                                                    against local images; --checkpoint PATH another one
+    medsynth node augment --config node.toml --class LABEL --n N
+                                                   N synthetic images of a class, beside the cache
+    medsynth node train-classifier --config node.toml
+                                                   the hospital's classifier: real, classic augmentation,
+                                                   oversampling, + synthetic rare class (numbers only)
     medsynth certs node --site ID --out DIR        this hospital's auth and signing keys
     medsynth certs fingerprint FILE...             signing-key fingerprints to pin in node.toml
 
@@ -22,6 +27,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from common.cli_help import DefaultsOnceHelpFormatter
+
+_SIDECAR = "medsynth_export.json"  # common.export.SIDECAR, named here without importing numpy for --help
+_LATENT_SCALE = 0.7  # common.config.LATENT_SCALE (checked equal by tests/test_augment.py)
 
 if TYPE_CHECKING:
     SubParsers = argparse._SubParsersAction[argparse.ArgumentParser]
@@ -59,6 +67,10 @@ def add_parsers(sub: SubParsers) -> None:
                    help="keep only these Body Part Examined (0018,0015) values, comma-separated, e.g. CHEST")
     p.add_argument("--salt-file", type=Path, default=None,
                    help="secret salt for patient hashes (created 0600 if missing; default OUT/../salt.bin)")
+    p.add_argument("--denoise", default="none", choices=("none", "median3", "median5"),
+                   help="optional denoising of every frame before resizing: a 3x3 or 5x5 median filter removes "
+                        "salt-and-pepper (impulse) noise; recorded in the cache fingerprint, so changing it "
+                        "rebuilds the cache (docs/augment.md)")
     p.add_argument("--force", action="store_true", help="rebuild even if the folder did not change")
     p.add_argument("--list-rejected", type=Path, default=None, metavar="FILE",
                    help="write every rejected file with its reason, detail and fix to this CSV (names "
@@ -116,6 +128,83 @@ def add_parsers(sub: SubParsers) -> None:
                         "global model")
     p.set_defaults(func=cmd_evaluate)
 
+    p = nsub.add_parser(
+        "augment", help="draw N synthetic images of one class from the global model, beside the prepared cache",
+        description="Draw N images of class LABEL from the newest global model this hospital holds "
+                    "(STATE/global-model) or from --checkpoint, and write them to STATE/synthetic/<class>-<model>-"
+                    "seed<seed>/ (or --out), beside the prepared cache and never inside it: the cache keeps only "
+                    "real images. The export is marked synthetic and carries " + _SIDECAR + " (model hash, round, "
+                    "the epsilon and delta of every hospital the model lists; a kept global model lists only this "
+                    "hospital's, from its ledger). Sampling the federation's DP model costs no privacy. "
+                    "`medsynth node train-classifier` then measures whether the images help this hospital's "
+                    "classifier. Give --config (a deployed node) or --site-dir (a simulation's OUT/sites/site-N).",
+        formatter_class=DefaultsOnceHelpFormatter)
+    _site_options(p)
+    p.add_argument("--class", dest="label", required=True, help="class name or index to draw, e.g. the rare finding")
+    p.add_argument("--n", type=int, required=True, help="number of images (at least 1)")
+    p.add_argument("--checkpoint", type=Path, default=None,
+                   help="a checkpoint file or run folder instead of the kept global model (a run folder's "
+                        "checkpoint lists every hospital's epsilon)")
+    p.add_argument("--out", type=Path, default=None, help="export folder (default STATE/synthetic/...)")
+    p.add_argument("--format", choices=("npz", "png", "dicom"), default="npz",
+                   help="npz is what train-classifier reads; png/dicom for viewing (one sub-folder per class)")
+    p.add_argument("--seed", type=int, default=None, help="seed of the latent vectors (default: random)")
+    p.add_argument("--latent-scale", type=float, default=_LATENT_SCALE,
+                   help="spread of the latents, z ~ N(0, scale^2 I), in (0, 1] (docs/evaluation.md)")
+    p.set_defaults(func=cmd_augment)
+
+    p = nsub.add_parser(
+        "train-classifier",
+        help="does the synthetic rare class help this hospital's classifier? (a)-(d) on its own patients",
+        description="Train this hospital's classifier (the project's seeded small CNN) four ways on its own "
+                    "prepared images: (a) real only, (b) real + classic augmentation (flips, rotations up to 10 "
+                    "degrees, brightness and contrast jitter), (c) real + the rare class oversampled, (d) real + "
+                    "synthetic images of the rare class (the npz exports of `medsynth node augment` under "
+                    "STATE/synthetic, or --synthetic). (c) and (d) add the same number of images. Patients are "
+                    "split 60/20/20 into training, validation (picks each classifier's step) and test, seeded, "
+                    "the same for every arm. Prints balanced accuracy, AUC, per-class sensitivity and "
+                    "specificity with 95%% bootstrap intervals over test patients; writes only these numbers to "
+                    "STATE/augment/comparison.json. Nothing leaves the hospital.",
+        formatter_class=DefaultsOnceHelpFormatter)
+    _site_options(p)
+    p.add_argument("--synthetic", type=Path, action="append", default=None, metavar="DIR",
+                   help="an npz export to use for (d) (repeatable; default: every export under STATE/synthetic)")
+    p.add_argument("--class", dest="label", default=None,
+                   help="the rare class (default: the class with the fewest training images)")
+    p.add_argument("--n", dest="extra", type=int, default=None,
+                   help="rare-class images (c) and (d) add (default: as many as level it with the largest class)")
+    p.add_argument("--all-classes", action="store_true",
+                   help="also (e): as many synthetic images of every class as (d) adds of the rare class")
+    p.add_argument("--seed", type=int, default=0, help="seed of the patient split, the oversampling and the bootstrap")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples of the test patients")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="epochs of every arm's classifier (default: the hospital classifier's 20)")
+    p.set_defaults(func=cmd_train_classifier)
+
+
+def _site_options(p: argparse.ArgumentParser) -> None:
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--config", type=Path, help="node.toml of a deployed node")
+    where.add_argument("--site-dir", type=Path,
+                       help="a site's state folder instead, e.g. a simulation's OUT/sites/site-0 (cache/, "
+                            "global-model/, ledger.json)")
+
+
+def _site_dirs(args: argparse.Namespace) -> tuple[Path, Path]:
+    """The state folder and the cache of ``--config`` or ``--site-dir``."""
+    if args.config is not None:
+        from client.node_config import NodeDeployConfig
+
+        cfg = NodeDeployConfig.load(args.config)
+        return cfg.state_dir, cfg.cache_dir
+    from common.config import site_paths
+
+    if not args.site_dir.is_dir():
+        from common.errors import MissingFile
+
+        raise MissingFile(f"--site-dir {args.site_dir}: no such folder")
+    return args.site_dir, site_paths(args.site_dir).cache_dir
+
 
 def add_certs_commands(csub: SubParsers) -> None:
     """Add the hospital's ``certs`` sub-commands (``node``, ``fingerprint``)."""
@@ -154,6 +243,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         modalities=(args.modality or "").split(","),
         body_parts=(args.body_part or "").split(","),
         rejected_list=args.list_rejected,
+        denoise=args.denoise,
     )
     print(report.format())
     print(f"cache: {args.out}  (report: {args.out / 'prepare_report.json'})")
@@ -262,6 +352,39 @@ def evaluate_at_node(state: Path, cache: Path, *, held_out: Path | None, seed: i
         held_out=held_out,
         aggregate_only=True, cache_dir=state / "evaluation-cache", seed=seed))
     print(format_evaluation(result))
+    return 0
+
+
+def cmd_augment(args: argparse.Namespace) -> int:
+    """``medsynth node augment``: see :func:`client.augment.augment_site`."""
+    from client.augment import augment_site
+
+    state, cache = _site_dirs(args)
+    result = augment_site(state, args.label, args.n, cache_dir=cache, checkpoint=args.checkpoint, out=args.out,
+                          seed=args.seed, latent_scale=args.latent_scale, fmt=args.format)
+    p = result.provenance
+    eps = {s: round(v.epsilon, 4) for s, v in p.sites.items()}
+    print(f"wrote {args.n} synthetic image(s) of class {result.label} to {result.out} (beside the cache {cache}, "
+          f"not in it); sidecar {result.out / _SIDECAR}")
+    print(f"model {p.model_sha256[:12]}… round {p.round}; ε per hospital {eps}"
+          + ("  (this hospital only: the kept model does not list the others)" if result.own_ledger_only else ""))
+    return 0
+
+
+def cmd_train_classifier(args: argparse.Namespace) -> int:
+    """``medsynth node train-classifier``: see :func:`client.augment.compare_at_site`."""
+    from client.augment import COMPARISON_DIR, compare_at_site
+
+    state, cache = _site_dirs(args)
+    table, record = compare_at_site(state, cache_dir=cache, synthetic=args.synthetic or (), label=args.label,
+                                    extra=args.extra, all_classes=args.all_classes, seed=args.seed,
+                                    bootstrap=args.bootstrap, epochs=args.epochs)
+    print(f"training images per class {record['train_counts']}; rare class {record['rare']}, "
+          f"+{record['extra']} images in (c) and (d); {record['test_images']} test images "
+          f"({record['test_patients']} patients)")
+    print(table)
+    print("percentages; [95 % bootstrap interval over test patients]; Δ: paired difference against (a)")
+    print(f"numbers: {state / COMPARISON_DIR / 'comparison.json'}")
     return 0
 
 

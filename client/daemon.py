@@ -164,6 +164,7 @@ class NodeDaemon:
             salt=load_or_create_salt(self.cfg.salt_path),
             class_names=parse_class_names(self.cfg.class_names) if self.cfg.class_names else None,
             progress=True,
+            denoise=self.cfg.denoise,
         )
 
     def run_once(self) -> int:

@@ -51,6 +51,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from common.certs import CertificateError, check_private_mode
 from common.config import (
+    DENOISE_CHOICES,
     MIN_PARTICIPANTS,
     NODE_DEFAULTS,
     RENAMED_NODE_KEYS,
@@ -74,7 +75,7 @@ NODE_TOML_KEYS: dict[str, frozenset[str]] = {
     "tls": frozenset({"ca-certificate"}),
     "keys": frozenset({"auth-private-key", "signing-key-path", "roster-path"}),
     "consortium": frozenset({"min-participants", "members"}),
-    "prepare": frozenset({"image-size", "class-names"}),
+    "prepare": frozenset({"image-size", "class-names", "denoise"}),
     "apps": frozenset({"allowed-fab-sha256", "any-app-may-run"}),
 }
 
@@ -120,6 +121,14 @@ def _port(node: Mapping[str, Any]) -> int:
     return port
 
 
+def _denoise(prepare: Mapping[str, Any]) -> str:
+    """``[prepare] denoise``: prepare's optional step (``common.denoise``), default none."""
+    value = prepare.get("denoise", NODE_DEFAULTS["denoise"])
+    if value not in DENOISE_CHOICES:
+        raise ConfigError(f"[prepare] denoise = {value!r}: one of {', '.join(DENOISE_CHOICES)}")
+    return str(value)
+
+
 def _image_size(prepare: Mapping[str, Any]) -> int:
     """``[prepare] image-size``: the side of the cached images, by default the app's ``model.image-size``."""
     size = prepare["image-size"] if "image-size" in prepare else app_defaults()["model.image-size"]
@@ -160,6 +169,7 @@ class NodeDeployConfig:
     max_epsilon_per_run: float  # [node] max-epsilon-per-run: the most ε one run may add (default: the budget)
     max_noise_multiplier: float  # [node] max-noise-multiplier: a training σ above it is refused
     runtime_port: int  # [node] runtime-port: the SuperNode's Runtime API on 127.0.0.1
+    denoise: str  # [prepare] denoise: prepare's optional step (common.denoise)
 
     @property
     def superlink_host(self) -> str:
@@ -198,6 +208,7 @@ class NodeDeployConfig:
             "delta": self.delta,
             "accountant": self.accountant,
             "class-names": self.class_names,
+            "denoise": self.denoise,
             "members": format_members(dict(self.members)),
             "min-participants": self.min_participants,
             "signing-key-path": str(self.signing_key_path),
@@ -280,6 +291,7 @@ class NodeDeployConfig:
             max_noise_multiplier=_positive(node, "max-noise-multiplier", float(NODE_DEFAULTS["max-noise-multiplier"]),
                                            "the largest σ this hospital trains at"),
             runtime_port=_port(node),
+            denoise=_denoise(prepare),
         )
         cfg.check_apps()
         cfg.check()

@@ -72,6 +72,7 @@ def load_site_dataset(site: SiteConfig, run: RunConfig) -> LocalDataset:
         salt=load_or_create_salt(site.salt_path),
         class_names=site.class_names,
         progress=False,
+        denoise=site.denoise,
     )
     return load_cache(site.cache_dir)
 

@@ -431,12 +431,15 @@ def format_members(members: Mapping[str, str]) -> str:
     return ",".join(f"{site}={fp}" for site, fp in sorted(members.items()))
 
 
+DENOISE_CHOICES = ("none", "median3", "median5")  # prepare's optional step (common.denoise)
+
 NODE_DEFAULTS: dict[str, ConfigValue] = {
     # a hospital's optional settings when its node.toml (and so its node config) leaves them out
     "delta": 1e-5,
     "accountant": "prv",
     "min-participants": MIN_PARTICIPANTS,
     "allow-plain-aggregation": False,
+    "denoise": "none",  # [prepare] denoise: no filter (common.denoise)
     # the largest DP-SGD noise multiplier the hospital trains at: a round that would need more is
     # refused before anything is charged (at σ ≫ 1 the update is noise; node.example.toml says more)
     "max-noise-multiplier": 10.0,
@@ -459,6 +462,7 @@ NODE_CONFIG_KEYS: dict[str, type] = {
     "delta": float,
     "accountant": str,
     "class-names": str,
+    "denoise": str,  # [prepare] denoise: common.denoise's step, applied by prepare (default none)
     "members": str,
     "min-participants": int,
     "allow-plain-aggregation": bool,
@@ -550,6 +554,7 @@ class SiteConfig:
     model_dir: Path  # the newest global model received, for evaluation at the node
     max_epsilon_per_run: float  # the most ε one run may add to the ledger (common.dp.plan.run_target)
     max_noise_multiplier: float  # a training round that needs a larger σ is refused (inf: no cap)
+    denoise: str  # prepare's optional step (common.denoise); part of the cache fingerprint
 
     def __post_init__(self) -> None:
         if not self.site_id:
@@ -569,6 +574,8 @@ class SiteConfig:
                 f"min-participants must be >= {MIN_PARTICIPANTS} (a sum over two hospitals reveals each to the "
                 f"other), got {self.min_participants}"
             )
+        if self.denoise not in DENOISE_CHOICES:
+            raise ConfigError(f"denoise = {self.denoise!r}: one of {', '.join(DENOISE_CHOICES)}")
         if self.site_id not in dict(self.members):
             raise ConfigError(f"the pinned consortium members {sorted(dict(self.members))} do not include this "
                               f"hospital ({self.site_id!r}); pin every member, this hospital included")
@@ -620,6 +627,7 @@ class SiteConfig:
                                            _get(node_cfg, "epsilon-budget", float))),
             max_noise_multiplier=float(_get(node_cfg, "max-noise-multiplier", float,
                                             NODE_DEFAULTS["max-noise-multiplier"])),
+            denoise=str(_get(node_cfg, "denoise", str, NODE_DEFAULTS["denoise"])),
         )
 
     @staticmethod
@@ -659,6 +667,7 @@ class SiteConfig:
             # a small ε still trains (and shows what such a run is worth)
             max_epsilon_per_run=run.privacy.epsilon_budget,
             max_noise_multiplier=math.inf,
+            denoise=str(NODE_DEFAULTS["denoise"]),  # the harness writes clean DICOM folders
         )
 
 

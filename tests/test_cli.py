@@ -78,7 +78,8 @@ def test_every_command_explains_itself_and_has_a_handler() -> None:
     # assert: today's commands all exist, each with a description and a handler
     words = {path for path, _ in leaves}
     assert {("simulate",), ("evaluate",), ("sample",), ("audit",), ("node", "prepare"), ("node", "privacy"),
-            ("node", "start"), ("node", "status"), ("node", "audit"), ("node", "evaluate"), ("server", "start"),
+            ("node", "start"), ("node", "status"), ("node", "audit"), ("node", "evaluate"), ("node", "augment"),
+            ("node", "train-classifier"), ("server", "start"),
             ("server", "status"), ("server", "fab-hash"), ("certs", "ca"), ("certs", "server"), ("certs", "node"),
             ("certs", "roster"), ("certs", "fingerprint")} == words
     for path, leaf in leaves:
@@ -125,7 +126,7 @@ def test_every_help_page_says_each_default_once() -> None:
             assert said <= 1, f"medsynth {' '.join(path)}: {entry}"
             assert said == 1 or not meaningful, f"medsynth {' '.join(path)} hides its default: {entry}"
             checked += 1
-    assert len(pages) == 22 and checked > 60  # every page walked, not an empty loop
+    assert len(pages) == 24 and checked > 60  # every page walked, not an empty loop
 
 
 def test_the_dispatch_table_names_each_sides_commands() -> None:

@@ -256,7 +256,7 @@ def test_commands_the_kit_documents_are_the_ones_the_daemons_run(tmp_path: Path)
         signing_key_path=Path("s.key"), roster_path=Path("roster.json"), allowed_fabs=(),
         class_names="normal,lesion", members=(("site-0", "ab" * 32),), delta=1e-5, accountant="prv",
         min_participants=3, image_size=32, allow_plain_aggregation=False, any_app_may_run=False,
-        max_epsilon_per_run=10.0, max_noise_multiplier=10.0, runtime_port=9094,
+        max_epsilon_per_run=10.0, max_noise_multiplier=10.0, runtime_port=9094, denoise="none",
     )
     node_cmd = NodeDaemon(node_cfg).supernode_command()
     assert "--root-certificates" in node_cmd and "--auth-supernode-private-key" in node_cmd

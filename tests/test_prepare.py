@@ -15,6 +15,7 @@ from pydicom.data import get_testdata_file
 import client.prepare.pipeline as prepare_module
 from client.prepare.pipeline import PrepareError, PrepareReport, load_or_create_salt, prepare_site
 from common.dataset import DatasetError, LocalDataset, load_cache, load_patient_hashes
+from common.errors import UserError
 from simulation.partition import SourceData, load_medmnist_npz, write_site_dicom
 from simulation.phantoms import phantom_population
 
@@ -255,3 +256,40 @@ def test_a_chain_of_shared_keys_is_one_unit() -> None:
     assert units.keys == (b"P1", b"\0file:f4")
     assert (units.units_without_patient_id, units.files_without_patient_id, units.files_linked_by_study) == (1, 2, 1)
     assert not units.patient_identity
+
+
+def test_denoise_step_is_in_the_fingerprint_and_removes_impulse_noise(tmp_path: Path) -> None:
+    """``--denoise median3``: a different cache fingerprint (switching it on or off rebuilds), and on a
+    folder of salt-and-pepper images a cache closer to the clean pixels than without the step."""
+    from common.dataset import read_cache_fingerprint
+    from common.denoise import median_filter, salt_and_pepper
+
+    # prepare: 3 patients, the same phantoms once clean and once with 10 % impulse noise
+    source = phantom_population(3, 2, image_size=48, seed=2)
+    noisy = replace(source, images=salt_and_pepper(source.images, 0.1, np.random.default_rng(0)))
+    write_site_dicom(source, np.arange(6), tmp_path / "clean", site_name="s", seed=1)
+    write_site_dicom(noisy, np.arange(6), tmp_path / "noisy", site_name="s", seed=1)
+    clean = prepare_site(tmp_path / "clean", tmp_path / "c0", image_size=32, salt=SALT, progress=False, workers=0)
+    assert clean.images_kept == 6
+    # act
+    plain = prepare_site(tmp_path / "noisy", tmp_path / "c1", image_size=32, salt=SALT, progress=False, workers=0)
+    fp_plain = read_cache_fingerprint(tmp_path / "c1")
+    filtered = prepare_site(tmp_path / "noisy", tmp_path / "c1", image_size=32, salt=SALT, progress=False,
+                            workers=0, denoise="median3")
+    fp_filtered = read_cache_fingerprint(tmp_path / "c1")
+    denoised = load_cache(tmp_path / "c1").images
+    again = prepare_site(tmp_path / "noisy", tmp_path / "c1", image_size=32, salt=SALT, progress=False,
+                         workers=0, denoise="median3")
+    prepare_site(tmp_path / "noisy", tmp_path / "c2", image_size=32, salt=SALT, progress=False, workers=0)
+    # assert
+    assert not plain.from_cache and not filtered.from_cache and again.from_cache
+    assert fp_plain != fp_filtered and fp_filtered == read_cache_fingerprint(tmp_path / "c1")
+    reference = load_cache(tmp_path / "c0").images
+    err_plain = np.abs(load_cache(tmp_path / "c2").images - reference).mean()
+    err_filtered = np.abs(denoised - reference).mean()
+    assert err_filtered < 0.5 * err_plain
+    spike = np.zeros((5, 5), np.float32)
+    spike[2, 2] = 1.0
+    assert median_filter(spike, 3).max() == 0.0
+    with pytest.raises(UserError, match="denoise = 'blur'"):
+        prepare_site(tmp_path / "noisy", tmp_path / "c3", image_size=32, salt=SALT, progress=False, denoise="blur")

@@ -15,6 +15,7 @@ from flwr.app import Context, Message, RecordDict
 
 from client.app import _handle, error_code, error_codes
 from client.audit import AuditLogCorrupt, read_entries
+from client.augment import AugmentUnavailable
 from client.ledger import (
     AccountingMismatch,
     AuditLogBehind,
@@ -35,6 +36,7 @@ from common.dataset import DatasetError
 from common.dicom.errors import DicomRejected
 from common.dp.accounting import PrivacyBudgetExceeded
 from common.errors import EXIT_FIX_CONFIG, EXIT_RESTARTABLE, MissingFile, UserError
+from common.evaluation.augment import AugmentError
 from common.evaluation.evaluate import EvaluationError
 from common.evaluation.features import ExtractorCacheCorrupt
 from common.evaluation.reference import ReferenceDataError
@@ -79,6 +81,7 @@ ANSWERED = [
 ]
 
 # UserErrors of common/ and client/ that no ClientApp action lets out, and why
+
 NEVER_ANSWERED = {
     CertificateError: "keys and certificates: checked by `node start` and the certs commands, before a ClientApp runs",
     RecordError: "the server's round records: the server, its report and the harness read them, a hospital never",
@@ -93,6 +96,8 @@ NEVER_ANSWERED = {
     ExtractorCacheCorrupt: "evaluate commands only",
     ReferenceDataError: "evaluate commands only",
     AuditRecordError: "audit.json: the audit command and the server's report read it, a hospital never",
+    AugmentUnavailable: "the node augment and train-classifier commands only",
+    AugmentError: "the node train-classifier command and the augment benchmark only",
 }
 
 # what the command line answered with one line and exit 2 before UserError existed

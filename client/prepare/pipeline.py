@@ -14,7 +14,8 @@ are grouped into privacy units by union-find over Patient ID (0010,0020) and Stu
 (its Patient ID, else its study, else its file) is kept only as SHA-256(salt + key), used for
 patient-level sampling. The cache is rebuilt only when the folder changes: its fingerprint
 covers every entry's (relative path, size, mtime_ns) and every setting that changes the result
-(image size, labels and their CSV's digest, selection, caps, limits, pipeline version, salt hash).
+(image size, labels and their CSV's digest, selection, caps, limits, pipeline version, salt hash,
+the optional denoising step of ``common.denoise``: a different step rebuilds the cache).
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ from client.prepare.workers import (
 )
 from common.atomic import fsync_dir, write_bytes_atomic, write_json_atomic
 from common.dataset import DatasetError, LocalDataset, read_cache_fingerprint, resize_to_square, save_cache
+from common.denoise import check_denoise
 from common.dicom.errors import REJECTION_FIXES, DicomRejected
 from common.dicom.paths import FolderEntry, walk_data_folder
 from common.dicom.read import DEFAULT_MAX_DECODED_BYTES, ReadLimits
@@ -112,6 +114,7 @@ def site_fingerprint(entries: Sequence[FolderEntry], settings: PrepareSettings, 
                    settings.limits.max_inflated_bytes, settings.time_limit_s,
                    settings.memory_limit_bytes],
         "salt": hashlib.sha256(salt).hexdigest(),
+        "denoise": settings.denoise,
     }
     h.update(json.dumps(config, sort_keys=True).encode())
     for rel, st in entries:
@@ -194,7 +197,7 @@ def prepare_site(data_dir: Path, cache_dir: Path, *, image_size: int, salt: byte
                  workers: int | None = None, limits: ReadLimits | None = None,
                  time_limit_s: float = DEFAULT_TIME_LIMIT_S,
                  memory_limit_bytes: int | None = DEFAULT_MEMORY_LIMIT_BYTES,
-                 rejected_list: Path | None = None) -> PrepareReport:
+                 rejected_list: Path | None = None, denoise: str = "none") -> PrepareReport:
     """Decode ``data_dir`` into ``cache_dir`` (or reuse the cache) and report what happened.
 
     ``class_names`` fixes the label order across sites; by default it is the sorted list of
@@ -203,7 +206,9 @@ def prepare_site(data_dir: Path, cache_dir: Path, *, image_size: int, salt: byte
     ``limits`` overrides ``max_decoded_bytes``. ``rejected_list``: write every rejected file
     with its reason, the detail and the fix to this CSV (:func:`write_rejected_list`); it names
     files, so it is written only when asked, mode 0600, and never inside the data folder. Asking
-    for it decodes the folder again (the cache keeps no per-file outcome).
+    for it decodes the folder again (the cache keeps no per-file outcome). ``denoise``: the optional
+    step of ``common.denoise`` applied to every frame before resizing (``median3`` for salt-and-pepper
+    noise); part of the fingerprint.
     """
     data_dir, cache_dir = data_dir.resolve(), cache_dir.resolve()
     if not data_dir.is_dir():
@@ -222,7 +227,8 @@ def prepare_site(data_dir: Path, cache_dir: Path, *, image_size: int, salt: byte
     settings = PrepareSettings(root=data_dir, image_size=image_size, labels=rule,
                                selection=Selection.of(modalities, body_parts),
                                limits=limits or ReadLimits(max_decoded_bytes=max_decoded_bytes),
-                               time_limit_s=time_limit_s, memory_limit_bytes=memory_limit_bytes)
+                               time_limit_s=time_limit_s, memory_limit_bytes=memory_limit_bytes,
+                               denoise=check_denoise(denoise))
     try:
         entries = walk_data_folder(data_dir)
     except OSError as exc:

@@ -33,6 +33,7 @@ from pydicom.dataset import Dataset
 
 from client.prepare.labels import LabelRule, Selection
 from common.dataset import resize_to_square
+from common.denoise import denoise
 from common.dicom.errors import DicomRejected
 from common.dicom.read import ReadLimits, read_image_frames
 
@@ -57,6 +58,7 @@ class PrepareSettings:
     limits: ReadLimits = field(default_factory=ReadLimits)
     time_limit_s: float = DEFAULT_TIME_LIMIT_S
     memory_limit_bytes: int | None = DEFAULT_MEMORY_LIMIT_BYTES
+    denoise: str = "none"  # common.denoise: a median filter for impulse noise, before resizing
 
 
 @dataclass(frozen=True)
@@ -95,7 +97,7 @@ def process_file(job: FileJob, settings: PrepareSettings) -> FileOutcome:
     try:
         image = read_image_frames(settings.root / job.rel, limits=settings.limits, screen=screen,
                                   root=settings.root, expected=job.stat)
-        images = np.stack([resize_to_square(f, settings.image_size) for f in image.frames])
+        images = np.stack([resize_to_square(denoise(f, settings.denoise), settings.image_size) for f in image.frames])
         (label, key), = found  # the screen ran exactly once, before decoding
     except DicomRejected as exc:
         return FileOutcome(job.rel, reason=exc.reason, message=exc.message, fix=exc.fix)

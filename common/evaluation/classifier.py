@@ -97,12 +97,14 @@ def _random_shift(x: torch.Tensor, max_shift: int, gen: torch.Generator) -> torc
 def train_classifier(
     images: np.ndarray, labels: np.ndarray, num_classes: int, cfg: ClassifierConfig, *, desc: str = "classifier",
     select: Callable[[SmallCNN], float] | None = None,
+    augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
 ) -> SmallCNN:
     """Train a :class:`SmallCNN` on float32 images (N, 1, S, S) in [-1, 1] and int labels (N,).
 
     ``select`` scores the model (in eval mode) after every epoch and every ``cfg.check_every``
     steps, e.g. its AUC on a validation split; the best-scoring point is returned (early stopping).
-    Without it, the last.
+    Without it, the last. ``augment`` transforms every training batch (B, 1, S, S) after the shift,
+    drawing from the seeded augmentation generator (e.g. ``common.evaluation.augment.classic_augment``).
     Returns the model in eval mode. Deterministic for a given (data, cfg) on one machine.
     """
     if images.ndim != 4 or images.shape[1] != 1 or labels.shape != (images.shape[0],):
@@ -143,6 +145,8 @@ def train_classifier(
                 if idx.numel() < 2:  # BatchNorm needs two rows; a lone trailing row is skipped
                     continue
                 x = _random_shift(x_all[idx], cfg.shift, aug_gen)
+                if augment is not None:
+                    x = augment(x, aug_gen)
                 loss = F.cross_entropy(model(x), y_all[idx])
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
