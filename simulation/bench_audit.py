@@ -10,10 +10,16 @@ audited DP-SGD steps). What is audited is then the first round's DP-SGD of the t
 calibrated so the planned round ends at ε; a longer run is audited the same way with
 ``medsynth audit --rounds R``.
 
+Then (unless ``--no-membership``) the membership-inference part of ``medsynth audit``: per seed,
+a federation per budget and a non-private control on 4 × 32 member patients, attacked on the
+released G, D and synthetic set (``simulation.audit.mia_runs``; 5-12 min each on 2 shared cores,
+so the whole benchmark takes hours, not the issue's hour: ``--no-membership`` keeps the one-run
+part, about 40 min).
+
 Prints one Markdown table per data set (claimed ε, lower bound at 95 %, verdict) and writes
 OUT/bench_audit.md and each data set's audit.json under OUT/<data set>/.
 
-    python -m simulation.bench_audit [--seeds 0,1,2] [--rounds 1] [--local-steps 50] [--out DIR]
+    python -m simulation.bench_audit [--seeds 0,1,2] [--rounds 1] [--local-steps 50] [--no-membership] [--out DIR]
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=1, help="rounds per run (default: 1)")
     p.add_argument("--local-steps", type=int, default=50, help="D steps per round (default: 50)")
     p.add_argument("--sets", default="phantoms,pneumoniamnist", help="data sets (default: phantoms,pneumoniamnist)")
+    p.add_argument("--no-membership", action="store_true", help="skip the membership-inference part")
     args = p.parse_args(argv)
     seeds = tuple(int(s) for s in args.seeds.split(","))
     t0 = time.monotonic()
@@ -52,7 +59,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         opts = AuditOptions(out=args.out / name, dataset=args.data if name == "pneumoniamnist" else None,
                             preset="pneumoniamnist" if name == "pneumoniamnist" else None, seeds=seeds,
-                            rounds=args.rounds, local_steps=args.local_steps)
+                            rounds=args.rounds, local_steps=args.local_steps, membership=not args.no_membership)
         t_set = time.monotonic()
         report = audit(opts, say=_say(name))
         tables.append(f"### {name} ({(time.monotonic() - t_set) / 60:.1f} min)\n\n{format_findings(report.findings)}")

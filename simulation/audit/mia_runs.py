@@ -51,6 +51,7 @@ from common.config import RunConfig, run_config
 from common.dataset import LocalDataset
 from common.evaluation.reference import LabelledImages, to_model_range, unit_per_image
 from simulation.audit.membership import AttackSettings, MembershipData, membership_findings
+from simulation.partition import load_medmnist_npz
 from simulation.phantoms import CT_MAPPING, HU_OFFSET, phantom_population
 from simulation.presets import load_preset
 
@@ -76,21 +77,20 @@ def _site(images: np.ndarray, labels: np.ndarray, patients: np.ndarray, names: t
                         class_names=names, patient_identity=True)
 
 
-def pneumonia_split(npz: Path, members_per_site: int, seed: int, size: int = 32) -> AuditSplit:
-    """Members and non-members from the training split (seeded shuffle), reference the test split."""
-    with np.load(npz, allow_pickle=False) as raw:
-        x, y = raw["train_images"], raw["train_labels"].reshape(-1).astype(np.int64)
-        xt, yt = raw["test_images"], raw["test_labels"].reshape(-1).astype(np.int64)
+def medmnist_split(npz: Path, members_per_site: int, seed: int, size: int = 32) -> AuditSplit:
+    """Members and non-members from a MedMNIST training split (seeded shuffle), reference its test split."""
+    train, test = load_medmnist_npz(npz, "train"), load_medmnist_npz(npz, "test")
+    x, y = train.images, train.labels.astype(np.int64)
     n = SITES * members_per_site
     order = np.random.default_rng(seed).permutation(y.size)
     members, non = order[:n], order[n : 2 * n]
     images = to_model_range(unit_per_image(x[np.r_[members, non]]), size)  # (2n, 1, S, S)
-    names = ("normal", "pneumonia")
+    names = train.class_names
     sites = tuple(_site(images[:n][i::SITES], y[members][i::SITES], np.arange(n)[i::SITES], names)
                   for i in range(SITES))
+    reference = LabelledImages(to_model_range(unit_per_image(test.images), size), test.labels.astype(np.int64))
     return AuditSplit(sites, MembershipData(LabelledImages(images[:n], y[members]),
-                                            LabelledImages(images[n:], y[non]),
-                                            LabelledImages(to_model_range(unit_per_image(xt), size), yt)))
+                                            LabelledImages(images[n:], y[non]), reference))
 
 
 def phantom_pixels(stored: np.ndarray, size: int) -> np.ndarray:
@@ -143,7 +143,9 @@ def run_label(epsilon: float | None, dataset: str, seed: int) -> str:
 
 def audit_run(dataset: str, epsilon: float | None, seed: int, grid: GridSettings, attacks: AttackSettings,
               out: Path, data: Path = DATA) -> list[AuditFinding]:
-    """Train one federation on the members and attack its release; writes ``out/audit.json``."""
+    """Train one federation on the members and attack its release; writes ``out/audit.json``.
+
+    ``dataset``: "phantoms", or a name for the MedMNIST ``.npz`` at ``data`` (e.g. "pneumonia")."""
     from simulation.fed_inprocess import FedPlan, train_federated  # torch-heavy: only when training
 
     label = run_label(epsilon, dataset, seed)
@@ -151,8 +153,8 @@ def audit_run(dataset: str, epsilon: float | None, seed: int, grid: GridSettings
     def say(line: str) -> None:
         print(f"[{label}] {line}", flush=True)
 
-    split = (pneumonia_split(data, grid.members_per_site, seed) if dataset == "pneumonia"
-             else phantom_split(grid.members_per_site, seed))
+    split = (phantom_split(grid.members_per_site, seed) if dataset == "phantoms"
+             else medmnist_split(data, grid.members_per_site, seed))
     run = grid.run(seed)
     d_steps = run.train.d_steps_per_g if epsilon is not None else 1  # as bench_quality's non-private row
     plan = FedPlan.from_run(replace(run, train=replace(run.train, d_steps_per_g=d_steps, device="cpu")), epsilon)

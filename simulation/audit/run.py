@@ -3,10 +3,12 @@
 One audited run = :func:`one_run_audit`: the in-process engine (``simulation.fed_inprocess``,
 the hospitals' local round, calibration and FedAvg) with :class:`GradientCanaries`, then the
 statistics of ``simulation.audit.one_run``. Per seed: the canaries' placement and one shadow
-run (no canary in, other coins) are shared by every audited run. Further attacks (membership
-inference on the released generator, synthetic set and discriminator) plug in as
-:data:`Attack` callables that read the trained run and return findings; :func:`audit` calls
-each of them after each run, and ``audit.json`` (``common.audit_record``) holds every finding.
+run (no canary in, other coins) are shared by every audited run.
+
+The second part (``AuditOptions.membership``) is membership inference on what is released: its
+own federations, trained on small member sets so that a non-private run memorizes
+(``simulation.audit.mia_runs``), attacked with ``simulation.audit.membership``; one per DP budget
+and one non-private control per seed. ``audit.json`` (``common.audit_record``) holds every finding.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import argparse
 import shutil
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +29,8 @@ from common.evaluation.reference import to_model_range, unit_per_image
 from common.flower import RunConfigValue
 from common.models import build_models
 from simulation.audit.canaries import Canaries, GradientCanaries, gradient_probe, place_canaries
+from simulation.audit.membership import AttackSettings
+from simulation.audit.mia_runs import GridSettings, audit_run
 from simulation.audit.one_run import audit_scores
 from simulation.fed_inprocess import FedPlan, train_federated
 from simulation.partition import split_by_patient
@@ -45,29 +49,6 @@ class AuditedRun:
     epsilon: float | None
     noise_scale: float = 1.0
     kind: str = "dp"  # "dp", "no DP (control)", "broken (σ = 0)"
-
-
-@dataclass(frozen=True)
-class TrainedRun:
-    """What an attack gets: the run, its folder (checkpoints/, server_state.json), its sites and plan."""
-
-    run: AuditedRun
-    folder: Path
-    sites: Sequence[LocalDataset]
-    plan: FedPlan
-    claimed_epsilon: float | None
-
-
-Attack = Callable[[TrainedRun], Sequence[AuditFinding]]  # e.g. a membership-inference attack
-
-
-def default_attacks() -> tuple[Attack, ...]:
-    """The attacks ``medsynth audit`` runs on every trained run after the one-run audit.
-
-    None yet: membership inference on the released generator, synthetic set and discriminator
-    (issue 16, part 2) is added here, each attack a callable returning its findings.
-    """
-    return ()
 
 
 def placement(sites: Sequence[LocalDataset], plan: FedPlan, canaries: int) -> Canaries:
@@ -92,7 +73,7 @@ def shadow_run(sites: Sequence[LocalDataset], plan: FedPlan, placed: Canaries, o
 
 def one_run_audit(sites: Sequence[LocalDataset], plan: FedPlan, run: AuditedRun, out: Path, placed: Canaries, *,
                   shadow: np.ndarray | None, confidence: float = CONFIDENCE,
-                  say: Callable[[str], None] = print) -> tuple[AuditFinding, TrainedRun]:
+                  say: Callable[[str], None] = print) -> AuditFinding:
     """Train ``plan`` over ``sites`` with the canaries ``placed`` and audit the result against ``shadow``."""
     hooks = GradientCanaries(placed, sample_rate=plan.sample_rate, norm=plan.max_grad_norm,
                              seed=plan.seed * 7919 + 18, noise_scale=run.noise_scale)
@@ -108,7 +89,7 @@ def one_run_audit(sites: Sequence[LocalDataset], plan: FedPlan, run: AuditedRun,
                            claimed_epsilon=claimed, epsilon_lower_bound=result.epsilon_lower_bound,
                            confidence=confidence, auc=None, tpr_at_1pct_fpr=None, tpr_at_01pct_fpr=None,
                            detail=detail)
-    return finding, TrainedRun(run, out, sites, plan, claimed)
+    return finding
 
 
 def _prefixed(say: Callable[[str], None], name: str) -> Callable[[str], None]:
@@ -154,6 +135,9 @@ class AuditOptions:
     canaries: int = DEFAULT_CANARIES
     confidence: float = CONFIDENCE
     warm_start: bool = False
+    membership: bool = True  # the membership-inference part (its own federations)
+    grid: GridSettings = field(default_factory=GridSettings)  # the membership federations' training
+    attack_settings: AttackSettings = field(default_factory=AttackSettings)  # the membership attacks' sizes and effort
 
     @staticmethod
     def from_args(args: argparse.Namespace) -> AuditOptions:
@@ -169,7 +153,8 @@ class AuditOptions:
                             broken=args.broken if args.broken > 0 else None, control=not args.no_control,
                             seeds=seeds, rounds=args.rounds, local_steps=args.local_steps,
                             canaries=DEFAULT_CANARIES if args.canaries is None else args.canaries,
-                            confidence=args.confidence, warm_start=args.warm_start)
+                            confidence=args.confidence, warm_start=args.warm_start,
+                            membership=not args.no_membership)
 
     def check(self) -> None:
         """Refuse settings the audit cannot run with (exit 2)."""
@@ -211,7 +196,27 @@ class AuditOptions:
 BROKEN_NOISE_SCALE = 1e-3
 
 
-def audit(opts: AuditOptions, *, attacks: Sequence[Attack] = (), say: Callable[[str], None] = print) -> AuditReport:
+def membership_part(opts: AuditOptions, seed: int,
+                    say: Callable[[str], None] = print) -> list[AuditFinding]:
+    """Membership inference for one seed: a federation per DP budget (and the non-private control)
+    trained on ``opts.grid``'s member patients (default 4 × 32), attacked on its G, D and synthetic
+    set (``mia_runs.audit_run``); each in OUT/membership/<run>/ with its audit.json and report."""
+    from common.report.html import write_report
+
+    name = "phantoms" if opts.dataset is None else opts.dataset.stem
+    findings: list[AuditFinding] = []
+    for epsilon in (*opts.epsilons, *((None,) if opts.control else ())):
+        label = f"{'no DP (control)' if epsilon is None else f'ε = {epsilon:g}'}, seed {seed}"
+        folder = opts.out / "membership" / _slug(label)
+        shutil.rmtree(folder, ignore_errors=True)
+        say(f"[membership, {label}] training on the member patients, then attacking")
+        findings += audit_run(name, epsilon, seed, opts.grid, opts.attack_settings, folder,
+                              data=opts.dataset if opts.dataset is not None else Path("unused"))
+        write_report(folder)
+    return findings
+
+
+def audit(opts: AuditOptions, *, say: Callable[[str], None] = print) -> AuditReport:
     """Every run of ``opts`` for every seed; writes OUT/audit.json (and each run folder's own, with its report)."""
     from common.report.html import write_report
 
@@ -230,13 +235,14 @@ def audit(opts: AuditOptions, *, attacks: Sequence[Attack] = (), say: Callable[[
             folder = opts.out / _slug(audited.label)
             shutil.rmtree(folder, ignore_errors=True)
             plan = replace(base, epsilon=audited.epsilon)
-            finding, trained = one_run_audit(sites, plan, audited, folder, placed, shadow=shadow,
-                                             confidence=opts.confidence, say=_prefixed(say, audited.label))
-            mine = [finding, *(f for attack in attacks for f in attack(trained))]
-            write_audit(folder, AuditReport(tuple(mine)))
+            finding = one_run_audit(sites, plan, audited, folder, placed, shadow=shadow,
+                                    confidence=opts.confidence, say=_prefixed(say, audited.label))
+            write_audit(folder, AuditReport((finding,)))
             write_report(folder)
-            findings.extend(mine)
+            findings.append(finding)
             say(format_findings([finding]).splitlines()[-1])
+        if opts.membership:
+            findings += membership_part(opts, seed, say)
     report = AuditReport(tuple(findings))
     opts.out.mkdir(parents=True, exist_ok=True)
     write_audit(opts.out, report)
@@ -260,9 +266,11 @@ def verdict(f: AuditFinding) -> str:
 
 def format_findings(findings: Sequence[AuditFinding]) -> str:
     """The audit's table (Markdown)."""
-    lines = ["| attack | run | claimed ε | ε lower bound | confidence | verdict |", "|---|---|---|---|---|---|"]
+    lines = ["| attack | target | run | AUC | claimed ε | ε lower bound | confidence | verdict |",
+             "|---|---|---|---|---|---|---|---|"]
     for f in findings:
         claim = "–" if f.claimed_epsilon is None else f"{f.claimed_epsilon:.2f}"
-        lines.append(f"| {f.attack} | {f.run} | {claim} | {f.epsilon_lower_bound:.2f} | {f.confidence:.2f} | "
-                     f"{verdict(f)} |")
+        auc = "–" if f.auc is None else f"{f.auc:.3f}"
+        lines.append(f"| {f.attack} | {f.target} | {f.run} | {auc} | {claim} | {f.epsilon_lower_bound:.2f} | "
+                     f"{f.confidence:.2f} | {verdict(f)} |")
     return "\n".join(lines)
