@@ -60,6 +60,18 @@ def test_calibration_lands_inside_the_budget_at_small_epsilon(budget: float, q: 
     assert budget - 0.01 < epsilon_of([Charge(sigma, q, steps)], 1e-5) <= budget
 
 
+@pytest.mark.parametrize("steps", [10, 300])
+def test_full_batch_steps_compose_to_one_release_at_sigma_over_root_t(steps: int) -> None:
+    # T Gaussian releases at σ are one release at σ/√T, so calibration at q = 1 must find √T
+    # times the one-release σ (0.5003 for ε = 10, δ = 1e-5). 300 steps once started at the
+    # one-release σ, where PRV overflows, and never returned.
+    one = calibrate_noise_multiplier([], sample_rate=1.0, planned_steps=1, delta=1e-5, budget=10.0)
+    sigma = calibrate_noise_multiplier([], sample_rate=1.0, planned_steps=steps, delta=1e-5, budget=10.0)
+    assert one == pytest.approx(0.5003, abs=1e-3)
+    assert sigma == pytest.approx(one * math.sqrt(steps), rel=2e-3)
+    assert 10.0 - 0.01 < epsilon_of([Charge(sigma, 1.0, steps)], 1e-5) <= 10.0
+
+
 def test_calibration_accounts_for_what_was_already_spent() -> None:
     spent = [Charge(1.0, 0.1, 50)]
     sigma = calibrate_noise_multiplier(spent, sample_rate=0.1, planned_steps=50, delta=1e-5, budget=8.0)

@@ -208,8 +208,10 @@ def calibrate_noise_multiplier(
     if sample_rate == 1.0:
         # the plain Gaussian mechanism (a warm-start release): start from the classical bound
         # σ = √(2 ln(1.25/δ)) / ε (Dwork & Roth 2014, Thm. 3.22), not from RDP, whose default
-        # orders are too few for one release at small ε (Opacus warns and the start is poor)
-        start = max(math.sqrt(2 * math.log(1.25 / delta)) / budget, 0.05)
+        # orders are too few for one release at small ε (Opacus warns and the start is poor).
+        # T releases at σ each compose to exactly one release at σ/√T (their sum of squared
+        # means over the summed variances), so T of them need √T times the one-release σ.
+        start = max(math.sqrt(planned_steps * 2 * math.log(1.25 / delta)) / budget, 0.05)
     elif accountant == "prv":
         # σ ≤ 32 here: the start hardly matters above it
         top = min(sigma_max, 32.0)
@@ -258,6 +260,14 @@ def _solve_sigma(
     side = 0  # which end moved last: -1 lo, +1 hi
     for _ in range(100):
         fx = f(x)
+        if not math.isfinite(fx):
+            # the accountant overflowed (a σ far too small for this many steps: PRV's domain
+            # explodes): certainly above the budget, and no secant can be drawn through it
+            if x >= x_max:
+                raise ArithmeticError(f"the accountant returned ε = {math.exp(fx + log_budget)} at σ = {sigma_max}")
+            lo, side, w_lo = (x, math.inf), -1, 1.0
+            x = min(x + math.log(4.0), x_max) if hi is None else (x + hi[0]) / 2
+            continue
         if fx > 0:
             lo, moved, w_lo = (x, fx), -1, 1.0
         else:
@@ -276,7 +286,8 @@ def _solve_sigma(
                 w_hi /= 2
             side = moved
             f_lo, f_hi = w_lo * lo[1], w_hi * hi[1]
-            x = lo[0] + (hi[0] - lo[0]) * f_lo / (f_lo - f_hi)
+            # an overflowed end has no value to interpolate with: halve the bracket instead
+            x = lo[0] + (hi[0] - lo[0]) * (f_lo / (f_lo - f_hi) if math.isfinite(f_lo) else 0.5)
             # keep the step strictly inside the bracket
             x = min(max(x, lo[0] + 0.01 * (hi[0] - lo[0])), hi[0] - 0.01 * (hi[0] - lo[0]))
         else:

@@ -21,13 +21,13 @@ Data sets:
   (center 40, width 400, PS3.3 LINEAR) to [0, 1], then the model side.
 
 Why small member sets (default 32 patients per hospital, 128 in all): memorization needs each
-member to be seen often. q = batch / patients per site = 32/32, capped at 0.99
-(:data:`MAX_SAMPLE_RATE`): nearly every member is in every step of 6 rounds × 50 local steps
-(× the D steps per G step), so a non-private run memorizes and shows whether the attacks work
-(with 100 per site and 2 rounds D's AUC was 0.53: too little). The price: 128 + 128 queries bound
-what an attack can show (ε ≈ 2.8 at most, see ``membership``). The DP runs use the same sites,
-rounds and q; σ is calibrated so the planned steps end at ε (δ 1e-5), with almost no subsampling
-amplification at q = 0.99. The warm start runs with fewer pre-training steps than the app's
+member to be seen often. q = batch / patients per site = 32/32 = 1: every member is in every
+step of 6 rounds × 50 local steps (× the D steps per G step), so a non-private run memorizes and
+shows whether the attacks work (with 100 per site and 2 rounds D's AUC was 0.53: too little).
+The price: 128 + 128 queries bound what an attack can show (ε ≈ 2.8 at most, see
+``membership``). The DP runs use the same sites, rounds and q; σ is calibrated so the planned
+steps end at ε (δ 1e-5), without subsampling amplification at q = 1 (T such steps are one
+Gaussian release at σ/√T). The warm start runs with fewer pre-training steps than the app's
 (``--pretrain-steps``), to fit 2 shared cores: the same private release, shorter pre-training of G.
 
     python -m simulation.audit.mia_runs [--datasets pneumonia,phantoms] [--kinds none,10,1] [--seeds 0,1,2]
@@ -57,9 +57,6 @@ from simulation.presets import load_preset
 
 DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "medmnist" / "pneumoniamnist.npz"
 SITES = 4
-# q at most 0.99: at q = 1 the σ calibration fails (the PRV accountant overflows: "no noise multiplier
-# found for ε budget 10.0 within 100 accountant calls"); 0.99 trains as q = 1 does, give or take a row
-MAX_SAMPLE_RATE = 0.99
 PHANTOM_REFERENCE_SEED = 1_000_003  # the reference population's seed offset: never a training population
 
 
@@ -133,7 +130,7 @@ class GridSettings:
     def run(self, seed: int) -> RunConfig:
         return run_config({**load_preset("pneumoniamnist"), "num-server-rounds": self.rounds,
                            "train.local-steps": self.local_steps, "train.batch-size": self.batch_size,
-                           "dp.sample-rate": round(min(MAX_SAMPLE_RATE, self.batch_size / self.members_per_site), 4),
+                           "dp.sample-rate": round(min(1.0, self.batch_size / self.members_per_site), 4),
                            "warm-start.pretrain-steps": self.pretrain_steps, "seed": seed})
 
 
@@ -142,10 +139,10 @@ def run_label(epsilon: float | None, dataset: str, seed: int) -> str:
 
 
 def audit_run(dataset: str, epsilon: float | None, seed: int, grid: GridSettings, attacks: AttackSettings,
-              out: Path, data: Path = DATA) -> list[AuditFinding]:
+              out: Path, data: Path | None = DATA) -> list[AuditFinding]:
     """Train one federation on the members and attack its release; writes ``out/audit.json``.
 
-    ``dataset``: "phantoms", or a name for the MedMNIST ``.npz`` at ``data`` (e.g. "pneumonia")."""
+    ``dataset``: "phantoms" (``data`` unused), or a name for the MedMNIST ``.npz`` at ``data`` (e.g. "pneumonia")."""
     from simulation.fed_inprocess import FedPlan, train_federated  # torch-heavy: only when training
 
     label = run_label(epsilon, dataset, seed)
@@ -153,8 +150,12 @@ def audit_run(dataset: str, epsilon: float | None, seed: int, grid: GridSettings
     def say(line: str) -> None:
         print(f"[{label}] {line}", flush=True)
 
-    split = (phantom_split(grid.members_per_site, seed) if dataset == "phantoms"
-             else medmnist_split(data, grid.members_per_site, seed))
+    if dataset == "phantoms":
+        split = phantom_split(grid.members_per_site, seed)
+    elif data is not None:
+        split = medmnist_split(data, grid.members_per_site, seed)
+    else:
+        raise ValueError(f"data set {dataset!r} needs the path of its .npz")
     run = grid.run(seed)
     d_steps = run.train.d_steps_per_g if epsilon is not None else 1  # as bench_quality's non-private row
     plan = FedPlan.from_run(replace(run, train=replace(run.train, d_steps_per_g=d_steps, device="cpu")), epsilon)

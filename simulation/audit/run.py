@@ -211,7 +211,7 @@ def membership_part(opts: AuditOptions, seed: int,
         shutil.rmtree(folder, ignore_errors=True)
         say(f"[membership, {label}] training on the member patients, then attacking")
         findings += audit_run(name, epsilon, seed, opts.grid, opts.attack_settings, folder,
-                              data=opts.dataset if opts.dataset is not None else Path("unused"))
+                              data=opts.dataset)
         write_report(folder)
     return findings
 
