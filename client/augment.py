@@ -9,10 +9,11 @@ cache stays the hospital's real images only, so training and ``node evaluate`` n
 synthetic image as a patient.
 
 The model is the federation's DP output, which every hospital receives anyway; sampling it is
-post-processing and costs no privacy. A kept global model carries no round history, so its
-sidecar cannot list the other hospitals' ε (the server does not send them with the model); it
-lists this hospital's own ε from its ledger and says so. A run folder's checkpoint (``--checkpoint``,
-e.g. a simulation's ``OUT/checkpoints``) lists every hospital.
+post-processing and costs no privacy. The final model the server sends after a run's last round
+carries every hospital's newest privacy report (``client.final_model``): its sidecar lists them,
+with this hospital's own ε from its ledger. A model kept during a run has no reports, so its
+sidecar lists the own ε only and says so. A run folder's checkpoint (``--checkpoint``, e.g. a
+simulation's ``OUT/checkpoints``) lists every hospital from its round history.
 
 ``medsynth node train-classifier`` (:func:`compare_at_site`) trains the hospital's classifier
 four ways on its own patients (``common.evaluation.augment``) and prints and writes numbers only.
@@ -33,8 +34,10 @@ from common.export import SIDECAR, ExportError, ExportFormat, Provenance, SitePr
 
 SYNTHETIC_DIR = "synthetic"  # under a site's state folder, beside (never inside) the cache
 COMPARISON_DIR = "augment"  # under a site's state folder: train-classifier's numbers
-OWN_LEDGER_NOTE = ("this hospital's ε from its own ledger only: the kept global model carries no round history, "
-                   "so the other hospitals' ε are not known here")
+OWN_LEDGER_NOTE = ("this hospital's ε from its own ledger only: the global model kept during a run carries no "
+                   "round history, so the other hospitals' ε are not known here (the final model brings them)")
+RELAYED_NOTE = ("this hospital's ε from its own ledger; the other hospitals' ε as the server relayed their reports "
+                "with the final model")
 
 
 class AugmentUnavailable(UserError, ValueError):
@@ -118,8 +121,9 @@ def augment_site(state_dir: Path, label: str, n: int, *, cache_dir: Path | None 
     seed = int(np.random.SeedSequence().generate_state(1)[0]) if seed is None else seed
     provenance = generator.provenance
     own_only = not provenance.sites
-    if own_only:
-        provenance = replace(provenance, sites=_own_privacy(paths.ledger_path))
+    relayed = checkpoint is None and not own_only  # the final model's reports; this hospital trusts its ledger
+    if own_only or relayed:
+        provenance = replace(provenance, sites={**provenance.sites, **_own_privacy(paths.ledger_path)})
     target = out if out is not None else (
         state_dir / SYNTHETIC_DIR / f"{names[index]}-{provenance.model_sha256[:12]}-seed{seed}")
     resolved = target.resolve()
@@ -132,8 +136,8 @@ def augment_site(state_dir: Path, label: str, n: int, *, cache_dir: Path | None 
     images = generator.sample(labels, seed=seed, latent_scale=latent_scale)  # (n, 1, S, S) in [-1, 1]
     sampling = {"seed": seed, "class": names[index], "n": n, "latent_scale": latent_scale,
                 "purpose": "augment the hospital's training set; not patient data"}
-    if own_only:
-        sampling["privacy_note"] = OWN_LEDGER_NOTE
+    if own_only or relayed:
+        sampling["privacy_note"] = OWN_LEDGER_NOTE if own_only else RELAYED_NOTE
     try:
         files = export_images(images, labels, target, fmt, provenance, sampling=sampling)
     except ExportError as exc:

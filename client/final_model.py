@@ -1,9 +1,11 @@
 """The final global model the server sends after the last round: checked, kept, acknowledged.
 
 ``query.final_model`` (``common.protocol.messages.FINAL_MODEL``) carries the model of the run's
-last completed round. The hospital checks it like any received global model (the run's names
-and shapes, finite, in range: ``client.policy``), keeps it as its newest global model (where
-``medsynth node evaluate`` reads it) and answers with its site id and the round, both public.
+last completed round, and every hospital's newest privacy report (ε, δ, budget, steps: public
+values). The hospital checks the model like any received global model (the run's names and
+shapes, finite, in range: ``client.policy``), keeps it with the reports as its newest global model
+(where ``medsynth node evaluate`` and ``node augment`` read it: an export's sidecar then names
+every hospital's ε) and answers with its site id and the round, both public.
 Nothing is trained, no data is read and nothing is charged to the ledger.
 """
 
@@ -22,8 +24,8 @@ def keep_final_model(run: RunConfig, site: SiteConfig, content: RecordDict, *, r
     from common.models import build_models
     from common.weights import model_arrays
 
-    arrays, model_round = decode_final_model(content)
+    arrays, model_round, reports = decode_final_model(content)
     netG, netD = build_models(run.model)
     check_global_model(arrays, {k: tuple(v.shape) for k, v in model_arrays(netG, netD).items()})
-    keep_global_model(site, run, arrays, run_id=run_id, model_round=model_round)
+    keep_global_model(site, run, arrays, run_id=run_id, model_round=model_round, site_privacy=reports)
     return encode_final_ack(site.site_id, model_round)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -46,6 +47,7 @@ from common.dp.train import train_local_round
 from common.dp.warm_start import WARM_START_ROUND, EmbeddingSpec
 from common.models import build_models, select_device
 from common.protocol.messages import SiteReply, Status
+from common.round_record import SitePrivacyReport
 from common.weights import PUBLIC_WEIGHT, UpdateLayout, load_model_arrays, model_arrays
 
 
@@ -78,7 +80,8 @@ def load_site_dataset(site: SiteConfig, run: RunConfig) -> LocalDataset:
 
 
 def keep_global_model(
-    site: SiteConfig, run: RunConfig, arrays: dict[str, np.ndarray], *, run_id: int, model_round: int
+    site: SiteConfig, run: RunConfig, arrays: dict[str, np.ndarray], *, run_id: int, model_round: int,
+    site_privacy: Mapping[str, SitePrivacyReport] | None = None,
 ) -> None:
     """Keep the newest global model the server sent, so ``medsynth node evaluate`` can judge it here.
 
@@ -88,7 +91,8 @@ def keep_global_model(
     """
     if site.model_dir is None:
         return
-    path = save_checkpoint(site.model_dir, model_round, arrays, [], class_names=run.class_names, run_id=run_id)
+    path = save_checkpoint(site.model_dir, model_round, arrays, [], class_names=run.class_names, run_id=run_id,
+                           site_privacy=site_privacy)
     for older in site.model_dir.glob("round-*.safetensors"):
         if older != path:
             older.unlink(missing_ok=True)

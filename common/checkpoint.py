@@ -19,8 +19,8 @@ import hashlib
 import json
 import logging
 import re
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -33,8 +33,11 @@ from common.round_record import (
     NOT_RECORDED,
     Initialisation,
     RoundRecord,
+    SitePrivacyReport,
     history_from_json,
     history_to_json,
+    reports_from_json,
+    reports_to_json,
 )
 
 log = logging.getLogger("medsynth.checkpoint")
@@ -57,6 +60,9 @@ class Checkpoint:
     class_names: tuple[str, ...] | None = None  # None: written before the names were recorded
     run_id: int | None = None
     initialisation: Initialisation = NOT_RECORDED  # NOT_RECORDED: written before it was recorded
+    # every hospital's newest privacy report, as the final model brought it to a hospital (its kept
+    # models have no round history); empty elsewhere: a server's checkpoint has the history
+    site_privacy: Mapping[str, SitePrivacyReport] = field(default_factory=dict)
 
 
 def content_hash(arrays: dict[str, np.ndarray]) -> str:
@@ -82,6 +88,7 @@ def save_checkpoint(
     class_names: Sequence[str] = (),
     run_id: int | None = None,
     initialisation: Initialisation = NOT_RECORDED,
+    site_privacy: Mapping[str, SitePrivacyReport] | None = None,
 ) -> Path:
     """Write round ``server_round`` atomically and durably; returns its path."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -93,6 +100,8 @@ def save_checkpoint(
         meta["run_id"] = str(run_id)
     if initialisation != NOT_RECORDED:
         meta["initialisation"] = json.dumps(initialisation.to_json())
+    if site_privacy:
+        meta["site_privacy"] = reports_to_json(site_privacy)
     blob = st_save({k: np.ascontiguousarray(v) for k, v in arrays.items()}, metadata=meta)
     final = checkpoint_path(folder, server_round)
     write_bytes_atomic(final, blob)
@@ -134,9 +143,10 @@ def load_checkpoint(path: Path) -> Checkpoint:
         run_id = int(meta["run_id"]) if "run_id" in meta else None
         init = (Initialisation.from_json(json.loads(meta["initialisation"]), source=path.name)
                 if "initialisation" in meta else NOT_RECORDED)
+        site_privacy = reports_from_json(meta["site_privacy"], source=path.name) if "site_privacy" in meta else {}
     except (KeyError, ValueError, TypeError) as exc:  # RecordError is a ValueError
         raise CheckpointInvalid(f"{path.name}: bad metadata ({exc})") from exc
-    return Checkpoint(server_round, dict(arrays), history, path, digest, names, run_id, init)
+    return Checkpoint(server_round, dict(arrays), history, path, digest, names, run_id, init, site_privacy)
 
 
 def latest_valid_checkpoint(folder: Path) -> Checkpoint | None:

@@ -23,7 +23,7 @@ from common.atomic import read_json_object
 from common.checkpoint import Checkpoint, CheckpointInvalid, latest_valid_checkpoint, load_checkpoint
 from common.config import LATENT_SCALE, ModelConfig
 from common.errors import UserError
-from common.export import Provenance, privacy_from_history
+from common.export import Provenance, privacy_from_history, privacy_from_reports
 from common.models import Generator, build_models, sample_latents
 from common.round_record import RECORDS_FILE, Initialisation, read_server_state
 from common.weights import UpdateLayoutError, load_model_arrays, model_arrays
@@ -171,7 +171,7 @@ def load_generator(path: Path, *, class_names: tuple[str, ...] | None = None,
         run_id=int(run_id) if isinstance(run_id, int) else None,
         model_config=asdict(cfg),
         class_names=tuple(names),
-        sites=privacy_from_history(ckpt.history),
+        sites=privacy_from_history(ckpt.history) or privacy_from_reports(ckpt.site_privacy),
         secure_aggregation=state.secure_aggregation if state is not None else None,
         initialisation=ckpt.initialisation,
     )

@@ -27,7 +27,7 @@ import numpy as np
 
 from common.atomic import write_json_atomic
 from common.errors import UserError
-from common.round_record import NOT_RECORDED, Initialisation, RoundRecord
+from common.round_record import NOT_RECORDED, Initialisation, RoundRecord, SitePrivacyReport, latest_privacy
 
 if TYPE_CHECKING:  # pydicom and Pillow are imported by the functions that write files, so that a
     # command's help page (``medsynth sample --help`` names FORMATS and SIDECAR) starts without them
@@ -89,13 +89,12 @@ class Provenance:
 
 def privacy_from_history(history: Sequence[RoundRecord]) -> dict[str, SitePrivacy]:
     """Latest (ε, δ) of every hospital that trained in any round of a checkpoint's history."""
-    trained = {s for r in history for s in r.sites_trained}
-    latest: dict[str, SitePrivacy] = {}
-    for record in history:
-        for site, p in record.privacy.items():
-            if site in trained:
-                latest[site] = SitePrivacy(p.epsilon, p.delta, p.epsilon_budget, p.steps)
-    return latest
+    return privacy_from_reports(latest_privacy(history))
+
+
+def privacy_from_reports(reports: Mapping[str, SitePrivacyReport]) -> dict[str, SitePrivacy]:
+    """(ε, δ, budget, steps) of each hospital's privacy report."""
+    return {site: SitePrivacy(p.epsilon, p.delta, p.epsilon_budget, p.steps) for site, p in reports.items()}
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:

@@ -482,6 +482,29 @@ def read_server_state(path: Path) -> ServerState | None:
     return ServerState.from_json(data, source=path)
 
 
+def latest_privacy(history: Sequence[RoundRecord]) -> dict[str, SitePrivacyReport]:
+    """The newest report of every hospital that trained in any round of ``history``: what the
+    final model carries to every hospital (public values: ε is a function of σ, q and steps)."""
+    trained = {s for r in history for s in r.sites_trained}
+    return {site: p for record in history for site, p in record.privacy.items() if site in trained}
+
+
+def reports_to_json(reports: Mapping[str, SitePrivacyReport]) -> str:
+    """Per-hospital privacy reports as JSON text (the final model's record, a kept model's metadata)."""
+    return json.dumps({site: p.to_json() for site, p in sorted(reports.items())})
+
+
+def reports_from_json(text: str, *, source: str | Path) -> dict[str, SitePrivacyReport]:
+    """The inverse of ``reports_to_json``, strict like ``SitePrivacyReport.from_json``."""
+    try:
+        data = json.loads(text)
+    except ValueError as exc:
+        raise RecordError(f"{source}: privacy reports are not JSON ({exc})") from exc
+    if not isinstance(data, dict):
+        raise RecordError(f"{source}: privacy reports must be an object, got {type(data).__name__}")
+    return {str(site): SitePrivacyReport.from_json(p, source=str(source), site=str(site)) for site, p in data.items()}
+
+
 def history_to_json(history: Sequence[RoundRecord]) -> str:
     """A round history as JSON text (a checkpoint's metadata; non-finite floats as JSON allows)."""
     return json.dumps([r.to_json() for r in history])

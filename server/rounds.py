@@ -56,6 +56,7 @@ from common.round_record import (
     ServerState,
     SiteCost,
     StoppedEarly,
+    latest_privacy,
     write_server_state,
 )
 from common.weights import UpdateLayout, load_model_arrays, model_arrays, sum_vectors
@@ -221,11 +222,13 @@ def run_round(
     return new_arrays, record
 
 
-def deliver_final_model(grid: Grid, arrays: dict[str, np.ndarray], model_round: int, timeout_s: float
-                        ) -> FinalModel:
-    """Send every connected hospital the final global model (it keeps it, trains nothing); who kept it."""
+def deliver_final_model(grid: Grid, arrays: dict[str, np.ndarray], history: Sequence[RoundRecord],
+                        timeout_s: float) -> FinalModel:
+    """Send every connected hospital the final global model, the last round of ``history``'s, with each
+    hospital's newest privacy report (it keeps both, trains nothing); who kept it."""
     nodes = sorted(grid.get_node_ids())
-    content = encode_final_model(arrays, model_round)
+    model_round = history[-1].round
+    content = encode_final_model(arrays, model_round, latest_privacy(history))
     messages = [Message(content, dst_node_id=n, message_type=FINAL_MODEL, group_id=f"final-{model_round}")
                 for n in nodes]
     replies = list(grid.send_and_receive(messages, timeout=timeout_s))
@@ -407,7 +410,7 @@ def run_federation(grid: Grid, run: RunConfig, paths: ServerPaths, run_id: int) 
         write_server_state(paths.state, state)
         write_report(paths.root)  # readable while the run goes on, and after a crash
     if state.rounds:  # the model of the last completed round: every hospital keeps it
-        final = deliver_final_model(grid, arrays, state.rounds[-1].round, fed.round_timeout_s)
+        final = deliver_final_model(grid, arrays, state.rounds, fed.round_timeout_s)
         log.info(describe_final(final))
         state = replace(state, final_model=final)
     state = replace(state, finished=True)

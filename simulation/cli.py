@@ -120,6 +120,12 @@ def _simulate_parser(sub: SubParsers) -> None:
     p.add_argument("--reference", type=Path, default=None,
                    help="real images (MedMNIST .npz or prepared cache) to evaluate the final model against; "
                         "results go to summary.json under 'evaluation' and to report.html")
+    p.add_argument("--eval-images", type=int, default=None, metavar="N",
+                   help="synthetic images drawn for the final evaluation's TSTR classifier (default: 5 × the "
+                        "reference's training images, at most 20000; fewer is faster, and its AUC noisier)")
+    p.add_argument("--no-evaluation", action="store_true",
+                   help="skip the final evaluation (phantoms are otherwise evaluated against a population no "
+                        "hospital holds): for sizing a schedule, where only times and ε matter")
     p.add_argument("--init-from", type=Path, default=None, metavar="CKPT",
                    help="start G and D from this round-NNNN.safetensors of a public pre-training run (same model "
                         "settings) instead of the seeded random initialisation; its sha256 goes into every "
@@ -270,7 +276,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
 #: ``simulate`` options that concern training: refused with ``--write-sites``, which trains nothing.
 TRAINING_ONLY = ("rounds", "epsilon", "delta", "noise_multiplier", "image_size", "local_steps", "batch_size",
                  "sample_rate", "d_steps_per_g", "warm_start_share", "device", "resume", "plain_aggregation",
-                 "reference", "no_dp", "init_from")
+                 "reference", "no_dp", "init_from", "eval_images", "no_evaluation")
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
@@ -318,6 +324,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             warm_start_share=args.warm_start_share,
             dp=False if args.no_dp else None,
             reference=args.reference,
+            evaluation=not args.no_evaluation,
+            eval_images=args.eval_images,
             init_from=args.init_from,
         )
     )

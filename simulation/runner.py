@@ -81,6 +81,8 @@ class SimulateOptions:
     dp: bool | None = None  # False: no DP at all (--no-dp, a non-private reference); None: the app default
     extra_config: tuple[tuple[str, RunConfigValue], ...] = ()
     reference: Path | None = None  # real images to evaluate the final model against (.npz or prepared cache)
+    evaluation: bool = True  # False: no final evaluation (--no-evaluation)
+    eval_images: int | None = None  # synthetic images for the evaluation's TSTR; None: evaluate's default
     init_from: Path | None = None  # a public checkpoint G and D start from (run key init-from); None: seeded init
     run: RunConfig = field(init=False, repr=False, compare=False)  # the app defaults with overrides()
 
@@ -93,6 +95,10 @@ class SimulateOptions:
             raise ConfigError("--no-dp trains without privacy: drop --epsilon / --noise-multiplier")
         parse_partition(self.partition)
         object.__setattr__(self, "run", run_config(self.overrides()))  # a bad override is refused now
+        if self.eval_images is not None and self.eval_images < 10:
+            raise ConfigError("--eval-images must be at least 10")
+        if not self.evaluation and (self.reference is not None or self.eval_images is not None):
+            raise ConfigError("--no-evaluation evaluates nothing: leave out --reference and --eval-images")
         if self.reference is not None and not self.reference.exists():  # found out now, not after training
             raise ConfigError(f"--reference {self.reference} not found: pass a MedMNIST .npz or a prepared cache")
         if self.dataset is not None and not self.dataset.is_file():
@@ -363,6 +369,9 @@ def phantom_reference(opts: SimulateOptions, say: Callable[[str], None]) -> Path
 def evaluate_run(opts: SimulateOptions, say: Callable[[str], None]) -> dict[str, Any] | None:
     """The evaluation of the run's newest checkpoint against ``opts.reference`` or, for phantoms,
     against a fresh phantom population (None for a data set without ``--reference``)."""
+    if not opts.evaluation:
+        say("evaluation skipped (--no-evaluation)")
+        return None
     if opts.reference is None and opts.dataset is not None:
         return None
     from common.evaluation.evaluate import EvaluateOptions, evaluate  # torch: only when evaluating
@@ -372,5 +381,5 @@ def evaluate_run(opts: SimulateOptions, say: Callable[[str], None]) -> dict[str,
         return None
     reference = opts.reference if opts.reference is not None else phantom_reference(opts, say)
     say(f"evaluating the final model against {reference}")
-    return evaluate(EvaluateOptions(checkpoint=opts.out, reference=reference, seed=opts.run.federation.seed),
-                    say=say)
+    return evaluate(EvaluateOptions(checkpoint=opts.out, reference=reference, seed=opts.run.federation.seed,
+                                    n_synthetic=opts.eval_images), say=say)

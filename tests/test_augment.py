@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from flwr.app import ConfigRecord
 
 from client.augment import SYNTHETIC_DIR
 from client.ledger import PrivacyLedger
@@ -31,7 +32,8 @@ from common.evaluation.augment import (
 from common.evaluation.classifier import ClassifierConfig
 from common.export import SIDECAR
 from common.models import build_models
-from common.round_record import RoundMetrics, RoundRecord, SitePrivacyReport
+from common.protocol.messages import ProtocolError, decode_final_model, encode_final_model
+from common.round_record import RoundMetrics, RoundRecord, SitePrivacyReport, latest_privacy
 from common.weights import model_arrays
 from medsynth.cli import main
 from tests.helpers import app_model, toy_dataset
@@ -100,6 +102,39 @@ def test_a_run_checkpoint_lists_every_hospitals_epsilon(site: Path, tmp_path: Pa
     assert code == 0, capsys.readouterr().err
     sites = json.loads((out / SIDECAR).read_text())["privacy"]["sites"]
     assert {k: v["epsilon"] for k, v in sites.items()} == {"site-0": 2.5, "site-1": 3.25}
+
+
+def test_the_final_model_brings_every_hospitals_epsilon(site: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # prepare: the server's final-model message after a round two hospitals trained in; this hospital
+    # (site-0) keeps it as client.final_model does, with the reports it carried
+    history = [RoundRecord(round=3, sites_trained=("site-0", "site-1"), sites_budget_exhausted=(), failures=(),
+                           privacy={s: SitePrivacyReport("ok", e, 10.0, 1e-5, 50) for s, e in
+                                    (("site-0", 9.0), ("site-1", 3.25))},
+                           seconds=1.0, metrics=RoundMetrics(0.7, 1.2))]
+    arrays, model_round, reports = decode_final_model(encode_final_model(_arrays(), 3, latest_privacy(history)))
+    save_checkpoint(site / GLOBAL_MODEL_DIR, model_round, arrays, [], class_names=NAMES, run_id=7,
+                    site_privacy=reports)
+    out = site / "export"
+    # act
+    code = main(["node", "augment", "--site-dir", str(site), "--class", "1", "--n", "4", "--out", str(out)])
+    # assert: the other hospital as relayed; this one from its own ledger (not the server's 9.0)
+    assert code == 0, capsys.readouterr().err
+    sidecar = json.loads((out / SIDECAR).read_text())
+    own = PrivacyLedger.read(site / "ledger.json").epsilon()
+    assert {k: v["epsilon"] for k, v in sidecar["privacy"]["sites"].items()} == {"site-0": own, "site-1": 3.25}
+    assert "relayed" in sidecar["sampling"]["privacy_note"]
+
+
+@pytest.mark.parametrize("reports", ["", "[]", '{"site-1": {"epsilon": 1.0}}',
+                                     '{"site-1": {"status": "ok", "epsilon": "1", "epsilon_budget": 10, '
+                                     '"delta": 1e-5, "steps": 5}}'])
+def test_a_final_model_with_malformed_reports_is_refused(reports: str) -> None:
+    # prepare: a final model whose privacy reports are not what the protocol says
+    content = encode_final_model(_arrays(), 1, {})
+    content["privacy-reports"] = ConfigRecord({"json": reports})
+    # act / assert
+    with pytest.raises(ProtocolError, match=r"privacy reports|privacy of site-1"):
+        decode_final_model(content)
 
 
 @pytest.mark.parametrize(("args", "message"), [

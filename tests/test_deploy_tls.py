@@ -71,6 +71,9 @@ def _assert_hospitals_hold_the_final_model(c: Consortium, sites: list[str]) -> N
     for site in sites:
         kept = latest_valid_checkpoint(c.site_dir(site) / "state" / "global-model")
         assert kept is not None and (kept.round, kept.content_sha256) == (last, server_final.content_sha256), site
+        trained = {s for r in state["rounds"] for s in r["sites_trained"]}  # each one's newest report came along
+        assert {s: p.epsilon for s, p in kept.site_privacy.items()} == {
+            s: [r["privacy"][s]["epsilon"] for r in state["rounds"] if s in r["privacy"]][-1] for s in trained}
 
 
 def _flwr_as_operator(c: Consortium, *args: str) -> dict:  # type: ignore[type-arg]

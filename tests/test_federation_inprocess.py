@@ -194,6 +194,8 @@ def test_checkpoints_say_what_they_draw_and_hospitals_keep_the_final_model(sites
         received = load_checkpoint(kept[0])
         assert received.content_sha256 == server_ckpt.content_sha256
         assert received.class_names == ("normal", "lesion") and received.run_id == RUN_ID
+        # with every hospital's newest report, as the server recorded it (for the exports' sidecars)
+        assert received.site_privacy == state.rounds[-1].privacy and set(received.site_privacy) == set(sites)
         # the answer left the hospital as its audit log says (same digest), charged nothing, trained nothing
         answer = [e for e in read_entries(sites_dir / site / "audit.jsonl") if e.action == "query.final_model"]
         assert [(e.sha256, e.epsilon) for e in answer] == [(final.received[site].sha256, None)]

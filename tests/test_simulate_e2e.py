@@ -32,6 +32,7 @@ def demo_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess
     proc = _medsynth(
         "simulate", "--out", str(out), "--sites", "3", "--rounds", "2", "--epsilon", "8",
         "--patients-per-site", "16", "--images-per-patient", "3", "--local-steps", "4", "--batch-size", "4",
+        "--eval-images", "400",  # the default, 5 × 2400 reference training images, takes minutes: the wiring is tested
     )
     return out, proc
 
@@ -78,7 +79,7 @@ def test_three_phantom_hospitals_two_rounds_complete(demo_run: tuple[Path, subpr
         img = Image.open(out / "samples" / f"round-{r:04d}.png")
         assert img.mode == "L" and img.size[0] > img.size[1] > 0
     # phantoms: evaluated against a phantom population no hospital holds; real beside synthetic
-    assert summary["evaluation"]["tstr_auc"] is not None
+    assert summary["evaluation"]["tstr_auc"] is not None and summary["evaluation"]["n_synthetic"] == 400
     assert (out / "evaluation" / "real_vs_synthetic.png").is_file()
     assert "TSTR AUC" in proc.stdout
     # the user sees where results are and each hospital's epsilon
@@ -116,12 +117,14 @@ def test_fixed_noise_small_budget_stops_cleanly_with_status(tmp_path: Path) -> N
         "simulate", "--out", str(out), "--sites", "3", "--rounds", "4", "--epsilon", "2.0",
         "--noise-multiplier", "3.0", "--patients-per-site", "12", "--images-per-patient", "2",
         "--local-steps", "6", "--batch-size", "4", "--sample-rate", str(1 / 3), "--warm-start-share", "0",
+        "--no-evaluation",
     )
     # assert: the run ended normally, fewer rounds than asked, every site at or below budget
     assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["rounds_completed"] == 2
     assert "no hospital could train" in summary["stopped_early"]
+    assert "evaluation" not in summary and not (out / "evaluation").exists()  # --no-evaluation
     for s in summary["sites"].values():
         assert s["status"] == "budget-exhausted"
         assert s["epsilon"] == pytest.approx(1.72, abs=0.01)
@@ -140,6 +143,7 @@ def test_secure_and_plain_simulations_give_the_same_model(tmp_path: Path) -> Non
         simulate(SimulateOptions(
             out=out, sites=3, rounds=1, epsilon=8.0, noise_multiplier=1.1, patients_per_site=12,
             images_per_patient=2, local_steps=3, batch_size=4, secure_aggregation=secure, warm_start_share=0.0,
+            evaluation=False,
             extra_config=(("sim.deterministic-noise", True), ("model.g-width", 16)),
         ), say=lambda _: None)
         summary = json.loads((out / "summary.json").read_text())

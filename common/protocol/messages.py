@@ -28,6 +28,7 @@ Everything else that leaves is inside ``vector``: DP output or public.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal, cast
 
@@ -35,6 +36,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 
 from common.errors import UserError
+from common.round_record import RecordError, SitePrivacyReport, reports_from_json, reports_to_json
 
 Status = Literal["ok", "budget-exhausted", "error"]
 STATUSES: tuple[str, ...] = ("ok", "budget-exhausted", "error")
@@ -107,14 +109,27 @@ def encode_train_request(arrays: dict[str, np.ndarray], server_round: int,
 FINAL_MODEL = "query.final_model"
 
 
-def encode_final_model(arrays: dict[str, np.ndarray], model_round: int) -> RecordDict:
-    """The final global model (after round ``model_round``), in the layout of a train request."""
-    return encode_train_request(arrays, model_round)
+def encode_final_model(arrays: dict[str, np.ndarray], model_round: int,
+                       reports: Mapping[str, SitePrivacyReport]) -> RecordDict:
+    """The final global model (after round ``model_round``), in the layout of a train request, with
+    every hospital's newest privacy report (public: ε is a function of σ, q and steps), so that a
+    hospital's exports can name every hospital's ε."""
+    content = encode_train_request(arrays, model_round)
+    content["privacy-reports"] = ConfigRecord({"json": reports_to_json(reports)})
+    return content
 
 
-def decode_final_model(content: RecordDict) -> tuple[dict[str, np.ndarray], int]:
-    """(the final global model, the round it is the result of)."""
-    return decode_train_request(content)
+def decode_final_model(content: RecordDict) -> tuple[dict[str, np.ndarray], int, dict[str, SitePrivacyReport]]:
+    """(the final global model, the round it is the result of, every hospital's privacy report)."""
+    arrays, model_round = decode_train_request(content)
+    record = content.config_records.get("privacy-reports")
+    if record is None or not isinstance(record.get("json"), str):
+        raise ProtocolError("the final model lacks its privacy reports")
+    try:
+        reports = reports_from_json(cast(str, record["json"]), source="the final model")
+    except RecordError as exc:
+        raise ProtocolError(str(exc)) from exc
+    return arrays, model_round, reports
 
 
 def encode_final_ack(site_id: str, model_round: int) -> RecordDict:
