@@ -496,12 +496,7 @@ def reports_to_json(reports: Mapping[str, SitePrivacyReport]) -> str:
 
 def reports_from_json(text: str, *, source: str | Path) -> dict[str, SitePrivacyReport]:
     """The inverse of ``reports_to_json``, strict like ``SitePrivacyReport.from_json``."""
-    try:
-        data = json.loads(text)
-    except ValueError as exc:
-        raise RecordError(f"{source}: privacy reports are not JSON ({exc})") from exc
-    if not isinstance(data, dict):
-        raise RecordError(f"{source}: privacy reports must be an object, got {type(data).__name__}")
+    data = _json_text(text, dict, what="privacy reports", source=source)
     return {str(site): SitePrivacyReport.from_json(p, source=str(source), site=str(site)) for site, p in data.items()}
 
 
@@ -512,10 +507,17 @@ def history_to_json(history: Sequence[RoundRecord]) -> str:
 
 def history_from_json(text: str, *, source: str | Path) -> tuple[RoundRecord, ...]:
     """The inverse of ``history_to_json``, strict like ``RoundRecord.from_json``."""
+    data = _json_text(text, list, what="round history", source=source)
+    return tuple(RoundRecord.from_json(r, source=source) for r in data)
+
+
+def _json_text(text: str, kind: type[list[Any]] | type[dict[str, Any]], *, what: str, source: str | Path) -> Any:
+    """``text`` parsed as JSON, which must be a ``kind`` (list or object)."""
     try:
         data = json.loads(text)
     except ValueError as exc:
-        raise RecordError(f"{source}: round history is not JSON ({exc})") from exc
-    if not isinstance(data, list):
-        raise RecordError(f"{source}: round history must be a list, got {type(data).__name__}")
-    return tuple(RoundRecord.from_json(r, source=source) for r in data)
+        raise RecordError(f"{source}: {what}: not JSON ({exc})") from exc
+    if not isinstance(data, kind):
+        raise RecordError(f"{source}: {what} must be {'a list' if kind is list else 'an object'}, "
+                          f"got {type(data).__name__}")
+    return data

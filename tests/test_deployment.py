@@ -206,11 +206,12 @@ def test_medsynth_three_hospitals_on_the_deployment_engine(hospitals: Hospitals,
     from simulation.runner import forget_privacy_history, project_dir
 
     dep = hospitals.deployment
+    rounds = ROUNDS if secure else 1  # two show the secure key set-up runs once per run; plain needs one
     for ledger in hospitals.ledgers.values():  # a fresh consortium: each mode starts with the full budget
         forget_privacy_history(ledger)
     out = hospitals.root / ("out-secure" if secure else "out-plain")
     run_config: dict[str, RunConfigValue] = {
-        "num-server-rounds": ROUNDS,
+        "num-server-rounds": rounds,
         "min-nodes": 3,
         "output-dir": str(out),
         "data.class-names": ",".join(hospitals.class_names),
@@ -229,7 +230,7 @@ def test_medsynth_three_hospitals_on_the_deployment_engine(hospitals: Hospitals,
     state = json.loads((out / "server_state.json").read_text())
     assert state["finished"] is True
     assert state["secure_aggregation"] is secure
-    assert [r["round"] for r in state["rounds"]] == list(range(1, ROUNDS + 1))
+    assert [r["round"] for r in state["rounds"]] == list(range(1, rounds + 1))
     for record in state["rounds"]:
         assert record["sites_trained"] == sorted(dep.sites), record
         assert record["failures"] == [], record
@@ -240,18 +241,18 @@ def test_medsynth_three_hospitals_on_the_deployment_engine(hospitals: Hospitals,
             assert all(set(c) == {"bytes_up", "received"} for c in record["costs"].values())  # no timings sent
     if secure:  # the hospitals' own audit logs hold their protocol CPU time
         cpu = protocol_cpu_per_round(hospitals.ledgers, result.run_id)
-        assert all(cpu[site].get(r, 0.0) > 0 for site in dep.sites for r in range(1, ROUNDS + 1)), cpu
+        assert all(cpu[site].get(r, 0.0) > 0 for site in dep.sites for r in range(1, rounds + 1)), cpu
 
     for site, ledger_path in hospitals.ledgers.items():
         history = json.loads(ledger_path.read_text())["history"]
         assert [(e["run"], e["round"], e["steps"]) for e in history] == [
-            (result.run_id, r, LOCAL_STEPS) for r in range(1, ROUNDS + 1)
+            (result.run_id, r, LOCAL_STEPS) for r in range(1, rounds + 1)
         ], site
 
     for site in dep.sites:
         messages = dep.received_messages(site, result.run_id)
         trains = [m.group for m in messages if m.message_type == "train"]
-        assert trains == [str(r) for r in range(1, ROUNDS + 1)], (site, messages)
+        assert trains == [str(r) for r in range(1, rounds + 1)], (site, messages)
         unmasks = [m.group for m in messages if m.message_type.endswith("unmask")]
         assert unmasks == (trains if secure else []), (site, messages)
         masks = [m.group for m in messages if m.message_type.endswith("mask") and "unmask" not in m.message_type]
