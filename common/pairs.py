@@ -3,7 +3,8 @@
 Layout. The mask of the image ``<data_dir>/<rel>`` (a DICOM file) is the PNG
 ``<data_dir>/masks/<rel with its suffix replaced by .png>``: a ``masks/`` folder beside the
 class folders, mirroring them, same names. ``node prepare`` pairs by that name and nothing else
-(no header is consulted), so a pair cannot be mis-matched by a header's content.
+(no header is consulted), so a pair cannot be mis-matched by a header's content. The name
+``masks`` is reserved: that folder is never read as a class of images, with or without pairs.
 
 A mask is one greyscale PNG (8-bit ``L`` or 1-bit) of exactly the image's size; a pixel above
 127 is foreground. It is resized to the model side by the same function as the image

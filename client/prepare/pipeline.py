@@ -242,12 +242,15 @@ def prepare_site(data_dir: Path, cache_dir: Path, *, image_size: int, salt: byte
         entries = walk_data_folder(data_dir)
     except OSError as exc:
         raise PrepareError(f"cannot list {data_dir}: {exc}") from exc
-    fingerprint = site_fingerprint(entries, settings, salt)
+    # The masks/ folder (common.pairs) never holds training images: in pair mode its files are the
+    # masks (covered by the fingerprint), otherwise they are ignored (and so not fingerprinted).
+    mask_entries = {rel for rel, _ in entries if is_mask_rel(rel)}
+    images_only = [entry for entry in entries if entry[0] not in mask_entries]
+    fingerprint = site_fingerprint(entries if pairs else images_only, settings, salt)
     if not force and (cached := _cached_report(cache_dir, fingerprint)) is not None:
         return cached
 
-    mask_entries = {rel for rel, _ in entries if is_mask_rel(rel)} if pairs else set()
-    entries = [entry for entry in entries if entry[0] not in mask_entries]
+    entries = images_only
     jobs, outcomes = triage(entries, rule)
     workers = (os.cpu_count() or 1) if workers is None else workers
     with tqdm(total=len(entries), initial=len(outcomes), desc="prepare", unit="file",
