@@ -394,6 +394,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     files = export_images(images, labels, args.out, args.format, generator.provenance,
                           sampling={"seed": seed, "class": args.label, "n": args.n, "latent_scale": args.latent_scale})
     eps = {s: round(p.epsilon, 4) for s, p in generator.provenance.sites.items()}
-    print(f"wrote {len(files)} {args.format} file(s) to {args.out}; sidecar {args.out / SIDECAR}")
+    pairs = " (image–mask pairs: masks in masks/ or the npz's 'masks')" if generator.cfg.pairs else ""
+    print(f"wrote {len(files)} file(s) ({args.format}{pairs}) to {args.out}; sidecar {args.out / SIDECAR}")
     print(f"model {generator.provenance.model_sha256[:12]}… round {generator.provenance.round}; ε per hospital {eps}")
     return 0
