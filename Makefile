@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 DEMO_OUT ?= medsynth-output/demo
 
-.PHONY: install demo test test-quick lint bench bench-secagg bench-prepare bench-quality bench-audit bench-augment clean
+.PHONY: install demo test test-quick lint bench bench-secagg bench-prepare bench-quality bench-audit bench-augment bench-segmentation clean
 
 install: $(STAMP)
 
@@ -54,6 +54,11 @@ bench-audit: install
 # BENCH_AUGMENT_ARGS="--checkpoints DIR" reuses trained ones (docs/augment.md)
 bench-augment: install
 	$(BIN)/python -m simulation.bench_augment $(BENCH_AUGMENT_ARGS)
+
+# needs ../shared/data/segmentation/hc18; pair federations at ε = 10, ε = 1 and no DP, 3 seeds (docs/segmentation.md);
+# BENCH_SEGMENTATION_ARGS="--epsilons 10,none --seeds 0" for a shorter run
+bench-segmentation: install
+	$(BIN)/python -m simulation.bench_segmentation $(BENCH_SEGMENTATION_ARGS)
 
 clean:
 	rm -rf medsynth-output .pytest_cache .mypy_cache .ruff_cache

@@ -71,6 +71,10 @@ def add_parsers(sub: SubParsers) -> None:
                    help="optional denoising of every frame before resizing: a 3x3 or 5x5 median filter removes "
                         "salt-and-pepper (impulse) noise; recorded in the cache fingerprint, so changing it "
                         "rebuilds the cache (docs/augment.md)")
+    p.add_argument("--pairs", action="store_true",
+                   help="image–mask pairs for a run with model.pairs: pair each image with its mask "
+                        "DATA/masks/<same path>.png (docs/segmentation.md); images without a usable mask are "
+                        "rejected by reason")
     p.add_argument("--force", action="store_true", help="rebuild even if the folder did not change")
     p.add_argument("--list-rejected", type=Path, default=None, metavar="FILE",
                    help="write every rejected file with its reason, detail and fix to this CSV (names "
@@ -244,6 +248,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         body_parts=(args.body_part or "").split(","),
         rejected_list=args.list_rejected,
         denoise=args.denoise,
+        pairs=args.pairs,
     )
     print(report.format())
     print(f"cache: {args.out}  (report: {args.out / 'prepare_report.json'})")

@@ -37,7 +37,7 @@ from client.policy import ModelRefused, check_global_model, check_noise_multipli
 from client.prepare.pipeline import load_or_create_salt, prepare_site
 from common.checkpoint import save_checkpoint
 from common.config import ConfigError, RunConfig, SiteConfig
-from common.dataset import LocalDataset, load_cache
+from common.dataset import DatasetError, LocalDataset, load_cache
 from common.dp.accounting import Charge, PrivacyBudgetExceeded, check_budget, epsilon_of
 from common.dp.embedding import Anchor, patient_sum
 from common.dp.noise import ChaCha20Gaussian
@@ -66,7 +66,9 @@ def round_seed(run: RunConfig, site: SiteConfig, server_round: int) -> int | Non
 
 
 def load_site_dataset(site: SiteConfig, run: RunConfig) -> LocalDataset:
-    """The site's prepared dataset; prepares the DICOM folder first if the cache is stale."""
+    """The site's prepared dataset; prepares the DICOM folder first if the cache is stale.
+
+    In pair mode (``model.pairs``) each image is paired with its mask (``common.pairs``)."""
     prepare_site(
         site.data_dir,
         site.cache_dir,
@@ -75,8 +77,13 @@ def load_site_dataset(site: SiteConfig, run: RunConfig) -> LocalDataset:
         class_names=site.class_names,
         progress=False,
         denoise=site.denoise,
+        pairs=run.model.pairs,
     )
-    return load_cache(site.cache_dir)
+    data = load_cache(site.cache_dir)
+    if data.pairs != run.model.pairs:  # the fingerprint covers the mode: only a hand-made cache gets here
+        raise DatasetError(f"the prepared cache in {site.cache_dir} holds {'pairs' if data.pairs else 'images'} "
+                           f"but the run trains {'pairs' if run.model.pairs else 'images'}; run prepare again")
+    return data
 
 
 def keep_global_model(

@@ -45,7 +45,8 @@ class LoadedGenerator:
     @torch.no_grad()
     def sample(self, labels: np.ndarray, *, seed: int, latent_scale: float = LATENT_SCALE,
                batch_size: int = 512) -> np.ndarray:
-        """Images (n, 1, S, S) float32 in [-1, 1] for class labels (n,); latents N(0, latent_scale²·I) from ``seed``."""
+        """Images (n, C, S, S) float32 in [-1, 1] for class labels (n,); latents N(0, latent_scale²·I) from
+        ``seed``. C = 2 for a pair model: channel 1 is the mask (``common.pairs.binary_masks``)."""
         gen = torch.Generator().manual_seed(seed)
         self.generator.eval()
         out = []
@@ -53,7 +54,8 @@ class LoadedGenerator:
             y = torch.from_numpy(np.asarray(labels[i : i + batch_size], dtype=np.int64))
             z = sample_latents(y.shape[0], self.cfg.latent_dim, gen, latent_scale)  # (b, latent)
             out.append(self.generator(z, y if self.cfg.conditional else None))
-        return torch.cat(out).numpy() if out else np.zeros((0, 1, self.cfg.image_size, self.cfg.image_size), np.float32)
+        side = self.cfg.image_size
+        return torch.cat(out).numpy() if out else np.zeros((0, self.cfg.channels, side, side), np.float32)
 
 
 def model_config_from_arrays(arrays: dict[str, np.ndarray], num_classes: int | None = None) -> ModelConfig:
@@ -74,7 +76,8 @@ def model_config_from_arrays(arrays: dict[str, np.ndarray], num_classes: int | N
     top = int(project.shape[0]) // 16
     return ModelConfig(image_size=4 * 2**stages, latent_dim=latent, g_width=top // 2 ** (stages - 1),
                        d_width=d_width, num_classes=classes, conditional=conditional,
-                       aux_classifier="d.classify.weight" in arrays, upsample=upsample)
+                       aux_classifier="d.classify.weight" in arrays, upsample=upsample,
+                       pairs=int(arrays["d.body.0.weight"].shape[1]) == 2)  # D's first conv: (width, channels, 4, 4)
 
 
 def describe_model(cfg: ModelConfig) -> str:
@@ -82,7 +85,7 @@ def describe_model(cfg: ModelConfig) -> str:
     return (f"{cfg.image_size}×{cfg.image_size} images, latent {cfg.latent_dim}, G width {cfg.g_width}, "
             f"D width {cfg.d_width}, {cfg.num_classes} classes"
             + ("" if cfg.conditional else ", unconditional") + ("" if cfg.aux_classifier else ", no aux classifier")
-            + f", {cfg.upsample} upsampling")
+            + f", {cfg.upsample} upsampling" + (", image–mask pairs" if cfg.pairs else ""))
 
 
 @dataclass(frozen=True, eq=False)

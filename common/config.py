@@ -76,7 +76,8 @@ LATENT_SCALE = 0.7  # sampling spread of the latents, z ~ N(0, 0.7² I): see com
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """DCGAN shape: image side 32 or 64, latent size, channel widths, class conditioning."""
+    """DCGAN shape: image side 32 or 64, latent size, channel widths, class conditioning, and
+    ``pairs``: G draws (image, mask) pairs as two channels and D judges the pair (``common.pairs``)."""
 
     image_size: int
     latent_dim: int
@@ -86,6 +87,12 @@ class ModelConfig:
     conditional: bool
     aux_classifier: bool  # AC-GAN class head on D (needs conditional); see common/models.py
     upsample: str  # G's upsampling: "resize" (nearest, then 3×3 conv) or "transposed"
+    pairs: bool  # image–mask pairs: 2 channels (image, mask) in G's output and D's input
+
+    @property
+    def channels(self) -> int:
+        """Channels of a model row: 1 (image), or 2 (image, mask) in pair mode."""
+        return 2 if self.pairs else 1
 
     def __post_init__(self) -> None:
         if self.image_size not in (32, 64):
@@ -305,6 +312,7 @@ RUN_KEYS: dict[str, tuple[str, str, type]] = {
     "model.conditional": ("model", "conditional", bool),
     "model.aux-classifier": ("model", "aux_classifier", bool),
     "model.upsample": ("model", "upsample", str),
+    "model.pairs": ("model", "pairs", bool),
     "train.local-steps": ("train", "local_steps", int),
     "train.d-steps-per-g": ("train", "d_steps_per_g", int),
     "train.batch-size": ("train", "batch_size", int),

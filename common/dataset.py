@@ -5,7 +5,8 @@ reads that file through :func:`load_cache`. The cache holds nothing from the DIC
 but the label and a salted patient hash (no Patient ID, no UIDs, no dates).
 
 Layout of ``<cache_dir>/dataset.npz`` (``np.savez``, loaded with ``allow_pickle=False``):
-``images`` float32 (N, 1, S, S) in [-1, 1]; ``labels`` int64 (N,); ``patients`` int64 (N,);
+``images`` float32 (N, C, S, S) in [-1, 1], C = 1, or C = 2 for image–mask pairs (``model.pairs``:
+channel 1 is the mask in {-1, 1}, ``common.pairs``); ``labels`` int64 (N,); ``patients`` int64 (N,);
 ``class_names`` unicode (C,); ``patient_hashes`` unicode (P,) hex SHA-256; ``patient_identity``
 bool (); ``fingerprint`` unicode (); ``format_version`` int64 ().
 """
@@ -53,9 +54,9 @@ class LocalDataset:
 
     def __post_init__(self) -> None:
         images, labels, patients = self.images, self.labels, self.patients
-        if images.dtype != np.float32 or images.ndim != 4 or images.shape[1] != 1:
-            raise DatasetError(f"images must be float32 (N, 1, S, S), got {images.dtype} "
-                               f"{images.shape}")
+        if images.dtype != np.float32 or images.ndim != 4 or images.shape[1] not in (1, 2):
+            raise DatasetError(f"images must be float32 (N, 1, S, S), or (N, 2, S, S) for image–mask "
+                               f"pairs, got {images.dtype} {images.shape}")
         if images.shape[2] != images.shape[3] or images.shape[0] == 0:
             raise DatasetError(f"images must be square and non-empty, got {images.shape}")
         if not (np.isfinite(images).all() and images.min() >= -1.0 and images.max() <= 1.0):
@@ -85,6 +86,11 @@ class LocalDataset:
     @property
     def image_size(self) -> int:
         return int(self.images.shape[-1])
+
+    @property
+    def pairs(self) -> bool:
+        """Whether each row is an image–mask pair (channel 1 the mask, ``common.pairs``)."""
+        return int(self.images.shape[1]) == 2
 
 
 def save_cache(ds: LocalDataset, cache_dir: Path, fingerprint: str, patient_hashes: np.ndarray) -> Path:

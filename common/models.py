@@ -70,7 +70,7 @@ def _upsample(kind: str, c_in: int, c_out: int, *, bias: bool) -> list[nn.Module
 
 
 class Generator(nn.Module):
-    """z (B, latent) [+ label (B,)] → image (B, 1, S, S) in [-1, 1] (tanh)."""
+    """z (B, latent) [+ label (B,)] → image (B, C, S, S) in [-1, 1] (tanh); C = 2 (image, mask) in pair mode."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -87,7 +87,7 @@ class Generator(nn.Module):
             layers += [*_upsample(cfg.upsample, ch, ch // 2, bias=False), nn.GroupNorm(_groups(ch // 2), ch // 2),
                        nn.ReLU(inplace=True)]
             ch //= 2
-        layers += [*_upsample(cfg.upsample, ch, 1, bias=True), nn.Tanh()]
+        layers += [*_upsample(cfg.upsample, ch, cfg.channels, bias=True), nn.Tanh()]
         self.body = nn.Sequential(*layers)
         self._top = top
 
@@ -97,12 +97,14 @@ class Generator(nn.Module):
                 raise ValueError("conditional generator needs labels (B,) of class indices")
             z = torch.cat([z, self.label_embedding(labels)], dim=1)  # (B, 2·latent)
         h = self.project_norm(self.project(z).view(z.shape[0], self._top, 4, 4))  # (B, top, 4, 4)
-        out: torch.Tensor = self.body(h)  # (B, 1, S, S)
+        out: torch.Tensor = self.body(h)  # (B, C, S, S)
         return out
 
 
 class Discriminator(nn.Module):
-    """image (B, 1, S, S) [+ label (B,)] → (real/fake logit (B,), class logits (B, K) or None).
+    """image (B, C, S, S) [+ label (B,)] → (real/fake logit (B,), class logits (B, K) or None).
+
+    In pair mode (C = 2) D judges image and mask together: one row, one per-sample gradient.
 
     No cross-sample operation anywhere. Class logits come only with ``cfg.aux_classifier``
     (and a conditional model).
@@ -112,7 +114,7 @@ class Discriminator(nn.Module):
         super().__init__()
         self.cfg = cfg
         stages = 3 if cfg.image_size == 32 else 4  # S → 4 by halving
-        layers: list[nn.Module] = [nn.Conv2d(1, cfg.d_width, 4, 2, 1), nn.LeakyReLU(0.2)]
+        layers: list[nn.Module] = [nn.Conv2d(cfg.channels, cfg.d_width, 4, 2, 1), nn.LeakyReLU(0.2)]
         ch = cfg.d_width
         for _ in range(stages - 1):
             layers += [

@@ -101,6 +101,9 @@ def _simulate_parser(sub: SubParsers) -> None:
     p.add_argument("--warm-start-share", type=float, default=None,
                    help="share of each hospital's ε for round 0's release of its class means, which starts "
                         "and anchors the generator (docs/privacy.md); 0: no warm start")
+    p.add_argument("--pairs", action="store_true",
+                   help="train a generator of image–mask pairs (run key model.pairs; docs/segmentation.md): "
+                        "phantoms carry their lesion masks, each hospital's masks/ folder is paired with its images")
     p.add_argument("--no-dp", action="store_true",
                    help="train WITHOUT differential privacy (no clipping, no noise, nothing charged): a non-private "
                         "reference for benchmarks only; a deployed hospital refuses such a run")
@@ -115,7 +118,7 @@ def _simulate_parser(sub: SubParsers) -> None:
                    help="keep OUT's checkpoints and ledgers and continue from the last good round")
     p.add_argument("--write-sites", type=Path, default=None, metavar="DIR",
                    help="write each hospital's DICOM folder (DIR/site-N/<class>/*.dcm, the layout `medsynth node "
-                        "prepare` reads) and stop, for a rehearsal; only --sites, --dataset, --max-images, "
+                        "prepare` reads) and stop, for a rehearsal; only --sites, --dataset, --max-images, --pairs, "
                         "--partition, --patients-per-site, --images-per-patient and --seed apply")
     p.add_argument("--reference", type=Path, default=None,
                    help="real images (MedMNIST .npz or prepared cache) to evaluate the final model against; "
@@ -293,7 +296,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             raise ConfigError(f"--write-sites trains nothing: {', '.join(given)} would have no effect; leave "
                               f"{'it' if len(given) == 1 else 'them'} out")
         write_sites(SimulateOptions(out=args.out, sites=args.sites, seed=args.seed, dataset=args.dataset,
-                                    partition=args.partition, patients_per_site=args.patients_per_site,
+                                    pairs=True if args.pairs else None, partition=args.partition,
+                                    patients_per_site=args.patients_per_site,
                                     images_per_patient=args.images_per_patient, max_images=args.max_images),
                     args.write_sites)
         return 0
@@ -323,6 +327,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             secure_aggregation=False if args.plain_aggregation else None,
             warm_start_share=args.warm_start_share,
             dp=False if args.no_dp else None,
+            pairs=True if args.pairs else None,
             reference=args.reference,
             evaluation=not args.no_evaluation,
             eval_images=args.eval_images,
@@ -397,6 +402,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     files = export_images(images, labels, args.out, args.format, generator.provenance,
                           sampling={"seed": seed, "class": args.label, "n": args.n, "latent_scale": args.latent_scale})
     eps = {s: round(p.epsilon, 4) for s, p in generator.provenance.sites.items()}
-    print(f"wrote {len(files)} {args.format} file(s) to {args.out}; sidecar {args.out / SIDECAR}")
+    pairs = " (image–mask pairs: masks in masks/ or the npz's 'masks')" if generator.cfg.pairs else ""
+    print(f"wrote {len(files)} file(s) ({args.format}{pairs}) to {args.out}; sidecar {args.out / SIDECAR}")
     print(f"model {generator.provenance.model_sha256[:12]}… round {generator.provenance.round}; ε per hospital {eps}")
     return 0

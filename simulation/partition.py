@@ -21,11 +21,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 from pydicom.dataset import Dataset
 from pydicom.uid import UID, generate_uid
 
 from common.errors import UserError
 from common.export import secondary_capture
+from common.pairs import MASKS_FOLDER, mask_rel
 
 # BT.601 luma, the same rule as common.dicom.read for colour DICOM.
 _LUMA = np.array([0.299, 0.587, 0.114])
@@ -61,7 +63,8 @@ class SourceData:
     """A labelled image population: images (N, H, W) uint8/uint16, labels int64 (N,).
 
     ``patient_ids`` is a str array (N,) or None when the source has no patient identity (then
-    every image is its own patient).
+    every image is its own patient). ``masks``: uint8 (N, H, W) in {0, 1}, one segmentation mask
+    per image (1 = foreground), or None when the source has none.
     """
 
     images: np.ndarray
@@ -69,6 +72,7 @@ class SourceData:
     patient_ids: np.ndarray | None
     class_names: tuple[str, ...]
     mapping: ValueMapping = field(default_factory=ValueMapping)
+    masks: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         n = self.images.shape[0] if self.images.ndim == 3 else -1
@@ -83,6 +87,17 @@ class SourceData:
         ids = self.patient_ids
         if ids is not None and (ids.dtype.kind != "U" or ids.shape != (n,) or (ids == "").any()):
             raise SourceDataError(f"patient_ids must be non-empty str ({n},) or None")
+        masks = self.masks
+        if masks is not None and (masks.dtype != np.uint8 or masks.shape != self.images.shape or masks.max() > 1):
+            raise SourceDataError(f"masks must be uint8 {self.images.shape} in {{0, 1}}, got {masks.dtype} "
+                                  f"{masks.shape}")
+
+    def subset(self, indices: np.ndarray) -> SourceData:
+        """The images ``indices`` (and their labels, patient ids and masks)."""
+        return SourceData(images=self.images[indices], labels=self.labels[indices],
+                          patient_ids=None if self.patient_ids is None else self.patient_ids[indices],
+                          class_names=self.class_names, mapping=self.mapping,
+                          masks=None if self.masks is None else self.masks[indices])
 
     def patient_index(self) -> tuple[np.ndarray, int]:
         """(patient index per image in [0, P), P); each image is a patient without ids."""
@@ -191,8 +206,12 @@ def load_medmnist_npz(path: Path, split: str = "train",
 
 
 def write_site_dicom(source: SourceData, indices: np.ndarray, out_dir: Path, *, site_name: str,
-                     seed: int) -> int:
+                     seed: int, masks: bool = False) -> int:
     """Write ``source.images[indices]`` as Secondary Capture files ``out_dir/<class>/<n>.dcm``.
+
+    ``masks``: also write each image's mask as ``out_dir/masks/<class>/<n>.png`` (8-bit, 0 or
+    255), the layout ``node prepare`` pairs in pair mode (``model.pairs``); the source must have
+    masks.
 
     Explicit VR Little Endian with a proper File Meta group, MONOCHROME2, UIDs from
     ``generate_uid`` seeded by (seed, site, image), so the same call writes the same files.
@@ -208,14 +227,21 @@ def write_site_dicom(source: SourceData, indices: np.ndarray, out_dir: Path, *, 
     indices = np.asarray(indices, dtype=np.int64)
     if indices.size and (indices.min() < 0 or indices.max() >= source.images.shape[0]):
         raise SourceDataError(f"indices out of range [0, {source.images.shape[0]})")
+    if masks and source.masks is None:
+        raise SourceDataError("image–mask pairs asked for (--pairs, model.pairs), but this source has no masks: "
+                              "use the phantoms, or a data set with masks")
     for name in source.class_names:
         (out_dir / name).mkdir(parents=True, exist_ok=True)
+        if masks:
+            (out_dir / MASKS_FOLDER / name).mkdir(parents=True, exist_ok=True)
     # Bits Stored (0028,0101): 8 for uint8; 12 (CT-like) when uint16 values fit, else 16.
     bits = 8 if source.images.dtype == np.uint8 else (12 if source.images.max() < 4096 else 16)
     for k, idx in enumerate(indices.tolist()):
         ds = _secondary_capture(source, idx, site_name, seed, bits)
-        path = out_dir / source.class_names[int(source.labels[idx])] / f"{site_name}_{k:06d}.dcm"
-        ds.save_as(path, enforce_file_format=True)
+        rel = Path(source.class_names[int(source.labels[idx])]) / f"{site_name}_{k:06d}.dcm"
+        ds.save_as(out_dir / rel, enforce_file_format=True)
+        if masks and source.masks is not None:
+            Image.fromarray(source.masks[idx] * np.uint8(255)).save(out_dir / mask_rel(rel.as_posix()), format="PNG")
     return int(indices.size)
 
 

@@ -11,6 +11,12 @@ organ, radius 5-9 % of the field of view) inside the organ; "normal" patients ca
 In the soft-tissue window (center 40, width 400) blobs are clearly brighter than the organ,
 yet darker than bone, so a small GAN can learn them at 32x32.
 
+Lesion masks: the generator knows where it draws each blob, so every image comes with its
+lesion mask (``SourceData.masks``, uint8 (N, S, S), 1 = lesion): the pixels where the union of
+that image's blobs (with the same per-image wobble) inside the organ has membership ≥ 0.5, i.e.
+the blob outline at the antialiased edge's midpoint. Normal patients' masks are empty. The
+masks are drawn from no extra random numbers: images are the same with or without them.
+
 Values are CT-like: Hounsfield units stored as uint16 = HU + 1024 (12-bit), read back with
 Rescale Slope (0028,1053) 1 and Rescale Intercept (0028,1052) -1024.
 """
@@ -48,7 +54,8 @@ def phantom_population(n_patients: int, images_per_patient: int, *, image_size: 
                        seed: int, class_balance: float = 0.5) -> SourceData:
     """``n_patients`` x ``images_per_patient`` phantoms; round(class_balance * n) are lesions.
 
-    Images are uint16 (N, S, S) grouped by patient; ``patient_ids`` are "PHANTOM-<seed>-<p>".
+    Images are uint16 (N, S, S) grouped by patient; ``patient_ids`` are "PHANTOM-<seed>-<p>";
+    ``masks`` uint8 (N, S, S) are the lesion masks (1 = lesion).
     """
     if n_patients < 1 or images_per_patient < 1 or image_size < 8:
         raise SourceDataError(f"need n_patients >= 1, images_per_patient >= 1, image_size >= 8; "
@@ -59,11 +66,13 @@ def phantom_population(n_patients: int, images_per_patient: int, *, image_size: 
     n_lesion = round(class_balance * n_patients)
     patient_label = rng.permutation(np.repeat([0, 1], [n_patients - n_lesion, n_lesion]))
     images = np.empty((n_patients * images_per_patient, image_size, image_size), dtype=np.uint16)
+    masks = np.zeros_like(images, dtype=np.uint8)  # (N, S, S) 1 = lesion
     for p in range(n_patients):
         anatomy = draw_anatomy(rng, image_size, lesion=bool(patient_label[p]))
         for k in range(images_per_patient):
-            hu = render_slice(anatomy, rng, image_size)
+            hu, lesion = render_slice(anatomy, rng, image_size)
             images[p * images_per_patient + k] = to_stored_values(hu)
+            masks[p * images_per_patient + k] = lesion
     ids = np.array([f"PHANTOM-{seed}-{p:05d}" for p in range(n_patients)], dtype=np.str_)
     return SourceData(
         images=images,
@@ -71,6 +80,7 @@ def phantom_population(n_patients: int, images_per_patient: int, *, image_size: 
         patient_ids=np.repeat(ids, images_per_patient),
         class_names=CLASS_NAMES,
         mapping=CT_MAPPING,
+        masks=masks,
     )
 
 
@@ -90,8 +100,10 @@ def draw_anatomy(rng: np.random.Generator, size: int, *, lesion: bool) -> Anatom
                    texture=smooth_field(rng, size))
 
 
-def render_slice(anatomy: Anatomy, rng: np.random.Generator, size: int) -> np.ndarray:
-    """One image of a patient in HU (S, S): the anatomy plus per-image jitter and noise."""
+def render_slice(anatomy: Anatomy, rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """One image of a patient in HU (S, S), the anatomy plus per-image jitter and noise, and its
+    lesion mask uint8 (S, S): 1 where the blobs drawn into this image (inside the organ) have
+    membership ≥ 0.5."""
     scale = 1.0 + rng.normal(0.0, 0.015)
     shift = rng.normal(0.0, 0.02, size=2)
     grid = (np.arange(size) + 0.5) / size * 2.0 - 1.0
@@ -108,12 +120,15 @@ def render_slice(anatomy: Anatomy, rng: np.random.Generator, size: int) -> np.nd
     hu = _AIR + body * (_FAT - _AIR) + inner * (_SOFT - _FAT)
     hu += inner * _TEXTURE_HU * anatomy.texture
     hu += organ * (anatomy.organ_hu - _SOFT)
+    lesion = np.zeros_like(hu)  # (S, S) membership of the union of this image's blobs
     for lx, ly, radius, contrast in anatomy.lesions:
         wobble = rng.normal(0.0, 0.01, size=2)
         r = radius * (1.0 + rng.normal(0.0, 0.05))
-        hu += organ * contrast * soft_ellipse(u, v, (lx + wobble[0], ly + wobble[1], r, r, 0.0), edge)
+        disc = soft_ellipse(u, v, (lx + wobble[0], ly + wobble[1], r, r, 0.0), edge)
+        hu += organ * contrast * disc
+        lesion = np.maximum(lesion, organ * disc)
     hu += bone * (_BONE - hu) + canal * (_CANAL - _BONE)
-    return hu + rng.normal(0.0, _NOISE_HU, size=hu.shape)
+    return hu + rng.normal(0.0, _NOISE_HU, size=hu.shape), (lesion >= 0.5).astype(np.uint8)
 
 
 def soft_ellipse(u: np.ndarray, v: np.ndarray, shape: tuple[float, float, float, float, float],

@@ -62,7 +62,7 @@ def write_sites(opts: SimulateOptions, out: Path, say: Callable[[str], None] = p
         f"classes {list(source.class_names)}, partition {opts.partition}, seed {seed}, {opts.sites} sites")
     written: list[WrittenSite] = []
     for site, indices in site_shares(opts, source).items():
-        write_site_dicom(source, indices, folders[site], site_name=site, seed=seed)
+        write_site_dicom(source, indices, folders[site], site_name=site, seed=seed, masks=opts.run.model.pairs)
         counts = np.bincount(source.labels[indices], minlength=len(source.class_names))
         done = WrittenSite(site, folders[site], int(indices.size), _patients(source, indices),
                            {name: int(n) for name, n in zip(source.class_names, counts, strict=True)})

@@ -22,4 +22,5 @@ RUN_OPTIONS: dict[str, str] = {
     "secure_aggregation": "secure-aggregation",
     "warm_start_share": "warm-start.budget-share",
     "dp": "dp.enabled",
+    "pairs": "model.pairs",
 }

@@ -78,6 +78,7 @@ class SimulateOptions:
     resume: bool = False
     secure_aggregation: bool | None = None
     warm_start_share: float | None = None
+    pairs: bool | None = None  # True: image–mask pairs (model.pairs; phantoms' lesion masks); None: the app default
     dp: bool | None = None  # False: no DP at all (--no-dp, a non-private reference); None: the app default
     extra_config: tuple[tuple[str, RunConfigValue], ...] = ()
     reference: Path | None = None  # real images to evaluate the final model against (.npz or prepared cache)
@@ -162,13 +163,7 @@ def load_source(opts: SimulateOptions) -> SourceData:
     source = load_medmnist_npz(opts.dataset, "train")
     if opts.max_images is not None and opts.max_images < source.labels.size:
         keep = np.sort(np.random.default_rng(seed).choice(source.labels.size, opts.max_images, replace=False))
-        source = SourceData(
-            images=source.images[keep],
-            labels=source.labels[keep],
-            patient_ids=None if source.patient_ids is None else source.patient_ids[keep],
-            class_names=source.class_names,
-            mapping=source.mapping,
-        )
+        source = source.subset(keep)
     return source
 
 
@@ -246,7 +241,7 @@ def build_sites(opts: SimulateOptions, source: SourceData, say: Callable[[str], 
         if not opts.resume and (root / "dicom").exists():
             shutil.rmtree(root / "dicom")
         if not (root / "dicom").exists():
-            write_site_dicom(source, indices, root / "dicom", site_name=site, seed=seed)
+            write_site_dicom(source, indices, root / "dicom", site_name=site, seed=seed, masks=opts.run.model.pairs)
         paths = site_paths(root)
         report: PrepareReport = prepare_site(
             root / "dicom",
@@ -255,6 +250,7 @@ def build_sites(opts: SimulateOptions, source: SourceData, say: Callable[[str], 
             salt=load_or_create_salt(paths.salt_path),
             class_names=source.class_names,
             progress=True,
+            pairs=opts.run.model.pairs,
         )
         say(f"{site}: {report.images_kept} images of {report.patients} patients {dict(report.label_counts)}")
         if not report.patient_identity:
@@ -348,6 +344,10 @@ def simulate(opts: SimulateOptions, say: Callable[[str], None] = print) -> dict[
 
 REFERENCE_SEED_OFFSET = 1_000_003  # the phantom reference's seed: never the training population's
 REFERENCE_PATIENTS = 1000  # 2000 images: 400 real test images, enough for AUC to compare runs
+# Pair mode: the U-Nets of the segmentation evaluation train on CPU; a simulation's evaluation of a pair
+# model is a smoke check (100 reference patients, 3 epochs); `make bench-segmentation` measures.
+PAIR_REFERENCE_PATIENTS = 100
+PAIR_UNET_EPOCHS = 3
 
 
 def phantom_reference(opts: SimulateOptions, say: Callable[[str], None]) -> Path:
@@ -355,14 +355,17 @@ def phantom_reference(opts: SimulateOptions, say: Callable[[str], None]) -> Path
     yardstick of a phantom run. Phantoms are synthetic, so comparing them with the model's
     images in the report reveals nothing about anyone."""
     root = opts.out / "reference"
-    source = phantom_population(REFERENCE_PATIENTS, opts.images_per_patient, image_size=64,
+    patients = PAIR_REFERENCE_PATIENTS if opts.run.model.pairs else REFERENCE_PATIENTS
+    source = phantom_population(patients, opts.images_per_patient, image_size=64,
                                 seed=opts.run.federation.seed + REFERENCE_SEED_OFFSET)
+    pairs = opts.run.model.pairs
     if not (root / "dicom").exists():
         write_site_dicom(source, np.arange(source.labels.size), root / "dicom", site_name="reference",
-                         seed=opts.run.federation.seed + REFERENCE_SEED_OFFSET)
+                         seed=opts.run.federation.seed + REFERENCE_SEED_OFFSET, masks=pairs)
     prepare_site(root / "dicom", root / "cache", image_size=opts.run.model.image_size,
-                 salt=load_or_create_salt(root / "salt"), class_names=source.class_names, progress=False)
-    say(f"reference: {source.labels.size} phantom images of {REFERENCE_PATIENTS} patients no hospital holds")
+                 salt=load_or_create_salt(root / "salt"), class_names=source.class_names, progress=False,
+                 pairs=pairs)
+    say(f"reference: {source.labels.size} phantom images of {patients} patients no hospital holds")
     return root / "cache"
 
 
@@ -382,4 +385,4 @@ def evaluate_run(opts: SimulateOptions, say: Callable[[str], None]) -> dict[str,
     reference = opts.reference if opts.reference is not None else phantom_reference(opts, say)
     say(f"evaluating the final model against {reference}")
     return evaluate(EvaluateOptions(checkpoint=opts.out, reference=reference, seed=opts.run.federation.seed,
-                                    n_synthetic=opts.eval_images), say=say)
+                                    n_synthetic=opts.eval_images, unet_epochs=PAIR_UNET_EPOCHS), say=say)

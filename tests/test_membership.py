@@ -144,7 +144,7 @@ def test_gan_leaks_and_domias_catch_a_synthetic_set_that_copies_its_members() ->
 def test_membership_findings_of_a_tiny_model_name_every_attack_and_its_control() -> None:
     # prepare: an untrained tiny conditional model (it has seen nobody: no attack should find much)
     cfg = ModelConfig(image_size=32, latent_dim=8, g_width=4, d_width=4, num_classes=2, conditional=True,
-                      aux_classifier=True, upsample="resize")
+                      aux_classifier=True, upsample="resize", pairs=False)
     netG, netD = build_models(cfg, seed=0)
     rng = np.random.default_rng(5)
     data = MembershipData(_images(rng, 40, 32), _images(rng, 40, 32), _images(rng, 80, 32))

@@ -34,6 +34,7 @@ from pydicom.dataset import Dataset
 from common.dicom.errors import DicomRejected
 from common.dicom.header import read_header_text
 from common.errors import UserError
+from common.pairs import MASKS_FOLDER
 
 LabelMode = Literal["folder", "csv", "attribute"]
 
@@ -138,10 +139,11 @@ class LabelRule:
 
 
 def folder_rule(data_dir: Path, classes: tuple[str, ...] | None) -> LabelRule:
-    """Labels from sub-folder names; default classes: the sorted non-hidden real sub-folders."""
+    """Labels from sub-folder names; default classes: the sorted non-hidden real sub-folders but
+    ``masks/`` (reserved for image–mask pairs, ``common.pairs``)."""
     if classes is None:
-        classes = tuple(sorted(p.name for p in data_dir.iterdir()
-                               if p.is_dir() and not p.is_symlink() and not p.name.startswith(".")))
+        classes = tuple(sorted(p.name for p in data_dir.iterdir() if p.is_dir() and not p.is_symlink()
+                               and not p.name.startswith(".") and p.name != MASKS_FOLDER))
     return LabelRule("folder", classes)
 
 

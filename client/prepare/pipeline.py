@@ -58,6 +58,7 @@ from common.dicom.errors import REJECTION_FIXES, DicomRejected
 from common.dicom.paths import FolderEntry, walk_data_folder
 from common.dicom.read import DEFAULT_MAX_DECODED_BYTES, ReadLimits
 from common.errors import UserError
+from common.pairs import is_mask_rel, mask_rel
 
 __all__ = ["PIPELINE_VERSION", "REJECTED_LIST_COLUMNS", "REPORT_FILE", "PrepareError", "PrepareReport",
            "load_or_create_salt", "prepare_site", "resize_to_square", "site_fingerprint",
@@ -105,7 +106,11 @@ def load_or_create_salt(path: Path) -> bytes:
 
 
 def site_fingerprint(entries: Sequence[FolderEntry], settings: PrepareSettings, salt: bytes) -> str:
-    """SHA-256 over sorted (path, size, mtime_ns) and every setting that changes the cache."""
+    """SHA-256 over sorted (path, size, mtime_ns) and every setting that changes the cache.
+
+    ``entries`` are the whole data folder's, so in pair mode the masks under ``masks/`` are
+    covered too: a changed mask rebuilds the cache.
+    """
     h = hashlib.sha256()
     config = {
         "pipeline": PIPELINE_VERSION, "image_size": settings.image_size,
@@ -115,6 +120,7 @@ def site_fingerprint(entries: Sequence[FolderEntry], settings: PrepareSettings, 
                    settings.memory_limit_bytes],
         "salt": hashlib.sha256(salt).hexdigest(),
         "denoise": settings.denoise,
+        "pairs": settings.pairs,
     }
     h.update(json.dumps(config, sort_keys=True).encode())
     for rel, st in entries:
@@ -197,7 +203,7 @@ def prepare_site(data_dir: Path, cache_dir: Path, *, image_size: int, salt: byte
                  workers: int | None = None, limits: ReadLimits | None = None,
                  time_limit_s: float = DEFAULT_TIME_LIMIT_S,
                  memory_limit_bytes: int | None = DEFAULT_MEMORY_LIMIT_BYTES,
-                 rejected_list: Path | None = None, denoise: str = "none") -> PrepareReport:
+                 rejected_list: Path | None = None, denoise: str = "none", pairs: bool = False) -> PrepareReport:
     """Decode ``data_dir`` into ``cache_dir`` (or reuse the cache) and report what happened.
 
     ``class_names`` fixes the label order across sites; by default it is the sorted list of
@@ -208,7 +214,10 @@ def prepare_site(data_dir: Path, cache_dir: Path, *, image_size: int, salt: byte
     files, so it is written only when asked, mode 0600, and never inside the data folder. Asking
     for it decodes the folder again (the cache keeps no per-file outcome). ``denoise``: the optional
     step of ``common.denoise`` applied to every frame before resizing (``median3`` for salt-and-pepper
-    noise); part of the fingerprint.
+    noise); part of the fingerprint. ``pairs`` (run mode ``model.pairs``): pair every image with its
+    mask ``masks/<same path>.png`` (``common.pairs``); the cache's images get the mask as a second
+    channel (N, 2, S, S); an image without a usable mask is rejected by reason (``no-mask``,
+    ``mask-unreadable``, ``mask-mismatch``) and masks naming no image are counted.
     """
     data_dir, cache_dir = data_dir.resolve(), cache_dir.resolve()
     if not data_dir.is_dir():
@@ -228,15 +237,20 @@ def prepare_site(data_dir: Path, cache_dir: Path, *, image_size: int, salt: byte
                                selection=Selection.of(modalities, body_parts),
                                limits=limits or ReadLimits(max_decoded_bytes=max_decoded_bytes),
                                time_limit_s=time_limit_s, memory_limit_bytes=memory_limit_bytes,
-                               denoise=check_denoise(denoise))
+                               denoise=check_denoise(denoise), pairs=pairs)
     try:
         entries = walk_data_folder(data_dir)
     except OSError as exc:
         raise PrepareError(f"cannot list {data_dir}: {exc}") from exc
-    fingerprint = site_fingerprint(entries, settings, salt)
+    # The masks/ folder (common.pairs) never holds training images: in pair mode its files are the
+    # masks (covered by the fingerprint), otherwise they are ignored (and so not fingerprinted).
+    mask_entries = {rel for rel, _ in entries if is_mask_rel(rel)}
+    images_only = [entry for entry in entries if entry[0] not in mask_entries]
+    fingerprint = site_fingerprint(entries if pairs else images_only, settings, salt)
     if not force and (cached := _cached_report(cache_dir, fingerprint)) is not None:
         return cached
 
+    entries = images_only
     jobs, outcomes = triage(entries, rule)
     workers = (os.cpu_count() or 1) if workers is None else workers
     with tqdm(total=len(entries), initial=len(outcomes), desc="prepare", unit="file",
@@ -248,6 +262,9 @@ def prepare_site(data_dir: Path, cache_dir: Path, *, image_size: int, salt: byte
     if rejected_list is not None:
         write_rejected_list(rejected_list, outcomes)
     dataset, patient_hashes, report = build_dataset(outcomes, rule, salt, len(entries))
+    if pairs:
+        named = {mask_rel(rel) for rel, _ in entries}
+        report = replace(report, pairs=True, masks_without_image=len(mask_entries - named))
     cache_dir.mkdir(parents=True, exist_ok=True)
     envelope = {"fingerprint": fingerprint, "report": json.loads(report.to_json())}
     write_json_atomic(cache_dir / REPORT_FILE, envelope)  # first; the dataset is the commit point
@@ -281,6 +298,11 @@ def write_rejected_list(path: Path, outcomes: Sequence[FileOutcome]) -> int:
     return len(rows)
 
 
+def _channels_first(images: np.ndarray) -> np.ndarray:
+    """(N, S, S) → (N, 1, S, S); pairs (N, 2, S, S) stay as they are."""
+    return images[:, None] if images.ndim == 3 else images
+
+
 def build_dataset(outcomes: Sequence[FileOutcome], rule: LabelRule, salt: bytes,
                   files_seen: int) -> tuple[LocalDataset, np.ndarray, PrepareReport]:
     """The dataset, its patient hashes and the report, from per-file outcomes sorted by path."""
@@ -307,12 +329,14 @@ def build_dataset(outcomes: Sequence[FileOutcome], rule: LabelRule, salt: bytes,
     labels: list[int] = []
     patients: list[int] = []
     for (outcome, frames), unit in zip(kept, units.unit_of_file, strict=True):
+        if outcome.masks is not None:  # pair mode: (F, S, S) image and mask → (F, 2, S, S)
+            frames = np.stack([frames, outcome.masks], axis=1)
         images.extend(frames)
         labels.extend([class_index[outcome.label]] * len(frames))
         patients.extend([unit] * len(frames))
     identity = units.patient_identity
     dataset = LocalDataset(
-        images=np.clip(np.stack(images), -1.0, 1.0).astype(np.float32)[:, None],
+        images=_channels_first(np.clip(np.stack(images), -1.0, 1.0).astype(np.float32)),
         labels=np.array(labels, dtype=np.int64),
         patients=np.array(patients, dtype=np.int64),
         class_names=class_names,

@@ -34,6 +34,8 @@ class PrepareReport:
     files_linked_by_study: int = 0  # of those, files that joined a patient through their study
     units_without_patient_id: int = 0  # units that are a study or a file, not a patient
     units_with_several_patient_ids: int = 0  # Patient IDs merged because they share a study
+    pairs: bool = False  # image–mask pairs (model.pairs): each kept image has its mask (common.pairs)
+    masks_without_image: int = 0  # mask files under masks/ that no listed image names
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
@@ -56,6 +58,8 @@ class PrepareReport:
             files_linked_by_study=int(data.get("files_linked_by_study", 0)),
             units_without_patient_id=int(data.get("units_without_patient_id", 0)),
             units_with_several_patient_ids=int(data.get("units_with_several_patient_ids", 0)),
+            pairs=bool(data.get("pairs", False)),
+            masks_without_image=int(data.get("masks_without_image", 0)),
         )
 
     def format(self) -> str:
@@ -76,6 +80,9 @@ class PrepareReport:
         if self.files_with_warnings:
             lines.append(f"note: {self.files_with_warnings} kept files had header warnings "
                          "(listed with -v)")
+        if self.pairs:
+            lines.append(f"note: image–mask pairs: every kept image has its mask under masks/; "
+                         f"{self.masks_without_image} mask files name no image")
         if self.csv_rows_unmatched:
             lines.append(f"note: {self.csv_rows_unmatched} rows of the labels CSV matched no file")
         lines += self.identity_notes()

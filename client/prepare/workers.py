@@ -36,6 +36,7 @@ from common.dataset import resize_to_square
 from common.denoise import denoise
 from common.dicom.errors import DicomRejected
 from common.dicom.read import ReadLimits, read_image_frames
+from common.pairs import MaskUnreadable, read_mask, to_mask_channel
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,7 @@ class PrepareSettings:
     time_limit_s: float = DEFAULT_TIME_LIMIT_S
     memory_limit_bytes: int | None = DEFAULT_MEMORY_LIMIT_BYTES
     denoise: str = "none"  # common.denoise: a median filter for impulse noise, before resizing
+    pairs: bool = False  # model.pairs: read each image's mask too (common.pairs)
 
 
 @dataclass(frozen=True)
@@ -69,10 +71,14 @@ class FileJob:
 
 @dataclass(frozen=True, eq=False)
 class FileOutcome:
-    """One file's result: images (F, S, S) float32 in [-1, 1], or a rejection reason."""
+    """One file's result: images (F, S, S) float32 in [-1, 1], or a rejection reason.
+
+    In pair mode ``masks`` (F, S, S) float32 in {-1, 1} is the image's mask, resized alike.
+    """
 
     rel: str
     images: np.ndarray | None = None
+    masks: np.ndarray | None = None
     label: str = ""
     label_key: str = ""  # the CSV key, folder or attribute that gave the label
     patient_id: str | None = None  # Patient ID (0010,0020)
@@ -99,6 +105,7 @@ def process_file(job: FileJob, settings: PrepareSettings) -> FileOutcome:
                                   root=settings.root, expected=job.stat)
         images = np.stack([resize_to_square(denoise(f, settings.denoise), settings.image_size) for f in image.frames])
         (label, key), = found  # the screen ran exactly once, before decoding
+        masks = read_pair_mask(job.rel, image.frames, settings) if settings.pairs else None
     except DicomRejected as exc:
         return FileOutcome(job.rel, reason=exc.reason, message=exc.message, fix=exc.fix)
     except MemoryError:
@@ -107,8 +114,27 @@ def process_file(job: FileJob, settings: PrepareSettings) -> FileOutcome:
         detail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
         log.error("internal error on %s:\n%s", job.rel, traceback.format_exc())
         return FileOutcome(job.rel, reason="internal-error", message=detail)
-    return FileOutcome(job.rel, images=images * 2.0 - 1.0, label=label, label_key=key,
+    return FileOutcome(job.rel, images=images * 2.0 - 1.0, masks=masks, label=label, label_key=key,
                        patient_id=image.patient_id, study_uid=image.study_uid, warnings=image.warnings)
+
+
+def read_pair_mask(rel: str, frames: np.ndarray, settings: PrepareSettings) -> np.ndarray:
+    """The mask of image ``rel`` as (1, S, S) float32 in {-1, 1}, resized exactly as its one frame.
+
+    Rejections (``DicomRejected``): ``no-mask``, ``mask-unreadable``, ``mask-mismatch`` (a size
+    other than the frame's, or an image of several frames: one mask cannot label them all).
+    """
+    try:
+        mask = read_mask(settings.root, rel, settings.limits.max_decoded_bytes)
+    except MaskUnreadable as exc:
+        raise DicomRejected(exc.reason, str(exc)) from exc
+    if len(frames) != 1:
+        raise DicomRejected("mask-mismatch", f"the image has {len(frames)} frames; a pair needs one frame per file")
+    if mask.shape != frames[0].shape:
+        raise DicomRejected("mask-mismatch", f"mask {mask.shape[1]}×{mask.shape[0]} but image "
+                                             f"{frames[0].shape[1]}×{frames[0].shape[0]} pixels")
+    resized = resize_to_square(mask.astype(np.float32), settings.image_size)  # (S, S) in [0, 1]
+    return to_mask_channel(resized)[None]
 
 
 def _limit_address_space(extra_bytes: int) -> None:

@@ -59,6 +59,9 @@ class FeatureMap:
         self.freqs = torch.randn(dim, spec.frequencies, generator=gen) / scales  # (256, D)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        # Pairs (B, 2, S, S): the image channel only. The release's shape and sensitivity stay
+        # those of the image model; the mask channel is learnt by the adversarial (DP-SGD) part.
+        x = x[:, :1]  # (B, 1, S, S)
         coarse = F.adaptive_avg_pool2d(x, COARSE_SIDE).flatten(1) * (COARSE / COARSE_SIDE)  # (B, 64)
         proj = F.adaptive_avg_pool2d(x, FOURIER_SIDE).flatten(1) @ self.freqs.to(x.device)  # (B, D)
         fourier = torch.cat([proj.cos(), proj.sin()], dim=1) * (FOURIER / math.sqrt(self.spec.frequencies))

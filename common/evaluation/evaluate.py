@@ -33,10 +33,12 @@ import numpy as np
 from common.atomic import write_bytes_atomic, write_json_atomic
 from common.checkpoint_model import load_generator
 from common.config import LATENT_SCALE, ModelConfig
+from common.dataset import DatasetError, load_cache
 from common.errors import UserError
 from common.evaluation.features import FeatureExtractor, default_cache_dir, load_or_train_extractor
 from common.evaluation.metrics import Memorization, frechet_distance, kernel_distance, memorization, precision_recall
-from common.evaluation.reference import ReferenceData, load_reference
+from common.evaluation.reference import TEST_SHARE, ReferenceData, load_reference
+from common.evaluation.segmentation import Pairs, evaluate_pairs
 from common.evaluation.tstr import TSTR_CONFIG, ClassifierScore, balanced_labels, train_and_score
 from common.export import Provenance
 from common.report.plots import image_table
@@ -87,6 +89,7 @@ class EvaluateOptions:
     aggregate_only: bool = False
     memorization_ratio: float = 0.5
     cache_dir: Path | None = None
+    unet_epochs: int = 15  # pair models: epochs of each U-Net (common.evaluation.segmentation)
 
     def __post_init__(self) -> None:
         if self.n_synthetic is not None and self.n_synthetic < 10:
@@ -182,6 +185,8 @@ def evaluate(
     loaded = generator is None
     if generator is None:
         generator = load_generator(opts.checkpoint)
+    if generator.cfg.pairs:
+        return evaluate_pair_model(opts, generator, say)
     reference = load_reference(opts.reference, generator.cfg.image_size, held_out=opts.held_out, seed=opts.seed)
     if loaded and generator.class_names != reference.class_names:  # names unknown to the checkpoint: take the data's
         generator = load_generator(opts.checkpoint, class_names=reference.class_names)
@@ -244,12 +249,67 @@ def evaluate(
     return result
 
 
+def evaluate_pair_model(opts: EvaluateOptions, generator: ImageSource, say: Callable[[str], None]) -> dict[str, Any]:
+    """The evaluation of a pair model (``model.pairs``; ``common.evaluation.segmentation``): a U-Net
+    trained on synthetic pairs and one trained on the reference's real training pairs, both tested
+    on its real test pairs, and the agreement of synthetic masks with their images.
+
+    The reference is a prepared pair cache (``node prepare --pairs``), split by patient as the
+    image evaluation splits a cache (``TEST_SHARE`` of the patients for the test).
+    """
+    t0 = time.monotonic()
+    try:
+        ds = load_cache(opts.reference)
+    except DatasetError as exc:
+        raise EvaluationError(f"a pair model is evaluated against a prepared pair cache: {exc}") from exc
+    if not ds.pairs or ds.image_size != generator.cfg.image_size or ds.num_patients < 2:
+        raise EvaluationError(f"{opts.reference} must be a pair cache (node prepare --pairs) of "
+                              f"{generator.cfg.image_size}×{generator.cfg.image_size} images and ≥ 2 patients; "
+                              f"it holds {'pairs' if ds.pairs else 'images'} of side {ds.image_size}")
+    patients = np.random.default_rng(opts.seed).permutation(ds.num_patients)
+    is_test = np.isin(ds.patients, patients[: max(1, round(TEST_SHARE * ds.num_patients))])
+    real_train, real_test = Pairs.of_channels(ds.images[~is_test]), Pairs.of_channels(ds.images[is_test])
+    n = opts.n_synthetic or len(real_train.images)  # as many synthetic as real training pairs
+    epochs = opts.unet_epochs
+    num_classes = len(generator.class_names)
+    labels = balanced_labels(n, np.full(num_classes, 1.0 / num_classes), seed=opts.seed)
+    synthetic = Pairs.of_channels(generator.sample(labels, seed=opts.seed, latent_scale=opts.latent_scale))
+    say(f"pair model {generator.provenance.checkpoint}: U-Nets on {n} synthetic and {len(real_train.images)} real "
+        f"training pairs, tested on {len(real_test.images)} real pairs ({epochs} epochs each)")
+    scores = evaluate_pairs(synthetic, real_train, real_test, seed=opts.seed, epochs=epochs)
+    result: dict[str, Any] = {
+        "kind": "segmentation", **scores.to_json(), "reference": opts.reference.name,
+        "model_sha256": generator.provenance.model_sha256, "checkpoint": generator.provenance.checkpoint,
+        "round": generator.provenance.round, "seed": opts.seed, "latent_scale": opts.latent_scale,
+        "seconds": round(time.monotonic() - t0, 1),
+    }
+    say(format_segmentation(result))
+    out = output_dir(opts)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / "evaluation.json", result)
+    say(f"evaluation written to {out / 'evaluation.json'}")
+    return result
+
+
+def format_segmentation(ev: dict[str, Any]) -> str:
+    """The table of a pair model's evaluation."""
+    return "\n".join([
+        f"  U-Net trained on synthetic pairs, tested on real:  Dice {ev['dice_synthetic']:.3f}  IoU "
+        f"{ev['iou_synthetic']:.3f}",
+        f"  U-Net trained on real pairs, tested on real:       Dice {ev['dice_real']:.3f}  IoU {ev['iou_real']:.3f}",
+        f"  ratio synthetic / real Dice {ev['ratio']:.3f}    agreement (real U-Net on synthetic images vs their "
+        f"masks) Dice {ev['agreement_dice']:.3f}",
+    ])
+
+
 def format_evaluation(ev: dict[str, Any]) -> str:
     """The table a user reads at the end of ``medsynth evaluate``."""
     def f(key: str, digits: int = 4) -> str:
         v = ev.get(key)
         return "–" if v is None or (isinstance(v, float) and not np.isfinite(v)) else f"{v:.{digits}g}"
 
+    if ev.get("kind") == "segmentation":
+        return format_segmentation(ev)
     return "\n".join([
         *reading_notes(ev),
         f"  domain FD  {f('fd')}    KID {f('kid')} ± {f('kid_std', 2)}    ({FD_KIND})",

@@ -139,6 +139,9 @@ def _evaluation(ev: Mapping[str, Any], closest_pairs: Path | None) -> str:
               "recall": "recall", "density": "density", "coverage": "coverage", "tstr_auc": "TSTR AUC",
               "tstr_acc": "TSTR accuracy", "trtr_auc": "TRTR AUC", "trtr_acc": "TRTR accuracy",
               "memorization_rate": "memorization rate", "nearer_train_share": "nearer to train than held-out",
+              "dice_synthetic": "Dice, U-Net trained on synthetic pairs (real test)",
+              "dice_real": "Dice, U-Net trained on real pairs (real test)", "ratio": "Dice ratio synthetic / real",
+              "agreement_dice": "agreement Dice (real U-Net on synthetic images vs their masks)",
               "n_synthetic": "synthetic images", "n_test": "real test images",
               "extractor_sha256": "feature extractor sha256",
               "reference": "reference", "model_sha256": "model sha256"}

@@ -22,7 +22,8 @@ def generate(
     netG: Generator, cfg: ModelConfig, labels: torch.Tensor, *, seed: int | None = None
 ) -> np.ndarray:
     """Images (n, S, S) float32 in [-1, 1] for the given class labels (n,), G in eval mode,
-    latents at the sampling spread (:data:`common.models.LATENT_SCALE`)."""
+    latents at the sampling spread (:data:`common.models.LATENT_SCALE`). A pair model's image and
+    mask lie side by side: (n, S, 2S)."""
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
     z = sample_latents(labels.shape[0], cfg.latent_dim, gen)  # (n, latent)
     was_training = netG.training
@@ -31,20 +32,21 @@ def generate(
         out = netG(z, labels if cfg.conditional else None)  # (n, 1, S, S)
     finally:
         netG.train(was_training)
-    images: np.ndarray = out[:, 0].cpu().numpy()
+    images: np.ndarray = torch.cat(list(out.unbind(dim=1)), dim=-1).cpu().numpy()  # (n, S, C·S)
     return images
 
 
 def sample_grid(netG: Generator, cfg: ModelConfig, *, per_class: int = 8, seed: int = 0) -> np.ndarray:
-    """A uint8 image (rows·(S+2), per_class·(S+2)): row c holds class c (one row if unconditional)."""
+    """A uint8 image (rows·(S+2), per_class·(W+2)): row c holds class c (one row if unconditional);
+    W = S, or 2S for a pair model (image, then its mask)."""
     rows = cfg.num_classes if cfg.conditional else 1
     labels = torch.arange(rows).repeat_interleave(per_class)  # (rows·per_class,)
-    imgs = generate(netG, cfg, labels, seed=seed)  # (rows·per_class, S, S)
-    s, pad = cfg.image_size, 2
-    grid = np.zeros((rows * (s + pad), per_class * (s + pad)), np.uint8)
+    imgs = generate(netG, cfg, labels, seed=seed)  # (rows·per_class, S, W)
+    s, w, pad = cfg.image_size, cfg.image_size * cfg.channels, 2
+    grid = np.zeros((rows * (s + pad), per_class * (w + pad)), np.uint8)
     for i, img in enumerate(imgs):
         r, c = divmod(i, per_class)
-        grid[r * (s + pad) : r * (s + pad) + s, c * (s + pad) : c * (s + pad) + s] = to_uint8(img)
+        grid[r * (s + pad) : r * (s + pad) + s, c * (w + pad) : c * (w + pad) + w] = to_uint8(img)
     return grid
 
 

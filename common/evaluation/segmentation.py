@@ -1,0 +1,186 @@
+"""Evaluation of a pair model (``model.pairs``): are its (image, mask) pairs good enough to train a segmenter?
+
+Three numbers, each the Dice (and IoU) of a small U-Net (Ronneberger, Fischer, Brox, "U-Net:
+convolutional networks for biomedical image segmentation", MICCAI 2015) on masks:
+
+* **synthetic → real** (train on synthetic, test on real; the segmentation form of TSTR): the
+  U-Net is trained only on the generator's pairs and scored on real held-out pairs;
+* **real → real** (the reference, TRTR): the same U-Net, same settings, trained on the real
+  training pairs and scored on the same real held-out pairs; the goal of issue 17 is the ratio
+  synthetic / real ≥ 0.85 at ε = 10;
+* **agreement**: the real-trained U-Net applied to the synthetic images, scored against the
+  synthetic masks: whether each synthetic mask matches its own image (goal ≥ 0.8).
+
+Dice and IoU are pooled over all pixels of a set (2·|P∩T| / (|P| + |T|), |P∩T| / |P∪T|), not
+averaged per image: a phantom without a lesion has an empty mask, for which a per-image Dice is
+undefined. A set with no foreground at all in prediction and truth scores 1.
+
+The U-Net is deliberately small (two poolings, GroupNorm, width ``UNET_WIDTH``): it is a
+yardstick of the data, trained with a fixed seed and schedule, not a product.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+UNET_WIDTH = 16
+UNET_EPOCHS = 30
+UNET_BATCH = 32
+UNET_LR = 2e-3
+
+
+def _block(c_in: int, c_out: int) -> nn.Sequential:
+    """Two 3×3 convolutions with GroupNorm and ReLU: (B, c_in, s, s) → (B, c_out, s, s)."""
+    groups = 4 if c_out % 4 == 0 else 1
+    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.GroupNorm(groups, c_out),
+                         nn.ReLU(inplace=True), nn.Conv2d(c_out, c_out, 3, padding=1, bias=False),
+                         nn.GroupNorm(groups, c_out), nn.ReLU(inplace=True))
+
+
+class SmallUNet(nn.Module):
+    """image (B, 1, S, S) in [-1, 1] → mask logits (B, 1, S, S); S divisible by 4."""
+
+    def __init__(self, width: int = UNET_WIDTH) -> None:
+        super().__init__()
+        self.enc1, self.enc2 = _block(1, width), _block(width, 2 * width)
+        self.mid = _block(2 * width, 4 * width)
+        self.up2 = nn.ConvTranspose2d(4 * width, 2 * width, 2, stride=2)
+        self.dec2 = _block(4 * width, 2 * width)
+        self.up1 = nn.ConvTranspose2d(2 * width, width, 2, stride=2)
+        self.dec1 = _block(2 * width, width)
+        self.out = nn.Conv2d(width, 1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        e1 = self.enc1(x)  # (B, w, S, S)
+        e2 = self.enc2(F.max_pool2d(e1, 2))  # (B, 2w, S/2, S/2)
+        m = self.mid(F.max_pool2d(e2, 2))  # (B, 4w, S/4, S/4)
+        d2 = self.dec2(torch.cat([self.up2(m), e2], dim=1))  # (B, 2w, S/2, S/2)
+        d1 = self.dec1(torch.cat([self.up1(d2), e1], dim=1))  # (B, w, S, S)
+        logits: torch.Tensor = self.out(d1)  # (B, 1, S, S)
+        return logits
+
+
+def train_unet(images: np.ndarray, masks: np.ndarray, *, seed: int, epochs: int = UNET_EPOCHS,
+               width: int = UNET_WIDTH) -> SmallUNet:
+    """A :class:`SmallUNet` trained on images (N, 1, S, S) in [-1, 1] and bool masks (N, S, S).
+
+    Loss: binary cross-entropy plus soft Dice (1 − 2·Σpt / (Σp + Σt) over the batch), Adam,
+    random horizontal flips; everything seeded by ``seed``.
+    """
+    if images.ndim != 4 or images.shape[1] != 1 or masks.shape != (images.shape[0], *images.shape[2:]):
+        raise ValueError(f"need images (N, 1, S, S) and masks (N, S, S), got {images.shape} and {masks.shape}")
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    net = SmallUNet(width)
+    opt = torch.optim.Adam(net.parameters(), lr=UNET_LR)
+    x_all = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))
+    t_all = torch.from_numpy(np.ascontiguousarray(masks, dtype=np.float32))[:, None]  # (N, 1, S, S)
+    net.train()
+    for _ in range(epochs):
+        order = torch.randperm(x_all.shape[0], generator=gen)
+        for start in range(0, order.numel(), UNET_BATCH):
+            idx = order[start : start + UNET_BATCH]
+            x, t = x_all[idx], t_all[idx]
+            flip = torch.rand(idx.numel(), generator=gen) < 0.5  # (b,) image and mask flipped together
+            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+            t = torch.where(flip[:, None, None, None], t.flip(-1), t)
+            logits = net(x)
+            p = torch.sigmoid(logits)
+            soft_dice = 1 - (2 * (p * t).sum() + 1) / (p.sum() + t.sum() + 1)
+            loss = F.binary_cross_entropy_with_logits(logits, t) + soft_dice
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    return net.eval()
+
+
+@torch.no_grad()
+def predict(net: SmallUNet, images: np.ndarray) -> np.ndarray:
+    """bool masks (N, S, S) of images (N, 1, S, S) in [-1, 1]: logit > 0."""
+    net.eval()
+    out = [net(torch.from_numpy(np.ascontiguousarray(images[i : i + 256], dtype=np.float32)))[:, 0] > 0
+           for i in range(0, images.shape[0], 256)]
+    return torch.cat(out).numpy() if out else np.zeros((0, *images.shape[2:]), bool)
+
+
+def dice_iou(pred: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
+    """Pooled Dice and IoU of two bool mask stacks of one shape (1.0, 1.0 when both are empty)."""
+    if pred.shape != truth.shape:
+        raise ValueError(f"prediction {pred.shape} and truth {truth.shape} differ in shape")
+    inter = float(np.logical_and(pred, truth).sum())
+    total = float(pred.sum() + truth.sum())
+    if total == 0:
+        return 1.0, 1.0
+    return 2 * inter / total, inter / (total - inter)
+
+
+@dataclass(frozen=True)
+class SegmentationScores:
+    """A pair model's segmentation evaluation (module docstring); ``ratio`` = dice_synthetic / dice_real."""
+
+    dice_synthetic: float  # U-Net trained on synthetic pairs, tested on real held-out pairs
+    iou_synthetic: float
+    dice_real: float  # the same U-Net trained on the real training pairs, same test
+    iou_real: float
+    agreement_dice: float  # real-trained U-Net on synthetic images vs the synthetic masks
+    agreement_iou: float
+    n_synthetic: int
+    n_real_train: int
+    n_real_test: int
+    epochs: int
+
+    @property
+    def ratio(self) -> float:
+        return self.dice_synthetic / self.dice_real if self.dice_real > 0 else float("nan")
+
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), "ratio": self.ratio}
+
+
+@dataclass(frozen=True, eq=False)
+class Pairs:
+    """Images (N, 1, S, S) in [-1, 1] and bool masks (N, S, S), aligned row by row."""
+
+    images: np.ndarray
+    masks: np.ndarray
+
+    def __post_init__(self) -> None:
+        if self.images.ndim != 4 or self.images.shape[1] != 1 or self.masks.shape != (
+                self.images.shape[0], *self.images.shape[2:]) or self.masks.dtype != np.bool_:
+            raise ValueError(f"pairs need images (N, 1, S, S) and bool masks (N, S, S), got {self.images.shape} "
+                             f"and {self.masks.dtype} {self.masks.shape}")
+
+    @staticmethod
+    def of_channels(rows: np.ndarray) -> Pairs:
+        """Split (N, 2, S, S) rows (a pair cache's, a pair generator's) into images and masks (mask > 0)."""
+        if rows.ndim != 4 or rows.shape[1] != 2:
+            raise ValueError(f"pair rows must be (N, 2, S, S), got {rows.shape}")
+        return Pairs(np.ascontiguousarray(rows[:, :1], dtype=np.float32), rows[:, 1] > 0.0)
+
+
+def real_reference_net(real_train: Pairs, *, seed: int, epochs: int = UNET_EPOCHS) -> SmallUNet:
+    """The real-trained U-Net: TRTR's model and the agreement judge (depends on the real data only)."""
+    return train_unet(real_train.images, real_train.masks, seed=seed, epochs=epochs)
+
+
+def evaluate_pairs(synthetic: Pairs, real_train: Pairs, real_test: Pairs, *, seed: int,
+                   epochs: int = UNET_EPOCHS, real_net: SmallUNet | None = None) -> SegmentationScores:
+    """Train-synthetic/test-real, train-real/test-real and the agreement check (module docstring).
+
+    ``real_net``: a U-Net already trained on ``real_train`` with the same seed and epochs
+    (:func:`real_reference_net`), to score several generators against one reference.
+    """
+    net_real = real_net if real_net is not None else real_reference_net(real_train, seed=seed, epochs=epochs)
+    net_syn = train_unet(synthetic.images, synthetic.masks, seed=seed, epochs=epochs)
+    d_syn, i_syn = dice_iou(predict(net_syn, real_test.images), real_test.masks)
+    d_real, i_real = dice_iou(predict(net_real, real_test.images), real_test.masks)
+    d_agree, i_agree = dice_iou(predict(net_real, synthetic.images), synthetic.masks)
+    return SegmentationScores(dice_synthetic=d_syn, iou_synthetic=i_syn, dice_real=d_real, iou_real=i_real,
+                              agreement_dice=d_agree, agreement_iou=i_agree, n_synthetic=len(synthetic.images),
+                              n_real_train=len(real_train.images), n_real_test=len(real_test.images), epochs=epochs)
