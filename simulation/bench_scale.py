@@ -5,11 +5,16 @@ the warm-start round 0; round 2 is the steady round) in a fresh child process an
 
 * set-up: phantom data, every site written as DICOM and prepared (``simulation.runner.build_sites``),
   keys and roster;
-* first round: from starting the private SuperLink to the server's ``round 1/2`` line;
+* first round: from starting the private SuperLink to the server's ``round 1/2`` line; "to round
+  0" is the part of it up to the warm start's line (Flower's start-up, the secure-aggregation
+  set-up and round 0, whose G pre-training runs at the server);
 * steady round: from ``round 1/2`` to ``round 2/2``;
 * peak memory: the largest sum of resident set sizes (RSS) of the child's whole process tree
   (the simulation, the SuperLink, Ray and its workers), sampled every half second. Pages shared
-  between processes count once per process, so this overstates what is in use.
+  between processes count once per process, so this overstates what is in use;
+* CPU: user + system seconds of the child and the descendants it reaped (all phases), and the
+  machine's mean 1-minute load average along the run: on a shared machine the wall times above
+  grow with the other jobs' load, the CPU seconds much less.
 
 The run settings are the app's defaults (``[tool.flwr.app.config]``: secure aggregation on, the
 model, training and DP settings) except those named on the command line or below: 2 rounds,
@@ -25,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -44,9 +50,12 @@ class ScaleResult:
 
     sites: int
     setup_s: float | None
+    round0_s: float | None  # start-up and the warm start (round 0), part of the first round
     first_round_s: float | None
     steady_round_s: float | None
     peak_rss_bytes: int
+    cpu_s: float  # user + system CPU of the child and every descendant it reaped, all phases
+    mean_load: float  # the machine's 1-minute load average, sampled along the run (other jobs included)
     exit_code: int
 
 
@@ -92,14 +101,17 @@ def run_one(sites: int, patients_per_site: int, out: Path, timeout_s: float,
     result_path = out / "bench_scale.json"
     cmd = [sys.executable, "-m", "simulation.bench_scale", "--child", "--sites", str(sites),
            "--patients-per-site", str(patients_per_site), "--out", str(out), "--timeout", str(timeout_s), *extra]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     child = subprocess.Popen(cmd)
     peak = 0
+    loads: list[float] = []
     stop = threading.Event()
 
     def sample() -> None:
         nonlocal peak
         while not stop.is_set():
             peak = max(peak, tree_rss_bytes(child.pid))
+            loads.append(os.getloadavg()[0])
             stop.wait(SAMPLE_EVERY_S)
 
     sampler = threading.Thread(target=sample, daemon=True)
@@ -112,9 +124,11 @@ def run_one(sites: int, patients_per_site: int, out: Path, timeout_s: float,
     finally:
         stop.set()
         sampler.join()
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
     times = json.loads(result_path.read_text()) if result_path.exists() else {}
-    return ScaleResult(sites, times.get("setup_s"), times.get("first_round_s"), times.get("steady_round_s"),
-                       peak, code)
+    return ScaleResult(sites, times.get("setup_s"), times.get("round0_s"), times.get("first_round_s"),
+                       times.get("steady_round_s"), peak, cpu, sum(loads) / max(len(loads), 1), code)
 
 
 def child_main(args: argparse.Namespace) -> None:
@@ -137,20 +151,24 @@ def child_main(args: argparse.Namespace) -> None:
                            secure_aggregation=False if args.plain_aggregation else None)
     check_out_dir(opts.out)
     source = load_source(opts)
-    build_sites(opts, source, say=lambda line: None)
+    build_sites(opts, source, say=lambda line: None, parallel=args.prepare_parallel)
     overrides = run_config_for(opts, source.class_names, opts.out / "sites")
     times: dict[str, float] = {"setup_s": time.monotonic() - t0}
     result_path = opts.out / "bench_scale.json"
     result_path.write_text(json.dumps(times))
+    if args.setup_only:
+        return
     started = time.monotonic()
     marks: dict[int, float] = {}
 
     def on_line(line: str) -> None:
         match = ROUND_LINE.search(line)
-        if match is None or match.group(1) is None:
+        if match is None:
             return
-        marks[int(match.group(1))] = time.monotonic()
-        print(f"[{args.sites} sites] {match.group(0)}", flush=True)
+        marks[0 if match.group(1) is None else int(match.group(1))] = time.monotonic()  # None: round 0
+        print(f"[{args.sites} sites] {match.group(0)[:100]}", flush=True)  # the line lists every site
+        if 0 in marks:
+            times["round0_s"] = marks[0] - started
         if 1 in marks:
             times["first_round_s"] = marks[1] - started
         if 1 in marks and 2 in marks:
@@ -178,16 +196,21 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, default=Path("medsynth-output/bench-scale"),
                    help="work folder, one sub-folder per site count (emptied first)")
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds before one simulation is stopped")
+    p.add_argument("--setup-only", action="store_true", help="stop each run after the set-up (no Flower)")
+    p.add_argument("--prepare-parallel", type=int, default=None,
+                   help="sites prepared at once (default: one per core; 1: one after another, as before issue 20)")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
         args.sites = args.sites[0]
         child_main(args)
         return
-    if min(args.sites) < 1 or args.patients_per_site < 1:
-        p.error("--sites and --patients-per-site must be >= 1")
+    if min(args.sites) < 1 or args.patients_per_site < 1 or (args.prepare_parallel or 1) < 1:
+        p.error("--sites, --patients-per-site and --prepare-parallel must be >= 1")
     extra = [] if args.local_steps is None else ["--local-steps", str(args.local_steps)]
     extra += ["--plain-aggregation"] if args.plain_aggregation else []
+    extra += ["--setup-only"] if args.setup_only else []
+    extra += [] if args.prepare_parallel is None else ["--prepare-parallel", str(args.prepare_parallel)]
     print(f"{ROUNDS} rounds per run, {args.patients_per_site} phantom patients per site, "
           f"{'plain' if args.plain_aggregation else 'secure'} aggregation, other settings the app's defaults; "
           f"{os.cpu_count()} cores", flush=True)
@@ -195,11 +218,14 @@ def main(argv: list[str] | None = None) -> None:
     for sites in args.sites:
         r = run_one(sites, args.patients_per_site, args.out / f"sites-{sites}", args.timeout, extra)
         rows.append(r)
-        print(f"[{sites} sites] done: exit {r.exit_code}", flush=True)
-    print(f"\n{'sites':>6} {'set-up':>9} {'first round':>12} {'steady round':>13} {'peak RSS (tree)':>16} {'exit':>5}")
+        print(f"[{sites} sites] done: exit {r.exit_code}, {r.cpu_s:.0f} CPU s, mean load {r.mean_load:.1f}",
+              flush=True)
+    print(f"\n{'sites':>6} {'set-up':>9} {'first round':>12} {'(to round 0)':>13} {'steady round':>13} "
+          f"{'peak RSS (tree)':>16} {'CPU (tree)':>11} {'load':>5} {'exit':>5}")
     for r in rows:
-        print(f"{r.sites:>6} {_fmt(r.setup_s):>9} {_fmt(r.first_round_s):>12} {_fmt(r.steady_round_s):>13} "
-              f"{r.peak_rss_bytes / 2**30:>14.2f} GB {r.exit_code:>5}")
+        print(f"{r.sites:>6} {_fmt(r.setup_s):>9} {_fmt(r.first_round_s):>12} {_fmt(r.round0_s):>13} "
+              f"{_fmt(r.steady_round_s):>13} {r.peak_rss_bytes / 2**30:>14.2f} GB {r.cpu_s:>9.0f} s "
+              f"{r.mean_load:>5.1f} {r.exit_code:>5}")
 
 
 if __name__ == "__main__":
