@@ -12,7 +12,8 @@ the warm-start round 0; round 2 is the steady round) in a fresh child process an
 * peak memory: the largest sum of resident set sizes (RSS) of the child's whole process tree
   (the simulation, the SuperLink, Ray and its workers), sampled every half second. Pages shared
   between processes count once per process, so this overstates what is in use;
-* CPU: user + system seconds of the child and the descendants it reaped (all phases), and the
+* CPU: user + system seconds of every process of the tree (each as last sampled: a process's
+  last half second before it exits is missed; all phases), and the
   machine's mean 1-minute load average along the run: on a shared machine the wall times above
   grow with the other jobs' load, the CPU seconds much less.
 
@@ -30,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -54,7 +54,7 @@ class ScaleResult:
     first_round_s: float | None
     steady_round_s: float | None
     peak_rss_bytes: int
-    cpu_s: float  # user + system CPU of the child and every descendant it reaped, all phases
+    cpu_s: float  # user + system CPU of every process of the tree, as last sampled, all phases
     mean_load: float  # the machine's 1-minute load average, sampled along the run (other jobs included)
     exit_code: int
 
@@ -75,21 +75,31 @@ def _children() -> dict[int, list[int]]:
     return tree
 
 
-def tree_rss_bytes(root: int) -> int:
-    """Σ VmRSS of ``root`` and all its descendants (0 for processes gone meanwhile)."""
-    tree, total, todo = _children(), 0, [root]
+@dataclass
+class TreeSample:
+    """One look at a process tree: Σ RSS now, and each process's CPU so far (clock ticks)."""
+
+    rss_bytes: int
+    cpu_ticks: dict[int, int]
+
+
+def sample_tree(root: int) -> TreeSample:
+    """Σ VmRSS of ``root`` and all its descendants, and their user + system CPU ticks (Linux /proc;
+    processes gone meanwhile are skipped)."""
+    tree, rss, ticks, todo = _children(), 0, {}, [root]
     while todo:
         pid = todo.pop()
         todo.extend(tree.get(pid, []))
         try:
+            with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+                fields = f.read()
+            after = fields[fields.rindex(")") + 2 :].split()  # state is field 3; utime, stime are 14, 15
+            ticks[pid] = int(after[11]) + int(after[12])
             with open(f"/proc/{pid}/status", encoding="ascii", errors="replace") as f:
-                for line in f:
-                    if line.startswith("VmRSS:"):
-                        total += int(line.split()[1]) * 1024
-                        break
-        except OSError:
+                rss += next((int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:")), 0)
+        except (OSError, ValueError, IndexError):
             continue
-    return total
+    return TreeSample(rss, ticks)
 
 
 def run_one(sites: int, patients_per_site: int, out: Path, timeout_s: float,
@@ -101,16 +111,18 @@ def run_one(sites: int, patients_per_site: int, out: Path, timeout_s: float,
     result_path = out / "bench_scale.json"
     cmd = [sys.executable, "-m", "simulation.bench_scale", "--child", "--sites", str(sites),
            "--patients-per-site", str(patients_per_site), "--out", str(out), "--timeout", str(timeout_s), *extra]
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     child = subprocess.Popen(cmd)
     peak = 0
+    cpu_ticks: dict[int, int] = {}  # pid → its CPU ticks when last seen
     loads: list[float] = []
     stop = threading.Event()
 
     def sample() -> None:
         nonlocal peak
         while not stop.is_set():
-            peak = max(peak, tree_rss_bytes(child.pid))
+            now = sample_tree(child.pid)
+            peak = max(peak, now.rss_bytes)
+            cpu_ticks.update(now.cpu_ticks)
             loads.append(os.getloadavg()[0])
             stop.wait(SAMPLE_EVERY_S)
 
@@ -124,8 +136,7 @@ def run_one(sites: int, patients_per_site: int, out: Path, timeout_s: float,
     finally:
         stop.set()
         sampler.join()
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    cpu = sum(cpu_ticks.values()) / os.sysconf("SC_CLK_TCK")
     times = json.loads(result_path.read_text()) if result_path.exists() else {}
     return ScaleResult(sites, times.get("setup_s"), times.get("round0_s"), times.get("first_round_s"),
                        times.get("steady_round_s"), peak, cpu, sum(loads) / max(len(loads), 1), code)
