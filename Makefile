@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 DEMO_OUT ?= medsynth-output/demo
 
-.PHONY: install demo test test-quick lint bench bench-secagg bench-prepare bench-quality bench-audit bench-augment bench-segmentation clean
+.PHONY: install demo test test-quick lint bench bench-scale bench-secagg bench-prepare bench-quality bench-audit bench-augment bench-segmentation clean
 
 install: $(STAMP)
 
@@ -35,6 +35,11 @@ test-quick: lint
 
 bench: install
 	$(BIN)/python -m simulation.bench_dp_step
+
+# medsynth simulate at 10, 20, 50, 100, 500 hospitals (set-up, first and steady round, peak memory);
+# hours on 2 cores: BENCH_SCALE_ARGS="--sites 10 20" picks fewer (docs/benchmarks.md)
+bench-scale: install
+	$(BIN)/python -m simulation.bench_scale $(BENCH_SCALE_ARGS)
 
 bench-secagg: install
 	$(BIN)/python -m simulation.bench_secagg

@@ -15,15 +15,18 @@ Steps, each visible to the user:
 from __future__ import annotations
 
 import math
+import os
 import re
 import shutil
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 
 from client.prepare.pipeline import PrepareReport, load_or_create_salt, prepare_site
 from common.config import SIM_MEMBERS_FILE, ConfigError, ConfigValue, RunConfig, format_members, run_config, site_paths
@@ -232,31 +235,64 @@ def site_shares(opts: SimulateOptions, source: SourceData) -> dict[str, np.ndarr
     return {f"site-{i}": indices for i, indices in enumerate(parts)}
 
 
-def build_sites(opts: SimulateOptions, source: SourceData, say: Callable[[str], None]) -> dict[str, Path]:
-    """Write and prepare every site, make their keys; returns site id → ledger path."""
-    seed = opts.run.federation.seed
+def prepare_one_site(opts: SimulateOptions, source: SourceData, site: str, indices: np.ndarray,
+                     workers: int) -> PrepareReport:
+    """Write one site's share as DICOM files and ``prepare`` it as a hospital node would, with
+    ``workers`` decoding processes (``client.prepare.workers``); a resumed run keeps its files."""
+    root = opts.out / "sites" / site
+    if not opts.resume and (root / "dicom").exists():
+        shutil.rmtree(root / "dicom")
+    if not (root / "dicom").exists():
+        write_site_dicom(source, indices, root / "dicom", site_name=site, seed=opts.run.federation.seed,
+                         masks=opts.run.model.pairs)
+    paths = site_paths(root)
+    return prepare_site(
+        root / "dicom",
+        paths.cache_dir,
+        image_size=opts.run.model.image_size,
+        salt=load_or_create_salt(paths.salt_path),
+        class_names=source.class_names,
+        progress=False,
+        workers=workers,
+        pairs=opts.run.model.pairs,
+    )
+
+
+def build_sites(opts: SimulateOptions, source: SourceData, say: Callable[[str], None],
+                parallel: int | None = None) -> dict[str, Path]:
+    """Write and prepare every site, several at once, make their keys; returns site id → ledger path.
+
+    ``parallel`` sites (default: one per core, at most the site count) are prepared at the same
+    time in threads, each with ``cores // parallel`` (at least 1) decoding workers: the threads
+    mostly wait on their workers, so the cores stay busy with decoding instead of one site's
+    worker start-up after another. Each site's result is what a one-at-a-time build gives (its
+    files, salt and cache depend on the site alone); lines are said in site order.
+    """
+    shares = site_shares(opts, source)
+    cores = os.cpu_count() or 1
+    parallel = min(len(shares), cores) if parallel is None else max(1, min(parallel, len(shares)))
+    workers = max(1, cores // parallel)
+    reports: dict[str, PrepareReport] = {}
+    with ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="prepare") as pool, \
+            tqdm(total=len(shares), desc="prepare sites", unit="site") as bar:
+        futures = {pool.submit(prepare_one_site, opts, source, site, indices, workers): site
+                   for site, indices in shares.items()}
+        try:
+            for future in as_completed(futures):
+                reports[futures[future]] = future.result()
+                bar.update(1)
+        except BaseException:
+            for future in futures:
+                future.cancel()  # sites not started yet; running ones finish (their workers are reaped)
+            raise
     ledgers: dict[str, Path] = {}
-    for site, indices in site_shares(opts, source).items():
-        root = opts.out / "sites" / site
-        if not opts.resume and (root / "dicom").exists():
-            shutil.rmtree(root / "dicom")
-        if not (root / "dicom").exists():
-            write_site_dicom(source, indices, root / "dicom", site_name=site, seed=seed, masks=opts.run.model.pairs)
-        paths = site_paths(root)
-        report: PrepareReport = prepare_site(
-            root / "dicom",
-            paths.cache_dir,
-            image_size=opts.run.model.image_size,
-            salt=load_or_create_salt(paths.salt_path),
-            class_names=source.class_names,
-            progress=True,
-            pairs=opts.run.model.pairs,
-        )
+    for site in shares:
+        report = reports[site]
         say(f"{site}: {report.images_kept} images of {report.patients} patients {dict(report.label_counts)}")
         if not report.patient_identity:
             say(f"{site}: the data has no patient identity (no Patient ID): privacy is per study or per "
                 "file, not per patient")
-        ledgers[site] = paths.ledger_path
+        ledgers[site] = site_paths(opts.out / "sites" / site).ledger_path
     make_site_keys(opts.out / "sites", list(ledgers))
     return ledgers
 
