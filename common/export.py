@@ -27,7 +27,7 @@ import numpy as np
 
 from common.atomic import write_json_atomic
 from common.errors import UserError
-from common.pairs import MASK_CHANNEL, mask_rel
+from common.pairs import MASK_CHANNEL, binary_masks, mask_rel
 from common.round_record import NOT_RECORDED, Initialisation, RoundRecord, SitePrivacyReport, latest_privacy
 
 if TYPE_CHECKING:  # pydicom and Pillow are imported by the functions that write files, so that a
@@ -177,7 +177,8 @@ def export_images(
         raise ExportError(f"{out} already holds an export ({SIDECAR}); choose an empty folder")
     out.mkdir(parents=True, exist_ok=True)
     pixels = to_uint8(images)
-    masks = (images[:, MASK_CHANNEL] > 0).astype(np.uint8) if images.ndim == 4 and images.shape[1] == 2 else None
+    pairs = images.ndim == 4 and images.shape[1] == 2
+    masks = binary_masks(images[:, MASK_CHANNEL]).astype(np.uint8) if pairs else None  # (N, S, S) in {0, 1}
     names = provenance.class_names
     files: list[Path] = []
     if fmt == "npz":

@@ -391,10 +391,10 @@ def phantom_reference(opts: SimulateOptions, say: Callable[[str], None]) -> Path
     yardstick of a phantom run. Phantoms are synthetic, so comparing them with the model's
     images in the report reveals nothing about anyone."""
     root = opts.out / "reference"
-    patients = PAIR_REFERENCE_PATIENTS if opts.run.model.pairs else REFERENCE_PATIENTS
+    pairs = opts.run.model.pairs
+    patients = PAIR_REFERENCE_PATIENTS if pairs else REFERENCE_PATIENTS
     source = phantom_population(patients, opts.images_per_patient, image_size=64,
                                 seed=opts.run.federation.seed + REFERENCE_SEED_OFFSET)
-    pairs = opts.run.model.pairs
     if not (root / "dicom").exists():
         write_site_dicom(source, np.arange(source.labels.size), root / "dicom", site_name="reference",
                          seed=opts.run.federation.seed + REFERENCE_SEED_OFFSET, masks=pairs)

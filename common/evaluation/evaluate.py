@@ -37,7 +37,7 @@ from common.dataset import DatasetError, load_cache
 from common.errors import UserError
 from common.evaluation.features import FeatureExtractor, default_cache_dir, load_or_train_extractor
 from common.evaluation.metrics import Memorization, frechet_distance, kernel_distance, memorization, precision_recall
-from common.evaluation.reference import TEST_SHARE, ReferenceData, load_reference
+from common.evaluation.reference import ReferenceData, load_reference, rows_in_test_split
 from common.evaluation.segmentation import Pairs, evaluate_pairs
 from common.evaluation.tstr import TSTR_CONFIG, ClassifierScore, balanced_labels, train_and_score
 from common.export import Provenance
@@ -266,8 +266,7 @@ def evaluate_pair_model(opts: EvaluateOptions, generator: ImageSource, say: Call
         raise EvaluationError(f"{opts.reference} must be a pair cache (node prepare --pairs) of "
                               f"{generator.cfg.image_size}×{generator.cfg.image_size} images and ≥ 2 patients; "
                               f"it holds {'pairs' if ds.pairs else 'images'} of side {ds.image_size}")
-    patients = np.random.default_rng(opts.seed).permutation(ds.num_patients)
-    is_test = np.isin(ds.patients, patients[: max(1, round(TEST_SHARE * ds.num_patients))])
+    is_test = rows_in_test_split(ds, opts.seed)
     real_train, real_test = Pairs.of_channels(ds.images[~is_test]), Pairs.of_channels(ds.images[is_test])
     n = opts.n_synthetic or len(real_train.images)  # as many synthetic as real training pairs
     epochs = opts.unet_epochs

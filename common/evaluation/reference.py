@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common.dataset import CACHE_FILE, DatasetError, load_cache, resize_to_square
+from common.dataset import CACHE_FILE, DatasetError, LocalDataset, load_cache, resize_to_square
 from common.errors import UserError
 
 _MEDMNIST_CLASSES = {"pneumoniamnist": ("normal", "pneumonia"), "hc18-28": ("small-head", "large-head")}
@@ -136,6 +136,14 @@ def _resized(images: np.ndarray, size: int) -> np.ndarray:
     return to_model_range((images[:, 0] + 1.0) / 2.0, size)
 
 
+def rows_in_test_split(ds: LocalDataset, seed: int) -> np.ndarray:
+    """Which rows (N,) of a prepared cache are the real test split: every image of ``TEST_SHARE`` of
+    the patients (at least one), drawn with ``seed``; no patient is on both sides."""
+    patients = np.random.default_rng(seed).permutation(ds.num_patients)
+    is_test: np.ndarray = np.isin(ds.patients, patients[: max(1, round(TEST_SHARE * ds.num_patients))])
+    return is_test
+
+
 def _cache(folder: Path, size: int, held_out: Path | None, seed: int) -> ReferenceData:
     try:
         ds = load_cache(folder)
@@ -143,9 +151,7 @@ def _cache(folder: Path, size: int, held_out: Path | None, seed: int) -> Referen
         raise ReferenceDataError(str(exc)) from exc
     if ds.num_patients < 2:
         raise ReferenceDataError(f"{folder} holds one patient; a train/test split needs at least two")
-    patients = np.random.default_rng(seed).permutation(ds.num_patients)
-    n_test = max(1, round(TEST_SHARE * ds.num_patients))
-    is_test = np.isin(ds.patients, patients[:n_test])
+    is_test = rows_in_test_split(ds, seed)
     images = _resized(ds.images, size)
     held = None
     if held_out is not None:
