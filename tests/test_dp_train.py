@@ -40,18 +40,19 @@ def _summed_clipped_grad(netD, cfg, train, real, y_real, fake, y_fake, clip) -> 
         priv.module._close()
 
 
-@pytest.mark.parametrize("conditional", [True, False])
-def test_one_patients_contribution_is_at_most_the_clipping_norm(conditional: bool) -> None:
-    # prepare: a batch with and without one patient whose gradient is huge (clip binds)
-    cfg = app_model(conditional=conditional)
+@pytest.mark.parametrize(("conditional", "pairs"), [(True, False), (False, False), (True, True)])
+def test_one_patients_contribution_is_at_most_the_clipping_norm(conditional: bool, pairs: bool) -> None:
+    # prepare: a batch with and without one patient whose gradient is huge (clip binds); in pair
+    # mode the outlier is the patient's mask, which leaves the hospital only through this bound
+    cfg = app_model(conditional=conditional, pairs=pairs)
     train = app_train(batch_size=8)
     clip = 0.7
     _, netD = build_models(cfg, seed=1)
     gen = torch.Generator().manual_seed(2)
-    real = torch.rand(8, 1, 32, 32, generator=gen) * 2 - 1
-    real[0] *= 50.0  # an outlier patient
+    real = torch.rand(8, cfg.channels, 32, 32, generator=gen) * 2 - 1
+    real[0, -1] *= 50.0  # an outlier patient (its image, or its mask in pair mode)
     y_real = torch.tensor([0, 1] * 4)
-    fake = torch.rand(8, 1, 32, 32, generator=gen) * 2 - 1
+    fake = torch.rand(8, cfg.channels, 32, 32, generator=gen) * 2 - 1
     y_fake = torch.tensor([1, 0] * 4)
     # act
     with_patient = _summed_clipped_grad(netD, cfg, train, real, y_real, fake, y_fake, clip)
