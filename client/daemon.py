@@ -13,7 +13,8 @@ In order:
 4. the local dataset is prepared if the cache is missing or stale (``client.prepare.pipeline``);
 5. ``flower-supernode`` runs with ``--root-certificates``, ``--auth-supernode-private-key``
    and the node config; its Runtime API listens on loopback only, and it only ever dials
-   out. With an app allow-list, ``flwr-clientapp`` is the hash gate of ``client.fab_gate``.
+   out. Its ``flwr-clientapp`` is ours: each message's ClientApp is forked from a process that has
+   the libraries imported (``client.forkserver``) and passes the app allow-list (``client.fab_gate``).
 
 While it runs the daemon says what the node does (``client.status.NodeWatcher``): one line per
 round (trained / declined / refused, ε after, σ) from the audit log, a line when a run begins,
@@ -40,7 +41,8 @@ import uuid
 from collections.abc import Callable
 from types import FrameType
 
-from client.fab_gate import ALLOWLIST_ENV, write_wrapper
+from client.fab_gate import ALLOWLIST_ENV, ANY_APP_ENV
+from client.forkserver import launcher_command, write_wrapper
 from client.node_config import NodeDeployConfig
 from client.prepare.pipeline import PrepareReport, load_or_create_salt, prepare_site
 from client.status import DAEMON_FILE, NodeWatcher, privacy_lines, start_log_path
@@ -147,14 +149,16 @@ class NodeDaemon:
         )
 
     def environ(self) -> dict[str, str]:
-        """The SuperNode's environment: its own ``FLWR_HOME`` and tag; with an app allow-list,
-        the FAB gate's ``flwr-clientapp`` first on ``PATH``."""
+        """The SuperNode's environment: its own ``FLWR_HOME`` and tag, and our ``flwr-clientapp``
+        (fork server hand-over and app allow-list, :mod:`client.forkserver`) first on ``PATH``."""
         env = FlowerEnv(flwr_home=self.cfg.state_dir / "flwr-home", port=self.cfg.superlink_port,
                         tag=self.tag).environ()
+        wrapper = write_wrapper(self.cfg.state_dir / "bin")
+        env["PATH"] = os.pathsep.join([str(wrapper.parent), env["PATH"]])
         if self.cfg.allowed_fabs:
-            wrapper = write_wrapper(self.cfg.state_dir / "bin")
-            env["PATH"] = os.pathsep.join([str(wrapper.parent), env["PATH"]])
             env[ALLOWLIST_ENV] = ",".join(self.cfg.allowed_fabs)
+        elif self.cfg.any_app_may_run:  # NodeDeployConfig.check_apps refuses an empty list without it
+            env[ANY_APP_ENV] = "1"
         return env
 
     def prepare(self) -> PrepareReport:
@@ -172,8 +176,8 @@ class NodeDaemon:
         self.cfg.state_dir.mkdir(parents=True, exist_ok=True)
         (self.cfg.state_dir / "flwr-home").mkdir(exist_ok=True)
         start = self.log_path.stat().st_size if self.log_path.exists() else 0
-        self.proc = spawn(self.supernode_command(), self.environ(), self.log_path, cwd=self.cfg.state_dir,
-                          append=True)
+        self.proc = spawn(launcher_command(self.supernode_command()), self.environ(), self.log_path,
+                          cwd=self.cfg.state_dir, append=True)
         write_json_atomic(self.cfg.state_dir / DAEMON_FILE,
                           {"pid": os.getpid(), "supernode_pid": self.proc.pid, "tag": self.tag,
                            "runtime_port": self.runtime_port, "log": str(self.log_path), "started": self.started})

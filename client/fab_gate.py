@@ -8,7 +8,8 @@ allow-list for a private consortium.
 
 What the node daemon does instead: the SuperNode's SuperExec starts every ClientApp by running
 ``flwr-clientapp`` from ``PATH``. ``medsynth node start`` puts a folder first on that ``PATH``
-whose ``flwr-clientapp`` runs :func:`main`: Flower's own ClientApp process, except that the
+whose ``flwr-clientapp`` (:mod:`client.forkserver`) ends in :func:`main`, in a process forked
+from the node's fork server or, without one, in its own: Flower's own ClientApp process, except that the
 step that installs the received bundle first checks SHA-256 of the bundle's bytes (computed
 here, not taken from the server) against ``allowed-fab-sha256`` in ``node.toml``. A bundle not
 on the list is never installed or imported: the ClientApp process fails before any app code
@@ -33,6 +34,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 ALLOWLIST_ENV = "MEDSYNTH_ALLOWED_FABS"
+#: ``1`` when ``node.toml`` says ``[apps] any-app-may-run = true`` (and the list is empty).
+ANY_APP_ENV = "MEDSYNTH_ANY_APP"
 log = logging.getLogger("medsynth.node")
 
 
@@ -69,7 +72,11 @@ def gated_installer(install: Callable[..., Path], allowed: frozenset[str]) -> Ca
 
 
 def main() -> None:
-    """Entry point of the ``flwr-clientapp`` wrapper that ``medsynth node start`` installs."""
+    """Flower's ClientApp process (``flwr-clientapp`` arguments in ``sys.argv``) behind the allow-list.
+
+    With :data:`ANY_APP_ENV` = ``1`` (``[apps] any-app-may-run = true``) and no list, every bundle
+    runs; with neither, nothing does.
+    """
     from flwr.supernode.cli.flwr_clientapp import flwr_clientapp
     from flwr.supernode.runtime import run_clientapp
 
@@ -78,29 +85,10 @@ def main() -> None:
     log.addHandler(handler)
     log.setLevel(logging.INFO)
     allowed = allowed_hashes()
-    if not allowed:
-        sys.exit(f"{ALLOWLIST_ENV} is empty: the FAB gate would refuse every app; check node.toml [apps]")
-    installer = getattr(run_clientapp, "install_from_fab")  # noqa: B009 - Flower-internal name, checked by a test
-    setattr(run_clientapp, "install_from_fab", gated_installer(installer, allowed))  # noqa: B010
+    if allowed:
+        installer = getattr(run_clientapp, "install_from_fab")  # noqa: B009 - Flower-internal name, checked by a test
+        setattr(run_clientapp, "install_from_fab", gated_installer(installer, allowed))  # noqa: B010
+    elif os.environ.get(ANY_APP_ENV) != "1":
+        sys.exit(f"{ALLOWLIST_ENV} is empty and {ANY_APP_ENV} is not 1: the FAB gate would refuse every app; "
+                 "check node.toml [apps]")
     flwr_clientapp()
-
-
-def write_wrapper(bin_dir: Path) -> Path:
-    """Write ``bin_dir/flwr-clientapp`` running :func:`main` with this interpreter.
-
-    The wrapper loads this file under another module name and never imports the ``client``
-    package: the app bundle's own ``client`` package must be the one Flower imports next.
-    """
-    bin_dir.mkdir(parents=True, exist_ok=True)
-    path = bin_dir / "flwr-clientapp"
-    path.write_text(
-        f"#!{sys.executable}\n"
-        "import importlib.util\n"
-        f"spec = importlib.util.spec_from_file_location('medsynth_fab_gate', {str(Path(__file__).resolve())!r})\n"
-        "gate = importlib.util.module_from_spec(spec)\n"
-        "spec.loader.exec_module(gate)\n"
-        "gate.main()\n",
-        encoding="utf-8",
-    )
-    path.chmod(0o755)
-    return path

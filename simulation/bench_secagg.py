@@ -36,10 +36,21 @@ What is reported (per hospital per round unless noted; medians)
   pulling the message to pushing its reply: installing the app bundle and importing the app
   (torch, opacus) are included, starting the Python interpreter is not.
 
+* training CPU: the CPU seconds of each hospital's ``train`` message (audit log), and the round's
+  wall time divided by it: what the rest of the round (messages, process starts, waiting) costs
+  around the training.
+
+``--launch`` says how each message's ClientApp process starts: ``fork-server`` (the default,
+as ``medsynth node start`` runs it: forked from a process that has the libraries imported,
+``client.forkserver``), ``plain`` (Flower's ``flwr-clientapp``, a fresh interpreter per
+message), or ``both``: each on its own deployment, one after the other, with the ratio of their
+steady round times.
+
 Nothing is asserted; timings depend on the machine and on anything else running on it (the
 load average is printed).
 
-    python -m simulation.bench_secagg [--sites 5] [--rounds 3] [--local-steps 20] [--batch-size 32] [--out DIR]
+    python -m simulation.bench_secagg [--sites 5] [--rounds 3] [--local-steps 20] [--batch-size 32]
+        [--launch fork-server|plain|both] [--out DIR]
 """
 
 from __future__ import annotations
@@ -75,6 +86,7 @@ from simulation.runner import (
 )
 
 _NUMERIC_GROUP = re.compile(r"^\d+$")
+LAUNCHES = ("fork-server", "plain", "both")
 
 
 @dataclass(frozen=True)
@@ -89,6 +101,7 @@ class ModeResult:
     messages: dict[str, dict[int, int]]  # site → round → messages received
     clientapp_s: float | None  # Flower's compute-time.clientapp-seconds for the run
     protocol_cpu: dict[str, dict[int, float]]  # site → round → secure-aggregation CPU s (audit logs)
+    train_cpu: dict[str, dict[int, float]]  # site → round → CPU s of its `train` message (audit logs)
 
     @property
     def label(self) -> str:
@@ -121,13 +134,17 @@ def messages_per_round(deployment: LocalDeployment, run_id: int) -> dict[str, di
     return {site: {r: int(n) for r, n in per_round.items()} for site, per_round in counts.items()}
 
 
-def protocol_cpu_per_round(ledgers: dict[str, Path], run_id: int) -> dict[str, dict[int, float]]:
-    """Site → round → CPU seconds of its secure-aggregation steps, from each hospital's audit log
-    (beside its ledger); ``setup-N`` steps count in the next round."""
+def cpu_per_round(ledgers: dict[str, Path], run_id: int, training: bool) -> dict[str, dict[int, float]]:
+    """Site → round → CPU seconds of its secure-aggregation steps (``training=False``) or of its
+    ``train`` message (``True``: local DP training and what the handler does around it), from each
+    hospital's audit log (beside its ledger); ``setup-N`` steps count in the next round."""
+    def counted(action: str) -> bool:
+        return action == "train" if training else action.startswith("train.secagg")
+
     return {
         site: _by_round(
             (e.group, e.cpu_s) for e in read_entries(ledger.parent / "audit.jsonl")
-            if e.run == str(run_id) and e.action.startswith("train.secagg") and e.cpu_s is not None
+            if e.run == str(run_id) and counted(e.action) and e.cpu_s is not None
         )
         for site, ledger in ledgers.items()
     }
@@ -206,7 +223,8 @@ def run_mode(
         setup_rounds=setup_rounds_of(rounds, secure),
         messages=messages_per_round(deployment, result.run_id),
         clientapp_s=clientapp_seconds(deployment, result.run_id),
-        protocol_cpu=protocol_cpu_per_round(ledgers, result.run_id),
+        protocol_cpu=cpu_per_round(ledgers, result.run_id, training=False),
+        train_cpu=cpu_per_round(ledgers, result.run_id, training=True),
     )
 
 
@@ -222,13 +240,21 @@ def _bytes_up(mode: ModeResult, setup: bool | None) -> list[float]:
     return values
 
 
-def _protocol_cpu(mode: ModeResult, setup: bool | None) -> list[float]:
+def _per_site_rounds(table: dict[str, dict[int, float]], mode: ModeResult, setup: bool | None) -> list[float]:
     return [
-        cpu
-        for per_round in mode.protocol_cpu.values()
-        for rnd, cpu in per_round.items()
+        value
+        for per_round in table.values()
+        for rnd, value in per_round.items()
         if setup is None or (rnd in mode.setup_rounds) == setup
     ]
+
+
+def _protocol_cpu(mode: ModeResult, setup: bool | None) -> list[float]:
+    return _per_site_rounds(mode.protocol_cpu, mode, setup)
+
+
+def _train_cpu(mode: ModeResult, setup: bool | None) -> list[float]:
+    return _per_site_rounds(mode.train_cpu, mode, setup)
 
 
 def _round_seconds(mode: ModeResult, setup: bool | None) -> list[float]:
@@ -273,6 +299,7 @@ def format_table(plain: ModeResult, secure: ModeResult) -> str:
         rows.append((name, _fmt(p1, unit), _fmt(ps, unit), _fmt(s1, unit), _fmt(ss, unit), _ratio(ss, ps)))
 
     row("round wall time (s)", _round_seconds)
+    row("training CPU / hospital (s)", _train_cpu)
     row("protocol CPU / hospital (s)", _protocol_cpu)
     row("bytes up / hospital (MB)", _bytes_up, "MB")
     row("messages / hospital", _messages)
@@ -293,6 +320,9 @@ def format_table(plain: ModeResult, secure: ModeResult) -> str:
         f"ratio {_ratio(s_all, p_all)} (goal ≤ 1.3×); steady rounds only: ratio {_ratio(s_steady, p_steady)}",
         f"ClientApp time / hospital / round (Flower compute-time, all rounds): plain {_fmt(per_msg[0])} s, "
         f"secure {_fmt(per_msg[1])} s",
+        "round wall time / training CPU of a hospital (steady medians): plain "
+        f"{_ratio(p_steady, _median(_train_cpu(plain, False)))}, "
+        f"secure {_ratio(s_steady, _median(_train_cpu(secure, False)))}",
         f"run wall time (submit → finished): plain {_fmt(plain.run_wall_s)} s, secure {_fmt(secure.run_wall_s)} s",
         f"secure setup rounds: {sorted(secure.setup_rounds)}; plain 'first' round: {sorted(plain.setup_rounds)}",
     ]
@@ -320,6 +350,12 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--images-per-patient", type=int, default=2, help="phantom images per patient; default 2")
     p.add_argument("--epsilon", type=float, default=10.0, help="each hospital's ε budget (node config); default 10")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds allowed per run; default 1800")
+    p.add_argument(
+        "--launch", choices=LAUNCHES, default="fork-server",
+        help="how each message's ClientApp process starts: 'fork-server' (forked from a process with the "
+        "libraries imported, as `medsynth node start` runs it; the default), 'plain' (Flower's flwr-clientapp, "
+        "a fresh interpreter per message), or 'both' (each on its own deployment, one after the other)",
+    )
     p.add_argument(
         "--out",
         type=Path,
@@ -372,28 +408,39 @@ def main(argv: list[str] | None = None) -> int:
             "data.class-names": ",".join(source.class_names),
             "wait-nodes-timeout": 120.0,
         }
-        say(f"starting the Deployment Engine: 1 SuperLink + {args.sites} SuperNodes on loopback")
-        with LocalDeployment(root / "flwr", nodes) as deployment:
-            say(f"all {args.sites} SuperNodes online after {time.monotonic() - t0:.0f} s (incl. data); "
-                "plain, then secure, back to back on the same processes")
-            results = [
-                run_mode(deployment, secure=secure, out=root / f"out-{'secure' if secure else 'plain'}",
-                         ledgers=ledgers, base_config=base_config, timeout_s=args.timeout, say=say)
-                for secure in (False, True)
-            ]
-        plain, secure_result = results
-        say("")
-        say(f"{args.sites} hospitals, {args.rounds} rounds per mode, {args.local_steps} local steps, batch "
-            f"{opts.run.train.batch_size}, default model; medians per hospital per round; load average now "
-            f"{os.getloadavg()[0]:.2f}; total {time.monotonic() - t0:.0f} s")
-        say(format_table(plain, secure_result))
+        tables: dict[str, tuple[ModeResult, ModeResult]] = {}
+        for launch in (("fork-server", "plain") if args.launch == "both" else (args.launch,)):
+            say(f"starting the Deployment Engine: 1 SuperLink + {args.sites} SuperNodes on loopback; ClientApps: "
+                f"{launch}")
+            with LocalDeployment(root / f"flwr-{launch}", nodes, fork_server=launch == "fork-server") as deployment:
+                say(f"all {args.sites} SuperNodes online after {time.monotonic() - t0:.0f} s (incl. data); "
+                    "plain, then secure, back to back on the same processes")
+                plain, secure_result = (
+                    run_mode(deployment, secure=secure, out=root / f"out-{launch}-{'secure' if secure else 'plain'}",
+                             ledgers=ledgers, base_config=base_config, timeout_s=args.timeout, say=say)
+                    for secure in (False, True)
+                )
+            tables[launch] = (plain, secure_result)
+        for launch, (plain, secure_result) in tables.items():
+            say("")
+            say(f"{args.sites} hospitals, {args.rounds} rounds per mode, {args.local_steps} local steps, batch "
+                f"{opts.run.train.batch_size}, default model, ClientApps: {launch}; medians per hospital per round; "
+                f"load average now {os.getloadavg()[0]:.2f}; total {time.monotonic() - t0:.0f} s")
+            say(format_table(plain, secure_result))
+        if len(tables) == 2:
+            (fp, fs), (pp, ps) = tables["fork-server"], tables["plain"]
+            say("")
+            say("fork server / plain flwr-clientapp, steady round wall time: plain aggregation "
+                f"{_ratio(_median(_round_seconds(fp, False)), _median(_round_seconds(pp, False)))}, secure "
+                f"{_ratio(_median(_round_seconds(fs, False)), _median(_round_seconds(ps, False)))}")
         if keep:
             summary = {
                 "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-                "runs": {r.label: {"run_id": r.run_id, "run_wall_s": r.run_wall_s,
-                                   "rounds": [x.to_json() for x in r.rounds],
-                                   "setup_rounds": sorted(r.setup_rounds), "messages": r.messages,
-                                   "clientapp_s": r.clientapp_s} for r in results},
+                "runs": {f"{launch}/{r.label}": {"run_id": r.run_id, "run_wall_s": r.run_wall_s,
+                                                 "rounds": [x.to_json() for x in r.rounds],
+                                                 "setup_rounds": sorted(r.setup_rounds), "messages": r.messages,
+                                                 "clientapp_s": r.clientapp_s, "train_cpu": r.train_cpu}
+                         for launch, results in tables.items() for r in results},
             }
             (root / "results.json").write_text(json.dumps(summary, indent=2))
             say(f"details: {root / 'results.json'}")

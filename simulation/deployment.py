@@ -22,6 +22,8 @@ Process tree (flwr 1.41.0, Linux), and how it is cleaned up
     flower-supernode  (site k)       session Sk (start_new_session), tag T-node<k>
       └ flower-superexec             same process group as its SuperNode
           └ flwr-clientapp           one per *message*, same process group
+      └ ClientApp fork server        (fork_server=True) same process group; forks one
+                                     ClientApp per message for our flwr-clientapp wrapper
     flwr run / log / ls / supernode  short-lived CLI calls (run_app), tag T
 
 Every process inherits the environment tag ``MEDSYNTH_SUPERLINK_TAG`` from the process we
@@ -52,6 +54,7 @@ without TLS or node authentication (plain HTTP on loopback).
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import subprocess
 import sys
@@ -62,6 +65,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
+from client.fab_gate import ANY_APP_ENV
+from client.forkserver import launcher_command, write_wrapper
 from common.flower import (
     FlowerEnv,
     NodeConfig,
@@ -158,6 +163,11 @@ class LocalDeployment:
         Budget for the SuperLink to become healthy and, separately, for all nodes to be online.
     stop_grace_s : float
         Time between SIGTERM and SIGKILL on exit.
+    fork_server : bool
+        Start each SuperNode as ``medsynth node start`` does, with the ClientApp fork server
+        (:mod:`client.forkserver`; each message still gets a fresh process, forked from one that
+        has the libraries imported). ``False`` runs Flower's plain ``flwr-clientapp``, one
+        interpreter per message (``make bench-secagg`` times both).
     """
 
     _START_ATTEMPTS = 3
@@ -171,6 +181,7 @@ class LocalDeployment:
         database: Path | None = None,
         startup_timeout_s: float = 60.0,
         stop_grace_s: float = 15.0,
+        fork_server: bool = True,
     ) -> None:
         if not sys.platform.startswith("linux"):
             raise DeploymentError("LocalDeployment needs Linux (/proc is used to find processes).")
@@ -188,6 +199,7 @@ class LocalDeployment:
         self._database = None if database is None else Path(database).absolute()
         self._startup_timeout_s = startup_timeout_s
         self._stop_grace_s = stop_grace_s
+        self._fork_server = fork_server
         self._tag = uuid.uuid4().hex
         self._proc: subprocess.Popen[bytes] | None = None
         self._env: FlowerEnv | None = None
@@ -409,7 +421,13 @@ class LocalDeployment:
             node_config=node.config,
             node_config_file=node.env.flwr_home / "node-config.toml",
         )
-        node.proc = spawn(cmd, node.env.environ(), node.log_path, cwd=node.env.flwr_home)
+        environ = node.env.environ()
+        if self._fork_server:  # as client.daemon does it; these nodes run any app they are sent
+            wrapper = write_wrapper(node.env.flwr_home / "bin")
+            environ["PATH"] = os.pathsep.join([str(wrapper.parent), environ["PATH"]])
+            environ[ANY_APP_ENV] = "1"
+            cmd = launcher_command(cmd)
+        node.proc = spawn(cmd, environ, node.log_path, cwd=node.env.flwr_home)
 
     def _wait_nodes_online(self) -> None:
         """Wait until the SuperLink lists every SuperNode's id online (see module docstring)."""

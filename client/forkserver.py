@@ -1,0 +1,409 @@
+"""The ClientApp fork server: each Flower message still gets its own process, without the imports.
+
+Why: a SuperNode in ``subprocess`` isolation starts one ``flwr-clientapp`` process per *message*
+(train, the four secure-aggregation stages, the final model). Each one imports Flower's ClientApp
+runtime (~2.5 s of CPU) and, for training, torch and Opacus (~6 s more) before it does a second of
+work; four hospitals on a 2-core machine spent more time importing than training. Flower 1.41's
+pre-started workers ("warm executors") exist only for its Kubernetes executor.
+
+What this does instead, in the spirit of Python's ``multiprocessing`` fork server: next to each
+SuperNode runs one *fork server* process that has imported the third-party libraries
+(:data:`PREIMPORTS`: torch, Opacus, NumPy, SciPy, Flower's ClientApp runtime …) and nothing
+else. The ``flwr-clientapp`` that the SuperExec starts for a message is our small wrapper
+(:func:`write_wrapper`): it imports only the standard library, connects to the fork server's
+Unix socket, hands over its argv, environment, working folder and its stdin/stdout/stderr (file
+descriptors passed with ``SCM_RIGHTS``), and waits. The fork server forks; the child takes those
+descriptors and that environment and runs Flower's ClientApp process exactly as the plain
+command would (through the app allow-list of :mod:`client.fab_gate`), then exits; its exit
+status goes back to the wrapper, which exits with it.
+
+What stays as it was:
+
+- Isolation. Every message runs in a fresh process; nothing a ClientApp does survives it. The
+  fork server never imports the app's code (``client``, ``common``, … are refused in it, see
+  :func:`check_nothing_of_ours`): the app bundle that the gate accepted is the code that runs, and
+  the fork server holds no data, keys or results, only library code.
+- Randomness. A forked child inherits its parent's memory, random generators included. Python's
+  ``random`` reseeds itself after a fork and the kernel's generator (``os.urandom``, ``secrets``,
+  OpenSSL) is per call; torch's and NumPy's global generators are reseeded from the kernel in
+  every child (:func:`reseed_in_child`). Secure-aggregation keys and masks, the DP noise and the
+  training's sampling and latent seeds come from ``secrets``/OpenSSL in any case.
+- Lifetime. :func:`launch_supernode` starts the fork server as a child of the process that then
+  becomes the SuperNode (``exec``), in the SuperNode's process group and with its environment
+  (so its process tag): stopping the SuperNode's group or its tag stops the fork server and every
+  ClientApp, and a fork server whose SuperNode is gone exits.
+- Access. The socket lies in a fresh folder of mode 0700, and a peer whose user id is not ours
+  (``SO_PEERCRED``) is refused.
+- Failure. If the fork server cannot be reached, the wrapper says so on the SuperNode's log and
+  runs the ClientApp itself, as Flower would have.
+
+This file and :mod:`client.fab_gate` import only the standard library at module level and are
+loaded by file path (never as ``client.…``): the app bundle's own ``client`` package must be the
+one that Flower imports in the child.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import importlib.util
+import json
+import os
+import select
+import signal
+import socket
+import struct
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from types import FrameType, ModuleType
+
+#: The environment variable through which the SuperNode's ClientApps find the fork server's socket.
+SOCKET_ENV = "MEDSYNTH_CLIENTAPP_FORKSERVER"
+#: Imported once by the fork server: the heavy third-party libraries a ClientApp uses.
+PREIMPORTS = (
+    "numpy", "scipy.stats", "torch", "opacus", "safetensors.torch", "PIL.Image", "pydicom", "cryptography.x509",
+    "flwr.app", "flwr.clientapp", "flwr.supernode.cli.flwr_clientapp", "flwr.supernode.runtime.run_clientapp",
+)
+#: Top-level packages of this repository; the app bundle brings its own copy, so the fork server must not import them.
+OURS = ("client", "common", "server", "simulation", "medsynth")
+_HEADER = struct.Struct("!I")  # length of the JSON request that follows
+_MAX_REQUEST = 1 << 20  # bytes; an environment of a few KB is normal
+_POLL_S = 0.2
+
+
+class ForkServerError(RuntimeError):
+    """The fork server could not start a ClientApp (the wrapper then runs it itself)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# the child: one ClientApp process
+
+
+def _gate() -> ModuleType:
+    """:mod:`client.fab_gate`, loaded by path like this file."""
+    name = "medsynth_fab_gate"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("fab_gate.py"))
+        if spec is None or spec.loader is None:
+            raise ForkServerError(f"cannot load {Path(__file__).with_name('fab_gate.py')}")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+def run_clientapp(argv: Sequence[str]) -> None:
+    """Flower's ClientApp process for ``argv`` (``flwr-clientapp --token …``), behind the app allow-list."""
+    sys.argv = [*argv]
+    _gate().main()
+
+
+def reseed_in_child() -> None:
+    """Seed a forked child's global generators from the kernel, as a fresh interpreter does.
+
+    A fork copies its parent's generator states: without this, every message's process would
+    continue torch's global stream from the same point (torch seeds it from the OS once per
+    interpreter). Python's ``random`` reseeds itself after a fork. Training itself draws its
+    seeds from ``secrets`` (``common.dp.train``) and the DP noise from ChaCha20 keyed by the OS,
+    so this keeps the rest, e.g. a library's own use of the global generators, as fresh as before.
+    """
+    numpy = sys.modules.get("numpy")
+    if numpy is not None:
+        numpy.random.seed(int.from_bytes(os.urandom(4), "little"))
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.manual_seed(int.from_bytes(os.urandom(8), "little") >> 1)
+
+
+def _become_clientapp(request: dict[str, object], fds: Sequence[int], closing: Sequence[socket.socket]) -> None:
+    """In the forked child: take the wrapper's descriptors, environment and folder, run, exit."""
+    for sock in closing:
+        sock.close()
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
+        signal.signal(sig, signal.SIG_DFL)
+    for target, fd in enumerate(fds):
+        os.dup2(fd, target)
+        os.close(fd)
+    env = request["env"]
+    argv = request["argv"]
+    cwd = request["cwd"]
+    if not (isinstance(env, dict) and isinstance(argv, list) and isinstance(cwd, str)):
+        raise ForkServerError("malformed request")
+    os.environ.clear()
+    os.environ.update({str(k): str(v) for k, v in env.items()})
+    os.chdir(cwd)
+    reseed_in_child()
+    code = 0
+    try:
+        run_clientapp([str(a) for a in argv])
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        if not isinstance(exc.code, int) and exc.code is not None:
+            print(exc.code, file=sys.stderr)
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+        code = 1
+    finally:
+        with contextlib.suppress(Exception):
+            sys.stdout.flush()
+            sys.stderr.flush()
+    os._exit(code)
+
+
+# ---------------------------------------------------------------------------------------------
+# the fork server
+
+
+def check_nothing_of_ours() -> None:
+    """Refuse to serve if this process imported any of this repository's packages (:data:`OURS`)."""
+    loaded = sorted(m for m in sys.modules if m.split(".")[0] in OURS)
+    if loaded:
+        raise ForkServerError(f"the fork server imported {loaded[:5]}; the app bundle must bring that code itself")
+
+
+def preimport() -> None:
+    """Import :data:`PREIMPORTS` and the app allow-list, and nothing of this repository's packages."""
+    for name in PREIMPORTS:
+        importlib.import_module(name)
+    _gate()
+    check_nothing_of_ours()
+
+
+def _peer_uid(conn: socket.socket) -> int:
+    creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    _pid, uid, _gid = struct.unpack("3i", creds)
+    return int(uid)
+
+
+def _read_request(conn: socket.socket) -> tuple[dict[str, object], list[int]]:
+    """One request: a length-prefixed JSON object, and with its first bytes three descriptors."""
+    data, fds, _flags, _addr = socket.recv_fds(conn, _MAX_REQUEST, 3)
+    try:
+        while len(data) < _HEADER.size or len(data) < _HEADER.size + _HEADER.unpack_from(data)[0]:
+            if len(data) >= _HEADER.size and _HEADER.unpack_from(data)[0] > _MAX_REQUEST:
+                raise ForkServerError("request too long")
+            more = conn.recv(_MAX_REQUEST)
+            if not more:
+                raise ForkServerError("connection closed mid-request")
+            data += more
+        if len(fds) != 3:
+            raise ForkServerError(f"expected 3 file descriptors, got {len(fds)}")
+        (length,) = _HEADER.unpack_from(data)
+        request = json.loads(data[_HEADER.size:_HEADER.size + length])
+        if not isinstance(request, dict):
+            raise ForkServerError("request is not a JSON object")
+        return request, fds
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
+
+
+class ForkServer:
+    """Accepts wrapper connections on ``listener`` and forks one ClientApp per connection."""
+
+    def __init__(self, listener: socket.socket, parent_pid: int) -> None:
+        self.listener = listener
+        self.parent_pid = parent_pid
+        self.children: dict[int, socket.socket] = {}  # ClientApp pid → its wrapper's connection
+        self.abandoned: set[int] = set()  # ClientApps whose wrapper is gone (signalled, not yet reaped)
+        self.stopping = False
+
+    def serve(self) -> None:
+        """Until the SuperNode (our parent) is gone or we are told to stop."""
+        while not self.stopping and os.getppid() == self.parent_pid:
+            watched = [self.listener, *(c for p, c in self.children.items() if p not in self.abandoned)]
+            readable, _, _ = select.select(watched, [], [], _POLL_S)
+            for sock in readable:
+                if sock is self.listener:
+                    self._accept()
+                    continue
+                for pid, conn in list(self.children.items()):  # a wrapper went away: its ClientApp goes too
+                    if conn is sock:
+                        self.abandoned.add(pid)
+                        with contextlib.suppress(ProcessLookupError):
+                            os.kill(pid, signal.SIGTERM)
+            self._reap()
+        for pid in self.children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+
+    def _accept(self) -> None:
+        conn, _ = self.listener.accept()
+        try:
+            if _peer_uid(conn) != os.getuid():
+                conn.close()
+                return
+            request, fds = _read_request(conn)
+        except (OSError, ValueError, ForkServerError) as exc:
+            print(f"medsynth fork server: refused a request: {exc}", file=sys.stderr, flush=True)
+            conn.close()
+            return
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:
+            _become_clientapp(request, fds, [self.listener, conn, *self.children.values()])
+        for fd in fds:
+            os.close(fd)
+        self.children[pid] = conn
+        with contextlib.suppress(OSError):
+            conn.sendall(f"pid {pid}\n".encode())
+
+    def _reap(self) -> None:
+        for pid in list(self.children):
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done == 0:
+                continue
+            conn = self.children.pop(pid)
+            self.abandoned.discard(pid)
+            with contextlib.suppress(OSError):
+                conn.sendall(f"exit {os.waitstatus_to_exitcode(status)}\n".encode())
+            conn.close()
+
+
+def socket_path() -> Path:
+    """A fresh socket path in a new folder of mode 0700 (short: AF_UNIX paths stop at 107 bytes)."""
+    return Path(tempfile.mkdtemp(prefix="medsynth-clientapp-")) / "forkserver.sock"
+
+
+def launch_supernode(command: Sequence[str]) -> None:
+    """Start the fork server, then ``exec`` ``command`` (the SuperNode) in this process.
+
+    The socket listens before the fork, so a ClientApp that connects while the libraries are
+    still being imported waits in the queue instead of failing.
+    """
+    path = socket_path()
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen(64)
+    supernode_pid = os.getpid()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if os.fork() == 0:  # the fork server: its parent is about to become the SuperNode
+        code = 0
+        try:
+            signal.signal(signal.SIGTERM, _stop_on_signal)
+            started = time.monotonic()
+            preimport()
+            took = time.monotonic() - started
+            print(f"medsynth fork server (pid {os.getpid()}): libraries imported in {took:.1f} s; each ClientApp "
+                  "is forked from here", file=sys.stderr, flush=True)
+            ForkServer(listener, supernode_pid).serve()
+        except (KeyboardInterrupt, SystemExit):
+            pass
+        except BaseException as exc:
+            print(f"medsynth fork server stopped: {exc!r}; ClientApps now start on their own", file=sys.stderr,
+                  flush=True)
+            code = 1
+        finally:
+            listener.close()
+            with contextlib.suppress(OSError):
+                path.unlink()
+                path.parent.rmdir()
+        os._exit(code)
+    listener.close()
+    os.environ[SOCKET_ENV] = str(path)
+    os.execvp(command[0], list(command))
+
+
+def _stop_on_signal(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(0)
+
+
+# ---------------------------------------------------------------------------------------------
+# the wrapper: the `flwr-clientapp` on the SuperNode's PATH
+
+
+def _hand_over(conn: socket.socket, argv: Sequence[str]) -> int:
+    """Ask the fork server on ``conn`` to run ``argv``; returns the ClientApp's exit status."""
+    payload = json.dumps({"argv": list(argv), "env": dict(os.environ), "cwd": os.getcwd()}).encode()
+    socket.send_fds(conn, [_HEADER.pack(len(payload)) + payload], [0, 1, 2])
+    child = 0
+
+    def forward(signum: int, frame: FrameType | None) -> None:
+        if child:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signum)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, forward)
+    buffer = b""
+    while True:
+        chunk = conn.recv(256)
+        if not chunk:
+            raise ForkServerError("the fork server closed the connection before the ClientApp exited")
+        buffer += chunk
+        while b"\n" in buffer:
+            line, buffer = buffer.split(b"\n", 1)
+            word, value = line.decode().split(" ", 1)
+            if word == "pid":
+                child = int(value)
+            elif word == "exit":
+                code = int(value)
+                return code if code >= 0 else 128 - code  # killed by signal N: 128 + N, as a shell says
+
+
+def wrapper_main() -> None:
+    """Entry point of the ``flwr-clientapp`` wrapper: hand over to the fork server, else run here.
+
+    Only a fork server that cannot be reached makes the wrapper run the ClientApp itself; once
+    the request is sent, a failure is the message's failure (exit 1), never a second run.
+    """
+    argv = ["flwr-clientapp", *sys.argv[1:]]
+    path = os.environ.get(SOCKET_ENV, "")
+    if path:
+        conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            conn.connect(path)
+        except OSError as exc:
+            conn.close()
+            print(f"medsynth: the ClientApp fork server at {path} is not reachable ({exc}); starting the "
+                  "ClientApp in this process", file=sys.stderr, flush=True)
+        else:
+            with conn:
+                try:
+                    code = _hand_over(conn, argv)
+                except (OSError, ValueError, ForkServerError) as exc:
+                    sys.exit(f"medsynth: the ClientApp fork server failed: {exc}")
+            sys.exit(code)
+    run_clientapp(argv)
+
+
+def write_wrapper(bin_dir: Path) -> Path:
+    """Write ``bin_dir/flwr-clientapp`` running :func:`wrapper_main` with this interpreter.
+
+    The wrapper loads this file under another module name and never imports the ``client``
+    package: the app bundle's own ``client`` package must be the one Flower imports next.
+    """
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    path = bin_dir / "flwr-clientapp"
+    path.write_text(
+        f"#!{sys.executable}\n"
+        "import importlib.util\n"
+        f"spec = importlib.util.spec_from_file_location('medsynth_forkserver', {str(Path(__file__).resolve())!r})\n"
+        "forkserver = importlib.util.module_from_spec(spec)\n"
+        "spec.loader.exec_module(forkserver)\n"
+        "forkserver.wrapper_main()\n",
+        encoding="utf-8",
+    )
+    path.chmod(0o755)
+    return path
+
+
+def launcher_command(command: Sequence[str]) -> list[str]:
+    """``command`` (a ``flower-supernode`` command line) started through :func:`launch_supernode`."""
+    return [sys.executable, str(Path(__file__).resolve()), "--", *command]
+
+
+if __name__ == "__main__":  # python forkserver.py -- flower-supernode …
+    if sys.argv[1:2] != ["--"] or len(sys.argv) < 3:
+        sys.exit("usage: forkserver.py -- COMMAND [ARG …]")
+    if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
+        del sys.path[0]  # this folder's modules (app.py, task.py …) must not be importable as top-level names
+    launch_supernode(sys.argv[2:])
