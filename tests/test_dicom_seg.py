@@ -73,15 +73,20 @@ def _prepare(data_dir: Path, cache: Path, workers: int) -> tuple[PrepareReport, 
 def test_prepare_takes_each_mask_from_the_seg_naming_its_image(seg_site: tuple[SourceData, Path, list[str]],
                                                                tmp_path: Path) -> None:
     # prepare: every PNG mask replaced by a two-segment SEG beside its image; one SEG directly in the data
-    # folder (no label: read only as a SEG); one without per-frame source references (it names one image)
+    # folder (no label: read only as a SEG); one without per-frame source references (it names one image);
+    # one image's mask split over two SEG files (left and right of column 20)
     source, data_dir, rels = seg_site
     assert source.masks is not None
     for i, rel in enumerate(rels):
         (data_dir / mask_rel(rel)).unlink()
-        seg = _seg_of(pydicom.dcmread(data_dir / rel), source.masks[i].astype(bool))
+        image, mask = pydicom.dcmread(data_dir / rel), source.masks[i].astype(bool)
+        left = np.arange(48)[None, :] < 20  # (1, 48)
+        seg = _seg_of(image, mask & left if i == 2 else mask)
         if i == 1:
             for frame in seg.PerFrameFunctionalGroupsSequence:
                 del frame.DerivationImageSequence
+        if i == 2:
+            _seg_of(image, mask & ~left).save_as(data_dir / f"right_{i}{SEG_SUFFIX}")
         seg.save_as(data_dir / (f"seg_{i}{SEG_SUFFIX}" if i == 0 else rel.replace(".dcm", SEG_SUFFIX)))
     # act
     report, images = _prepare(data_dir, tmp_path / "cache", workers=0)
@@ -89,7 +94,8 @@ def test_prepare_takes_each_mask_from_the_seg_naming_its_image(seg_site: tuple[S
     expected = np.stack([_expected_mask(source.masks[i].astype(bool)) for i in _rows(rels)])
     assert images.shape == (8, 2, SIZE, SIZE) and np.array_equal(images[:, 1], expected)
     assert report.images_kept == 8 and report.masks_from_seg == 8
-    assert report.rejected == {"not-an-image": 8}
+    assert report.rejected == {"not-an-image": 9}
+    assert source.masks[2][:, :20].any() and source.masks[2][:, 20:].any()  # both SEG files of image 2 count
     assert int((expected > 0).sum()) > 0  # lesion pixels present: the comparison is not of empty masks
 
 
@@ -97,12 +103,15 @@ def test_broken_and_orphan_segs_are_rejected_and_lose_nothing_else(seg_site: tup
                                                                    tmp_path: Path) -> None:
     # prepare (in sandboxed workers): image 0 has only a good SEG; image 1 only a broken SEG (its pixel
     # data cut short); a SEG names an image that is not in the folder; image 2 has a PNG mask (all
-    # foreground) and a SEG that says otherwise: the PNG wins
+    # foreground) and a SEG that says otherwise: the PNG wins; image 3's only SEG is 24×24, not 48×48
     source, data_dir, rels = seg_site
     assert source.masks is not None
-    images = [pydicom.dcmread(data_dir / rel) for rel in rels[:3]]
-    (data_dir / mask_rel(rels[0])).unlink()
-    (data_dir / mask_rel(rels[1])).unlink()
+    images = [pydicom.dcmread(data_dir / rel) for rel in rels[:4]]
+    for i in (0, 1, 3):
+        (data_dir / mask_rel(rels[i])).unlink()
+    smaller = copy.deepcopy(images[3])
+    smaller.Rows = smaller.Columns = 24
+    _seg_of(smaller, np.ones((24, 24), bool)).save_as(data_dir / rels[3].replace(".dcm", SEG_SUFFIX))
     _seg_of(images[0], source.masks[0].astype(bool)).save_as(data_dir / rels[0].replace(".dcm", SEG_SUFFIX))
     broken = _seg_of(images[1], source.masks[1].astype(bool))
     broken.PixelData = broken.PixelData[:8]
@@ -114,11 +123,10 @@ def test_broken_and_orphan_segs_are_rejected_and_lose_nothing_else(seg_site: tup
     _seg_of(images[2], np.zeros((48, 48), bool)).save_as(data_dir / rels[2].replace(".dcm", SEG_SUFFIX))
     # act
     report, cached = _prepare(data_dir, tmp_path / "cache", workers=2)
-    # assert: one reason per file; the 7 other images all kept with their own masks
-    assert report.rejected == {"mask-mismatch": 1, "mask-unreadable": 1, "no-mask": 1,
-                               "not-an-image": 2}
-    assert report.images_kept == 7 and report.masks_from_seg == 1
-    kept = [i for i in _rows(rels) if i != 1]
+    # assert: one reason per file; the 6 other images all kept with their own masks
+    assert report.rejected == {"mask-mismatch": 2, "mask-unreadable": 1, "no-mask": 1, "not-an-image": 3}
+    assert report.images_kept == 6 and report.masks_from_seg == 1
+    kept = [i for i in _rows(rels) if i not in (1, 3)]
     expected = {i: _expected_mask(source.masks[i].astype(bool)) for i in kept}
     expected[2] = np.ones((SIZE, SIZE), np.float32)  # the PNG mask, not the SEG's empty one
     assert np.array_equal(cached[:, 1], np.stack([expected[i] for i in kept]))

@@ -3,11 +3,12 @@
 The workers (``client.prepare.workers``) read every file on its own: an image with a PNG mask
 ``masks/<same path>.png`` comes back paired; an image without one comes back waiting, with its
 SOP Instance UID (0008,0018); a DICOM SEG file comes back rejected as ``not-an-image`` with the
-masks it holds, each already resized like an image (``common.dicom.seg``). Once all files are
-read, :func:`pair_with_segmentations` joins them by that UID:
+masks it holds at full size (``common.dicom.seg``). Once all files are read,
+:func:`pair_with_segmentations` joins them by that UID:
 
 * a waiting image named by one or more SEG files gets the union of their masks (a pixel is
-  foreground when any of them says so); a SEG mask of another size than the image, or an image
+  foreground when any of them says so), resized and thresholded as a PNG mask would be
+  (``client.prepare.workers.mask_channel``); a SEG mask of another size than the image, or an image
   of several frames, is ``mask-mismatch``; an image no SEG names is ``no-mask``;
 * a SEG that names no image read in this folder is ``mask-mismatch`` (nothing else is lost);
 * a PNG mask wins: a SEG naming an image that has one is not used for it.
@@ -22,7 +23,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from client.prepare.workers import FileOutcome, SegmentationPart
+from client.prepare.workers import FileOutcome, SegmentationPart, mask_channel
 from common.pairs import mask_rel
 
 _NO_IMAGE_FIX = ("copy the image the SEG references (by SOP Instance UID) into the data folder, or remove "
@@ -37,7 +38,7 @@ class SegmentationPairing:
     masks_from_seg: int
 
 
-def pair_with_segmentations(outcomes: Sequence[FileOutcome]) -> SegmentationPairing:
+def pair_with_segmentations(outcomes: Sequence[FileOutcome], image_size: int) -> SegmentationPairing:
     """Resolve every waiting image and every SEG file of one prepare run (see the module doc)."""
     named: dict[str, list[SegmentationPart]] = {}
     for outcome in outcomes:
@@ -49,7 +50,7 @@ def pair_with_segmentations(outcomes: Sequence[FileOutcome]) -> SegmentationPair
     for outcome in outcomes:
         if outcome.images is not None and outcome.frame_shape is not None:
             parts = named.get(outcome.sop_instance_uid, [])
-            outcome = _with_seg_mask(outcome, len(outcome.images), outcome.frame_shape, parts)
+            outcome = _with_seg_mask(outcome, len(outcome.images), outcome.frame_shape, parts, image_size)
             from_seg += outcome.masks is not None
         elif outcome.segmentation and not any(p.source_uid in read for p in outcome.segmentation):
             outcome = replace(outcome, reason="mask-mismatch", segmentation=(), fix=_NO_IMAGE_FIX,
@@ -60,7 +61,7 @@ def pair_with_segmentations(outcomes: Sequence[FileOutcome]) -> SegmentationPair
 
 
 def _with_seg_mask(image: FileOutcome, frames: int, frame_shape: tuple[int, int],
-                   parts: list[SegmentationPart]) -> FileOutcome:
+                   parts: list[SegmentationPart], image_size: int) -> FileOutcome:
     """The waiting ``image`` ((``frames``, H, W) before resizing) with the union of the SEG masks
     naming it, or its rejection."""
     if not parts:
@@ -73,8 +74,8 @@ def _with_seg_mask(image: FileOutcome, frames: int, frame_shape: tuple[int, int]
         if part.shape != frame_shape:
             return _rejected(image, "mask-mismatch", f"DICOM SEG mask {part.shape[1]}×{part.shape[0]} but image "
                                                      f"{width}×{height} pixels")
-    union = np.max(np.stack([part.mask for part in parts]), axis=0)  # (1, S, S) in {-1, 1}
-    return replace(image, masks=union, frame_shape=None)
+    union = np.logical_or.reduce([part.mask() for part in parts])  # (H, W) bool
+    return replace(image, masks=mask_channel(union, image_size), frame_shape=None)
 
 
 def _rejected(image: FileOutcome, reason: str, message: str) -> FileOutcome:

@@ -272,7 +272,7 @@ def prepare_site(data_dir: Path, cache_dir: Path, *, image_size: int, salt: byte
     outcomes.sort(key=lambda o: o.rel)
     masks_from_seg = 0
     if pairs:
-        pairing = pair_with_segmentations(outcomes)
+        pairing = pair_with_segmentations(outcomes, image_size)
         outcomes, masks_from_seg = pairing.outcomes, pairing.masks_from_seg
     if rejected_list is not None:
         write_rejected_list(rejected_list, outcomes)

@@ -76,11 +76,20 @@ class FileJob:
 
 @dataclass(frozen=True, eq=False)
 class SegmentationPart:
-    """One image's mask from a DICOM SEG file (``common.dicom.seg``), resized as an image would be."""
+    """One image's mask from a DICOM SEG file (``common.dicom.seg``) at the SEG's own size.
+
+    Kept at full size (bit-packed) so that the masks of several SEGs naming one image are joined
+    before the one resize, exactly as one mask would be.
+    """
 
     source_uid: str  # SOP Instance UID (0008,0018) of the image the SEG names
     shape: tuple[int, int]  # (H, W) of the SEG's frames: must be the image's
-    mask: np.ndarray  # (1, S, S) float32 in {-1, 1}
+    packed: np.ndarray  # np.packbits of the bool (H, W) mask, row-major
+
+    def mask(self) -> np.ndarray:
+        """The bool (H, W) mask, True = foreground."""
+        count = self.shape[0] * self.shape[1]
+        return np.unpackbits(self.packed, count=count).astype(bool).reshape(self.shape)
 
 
 @dataclass(frozen=True, eq=False)
@@ -190,7 +199,7 @@ def mask_channel(mask: np.ndarray, image_size: int) -> np.ndarray:
 def read_segmentation_outcome(job: FileJob, settings: PrepareSettings, verdict: DicomRejected) -> FileOutcome:
     """A file that is no training image (``verdict``) read again as a DICOM SEG (pair mode).
 
-    A SEG stays rejected as ``not-an-image`` and carries its masks, resized; a broken SEG is
+    A SEG stays rejected as ``not-an-image`` and carries its masks; a broken SEG is
     ``mask-unreadable``; a file that is no SEG keeps ``verdict``.
     """
     try:
@@ -203,8 +212,8 @@ def read_segmentation_outcome(job: FileJob, settings: PrepareSettings, verdict: 
             raise
     if seg is None:
         raise verdict
-    parts = tuple(SegmentationPart(m.source_uid, (int(m.mask.shape[0]), int(m.mask.shape[1])),
-                                   mask_channel(m.mask, settings.image_size)) for m in seg.masks)
+    parts = tuple(SegmentationPart(m.source_uid, (int(m.mask.shape[0]), int(m.mask.shape[1])), np.packbits(m.mask))
+                  for m in seg.masks)
     return FileOutcome(job.rel, reason="not-an-image", message=f"a DICOM SEG holding the masks of {len(parts)} "
                        "image(s), used in pair mode", segmentation=parts, warnings=seg.warnings)
 
