@@ -3,21 +3,29 @@
 from __future__ import annotations
 
 import copy
+import os
+import tempfile
+from io import BytesIO
 from pathlib import Path
 
 import numpy as np
 import pydicom
 import pytest
 from highdicom.seg import Segmentation, SegmentationTypeValues, SegmentDescription, segread
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 
+from client.prepare.labels import LabelRule
 from client.prepare.pipeline import prepare_site
 from client.prepare.report import PrepareReport
+from client.prepare.workers import FileJob, PrepareSettings, process_file
 from common.dataset import load_cache, resize_to_square
-from common.export import SEG_SUFFIX, SERIES_DESCRIPTION, Provenance, export_images
+from common.dicom.errors import REJECTION_REASONS
+from common.export import SEG_SUFFIX, SERIES_DESCRIPTION, Provenance, export_images, synthetic_dicom
 from common.pairs import MASK_SEGMENT_LABEL, mask_rel, to_mask_channel
 from simulation.partition import SourceData, write_site_dicom
 from simulation.phantoms import phantom_population
@@ -172,3 +180,42 @@ def test_dicom_export_writes_a_seg_naming_each_image(tmp_path: Path) -> None:
     cached = load_cache(tmp_path / "cache").images
     assert report.images_kept == 4 and report.masks_from_seg == 4
     assert np.array_equal(cached[:, 0] > 0, cached[:, 1] > 0)  # bright part == mask, row by row
+
+
+def _valid_seg_bytes() -> bytes:
+    """One small SEG (16×16 image, two segments) as Part 10 bytes."""
+    image = synthetic_dicom(np.arange(256, dtype=np.uint8).reshape(16, 16), label="a", study_uid=generate_uid(),
+                            series_uid=generate_uid(), number=1, provenance=_PROVENANCE)
+    out = BytesIO()
+    _seg_of(image, np.arange(256).reshape(16, 16) % 3 == 0).save_as(out, enforce_file_format=True)
+    return out.getvalue()
+
+
+_PROVENANCE = Provenance(model_sha256="0" * 64, checkpoint="round-0001.safetensors", round=1, run_id=None,
+                         model_config={}, class_names=("a",), sites={})
+_SEG_BYTES = _valid_seg_bytes()
+_DATASET_START = 144 + int.from_bytes(_SEG_BYTES[140:144], "little")  # after File Meta (its Group Length at 140)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(cut=st.one_of(st.none(), st.integers(_DATASET_START, len(_SEG_BYTES))),
+       flips=st.lists(st.tuples(st.integers(_DATASET_START, len(_SEG_BYTES) - 1), st.integers(0, 255)),
+                      max_size=4))
+def test_a_mangled_seg_is_a_typed_rejection(cut: int | None, flips: list[tuple[int, int]]) -> None:
+    # prepare: the SEG's dataset truncated and with bytes overwritten, in a class folder of a pair run
+    data = bytearray(_SEG_BYTES[:cut])
+    for at, value in flips:
+        if at < len(data):
+            data[at] = value
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        (root / "a").mkdir()
+        (root / "a" / f"x{SEG_SUFFIX}").write_bytes(bytes(data))
+        settings_ = PrepareSettings(root=root, image_size=16, labels=LabelRule("folder", ("a",)), pairs=True)
+        # act
+        outcome = process_file(FileJob(f"a/x{SEG_SUFFIX}", os.lstat(root / "a" / f"x{SEG_SUFFIX}")), settings_)
+    # assert: never an image, never an untyped error; a SEG that still reads carries one 16×16 mask
+    event(outcome.reason or "kept")
+    assert outcome.images is None and outcome.reason in REJECTION_REASONS
+    assert outcome.reason != "internal-error", outcome.message
+    assert all(part.shape == (16, 16) for part in outcome.segmentation)
