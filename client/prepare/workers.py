@@ -149,6 +149,7 @@ def process_file(job: FileJob, settings: PrepareSettings) -> FileOutcome:
 
 
 def _read_image(job: FileJob, settings: PrepareSettings) -> FileOutcome:
+    """One image file: its frames resized, its label and, in pair mode, its PNG mask or its UID."""
     found: list[tuple[str, str]] = []
     uids: list[str] = []
 
@@ -162,10 +163,11 @@ def _read_image(job: FileJob, settings: PrepareSettings) -> FileOutcome:
     images = np.stack([resize_to_square(denoise(f, settings.denoise), settings.image_size) for f in image.frames])
     (label, key), = found  # the screen ran exactly once, before decoding
     masks = read_pair_mask(job.rel, image.frames, settings) if settings.pairs else None
+    _, height, width = image.frames.shape  # (F, H, W)
     waiting = settings.pairs and masks is None  # no PNG mask: a DICOM SEG may name this image
     return FileOutcome(job.rel, images=images * 2.0 - 1.0, masks=masks, label=label, label_key=key,
                        patient_id=image.patient_id, study_uid=image.study_uid, warnings=image.warnings,
-                       sop_instance_uid=uids[0], frame_shape=image.frames.shape[1:3] if waiting else None)
+                       sop_instance_uid=uids[0], frame_shape=(int(height), int(width)) if waiting else None)
 
 
 def read_pair_mask(rel: str, frames: np.ndarray, settings: PrepareSettings) -> np.ndarray | None:
