@@ -104,6 +104,9 @@ def test_prepare_takes_each_mask_from_the_seg_naming_its_image(seg_site: tuple[S
     assert report.images_kept == 8 and report.masks_from_seg == 8
     assert report.rejected == {"not-an-image": 9}
     assert source.masks[2][:, :20].any() and source.masks[2][:, 20:].any()  # both SEG files of image 2 count
+    images_only = prepare_site(data_dir, tmp_path / "cache", image_size=SIZE, salt=SALT, progress=False, workers=0)
+    assert images_only.images_kept == 8  # without --pairs a SEG is still never an image, nor read as a mask
+    assert images_only.rejected == {"not-an-image": 7, "no-label": 2}  # the two SEGs in the data folder itself
     assert int((expected > 0).sum()) > 0  # lesion pixels present: the comparison is not of empty masks
 
 
