@@ -73,8 +73,8 @@ def add_parsers(sub: SubParsers) -> None:
                         "rebuilds the cache (docs/augment.md)")
     p.add_argument("--pairs", action="store_true",
                    help="image–mask pairs for a run with model.pairs: pair each image with its mask "
-                        "DATA/masks/<same path>.png (docs/segmentation.md); images without a usable mask are "
-                        "rejected by reason")
+                        "DATA/masks/<same path>.png or, without one, with the DICOM SEG files in DATA that reference "
+                        "it (docs/segmentation.md); images without a usable mask are rejected by reason")
     p.add_argument("--force", action="store_true", help="rebuild even if the folder did not change")
     p.add_argument("--list-rejected", type=Path, default=None, metavar="FILE",
                    help="write every rejected file with its reason, detail and fix to this CSV (names "

@@ -30,6 +30,7 @@ from PIL import Image
 MASKS_FOLDER = "masks"  # under the data folder, mirroring the class folders
 MASK_SUFFIX = ".png"
 IMAGE_CHANNEL, MASK_CHANNEL = 0, 1  # channel order of a pair (N, 2, S, S)
+MASK_SEGMENT_LABEL = "lesion"  # Segment Label (0062,0005) of the one segment of an exported DICOM SEG
 MAX_MASK_BYTES = 64 * 2**20  # a mask file larger than this is refused before Pillow opens it
 
 

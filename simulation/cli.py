@@ -184,7 +184,9 @@ def _evaluate_parsers(sub: SubParsers) -> None:
             "Draw N images from a checkpoint's generator and write them to OUT as PNG files or DICOM files (one "
             "sub-folder per class) or as one synthetic.npz. DICOM files are Secondary Capture, marked synthetic "
             "(Conversion Type SYN, Image Type DERIVED\\SECONDARY\\SYNTHETIC, a series description saying so), "
-            "with fresh UIDs and no patient data. Every export carries " + SIDECAR + ": the model hash, the run, "
+            "with fresh UIDs and no patient data. A pair model (model.pairs) also writes each mask: as a PNG under "
+            "masks/, as a DICOM SEG beside each DICOM image (marked synthetic alike), or in the npz. Every export "
+            "carries " + SIDECAR + ": the model hash, the run, "
             "and the epsilon and delta of every hospital that trained the model."
         ),
     )
@@ -402,7 +404,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     files = export_images(images, labels, args.out, args.format, generator.provenance,
                           sampling={"seed": seed, "class": args.label, "n": args.n, "latent_scale": args.latent_scale})
     eps = {s: round(p.epsilon, 4) for s, p in generator.provenance.sites.items()}
-    pairs = " (image–mask pairs: masks in masks/ or the npz's 'masks')" if generator.cfg.pairs else ""
+    pairs = (" (image–mask pairs: masks in masks/, as DICOM SEG <name>.seg.dcm beside DICOM images, or the npz's "
+             "'masks')" if generator.cfg.pairs else "")
     print(f"wrote {len(files)} file(s) ({args.format}{pairs}) to {args.out}; sidecar {args.out / SIDECAR}")
     print(f"model {generator.provenance.model_sha256[:12]}… round {generator.provenance.round}; ε per hospital {eps}")
     return 0

@@ -64,7 +64,7 @@ def test_dicom_export_reads_back_marked_synthetic_without_patient_data(trained: 
     # assert
     assert code == 0, capsys.readouterr().err
     files = sorted(out.glob("*/*.dcm"))
-    assert len(files) == 6 and {f.parent.name for f in files} == {"normal", "lesion"}
+    assert len(files) == 6 and {f.parent.name for f in files} == {"normal", "lesion"}  # an image model: no SEG
     training = _training_identifiers(sites)
     assert len(training) > 96  # the source did carry identifiers: Patient IDs and UIDs of 96 files
     uids = set()
@@ -74,7 +74,7 @@ def test_dicom_export_reads_back_marked_synthetic_without_patient_data(trained: 
         assert ds.ConversionType == "SYN"
         assert list(ds.ImageType) == ["DERIVED", "SECONDARY", "SYNTHETIC"]
         assert ds.SeriesDescription == SERIES_DESCRIPTION and "SYNTHETIC" in ds.SeriesDescription
-        assert ds.PatientID == "SYNTHETIC" and str(ds.PatientName) == "SYNTHETIC"
+        assert ds.PatientID == "SYNTHETIC" and ds.PatientName.family_name == "SYNTHETIC"
         assert ds.pixel_array.shape == (32, 32) and ds.pixel_array.dtype == np.uint8
         assert f.parent.name in ds.ImageComments
         assert not _identifiers(ds) & training  # no patient attribute or UID of any training file

@@ -200,10 +200,12 @@ def test_exported_pairs_keep_each_mask_with_its_image(fmt: str, tmp_path: Path) 
             assert np.array_equal(npz["masks"], masks.astype(np.uint8))
             assert np.array_equal(npz["images"] > 127, masks)
         return
-    assert len(files) == 12  # 6 DICOM images, 6 PNG masks in masks/<class>/
+    assert len(files) == 18  # 6 DICOM images, 6 DICOM SEG beside them, 6 PNG masks in masks/<class>/
     report = prepare_site(out, tmp_path / "cache", image_size=16, salt=SALT, progress=False, pairs=True, workers=0,
                           class_names=("normal", "lesion"))
     ds = load_cache(tmp_path / "cache")
     assert report.images_kept == 6 and report.masks_without_image == 0
-    assert report.rejected == {"no-label": 1}  # the provenance sidecar beside the class folders
+    # the provenance sidecar beside the class folders; the SEGs (their images have PNG masks, which win)
+    assert report.rejected == {"no-label": 1, "not-an-image": 6}
+    assert report.masks_from_seg == 0
     assert np.array_equal(ds.images[:, 0] > 0, ds.images[:, 1] > 0)  # bright half == mask, row by row

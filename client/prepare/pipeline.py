@@ -39,6 +39,7 @@ import numpy as np
 from tqdm import tqdm
 
 from client.prepare.labels import LabelError, LabelRule, Selection, attribute_rule, csv_rule, folder_rule
+from client.prepare.pairs import pair_with_segmentations
 from client.prepare.patients import FileIdentity, group_privacy_units
 from client.prepare.report import PrepareReport
 from client.prepare.workers import (
@@ -66,7 +67,7 @@ __all__ = ["PIPELINE_VERSION", "REJECTED_LIST_COLUMNS", "REPORT_FILE", "PrepareE
 
 log = logging.getLogger(__name__)
 
-PIPELINE_VERSION = 4  # bump when decoding, resizing or patient indexing changes, so caches rebuild
+PIPELINE_VERSION = 5  # bump when decoding, resizing or patient indexing changes, so caches rebuild
 REPORT_FILE = "prepare_report.json"
 REJECTED_LIST_COLUMNS = ("path", "reason", "detail", "fix")
 SALT_BYTES = 32
@@ -164,8 +165,13 @@ def label_rule_for(data_dir: Path, class_names: Sequence[str] | None, labels_csv
     return rule
 
 
-def triage(entries: Sequence[FolderEntry], rule: LabelRule) -> tuple[list[FileJob], list[FileOutcome]]:
-    """Split entries into files to read and those refused from their listing alone."""
+def triage(entries: Sequence[FolderEntry], rule: LabelRule,
+           pairs: bool = False) -> tuple[list[FileJob], list[FileOutcome]]:
+    """Split entries into files to read and those refused from their listing alone.
+
+    In pair mode a file whose path has no label is still read, as a possible DICOM SEG (a SEG
+    may lie anywhere in the data folder); it keeps its label verdict when it is none.
+    """
     jobs: list[FileJob] = []
     refused: list[FileOutcome] = []
     for rel, st in entries:
@@ -176,7 +182,10 @@ def triage(entries: Sequence[FolderEntry], rule: LabelRule) -> tuple[list[FileJo
                 raise DicomRejected("not-a-regular-file", "not a regular file")
             rule.label_without_header(rel)
         except DicomRejected as exc:
-            refused.append(FileOutcome(rel, reason=exc.reason, message=exc.message, fix=exc.fix))
+            if pairs and exc.reason in ("no-label", "unknown-label"):
+                jobs.append(FileJob(rel, st, refused_by_path=exc))
+            else:
+                refused.append(FileOutcome(rel, reason=exc.reason, message=exc.message, fix=exc.fix))
             continue
         jobs.append(FileJob(rel, st))
     return jobs, refused
@@ -215,9 +224,11 @@ def prepare_site(data_dir: Path, cache_dir: Path, *, image_size: int, salt: byte
     for it decodes the folder again (the cache keeps no per-file outcome). ``denoise``: the optional
     step of ``common.denoise`` applied to every frame before resizing (``median3`` for salt-and-pepper
     noise); part of the fingerprint. ``pairs`` (run mode ``model.pairs``): pair every image with its
-    mask ``masks/<same path>.png`` (``common.pairs``); the cache's images get the mask as a second
-    channel (N, 2, S, S); an image without a usable mask is rejected by reason (``no-mask``,
-    ``mask-unreadable``, ``mask-mismatch``) and masks naming no image are counted.
+    mask ``masks/<same path>.png`` (``common.pairs``) or, when it has none, with the DICOM SEG files
+    anywhere in the folder that name it (``client.prepare.pairs``); the cache's images get the mask as
+    a second channel (N, 2, S, S); an image without a usable mask is rejected by reason (``no-mask``,
+    ``mask-unreadable``, ``mask-mismatch``), as is a SEG naming no image, and PNG masks naming no
+    image are counted.
     """
     data_dir, cache_dir = data_dir.resolve(), cache_dir.resolve()
     if not data_dir.is_dir():
@@ -251,7 +262,7 @@ def prepare_site(data_dir: Path, cache_dir: Path, *, image_size: int, salt: byte
         return cached
 
     entries = images_only
-    jobs, outcomes = triage(entries, rule)
+    jobs, outcomes = triage(entries, rule, pairs)
     workers = (os.cpu_count() or 1) if workers is None else workers
     with tqdm(total=len(entries), initial=len(outcomes), desc="prepare", unit="file",
               disable=not progress) as bar:
@@ -259,12 +270,17 @@ def prepare_site(data_dir: Path, cache_dir: Path, *, image_size: int, salt: byte
             outcomes.append(outcome)
             bar.update(1)
     outcomes.sort(key=lambda o: o.rel)
+    masks_from_seg = 0
+    if pairs:
+        pairing = pair_with_segmentations(outcomes, image_size)
+        outcomes, masks_from_seg = pairing.outcomes, pairing.masks_from_seg
     if rejected_list is not None:
         write_rejected_list(rejected_list, outcomes)
     dataset, patient_hashes, report = build_dataset(outcomes, rule, salt, len(entries))
     if pairs:
         named = {mask_rel(rel) for rel, _ in entries}
-        report = replace(report, pairs=True, masks_without_image=len(mask_entries - named))
+        report = replace(report, pairs=True, masks_without_image=len(mask_entries - named),
+                         masks_from_seg=masks_from_seg)
     cache_dir.mkdir(parents=True, exist_ok=True)
     envelope = {"fingerprint": fingerprint, "report": json.loads(report.to_json())}
     write_json_atomic(cache_dir / REPORT_FILE, envelope)  # first; the dataset is the commit point

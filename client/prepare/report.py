@@ -36,6 +36,7 @@ class PrepareReport:
     units_with_several_patient_ids: int = 0  # Patient IDs merged because they share a study
     pairs: bool = False  # image–mask pairs (model.pairs): each kept image has its mask (common.pairs)
     masks_without_image: int = 0  # mask files under masks/ that no listed image names
+    masks_from_seg: int = 0  # kept images whose mask came from DICOM SEG files (client.prepare.pairs)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
@@ -60,6 +61,7 @@ class PrepareReport:
             units_with_several_patient_ids=int(data.get("units_with_several_patient_ids", 0)),
             pairs=bool(data.get("pairs", False)),
             masks_without_image=int(data.get("masks_without_image", 0)),
+            masks_from_seg=int(data.get("masks_from_seg", 0)),
         )
 
     def format(self) -> str:
@@ -81,8 +83,9 @@ class PrepareReport:
             lines.append(f"note: {self.files_with_warnings} kept files had header warnings "
                          "(listed with -v)")
         if self.pairs:
-            lines.append(f"note: image–mask pairs: every kept image has its mask under masks/; "
-                         f"{self.masks_without_image} mask files name no image")
+            lines.append(f"note: image–mask pairs: every kept image has its mask ({self.masks_from_seg} from "
+                         f"DICOM SEG files, the others under masks/); {self.masks_without_image} mask files "
+                         "under masks/ name no image")
         if self.csv_rows_unmatched:
             lines.append(f"note: {self.csv_rows_unmatched} rows of the labels CSV matched no file")
         lines += self.identity_notes()

@@ -35,7 +35,9 @@ from client.prepare.labels import LabelRule, Selection
 from common.dataset import resize_to_square
 from common.denoise import denoise
 from common.dicom.errors import DicomRejected
+from common.dicom.header import read_header_text
 from common.dicom.read import ReadLimits, read_image_frames
+from common.dicom.seg import read_segmentation
 from common.pairs import MaskUnreadable, read_mask, to_mask_channel
 
 log = logging.getLogger(__name__)
@@ -67,13 +69,37 @@ class PrepareSettings:
 class FileJob:
     rel: str  # POSIX path relative to the data folder
     stat: os.stat_result  # lstat when the folder was listed
+    # pair mode: the file's path alone rules it out as an image (no-label, unknown-label); it is
+    # read only as a possible DICOM SEG, and keeps this verdict when it is none
+    refused_by_path: DicomRejected | None = None
+
+
+@dataclass(frozen=True, eq=False)
+class SegmentationPart:
+    """One image's mask from a DICOM SEG file (``common.dicom.seg``) at the SEG's own size.
+
+    Kept at full size (bit-packed) so that the masks of several SEGs naming one image are joined
+    before the one resize, exactly as one mask would be.
+    """
+
+    source_uid: str  # SOP Instance UID (0008,0018) of the image the SEG names
+    shape: tuple[int, int]  # (H, W) of the SEG's frames: must be the image's
+    packed: np.ndarray  # np.packbits of the bool (H, W) mask, row-major
+
+    def mask(self) -> np.ndarray:
+        """The bool (H, W) mask, True = foreground."""
+        count = self.shape[0] * self.shape[1]
+        return np.unpackbits(self.packed, count=count).astype(bool).reshape(self.shape)
 
 
 @dataclass(frozen=True, eq=False)
 class FileOutcome:
     """One file's result: images (F, S, S) float32 in [-1, 1], or a rejection reason.
 
-    In pair mode ``masks`` (F, S, S) float32 in {-1, 1} is the image's mask, resized alike.
+    In pair mode ``masks`` (F, S, S) float32 in {-1, 1} is the image's mask, resized alike; it
+    is None for an image without a PNG mask, whose mask may come from a DICOM SEG
+    (``client.prepare.pairs`` matches them by ``sop_instance_uid`` once every file is read). A
+    SEG file is rejected as ``not-an-image`` and carries the masks it holds in ``segmentation``.
     """
 
     rel: str
@@ -87,25 +113,31 @@ class FileOutcome:
     message: str = ""
     fix: str = ""  # what a person can do about the rejection; "" = the reason's default
     warnings: tuple[str, ...] = ()
+    # pair mode only, held in memory while preparing, never cached or reported:
+    sop_instance_uid: str = ""  # the image's SOP Instance UID (0008,0018), named by DICOM SEG files
+    frame_shape: tuple[int, int] | None = None  # (H, W) of an image waiting for a DICOM SEG mask
+    segmentation: tuple[SegmentationPart, ...] = ()  # the masks a DICOM SEG file holds
 
 
 Handler = Callable[[FileJob, PrepareSettings], FileOutcome]
 
 
 def process_file(job: FileJob, settings: PrepareSettings) -> FileOutcome:
-    """Read, select, label and resize one file; every failure becomes a rejection outcome."""
-    found: list[tuple[str, str]] = []
+    """Read, select, label and resize one file; every failure becomes a rejection outcome.
 
-    def screen(ds: Dataset) -> None:
-        settings.selection.check(ds)
-        found.append(settings.labels.label_for(job.rel, ds))
-
+    In pair mode a file that is no image (or whose path has no label) is read again as a
+    possible DICOM SEG (:func:`read_segmentation_outcome`).
+    """
+    verdict = job.refused_by_path
     try:
-        image = read_image_frames(settings.root / job.rel, limits=settings.limits, screen=screen,
-                                  root=settings.root, expected=job.stat)
-        images = np.stack([resize_to_square(denoise(f, settings.denoise), settings.image_size) for f in image.frames])
-        (label, key), = found  # the screen ran exactly once, before decoding
-        masks = read_pair_mask(job.rel, image.frames, settings) if settings.pairs else None
+        if verdict is None:
+            try:
+                return _read_image(job, settings)
+            except DicomRejected as exc:
+                if not (settings.pairs and exc.reason == "not-an-image"):
+                    raise
+                verdict = exc
+        return read_segmentation_outcome(job, settings, verdict)
     except DicomRejected as exc:
         return FileOutcome(job.rel, reason=exc.reason, message=exc.message, fix=exc.fix)
     except MemoryError:
@@ -114,27 +146,78 @@ def process_file(job: FileJob, settings: PrepareSettings) -> FileOutcome:
         detail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
         log.error("internal error on %s:\n%s", job.rel, traceback.format_exc())
         return FileOutcome(job.rel, reason="internal-error", message=detail)
+
+
+def _read_image(job: FileJob, settings: PrepareSettings) -> FileOutcome:
+    """One image file: its frames resized, its label and, in pair mode, its PNG mask or its UID."""
+    found: list[tuple[str, str]] = []
+    uids: list[str] = []
+
+    def screen(ds: Dataset) -> None:
+        settings.selection.check(ds)
+        found.append(settings.labels.label_for(job.rel, ds))
+        uids.append(read_header_text(ds, "SOPInstanceUID") if settings.pairs else "")
+
+    image = read_image_frames(settings.root / job.rel, limits=settings.limits, screen=screen,
+                              root=settings.root, expected=job.stat)
+    images = np.stack([resize_to_square(denoise(f, settings.denoise), settings.image_size) for f in image.frames])
+    (label, key), = found  # the screen ran exactly once, before decoding
+    masks = read_pair_mask(job.rel, image.frames, settings) if settings.pairs else None
+    _, height, width = image.frames.shape  # (F, H, W)
+    waiting = settings.pairs and masks is None  # no PNG mask: a DICOM SEG may name this image
     return FileOutcome(job.rel, images=images * 2.0 - 1.0, masks=masks, label=label, label_key=key,
-                       patient_id=image.patient_id, study_uid=image.study_uid, warnings=image.warnings)
+                       patient_id=image.patient_id, study_uid=image.study_uid, warnings=image.warnings,
+                       sop_instance_uid=uids[0], frame_shape=(int(height), int(width)) if waiting else None)
 
 
-def read_pair_mask(rel: str, frames: np.ndarray, settings: PrepareSettings) -> np.ndarray:
-    """The mask of image ``rel`` as (1, S, S) float32 in {-1, 1}, resized exactly as its one frame.
+def read_pair_mask(rel: str, frames: np.ndarray, settings: PrepareSettings) -> np.ndarray | None:
+    """The PNG mask of image ``rel`` as (1, S, S) float32 in {-1, 1}, resized exactly as its one frame.
 
-    Rejections (``DicomRejected``): ``no-mask``, ``mask-unreadable``, ``mask-mismatch`` (a size
-    other than the frame's, or an image of several frames: one mask cannot label them all).
+    None when there is no PNG mask (a DICOM SEG may still supply it). A PNG mask, where there is
+    one, is the mask: a SEG naming the same image is then not used. Rejections
+    (``DicomRejected``): ``mask-unreadable``, ``mask-mismatch`` (a size other than the frame's,
+    or an image of several frames: one mask cannot label them all).
     """
     try:
         mask = read_mask(settings.root, rel, settings.limits.max_decoded_bytes)
     except MaskUnreadable as exc:
+        if exc.reason == "no-mask":
+            return None
         raise DicomRejected(exc.reason, str(exc)) from exc
     if len(frames) != 1:
         raise DicomRejected("mask-mismatch", f"the image has {len(frames)} frames; a pair needs one frame per file")
     if mask.shape != frames[0].shape:
         raise DicomRejected("mask-mismatch", f"mask {mask.shape[1]}×{mask.shape[0]} but image "
                                              f"{frames[0].shape[1]}×{frames[0].shape[0]} pixels")
-    resized = resize_to_square(mask.astype(np.float32), settings.image_size)  # (S, S) in [0, 1]
+    return mask_channel(mask, settings.image_size)
+
+
+def mask_channel(mask: np.ndarray, image_size: int) -> np.ndarray:
+    """A bool mask (H, W) → (1, S, S) float32 in {-1, 1}: the image's resize, then the threshold."""
+    resized = resize_to_square(mask.astype(np.float32), image_size)  # (S, S) in [0, 1]
     return to_mask_channel(resized)[None]
+
+
+def read_segmentation_outcome(job: FileJob, settings: PrepareSettings, verdict: DicomRejected) -> FileOutcome:
+    """A file that is no training image (``verdict``) read again as a DICOM SEG (pair mode).
+
+    A SEG stays rejected as ``not-an-image`` and carries its masks; a broken SEG is
+    ``mask-unreadable``; a file that is no SEG keeps ``verdict``.
+    """
+    try:
+        seg = read_segmentation(settings.root / job.rel, limits=settings.limits, root=settings.root,
+                                expected=job.stat)
+    except DicomRejected as exc:
+        if exc.reason not in ("mask-unreadable", "out-of-memory"):
+            seg = None  # not even a parseable DICOM object: its first verdict says more
+        else:
+            raise
+    if seg is None:
+        raise verdict
+    parts = tuple(SegmentationPart(m.source_uid, (int(m.mask.shape[0]), int(m.mask.shape[1])), np.packbits(m.mask))
+                  for m in seg.masks)
+    return FileOutcome(job.rel, reason="not-an-image", message=f"a DICOM SEG holding the masks of {len(parts)} "
+                       "image(s), used in pair mode", segmentation=parts, warnings=seg.warnings)
 
 
 def _limit_address_space(extra_bytes: int) -> None:

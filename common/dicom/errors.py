@@ -45,9 +45,11 @@ REJECTION_REASONS: dict[str, str] = {
     "no-label": "no label for this file (folder, CSV row or attribute missing)",
     "unknown-label": "a label that is not one of the configured classes",
     # the image–mask pair (run mode model.pairs, common.pairs)
-    "no-mask": "an image without its mask masks/<same path>.png (pair mode)",
-    "mask-unreadable": "the mask is not a one-frame greyscale PNG, is a link, or is too large",
-    "mask-mismatch": "the mask's size differs from the image's, or the image has several frames",
+    "no-mask": "an image without its mask masks/<same path>.png and named by no DICOM SEG (pair mode)",
+    "mask-unreadable": "the mask is not a one-frame greyscale PNG, is a link, or is too large; or a "
+                       "DICOM SEG that cannot be read",
+    "mask-mismatch": "the mask's size differs from the image's, or the image has several frames; or a "
+                     "DICOM SEG names no image of the data folder",
     # the sandbox around each file
     "timeout": "decoding took longer than the per-file time limit; the worker was stopped",
     "out-of-memory": "decoding needed more memory than the per-file limit",
@@ -86,8 +88,10 @@ REJECTION_FIXES: dict[str, str] = {
     "not-selected": "nothing to do, or widen --modality / --body-part",
     "no-label": "give it a label: put it in a class sub-folder, add a CSV row, or set the attribute",
     "unknown-label": "add the label to --classes, or correct the label",
-    "no-mask": "add its mask as masks/<same path>.png, or leave the image out of a pair run",
-    "mask-unreadable": "save the mask as an 8-bit greyscale PNG (0 background, 255 foreground)",
+    "no-mask": "add its mask as masks/<same path>.png or as a DICOM SEG referencing it, or leave the "
+               "image out of a pair run",
+    "mask-unreadable": "save the mask as an 8-bit greyscale PNG (0 background, 255 foreground), or export "
+                       "the DICOM SEG again",
     "mask-mismatch": "draw the mask on the image's own pixel grid, one single-frame image per mask",
     "timeout": "check the file in a viewer; if it is genuine, raise the per-file time limit",
     "out-of-memory": "if the file is genuine, raise the per-file memory limit",
