@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from common.flower import RunConfigValue, find_tagged_pids, run_app
-from simulation.bench_secagg import protocol_cpu_per_round
+from simulation.bench_secagg import cpu_per_round
 from simulation.deployment import LocalDeployment
 
 TOY_PYPROJECT = """\
@@ -240,7 +240,7 @@ def test_medsynth_three_hospitals_on_the_deployment_engine(hospitals: Hospitals,
             assert record["secure"]["dead"] == []
             assert all(set(c) == {"bytes_up", "received"} for c in record["costs"].values())  # no timings sent
     if secure:  # the hospitals' own audit logs hold their protocol CPU time
-        cpu = protocol_cpu_per_round(hospitals.ledgers, result.run_id)
+        cpu = cpu_per_round(hospitals.ledgers, result.run_id, training=False)
         assert all(cpu[site].get(r, 0.0) > 0 for site in dep.sites for r in range(1, rounds + 1)), cpu
 
     for site, ledger_path in hospitals.ledgers.items():
