@@ -16,6 +16,7 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -28,7 +29,7 @@ from client.forkserver import write_wrapper as write_clientapp_wrapper
 READY = "medsynth fork server (pid "
 
 
-def _as_supernode(tmp_path: Path, body: str, timeout_s: float = 120.0) -> tuple[dict[str, object], str]:
+def _as_supernode(tmp_path: Path, body: str, timeout_s: float = 120.0) -> tuple[dict[str, Any], str]:
     """Run ``body`` as the SuperNode of a fork server; returns what it printed (JSON) and its stderr.
 
     ``body`` sees ``wrapper`` (our flwr-clientapp), ``forkserver_pid()`` and ``children(pid)``,
@@ -72,8 +73,8 @@ def test_a_message_runs_in_a_child_of_the_fork_server_with_the_wrappers_streams_
                    socket=os.environ.get("MEDSYNTH_CLIENTAPP_FORKSERVER"))
         """)
     # assert: Flower's own ClientApp answered through the fork server, on the wrapper's streams
-    ok_code, ok_out, ok_err = out["ok"]  # type: ignore[misc]
-    bad_code, _, bad_err = out["bad"]  # type: ignore[misc]
+    ok_code, ok_out, ok_err = out["ok"]
+    bad_code, _, bad_err = out["bad"]
     assert ok_code == 0 and "--runtime-api-address" in ok_out and ok_err == ""
     assert bad_code == 2 and "flwr-clientapp: error: one of the arguments --token --token-file is required" in bad_err
     assert READY in stderr and "not reachable" not in ok_err + bad_err
