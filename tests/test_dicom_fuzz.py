@@ -88,7 +88,7 @@ def _element_value(data: bytes, group: int, elem: int) -> tuple[int, int, int] |
     for endian, implicit in (("<", False), (">", False), ("<", True)):
         tag = struct.pack(endian + "HH", group, elem)
         at = data.find(tag, 132)
-        while at >= 0:
+        while 0 <= at <= len(data) - 8:  # a header cut by a truncation is not an element to rewrite
             if implicit:
                 return at, at + 8, struct.unpack_from("<I", data, at + 4)[0]
             if data[at + 4:at + 6].isalpha():
@@ -127,6 +127,8 @@ def set_syntax(uid: str) -> Mutation:
         end = 132
         while data[end:end + 2] == b"\x02\x00":
             long_vr = data[end + 4:end + 6] in (b"OB", b"UN", b"OW", b"UT")
+            if end + (12 if long_vr else 8) > len(data):  # the meta group was cut by a truncation
+                return data
             length = struct.unpack_from("<I" if long_vr else "<H", data, end + (8 if long_vr else 6))[0]
             end += (12 if long_vr else 8) + length
         return data[:132] + rewrite_transfer_syntax(data[132:end], uid) + data[end:]
