@@ -208,7 +208,7 @@ def run_mode(
         raise SuperLinkError(f"{label} run {result.run_id} left no readable {state_path}: {err}") from err
     if state is None:
         raise SuperLinkError(f"{label} run {result.run_id} left no {state_path}. Log: {out / 'run.log'}")
-    rounds = state.rounds
+    rounds = tuple(r for r in state.rounds if r.round > 0)  # round 0 is the warm start, not a training round
     if not state.finished or len(rounds) != base_config["num-server-rounds"]:
         stopped = None if state.stopped_early is None else state.stopped_early.reason
         raise SuperLinkError(

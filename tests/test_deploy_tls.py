@@ -217,7 +217,9 @@ def test_server_sigkill_resumes_and_a_killed_hospital_keeps_its_steps(tmp_path: 
     # prepare: four hospitals (secure aggregation keeps a 3-of-4 threshold when one dies); two
     # rounds: the SuperLink dies after round 1, a hospital dies in the resumed run's round 2
     c = make_consortium(tmp_path, 4, patients_per_site=10)
-    config = c.write_server_toml(rounds=2)
+    # the killed hospital's round ends at the round timeout: 60 s, not the suite's 90 (a healthy
+    # round here takes about 25 s), so the test waits less for a reply that never comes
+    config = c.write_server_toml(rounds=2, **{"round-timeout": 60.0})
     ckpts = c.results / "checkpoints"
     victim = "site-3"
     server = c.start_server(config)
