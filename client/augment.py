@@ -6,7 +6,10 @@ keeps (``STATE/global-model``, written by ``client.task.keep_global_model`` and
 (``common.export``: marked synthetic, with the ``medsynth_export.json`` sidecar: model hash, round,
 each hospital's ε) under ``STATE/synthetic/``, beside the prepared cache and never inside it: the
 cache stays the hospital's real images only, so training and ``node evaluate`` never see a
-synthetic image as a patient.
+synthetic image as a patient. A pair model's (``model.pairs``) draws are image–mask pairs: the
+export writes each mask with its image, under the same name (``common.export.export_images``:
+``masks/<class>/<name>.png`` for PNG and DICOM, plus a DICOM SEG beside a DICOM image; ``masks`` in
+the NPZ), with the same sidecar.
 
 The model is the federation's DP output, which every hospital receives anyway; sampling it is
 post-processing and costs no privacy. The final model the server sends after a run's last round
@@ -53,6 +56,7 @@ class AugmentResult:
     label: str
     provenance: Provenance
     own_ledger_only: bool
+    pairs: bool = False  # a pair model's export: every image has its mask (common.export)
 
 
 def class_index(label: str, names: Sequence[str]) -> int:
@@ -94,7 +98,8 @@ def _own_privacy(ledger_path: Path) -> dict[str, SitePrivacy]:
 def augment_site(state_dir: Path, label: str, n: int, *, cache_dir: Path | None = None,
                  checkpoint: Path | None = None, out: Path | None = None, seed: int | None = None,
                  latent_scale: float = LATENT_SCALE, fmt: ExportFormat = "npz") -> AugmentResult:
-    """Draw ``n`` images of class ``label`` and export them beside the hospital's cache.
+    """Draw ``n`` images of class ``label`` (image–mask pairs for a pair model) and export them beside
+    the hospital's cache.
 
     ``out`` defaults to ``STATE/synthetic/<class>-<model hash>-seed<seed>``; a folder inside the
     cache, or one already holding an export, is refused. The model's class names must be the cache's.
@@ -133,7 +138,7 @@ def augment_site(state_dir: Path, label: str, n: int, *, cache_dir: Path | None 
     if (target / SIDECAR).exists():
         raise AugmentUnavailable(f"{target} already holds an export; give --out or another --seed")
     labels = np.full(n, index, dtype=np.int64)
-    images = generator.sample(labels, seed=seed, latent_scale=latent_scale)  # (n, 1, S, S) in [-1, 1]
+    images = generator.sample(labels, seed=seed, latent_scale=latent_scale)  # (n, C, S, S) in [-1, 1], C = 2: pairs
     sampling = {"seed": seed, "class": names[index], "n": n, "latent_scale": latent_scale,
                 "purpose": "augment the hospital's training set; not patient data"}
     if own_only or relayed:
@@ -142,7 +147,7 @@ def augment_site(state_dir: Path, label: str, n: int, *, cache_dir: Path | None 
         files = export_images(images, labels, target, fmt, provenance, sampling=sampling)
     except ExportError as exc:
         raise AugmentUnavailable(str(exc)) from exc
-    return AugmentResult(target, tuple(files), names[index], provenance, own_only)
+    return AugmentResult(target, tuple(files), names[index], provenance, own_only, pairs=generator.cfg.pairs)
 
 
 @dataclass(frozen=True)
