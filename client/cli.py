@@ -345,7 +345,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def evaluate_at_node(state: Path, cache: Path, *, held_out: Path | None, seed: int,
                      checkpoint: Path | None = None) -> int:
     """``medsynth node evaluate``: aggregate-only evaluation on local data of ``checkpoint``, by
-    default the kept global model (the final one once the server has sent it)."""
+    default the kept global model (the final one once the server has sent it). A pair model is
+    judged against the cache's pairs (``common.evaluation.evaluate.evaluate_pair_model``); a cache
+    without masks is refused (``PairCacheRequired``, exit 2)."""
     from common.config import GLOBAL_MODEL_DIR, ConfigError
     from common.errors import MissingFile
     from common.evaluation.evaluate import EvaluateOptions, evaluate, format_evaluation

@@ -92,7 +92,7 @@ def test_pair_evaluation_reports_fd_and_catches_a_memorizer(site: Path, tmp_path
     # act
     copier, noise = run(train_rows, "copier"), run(None, "noise")
     # assert: every copy is a training image (distance 0), no noise image is near one; FD tells them apart
-    assert SEG_KEYS | IMAGE_KEYS <= copier.keys() and copier["kind"] == "segmentation"
+    assert copier.keys() >= SEG_KEYS | IMAGE_KEYS and copier["kind"] == "segmentation"
     assert copier["memorization_rate"] == 1.0 and copier["nearer_train_share"] == 1.0
     assert noise["memorization_rate"] == 0.0
     assert isinstance(copier["fd"], float) and isinstance(noise["fd"], float) and copier["fd"] < noise["fd"] / 10
@@ -112,7 +112,7 @@ def test_evaluate_prints_dice_fd_and_memorization(site: Path, tmp_path: Path,
     for phrase in ("U-Net trained on synthetic pairs", "agreement", "images only: domain FD", "memorization rate"):
         assert phrase in out, phrase
     result = json.loads((tmp_path / "ev" / "evaluation.json").read_text())
-    assert SEG_KEYS | IMAGE_KEYS <= result.keys() and 0 <= result["memorization_rate"] <= 1
+    assert result.keys() >= SEG_KEYS | IMAGE_KEYS and 0 <= result["memorization_rate"] <= 1
     assert sorted(p.name for p in (tmp_path / "ev").iterdir()) == ["closest_pairs.png", "evaluation.json"]
 
 
@@ -126,7 +126,7 @@ def test_node_evaluate_of_a_pair_model_writes_numbers_only(site: Path, tmp_path:
     folder = site / "evaluation"
     assert [p.name for p in folder.iterdir()] == ["evaluation.json"]  # no picture of a real image
     result = json.loads((folder / "evaluation.json").read_text())
-    assert SEG_KEYS | IMAGE_KEYS <= result.keys() and result["aggregate_only"] is True
+    assert result.keys() >= SEG_KEYS | IMAGE_KEYS and result["aggregate_only"] is True
     assert all(isinstance(v, int | float | str | bool) for v in result.values()), result
     assert all(len(v) < 300 for v in result.values() if isinstance(v, str))
     assert 0 <= result["dice_synthetic"] <= 1 and 0 <= result["agreement_dice"] <= 1 and result["fd"] >= 0

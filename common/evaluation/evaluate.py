@@ -178,6 +178,9 @@ def domain_extractor(reference: ReferenceData, opts: EvaluateOptions, say: Calla
     extractor = load_or_train_extractor(reference, cache_dir=opts.cache_dir)
     say(f"feature extractor {'trained and cached' if extractor.trained_now else 'from cache'}: {extractor.path} "
         f"(sha256 {extractor.sha256[:12]}…)")
+    if len(reference.class_names) == 1:
+        say("note: the reference has one class, so the extractor had no label to learn from: its features are "
+            "those of a seeded CNN taught nothing about the images (one fixed ruler, a coarse one)")
     return extractor
 
 
