@@ -21,7 +21,7 @@ from common.checkpoint_model import load_generator
 from common.config import GLOBAL_MODEL_DIR
 from common.dataset import LocalDataset, load_cache, save_cache
 from common.evaluation.evaluate import EvaluateOptions, PairCacheRequired, evaluate
-from common.evaluation.reference import rows_in_test_split
+from common.evaluation.reference import load_reference, rows_in_test_split
 from common.export import SIDECAR, Provenance, to_uint8
 from common.models import build_models
 from common.pairs import mask_rel
@@ -77,6 +77,17 @@ class PairSource:
         if self.rows is None:
             return rng.uniform(-1, 1, (labels.size, 2, 32, 32)).astype(np.float32)
         return self.rows[rng.integers(0, self.rows.shape[0], labels.size)]
+
+
+def test_a_pair_cache_as_reference_gives_its_images_only(site: Path, tmp_path: Path) -> None:
+    # act
+    reference = load_reference(site / "cache", 32, held_out=tmp_path / "held-out", seed=0)
+    # assert: the image channel, split by patient as the pair evaluation splits the pairs; no mask anywhere
+    ds, held = load_cache(site / "cache"), load_cache(tmp_path / "held-out")
+    is_test = rows_in_test_split(ds, 0)
+    assert np.array_equal(reference.train.images, ds.images[~is_test, :1])
+    assert np.array_equal(reference.test.images, ds.images[is_test, :1])
+    assert reference.held_out is not None and np.array_equal(reference.held_out.images, held.images[:, :1])
 
 
 def test_pair_evaluation_reports_fd_and_catches_a_memorizer(site: Path, tmp_path: Path) -> None:
