@@ -34,6 +34,7 @@ import numpy as np
 from common.config import GLOBAL_MODEL_DIR, LATENT_SCALE, site_paths
 from common.errors import UserError
 from common.export import SIDECAR, ExportError, ExportFormat, Provenance, SitePrivacy, export_images
+from common.pairs import IMAGE_CHANNEL
 
 SYNTHETIC_DIR = "synthetic"  # under a site's state folder, beside (never inside) the cache
 COMPARISON_DIR = "augment"  # under a site's state folder: train-classifier's numbers
@@ -197,7 +198,8 @@ def compare_at_site(state_dir: Path, *, cache_dir: Path | None = None, synthetic
     test, by patient, seeded), return the table and the JSON written to ``STATE/augment/comparison.json``.
 
     Without ``synthetic`` folders every npz export under ``STATE/synthetic`` is used; arm (d) is
-    left out, with a note, when there is none.
+    left out, with a note, when there is none. The classifier reads images only: a pair cache's
+    image channel, and an export's images (a pair export's masks are not read).
     """
     from common.atomic import write_json_atomic
     from common.dataset import load_cache
@@ -214,7 +216,8 @@ def compare_at_site(state_dir: Path, *, cache_dir: Path | None = None, synthetic
     data = load_cache(cache_dir or site_paths(state_dir).cache_dir)
     folders = list(synthetic) or find_exports(state_dir)
     synth = read_synthetic(folders, data.class_names, data.image_size) if folders else SyntheticSet({}, ())
-    whole = Split(data.images, data.labels, data.patients)
+    images = data.images[:, IMAGE_CHANNEL : IMAGE_CHANNEL + 1]  # (N, 1, S, S): a pair cache's masks are no input
+    whole = Split(images, data.labels, data.patients)
     train_idx, val_idx, test_idx = patient_split(data.labels, data.patients, (0.6, 0.2, 0.2), seed)
     train, val, test = whole.take(train_idx), whole.take(val_idx), whole.take(test_idx)
     rare = class_index(label, data.class_names) if label is not None else None

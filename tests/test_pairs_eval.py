@@ -20,6 +20,7 @@ from common.checkpoint import save_checkpoint
 from common.checkpoint_model import load_generator
 from common.config import GLOBAL_MODEL_DIR
 from common.dataset import LocalDataset, load_cache, save_cache
+from common.evaluation.augment import ARMS
 from common.evaluation.evaluate import EvaluateOptions, PairCacheRequired, evaluate
 from common.evaluation.reference import load_reference, rows_in_test_split
 from common.export import SIDECAR, Provenance, to_uint8
@@ -184,3 +185,16 @@ def test_node_augment_of_a_pair_model_writes_aligned_pairs(site: Path, fmt: str,
         assert np.array_equal(np.asarray(Image.open(path)), to_uint8(drawn[k : k + 1, :1])[0])
         assert np.array_equal(np.asarray(Image.open(mask_path)) > 127, drawn[k, 1] > 0)
     assert sorted(p.name for p in (export / "masks" / "lesion").iterdir()) == [p.name for p in images]
+
+
+def test_train_classifier_reads_the_images_of_a_pair_cache_and_export(site: Path,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    # prepare: a pair export of the rare class beside the pair cache
+    assert main(["node", "augment", "--site-dir", str(site), "--class", "lesion", "--n", "6", "--seed", "2"]) == 0
+    # act
+    code = main(["node", "train-classifier", "--site-dir", str(site), "--class", "lesion", "--n", "4",
+                 "--bootstrap", "5", "--epochs", "1"])
+    # assert: all four arms ran on the images (masks are no classifier input)
+    assert code == 0, capsys.readouterr().err
+    record = json.loads((site / "augment" / "comparison.json").read_text())
+    assert [a["arm"] for a in record["arms"]] == list(ARMS) and record["extra"] == 4
