@@ -6,7 +6,10 @@ keeps (``STATE/global-model``, written by ``client.task.keep_global_model`` and
 (``common.export``: marked synthetic, with the ``medsynth_export.json`` sidecar: model hash, round,
 each hospital's ε) under ``STATE/synthetic/``, beside the prepared cache and never inside it: the
 cache stays the hospital's real images only, so training and ``node evaluate`` never see a
-synthetic image as a patient.
+synthetic image as a patient. A pair model's (``model.pairs``) draws are image–mask pairs: the
+export writes each mask with its image, under the same name (``common.export.export_images``:
+``masks/<class>/<name>.png`` for PNG and DICOM, plus a DICOM SEG beside a DICOM image; ``masks`` in
+the NPZ), with the same sidecar.
 
 The model is the federation's DP output, which every hospital receives anyway; sampling it is
 post-processing and costs no privacy. The final model the server sends after a run's last round
@@ -31,6 +34,7 @@ import numpy as np
 from common.config import GLOBAL_MODEL_DIR, LATENT_SCALE, site_paths
 from common.errors import UserError
 from common.export import SIDECAR, ExportError, ExportFormat, Provenance, SitePrivacy, export_images
+from common.pairs import IMAGE_CHANNEL
 
 SYNTHETIC_DIR = "synthetic"  # under a site's state folder, beside (never inside) the cache
 COMPARISON_DIR = "augment"  # under a site's state folder: train-classifier's numbers
@@ -53,6 +57,7 @@ class AugmentResult:
     label: str
     provenance: Provenance
     own_ledger_only: bool
+    pairs: bool = False  # a pair model's export: every image has its mask (common.export)
 
 
 def class_index(label: str, names: Sequence[str]) -> int:
@@ -94,7 +99,8 @@ def _own_privacy(ledger_path: Path) -> dict[str, SitePrivacy]:
 def augment_site(state_dir: Path, label: str, n: int, *, cache_dir: Path | None = None,
                  checkpoint: Path | None = None, out: Path | None = None, seed: int | None = None,
                  latent_scale: float = LATENT_SCALE, fmt: ExportFormat = "npz") -> AugmentResult:
-    """Draw ``n`` images of class ``label`` and export them beside the hospital's cache.
+    """Draw ``n`` images of class ``label`` (image–mask pairs for a pair model) and export them beside
+    the hospital's cache.
 
     ``out`` defaults to ``STATE/synthetic/<class>-<model hash>-seed<seed>``; a folder inside the
     cache, or one already holding an export, is refused. The model's class names must be the cache's.
@@ -133,7 +139,7 @@ def augment_site(state_dir: Path, label: str, n: int, *, cache_dir: Path | None 
     if (target / SIDECAR).exists():
         raise AugmentUnavailable(f"{target} already holds an export; give --out or another --seed")
     labels = np.full(n, index, dtype=np.int64)
-    images = generator.sample(labels, seed=seed, latent_scale=latent_scale)  # (n, 1, S, S) in [-1, 1]
+    images = generator.sample(labels, seed=seed, latent_scale=latent_scale)  # (n, C, S, S) in [-1, 1], C = 2: pairs
     sampling = {"seed": seed, "class": names[index], "n": n, "latent_scale": latent_scale,
                 "purpose": "augment the hospital's training set; not patient data"}
     if own_only or relayed:
@@ -142,7 +148,7 @@ def augment_site(state_dir: Path, label: str, n: int, *, cache_dir: Path | None 
         files = export_images(images, labels, target, fmt, provenance, sampling=sampling)
     except ExportError as exc:
         raise AugmentUnavailable(str(exc)) from exc
-    return AugmentResult(target, tuple(files), names[index], provenance, own_only)
+    return AugmentResult(target, tuple(files), names[index], provenance, own_only, pairs=generator.cfg.pairs)
 
 
 @dataclass(frozen=True)
@@ -192,7 +198,8 @@ def compare_at_site(state_dir: Path, *, cache_dir: Path | None = None, synthetic
     test, by patient, seeded), return the table and the JSON written to ``STATE/augment/comparison.json``.
 
     Without ``synthetic`` folders every npz export under ``STATE/synthetic`` is used; arm (d) is
-    left out, with a note, when there is none.
+    left out, with a note, when there is none. The classifier reads images only: a pair cache's
+    image channel, and an export's images (a pair export's masks are not read).
     """
     from common.atomic import write_json_atomic
     from common.dataset import load_cache
@@ -209,7 +216,8 @@ def compare_at_site(state_dir: Path, *, cache_dir: Path | None = None, synthetic
     data = load_cache(cache_dir or site_paths(state_dir).cache_dir)
     folders = list(synthetic) or find_exports(state_dir)
     synth = read_synthetic(folders, data.class_names, data.image_size) if folders else SyntheticSet({}, ())
-    whole = Split(data.images, data.labels, data.patients)
+    images = data.images[:, IMAGE_CHANNEL : IMAGE_CHANNEL + 1]  # (N, 1, S, S): a pair cache's masks are no input
+    whole = Split(images, data.labels, data.patients)
     train_idx, val_idx, test_idx = patient_split(data.labels, data.patients, (0.6, 0.2, 0.2), seed)
     train, val, test = whole.take(train_idx), whole.take(val_idx), whole.take(test_idx)
     rare = class_index(label, data.class_names) if label is not None else None

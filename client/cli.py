@@ -122,7 +122,11 @@ def add_parsers(sub: SubParsers) -> None:
                     "Only aggregate numbers are printed and written (STATE/evaluation/evaluation.json); no picture "
                     "of a real image is made and nothing is sent. The local test patients were also training "
                     "patients of the federation; for memorization, and for a TSTR free of that overlap, give "
-                    "--held-out: a prepared folder of patients that never took part.")
+                    "--held-out: a prepared folder of patients that never took part. A pair model (model.pairs) "
+                    "is judged against the cache's image–mask pairs (prepared with --pairs; a cache without masks "
+                    "is refused): Dice and IoU of a U-Net trained on synthetic pairs and of one trained on the "
+                    "local pairs, the agreement of synthetic masks with their images, and FD and memorization of "
+                    "the images (docs/segmentation.md).")
     p.add_argument("--config", type=Path, required=True, help="node.toml")
     p.add_argument("--held-out", type=Path, default=None,
                    help="prepared cache (`medsynth node prepare`) of patients the federation never saw")
@@ -134,7 +138,8 @@ def add_parsers(sub: SubParsers) -> None:
 
     p = nsub.add_parser(
         "augment", help="draw N synthetic images of one class from the global model, beside the prepared cache",
-        description="Draw N images of class LABEL from the newest global model this hospital holds "
+        description="Draw N images of class LABEL (image–mask pairs from a pair model, each mask under its "
+                    "image's name in masks/) from the newest global model this hospital holds "
                     "(STATE/global-model) or from --checkpoint, and write them to STATE/synthetic/<class>-<model>-"
                     "seed<seed>/ (or --out), beside the prepared cache and never inside it: the cache keeps only "
                     "real images. The export is marked synthetic and carries " + _SIDECAR + " (model hash, round, "
@@ -340,7 +345,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def evaluate_at_node(state: Path, cache: Path, *, held_out: Path | None, seed: int,
                      checkpoint: Path | None = None) -> int:
     """``medsynth node evaluate``: aggregate-only evaluation on local data of ``checkpoint``, by
-    default the kept global model (the final one once the server has sent it)."""
+    default the kept global model (the final one once the server has sent it). A pair model is
+    judged against the cache's pairs (``common.evaluation.evaluate.evaluate_pair_model``); a cache
+    without masks is refused (``PairCacheRequired``, exit 2)."""
     from common.config import GLOBAL_MODEL_DIR, ConfigError
     from common.errors import MissingFile
     from common.evaluation.evaluate import EvaluateOptions, evaluate, format_evaluation
@@ -369,8 +376,12 @@ def cmd_augment(args: argparse.Namespace) -> int:
                           seed=args.seed, latent_scale=args.latent_scale, fmt=args.format)
     p = result.provenance
     eps = {s: round(v.epsilon, 4) for s, v in p.sites.items()}
-    print(f"wrote {args.n} synthetic image(s) of class {result.label} to {result.out} (beside the cache {cache}, "
+    what = "image–mask pair(s)" if result.pairs else "image(s)"
+    print(f"wrote {args.n} synthetic {what} of class {result.label} to {result.out} (beside the cache {cache}, "
           f"not in it); sidecar {result.out / _SIDECAR}")
+    if result.pairs:
+        print("each mask has its image's name: masks/<class>/<name>.png (png, dicom; with dicom also a DICOM SEG "
+              "<name>.seg.dcm beside the image), or 'masks' in synthetic.npz")
     print(f"model {p.model_sha256[:12]}… round {p.round}; ε per hospital {eps}"
           + ("  (this hospital only: the kept model does not list the others)" if result.own_ledger_only else ""))
     return 0

@@ -149,7 +149,10 @@ def _evaluate_parsers(sub: SubParsers) -> None:
             "any held-out one; the closest pairs are saved as a picture). Writes OUT/evaluation.json; when the "
             "checkpoint belongs to a run folder, that run's report.html is rewritten with the evaluation. "
             "At a hospital, use --aggregate-only: nothing but aggregate numbers is written, and nothing is "
-            "sent anywhere in any mode."
+            "sent anywhere in any mode. A pair model (model.pairs) is judged against a prepared pair cache "
+            "(node prepare --pairs): Dice and IoU of a U-Net trained on synthetic pairs next to one trained on "
+            "real pairs, the agreement of synthetic masks with their images, and the FD, KID and memorization "
+            "checks above on its images (masks enter neither; docs/segmentation.md)."
         ),
     )
     e.add_argument("--checkpoint", type=Path, required=True,

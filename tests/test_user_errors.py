@@ -37,7 +37,7 @@ from common.dicom.errors import DicomRejected
 from common.dp.accounting import PrivacyBudgetExceeded
 from common.errors import EXIT_FIX_CONFIG, EXIT_RESTARTABLE, MissingFile, UserError
 from common.evaluation.augment import AugmentError
-from common.evaluation.evaluate import EvaluationError
+from common.evaluation.evaluate import EvaluationError, PairCacheRequired
 from common.evaluation.features import ExtractorCacheCorrupt
 from common.evaluation.reference import ReferenceDataError
 from common.export import ExportError
@@ -92,6 +92,7 @@ NEVER_ANSWERED = {
     LabelError: "the prepare step raises it as a PrepareError",
     CheckpointUnusable: "evaluate and sample commands only",
     EvaluationError: "evaluate commands only",
+    PairCacheRequired: "evaluate commands only (a pair model and a cache without masks)",
     ExportError: "the sample command only",
     ExtractorCacheCorrupt: "evaluate commands only",
     ReferenceDataError: "evaluate commands only",

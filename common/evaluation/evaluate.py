@@ -14,6 +14,10 @@ Steps (each reported as it runs):
 7. memorization in pixel space against the training and held-out splits, and (unless
    ``aggregate_only``) a picture of the closest pairs.
 
+A pair model (``model.pairs``) is evaluated by :func:`evaluate_pair_model` against a pair cache:
+the segmentation U-Nets in place of TSTR, then steps 3, 5 and 7 on the image channel of its pairs
+(masks enter neither FD nor memorization).
+
 ``aggregate_only`` is for a hospital evaluating on its own data: only aggregate numbers are
 written or printed, no picture holding a real image. Nothing is sent anywhere in any mode.
 """
@@ -59,6 +63,10 @@ SWAPPED_AUC = 0.4  # an AUC this far below chance is a ranking turned round, not
 
 class EvaluationError(UserError, ValueError):
     """The evaluation was asked for something it cannot do; the message says what to change."""
+
+
+class PairCacheRequired(EvaluationError):
+    """A pair model (``model.pairs``) was given a cache of images without masks (prepared without ``--pairs``)."""
 
 
 class ImageSource(Protocol):
@@ -165,6 +173,37 @@ def real_vs_synthetic_png(fake: np.ndarray, fake_labels: np.ndarray, reference: 
     return image_table(rows, columns=columns, captions=captions)
 
 
+def domain_extractor(reference: ReferenceData, opts: EvaluateOptions, say: Callable[[str], None]) -> FeatureExtractor:
+    """The domain feature extractor of ``reference`` (cached, else trained with its fixed seed), reported."""
+    extractor = load_or_train_extractor(reference, cache_dir=opts.cache_dir)
+    say(f"feature extractor {'trained and cached' if extractor.trained_now else 'from cache'}: {extractor.path} "
+        f"(sha256 {extractor.sha256[:12]}…)")
+    if len(reference.class_names) == 1:
+        say("note: the reference has one class, so the extractor had no label to learn from: its features are "
+            "those of a seeded CNN taught nothing about the images (one fixed ruler, a coarse one)")
+    return extractor
+
+
+def memorization_check(fake: np.ndarray, reference: ReferenceData, opts: EvaluateOptions, out: Path,
+                       say: Callable[[str], None]) -> dict[str, Any]:
+    """Memorization of synthetic images (N, 1, S, S) in pixel space against the reference's training and
+    held-out images (``common.evaluation.metrics.memorization``), and, unless ``aggregate_only``, the
+    picture of the closest pairs in ``out``. Skipped (``None`` rates) without held-out images.
+    """
+    result: dict[str, Any] = {"memorization_rate": None, "nearer_train_share": None,
+                              "memorization_ratio": opts.memorization_ratio}
+    if reference.held_out is None:
+        say("memorization: skipped, no held-out real images (pass --held-out with a prepared folder)")
+        return result
+    mem = memorization(fake, reference.train.images, reference.held_out.images, ratio=opts.memorization_ratio)
+    result.update(memorization_rate=mem.rate, nearer_train_share=mem.nearer_share)
+    say(f"memorization: {mem.rate:.2%} of synthetic images are < {opts.memorization_ratio:g}× as far from "
+        f"a training image as from any held-out one ({mem.nearer_share:.2%} simply nearer)")
+    if not opts.aggregate_only:
+        write_bytes_atomic(out / "closest_pairs.png", closest_pairs_png(mem, fake, reference))
+    return result
+
+
 def _fidelity(extractor: FeatureExtractor, fake: np.ndarray, real: np.ndarray, seed: int) -> dict[str, float]:
     f_fake, f_real = extractor(fake), extractor(real)
     kid, kid_std = kernel_distance(f_real, f_fake, seed=seed)
@@ -200,9 +239,7 @@ def evaluate(
     say(f"model {generator.provenance.checkpoint} (round {generator.provenance.round}, sha256 "
         f"{generator.provenance.model_sha256[:12]}…); reference {reference.name}: {len(reference.train)} train / "
         f"{len(reference.test)} test / {len(reference.held_out) if reference.held_out else 0} held-out images")
-    extractor = load_or_train_extractor(reference, cache_dir=opts.cache_dir)
-    say(f"feature extractor {'trained and cached' if extractor.trained_now else 'from cache'}: {extractor.path} "
-        f"(sha256 {extractor.sha256[:12]}…)")
+    extractor = domain_extractor(reference, opts, say)
     n = opts.n_synthetic or min(TSTR_MULTIPLE * len(reference.train), opts.max_synthetic)
     num_classes = len(reference.class_names)
     shares = reference.class_shares() if opts.class_balance == "real" else np.full(num_classes, 1.0 / num_classes)
@@ -223,21 +260,11 @@ def evaluate(
     trtr = trtr_score(reference, opts.cache_dir)
     result.update(tstr_auc=tstr.auc, tstr_acc=tstr.accuracy, trtr_auc=trtr.auc, trtr_acc=trtr.accuracy)
     say(f"TSTR AUC {tstr.auc:.3f} ACC {tstr.accuracy:.3f}; TRTR AUC {trtr.auc:.3f} ACC {trtr.accuracy:.3f}")
-    result.update(memorization_rate=None, nearer_train_share=None, memorization_ratio=opts.memorization_ratio)
     out.mkdir(parents=True, exist_ok=True)
     if not opts.aggregate_only and generator.cfg.conditional:  # real images beside synthetic: never at a hospital
         write_bytes_atomic(out / REAL_VS_SYNTHETIC, real_vs_synthetic_png(fake, labels, reference,
                                                                           reference.class_names))
-    if reference.held_out is not None:
-        mem = memorization(fidelity_fake, reference.train.images, reference.held_out.images,
-                           ratio=opts.memorization_ratio)
-        result.update(memorization_rate=mem.rate, nearer_train_share=mem.nearer_share)
-        say(f"memorization: {mem.rate:.2%} of synthetic images are < {opts.memorization_ratio:g}× as far from "
-            f"a training image as from any held-out one ({mem.nearer_share:.2%} simply nearer)")
-        if not opts.aggregate_only:
-            write_bytes_atomic(out / "closest_pairs.png", closest_pairs_png(mem, fidelity_fake, reference))
-    else:
-        say("memorization: skipped, no held-out real images (pass --held-out with a prepared folder)")
+    result.update(memorization_check(fidelity_fake, reference, opts, out, say))
     result.update(
         reference=reference.name, reference_sha256=reference.sha256, extractor_sha256=extractor.sha256,
         model_sha256=generator.provenance.model_sha256, checkpoint=generator.provenance.checkpoint,
@@ -250,24 +277,36 @@ def evaluate(
 
 
 def evaluate_pair_model(opts: EvaluateOptions, generator: ImageSource, say: Callable[[str], None]) -> dict[str, Any]:
-    """The evaluation of a pair model (``model.pairs``; ``common.evaluation.segmentation``): a U-Net
-    trained on synthetic pairs and one trained on the reference's real training pairs, both tested
-    on its real test pairs, and the agreement of synthetic masks with their images.
+    """The evaluation of a pair model (``model.pairs``): the segmentation numbers of
+    ``common.evaluation.segmentation`` (a U-Net trained on synthetic pairs and one trained on the
+    reference's real training pairs, both tested on its real test pairs, and the agreement of synthetic
+    masks with their images), then the image checks of :func:`evaluate` on the image channel.
 
     The reference is a prepared pair cache (``node prepare --pairs``), split by patient as the
-    image evaluation splits a cache (``TEST_SHARE`` of the patients for the test).
+    image evaluation splits a cache (``TEST_SHARE`` of the patients for the test, the same rows).
+    Domain FD, KID, precision/recall and density/coverage compare the synthetic *images* (channel 0)
+    with the real training images in the same extractor space as an image model's; memorization
+    measures the synthetic images' pixel distances to the real training and ``--held-out`` images
+    (:func:`memorization_check`, with its picture only outside ``aggregate_only``). Masks enter
+    neither: they are judged by the U-Nets, and a held-out pair cache contributes its images only.
     """
     t0 = time.monotonic()
     try:
         ds = load_cache(opts.reference)
     except DatasetError as exc:
         raise EvaluationError(f"a pair model is evaluated against a prepared pair cache: {exc}") from exc
-    if not ds.pairs or ds.image_size != generator.cfg.image_size or ds.num_patients < 2:
-        raise EvaluationError(f"{opts.reference} must be a pair cache (node prepare --pairs) of "
-                              f"{generator.cfg.image_size}×{generator.cfg.image_size} images and ≥ 2 patients; "
-                              f"it holds {'pairs' if ds.pairs else 'images'} of side {ds.image_size}")
+    if not ds.pairs:
+        raise PairCacheRequired(f"{opts.reference} holds images without masks (prepared without --pairs) but the "
+                                "model is a pair model (model.pairs): prepare the images with their masks, "
+                                f"`medsynth node prepare --pairs --data DATA --out {opts.reference}`, and evaluate "
+                                "again")
+    if ds.image_size != generator.cfg.image_size or ds.num_patients < 2:
+        raise EvaluationError(f"{opts.reference} must be a pair cache of {generator.cfg.image_size}×"
+                              f"{generator.cfg.image_size} images and ≥ 2 patients; it holds {ds.num_patients} "
+                              f"patient(s) and images of side {ds.image_size}")
     is_test = rows_in_test_split(ds, opts.seed)
     real_train, real_test = Pairs.of_channels(ds.images[~is_test]), Pairs.of_channels(ds.images[is_test])
+    reference = load_reference(opts.reference, generator.cfg.image_size, held_out=opts.held_out, seed=opts.seed)
     n = opts.n_synthetic or len(real_train.images)  # as many synthetic as real training pairs
     epochs = opts.unet_epochs
     num_classes = len(generator.class_names)
@@ -276,36 +315,58 @@ def evaluate_pair_model(opts: EvaluateOptions, generator: ImageSource, say: Call
     say(f"pair model {generator.provenance.checkpoint}: U-Nets on {n} synthetic and {len(real_train.images)} real "
         f"training pairs, tested on {len(real_test.images)} real pairs ({epochs} epochs each)")
     scores = evaluate_pairs(synthetic, real_train, real_test, seed=opts.seed, epochs=epochs)
+    extractor = domain_extractor(reference, opts, say)
+    real_cap = reference.train.images[:FIDELITY_MAX]
+    fidelity_fake = synthetic.images[: real_cap.shape[0]]  # (M, 1, S, S): the images of the pairs, no mask
     result: dict[str, Any] = {
-        "kind": "segmentation", **scores.to_json(), "reference": opts.reference.name,
-        "model_sha256": generator.provenance.model_sha256, "checkpoint": generator.provenance.checkpoint,
-        "round": generator.provenance.round, "seed": opts.seed, "latent_scale": opts.latent_scale,
-        "seconds": round(time.monotonic() - t0, 1),
+        "kind": "segmentation", **scores.to_json(), "fd_kind": FD_KIND + "; images only, masks not included",
+        **_fidelity(extractor, fidelity_fake, real_cap, opts.seed),
     }
-    say(format_segmentation(result))
     out = output_dir(opts)
     out.mkdir(parents=True, exist_ok=True)
+    result.update(memorization_check(fidelity_fake, reference, opts, out, say))
+    result.update(
+        reference=reference.name, reference_sha256=reference.sha256, extractor_sha256=extractor.sha256,
+        model_sha256=generator.provenance.model_sha256, checkpoint=generator.provenance.checkpoint,
+        round=generator.provenance.round, seed=opts.seed, latent_scale=opts.latent_scale,
+        aggregate_only=opts.aggregate_only, seconds=round(time.monotonic() - t0, 1),
+    )
+    say(format_segmentation(result))
     write_json_atomic(out / "evaluation.json", result)
     say(f"evaluation written to {out / 'evaluation.json'}")
     return result
 
 
 def format_segmentation(ev: dict[str, Any]) -> str:
-    """The table of a pair model's evaluation."""
-    return "\n".join([
+    """The table of a pair model's evaluation: the U-Nets' Dice and IoU, then the image checks (absent
+    from an evaluation written before they were part of it)."""
+    lines = [
         f"  U-Net trained on synthetic pairs, tested on real:  Dice {ev['dice_synthetic']:.3f}  IoU "
         f"{ev['iou_synthetic']:.3f}",
         f"  U-Net trained on real pairs, tested on real:       Dice {ev['dice_real']:.3f}  IoU {ev['iou_real']:.3f}",
         f"  ratio synthetic / real Dice {ev['ratio']:.3f}    agreement (real U-Net on synthetic images vs their "
         f"masks) Dice {ev['agreement_dice']:.3f}",
-    ])
+    ]
+    if "fd" in ev:
+        lines.append(f"  images only: domain FD {_number(ev, 'fd')}    KID {_number(ev, 'kid')} ± "
+                     f"{_number(ev, 'kid_std', 2)}    precision {_number(ev, 'precision', 3)}    recall "
+                     f"{_number(ev, 'recall', 3)}    ({FD_KIND})")
+    if "memorization_rate" in ev:
+        lines.append(f"  memorization rate {_number(ev, 'memorization_rate', 3)}    nearer to train than held-out "
+                     f"{_number(ev, 'nearer_train_share', 3)}")
+    return "\n".join(lines)
+
+
+def _number(ev: dict[str, Any], key: str, digits: int = 4) -> str:
+    """One number of an evaluation for a table: ``–`` when absent or not finite (memorization without held-out)."""
+    v = ev.get(key)
+    return "–" if v is None or (isinstance(v, float) and not np.isfinite(v)) else f"{v:.{digits}g}"
 
 
 def format_evaluation(ev: dict[str, Any]) -> str:
     """The table a user reads at the end of ``medsynth evaluate``."""
     def f(key: str, digits: int = 4) -> str:
-        v = ev.get(key)
-        return "–" if v is None or (isinstance(v, float) and not np.isfinite(v)) else f"{v:.{digits}g}"
+        return _number(ev, key, digits)
 
     if ev.get("kind") == "segmentation":
         return format_segmentation(ev)

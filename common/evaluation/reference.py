@@ -19,6 +19,9 @@ Sources:
 * a prepared cache folder (``dataset.npz`` written by ``medsynth node prepare``): split by
   patient (a fixed, seeded 80/20 draw over patient indices) into train and test; the held-out
   set is another prepared folder given by the caller (data the federation never saw), if any.
+  A pair cache (``node prepare --pairs``, ``common.pairs``) contributes its image channel only:
+  masks are no images, so they enter no feature, distance or classifier here (a pair model's
+  masks are judged by ``common.evaluation.segmentation``).
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import numpy as np
 
 from common.dataset import CACHE_FILE, DatasetError, LocalDataset, load_cache, resize_to_square
 from common.errors import UserError
+from common.pairs import IMAGE_CHANNEL
 
 _MEDMNIST_CLASSES = {"pneumoniamnist": ("normal", "pneumonia"), "hc18-28": ("small-head", "large-head")}
 TEST_SHARE = 0.2  # share of patients of a prepared cache used as the real test split
@@ -131,9 +135,11 @@ def _medmnist(path: Path, size: int) -> ReferenceData:
 
 
 def _resized(images: np.ndarray, size: int) -> np.ndarray:
-    if images.shape[-1] == size:
-        return images
-    return to_model_range((images[:, 0] + 1.0) / 2.0, size)
+    """A cache's rows (N, C, S, S), C = 1 or an image–mask pair's 2 → the image channel (N, 1, size, size)."""
+    image = images[:, IMAGE_CHANNEL : IMAGE_CHANNEL + 1]  # (N, 1, S, S): a pair's mask is left out
+    if image.shape[-1] == size:
+        return image
+    return to_model_range((image[:, 0] + 1.0) / 2.0, size)
 
 
 def rows_in_test_split(ds: LocalDataset, seed: int) -> np.ndarray:
