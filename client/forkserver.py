@@ -276,12 +276,19 @@ def launch_supernode(command: Sequence[str]) -> None:
     """Start the fork server, then ``exec`` ``command`` (the SuperNode) in this process.
 
     The socket listens before the fork, so a ClientApp that connects while the libraries are
-    still being imported waits in the queue instead of failing.
+    still being imported waits in the queue instead of failing. Without a place for the socket
+    (no writable temporary folder), the SuperNode starts without a fork server and says so.
     """
-    path = socket_path()
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(str(path))
-    listener.listen(64)
+    try:
+        path = socket_path()
+        listener.bind(str(path))
+        listener.listen(64)
+    except OSError as exc:
+        listener.close()
+        print(f"medsynth: no ClientApp fork server ({exc}); each ClientApp starts on its own", file=sys.stderr,
+              flush=True)
+        os.execvp(command[0], list(command))
     supernode_pid = os.getpid()
     sys.stdout.flush()
     sys.stderr.flush()

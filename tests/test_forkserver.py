@@ -189,3 +189,22 @@ def test_the_fork_server_refuses_to_hold_this_repositorys_code() -> None:
     # this test process imported `client`: a fork server here would run our copy, not the bundle's
     with pytest.raises(ForkServerError, match="the app bundle must bring that code itself"):
         check_nothing_of_ours()
+
+
+def test_without_a_place_for_the_socket_the_supernode_starts_alone(tmp_path: Path) -> None:
+    # prepare: a launcher whose socket folder cannot be made (as in a read-only container)
+    forkserver = Path(launcher_command(["x"])[1])
+    script = textwrap.dedent(f"""
+        import importlib.util, pathlib, sys
+        spec = importlib.util.spec_from_file_location("fs", {str(forkserver)!r})
+        fs = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(fs)
+        fs.socket_path = lambda: pathlib.Path({str(tmp_path / "missing" / "forkserver.sock")!r})
+        fs.launch_supernode([sys.executable, "-c", "import os; print(os.environ.get({SOCKET_ENV!r}))"])
+        """)
+    # act
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    # assert: the "SuperNode" ran, without a fork server, and the log says why
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "None"
+    assert "no ClientApp fork server" in done.stderr and "each ClientApp starts on its own" in done.stderr
