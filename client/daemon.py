@@ -42,7 +42,7 @@ from collections.abc import Callable
 from types import FrameType
 
 from client.fab_gate import ALLOWLIST_ENV, ANY_APP_ENV
-from client.forkserver import launcher_command, write_wrapper
+from client.forkserver import launcher_command, wrapper_first_on_path
 from client.node_config import NodeDeployConfig
 from client.prepare.pipeline import PrepareReport, load_or_create_salt, prepare_site
 from client.status import DAEMON_FILE, NodeWatcher, privacy_lines, start_log_path
@@ -153,8 +153,7 @@ class NodeDaemon:
         (fork server hand-over and app allow-list, :mod:`client.forkserver`) first on ``PATH``."""
         env = FlowerEnv(flwr_home=self.cfg.state_dir / "flwr-home", port=self.cfg.superlink_port,
                         tag=self.tag).environ()
-        wrapper = write_wrapper(self.cfg.state_dir / "bin")
-        env["PATH"] = os.pathsep.join([str(wrapper.parent), env["PATH"]])
+        wrapper_first_on_path(env, self.cfg.state_dir / "bin")
         if self.cfg.allowed_fabs:
             env[ALLOWLIST_ENV] = ",".join(self.cfg.allowed_fabs)
         elif self.cfg.any_app_may_run:  # NodeDeployConfig.check_apps refuses an empty list without it

@@ -57,6 +57,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType, ModuleType
 
@@ -118,41 +119,41 @@ def reseed_in_child() -> None:
         torch.manual_seed(int.from_bytes(os.urandom(8), "little") >> 1)
 
 
-def _become_clientapp(request: dict[str, object], fds: Sequence[int], closing: Sequence[socket.socket]) -> None:
-    """In the forked child: take the wrapper's descriptors, environment and folder, run, exit."""
-    for sock in closing:
-        sock.close()
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
-        signal.signal(sig, signal.SIG_DFL)
-    for target, fd in enumerate(fds):
-        os.dup2(fd, target)
-        os.close(fd)
-    env = request["env"]
-    argv = request["argv"]
-    cwd = request["cwd"]
-    if not (isinstance(env, dict) and isinstance(argv, list) and isinstance(cwd, str)):
-        raise ForkServerError("malformed request")
-    os.environ.clear()
-    os.environ.update({str(k): str(v) for k, v in env.items()})
-    os.chdir(cwd)
-    reseed_in_child()
-    code = 0
+def _become_clientapp(request: Request, fds: Sequence[int], closing: Sequence[socket.socket]) -> None:
+    """In the forked child: take the wrapper's descriptors, environment and folder, run, exit.
+
+    Never returns: whatever happens ends in ``os._exit``, so a failure here can never run on as a
+    second fork server (or remove the real one's socket on its way out).
+    """
+    code = 1
     try:
-        run_clientapp([str(a) for a in argv])
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-        if not isinstance(exc.code, int) and exc.code is not None:
+        for sock in closing:
+            sock.close()
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
+            signal.signal(sig, signal.SIG_DFL)
+        for target, fd in enumerate(fds):
+            os.dup2(fd, target)
+            os.close(fd)
+        os.environ.clear()
+        os.environ.update(request.env)
+        os.chdir(request.cwd)
+        reseed_in_child()
+        run_clientapp(request.argv)
+        code = 0
+    except SystemExit as exc:  # sys.exit(n) or sys.exit("message"), as the plain command would end
+        if isinstance(exc.code, int) or exc.code is None:
+            code = exc.code or 0
+        else:
             print(exc.code, file=sys.stderr)
     except BaseException:
         import traceback
 
         traceback.print_exc()
-        code = 1
     finally:
         with contextlib.suppress(Exception):
             sys.stdout.flush()
             sys.stderr.flush()
-    os._exit(code)
+        os._exit(code)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -180,28 +181,51 @@ def _peer_uid(conn: socket.socket) -> int:
     return int(uid)
 
 
-def _read_request(conn: socket.socket) -> tuple[dict[str, object], list[int]]:
-    """One request: a length-prefixed JSON object, and with its first bytes three descriptors."""
-    data, fds, _flags, _addr = socket.recv_fds(conn, _MAX_REQUEST, 3)
-    try:
-        while len(data) < _HEADER.size or len(data) < _HEADER.size + _HEADER.unpack_from(data)[0]:
-            if len(data) >= _HEADER.size and _HEADER.unpack_from(data)[0] > _MAX_REQUEST:
+@dataclass(frozen=True)
+class Request:
+    """What a wrapper asks for: one ClientApp run with its argv, environment and working folder."""
+
+    argv: list[str]
+    env: dict[str, str]
+    cwd: str
+
+    def to_bytes(self) -> bytes:
+        """The length-prefixed JSON the wrapper sends (:meth:`read` reads it)."""
+        payload = json.dumps({"argv": self.argv, "env": self.env, "cwd": self.cwd}).encode()
+        return _HEADER.pack(len(payload)) + payload
+
+    @classmethod
+    def read(cls, conn: socket.socket) -> tuple[Request, list[int]]:
+        """One request and, with its first bytes, the wrapper's three descriptors (stdin, stdout, stderr)."""
+        data, fds, _flags, _addr = socket.recv_fds(conn, _MAX_REQUEST, 3)
+        try:
+            while len(data) < _HEADER.size:
+                data += _more(conn)
+            (length,) = _HEADER.unpack_from(data)
+            if length > _MAX_REQUEST:
                 raise ForkServerError("request too long")
-            more = conn.recv(_MAX_REQUEST)
-            if not more:
-                raise ForkServerError("connection closed mid-request")
-            data += more
-        if len(fds) != 3:
-            raise ForkServerError(f"expected 3 file descriptors, got {len(fds)}")
-        (length,) = _HEADER.unpack_from(data)
-        request = json.loads(data[_HEADER.size:_HEADER.size + length])
-        if not isinstance(request, dict):
-            raise ForkServerError("request is not a JSON object")
-        return request, fds
-    except BaseException:
-        for fd in fds:
-            os.close(fd)
-        raise
+            while len(data) < _HEADER.size + length:
+                data += _more(conn)
+            if len(fds) != 3:
+                raise ForkServerError(f"expected 3 file descriptors, got {len(fds)}")
+            raw = json.loads(data[_HEADER.size:_HEADER.size + length])
+            argv, env, cwd = (raw.get(k) for k in ("argv", "env", "cwd")) if isinstance(raw, dict) else (None,) * 3
+            if not (isinstance(argv, list) and all(isinstance(a, str) for a in argv) and isinstance(env, dict)
+                    and all(isinstance(k, str) and isinstance(v, str) for k, v in env.items())
+                    and isinstance(cwd, str)):
+                raise ForkServerError("malformed request")
+            return cls(argv, env, cwd), fds
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            raise
+
+
+def _more(conn: socket.socket) -> bytes:
+    chunk = conn.recv(_MAX_REQUEST)
+    if not chunk:
+        raise ForkServerError("connection closed mid-request")
+    return chunk
 
 
 class ForkServer:
@@ -212,26 +236,27 @@ class ForkServer:
         self.parent_pid = parent_pid
         self.children: dict[int, socket.socket] = {}  # ClientApp pid → its wrapper's connection
         self.abandoned: set[int] = set()  # ClientApps whose wrapper is gone (signalled, not yet reaped)
-        self.stopping = False
 
     def serve(self) -> None:
-        """Until the SuperNode (our parent) is gone or we are told to stop."""
-        while not self.stopping and os.getppid() == self.parent_pid:
-            watched = [self.listener, *(c for p, c in self.children.items() if p not in self.abandoned)]
-            readable, _, _ = select.select(watched, [], [], _POLL_S)
-            for sock in readable:
-                if sock is self.listener:
-                    self._accept()
-                    continue
-                for pid, conn in list(self.children.items()):  # a wrapper went away: its ClientApp goes too
-                    if conn is sock:
-                        self.abandoned.add(pid)
-                        with contextlib.suppress(ProcessLookupError):
-                            os.kill(pid, signal.SIGTERM)
-            self._reap()
-        for pid in self.children:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM)
+        """Until the SuperNode (our parent) is gone, or SIGTERM; the ClientApps still running get SIGTERM."""
+        try:
+            while os.getppid() == self.parent_pid:
+                watched = [self.listener, *(c for p, c in self.children.items() if p not in self.abandoned)]
+                readable, _, _ = select.select(watched, [], [], _POLL_S)
+                for sock in readable:
+                    if sock is self.listener:
+                        self._accept()
+                        continue
+                    for pid, conn in list(self.children.items()):  # a wrapper went away: its ClientApp goes too
+                        if conn is sock:
+                            self.abandoned.add(pid)
+                            with contextlib.suppress(ProcessLookupError):
+                                os.kill(pid, signal.SIGTERM)
+                self._reap()
+        finally:
+            for pid in self.children:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGTERM)
 
     def _accept(self) -> None:
         conn, _ = self.listener.accept()
@@ -239,7 +264,7 @@ class ForkServer:
             if _peer_uid(conn) != os.getuid():
                 conn.close()
                 return
-            request, fds = _read_request(conn)
+            request, fds = Request.read(conn)
         except (OSError, ValueError, ForkServerError) as exc:
             print(f"medsynth fork server: refused a request: {exc}", file=sys.stderr, flush=True)
             conn.close()
@@ -329,8 +354,8 @@ def _stop_on_signal(signum: int, frame: FrameType | None) -> None:
 
 def _hand_over(conn: socket.socket, argv: Sequence[str]) -> int:
     """Ask the fork server on ``conn`` to run ``argv``; returns the ClientApp's exit status."""
-    payload = json.dumps({"argv": list(argv), "env": dict(os.environ), "cwd": os.getcwd()}).encode()
-    socket.send_fds(conn, [_HEADER.pack(len(payload)) + payload], [0, 1, 2])
+    request = Request(argv=list(argv), env=dict(os.environ), cwd=os.getcwd())
+    socket.send_fds(conn, [request.to_bytes()], [0, 1, 2])
     child = 0
 
     def forward(signum: int, frame: FrameType | None) -> None:
@@ -392,15 +417,21 @@ def write_wrapper(bin_dir: Path) -> Path:
     path = bin_dir / "flwr-clientapp"
     path.write_text(
         f"#!{sys.executable}\n"
-        "import importlib.util\n"
+        "import importlib.util, sys\n"
         f"spec = importlib.util.spec_from_file_location('medsynth_forkserver', {str(Path(__file__).resolve())!r})\n"
-        "forkserver = importlib.util.module_from_spec(spec)\n"
+        "forkserver = sys.modules[spec.name] = importlib.util.module_from_spec(spec)\n"
         "spec.loader.exec_module(forkserver)\n"
         "forkserver.wrapper_main()\n",
         encoding="utf-8",
     )
     path.chmod(0o755)
     return path
+
+
+def wrapper_first_on_path(environ: dict[str, str], bin_dir: Path) -> None:
+    """Write our ``flwr-clientapp`` into ``bin_dir`` and put it first on ``environ``'s ``PATH``."""
+    wrapper = write_wrapper(bin_dir)
+    environ["PATH"] = os.pathsep.join([str(wrapper.parent), environ.get("PATH", "")])
 
 
 def launcher_command(command: Sequence[str]) -> list[str]:

@@ -54,7 +54,6 @@ without TLS or node authentication (plain HTTP on loopback).
 from __future__ import annotations
 
 import contextlib
-import os
 import re
 import subprocess
 import sys
@@ -66,7 +65,7 @@ from pathlib import Path
 from types import TracebackType
 
 from client.fab_gate import ANY_APP_ENV
-from client.forkserver import launcher_command, write_wrapper
+from client.forkserver import launcher_command, wrapper_first_on_path
 from common.flower import (
     FlowerEnv,
     NodeConfig,
@@ -423,8 +422,7 @@ class LocalDeployment:
         )
         environ = node.env.environ()
         if self._fork_server:  # as client.daemon does it; these nodes run any app they are sent
-            wrapper = write_wrapper(node.env.flwr_home / "bin")
-            environ["PATH"] = os.pathsep.join([str(wrapper.parent), environ["PATH"]])
+            wrapper_first_on_path(environ, node.env.flwr_home / "bin")
             environ[ANY_APP_ENV] = "1"
             cmd = launcher_command(cmd)
         node.proc = spawn(cmd, environ, node.log_path, cwd=node.env.flwr_home)

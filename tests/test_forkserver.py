@@ -197,7 +197,7 @@ def test_without_a_place_for_the_socket_the_supernode_starts_alone(tmp_path: Pat
     script = textwrap.dedent(f"""
         import importlib.util, pathlib, sys
         spec = importlib.util.spec_from_file_location("fs", {str(forkserver)!r})
-        fs = importlib.util.module_from_spec(spec)
+        fs = sys.modules["fs"] = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(fs)
         fs.socket_path = lambda: pathlib.Path({str(tmp_path / "missing" / "forkserver.sock")!r})
         fs.launch_supernode([sys.executable, "-c", "import os; print(os.environ.get({SOCKET_ENV!r}))"])
@@ -208,3 +208,23 @@ def test_without_a_place_for_the_socket_the_supernode_starts_alone(tmp_path: Pat
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "None"
     assert "no ClientApp fork server" in done.stderr and "each ClientApp starts on its own" in done.stderr
+
+
+def test_a_malformed_request_is_refused_and_the_fork_server_keeps_serving(tmp_path: Path) -> None:
+    # act: a request whose argv is not a list of strings, then a proper message
+    out, stderr = _as_supernode(tmp_path, """
+        import json, socket, struct
+        path = os.environ["MEDSYNTH_CLIENTAPP_FORKSERVER"]
+        wait(lambda: os.path.exists(path), "the socket")
+        payload = json.dumps({"argv": "--help", "env": {}, "cwd": "/"}).encode()
+        with socket.socket(socket.AF_UNIX) as conn:
+            conn.connect(path)
+            socket.send_fds(conn, [struct.pack("!I", len(payload)) + payload], [0, 1, 2])
+            out["answer"] = conn.recv(100).decode()
+        ok = subprocess.run([wrapper, "--help"], capture_output=True, text=True)
+        out["ok"] = [ok.returncode, ok.stderr]
+        """)
+    # assert: no ClientApp for the malformed one, the socket still there for the next
+    assert out["answer"] == ""
+    assert "refused a request: malformed request" in stderr
+    assert out["ok"] == [0, ""]
