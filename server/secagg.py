@@ -17,7 +17,7 @@ session is spent). Fewer than t at any step → the round restarts (``secagg.max
 new session among whoever is still there: updates that never left are reused (no new charge);
 an update that already left masked is never masked again (the hospital refuses), so a hospital
 asked to train again for the round trains again and is charged. Every wait is
-``grid.send_and_receive(..., timeout=round-timeout)``.
+``server.exchange.send_and_receive(grid, ..., round-timeout)``.
 """
 
 from __future__ import annotations
@@ -75,6 +75,7 @@ from common.secagg import (
     default_threshold,
 )
 from common.weights import UpdateLayout, fedavg
+from server.exchange import send_and_receive
 
 log = logging.getLogger("medsynth.server")
 
@@ -102,7 +103,7 @@ def _send(grid: Grid, requests: Mapping[int, RecordDict], kind: str, group: str,
     messages = [
         Message(content, dst_node_id=node, message_type=kind, group_id=group) for node, content in requests.items()
     ]
-    return list(grid.send_and_receive(messages, timeout=timeout))
+    return send_and_receive(grid, messages, timeout)
 
 
 def _ok(replies: list[Message], failures: list[str], step: str) -> list[Message]:
