@@ -59,9 +59,11 @@ def test_all_replies_are_collected_as_they_arrive(clock: list[float]) -> None:
     grid = SlowGrid([1, 3, 6])
     # act
     replies = exchange.send_and_receive(grid, _messages(3), timeout_s=60.0)  # type: ignore[arg-type]
-    # assert: all three, each once, after 6 pulls and 5 short pauses (not Flower's 3 s ones)
+    # assert: all three, each once, after 6 pulls and 5 pauses that doubled from the first (not
+    # Flower's 3 s ones)
     assert sorted(r.metadata.reply_to_message_id for r in replies) == ["m0", "m1", "m2"]
-    assert grid.pulls == 6 and clock[0] == pytest.approx(5 * exchange.PULL_INTERVAL_S)
+    waited = sum(min(exchange.FIRST_PULL_INTERVAL_S * 2**i, exchange.LONGEST_PULL_INTERVAL_S) for i in range(5))
+    assert grid.pulls == 6 and clock[0] == pytest.approx(waited) and waited < 3
 
 
 def test_the_wait_ends_at_the_timeout_with_the_replies_that_came(clock: list[float]) -> None:
@@ -71,4 +73,4 @@ def test_the_wait_ends_at_the_timeout_with_the_replies_that_came(clock: list[flo
     replies = exchange.send_and_receive(grid, _messages(2), timeout_s=10.0)  # type: ignore[arg-type]
     # assert: the one reply, and the wait stopped at the timeout (no pull after it)
     assert [r.metadata.reply_to_message_id for r in replies] == ["m0"]
-    assert 10.0 <= clock[0] < 10.0 + exchange.PULL_INTERVAL_S + 1e-9
+    assert 10.0 <= clock[0] < 10.0 + exchange.LONGEST_PULL_INTERVAL_S + 1e-9
