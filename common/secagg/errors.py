@@ -76,3 +76,22 @@ class OutOfOrder(SecAggAbort):
 
 class StateRejected(SecAggAbort):
     """Serialized client state failed authentication (other site's state, tampered or truncated)."""
+
+
+class NeighbourhoodBelowThreshold(TooFewSurvivors):
+    """On a sparse graph (``graph``): a surviving site, or a dropped one a survivor masked with, has
+    fewer than t surviving holders of its shares among its k + 1, so the round cannot be unmasked."""
+
+
+class GraphDisconnected(TooFewSurvivors):
+    """The survivors' subgraph splits into parts; unmasking would reveal each part's sum separately."""
+
+
+class GraphMismatch(SecAggAbort):
+    """A message routes shares or masks inconsistently with the graph this site derived itself (a
+    share from or for a non-neighbour, or a server that uses another graph)."""
+
+
+class SparseGraphRefused(SecAggAbort):
+    """The session's graph gives this hospital fewer neighbours than its ``min-neighbours`` accepts
+    (by default only the complete graph); refused before any share is made."""
