@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from common.secagg import (
+    COMPLETE,
     KeyAdvert,
     Roster,
     SecAggClient,
@@ -19,6 +20,7 @@ from common.secagg import (
     SiteIdentity,
     UnmaskRequest,
     default_threshold,
+    effective_degree,
 )
 
 SESSION = Session(run_id=11, setup_id=2)
@@ -53,14 +55,20 @@ def started(identities: Mapping[str, SiteIdentity], session: Session = SESSION):
     return clients, adverts
 
 
-def make_federation(n: int, length: int, threshold: int | None = None, session: Session = SESSION) -> Federation:
-    """n sites after key setup (adverts verified, s-shares routed), server ready for round 1."""
+def make_federation(
+    n: int, length: int, threshold: int | None = None, session: Session = SESSION, degree: int = COMPLETE
+) -> Federation:
+    """n sites after key setup (adverts verified, s-shares routed), server ready for round 1.
+
+    ``degree`` > 0: the sparse SecAgg+ graph, every site opted in down to that degree; the
+    default threshold is then the majority of a neighbourhood of k + 1."""
     identities = identities_for(n)
     roster = Roster({site: ident.public_key() for site, ident in identities.items()})
-    t = default_threshold(n) if threshold is None else threshold
+    t = default_threshold(effective_degree(n, degree) + 1) if threshold is None else threshold
     clients, adverts = started(identities, session)
-    s_cts = {site: client.share_keys(adverts, roster, t) for site, client in clients.items()}
-    server = SecAggServer(session, adverts, t, length)
+    s_cts = {site: client.share_keys(adverts, roster, t, degree=degree, min_degree=degree)
+             for site, client in clients.items()}
+    server = SecAggServer(session, adverts, t, length, degree=degree)
     server.route_s_shares(s_cts)
     return Federation(session, identities, roster, clients, adverts, t, server, s_cts)
 

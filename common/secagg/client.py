@@ -100,8 +100,8 @@ class SecAggClient:
         return KeyAdvert.signed(self.identity, self.session, c_pk, self._s_sk.public_key().public_bytes_raw())
 
     def share_keys(
-        self, adverts: Mapping[str, KeyAdvert], roster: Roster, threshold: int, *, min_participants: int = MIN_THRESHOLD,
-        degree: int = COMPLETE, min_degree: int = COMPLETE,
+        self, adverts: Mapping[str, KeyAdvert], roster: Roster, threshold: int, *,
+        min_participants: int = MIN_THRESHOLD, degree: int = COMPLETE, min_degree: int = COMPLETE,
     ) -> dict[str, bytes]:
         """Round 1: verify every advert, derive the graph, then t-of-(k+1) share s_u among N[u];
         returns receiver → encrypted s-share.
@@ -293,7 +293,8 @@ class SecAggClient:
         client.threshold = int(st["threshold"])
         client._requested_degree = int(st["degree"])
         if client.participants:
-            client.graph = CommGraph.derive(client.participants, bytes.fromhex(st["graph_seed"]), client._requested_degree)
+            seed = bytes.fromhex(st["graph_seed"])
+            client.graph = CommGraph.derive(client.participants, seed, client._requested_degree)
         client._c_pks = {k: bytes.fromhex(v) for k, v in st["c_pks"].items()}
         client._s_pks = {k: bytes.fromhex(v) for k, v in st["s_pks"].items()}
         client.round = int(st["round"])

@@ -1,0 +1,273 @@
+"""SecAgg+ on a sparse graph (Bell et al., CCS 2020): exact sums, neighbour-only work, refusals."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pytest
+
+import common.secagg.client as client_module
+from common.secagg import (
+    COMPLETE,
+    CommGraph,
+    GraphDisconnected,
+    GraphMismatch,
+    IncompleteSetup,
+    NeighbourhoodBelowThreshold,
+    Roster,
+    SecAggClient,
+    SecAggServer,
+    Session,
+    SparseGraphRefused,
+    default_threshold,
+    effective_degree,
+)
+from common.secagg.graph import graph_seed
+from tests.test_secagg_harness import (
+    SESSION,
+    Federation,
+    exact_sum,
+    identities_for,
+    make_federation,
+    run_round,
+    started,
+)
+
+N, K, LENGTH = 30, 10, 16  # K + 1 = 11 holders per secret, majority threshold 6
+
+
+def _inputs(fed: Federation, seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)  # test inputs only; masks and keys never use numpy randomness
+    return {s: rng.integers(0, 2**64, LENGTH, dtype=np.uint64) for s in fed.sites}
+
+
+def _spread(graph: CommGraph, count: int, offset: int) -> set[str]:
+    """``count`` sites spread evenly around the ring (no neighbourhood loses more than 2)."""
+    step = len(graph.order) // count
+    return {graph.order[(offset + i * step) % len(graph.order)] for i in range(count)}
+
+
+@pytest.fixture(scope="module")
+def sparse() -> Federation:
+    return make_federation(N, LENGTH, degree=K)
+
+
+def test_sparse_graph_is_k_regular_and_every_party_derives_the_same_one(sparse: Federation):
+    # prepare / act: the graph each site derived in share_keys, the server's, and a fresh derivation
+    again = CommGraph.of_session(SESSION, dict(reversed(list(sparse.adverts.items()))), K)
+
+    # assert
+    graph = sparse.server.graph
+    assert not graph.complete and graph.degree == K and graph.group_size == K + 1
+    assert {len(graph.neighbours(s)) for s in sparse.sites} == {K}
+    assert all(u in graph.neighbours(v) for u in sparse.sites for v in graph.neighbours(u))  # undirected
+    assert all(c.graph is not None and c.graph.edges() == graph.edges() for c in sparse.clients.values())
+    assert again.edges() == graph.edges() and again.order == graph.order
+    assert sparse.threshold == 6
+
+
+def test_graph_depends_on_the_session_and_on_every_advert():
+    # prepare: two setups of the same sites, and the same setup with one site's fresh advert
+    identities = identities_for(N)
+    _, adverts = started(identities)
+    _, other_setup = started(identities, Session(SESSION.run_id, SESSION.setup_id + 1))
+    _, readvertised = started({"site-7": identities["site-7"]})
+
+    # act
+    base = CommGraph.of_session(SESSION, adverts, K)
+    moved = CommGraph.of_session(other_setup[next(iter(other_setup))].session, other_setup, K)
+    one_changed = CommGraph.of_session(SESSION, {**adverts, **readvertised}, K)
+
+    # assert: a new seed gives a new ring order (the server cannot keep a graph it likes)
+    assert graph_seed(SESSION, adverts) != graph_seed(SESSION, {**adverts, **readvertised})
+    assert len({base.order, moved.order, one_changed.order}) == 3
+
+
+def test_sparse_sum_is_exact_without_dropouts(sparse: Federation):
+    # prepare
+    xs = _inputs(sparse, 1)
+
+    # act
+    total, alive = run_round(sparse, 1, xs)
+
+    # assert
+    assert alive == sparse.sites
+    np.testing.assert_array_equal(total, exact_sum(xs, alive))
+
+
+def test_sparse_sum_is_exact_with_dropouts_before_and_after_masking():
+    # prepare: 3 sites never send y (their pairwise masks go via s-shares of their neighbours),
+    # 3 others send y but never answer the unmask request
+    fed = make_federation(N, LENGTH, degree=K)
+    xs = _inputs(fed, 2)
+    dropped = _spread(fed.server.graph, 3, 0)
+    silent = _spread(fed.server.graph, 3, 5) - dropped
+
+    # act
+    total, alive = run_round(fed, 1, xs, drop_before_mask=dropped, drop_at_unmask=silent)
+
+    # assert
+    assert alive == sorted(set(fed.sites) - dropped) and len(silent) == 3
+    np.testing.assert_array_equal(total, exact_sum(xs, alive))
+
+
+def _counting(monkeypatch: pytest.MonkeyPatch, name: str) -> list[Any]:
+    """Calls of ``common.secagg.client.<name>`` from now on (the function still runs)."""
+    calls: list[Any] = []
+    real: Callable[..., Any] = getattr(client_module, name)
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        calls.append(kwargs.get("peer", args[0] if args else None))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(client_module, name, counted)
+    return calls
+
+
+@pytest.mark.parametrize("degree", [K, COMPLETE])
+def test_a_site_masks_and_shares_with_its_neighbours_only(degree: int, monkeypatch: pytest.MonkeyPatch):
+    # prepare
+    fed = make_federation(N, LENGTH, degree=degree)
+    site = "site-3"
+    neighbours = fed.server.graph.neighbours(site)
+    agreements, streams = _counting(monkeypatch, "x25519"), _counting(monkeypatch, "prg_words")
+
+    # act
+    fed.server.begin_round(1)
+    masked = fed.clients[site].mask(1, np.zeros(LENGTH, dtype=np.uint64))
+
+    # assert: k key agreements, k pairwise streams + 1 self-mask stream, k + 1 b-shares
+    k = effective_degree(N, degree)
+    assert len(neighbours) == k
+    assert sorted(agreements) == sorted(neighbours)
+    assert len(streams) == k + 1
+    assert set(masked.b_share_cts) == neighbours | {site}
+    assert set(fed.s_share_cts[site]) == neighbours | {site}
+
+
+def test_unmask_request_for_a_non_neighbour_is_refused(sparse: Federation):
+    # prepare: an honest round-2 request to site-0, plus a share of a site outside its neighbourhood
+    fed = sparse
+    fed.server.begin_round(2)
+    for s in fed.sites:
+        fed.server.receive_masked(s, fed.clients[s].mask(2, np.zeros(LENGTH, dtype=np.uint64)))
+    requests = fed.server.unmask_requests()
+    site = "site-0"
+    stranger = next(s for s in fed.sites if s != site and s not in fed.server.graph.neighbours(site))
+    alive, dead, s_cts, b_cts = requests[site]
+    forged_b = {**b_cts, stranger: next(iter(b_cts.values()))}
+    forged_s = {stranger: next(iter(b_cts.values()))}
+
+    # act / assert: refused before anything is decrypted, and nothing counts as released
+    with pytest.raises(GraphMismatch, match=stranger):
+        fed.clients[site].unmask(2, alive, dead, s_cts, forged_b)
+    with pytest.raises(GraphMismatch, match=stranger):
+        fed.clients[site].unmask(2, [a for a in alive if a != stranger], [stranger], forged_s, {})
+    reply = fed.clients[site].unmask(2, alive, dead, s_cts, b_cts)
+    assert set(reply.b_shares) == fed.server.graph.neighbours(site) | {site}
+
+
+def test_a_server_using_another_graph_is_refused():
+    # prepare: the server routes by a graph of its own choosing (another seed) instead of the derived one
+    fed = make_federation(N, LENGTH, degree=K)
+    real = fed.server.graph
+    chosen = CommGraph.derive(fed.sites, bytes(32), K)
+    site = "site-0"
+    extra = sorted(chosen.neighbours(site) - real.neighbours(site))
+    fed.server.begin_round(1)
+    masked = {s: fed.clients[s].mask(1, np.zeros(LENGTH, dtype=np.uint64)) for s in fed.sites}
+    b_cts = {u: masked[u].b_share_cts.get(site, b"\0" * 98) for u in chosen.neighbours(site) | {site}}
+
+    # act / assert
+    assert extra
+    with pytest.raises(GraphMismatch, match="another graph"):
+        fed.clients[site].unmask(1, fed.sites, [], {}, b_cts)
+
+
+def test_server_refuses_key_shares_routed_off_the_graph():
+    # prepare: site-1 shares its key with everyone instead of its neighbourhood
+    fed = make_federation(N, LENGTH, degree=K)
+    everyone = {**fed.s_share_cts["site-1"], **{s: b"x" for s in fed.sites}}
+
+    # act / assert
+    server = SecAggServer(SESSION, fed.adverts, fed.threshold, LENGTH, degree=K)
+    with pytest.raises(IncompleteSetup, match="neighbourhood"):
+        server.route_s_shares({**fed.s_share_cts, "site-1": everyone})
+
+
+def test_a_neighbourhood_below_threshold_aborts_at_server_and_site():
+    # prepare: 6 of site-0's 10 neighbours drop, leaving 5 holders of its 11 shares (t = 6)
+    fed = make_federation(N, LENGTH, degree=K)
+    graph = fed.server.graph
+    dropped = set(sorted(graph.neighbours("site-0"))[:6])
+    xs = {s: np.zeros(LENGTH, dtype=np.uint64) for s in fed.sites}
+
+    # act / assert: the server does not ask anyone for anything
+    with pytest.raises(NeighbourhoodBelowThreshold, match="site-0"):
+        run_round(fed, 1, xs, drop_before_mask=dropped)
+    # and a site told the same survivors refuses too (a server that skips its own check)
+    alive = sorted(set(fed.sites) - dropped)
+    with pytest.raises(NeighbourhoodBelowThreshold):
+        fed.clients["site-0"].unmask(1, alive, sorted(dropped), {}, {})
+
+
+def test_survivors_split_in_two_parts_abort():
+    # prepare: on the ring lattice H(10, 30), removing k/2 = 5 consecutive sites at two places cuts it
+    graph = CommGraph.derive([f"site-{i}" for i in range(N)], bytes(range(32)), K)
+    dropped = {graph.order[i] for i in (*range(0, 5), *range(15, 20))}
+    alive = set(graph.participants) - dropped
+
+    # act / assert: every neighbourhood could still be unmasked, but each half's sum would be revealed
+    with pytest.raises(GraphDisconnected):
+        graph.check_survivors(alive, default_threshold(K + 1))
+    graph.check_survivors(alive - {graph.order[5]} | {graph.order[4]}, default_threshold(K + 1))  # one bridge left
+
+
+def test_a_hospital_refuses_a_sparser_graph_than_it_accepts():
+    # prepare
+    identities = identities_for(N)
+    roster = Roster({s: i.public_key() for s, i in identities.items()})
+    clients, adverts = started(identities)
+    t = default_threshold(K + 1)
+
+    # act / assert: by default only the complete graph; an opted-in hospital down to its floor
+    with pytest.raises(SparseGraphRefused, match="only the complete graph"):
+        clients["site-0"].share_keys(adverts, roster, t, degree=K)
+    with pytest.raises(SparseGraphRefused, match="at least 12"):
+        clients["site-1"].share_keys(adverts, roster, t, degree=K, min_degree=12)
+    assert clients["site-0"].participants == ()  # nothing was shared
+    assert len(clients["site-2"].share_keys(adverts, roster, t, degree=K, min_degree=K)) == K + 1
+
+
+def test_threshold_must_be_a_majority_of_the_neighbourhood():
+    # prepare
+    identities = identities_for(N)
+    roster = Roster({s: i.public_key() for s, i in identities.items()})
+    clients, adverts = started(identities)
+
+    # act / assert: t = 5 of 11 holders: two disjoint groups of 5 could open both kinds of shares
+    with pytest.raises(ValueError, match="not a majority of 11"):
+        clients["site-0"].share_keys(adverts, roster, 5, degree=K, min_degree=K)
+
+
+@pytest.mark.parametrize(("n", "degree"), [(5, 4), (7, 5), (12, COMPLETE), (12, 11), (12, 40)])
+def test_small_consortia_and_large_degrees_get_the_complete_graph(n: int, degree: int):
+    # prepare / act
+    graph = CommGraph.derive([f"site-{i}" for i in range(n)], bytes(32), degree)
+
+    # assert: Bonawitz et al. unchanged (the existing protocol tests run on this graph)
+    assert graph.complete and graph.group_size == n
+    assert all(graph.neighbours(s) == set(graph.participants) - {s} for s in graph.participants)
+
+
+def test_the_graph_survives_the_state_round_trip(sparse: Federation):
+    # prepare
+    site = "site-4"
+
+    # act
+    restored = SecAggClient.from_bytes(sparse.clients[site].to_bytes(), sparse.identities[site])
+
+    # assert
+    assert restored.graph is not None and restored.graph.edges() == sparse.server.graph.edges()
