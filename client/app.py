@@ -178,7 +178,7 @@ def secagg_keys(msg: Message, context: Context) -> Message:
 
 @app.train("secagg_share")
 def secagg_share(msg: Message, context: Context) -> Message:
-    return _handle(msg, context, lambda run, site: secagg.share_keys(site, msg.content, context.state))
+    return _handle(msg, context, lambda run, site: secagg.share_keys(run, site, msg.content, context.state))
 
 
 @app.train("secagg_mask")

@@ -100,13 +100,16 @@ def advertise_keys(site: SiteConfig, content: RecordDict, state: RecordDict) -> 
     return secagg_record(site=site.site_id, advert=advert.to_bytes())
 
 
-def share_keys(site: SiteConfig, content: RecordDict, state: RecordDict) -> RecordDict:
-    """Setup step 2: check every advert against the pinned roster, send encrypted s-key shares."""
+def share_keys(run: RunConfig, site: SiteConfig, content: RecordDict, state: RecordDict) -> RecordDict:
+    """Setup step 2: check every advert against the pinned roster, derive the run's graph
+    (``secagg.degree``; refused below the hospital's ``min-neighbours``), send encrypted s-key
+    shares to this hospital's neighbourhood."""
     ref = session_of(content)
     client = _load_client(state, site, ref)
     adverts = {a.site_id: a for a in (KeyAdvert.from_bytes(b) for b in bytes_list(content, "adverts"))}
     cts = client.share_keys(adverts, pinned_roster(site), int(cast(int, field(content, "threshold"))),
-                            min_participants=site.min_participants)
+                            min_participants=site.min_participants, degree=run.federation.secagg_degree,
+                            min_degree=site.min_neighbours)
     _save_client(state, client)
     receivers, blobs = split_pairs(cts)
     return secagg_record(site=site.site_id, receivers=receivers, cts=blobs)

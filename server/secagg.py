@@ -73,6 +73,7 @@ from common.secagg import (
     Share,
     UnmaskReply,
     default_threshold,
+    effective_degree,
 )
 from common.weights import UpdateLayout, fedavg
 
@@ -143,14 +144,22 @@ class SecureRounds:
         return SessionRef(self.run_id, self.setup_id)
 
     def threshold(self, n: int) -> int:
-        """max(configured, strict majority): configurable upward only, never below 3.
+        """max(configured, strict majority of a neighbourhood): configurable upward only, never below 3.
 
-        A strict majority (2t > n) means two groups of t sites always overlap, so even a server
-        that lies about who dropped cannot gather t shares of both kinds for one site.
+        A neighbourhood is the k + 1 holders of one site's shares: all n sites on the complete
+        graph (``secagg.degree = 0``), k + 1 on a SecAgg+ graph (``common.secagg.graph``). A strict
+        majority (2t > k + 1) means two groups of t holders always overlap, so honest holders never
+        let both kinds of one site's shares be opened.
         """
-        t = max(self.run.federation.secagg_threshold, default_threshold(n))
+        group = effective_degree(n, self.run.federation.secagg_degree) + 1 if n > 0 else 0
+        t = max(self.run.federation.secagg_threshold, default_threshold(group))
         if n < max(t, 3):
             raise SecureRoundFailed(f"only {n} hospitals available; secure aggregation needs at least {max(t, 3)}")
+        if t > group:
+            raise SecureRoundFailed(
+                f"secagg.threshold = {t} exceeds the {group} holders of each hospital's shares on a graph of degree "
+                f"{group - 1} among {n} hospitals: raise secagg.degree or lower secagg.threshold"
+            )
         return t
 
     # ---- step 1: train ---------------------------------------------------------------------
@@ -195,10 +204,12 @@ class SecureRounds:
         if set(cts) != set(adverts):
             missing = sorted(set(adverts) - set(cts))
             raise SecureRoundFailed(f"key setup incomplete: no shares from {missing}")
-        server = SecAggServer(Session(self.run_id, self.setup_id), adverts, t, self.layout.size)
+        server = SecAggServer(Session(self.run_id, self.setup_id), adverts, t, self.layout.size,
+                              degree=self.run.federation.secagg_degree)
         server.route_s_shares(cts)
         self.server = server
-        log.info("secure aggregation session %d: %d hospitals, threshold %d", self.setup_id, len(adverts), t)
+        log.info("secure aggregation session %d: %d hospitals, %d neighbours each, threshold %d", self.setup_id,
+                 len(adverts), server.graph.degree, t)
 
     def _session_for(self, contributors: Mapping[str, int], failures: list[str]) -> SecAggServer:
         """The current session if its participants are exactly the contributors and none of them
@@ -261,7 +272,9 @@ class SecureRounds:
         for attempt in range(self.run.federation.secagg_max_retries + 1):
             privacy, node_of = self.train(nodes, global_arrays, server_round, failures, warm_start)
             contributors = {s: n for s, n in node_of.items() if privacy[s].status == "ok"}
-            needed = max(self.run.federation.secagg_threshold, default_threshold(len(contributors)), 3)
+            needed = max(self.run.federation.secagg_threshold, 3,
+                         default_threshold(effective_degree(len(contributors), self.run.federation.secagg_degree) + 1)
+                         if contributors else 3)
             if len(contributors) < needed:
                 failures.append(
                     f"only {len(contributors)} hospital(s) trained ({', '.join(sorted(contributors)) or 'none'}); "
