@@ -8,7 +8,9 @@ A round (message flow in ``common.protocol.secagg``):
    record says so: a declined hospital sends no masked vector, so it can never pass as a
    survivor of a sum it did not contribute to.
 2. a key setup (adverts, then encrypted s-key shares) among the contributors, unless the current
-   session has exactly these participants and no s-key of theirs was ever revealed;
+   session has exactly these participants and no s-key of theirs was ever revealed; on the
+   run's graph (``secagg.degree``: 0 the complete graph, k > 0 SecAgg+'s k-regular one, which
+   every hospital derives itself and must have accepted, ``common.secagg.graph``);
 3. ``train.secagg_mask``: each contributor's masked vector and encrypted b-seed shares;
 4. ``train.secagg_unmask`` to the survivors, then the sum.
 

@@ -17,6 +17,11 @@ Message types (ClientApp named actions) and what each carries, all in one Config
                                                  b_senders[], b_cts[]}
                          site → server          {site, b_sites[], b_shares[], s_sites[], s_shares[]}
 
+With ``secagg.degree`` = k > 0 in the run config (SecAgg+, ``common.secagg.graph``) nothing changes
+in these layouts: every site derives the session's graph from the adverts it receives, and the
+``receivers``, ``cts``, ``*_senders`` and ``*_sites`` lists then name its k + 1 closed
+neighbourhood only (complete graph: every participant).
+
 Only hospitals that trained take part in a session (contributors): one that declines sends no
 masked vector and can never be counted as a survivor. A session is reused for the next round
 while its participants are that round's contributors; otherwise a new one is set up.
