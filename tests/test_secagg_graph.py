@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import common.secagg.client as client_module
+import common.secagg.server as server_module
 from common.secagg import (
     COMPLETE,
     CommGraph,
@@ -113,16 +114,16 @@ def test_sparse_sum_is_exact_with_dropouts_before_and_after_masking():
     np.testing.assert_array_equal(total, exact_sum(xs, alive))
 
 
-def _counting(monkeypatch: pytest.MonkeyPatch, name: str) -> list[Any]:
-    """Calls of ``common.secagg.client.<name>`` from now on (the function still runs)."""
+def _counting(monkeypatch: pytest.MonkeyPatch, name: str, module: Any = client_module) -> list[Any]:
+    """Calls of ``<module>.<name>`` (default: the client's) from now on (the function still runs)."""
     calls: list[Any] = []
-    real: Callable[..., Any] = getattr(client_module, name)
+    real: Callable[..., Any] = getattr(module, name)
 
     def counted(*args: Any, **kwargs: Any) -> Any:
         calls.append(kwargs.get("peer", args[0] if args else None))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(client_module, name, counted)
+    monkeypatch.setattr(module, name, counted)
     return calls
 
 
@@ -145,6 +146,20 @@ def test_a_site_masks_and_shares_with_its_neighbours_only(degree: int, monkeypat
     assert len(streams) == k + 1
     assert set(masked.b_share_cts) == neighbours | {site}
     assert set(fed.s_share_cts[site]) == neighbours | {site}
+
+
+def test_the_server_removes_a_dropped_sites_masks_from_its_neighbours_only(monkeypatch: pytest.MonkeyPatch):
+    # prepare: one site drops before masking
+    fed = make_federation(N, LENGTH, degree=K)
+    xs = _inputs(fed, 3)
+    streams = _counting(monkeypatch, "prg_words", server_module)
+
+    # act
+    total, alive = run_round(fed, 1, xs, drop_before_mask={"site-9"})
+
+    # assert: one self-mask stream per survivor, one pairwise stream per neighbour of the dropped site (not n − 1)
+    assert len(streams) == (N - 1) + K
+    np.testing.assert_array_equal(total, exact_sum(xs, alive))
 
 
 def test_unmask_request_for_a_non_neighbour_is_refused(sparse: Federation):
