@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 import common.secagg.client as client_module
 import common.secagg.server as server_module
@@ -26,6 +27,8 @@ from common.secagg import (
     effective_degree,
 )
 from common.secagg.graph import graph_seed
+from common.secagg.primitives import mask_seed, prg_words, x25519
+from common.secagg.shamir import Share, reconstruct_secret
 from tests.test_secagg_harness import (
     SESSION,
     Federation,
@@ -286,3 +289,71 @@ def test_the_graph_survives_the_state_round_trip(sparse: Federation):
 
     # assert
     assert restored.graph is not None and restored.graph.edges() == sparse.server.graph.edges()
+
+
+def _assign_lies(graph: CommGraph, u: str, t: int, capacity: int) -> dict[str, set[str]]:
+    """For each neighbour v of u, t holders of v's shares (not u, not v) told "v dropped", at most
+    ``capacity`` lies per holder: a b-matching found by augmenting paths (Ford–Fulkerson)."""
+    told: dict[str, set[str]] = {w: set() for w in graph.participants}
+
+    def augment(v: str, seen: set[str]) -> bool:
+        for w in sorted(graph.neighbours(v) - {u}):
+            if w in seen or v in told[w]:
+                continue
+            seen.add(w)
+            if len(told[w]) < capacity:
+                told[w].add(v)
+                return True
+            for other in sorted(told[w]):  # move one of w's lies to another holder of that site
+                told[w].discard(other)
+                if augment(other, seen):
+                    told[w].add(v)
+                    return True
+                told[w].add(other)
+        return False
+
+    for v in sorted(graph.neighbours(u)):
+        for _ in range(t):
+            assert augment(v, set()), f"no lie assignment for {v}"
+    return told
+
+
+def test_a_server_lying_about_dropouts_opens_one_input_on_a_sparse_graph():
+    """The documented limitation (graph.py, docs/privacy.md): why a hospital must opt in.
+
+    The server receives every y, then tells each holder of a neighbour v's shares "v dropped"
+    (at most k + 1 − t of them per holder, so every holder's own checks pass) and tells u's
+    neighbourhood "u survived". Each honest holder releases one kind of share per site, as the
+    protocol asks, yet the server ends with u's self-mask seed and the mask keys of all of u's
+    neighbours, which open x_u alone. On the complete graph the majority threshold makes the
+    same counting impossible (``session``); a consistency round would be needed here.
+    """
+    # prepare
+    fed = make_federation(N, LENGTH, degree=K)
+    graph, t, u = fed.server.graph, fed.threshold, "site-0"
+    xs = _inputs(fed, 4)
+    fed.server.begin_round(1)
+    masked = {s: fed.clients[s].mask(1, xs[s]) for s in fed.sites}
+    told_dead = _assign_lies(graph, u, t, capacity=K + 1 - t)  # holder → the neighbours of u it is told dropped
+
+    # act: the lies; every request passes the asked holder's own checks
+    s_keys: dict[str, list[Share]] = {v: [] for v in graph.neighbours(u)}
+    b_shares: list[Share] = []
+    for w in fed.sites:
+        dead = told_dead[w]
+        alive = sorted(set(fed.sites) - dead)
+        s_cts = {v: fed.s_share_cts[v][w] for v in dead}
+        b_cts = {u: masked[u].b_share_cts[w]} if w in graph.group(u) else {}  # u "survived" in every view
+        reply = fed.clients[w].unmask(1, alive, sorted(dead), s_cts, b_cts)
+        for v, share in reply.s_shares.items():
+            s_keys[v].append(share)
+        b_shares += list(reply.b_shares.values())
+    b_seed = reconstruct_secret(b_shares, t)
+    opened = masked[u].y - prg_words(b_seed, LENGTH)
+    for v, shares in s_keys.items():
+        s_v = X25519PrivateKey.from_private_bytes(reconstruct_secret(shares, t))
+        seed = mask_seed(x25519(s_v, fed.adverts[u].s_pk, peer=u), SESSION, u, v, 1)
+        opened = (np.subtract if u < v else np.add)(opened, prg_words(seed, LENGTH))
+
+    # assert: the sparse graph did not protect u's input against a lying server
+    np.testing.assert_array_equal(opened, xs[u])

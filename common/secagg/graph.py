@@ -48,11 +48,14 @@ Not covered on a sparse graph (why a hospital must opt in, ``[consortium] min-ne
 on the complete graph the majority threshold also stops a server that *lies* about who dropped
 (a counting argument over the whole consortium, ``session``). On a sparse graph it does not: a
 server that tells the neighbourhoods of u's neighbours "they dropped" while telling N[u] "u
-survived" could open x_u alone. Bell et al.'s guarantees are for semi-honest and
+survived" could open x_u alone (``tests/test_secagg_graph.py`` does it with every site's checks
+passing). Bell et al.'s guarantees are for semi-honest and
 semi-malicious servers; their defence against a lying server is a consistency round (sites
 sign the survivor set they were told), which is not implemented here. Also, a site colluding
 with the server can choose its advert after seeing the honest ones and so try many graphs; a
-commit-then-reveal round would remove that freedom and is not implemented either.
+commit-then-reveal round would remove that freedom and is not implemented either; the server
+itself, by leaving some adverts out (claiming those sites did not answer), can also choose among
+a few graphs. Both matter only together with corrupt sites.
 """
 
 from __future__ import annotations
