@@ -14,15 +14,18 @@ import common.secagg.server as server_module
 from common.secagg import (
     COMPLETE,
     CommGraph,
+    ConflictingSurvivors,
     GraphDisconnected,
     GraphMismatch,
     IncompleteSetup,
+    InconsistentSurvivors,
     NeighbourhoodBelowThreshold,
     Roster,
     SecAggClient,
     SecAggServer,
     Session,
     SparseGraphRefused,
+    UncertifiedSurvivors,
     default_threshold,
     effective_degree,
 )
@@ -32,11 +35,13 @@ from common.secagg.shamir import Share, reconstruct_secret
 from tests.test_secagg_harness import (
     SESSION,
     Federation,
+    certify,
     exact_sum,
     identities_for,
     make_federation,
     run_round,
     started,
+    unmask_as_asked,
 )
 
 N, K, LENGTH = 30, 10, 16  # K + 1 = 11 holders per secret, majority threshold 6
@@ -171,6 +176,7 @@ def test_unmask_request_for_a_non_neighbour_is_refused(sparse: Federation):
     fed.server.begin_round(2)
     for s in fed.sites:
         fed.server.receive_masked(s, fed.clients[s].mask(2, np.zeros(LENGTH, dtype=np.uint64)))
+    certify(fed, 2)
     requests = fed.server.unmask_requests()
     site = "site-0"
     stranger = next(s for s in fed.sites if s != site and s not in fed.server.graph.neighbours(site))
@@ -183,7 +189,7 @@ def test_unmask_request_for_a_non_neighbour_is_refused(sparse: Federation):
         fed.clients[site].unmask(2, alive, dead, s_cts, forged_b)
     with pytest.raises(GraphMismatch, match=stranger):
         fed.clients[site].unmask(2, [a for a in alive if a != stranger], [stranger], forged_s, {})
-    reply = fed.clients[site].unmask(2, alive, dead, s_cts, b_cts)
+    reply = unmask_as_asked(fed, site, 2, (alive, dead, s_cts, b_cts))
     assert set(reply.b_shares) == fed.server.graph.neighbours(site) | {site}
 
 
@@ -318,15 +324,18 @@ def _assign_lies(graph: CommGraph, u: str, t: int, capacity: int) -> dict[str, s
     return told
 
 
-def test_a_server_lying_about_dropouts_opens_one_input_on_a_sparse_graph():
-    """The documented limitation (graph.py, docs/privacy.md): why a hospital must opt in.
+@pytest.mark.parametrize("certificates", ["each story signed by whoever was told it", "the true survivors signed"])
+def test_a_server_lying_about_dropouts_on_a_sparse_graph_is_refused(certificates: str):
+    """The attack the consistency round stops (``common/secagg/consistency.py``, docs/privacy.md).
 
     The server receives every y, then tells each holder of a neighbour v's shares "v dropped"
-    (at most k + 1 − t of them per holder, so every holder's own checks pass) and tells u's
-    neighbourhood "u survived". Each honest holder releases one kind of share per site, as the
-    protocol asks, yet the server ends with u's self-mask seed and the mask keys of all of u's
-    neighbours, which open x_u alone. On the complete graph the majority threshold makes the
-    same counting impossible (``session``); a consistency round would be needed here.
+    (at most k + 1 − t of them per holder, so every holder's graph and threshold checks pass) and
+    tells u's neighbourhood "u survived". Before that commit, each honest holder released one kind
+    of share per site and the server ended with u's self-mask seed and the mask keys of all of u's
+    neighbours, which open x_u alone. Now each story must come with signatures on that very set
+    from more than two thirds of the participants, and a hospital signs one set per round: the
+    server either collects each story's signatures from the hospitals it told that story (far
+    fewer than the quorum) or has the true survivor set signed and presents it with the lies.
     """
     # prepare
     fed = make_federation(N, LENGTH, degree=K)
@@ -335,25 +344,36 @@ def test_a_server_lying_about_dropouts_opens_one_input_on_a_sparse_graph():
     fed.server.begin_round(1)
     masked = {s: fed.clients[s].mask(1, xs[s]) for s in fed.sites}
     told_dead = _assign_lies(graph, u, t, capacity=K + 1 - t)  # holder → the neighbours of u it is told dropped
+    story = {w: tuple(sorted(set(fed.sites) - dead)) for w, dead in told_dead.items()}
+    if certificates == "the true survivors signed":
+        honest = tuple(fed.sites)
+        signed = {w: {s: fed.clients[s].sign_survivors(1, honest) for s in fed.sites} for w in fed.sites}
+    else:
+        by_story: dict[tuple[str, ...], dict[str, bytes]] = {}
+        for w in fed.sites:
+            by_story.setdefault(story[w], {})[w] = fed.clients[w].sign_survivors(1, story[w])
+        signed = {w: by_story[story[w]] for w in fed.sites}
 
-    # act: the lies; every request passes the asked holder's own checks
+    # act: the lies, each with the best certificate the server holds for it
     s_keys: dict[str, list[Share]] = {v: [] for v in graph.neighbours(u)}
-    b_shares: list[Share] = []
+    refused: dict[str, Exception] = {}
     for w in fed.sites:
         dead = told_dead[w]
-        alive = sorted(set(fed.sites) - dead)
         s_cts = {v: fed.s_share_cts[v][w] for v in dead}
         b_cts = {u: masked[u].b_share_cts[w]} if w in graph.group(u) else {}  # u "survived" in every view
-        reply = fed.clients[w].unmask(1, alive, sorted(dead), s_cts, b_cts)
+        try:
+            reply = fed.clients[w].unmask(1, list(story[w]), sorted(dead), s_cts, b_cts,
+                                          signatures=signed[w], roster=fed.roster)
+        except InconsistentSurvivors as exc:
+            refused[w] = exc
+            continue
         for v, share in reply.s_shares.items():
             s_keys[v].append(share)
-        b_shares += list(reply.b_shares.values())
-    b_seed = reconstruct_secret(b_shares, t)
-    opened = masked[u].y - prg_words(b_seed, LENGTH)
-    for v, shares in s_keys.items():
-        s_v = X25519PrivateKey.from_private_bytes(reconstruct_secret(shares, t))
-        seed = mask_seed(x25519(s_v, fed.adverts[u].s_pk, peer=u), SESSION, u, v, 1)
-        opened = (np.subtract if u < v else np.add)(opened, prg_words(seed, LENGTH))
 
-    # assert: the sparse graph did not protect u's input against a lying server
-    np.testing.assert_array_equal(opened, xs[u])
+    # assert: every hospital told a lie refused with the typed error, and no mask key of u's neighbours opens
+    lied_to = {w for w, dead in told_dead.items() if dead}
+    assert len(lied_to) > N // 2
+    assert lied_to <= set(refused)  # (a story told to too few is refused even when it is the truth)
+    expected = UncertifiedSurvivors if certificates.startswith("each") else ConflictingSurvivors
+    assert all(isinstance(exc, expected) for exc in refused.values())
+    assert all(len(shares) == 0 for shares in s_keys.values())

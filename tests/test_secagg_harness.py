@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -18,6 +19,7 @@ from common.secagg import (
     SecAggServer,
     Session,
     SiteIdentity,
+    UnmaskReply,
     UnmaskRequest,
     default_threshold,
     effective_degree,
@@ -73,23 +75,45 @@ def make_federation(
     return Federation(session, identities, roster, clients, adverts, t, server, s_cts)
 
 
+def certify(fed: Federation, round: int, silent: Collection[str] = ()) -> dict[str, bytes]:
+    """The consistency round on a sparse graph: every survivor not in ``silent`` signs the server's
+    survivor set; returns the certificate (empty on the complete graph, which has no such round)."""
+    if fed.server.graph.complete:
+        return {}
+    alive = fed.server.consistency_request()
+    for site in alive:
+        if site not in silent:
+            fed.server.receive_signature(site, fed.clients[site].sign_survivors(round, alive))
+    return fed.server.certificate
+
+
+def unmask_as_asked(fed: Federation, site: str, round: int, request: UnmaskRequest, **kwargs: Any) -> UnmaskReply:
+    """``site``'s honest answer to ``request``, with the round's certificate on a sparse graph."""
+    certified: dict[str, Any] = {} if fed.server.graph.complete else {
+        "signatures": fed.server.certificate, "roster": fed.roster}
+    return fed.clients[site].unmask(round, *request, **certified, **kwargs)
+
+
 def run_round(
     fed: Federation,
     round: int,
     xs: Mapping[str, np.ndarray],
     drop_before_mask: Collection[str] = (),
     drop_at_unmask: Collection[str] = (),
+    drop_at_consistency: Collection[str] = (),
 ) -> tuple[np.ndarray, list[str]]:
-    """One honest round: sites in ``drop_before_mask`` never send y, those in ``drop_at_unmask`` send
-    y but never answer the unmask request. Returns ``server.aggregate()``."""
+    """One honest round: sites in ``drop_before_mask`` never send y, those in ``drop_at_consistency``
+    send y but never sign the survivor set (sparse graph), those in ``drop_at_unmask`` never answer
+    the unmask request. Returns ``server.aggregate()``."""
     fed.server.begin_round(round)
     for site in fed.sites:
         if site in xs and site not in drop_before_mask:
             fed.server.receive_masked(site, fed.clients[site].mask(round, xs[site]))
+    certify(fed, round, drop_at_consistency)
     fed.requests[round] = fed.server.unmask_requests()
     for site, request in fed.requests[round].items():
         if site not in drop_at_unmask:
-            fed.server.receive_unmask(site, fed.clients[site].unmask(round, *request))
+            fed.server.receive_unmask(site, unmask_as_asked(fed, site, round, request))
     return fed.server.aggregate()
 
 

@@ -11,6 +11,8 @@ says which), so a hospital accepts it only if it opted in. Modules:
 
 * ``session``: Session (run_id, setup_id), threshold rules;
 * ``graph``: the SecAgg+ communication graph, its derivation and survivor checks;
+* ``consistency``: on a sparse graph, the one signed survivor set per round (the consistency
+  round of Bonawitz et al.'s actively secure variant) that stops a server lying about dropouts;
 * ``identity``: long-lived Ed25519 SiteIdentity, Roster, signed KeyAdvert;
 * ``shamir``: t-of-n sharing over GF(2^521 - 1);
 * ``primitives``: X25519, HKDF-SHA256, ChaCha20 PRG, ChaCha20-Poly1305 share encryption;
@@ -23,10 +25,12 @@ from common.secagg.client import SecAggClient
 from common.secagg.errors import (
     ActiveDeadOverlap,
     AlreadyReleased,
+    ConflictingSurvivors,
     GraphDisconnected,
     GraphMismatch,
     IncompleteSetup,
     InconsistentShares,
+    InconsistentSurvivors,
     KeySwapDetected,
     MembershipMismatch,
     NeighbourhoodBelowThreshold,
@@ -37,9 +41,11 @@ from common.secagg.errors import (
     SparseGraphRefused,
     StateRejected,
     TooFewSurvivors,
+    UncertifiedSurvivors,
     UnknownParticipant,
     ValueOutOfRange,
 )
+from common.secagg.consistency import consistency_quorum, needs_certificate, survivors_payload
 from common.secagg.graph import COMPLETE, MIN_DEGREE, CommGraph, effective_degree
 from common.secagg.identity import KeyAdvert, Roster, SiteIdentity, fingerprint
 from common.secagg.messages import MaskedInput, UnmaskReply
@@ -54,10 +60,12 @@ __all__ = [
     "ActiveDeadOverlap",
     "AlreadyReleased",
     "CommGraph",
+    "ConflictingSurvivors",
     "GraphDisconnected",
     "GraphMismatch",
     "IncompleteSetup",
     "InconsistentShares",
+    "InconsistentSurvivors",
     "KeyAdvert",
     "KeySwapDetected",
     "MaskedInput",
@@ -77,11 +85,15 @@ __all__ = [
     "SparseGraphRefused",
     "StateRejected",
     "TooFewSurvivors",
+    "UncertifiedSurvivors",
     "UnknownParticipant",
     "UnmaskReply",
     "UnmaskRequest",
     "ValueOutOfRange",
+    "consistency_quorum",
     "default_threshold",
     "effective_degree",
     "fingerprint",
+    "needs_certificate",
+    "survivors_payload",
 ]

@@ -30,8 +30,10 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from common.secagg.client_state import open_state, seal_state
 from common.secagg.encoding import check_u64
+from common.secagg.consistency import check_certificate, consistency_quorum, needs_certificate, survivors_payload
 from common.secagg.errors import (
     ActiveDeadOverlap,
+    ConflictingSurvivors,
     GraphMismatch,
     InconsistentShares,
     KeySwapDetected,
@@ -39,6 +41,7 @@ from common.secagg.errors import (
     ReplayDetected,
     SparseGraphRefused,
     TooFewSurvivors,
+    UncertifiedSurvivors,
     UnknownParticipant,
 )
 from common.secagg.graph import COMPLETE, CommGraph, check_degree, graph_seed
@@ -84,6 +87,7 @@ class SecAggClient:
         self.round = 0
         self._b_revealed: set[str] = set()  # sites whose b-share this site released (any round)
         self._s_revealed: set[str] = set()  # sites whose s-share this site released
+        self._agreed: tuple[str, ...] = ()  # the survivor set this site signed or unmasked for in ``round``
 
     @property
     def site_id(self) -> str:
@@ -177,8 +181,37 @@ class SecAggClient:
         group = graph.group(me)
         shares = split_secret_at(b_seed, [self.participants.index(v) + 1 for v in group], self.threshold)
         cts = {v: self._seal(v, self._c_pks[v], round, KIND_B, share) for v, share in zip(group, shares, strict=True)}
-        self.round = round
+        self.round, self._agreed = round, ()
         return MaskedInput(y, cts)
+
+    def sign_survivors(self, round: int, alive: Sequence[str], *, min_participants: int = MIN_THRESHOLD) -> bytes:
+        """Round 3 on a sparse graph (``consistency``): this site's Ed25519 signature on the round's
+        survivor set ``alive``, at most one set per (session, round).
+
+        Signed only if this site masked ``round``, is in ``alive``, ``alive`` holds at least
+        ``consistency_quorum(n)`` participants (a smaller set could never be certified) and passes
+        the checks ``unmask`` will make; asked again for the same set it signs again (the same
+        bytes: Ed25519 is deterministic), for another set ``ConflictingSurvivors``.
+        """
+        graph = self._require_setup("sign_survivors")
+        if self.round == 0 or round != self.round:
+            raise ReplayDetected(f"survivors of round {round} to sign, but this site's current round is {self.round}")
+        payload = survivors_payload(self.session, round, alive)  # repeats refused
+        alive_set = set(alive)
+        unknown = sorted(alive_set - set(self.participants))
+        if unknown:
+            raise UnknownParticipant(f"sites {unknown} took no part in setup {self.session}")
+        if self.site_id not in alive_set:
+            raise UnknownParticipant(f"this site {self.site_id!r} masked round {round} but is not in the survivor set")
+        quorum = consistency_quorum(len(self.participants))
+        if len(alive_set) < quorum:
+            raise TooFewSurvivors(
+                f"only {len(alive_set)} of {len(self.participants)} sites survived round {round}: a set of fewer "
+                f"than {quorum} cannot be certified; run a new setup among the sites still there"
+            )
+        self._check_survivors(graph, round, alive_set, set(self.participants) - alive_set, min_participants)
+        self._agree(round, alive_set)
+        return self.identity.sign(payload)
 
     def unmask(
         self,
@@ -189,6 +222,8 @@ class SecAggClient:
         b_share_cts: Mapping[str, bytes],
         *,
         min_participants: int = MIN_THRESHOLD,
+        signatures: Mapping[str, bytes] | None = None,
+        roster: Roster | None = None,
     ) -> UnmaskReply:
         """Round 4: decrypt b-shares of ``alive`` senders and s-shares of ``dead`` ones, after every guard.
 
@@ -198,6 +233,12 @@ class SecAggClient:
         only for this site's neighbours (``GraphMismatch`` otherwise). An honest site masks only
         an update it trained (``NothingToMask`` otherwise) and answers an unmask request only for
         the round it masked, so every alive site that answers contributed a trained update.
+
+        On a sparse graph (and wherever ``signatures`` are given) the request must also carry
+        ``signatures`` on (session, round, ``alive``) from a quorum of its members, verified
+        against ``roster`` (this hospital's pinned one), ``dead`` must be exactly the other
+        participants, and ``alive`` the set this site signed for the round if it signed one
+        (``consistency``; ``UncertifiedSurvivors`` / ``ConflictingSurvivors`` otherwise).
         """
         graph = self._require_setup("unmask")
         if self.round == 0 or round != self.round:
@@ -225,6 +266,20 @@ class SecAggClient:
                 f"asked for shares of {strangers}, who are not neighbours of {self.site_id!r} on the graph of "
                 f"{self.session} (k = {graph.degree}): the server routes by another graph; refusing"
             )
+        self._check_survivors(graph, round, alive_set, dead_set, min_participants)
+        if needs_certificate(graph) or signatures is not None:
+            self._check_certified(round, alive, dead, signatures, roster)
+            self._agree(round, alive_set)
+        b_shares = {u: self._open(u, round, KIND_B, ct) for u, ct in sorted(b_share_cts.items())}
+        s_shares = {u: self._open(u, SETUP_ROUND, KIND_S, ct) for u, ct in sorted(s_share_cts.items())}
+        self._b_revealed |= b_from
+        self._s_revealed |= s_from
+        return UnmaskReply(b_shares, s_shares)
+
+    def _check_survivors(
+        self, graph: CommGraph, round: int, alive_set: set[str], dead_set: set[str], min_participants: int
+    ) -> None:
+        """The survivor floors and graph checks, and no site changed between alive and dead across rounds."""
         floor = max(MIN_THRESHOLD, self.threshold if graph.complete else MIN_THRESHOLD, min_participants)
         if len(alive_set) < floor:
             raise TooFewSurvivors(f"only {len(alive_set)} sites alive in round {round}, need {floor}")
@@ -235,11 +290,43 @@ class SecAggClient:
                 f"sites {flipped} changed between alive and dead across rounds of setup {self.session}: releasing "
                 "the other share kind would unmask an earlier update; run a new setup without them"
             )
-        b_shares = {u: self._open(u, round, KIND_B, ct) for u, ct in sorted(b_share_cts.items())}
-        s_shares = {u: self._open(u, SETUP_ROUND, KIND_S, ct) for u, ct in sorted(s_share_cts.items())}
-        self._b_revealed |= b_from
-        self._s_revealed |= s_from
-        return UnmaskReply(b_shares, s_shares)
+
+    def _check_certified(
+        self, round: int, alive: Sequence[str], dead: Sequence[str], signatures: Mapping[str, bytes] | None,
+        roster: Roster | None,
+    ) -> None:
+        """One agreed survivor set (``consistency``): the lists are A and its complement, A is the set
+        this site agreed to (if any) and a quorum of A's members signed it."""
+        alive_set, dead_set = set(alive), set(dead)
+        if len(alive_set) != len(alive) or len(dead_set) != len(dead):
+            raise ConflictingSurvivors(f"the alive or dead list of round {round} names a site twice; refusing")
+        if dead_set != set(self.participants) - alive_set:
+            raise ConflictingSurvivors(
+                f"the dead list of round {round} is not the participants outside the alive set (missing "
+                f"{sorted(set(self.participants) - alive_set - dead_set)}): the server tells different hospitals "
+                "different stories; refusing"
+            )
+        if self._agreed and set(self._agreed) != alive_set:
+            raise ConflictingSurvivors(
+                f"asked to unmask round {round} for another survivor set than the one this site signed "
+                f"(differs in {sorted(set(self._agreed) ^ alive_set)}); refusing"
+            )
+        if signatures is None or roster is None:
+            raise UncertifiedSurvivors(
+                f"the unmask request for round {round} carries no signed survivor set, which a sparse graph needs "
+                "(consistency round); refusing"
+            )
+        check_certificate(roster, self.session, round, alive, signatures, self.participants)
+
+    def _agree(self, round: int, alive_set: set[str]) -> None:
+        """Remember ``alive_set`` as this round's one survivor set; ``ConflictingSurvivors`` for a second one."""
+        agreed = tuple(sorted(alive_set))
+        if self._agreed and self._agreed != agreed:
+            raise ConflictingSurvivors(
+                f"already signed another survivor set for round {round} of {self.session} (differs in "
+                f"{sorted(set(self._agreed) ^ alive_set)}): a hospital signs one set per round; refusing"
+            )
+        self._agreed = agreed
 
     def _require_setup(self, step: str) -> CommGraph:
         if self.graph is None:
@@ -277,6 +364,7 @@ class SecAggClient:
                 "round": self.round,
                 "b_revealed": sorted(self._b_revealed),
                 "s_revealed": sorted(self._s_revealed),
+                "agreed": list(self._agreed),
             },
         )
 
@@ -300,4 +388,5 @@ class SecAggClient:
         client.round = int(st["round"])
         client._b_revealed = set(st["b_revealed"])
         client._s_revealed = set(st["s_revealed"])
+        client._agreed = tuple(st["agreed"])
         return client

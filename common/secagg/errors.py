@@ -95,3 +95,18 @@ class GraphMismatch(SecAggAbort):
 class SparseGraphRefused(SecAggAbort):
     """The session's graph gives this hospital fewer neighbours than its ``min-neighbours`` accepts
     (by default only the complete graph); refused before any share is made."""
+
+
+class InconsistentSurvivors(SecAggAbort):
+    """On a sparse graph: the set of survivors of a round is not one set the hospitals agreed on
+    (``consistency``: the consistency round of Bonawitz et al., CCS 2017, §4); base of the two below."""
+
+
+class UncertifiedSurvivors(InconsistentSurvivors):
+    """An unmask request's survivor set lacks a quorum of valid signatures from its members, or
+    carries one that does not verify (forged, from another round or setup, or by a non-roster key)."""
+
+
+class ConflictingSurvivors(InconsistentSurvivors):
+    """Asked to sign, or to unmask for, another survivor set than the one this hospital already
+    signed for the round, or alive/dead lists that are not that set and its complement."""

@@ -29,6 +29,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
+from common.secagg.consistency import consistency_quorum, needs_certificate
 from common.secagg.encoding import check_u64
 from common.secagg.errors import (
     ActiveDeadOverlap,
@@ -40,7 +41,7 @@ from common.secagg.errors import (
     UnknownParticipant,
 )
 from common.secagg.graph import COMPLETE, CommGraph
-from common.secagg.identity import KeyAdvert
+from common.secagg.identity import ED25519_SIG_BYTES, KeyAdvert
 from common.secagg.messages import MaskedInput, UnmaskReply
 from common.secagg.primitives import mask_seed, prg_words, x25519
 from common.secagg.session import MIN_THRESHOLD, Session, check_threshold_rules
@@ -52,7 +53,8 @@ UnmaskRequest = tuple[list[str], list[str], dict[str, bytes], dict[str, bytes]]
 
 class SecAggServer:
     """One setup's aggregator state; call route_s_shares once, then per round:
-    begin_round → receive_masked* → unmask_requests → receive_unmask* → aggregate."""
+    begin_round → receive_masked* → [consistency_request → receive_signature*, on a sparse graph]
+    → unmask_requests → receive_unmask* → aggregate."""
 
     def __init__(
         self, session: Session, adverts: Mapping[str, KeyAdvert], threshold: int, vector_length: int,
@@ -83,7 +85,8 @@ class SecAggServer:
 
     def _reset_round(self) -> None:
         self._masked: dict[str, MaskedInput] = {}
-        self._alive: list[str] | None = None  # frozen by the first unmask_requests of the round
+        self._alive: list[str] | None = None  # frozen by consistency_request or the first unmask_requests
+        self._signatures: dict[str, bytes] = {}  # survivor → its signature on (session, round, alive)
         self._dead: list[str] = []
         self._need_s: list[str] = []  # dead sites whose s key is not yet known
         self._asked: dict[str, tuple[set[str], set[str]]] = {}  # responder → (b-share sites, s-share sites) asked
@@ -141,28 +144,81 @@ class SecAggServer:
                              "neighbourhood")
         self._masked[site] = masked
 
+    @property
+    def quorum(self) -> int:
+        """Signatures a survivor set needs on this session's graph (``consistency``); 0 on the complete graph."""
+        return consistency_quorum(len(self.participants)) if needs_certificate(self.graph) else 0
+
+    def consistency_request(self) -> tuple[str, ...]:
+        """Freeze the round's survivors (sorted senders of masked input) and return them: the one set
+        every survivor is asked to sign on a sparse graph (``consistency``). ``TooFewSurvivors`` when
+        the set could not be unmasked or certified."""
+        if self.round == 0:
+            raise OutOfOrder("consistency_request before begin_round")
+        alive = self._freeze()
+        if len(alive) < self.quorum:
+            raise TooFewSurvivors(
+                f"{len(alive)} of {len(self.participants)} sites sent masked inputs in round {self.round}; a survivor "
+                f"set needs {self.quorum} signers (more than two thirds) on a sparse graph"
+            )
+        return tuple(alive)
+
+    def receive_signature(self, site: str, signature: bytes) -> None:
+        """A survivor's signature on the frozen set; the hospitals verify it, the server only keeps it."""
+        if self._alive is None:
+            raise OutOfOrder("receive_signature before consistency_request")
+        if site not in self._alive:
+            raise UnknownParticipant(f"signature from {site!r}, who is not a survivor of round {self.round}")
+        if not isinstance(signature, bytes) or len(signature) != ED25519_SIG_BYTES:
+            raise ValueError(f"signature from {site!r} must be {ED25519_SIG_BYTES} bytes")
+        if self._signatures.get(site, signature) != signature:
+            raise ReplayDetected(f"{site!r} sent two different signatures on the survivors of round {self.round}")
+        self._signatures[site] = signature
+
+    @property
+    def certificate(self) -> dict[str, bytes]:
+        """site → signature on this round's survivor set: what every unmask request carries (sparse graph)."""
+        return dict(self._signatures)
+
+    def _freeze(self) -> list[str]:
+        """Fix the round's alive and dead sets once, after the checks that do not depend on replies;
+        returns the alive set."""
+        if self._alive is not None:
+            return self._alive
+        alive = sorted(self._masked)
+        dead = sorted(set(self.participants) - set(alive))
+        floor = max(MIN_THRESHOLD, self.threshold if self.graph.complete else MIN_THRESHOLD)
+        if len(alive) < floor:
+            raise TooFewSurvivors(f"{len(alive)} masked inputs in round {self.round}, need {floor}")
+        self.graph.check_survivors(alive, self.threshold)
+        # dropped sites some survivor masked with: their s keys are needed (all dropped ones on the complete graph)
+        needed = [d for d in dead if self.graph.neighbours(d) & set(alive)]
+        flipped = sorted(set(needed) & self.b_released)
+        if flipped:
+            raise ActiveDeadOverlap(
+                f"{flipped} contributed to an earlier round of {self.session} and dropped now: their mask keys "
+                "cannot be revealed without unmasking that contribution; run a new setup without them"
+            )
+        self._alive, self._dead = alive, dead
+        self._need_s = [d for d in needed if d not in self._dead_keys]
+        return alive
+
     def unmask_requests(self, responders: Sequence[str] | None = None) -> dict[str, UnmaskRequest]:
-        """What to send each responder (default: every alive site); never both kinds for one site."""
+        """What to send each responder (default: every alive site); never both kinds for one site.
+
+        On a sparse graph only after the consistency round, with at least ``quorum`` signatures
+        collected; every request then travels with ``certificate``."""
         if self.round == 0:
             raise OutOfOrder("unmask_requests before begin_round")
-        if self._alive is None:
-            alive = sorted(self._masked)
-            dead = sorted(set(self.participants) - set(alive))
-            floor = max(MIN_THRESHOLD, self.threshold if self.graph.complete else MIN_THRESHOLD)
-            if len(alive) < floor:
-                raise TooFewSurvivors(f"{len(alive)} masked inputs in round {self.round}, need {floor}")
-            self.graph.check_survivors(alive, self.threshold)
-            # dropped sites some survivor masked with: their s keys are needed (all dropped ones on the complete graph)
-            needed = [d for d in dead if self.graph.neighbours(d) & set(alive)]
-            flipped = sorted(set(needed) & self.b_released)
-            if flipped:
-                raise ActiveDeadOverlap(
-                    f"{flipped} contributed to an earlier round of {self.session} and dropped now: their mask keys "
-                    "cannot be revealed without unmasking that contribution; run a new setup without them"
+        if needs_certificate(self.graph):
+            if self._alive is None:
+                raise OutOfOrder("unmask_requests before the consistency round (consistency_request) on a sparse graph")
+            if len(self._signatures) < self.quorum:
+                raise TooFewSurvivors(
+                    f"{len(self._signatures)} survivors signed the survivor set of round {self.round}, need "
+                    f"{self.quorum} of {len(self.participants)}: the hospitals would refuse to unmask"
                 )
-            self._alive, self._dead = alive, dead
-            self._need_s = [d for d in needed if d not in self._dead_keys]
-        alive = self._alive
+        alive = self._freeze()
         asked = sorted(set(alive if responders is None else responders))
         strangers = sorted(set(asked) - set(alive))
         if strangers:
