@@ -7,7 +7,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 import common.secagg.client as client_module
 import common.secagg.server as server_module
@@ -30,8 +29,7 @@ from common.secagg import (
     effective_degree,
 )
 from common.secagg.graph import graph_seed
-from common.secagg.primitives import mask_seed, prg_words, x25519
-from common.secagg.shamir import Share, reconstruct_secret
+from common.secagg.shamir import Share
 from tests.test_secagg_harness import (
     SESSION,
     Federation,

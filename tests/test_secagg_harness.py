@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 
@@ -87,11 +86,11 @@ def certify(fed: Federation, round: int, silent: Collection[str] = ()) -> dict[s
     return fed.server.certificate
 
 
-def unmask_as_asked(fed: Federation, site: str, round: int, request: UnmaskRequest, **kwargs: Any) -> UnmaskReply:
+def unmask_as_asked(fed: Federation, site: str, round: int, request: UnmaskRequest) -> UnmaskReply:
     """``site``'s honest answer to ``request``, with the round's certificate on a sparse graph."""
-    certified: dict[str, Any] = {} if fed.server.graph.complete else {
-        "signatures": fed.server.certificate, "roster": fed.roster}
-    return fed.clients[site].unmask(round, *request, **certified, **kwargs)
+    if fed.server.graph.complete:
+        return fed.clients[site].unmask(round, *request)
+    return fed.clients[site].unmask(round, *request, signatures=fed.server.certificate, roster=fed.roster)
 
 
 def run_round(

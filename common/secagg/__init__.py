@@ -22,6 +22,7 @@ says which), so a hospital accepts it only if it opted in. Modules:
 """
 
 from common.secagg.client import SecAggClient
+from common.secagg.consistency import consistency_quorum, needs_certificate, survivors_payload
 from common.secagg.errors import (
     ActiveDeadOverlap,
     AlreadyReleased,
@@ -45,7 +46,6 @@ from common.secagg.errors import (
     UnknownParticipant,
     ValueOutOfRange,
 )
-from common.secagg.consistency import consistency_quorum, needs_certificate, survivors_payload
 from common.secagg.graph import COMPLETE, MIN_DEGREE, CommGraph, effective_degree
 from common.secagg.identity import KeyAdvert, Roster, SiteIdentity, fingerprint
 from common.secagg.messages import MaskedInput, UnmaskReply

@@ -29,8 +29,8 @@ import numpy as np
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from common.secagg.client_state import open_state, seal_state
-from common.secagg.encoding import check_u64
 from common.secagg.consistency import check_certificate, consistency_quorum, needs_certificate, survivors_payload
+from common.secagg.encoding import check_u64
 from common.secagg.errors import (
     ActiveDeadOverlap,
     ConflictingSurvivors,
