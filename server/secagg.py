@@ -12,13 +12,17 @@ A round (message flow in ``common.protocol.secagg``):
    run's graph (``secagg.degree``: 0 the complete graph, k > 0 SecAgg+'s k-regular one, which
    every hospital derives itself and must have accepted, ``common.secagg.graph``);
 3. ``train.secagg_mask``: each contributor's masked vector and encrypted b-seed shares;
-4. ``train.secagg_unmask`` to the survivors, then the sum.
+4. on a sparse graph only, ``train.secagg_consistency``: every survivor signs the one set of
+   survivors (``common.secagg.consistency``; the complete graph skips it);
+5. ``train.secagg_unmask`` to the survivors (with the signatures, on a sparse graph), then the sum.
 
 Dropouts: up to n − t contributors may vanish after masking (their s-keys are reconstructed, the
-session is spent). Fewer than t at any step → the round restarts (``secagg.max-retries``) with a
-new session among whoever is still there: updates that never left are reused (no new charge);
-an update that already left masked is never masked again (the hospital refuses), so a hospital
-asked to train again for the round trains again and is charged. Every wait is
+session is spent); on a sparse graph more than two thirds of the session must have masked and
+signed the survivor set, while dropouts after signing cost nothing more. Fewer than t at any
+step → the round restarts (``secagg.max-retries``) with a new session among whoever is still
+there: updates that never left are reused (no new charge); an update that already left masked is
+never masked again (the hospital refuses), so a hospital asked to train again for the round
+trains again and is charged. Every wait is
 ``grid.send_and_receive(..., timeout=round-timeout)``.
 """
 
@@ -45,6 +49,7 @@ from common.protocol.messages import (
     payload_digest,
 )
 from common.protocol.secagg import (
+    CONSISTENCY,
     KEYS,
     MASK,
     SHARE,
@@ -237,6 +242,7 @@ class SecureRounds:
                 raise ProtocolError(f"{site} sent no masked vector")
             y = msg.content.array_records["masked"]["y"].numpy()
             server.receive_masked(site, MaskedInput(y, pairs(msg.content, "receivers", "cts")))
+        certified = self._consistency(server, server_round, failures)
         requests = server.unmask_requests()
         unmask_content: dict[int, RecordDict] = {}
         for site, (alive, dead, s_cts, b_cts) in requests.items():
@@ -244,7 +250,7 @@ class SecureRounds:
             b_senders, b_blobs = split_pairs(b_cts)
             unmask_content[self.nodes_of[site]] = secagg_record(
                 self.ref, round=server_round, alive=sorted(alive), dead=sorted(dead),
-                s_senders=s_senders, s_cts=s_blobs, b_senders=b_senders, b_cts=b_blobs,
+                s_senders=s_senders, s_cts=s_blobs, b_senders=b_senders, b_cts=b_blobs, **certified,
             )
         unmasked = _ok(_send(self.grid, unmask_content, UNMASK, str(server_round), self.timeout), failures, "unmask")
         for msg in self._account(unmasked):
@@ -256,6 +262,21 @@ class SecureRounds:
                 s_shares={k: Share.from_bytes(v) for k, v in s.items()},
             ))
         return server.aggregate()
+
+    def _consistency(self, server: SecAggServer, server_round: int, failures: list[str]) -> dict[str, object]:
+        """On a sparse graph: every survivor signs the round's one survivor set; returns the fields
+        every unmask request then carries (``signers``, ``signatures``). Nothing on the complete graph."""
+        if not server.quorum:
+            return {}
+        alive = server.consistency_request()  # TooFewSurvivors below the quorum: the round restarts
+        request = secagg_record(self.ref, round=server_round, alive=list(alive))
+        nodes = {self.nodes_of[site]: request for site in alive}
+        sent = _send(self.grid, nodes, CONSISTENCY, str(server_round), self.timeout)
+        for msg in self._account(_ok(sent, failures, "consistency")):
+            signature = bytes(cast(bytes, field(msg.content, "signature")))
+            server.receive_signature(str(field(msg.content, "site")), signature)
+        signers, signatures = split_pairs(server.certificate)
+        return {"signers": signers, "signatures": signatures}
 
     def run_round(
         self, nodes: list[int], global_arrays: dict[str, np.ndarray], server_round: int,

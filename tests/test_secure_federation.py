@@ -101,6 +101,10 @@ def test_in_a_secure_round_only_the_ledger_figures_travel_in_plain_text(sites4: 
         assert set(msg.content.config_records) == {"secagg"}
         assert set(msg.content.config_records["secagg"]) == {"site", "receivers", "cts"}
     assert all(not m.content.metric_records for m in grid.replies)
+    # the complete graph has no consistency stage: the same four secure messages as before
+    assert {kind for kind, _ in grid.sent} == {
+        "train", "train.secagg_keys", "train.secagg_share", "train.secagg_mask", "train.secagg_unmask",
+        "query.final_model"}
 
 
 def _drop_once(kind: str, pid: int) -> DropRule:
@@ -198,6 +202,11 @@ def test_a_sparse_secagg_graph_gives_the_plain_model_and_routes_by_the_graph(sit
         assert set(cast(list[str], rec["receivers"])) == set(graph.group(site))
     unmasks = replies("train.secagg_unmask")
     assert sorted(unmasks) == list(record.sites_trained)
+    # the five survivors (quorum 5 of 6) each signed the survivor set once, with only a signature
+    signed = replies("train.secagg_consistency")
+    assert sorted(signed) == list(record.sites_trained)
+    assert all(set(rec) == {"site", "signature"} for rec in signed.values())
+    assert grid.sent[("train.secagg_consistency", 5)] == 0
     for site, rec in unmasks.items():
         assert set(cast(list[str], rec["b_sites"])) == set(graph.group(site)) - {"site-5"}
         assert set(cast(list[str], rec["s_sites"])) == {"site-5"} & graph.neighbours(site)
