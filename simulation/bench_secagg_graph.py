@@ -11,7 +11,10 @@ otherwise. The other sites' setup is not run (it is the same work at every site)
 measurement costs one site's work per configuration, not n.
 
 Reported per configuration: neighbours k, the median (over ``--repeats``) wall time of one
-``mask`` call and of one ``share_keys`` call, and the ratio complete / sparse. One untimed
+``mask`` call and of one ``share_keys`` call, and the ratio complete / sparse; on the sparse graph
+also the per-round consistency work (``common.secagg.consistency``: signing the survivor set and
+verifying the quorum of ⌊2n/3⌋ + 1 signatures an unmask request carries, all n sites surviving),
+which the complete graph does not run. One untimed
 warm-up configuration (the largest n, complete graph) runs first (the first large allocations of a
 process page-fault and made the first configuration look 2-3x slower). Nothing is asserted;
 timings depend on the machine and its load (printed).
@@ -35,9 +38,12 @@ from common.secagg import (
     SecAggClient,
     Session,
     SiteIdentity,
+    consistency_quorum,
     default_threshold,
     effective_degree,
+    survivors_payload,
 )
+from common.secagg.consistency import check_certificate
 from simulation.run_options import auto_degree
 
 SESSION = Session(run_id=1, setup_id=1)
@@ -51,6 +57,7 @@ class Timing:
     degree: int  # effective k
     share_keys_s: float
     mask_s: float
+    consistency_s: float | None  # sign the survivor set + verify the quorum; None on the complete graph
 
 
 def app_update_length() -> int:
@@ -70,7 +77,10 @@ def measure(sites: int, degree: int, length: int, repeats: int) -> Timing:
     k = effective_degree(sites, degree)
     t = default_threshold(k + 1)
     x = np.random.default_rng(0).integers(0, 2**64, length, dtype=np.uint64)  # the benchmark's input only
-    setup_s, mask_s = [], []
+    alive = sorted(identities)
+    payload = survivors_payload(SESSION, 1, alive)
+    quorum = {s: identities[s].sign(payload) for s in alive[: consistency_quorum(sites)]}
+    setup_s, mask_s, consistency_s = [], [], []
     for _ in range(repeats):
         started = {s: SecAggClient.start(identity, SESSION) for s, identity in identities.items()}
         adverts = {s: advert for s, (_, advert) in started.items()}
@@ -80,9 +90,15 @@ def measure(sites: int, degree: int, length: int, repeats: int) -> Timing:
         t1 = time.perf_counter()
         me.mask(1, x)
         t2 = time.perf_counter()
+        if k < sites - 1:
+            me.sign_survivors(1, alive)
+            check_certificate(roster, SESSION, 1, alive, quorum, alive)
+        t3 = time.perf_counter()
         setup_s.append(t1 - t0)
         mask_s.append(t2 - t1)
-    return Timing(sites, k, statistics.median(setup_s), statistics.median(mask_s))
+        consistency_s.append(t3 - t2)
+    return Timing(sites, k, statistics.median(setup_s), statistics.median(mask_s),
+                  statistics.median(consistency_s) if k < sites - 1 else None)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -97,15 +113,17 @@ def main(argv: list[str] | None = None) -> int:
     print(f"vector length {length}, {args.repeats} repeats, load average {os.getloadavg()[0]:.2f}, "
           f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}")
     measure(max(args.sites), COMPLETE, length, 1)  # warm-up (untimed): the first large allocations page-fault
-    print(f"{'n':>5} {'graph':>9} {'k':>4} {'share_keys s':>13} {'mask s':>9} {'mask ratio':>11}")
+    print(f"{'n':>5} {'graph':>9} {'k':>4} {'share_keys s':>13} {'mask s':>9} {'mask ratio':>11} "
+          f"{'consistency s':>14}")
     for n in args.sites:
         sparse_degree = args.degree if args.degree is not None else max(auto_degree(n), 4)
         complete = measure(n, COMPLETE, length, args.repeats)
         sparse = measure(n, sparse_degree, length, args.repeats)
         for label, timing in (("complete", complete), ("sparse", sparse)):
             ratio = complete.mask_s / timing.mask_s
+            check = "-" if timing.consistency_s is None else f"{timing.consistency_s:.3f}"
             print(f"{n:>5} {label:>9} {timing.degree:>4} {timing.share_keys_s:>13.3f} {timing.mask_s:>9.3f} "
-                  f"{ratio:>10.1f}x")
+                  f"{ratio:>10.1f}x {check:>14}")
     return 0
 
 

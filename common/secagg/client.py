@@ -8,8 +8,10 @@ a site runs k key agreements and k + 1 PRG streams per round and shares its secr
 k + 1 closed neighbourhood only. Every site derives the graph itself from the signed adverts and
 refuses (``GraphMismatch``) a request about a site outside its neighbourhood; a hospital accepts
 a sparse graph only down to its own ``min_degree`` (``SparseGraphRefused``; by default it
-accepts only the complete graph). What the sparse graph does and does not protect against is in
-``graph``'s docstring.
+accepts only the complete graph). On a sparse graph a round has one more step between masking
+and unmasking (``sign_survivors``, ``consistency``): the site signs the round's one survivor set,
+and ``unmask`` answers only for a set a quorum of survivors signed. What the sparse graph does and
+does not protect against is in ``graph``'s docstring.
 
 One key setup serves rounds r = 1, 2, ...: the pairwise seed s_uv is re-derived per round by
 HKDF, the self-mask seed b_u is fresh per round. Reusing the s keys across rounds adds one rule

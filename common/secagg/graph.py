@@ -44,18 +44,20 @@ What the graph must satisfy, and how this module checks it each round (``check_s
    failure probability is the hypergeometric tail P[≥ t corrupt of k + 1] (``docs/privacy.md``
    gives the numbers).
 
-Not covered on a sparse graph (why a hospital must opt in, ``[consortium] min-neighbours``):
-on the complete graph the majority threshold also stops a server that *lies* about who dropped
-(a counting argument over the whole consortium, ``session``). On a sparse graph it does not: a
-server that tells the neighbourhoods of u's neighbours "they dropped" while telling N[u] "u
-survived" could open x_u alone (``tests/test_secagg_graph.py`` does it with every site's checks
-passing). Bell et al.'s guarantees are for semi-honest and
-semi-malicious servers; their defence against a lying server is a consistency round (sites
-sign the survivor set they were told), which is not implemented here. Also, a site colluding
-with the server can choose its advert after seeing the honest ones and so try many graphs; a
-commit-then-reveal round would remove that freedom and is not implemented either; the server
+A server that lies about who dropped: on the complete graph the majority threshold stops it (a
+counting argument over the whole consortium, ``session``). On a sparse graph it does not by
+itself: a server that tells the neighbourhoods of u's neighbours "they dropped" while telling N[u]
+"u survived" could open x_u alone. A sparse graph therefore adds the consistency round
+(``consistency``: every survivor signs the one survivor set of the round, a hospital signs one
+set per round and unmasks only for a set signed by more than two thirds of the participants);
+``tests/test_secagg_graph.py`` runs that attack and every hospital it lies to refuses.
+
+Not covered (why a hospital must still opt in, ``[consortium] min-neighbours``): a site
+colluding with the server can choose its advert after seeing the honest ones and so try many
+graphs; a commit-then-reveal round would remove that freedom and is not implemented; the server
 itself, by leaving some adverts out (claiming those sites did not answer), can also choose among
-a few graphs. Both matter only together with corrupt sites.
+a few graphs. Both matter only together with corrupt sites. More than a third of the sites
+corrupt could also certify two survivor sets (``consistency``).
 """
 
 from __future__ import annotations

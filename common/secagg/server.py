@@ -19,7 +19,10 @@ one round or across rounds of a setup (``b_released``/``s_released``): a site th
 to an aggregated round and then drops needs a new setup, which ``unmask_requests`` reports as
 ``ActiveDeadOverlap`` before asking anyone for anything. Before asking, it also checks the graph's
 survivor conditions (``CommGraph.check_survivors``): t surviving holders per neighbourhood that
-must be unmasked, and connected survivors.
+must be unmasked, and connected survivors. On a sparse graph it first freezes the survivor set
+and collects the survivors' signatures on it (``consistency_request``, ``receive_signature``);
+it cannot verify them (it holds no roster), the hospitals do, and it asks for shares only with
+a quorum of them (``consistency``).
 """
 
 from __future__ import annotations
@@ -177,8 +180,10 @@ class SecAggServer:
 
     @property
     def certificate(self) -> dict[str, bytes]:
-        """site → signature on this round's survivor set: what every unmask request carries (sparse graph)."""
-        return dict(self._signatures)
+        """site → signature on this round's survivor set, what every unmask request carries (sparse
+        graph): the first ``quorum`` signers in site order, since every signature sent is one more
+        verification at every hospital and more than the quorum proves nothing more."""
+        return {site: self._signatures[site] for site in sorted(self._signatures)[: self.quorum]}
 
     def _freeze(self) -> list[str]:
         """Fix the round's alive and dead sets once, after the checks that do not depend on replies;
