@@ -25,6 +25,7 @@ from common.secagg import (
     Session,
     SparseGraphRefused,
     UncertifiedSurvivors,
+    consistency_quorum,
     default_threshold,
     effective_degree,
 )
@@ -328,12 +329,13 @@ def test_a_server_lying_about_dropouts_on_a_sparse_graph_is_refused(certificates
 
     The server receives every y, then tells each holder of a neighbour v's shares "v dropped"
     (at most k + 1 − t of them per holder, so every holder's graph and threshold checks pass) and
-    tells u's neighbourhood "u survived". Before that commit, each honest holder released one kind
-    of share per site and the server ended with u's self-mask seed and the mask keys of all of u's
-    neighbours, which open x_u alone. Now each story must come with signatures on that very set
-    from more than two thirds of the participants, and a hospital signs one set per round: the
-    server either collects each story's signatures from the hospitals it told that story (far
-    fewer than the quorum) or has the true survivor set signed and presents it with the lies.
+    tells u's neighbourhood "u survived". Without the consistency round each honest holder released
+    one kind of share per site, as the protocol asks, and the server ended with u's self-mask seed
+    and the mask keys of all of u's neighbours, which open x_u alone. Now each story must come with
+    signatures on that very set from more than two thirds of the participants, and a hospital signs
+    one set per round: the server either collects each story's signatures from the hospitals it
+    told that story (far fewer than the quorum) or has the true survivor set signed and presents
+    that certificate with the lies.
     """
     # prepare
     fed = make_federation(N, LENGTH, degree=K)
@@ -375,3 +377,20 @@ def test_a_server_lying_about_dropouts_on_a_sparse_graph_is_refused(certificates
     expected = UncertifiedSurvivors if certificates.startswith("each") else ConflictingSurvivors
     assert all(isinstance(exc, expected) for exc in refused.values())
     assert all(len(shares) == 0 for shares in s_keys.values())
+
+
+def test_one_story_in_which_all_neighbours_of_a_site_dropped_is_never_signed():
+    # prepare: the lie told consistently instead: every neighbour of u "dropped", u "survived";
+    # 40 sites, so that the 30 left are above the signature quorum (27) and only the graph checks refuse
+    fed = make_federation(40, LENGTH, degree=K)
+    u = "site-0"
+    story = sorted(set(fed.sites) - fed.server.graph.neighbours(u))
+    fed.server.begin_round(1)
+    for s in fed.sites:
+        fed.clients[s].mask(1, np.zeros(LENGTH, dtype=np.uint64))
+
+    # act / assert: u would be unmasked alone; no hospital signs it (u keeps 1 of its t holders)
+    assert len(story) >= consistency_quorum(40)
+    for s in story:
+        with pytest.raises(NeighbourhoodBelowThreshold, match=f"site {u!r}"):
+            fed.clients[s].sign_survivors(1, story)
