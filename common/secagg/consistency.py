@@ -7,10 +7,12 @@ not: holders of a neighbour v's shares and holders of u's shares are different, 
 groups, so a server could tell the former "v dropped" and the latter "u survived", collect the
 s-keys of all of u's neighbours and u's self-mask seed b_u, and open x_u alone.
 
-What. As in the actively secure variant of Bonawitz et al. (CCS 2017, §4 and Fig. 4, round 3
-"ConsistencyCheck": the survivors sign the set of survivors and a user unmasks only after seeing
-t valid signatures on it), and the consistency check of Bell et al.'s malicious setting, after the
-masked inputs are in and before any share is released:
+What. The consistency round of the actively secure variant of Bonawitz et al. (CCS 2017, §4,
+round "ConsistencyCheck": the survivors sign the set of survivors and a user unmasks only after
+seeing t valid signatures on it), which Bell et al. also add against a malicious server. Here it
+is global (one set for the whole session, not per neighbourhood), which costs each hospital
+O(n) signature checks per round where masking costs O(k) (measured in ``docs/benchmarks.md``).
+After the masked inputs are in and before any share is released:
 
 1. the server sends every survivor the one set A of sites whose masked input it received;
 2. each hospital signs ``payload(session, round, sorted A)`` with its long-lived Ed25519 identity
