@@ -29,7 +29,7 @@ What stays as it was:
   every child (:func:`reseed_in_child`). Secure-aggregation keys and masks, the DP noise and the
   training's sampling and latent seeds come from ``secrets``/OpenSSL in any case.
 - Lifetime. :func:`launch_supernode` starts the fork server as a child of the process that then
-  becomes the SuperNode (``exec``), in the SuperNode's process group and with its environment
+  becomes the SuperNode (:func:`become_supernode`), in the SuperNode's process group and with its environment
   (so its process tag): stopping the SuperNode's group or its tag stops the fork server and every
   ClientApp, and a fork server whose SuperNode is gone exits.
 - Access. The socket lies in a fresh folder of mode 0700, and a peer whose user id is not ours
@@ -298,7 +298,7 @@ def socket_path() -> Path:
 
 
 def launch_supernode(command: Sequence[str]) -> None:
-    """Start the fork server, then ``exec`` ``command`` (the SuperNode) in this process.
+    """Start the fork server, then run ``command`` (the SuperNode) in this process (:func:`become_supernode`).
 
     The socket listens before the fork, so a ClientApp that connects while the libraries are
     still being imported waits in the queue instead of failing. Without a place for the socket
@@ -313,7 +313,7 @@ def launch_supernode(command: Sequence[str]) -> None:
         listener.close()
         print(f"medsynth: no ClientApp fork server ({exc}); each ClientApp starts on its own", file=sys.stderr,
               flush=True)
-        os.execvp(command[0], list(command))
+        become_supernode(command)
     supernode_pid = os.getpid()
     sys.stdout.flush()
     sys.stderr.flush()
@@ -341,6 +341,76 @@ def launch_supernode(command: Sequence[str]) -> None:
         os._exit(code)
     listener.close()
     os.environ[SOCKET_ENV] = str(path)
+    become_supernode(command)
+
+
+# --- polling -------------------------------------------------------------------------------------
+# A message reaches a ClientApp through two polls on the hospital's side, both from Flower 1.41:
+# the SuperNode asks the SuperLink for a message, sleeping a fixed 3 s after each empty answer
+# (``flwr.supernode.start_client_internal``, no setting), and its SuperExec asks the SuperNode for
+# a task to launch every ``FLWR_SUPEREXEC_TASK_POLL_INTERVAL`` seconds (default 1). Each stage of
+# a round (train, key set-up, mask, unmask, final model) waits for both, on average 2 s, more than
+# the work of every stage but training. A pull is one authenticated HTTPS request that costs the
+# SuperLink about 11 ms of CPU (measured: 3 idle hospitals pulling every 0.5 s cost it 2.1 s of CPU
+# in 30 s, against 0.6 s at Flower's 3 s), so polling fast all the time would not scale to a large
+# consortium. The stages of a round follow each other closely and runs are far apart, so the
+# SuperNode here backs off instead: right after it handled a message it pulls again within
+# SUPERNODE_FIRST_POLL_S, and each empty answer doubles the pause, up to Flower's 3 s. The wait
+# for the next stage is then at most about the time since the last one; an idle hospital polls
+# as Flower's does.
+
+#: The SuperNode's first pause after a message; doubled after each empty pull up to Flower's own.
+SUPERNODE_FIRST_POLL_S = 0.25
+FLOWER_IDLE_SLEEP_S = 3.0  # the SuperNode loop's sleep after an empty pull (flwr 1.41)
+BUSY_PULL_S = 1.0  # a pull-to-pull gap longer than this (besides the pause) means a message was handled
+#: The SuperExec's pause between two asks for a ClientApp to launch (Flower's default: 1 s).
+SUPEREXEC_POLL_S = 0.5
+SUPEREXEC_POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"  # read by flwr.supercore.superexec.run_superexec
+
+
+class BriskClock:
+    """The ``time`` module as Flower's SuperNode loop sees it here: the same, but its idle sleep
+    backs off from :data:`SUPERNODE_FIRST_POLL_S` after each handled message (see above).
+    Installed only into ``flwr.supernode.start_client_internal``."""
+
+    def __init__(self) -> None:
+        self._pause = SUPERNODE_FIRST_POLL_S
+        self._returned: float | None = None  # when the last idle sleep ended
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(time, name)
+
+    def sleep(self, seconds: float) -> None:
+        if seconds < FLOWER_IDLE_SLEEP_S:  # a wait while a message is handled (its reply, its objects)
+            self._pause = SUPERNODE_FIRST_POLL_S
+            time.sleep(seconds)
+            return
+        if self._returned is not None and time.monotonic() - self._returned > BUSY_PULL_S:
+            self._pause = SUPERNODE_FIRST_POLL_S  # the last pull brought a message (it took a while)
+        time.sleep(min(self._pause, seconds))
+        self._pause = min(2 * self._pause, seconds)
+        self._returned = time.monotonic()
+
+
+def become_supernode(command: Sequence[str]) -> None:
+    """Run ``command`` (``flower-supernode …``) in this process, polling as :class:`BriskClock` says.
+
+    Flower's SuperNode is run through its own entry point with the same argv; only the module
+    ``time`` of its message loop is the :class:`BriskClock`. Any other command, or a Flower whose
+    loop no longer uses ``time`` that way, is ``exec``'d unchanged (Flower's 3 s then apply).
+    """
+    os.environ.setdefault(SUPEREXEC_POLL_ENV, str(SUPEREXEC_POLL_S))
+    if Path(command[0]).name == "flower-supernode":
+        from flwr.supernode import start_client_internal as loop
+        from flwr.supernode.cli import flower_supernode
+
+        if getattr(loop, "time", None) is time:  # the loop calls time.sleep(3) through this name
+            setattr(loop, "time", BriskClock())  # noqa: B010 (a module attribute flwr does not export)
+            sys.argv = [command[0], *command[1:]]
+            flower_supernode()
+            sys.exit(0)
+        print("medsynth: this Flower's SuperNode loop is not the expected one; it polls at its own pace",
+              file=sys.stderr, flush=True)
     os.execvp(command[0], list(command))
 
 

@@ -72,9 +72,9 @@ def fab_hash_of_app(folder: Path) -> str:
 
     The digest a hospital's FAB gate (``client.fab_gate.fab_sha256``) computes of the bundle it receives.
     """
-    from flwr.cli.build import build_fab_from_disk
+    from common.flower.fab import build_fab
 
-    return hashlib.sha256(build_fab_from_disk(folder)).hexdigest()
+    return hashlib.sha256(build_fab(folder)).hexdigest()
 
 
 # -------------------------------------------------------------------------------- server

@@ -60,6 +60,7 @@ from common.round_record import (
     write_server_state,
 )
 from common.weights import UpdateLayout, load_model_arrays, model_arrays, sum_vectors
+from server.exchange import send_and_receive
 from server.outcome import LAST_ERROR_FILE
 from server.registry import HOSPITALS_FILE, NodeRegistry
 from server.secagg import Aggregate, SecureRounds, fedavg_of, privacy_fields, received_entry
@@ -194,7 +195,7 @@ def run_round(
         Message(content, dst_node_id=n, message_type=MessageType.TRAIN, group_id=str(server_round))
         for n in nodes
     ]
-    replies = list(grid.send_and_receive(messages, timeout=timeout_s))
+    replies = send_and_receive(grid, messages, timeout_s)
     decoded, failures = collect_replies(replies)
     costs = {
         str(m.content.config_records["privacy"]["site"]): SiteCost.of([received_entry(m)])
@@ -231,7 +232,7 @@ def deliver_final_model(grid: Grid, arrays: dict[str, np.ndarray], history: Sequ
     content = encode_final_model(arrays, model_round, latest_privacy(history))
     messages = [Message(content, dst_node_id=n, message_type=FINAL_MODEL, group_id=f"final-{model_round}")
                 for n in nodes]
-    replies = list(grid.send_and_receive(messages, timeout=timeout_s))
+    replies = send_and_receive(grid, messages, timeout_s)
     failures: list[str] = []
     received: dict[str, ReceivedMessage] = {}
     for msg in replies:

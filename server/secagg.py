@@ -23,7 +23,7 @@ step → the round restarts (``secagg.max-retries``) with a new session among wh
 there: updates that never left are reused (no new charge); an update that already left masked is
 never masked again (the hospital refuses), so a hospital asked to train again for the round
 trains again and is charged. Every wait is
-``grid.send_and_receive(..., timeout=round-timeout)``.
+``server.exchange.send_and_receive(grid, ..., round-timeout)``.
 """
 
 from __future__ import annotations
@@ -83,6 +83,7 @@ from common.secagg import (
     effective_degree,
 )
 from common.weights import UpdateLayout, fedavg
+from server.exchange import send_and_receive
 
 log = logging.getLogger("medsynth.server")
 
@@ -110,7 +111,7 @@ def _send(grid: Grid, requests: Mapping[int, RecordDict], kind: str, group: str,
     messages = [
         Message(content, dst_node_id=node, message_type=kind, group_id=group) for node, content in requests.items()
     ]
-    return list(grid.send_and_receive(messages, timeout=timeout))
+    return send_and_receive(grid, messages, timeout)
 
 
 def _ok(replies: list[Message], failures: list[str], step: str) -> list[Message]:

@@ -63,7 +63,7 @@ class Attack:
         self.sites_dir = sites_dir
         self.config = default_run_config(**{"sim__sites-dir": str(sites_dir), "output-dir": str(out), **FAST,
                                             **overrides})
-        self.run = RunConfig.from_flower(self.config)  # type: ignore[arg-type]
+        self.run = RunConfig.from_flower(self.config)
         self.grid = InProcessGrid(num_sites, self.config, RUN_ID)
         netG, netD = build_models(self.run.model, seed=0)
         self.arrays = model_arrays(netG, netD)

@@ -33,7 +33,7 @@ DropRule = Callable[[str, int, int], bool]
 
 
 class InProcessGrid:
-    """The two Grid calls the round loop uses, delivering to ``client.app`` directly."""
+    """The Grid calls the round loop uses, delivering to ``client.app`` directly."""
 
     def __init__(self, num_sites: int, run_config: dict[str, object], run_id: int, drop: DropRule | None = None):
         self.nodes = {101 + i: i for i in range(num_sites)}
@@ -43,9 +43,25 @@ class InProcessGrid:
         self.states: dict[int, RecordDict] = {n: RecordDict() for n in self.nodes}
         self.sent: Counter[tuple[str, int]] = Counter()
         self.replies: list[Message] = []  # everything the "server" received, for inspection
+        self.pushed = 0
+        self.pending: dict[str, Message] = {}  # pushed messages' replies not pulled yet, by message id
 
     def get_node_ids(self) -> Iterable[int]:
         return list(self.nodes)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        """Deliver each message now; its reply waits for :meth:`pull_messages` under the message's id."""
+        ids = []
+        for msg in messages:
+            self.pushed += 1
+            msg.metadata.__dict__["_message_id"] = f"inprocess-{self.pushed}"  # as Flower's grids set it
+            ids.append(msg.metadata.message_id)
+            for reply in self.send_and_receive([msg]):
+                self.pending[reply.metadata.reply_to_message_id] = reply
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return [self.pending.pop(i) for i in list(message_ids) if i in self.pending]
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         replies = []

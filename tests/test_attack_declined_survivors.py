@@ -26,11 +26,11 @@ def sites(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _spend(attack: Attack) -> None:
-    """Sites 1–3 have spent their budget in an earlier run (ε ≫ 10 at δ = 1e-5)."""
+    """Sites 1–3 have spent their budget in an earlier run (ε ≈ 77 ≫ 10 at δ = 1e-5)."""
     for site in SPENT:
         ledger = PrivacyLedger.open(attack.state(site) / "ledger.json", site=site, accountant="prv", delta=1e-5,
                                     epsilon_budget=10.0, audit_path=attack.state(site) / "audit.jsonl")
-        ledger.charge(Charge(0.8, 0.9, 300), run=1, round=1)
+        ledger.charge(Charge(0.5, 1.0, 20), run=1, round=1)
 
 
 def test_the_server_abandons_a_round_with_one_contributor_and_requests_no_update(sites: Path, tmp_path: Path) -> None:

@@ -13,6 +13,7 @@ from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
 from client.audit import AuditLogCorrupt, append_entry, entry_for, read_entries
 from client.daemon import diagnose_exit
 from client.fab_gate import AppNotAllowed, fab_sha256, gated_installer
+from common.flower.fab import stage_app
 from common.protocol.messages import payload_digest
 from server.cli import fab_hash_of_app
 
@@ -112,11 +113,18 @@ def test_flower_still_exposes_the_name_the_gate_wraps() -> None:
     assert callable(getattr(run_clientapp, "install_from_fab", None)), "flwr moved it: fix client/fab_gate.py"
 
 
-def test_fab_hash_is_deterministic_and_the_one_the_gate_computes() -> None:
+def test_fab_hash_is_deterministic_and_the_one_the_gate_computes(tmp_path: Path) -> None:
+    # prepare: Flower's own build of the checkout (it lists every file, .venv included)
     from flwr.cli.build import build_fab_from_disk
 
-    assert fab_hash_of_app(REPO) == fab_hash_of_app(REPO)
-    assert fab_hash_of_app(REPO) == fab_sha256(build_fab_from_disk(REPO))  # what `server fab-hash` publishes
+    flowers = fab_sha256(build_fab_from_disk(REPO))
+    # act: what `server fab-hash` publishes, twice, and the FAB `flwr run` builds of the staged copy
+    published = fab_hash_of_app(REPO)
+    staged = stage_app(REPO, tmp_path)
+    # assert: one digest, byte for byte Flower's, from a handful of files
+    assert published == fab_hash_of_app(REPO) == flowers
+    assert fab_sha256(build_fab_from_disk(staged)) == flowers
+    assert staged.name == REPO.name and sum(1 for p in staged.rglob("*") if p.is_file()) < 400
 
 
 def test_supernode_exits_are_diagnosed() -> None:

@@ -228,3 +228,28 @@ def test_a_malformed_request_is_refused_and_the_fork_server_keeps_serving(tmp_pa
     assert out["answer"] == ""
     assert "refused a request: malformed request" in stderr
     assert out["ok"] == [0, ""]
+
+
+def test_the_supernode_polls_briskly_after_a_message_and_backs_off_to_flowers_pace_when_idle(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # prepare: Flower's SuperNode loop must still take its sleeps from a module-level ``time``
+    # (become_supernode replaces exactly that); record what the clock is asked to sleep
+    from flwr.supernode import start_client_internal as loop
+
+    from client.forkserver import SUPERNODE_FIRST_POLL_S, BriskClock
+
+    assert getattr(loop, "time", None) is time, "flwr's SuperNode loop changed: it would poll at Flower's 3 s"
+    slept: list[float] = []
+    monkeypatch.setattr(time, "sleep", slept.append)
+    clock = BriskClock()
+    # act: six empty pulls (the loop sleeps 3 s after each), a message whose reply it waits for
+    # (0.5 s), then two empty pulls
+    for _ in range(6):
+        clock.sleep(3)
+    clock.sleep(0.5)
+    clock.sleep(3)
+    clock.sleep(3)
+    # assert: the pause doubles from the first poll up to Flower's 3 s, and starts again after a message
+    first = SUPERNODE_FIRST_POLL_S
+    assert slept == [first, 2 * first, 4 * first, 8 * first, 3, 3, 0.5, first, 2 * first]
+    assert clock.monotonic is time.monotonic and clock.time is time.time

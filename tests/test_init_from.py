@@ -10,6 +10,7 @@ starts; a run never resumes under another initialisation than the one it started
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -47,10 +48,10 @@ class RecordingGrid(InProcessGrid):
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         self.train_requests: list[Message] = []
 
-    def send_and_receive(self, messages, *, timeout=None):  # type: ignore[no-untyped-def]
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         messages = list(messages)
         self.train_requests += [m for m in messages if m.metadata.message_type == MessageType.TRAIN]
-        return super().send_and_receive(messages, timeout=timeout)
+        return super().push_messages(messages)
 
 
 def _flip(blob: bytes, at: int) -> bytes:
@@ -62,7 +63,7 @@ def _flip(blob: bytes, at: int) -> bytes:
 
 def _public_checkpoint(folder: Path, cfg: dict[str, object]) -> Path:
     """A 'public pre-training run': the run's model shapes, other weights, round 3."""
-    run = RunConfig.from_flower(cfg)  # type: ignore[arg-type]
+    run = RunConfig.from_flower(cfg)
     netG, netD = build_models(run.model, seed=PUBLIC_SEED)
     return save_checkpoint(folder, 3, model_arrays(netG, netD), (), class_names=run.class_names)
 
@@ -101,7 +102,7 @@ def test_round_0_pretrains_g_from_the_public_weights_and_leaves_d_as_it_was(
         started: tuple[Path, Path, RecordingGrid, dict[str, object]]) -> None:
     # prepare: the same pre-training, recomputed from the public G and the stored summed release
     public, out, _, cfg = started
-    run = RunConfig.from_flower(cfg)  # type: ignore[arg-type]
+    run = RunConfig.from_flower(cfg)
     spec = EmbeddingSpec.of(run)
     stored = WarmStartRelease.read(ServerPaths(out).warm_start, spec.size)
     assert stored is not None
@@ -136,7 +137,8 @@ def test_the_public_hash_is_in_every_checkpoint_the_records_the_report_and_the_e
     assert state is not None and state.initialisation == expected
     assert sidecar["model"]["initialisation"]["public_sha256"] == expected.public_sha256
     assert sidecar["model"]["initialisation"]["public_file"] == "round-0003.safetensors"
-    assert f"initialised from public checkpoint {expected.public_sha256[:16]}" in (out / "report.html").read_text()
+    shown = (expected.public_sha256 or "")[:16]
+    assert f"initialised from public checkpoint {shown}" in (out / "report.html").read_text()
 
 
 def test_a_run_never_resumes_under_another_initialisation(
@@ -146,8 +148,8 @@ def test_a_run_never_resumes_under_another_initialisation(
     random_out = tmp_path / "random"
     save_checkpoint(random_out / "checkpoints", 1, load_checkpoint(public).arrays, (),
                     initialisation=Initialisation.random(0))
-    without = RunConfig.from_flower({**cfg, "init-from": ""})  # type: ignore[arg-type]
-    with_it = RunConfig.from_flower({**cfg, "output-dir": str(random_out)})  # type: ignore[arg-type]
+    without = RunConfig.from_flower({**cfg, "init-from": ""})
+    with_it = RunConfig.from_flower({**cfg, "output-dir": str(random_out)})
     # act / assert: refused before any round (no message sent)
     grid = RecordingGrid(3, cfg, RUN_ID)
     with pytest.raises(ConfigError, match=r"began with 'initialised from public checkpoint .*', .* says no init-from"):

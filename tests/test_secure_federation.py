@@ -36,6 +36,7 @@ def _config(sites: Path, out: Path, secure: bool, rounds: int = 1) -> dict[str, 
         "train__local-steps": 3, "train__batch-size": 4, "model__g-width": 16, "model__d-width": 16,
         "dp__calibrate": False, "dp__noise-multiplier": 1.2, "wait-nodes-timeout": 5.0,
         "secure-aggregation": secure, "sim__deterministic-noise": True, "min-nodes": 3, "warm-start__budget-share": 0.0,
+        "round-timeout": 1.0,  # in process a reply comes at once or never (a dropped message)
     })
 
 

@@ -11,9 +11,11 @@ One place for what the hospital daemon (``client.daemon``), the server daemon
 * :mod:`~common.flower.processes`: start in a new session with a log, wait for ``/health``,
   stop (SIGTERM, then SIGKILL) only the processes we started, by PID and tag;
 * :mod:`~common.flower.flwr_cli`: ``flwr ... --format json`` calls and a whole ``flwr run``;
+* :mod:`~common.flower.fab`: the app bundle (FAB) ``flwr build`` makes, without walking ``.venv``;
 * :mod:`~common.flower.errors`: the typed errors, rooted at :class:`SuperLinkError`.
 
-Only the standard library and ``tomli_w`` are imported, so this package travels in the app
+Only the standard library and ``tomli_w`` are imported at module level (``fab`` imports Flower's
+builder when called), so this package travels in the app
 bundle and costs nothing to import.
 """
 

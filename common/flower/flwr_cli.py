@@ -25,6 +25,7 @@ from typing import IO, Any, Protocol
 from common.flower.commands import RunConfigValue, write_run_config_file
 from common.flower.env import FlowerEnv, executable
 from common.flower.errors import RunFailedError, SuperLinkError
+from common.flower.fab import stage_app
 from common.flower.processes import tail
 
 __all__ = ["FlowerConnection", "RunResult", "flwr_json", "parse_json_output", "run_app"]
@@ -237,7 +238,8 @@ def run_app(
     deadline = t0 + timeout_s
 
     cfg_file = write_run_config_file(link.flwr_home / "run-configs" / f"{uuid.uuid4().hex[:12]}.toml", run_config)
-    submit = ["run", str(app_dir), env.connection]
+    staged = stage_app(app_dir, link.flwr_home / "staged-app")  # the same FAB, built without walking .venv
+    submit = ["run", str(staged), env.connection]
     if run_config:
         submit += ["--run-config", str(cfg_file)]
     if num_supernodes is not None:
