@@ -2,7 +2,8 @@
 
 Actions: ``train`` (a round: plain update, or — when the request carries a ``secagg`` record —
 train and keep the update for masking), ``train.secagg_keys`` / ``train.secagg_share`` (session
-setup), ``train.secagg_mask`` and ``train.secagg_unmask``, and ``query.final_model`` (the final
+setup), ``train.secagg_mask``, ``train.secagg_consistency`` (sparse SecAgg+ graphs only: sign the
+round's survivor set) and ``train.secagg_unmask``, and ``query.final_model`` (the final
 global model after the last round: kept, not trained on; ``client.final_model``). Before any action the run is checked
 against the hospital's own settings (``client.policy``). Every reply, errors included, is first
 written to the hospital's audit log (``client.audit``).
@@ -178,12 +179,17 @@ def secagg_keys(msg: Message, context: Context) -> Message:
 
 @app.train("secagg_share")
 def secagg_share(msg: Message, context: Context) -> Message:
-    return _handle(msg, context, lambda run, site: secagg.share_keys(site, msg.content, context.state))
+    return _handle(msg, context, lambda run, site: secagg.share_keys(run, site, msg.content, context.state))
 
 
 @app.train("secagg_mask")
 def secagg_mask(msg: Message, context: Context) -> Message:
     return _handle(msg, context, lambda run, site: secagg.mask(site, msg.content, context.state))
+
+
+@app.train("secagg_consistency")
+def secagg_consistency(msg: Message, context: Context) -> Message:
+    return _handle(msg, context, lambda run, site: secagg.sign_survivors(site, msg.content, context.state))
 
 
 @app.train("secagg_unmask")

@@ -15,6 +15,7 @@ Example (every key is explained in ``deploy/node.example.toml``)::
     runtime-port = 9094                        # the SuperNode's Runtime API on loopback, free at start
     [consortium]
     min-participants = 3                       # never below 3
+    min-neighbours = 0                         # 0 (default): only the complete secure-aggregation graph
     [consortium.members]                       # pinned after checking fingerprints out of band
     site-0 = "<sha256 from `medsynth certs fingerprint`>"
     site-1 = "…"
@@ -63,7 +64,7 @@ from common.config import (
     read_toml,
     site_paths,
 )
-from common.secagg import MembershipMismatch
+from common.secagg import MIN_DEGREE, MembershipMismatch
 from common.secagg.identity import Roster, SiteIdentity, fingerprint
 
 NodeConfigValue = bool | int | float | str
@@ -74,7 +75,7 @@ NODE_TOML_KEYS: dict[str, frozenset[str]] = {
                        "allow-plain-aggregation", "max-epsilon-per-run", "max-noise-multiplier", "runtime-port"}),
     "tls": frozenset({"ca-certificate"}),
     "keys": frozenset({"auth-private-key", "signing-key-path", "roster-path"}),
-    "consortium": frozenset({"min-participants", "members"}),
+    "consortium": frozenset({"min-participants", "min-neighbours", "members"}),
     "prepare": frozenset({"image-size", "class-names", "denoise"}),
     "apps": frozenset({"allowed-fab-sha256", "any-app-may-run"}),
 }
@@ -170,6 +171,7 @@ class NodeDeployConfig:
     max_noise_multiplier: float  # [node] max-noise-multiplier: a training σ above it is refused
     runtime_port: int  # [node] runtime-port: the SuperNode's Runtime API on 127.0.0.1
     denoise: str  # [prepare] denoise: prepare's optional step (common.denoise)
+    min_neighbours: int = 0  # [consortium] min-neighbours: sparsest SecAgg+ graph accepted; 0: complete only
 
     @property
     def superlink_host(self) -> str:
@@ -211,6 +213,7 @@ class NodeDeployConfig:
             "denoise": self.denoise,
             "members": format_members(dict(self.members)),
             "min-participants": self.min_participants,
+            "min-neighbours": self.min_neighbours,
             "signing-key-path": str(self.signing_key_path),
             "roster-path": str(self.roster_path),
             "allow-plain-aggregation": self.allow_plain_aggregation,
@@ -263,6 +266,13 @@ class NodeDeployConfig:
                 or min_participants < MIN_PARTICIPANTS:
             raise ConfigError(f"[consortium] min-participants = {min_participants!r}: an integer >= "
                               f"{MIN_PARTICIPANTS} (a sum over two hospitals reveals each to the other)")
+        min_neighbours = consortium.get("min-neighbours", NODE_DEFAULTS["min-neighbours"])
+        if isinstance(min_neighbours, bool) or not isinstance(min_neighbours, int) \
+                or not (min_neighbours == 0 or min_neighbours >= MIN_DEGREE):
+            raise ConfigError(f"[consortium] min-neighbours = {min_neighbours!r}: 0 (the default: only the complete "
+                              f"secure-aggregation graph, every hospital masks with every other) or an integer >= "
+                              f"{MIN_DEGREE}, the fewest neighbours this hospital accepts on a sparse SecAgg+ graph "
+                              "(docs/privacy.md says what a sparse graph does not protect against)")
         class_names = prepare.get("class-names", "")
         if not isinstance(class_names, str) or not class_names.strip():
             raise ConfigError("[prepare] class-names is required: this hospital's label sub-folders in class "
@@ -284,6 +294,7 @@ class NodeDeployConfig:
             delta=float(delta),
             accountant=str(accountant),
             min_participants=min_participants,
+            min_neighbours=min_neighbours,
             allow_plain_aggregation=_flag(node, "allow-plain-aggregation"),
             any_app_may_run=any_app,
             max_epsilon_per_run=_positive(node, "max-epsilon-per-run", float(budget),

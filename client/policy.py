@@ -11,6 +11,9 @@ touched, before any data is read for training, and before any key is advertised:
   "ε = 10" at δ = 0.5 is ε ≈ 42 at δ = 1e-5); the ε budget is always the hospital's;
 * classes: the run's class names must be the hospital's label configuration, in its order (the
   server must not choose which of the hospital's folders train);
+* secure-aggregation graph: a run whose ``secagg.degree`` could give this hospital fewer
+  neighbours than its ``[consortium] min-neighbours`` accepts (by default: any sparse graph) is
+  refused (``check_secagg_graph``); the protocol checks the session's actual graph again;
 * noise: a training round whose σ (calibrated to what is left of the budget, or the run's fixed
   σ) exceeds the hospital's ``max-noise-multiplier`` is refused (``check_noise_multiplier``):
   training on noise would spend budget for nothing, so it is not done silently;
@@ -27,6 +30,7 @@ import numpy as np
 
 from common.config import ConfigError, RunConfig, SiteConfig
 from common.errors import UserError
+from common.secagg import COMPLETE
 
 #: Largest |value| accepted in a received global model. Trained DCGAN weights and GroupNorm
 #: affine parameters stay within a few units; 1e3 leaves ample room and refuses a crafted
@@ -64,10 +68,37 @@ def check_run_allowed(run: RunConfig, site: SiteConfig) -> None:
             f"the run asks for the {run.privacy.accountant} accountant, this hospital uses {site.accountant} "
             "([node] accountant in node.toml)"
         )
+    check_secagg_graph(run, site)
     if run.class_names != site.class_names:
         raise RunRefused(
             f"the run trains classes {list(run.class_names)}, this hospital's label configuration is "
             f"{list(site.class_names)} ([prepare] class-names in node.toml); the server does not choose them"
+        )
+
+
+def check_secagg_graph(run: RunConfig, site: SiteConfig) -> None:
+    """``RunRefused`` when the run's ``secagg.degree`` is sparser than this hospital accepts.
+
+    The session's participants are among the hospital's pinned members, so a degree of at least
+    members − 1 always gives the complete graph (Bell et al., CCS 2020 with k = n − 1, i.e.
+    Bonawitz et al.) and is accepted; a smaller one needs the hospital's opt-in
+    (``min-neighbours`` > 0) and must not be below it. Checked before anything is charged or sent.
+    """
+    degree = run.federation.secagg_degree
+    degree += degree % 2  # an odd degree is rounded up (common.secagg.graph.effective_degree)
+    if not run.federation.secure_aggregation or degree == COMPLETE or degree >= len(site.members) - 1:
+        return
+    if site.min_neighbours == COMPLETE:
+        raise RunRefused(
+            f"the run asks for secure aggregation on a sparse graph (secagg.degree = {degree}: each hospital masks "
+            f"with {degree} others, not all {len(site.members) - 1}); this hospital accepts only the complete graph. "
+            "Nothing was charged. Opt in with [consortium] min-neighbours in node.toml if your privacy officer "
+            "agrees (docs/privacy.md says what a sparse graph does not protect against)"
+        )
+    if degree < site.min_neighbours:
+        raise RunRefused(
+            f"the run asks for secagg.degree = {degree} neighbours per hospital, fewer than this hospital's "
+            f"[consortium] min-neighbours = {site.min_neighbours}; nothing was charged"
         )
 
 

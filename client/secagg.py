@@ -15,7 +15,11 @@ A round, seen from the hospital (see ``common.protocol.secagg``):
    digest is recorded on disk first (``client.release``), and a second session asking for the
    same update is refused (``AlreadyReleased``). Asked to ``train`` again for that round, the
    hospital trains again (charged like any round) instead of re-sending what already left;
-4. ``unmask``: shares, after the protocol's guards and the hospital's own ``min-participants``.
+4. on a sparse graph only, ``consistency``: the hospital signs the round's one survivor set, at
+   most one per round (``common.secagg.consistency``);
+5. ``unmask``: shares, after the protocol's guards (on a sparse graph: a quorum of signatures on
+   the request's survivor set, checked against the pinned roster) and the hospital's own
+   ``min-participants``.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from common.protocol.secagg import (
     SessionRef,
     bytes_list,
     field,
+    optional_pairs,
     pairs,
     protocol_round,
     quantizer_for,
@@ -100,13 +105,16 @@ def advertise_keys(site: SiteConfig, content: RecordDict, state: RecordDict) -> 
     return secagg_record(site=site.site_id, advert=advert.to_bytes())
 
 
-def share_keys(site: SiteConfig, content: RecordDict, state: RecordDict) -> RecordDict:
-    """Setup step 2: check every advert against the pinned roster, send encrypted s-key shares."""
+def share_keys(run: RunConfig, site: SiteConfig, content: RecordDict, state: RecordDict) -> RecordDict:
+    """Setup step 2: check every advert against the pinned roster, derive the run's graph
+    (``secagg.degree``; refused below the hospital's ``min-neighbours``), send encrypted s-key
+    shares to this hospital's neighbourhood."""
     ref = session_of(content)
     client = _load_client(state, site, ref)
     adverts = {a.site_id: a for a in (KeyAdvert.from_bytes(b) for b in bytes_list(content, "adverts"))}
     cts = client.share_keys(adverts, pinned_roster(site), int(cast(int, field(content, "threshold"))),
-                            min_participants=site.min_participants)
+                            min_participants=site.min_participants, degree=run.federation.secagg_degree,
+                            min_degree=site.min_neighbours)
     _save_client(state, client)
     receivers, blobs = split_pairs(cts)
     return secagg_record(site=site.site_id, receivers=receivers, cts=blobs)
@@ -177,10 +185,23 @@ def mask(site: SiteConfig, content: RecordDict, state: RecordDict) -> RecordDict
     return out
 
 
-def unmask(site: SiteConfig, content: RecordDict, state: RecordDict) -> RecordDict:
-    """Reveal b-shares of the alive and s-shares of the dead, after the protocol's checks."""
+def sign_survivors(site: SiteConfig, content: RecordDict, state: RecordDict) -> RecordDict:
+    """The consistency stage (sparse graph): this hospital's signature on the round's survivor set,
+    one set per round (remembered in the sealed protocol state)."""
     ref = session_of(content)
     client = _load_client(state, site, ref)
+    signature = client.sign_survivors(protocol_round(int(cast(int, field(content, "round")))),
+                                      str_list(content, "alive"), min_participants=site.min_participants)
+    _save_client(state, client)
+    return secagg_record(site=site.site_id, signature=signature)
+
+
+def unmask(site: SiteConfig, content: RecordDict, state: RecordDict) -> RecordDict:
+    """Reveal b-shares of the alive and s-shares of the dead, after the protocol's checks (on a
+    sparse graph: the survivor set's signatures, verified against the roster this hospital pinned)."""
+    ref = session_of(content)
+    client = _load_client(state, site, ref)
+    signatures = optional_pairs(content, "signers", "signatures")
     reply = client.unmask(
         protocol_round(int(cast(int, field(content, "round")))),
         str_list(content, "alive"),
@@ -188,6 +209,8 @@ def unmask(site: SiteConfig, content: RecordDict, state: RecordDict) -> RecordDi
         pairs(content, "s_senders", "s_cts"),
         pairs(content, "b_senders", "b_cts"),
         min_participants=site.min_participants,
+        signatures=signatures,
+        roster=pinned_roster(site) if signatures is not None else None,
     )
     _save_client(state, client)
     b_sites, s_sites = sorted(reply.b_shares), sorted(reply.s_shares)

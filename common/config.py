@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from common.errors import UserError
+from common.secagg.graph import COMPLETE, MIN_DEGREE
 
 ConfigValue = bool | int | float | str
 
@@ -214,6 +215,7 @@ class FederationConfig:
     secure_aggregation: bool
     secagg_threshold: int  # 0: default max(3, n // 2 + 1); never below 3
     secagg_max_retries: int  # protocol restarts of one round after early dropouts
+    secagg_degree: int  # 0: the complete graph; else SecAgg+ neighbours per hospital (common.secagg.graph)
     deterministic_noise: bool  # simulation tests only: seeded DP noise, NOT private
 
     def __post_init__(self) -> None:
@@ -227,6 +229,9 @@ class FederationConfig:
             raise ConfigError(f"secagg.threshold must be 0 (default) or >= 3, got {self.secagg_threshold}")
         if self.secagg_max_retries < 0:
             raise ConfigError(f"secagg.max-retries must be >= 0, got {self.secagg_max_retries}")
+        if not (self.secagg_degree == COMPLETE or self.secagg_degree >= MIN_DEGREE):
+            raise ConfigError(f"secagg.degree must be 0 (the complete graph) or >= {MIN_DEGREE} (SecAgg+ neighbours "
+                              f"per hospital), got {self.secagg_degree}")
 
 
 @dataclass(frozen=True)
@@ -302,6 +307,7 @@ RUN_KEYS: dict[str, tuple[str, str, type]] = {
     "secure-aggregation": ("federation", "secure_aggregation", bool),
     "secagg.threshold": ("federation", "secagg_threshold", int),
     "secagg.max-retries": ("federation", "secagg_max_retries", int),
+    "secagg.degree": ("federation", "secagg_degree", int),
     "sim.sites-dir": ("federation", "sites_dir", str),
     "sim.deterministic-noise": ("federation", "deterministic_noise", bool),
     "data.class-names": ("run", "class_names", str),
@@ -446,6 +452,8 @@ NODE_DEFAULTS: dict[str, ConfigValue] = {
     "delta": 1e-5,
     "accountant": "prv",
     "min-participants": MIN_PARTICIPANTS,
+    # [consortium] min-neighbours: the fewest SecAgg+ neighbours a hospital accepts; 0: only the complete graph
+    "min-neighbours": COMPLETE,
     "allow-plain-aggregation": False,
     "denoise": "none",  # [prepare] denoise: no filter (common.denoise)
     # the largest DP-SGD noise multiplier the hospital trains at: a round that would need more is
@@ -473,6 +481,7 @@ NODE_CONFIG_KEYS: dict[str, type] = {
     "denoise": str,  # [prepare] denoise: common.denoise's step, applied by prepare (default none)
     "members": str,
     "min-participants": int,
+    "min-neighbours": int,
     "allow-plain-aggregation": bool,
 }
 
@@ -536,7 +545,8 @@ class SiteConfig:
 
     The privacy parameters are the hospital's, not the server's: ``epsilon_budget``, ``delta``
     and ``accountant`` come from the node config, and so do ``class_names`` (which of its label
-    folders train), ``members`` (whom it agrees to be mixed with) and ``min_participants``. A
+    folders train), ``members`` (whom it agrees to be mixed with), ``min_participants`` and
+    ``min_neighbours`` (the sparsest secure-aggregation graph it accepts, ``common.secagg.graph``). A
     run that asks for anything else is refused before anything is charged or sent
     (``client.policy``). In simulation the harness plays every hospital and derives them from
     the run (``medsynth simulate --epsilon``).
@@ -556,6 +566,7 @@ class SiteConfig:
     accountant: str
     class_names: tuple[str, ...]
     min_participants: int
+    min_neighbours: int  # 0: only the complete graph; else the fewest SecAgg+ neighbours accepted (>= 4)
     simulated: bool
     allow_plain_aggregation: bool  # the hospital's own consent to send unmasked updates
     audit_path: Path  # JSON lines: every message that left the hospital (client.audit)
@@ -582,6 +593,9 @@ class SiteConfig:
                 f"min-participants must be >= {MIN_PARTICIPANTS} (a sum over two hospitals reveals each to the "
                 f"other), got {self.min_participants}"
             )
+        if not (self.min_neighbours == COMPLETE or self.min_neighbours >= MIN_DEGREE):
+            raise ConfigError(f"min-neighbours must be 0 (only the complete graph) or >= {MIN_DEGREE}, "
+                              f"got {self.min_neighbours}")
         if self.denoise not in DENOISE_CHOICES:
             raise ConfigError(f"denoise = {self.denoise!r}: one of {', '.join(DENOISE_CHOICES)}")
         if self.site_id not in dict(self.members):
@@ -597,7 +611,7 @@ class SiteConfig:
         audit log live there unless ``cache-dir``, ``ledger-path``, ``signing-key-path``,
         ``roster-path``, ``audit-path`` say otherwise: :func:`site_paths`), ``epsilon-budget``,
         ``class-names`` and ``members`` (required, see :func:`parse_members`), ``delta``,
-        ``accountant``, ``min-participants``, ``allow-plain-aggregation``, ``max-noise-multiplier``
+        ``accountant``, ``min-participants``, ``min-neighbours``, ``allow-plain-aggregation``, ``max-noise-multiplier``
         (:data:`NODE_DEFAULTS`) and ``max-epsilon-per-run`` (by default ``epsilon-budget``).
         Any other key is refused. In simulation the harness writes each virtual hospital's pinned
         members to ``<site>/members.txt`` and the privacy settings are the run's.
@@ -625,6 +639,7 @@ class SiteConfig:
             accountant=str(_get(node_cfg, "accountant", str, NODE_DEFAULTS["accountant"])),
             class_names=parse_class_names(str(_get(node_cfg, "class-names", str))),
             min_participants=int(_get(node_cfg, "min-participants", int, NODE_DEFAULTS["min-participants"])),
+            min_neighbours=int(_get(node_cfg, "min-neighbours", int, NODE_DEFAULTS["min-neighbours"])),
             simulated=False,
             allow_plain_aggregation=bool(
                 _get(node_cfg, "allow-plain-aggregation", bool, NODE_DEFAULTS["allow-plain-aggregation"])
@@ -667,6 +682,7 @@ class SiteConfig:
             accountant=run.privacy.accountant,
             class_names=run.class_names,
             min_participants=MIN_PARTICIPANTS,
+            min_neighbours=MIN_DEGREE,  # virtual hospitals follow the run's secagg.degree
             simulated=True,
             allow_plain_aggregation=True,  # virtual hospitals follow the run's --plain-aggregation flag
             audit_path=paths.audit_path,

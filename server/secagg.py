@@ -8,15 +8,21 @@ A round (message flow in ``common.protocol.secagg``):
    record says so: a declined hospital sends no masked vector, so it can never pass as a
    survivor of a sum it did not contribute to.
 2. a key setup (adverts, then encrypted s-key shares) among the contributors, unless the current
-   session has exactly these participants and no s-key of theirs was ever revealed;
+   session has exactly these participants and no s-key of theirs was ever revealed; on the
+   run's graph (``secagg.degree``: 0 the complete graph, k > 0 SecAgg+'s k-regular one, which
+   every hospital derives itself and must have accepted, ``common.secagg.graph``);
 3. ``train.secagg_mask``: each contributor's masked vector and encrypted b-seed shares;
-4. ``train.secagg_unmask`` to the survivors, then the sum.
+4. on a sparse graph only, ``train.secagg_consistency``: every survivor signs the one set of
+   survivors (``common.secagg.consistency``; the complete graph skips it);
+5. ``train.secagg_unmask`` to the survivors (with the signatures, on a sparse graph), then the sum.
 
 Dropouts: up to n − t contributors may vanish after masking (their s-keys are reconstructed, the
-session is spent). Fewer than t at any step → the round restarts (``secagg.max-retries``) with a
-new session among whoever is still there: updates that never left are reused (no new charge);
-an update that already left masked is never masked again (the hospital refuses), so a hospital
-asked to train again for the round trains again and is charged. Every wait is
+session is spent); on a sparse graph more than two thirds of the session must have masked and
+signed the survivor set, while dropouts after signing cost nothing more. Fewer than t at any
+step → the round restarts (``secagg.max-retries``) with a new session among whoever is still
+there: updates that never left are reused (no new charge); an update that already left masked is
+never masked again (the hospital refuses), so a hospital asked to train again for the round
+trains again and is charged. Every wait is
 ``server.exchange.send_and_receive(grid, ..., round-timeout)``.
 """
 
@@ -43,6 +49,7 @@ from common.protocol.messages import (
     payload_digest,
 )
 from common.protocol.secagg import (
+    CONSISTENCY,
     KEYS,
     MASK,
     SHARE,
@@ -73,6 +80,7 @@ from common.secagg import (
     Share,
     UnmaskReply,
     default_threshold,
+    effective_degree,
 )
 from common.weights import UpdateLayout, fedavg
 from server.exchange import send_and_receive
@@ -144,14 +152,22 @@ class SecureRounds:
         return SessionRef(self.run_id, self.setup_id)
 
     def threshold(self, n: int) -> int:
-        """max(configured, strict majority): configurable upward only, never below 3.
+        """max(configured, strict majority of a neighbourhood): configurable upward only, never below 3.
 
-        A strict majority (2t > n) means two groups of t sites always overlap, so even a server
-        that lies about who dropped cannot gather t shares of both kinds for one site.
+        A neighbourhood is the k + 1 holders of one site's shares: all n sites on the complete
+        graph (``secagg.degree = 0``), k + 1 on a SecAgg+ graph (``common.secagg.graph``). A strict
+        majority (2t > k + 1) means two groups of t holders always overlap, so honest holders never
+        let both kinds of one site's shares be opened.
         """
-        t = max(self.run.federation.secagg_threshold, default_threshold(n))
+        group = effective_degree(n, self.run.federation.secagg_degree) + 1 if n > 0 else 0
+        t = max(self.run.federation.secagg_threshold, default_threshold(group))
         if n < max(t, 3):
             raise SecureRoundFailed(f"only {n} hospitals available; secure aggregation needs at least {max(t, 3)}")
+        if t > group:
+            raise SecureRoundFailed(
+                f"secagg.threshold = {t} exceeds the {group} holders of each hospital's shares on a graph of degree "
+                f"{group - 1} among {n} hospitals: raise secagg.degree or lower secagg.threshold"
+            )
         return t
 
     # ---- step 1: train ---------------------------------------------------------------------
@@ -196,10 +212,12 @@ class SecureRounds:
         if set(cts) != set(adverts):
             missing = sorted(set(adverts) - set(cts))
             raise SecureRoundFailed(f"key setup incomplete: no shares from {missing}")
-        server = SecAggServer(Session(self.run_id, self.setup_id), adverts, t, self.layout.size)
+        server = SecAggServer(Session(self.run_id, self.setup_id), adverts, t, self.layout.size,
+                              degree=self.run.federation.secagg_degree)
         server.route_s_shares(cts)
         self.server = server
-        log.info("secure aggregation session %d: %d hospitals, threshold %d", self.setup_id, len(adverts), t)
+        log.info("secure aggregation session %d: %d hospitals, %d neighbours each, threshold %d", self.setup_id,
+                 len(adverts), server.graph.degree, t)
 
     def _session_for(self, contributors: Mapping[str, int], failures: list[str]) -> SecAggServer:
         """The current session if its participants are exactly the contributors and none of them
@@ -225,6 +243,7 @@ class SecureRounds:
                 raise ProtocolError(f"{site} sent no masked vector")
             y = msg.content.array_records["masked"]["y"].numpy()
             server.receive_masked(site, MaskedInput(y, pairs(msg.content, "receivers", "cts")))
+        certified = self._consistency(server, server_round, failures)
         requests = server.unmask_requests()
         unmask_content: dict[int, RecordDict] = {}
         for site, (alive, dead, s_cts, b_cts) in requests.items():
@@ -232,7 +251,7 @@ class SecureRounds:
             b_senders, b_blobs = split_pairs(b_cts)
             unmask_content[self.nodes_of[site]] = secagg_record(
                 self.ref, round=server_round, alive=sorted(alive), dead=sorted(dead),
-                s_senders=s_senders, s_cts=s_blobs, b_senders=b_senders, b_cts=b_blobs,
+                s_senders=s_senders, s_cts=s_blobs, b_senders=b_senders, b_cts=b_blobs, **certified,
             )
         unmasked = _ok(_send(self.grid, unmask_content, UNMASK, str(server_round), self.timeout), failures, "unmask")
         for msg in self._account(unmasked):
@@ -244,6 +263,21 @@ class SecureRounds:
                 s_shares={k: Share.from_bytes(v) for k, v in s.items()},
             ))
         return server.aggregate()
+
+    def _consistency(self, server: SecAggServer, server_round: int, failures: list[str]) -> dict[str, object]:
+        """On a sparse graph: every survivor signs the round's one survivor set; returns the fields
+        every unmask request then carries (``signers``, ``signatures``). Nothing on the complete graph."""
+        if not server.quorum:
+            return {}
+        alive = server.consistency_request()  # TooFewSurvivors below the quorum: the round restarts
+        request = secagg_record(self.ref, round=server_round, alive=list(alive))
+        nodes = {self.nodes_of[site]: request for site in alive}
+        sent = _send(self.grid, nodes, CONSISTENCY, str(server_round), self.timeout)
+        for msg in self._account(_ok(sent, failures, "consistency")):
+            signature = bytes(cast(bytes, field(msg.content, "signature")))
+            server.receive_signature(str(field(msg.content, "site")), signature)
+        signers, signatures = split_pairs(server.certificate)
+        return {"signers": signers, "signatures": signatures}
 
     def run_round(
         self, nodes: list[int], global_arrays: dict[str, np.ndarray], server_round: int,
@@ -262,7 +296,9 @@ class SecureRounds:
         for attempt in range(self.run.federation.secagg_max_retries + 1):
             privacy, node_of = self.train(nodes, global_arrays, server_round, failures, warm_start)
             contributors = {s: n for s, n in node_of.items() if privacy[s].status == "ok"}
-            needed = max(self.run.federation.secagg_threshold, default_threshold(len(contributors)), 3)
+            needed = max(self.run.federation.secagg_threshold, 3,
+                         default_threshold(effective_degree(len(contributors), self.run.federation.secagg_degree) + 1)
+                         if contributors else 3)
             if len(contributors) < needed:
                 failures.append(
                     f"only {len(contributors)} hospital(s) trained ({', '.join(sorted(contributors)) or 'none'}); "

@@ -159,7 +159,8 @@ def child_main(args: argparse.Namespace) -> None:
     t0 = time.monotonic()
     opts = SimulateOptions(out=args.out, sites=args.sites, rounds=ROUNDS, patients_per_site=args.patients_per_site,
                            local_steps=args.local_steps, timeout_s=args.timeout,
-                           secure_aggregation=False if args.plain_aggregation else None)
+                           secure_aggregation=False if args.plain_aggregation else None,
+                           secagg_degree=_degree(args.secagg_degree, args.sites))
     check_out_dir(opts.out)
     source = load_source(opts)
     build_sites(opts, source, say=lambda line: None, parallel=args.prepare_parallel)
@@ -192,6 +193,13 @@ def child_main(args: argparse.Namespace) -> None:
                 timeout_s=opts.timeout_s, on_line=on_line)
 
 
+def _degree(value: str | None, sites: int) -> int | None:
+    """``--secagg-degree``: None (the app's default), K, or ``auto`` (``simulation.run_options.auto_degree``)."""
+    from simulation.run_options import auto_degree
+
+    return None if value is None else auto_degree(sites) if value == "auto" else int(value)
+
+
 def _fmt(seconds: float | None) -> str:
     return "—" if seconds is None else f"{seconds:.1f} s"
 
@@ -204,6 +212,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--local-steps", type=int, default=None,
                    help="D steps per hospital per round (default: the app's train.local-steps)")
     p.add_argument("--plain-aggregation", action="store_true", help="secure aggregation off (default: on)")
+    p.add_argument("--secagg-degree", default=None, metavar="K|auto",
+                   help="SecAgg+ neighbours per hospital (secagg.degree; auto: as `simulate --secagg-degree auto`)")
     p.add_argument("--out", type=Path, default=Path("medsynth-output/bench-scale"),
                    help="work folder, one sub-folder per site count (emptied first)")
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds before one simulation is stopped")
@@ -220,6 +230,7 @@ def main(argv: list[str] | None = None) -> None:
         p.error("--sites, --patients-per-site and --prepare-parallel must be >= 1")
     extra = [] if args.local_steps is None else ["--local-steps", str(args.local_steps)]
     extra += ["--plain-aggregation"] if args.plain_aggregation else []
+    extra += [] if args.secagg_degree is None else ["--secagg-degree", args.secagg_degree]
     extra += ["--setup-only"] if args.setup_only else []
     extra += [] if args.prepare_parallel is None else ["--prepare-parallel", str(args.prepare_parallel)]
     print(f"{ROUNDS} rounds per run, {args.patients_per_site} phantom patients per site, "

@@ -28,6 +28,7 @@ from common.atomic import write_json_atomic
 from common.cli_help import DefaultsOnceHelpFormatter, says_its_default
 from common.config import LATENT_SCALE, parse_class_names
 from common.export import FORMATS, SIDECAR, ExportError, export_images
+from simulation.run_options import AUTO_C, AUTO_COMPLETE_UP_TO, auto_degree
 
 if TYPE_CHECKING:
     SubParsers = argparse._SubParsersAction[argparse.ArgumentParser]
@@ -114,6 +115,9 @@ def _simulate_parser(sub: SubParsers) -> None:
     p.add_argument("--plain-aggregation", action="store_true",
                    help="turn secure aggregation OFF: the server then sees every hospital's update "
                         "(default: secure aggregation, the server learns only the sum)")
+    p.add_argument("--secagg-degree", default=None, metavar="K|auto",
+                   help="secure aggregation on a sparse SecAgg+ graph: each hospital masks with K others (0: all "
+                        f"of them); auto: 0 up to {AUTO_COMPLETE_UP_TO} hospitals, else ceil({AUTO_C:g}·log2 n)")
     p.add_argument("--resume", action="store_true",
                    help="keep OUT's checkpoints and ledgers and continue from the last good round")
     p.add_argument("--write-sites", type=Path, default=None, metavar="DIR",
@@ -284,7 +288,21 @@ def cmd_audit(args: argparse.Namespace) -> int:
 #: ``simulate`` options that concern training: refused with ``--write-sites``, which trains nothing.
 TRAINING_ONLY = ("rounds", "epsilon", "delta", "noise_multiplier", "image_size", "local_steps", "batch_size",
                  "sample_rate", "d_steps_per_g", "warm_start_share", "device", "resume", "plain_aggregation",
-                 "reference", "no_dp", "init_from", "eval_images", "no_evaluation")
+                 "secagg_degree", "reference", "no_dp", "init_from", "eval_images", "no_evaluation")
+
+
+def _secagg_degree(value: str | None, sites: int) -> int | None:
+    """``--secagg-degree``: None (the app default), an integer, or ``auto`` (``auto_degree``)."""
+    if value is None:
+        return None
+    if value == "auto":
+        return auto_degree(sites)
+    try:
+        return int(value)
+    except ValueError:
+        from common.config import ConfigError
+
+        raise ConfigError(f"--secagg-degree {value!r}: an integer (0: the complete graph) or auto") from None
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
@@ -330,6 +348,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             timeout_s=args.timeout,
             resume=args.resume,
             secure_aggregation=False if args.plain_aggregation else None,
+            secagg_degree=_secagg_degree(args.secagg_degree, args.sites),
             warm_start_share=args.warm_start_share,
             dp=False if args.no_dp else None,
             pairs=True if args.pairs else None,

@@ -7,6 +7,8 @@ importing any of them.
 
 from __future__ import annotations
 
+import math
+
 RUN_OPTIONS: dict[str, str] = {
     # SimulateOptions field → the run config key it overrides (None: the app default)
     "rounds": "num-server-rounds",
@@ -23,4 +25,19 @@ RUN_OPTIONS: dict[str, str] = {
     "warm_start_share": "warm-start.budget-share",
     "dp": "dp.enabled",
     "pairs": "model.pairs",
+    "secagg_degree": "secagg.degree",
 }
+
+#: ``--secagg-degree auto``: up to this many virtual hospitals the complete graph (a sparse one saves
+#: little there, and Bonawitz et al.'s guarantees are the stronger ones; ``common.secagg.graph``)
+AUTO_COMPLETE_UP_TO = 40
+#: ``--secagg-degree auto`` above that: k = ceil(AUTO_C · log2 n), the O(log n) degree of Bell et al.,
+#: CCS 2020 (c = 3: k = 20 at n = 100, 28 at n = 500; docs/privacy.md gives the failure bounds)
+AUTO_C = 3.0
+
+
+def auto_degree(sites: int) -> int:
+    """The ``secagg.degree`` of ``--secagg-degree auto``: 0 (complete) for small n, else ceil(c·log2 n)."""
+    if sites <= AUTO_COMPLETE_UP_TO:
+        return 0
+    return math.ceil(AUTO_C * math.log2(sites))

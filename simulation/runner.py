@@ -80,6 +80,7 @@ class SimulateOptions:
     timeout_s: float = 3600.0
     resume: bool = False
     secure_aggregation: bool | None = None
+    secagg_degree: int | None = None  # SecAgg+ neighbours per hospital (secagg.degree; 0: complete graph)
     warm_start_share: float | None = None
     pairs: bool | None = None  # True: image–mask pairs (model.pairs; phantoms' lesion masks); None: the app default
     dp: bool | None = None  # False: no DP at all (--no-dp, a non-private reference); None: the app default

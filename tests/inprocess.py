@@ -24,6 +24,7 @@ HANDLERS = {
     "train.secagg_keys": client_app.secagg_keys,
     "train.secagg_share": client_app.secagg_share,
     "train.secagg_mask": client_app.secagg_mask,
+    "train.secagg_consistency": client_app.secagg_consistency,
     "train.secagg_unmask": client_app.secagg_unmask,
     "query.final_model": client_app.final_model,
 }

@@ -144,6 +144,7 @@ def test_node_toml_loads_and_becomes_the_flower_node_config(tmp_path: Path) -> N
     assert node_config["allow-plain-aggregation"] is False
     assert (node_config["delta"], node_config["accountant"], node_config["min-participants"]) == (1e-5, "prv", 3)
     assert node_config["class-names"] == "normal,lesion"
+    assert node_config["min-neighbours"] == 0  # by default only the complete secure-aggregation graph
     own = SiteIdentity.load(cfg.signing_key_path, "site-0").public_key()
     assert node_config["members"] == f"site-0={fingerprint(own)}"
     assert (cfg.superlink_host, cfg.superlink_port) == ("fl.example.org", 443)
@@ -168,6 +169,7 @@ def test_node_toml_loads_and_becomes_the_flower_node_config(tmp_path: Path) -> N
         (lambda d, t: Path(d["keys"]["auth-private-key"]).chmod(0o644), "0600"),
         (lambda d, t: d.pop("consortium"), r"\[consortium.members\] is required"),
         (lambda d, t: d["consortium"].update({"min-participants": 2}), "min-participants"),
+        (lambda d, t: d["consortium"].update({"min-neighbours": 2}), r"\[consortium\] min-neighbours = 2"),
         (lambda d, t: d["node"].update({"delta": 1.5}), r"\[node\] delta = 1.5"),
         (lambda d, t: d["node"].update({"accountant": "gdp"}), "accountant"),
         (lambda d, t: d["prepare"].update({"class-names": ""}), "class-names is required"),

@@ -215,3 +215,21 @@ def test_bench_expected_batch_sets_q_from_the_splits_size(tmp_path: Path) -> Non
     assert four.run.train.batch_size == load_preset("pneumoniamnist")["train.batch-size"]
     with pytest.raises(SystemExit):
         parse_args(["--data", str(data), "--expected-batch", "10", "--sample-rate", "0.5"])
+
+
+def test_simulate_secagg_degree_auto_is_complete_for_small_and_logarithmic_for_large_consortia(
+    tmp_path: Path,
+) -> None:
+    # prepare
+    from simulation.cli import _secagg_degree
+    from simulation.run_options import AUTO_COMPLETE_UP_TO
+
+    # act
+    small, large, huge = (_secagg_degree("auto", n) for n in (AUTO_COMPLETE_UP_TO, 100, 500))
+    opts = SimulateOptions(out=tmp_path, sites=100, secagg_degree=large)
+
+    # assert: k = ceil(3 log2 n) above the bound, the run key set, and the app default left alone otherwise
+    assert (small, large, huge) == (0, 20, 27)
+    assert opts.run.federation.secagg_degree == 20
+    assert SimulateOptions(out=tmp_path, sites=3).run.federation.secagg_degree == 0
+    assert _secagg_degree("12", 100) == 12 and _secagg_degree(None, 100) is None

@@ -11,14 +11,17 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from common.secagg import (
+    COMPLETE,
     KeyAdvert,
     Roster,
     SecAggClient,
     SecAggServer,
     Session,
     SiteIdentity,
+    UnmaskReply,
     UnmaskRequest,
     default_threshold,
+    effective_degree,
 )
 
 SESSION = Session(run_id=11, setup_id=2)
@@ -53,16 +56,41 @@ def started(identities: Mapping[str, SiteIdentity], session: Session = SESSION):
     return clients, adverts
 
 
-def make_federation(n: int, length: int, threshold: int | None = None, session: Session = SESSION) -> Federation:
-    """n sites after key setup (adverts verified, s-shares routed), server ready for round 1."""
+def make_federation(
+    n: int, length: int, threshold: int | None = None, session: Session = SESSION, degree: int = COMPLETE
+) -> Federation:
+    """n sites after key setup (adverts verified, s-shares routed), server ready for round 1.
+
+    ``degree`` > 0: the sparse SecAgg+ graph, every site opted in down to that degree; the
+    default threshold is then the majority of a neighbourhood of k + 1."""
     identities = identities_for(n)
     roster = Roster({site: ident.public_key() for site, ident in identities.items()})
-    t = default_threshold(n) if threshold is None else threshold
+    t = default_threshold(effective_degree(n, degree) + 1) if threshold is None else threshold
     clients, adverts = started(identities, session)
-    s_cts = {site: client.share_keys(adverts, roster, t) for site, client in clients.items()}
-    server = SecAggServer(session, adverts, t, length)
+    s_cts = {site: client.share_keys(adverts, roster, t, degree=degree, min_degree=degree)
+             for site, client in clients.items()}
+    server = SecAggServer(session, adverts, t, length, degree=degree)
     server.route_s_shares(s_cts)
     return Federation(session, identities, roster, clients, adverts, t, server, s_cts)
+
+
+def certify(fed: Federation, round: int, silent: Collection[str] = ()) -> dict[str, bytes]:
+    """The consistency round on a sparse graph: every survivor not in ``silent`` signs the server's
+    survivor set; returns the certificate (empty on the complete graph, which has no such round)."""
+    if fed.server.graph.complete:
+        return {}
+    alive = fed.server.consistency_request()
+    for site in alive:
+        if site not in silent:
+            fed.server.receive_signature(site, fed.clients[site].sign_survivors(round, alive))
+    return fed.server.certificate
+
+
+def unmask_as_asked(fed: Federation, site: str, round: int, request: UnmaskRequest) -> UnmaskReply:
+    """``site``'s honest answer to ``request``, with the round's certificate on a sparse graph."""
+    if fed.server.graph.complete:
+        return fed.clients[site].unmask(round, *request)
+    return fed.clients[site].unmask(round, *request, signatures=fed.server.certificate, roster=fed.roster)
 
 
 def run_round(
@@ -71,17 +99,20 @@ def run_round(
     xs: Mapping[str, np.ndarray],
     drop_before_mask: Collection[str] = (),
     drop_at_unmask: Collection[str] = (),
+    drop_at_consistency: Collection[str] = (),
 ) -> tuple[np.ndarray, list[str]]:
-    """One honest round: sites in ``drop_before_mask`` never send y, those in ``drop_at_unmask`` send
-    y but never answer the unmask request. Returns ``server.aggregate()``."""
+    """One honest round: sites in ``drop_before_mask`` never send y, those in ``drop_at_consistency``
+    send y but never sign the survivor set (sparse graph), those in ``drop_at_unmask`` never answer
+    the unmask request. Returns ``server.aggregate()``."""
     fed.server.begin_round(round)
     for site in fed.sites:
         if site in xs and site not in drop_before_mask:
             fed.server.receive_masked(site, fed.clients[site].mask(round, xs[site]))
+    certify(fed, round, drop_at_consistency)
     fed.requests[round] = fed.server.unmask_requests()
     for site, request in fed.requests[round].items():
         if site not in drop_at_unmask:
-            fed.server.receive_unmask(site, fed.clients[site].unmask(round, *request))
+            fed.server.receive_unmask(site, unmask_as_asked(fed, site, round, request))
     return fed.server.aggregate()
 
 

@@ -8,13 +8,16 @@ secure result must then equal the plain one within the stated quantization error
 from __future__ import annotations
 
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import pytest
+from flwr.app import ConfigRecord
 
 from common.checkpoint import latest_valid_checkpoint
 from common.config import RunConfig
 from common.round_record import ServerState
+from common.secagg import CommGraph, KeyAdvert, Session
 from server.rounds import ServerPaths, run_federation
 from tests.helpers import RUN_ID, default_run_config
 from tests.inprocess import DropRule, InProcessGrid, fresh_state, write_phantom_sites
@@ -99,6 +102,10 @@ def test_in_a_secure_round_only_the_ledger_figures_travel_in_plain_text(sites4: 
         assert set(msg.content.config_records) == {"secagg"}
         assert set(msg.content.config_records["secagg"]) == {"site", "receivers", "cts"}
     assert all(not m.content.metric_records for m in grid.replies)
+    # the complete graph has no consistency stage: the same four secure messages as before
+    assert {kind for kind, _ in grid.sent} == {
+        "train", "train.secagg_keys", "train.secagg_share", "train.secagg_mask", "train.secagg_unmask",
+        "query.final_model"}
 
 
 def _drop_once(kind: str, pid: int) -> DropRule:
@@ -157,3 +164,72 @@ def test_a_deployed_hospital_refuses_plain_aggregation_unless_it_allows_it(tmp_p
     assert not (tmp_path / "ledger.json").exists()
     (entry,) = read_entries(tmp_path / "audit.jsonl")
     assert entry.status == "error" and "allow-plain-aggregation" in entry.detail
+
+
+@pytest.fixture(scope="module")
+def sites6(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_phantom_sites(tmp_path_factory.mktemp("sites6"), 6, patients_per_site=8)
+
+
+def test_a_sparse_secagg_graph_gives_the_plain_model_and_routes_by_the_graph(sites6: Path, tmp_path: Path) -> None:
+    # prepare: 6 virtual hospitals, secagg.degree = 4 (each masks with 4 of the other 5); site-5 drops
+    # after the key setup, so its pairwise masks are removed with its neighbours' s-shares
+    drop = _drop_once("train.secagg_mask", 5)
+    plain_cfg = {**_config(sites6, tmp_path / "plain", secure=False), "min-nodes": 6}
+    secure_cfg = {**_config(sites6, tmp_path / "secure", secure=True), "min-nodes": 6, "secagg.degree": 4}
+    grid = InProcessGrid(6, secure_cfg, RUN_ID, drop=drop)
+
+    # act
+    fresh_state(sites6)
+    secure = run_federation(grid, RunConfig.from_flower(secure_cfg), ServerPaths(tmp_path / "secure"), RUN_ID)  # type: ignore[arg-type]
+    fresh_state(sites6)
+    plain = run_federation(InProcessGrid(6, plain_cfg, RUN_ID, drop=_drop_once("train", 5)),  # type: ignore[arg-type]
+                           RunConfig.from_flower(plain_cfg), ServerPaths(tmp_path / "plain"), RUN_ID)
+
+    # assert: the same model as plain aggregation over the five survivors
+    record = secure.rounds[0]
+    assert record.secure is not None and record.secure.dead == ("site-5",)
+    assert record.sites_trained == plain.rounds[0].sites_trained == tuple(f"site-{i}" for i in range(5))
+    _assert_same_model(_final(tmp_path / "plain"), _final(tmp_path / "secure"))
+    # and every hospital shared with, and was asked about, its 4 neighbours and itself only
+    def replies(kind: str) -> dict[str, ConfigRecord]:
+        return {str(m.content.config_records["secagg"]["site"]): m.content.config_records["secagg"]
+                for m in grid.replies if m.metadata.message_type == kind}
+
+    adverts = {s: KeyAdvert.from_bytes(cast(bytes, r["advert"])) for s, r in replies("train.secagg_keys").items()}
+    graph = CommGraph.of_session(Session(RUN_ID, record.secure.session), adverts, 4)
+    assert graph.degree == 4 and not graph.complete
+    for site, rec in replies("train.secagg_share").items():
+        assert set(cast(list[str], rec["receivers"])) == set(graph.group(site))
+    unmasks = replies("train.secagg_unmask")
+    assert sorted(unmasks) == list(record.sites_trained)
+    # the five survivors (quorum 5 of 6) each signed the survivor set once, with only a signature
+    signed = replies("train.secagg_consistency")
+    assert sorted(signed) == list(record.sites_trained)
+    assert all(set(rec) == {"site", "signature"} for rec in signed.values())
+    assert grid.sent[("train.secagg_consistency", 5)] == 0
+    for site, rec in unmasks.items():
+        assert set(cast(list[str], rec["b_sites"])) == set(graph.group(site)) - {"site-5"}
+        assert set(cast(list[str], rec["s_sites"])) == {"site-5"} & graph.neighbours(site)
+
+
+def test_a_deployed_hospital_refuses_a_sparse_graph_unless_it_opted_in(tmp_path: Path) -> None:
+    # prepare: a consortium of 8 pinned members, a run asking each hospital for 4 neighbours
+    from client.policy import RunRefused, check_secagg_graph
+    from common.config import SiteConfig
+
+    run = RunConfig.from_flower(default_run_config(**{"secagg__degree": 4}))
+    members = ",".join(f"site-{i}={i:064x}" for i in range(8))
+    node_config: dict[str, bool | int | float | str] = {
+        "site-id": "site-0", "data-dir": str(tmp_path / "dicom"), "state-dir": str(tmp_path), "epsilon-budget": 5.0,
+        "class-names": "normal,lesion", "members": members}
+
+    # act / assert: by default only the complete graph; an opt-in down to 4, not to 6
+    with pytest.raises(RunRefused, match="only the complete graph"):
+        check_secagg_graph(run, SiteConfig.from_flower(node_config, run))
+    check_secagg_graph(run, SiteConfig.from_flower({**node_config, "min-neighbours": 4}, run))
+    with pytest.raises(RunRefused, match="min-neighbours = 6"):
+        check_secagg_graph(run, SiteConfig.from_flower({**node_config, "min-neighbours": 6}, run))
+    # a degree that is complete for every possible session (>= members - 1) needs no opt-in
+    check_secagg_graph(RunConfig.from_flower(default_run_config(**{"secagg__degree": 7})),
+                       SiteConfig.from_flower(node_config, run))

@@ -13,9 +13,24 @@ Message types (ClientApp named actions) and what each carries, all in one Config
     train.secagg_mask    server → contributors  {run, setup, round}
                          site → server          masked vector ``masked/y`` (uint64)
                                                 + {site, receivers[], cts[]} b-seed shares, encrypted
+    train.secagg_consistency
+                         server → survivors     {run, setup, round, alive[]}   sparse graph only (below)
+                         site → server          {site, signature}              Ed25519, 64 bytes
     train.secagg_unmask  server → site          {run, setup, round, alive[], dead[], s_senders[], s_cts[],
                                                  b_senders[], b_cts[]}
+                                                + {signers[], signatures[]}    sparse graph only (below)
                          site → server          {site, b_sites[], b_shares[], s_sites[], s_shares[]}
+
+With ``secagg.degree`` = k > 0 in the run config (SecAgg+, ``common.secagg.graph``) every site
+derives the session's graph from the adverts it receives, and the ``receivers``, ``cts``,
+``*_senders`` and ``*_sites`` lists then name its k + 1 closed neighbourhood only (complete graph:
+every participant). When that graph is sparse, one more stage runs between mask and unmask
+(``common.secagg.consistency``): ``train.secagg_consistency`` asks every survivor to sign the one
+set of survivors (``alive``: the sites whose masked vector arrived), and every unmask request
+carries the signatures collected (``signers``, ``signatures``), which each hospital verifies
+against its pinned roster before it releases a share. On the complete graph the stage is not sent
+and the unmask request has no ``signers`` (the majority threshold already stops a server that
+lies about dropouts there), so a complete-graph round has the same four messages as before.
 
 Only hospitals that trained take part in a session (contributors): one that declines sends no
 masked vector and can never be counted as a survivor. A session is reused for the next round
@@ -38,6 +53,7 @@ from common.secagg import Quantizer
 from common.weights import UpdateLayout, update_bounds
 
 KEYS, SHARE, MASK, UNMASK = "train.secagg_keys", "train.secagg_share", "train.secagg_mask", "train.secagg_unmask"
+CONSISTENCY = "train.secagg_consistency"  # sparse graph only, between MASK and UNMASK
 
 
 @dataclass(frozen=True)
@@ -87,6 +103,11 @@ def str_list(content: RecordDict, key: str) -> list[str]:
 
 def bytes_list(content: RecordDict, key: str) -> list[bytes]:
     return [bytes(v) for v in cast(list[bytes], field(content, key))]
+
+
+def optional_pairs(content: RecordDict, keys: str, values: str) -> dict[str, bytes] | None:
+    """``pairs`` when the record has ``keys``, else None (a field only some requests carry)."""
+    return pairs(content, keys, values) if keys in _rec(content) else None
 
 
 def pairs(content: RecordDict, keys: str, values: str) -> dict[str, bytes]:

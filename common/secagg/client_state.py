@@ -26,7 +26,7 @@ from common.secagg.errors import StateRejected
 from common.secagg.identity import SiteIdentity
 
 STATE_TAG = b"medsynth-secagg client-state v1"
-STATE_VERSION = 1
+STATE_VERSION = 3  # 2: adds the graph (degree, seed); 3: the survivor set agreed for the round
 _NONCE = 12
 
 

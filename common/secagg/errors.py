@@ -76,3 +76,37 @@ class OutOfOrder(SecAggAbort):
 
 class StateRejected(SecAggAbort):
     """Serialized client state failed authentication (other site's state, tampered or truncated)."""
+
+
+class NeighbourhoodBelowThreshold(TooFewSurvivors):
+    """On a sparse graph (``graph``): a surviving site, or a dropped one a survivor masked with, has
+    fewer than t surviving holders of its shares among its k + 1, so the round cannot be unmasked."""
+
+
+class GraphDisconnected(TooFewSurvivors):
+    """The survivors' subgraph splits into parts; unmasking would reveal each part's sum separately."""
+
+
+class GraphMismatch(SecAggAbort):
+    """A message routes shares or masks inconsistently with the graph this site derived itself (a
+    share from or for a non-neighbour, or a server that uses another graph)."""
+
+
+class SparseGraphRefused(SecAggAbort):
+    """The session's graph gives this hospital fewer neighbours than its ``min-neighbours`` accepts
+    (by default only the complete graph); refused before any share is made."""
+
+
+class InconsistentSurvivors(SecAggAbort):
+    """On a sparse graph: the set of survivors of a round is not one set the hospitals agreed on
+    (``consistency``: the consistency round of Bonawitz et al., CCS 2017, §4); base of the two below."""
+
+
+class UncertifiedSurvivors(InconsistentSurvivors):
+    """An unmask request's survivor set lacks a quorum of valid signatures from its members, or
+    carries one that does not verify (forged, from another round or setup, or by a non-roster key)."""
+
+
+class ConflictingSurvivors(InconsistentSurvivors):
+    """Asked to sign, or to unmask for, another survivor set than the one this hospital already
+    signed for the round, or alive/dead lists that are not that set and its complement."""

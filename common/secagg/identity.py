@@ -138,6 +138,18 @@ class Roster:
                 "changing [consortium.members]"
             )
 
+    def signature_valid(self, site_id: str, data: bytes, signature: bytes) -> bool:
+        """Whether ``signature`` is ``site_id``'s roster key's signature of ``data`` (False for a
+        site not in the roster)."""
+        pk = self.keys.get(site_id)
+        if pk is None:
+            return False
+        try:
+            Ed25519PublicKey.from_public_bytes(pk).verify(signature, data)
+        except InvalidSignature:
+            return False
+        return True
+
     def verify(self, site_id: str, data: bytes, signature: bytes) -> None:
         """``KeySwapDetected`` unless ``signature`` is ``site_id``'s roster key's signature of ``data``."""
         pk = self.keys.get(site_id)

@@ -12,8 +12,10 @@ Threshold rules (t shares of n reconstruct a secret):
 * 2t > n (majority): any two sets of t sites intersect, so a server that tells some sites
   "u is alive" and others "u is dead" (or does so in different rounds) can never collect t
   shares of both kinds for u from honest sites, which each refuse to release the second kind.
-  This replaces the consistency-check round of Bonawitz et al.'s actively secure variant for the
-  honest-but-curious-server-that-may-lie model of a hospital consortium.
+  On the complete graph this replaces the consistency-check round of Bonawitz et al.'s actively
+  secure variant for the honest-but-curious-server-that-may-lie model of a hospital consortium;
+  on a sparse SecAgg+ graph, where t counts one neighbourhood only, it does not, and that round
+  runs (``consistency``).
 
 ``default_threshold(n) = max(3, n // 2 + 1)`` satisfies all three for every n >= 3.
 """

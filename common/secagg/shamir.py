@@ -60,13 +60,24 @@ def check_threshold(threshold: int, n: int) -> None:
 
 def split_secret(secret: bytes, n: int, threshold: int) -> list[Share]:
     """Shares for x = 1..n of ``secret`` (32 bytes); any ``threshold`` of them reconstruct it."""
+    return split_secret_at(secret, range(1, n + 1), threshold)
+
+
+def split_secret_at(secret: bytes, xs: Sequence[int], threshold: int) -> list[Share]:
+    """Shares of ``secret`` (32 bytes) at the distinct points ``xs`` (each >= 1), in that order.
+
+    On a sparse graph (``graph``) a site shares only among its neighbourhood, each holder at
+    its global point (sorted participant index + 1), so a share's x still names its holder.
+    """
     if len(secret) != SECRET_BYTES:
         raise ValueError(f"secrets are {SECRET_BYTES} bytes, got {len(secret)}")
-    check_threshold(threshold, n)
+    if len(set(xs)) != len(xs):
+        raise ValueError(f"evaluation points must be distinct, got {sorted(xs)}")
+    check_threshold(threshold, len(xs))
     # coeffs[k] is the coefficient of X^k; coeffs[0] = S
     coeffs = [int.from_bytes(secret, "big")] + [secrets.randbelow(PRIME) for _ in range(threshold - 1)]
     shares = []
-    for x in range(1, n + 1):
+    for x in xs:
         y = 0
         for c in reversed(coeffs):  # Horner: y = (...(a_{t-1} x + a_{t-2}) x + ...) x + S
             y = (y * x + c) % PRIME
