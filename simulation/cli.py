@@ -60,7 +60,8 @@ def _simulate_parser(sub: SubParsers) -> None:
         "simulate",
         help="run N virtual hospitals through Flower's Simulation Engine",
         description=(
-            "Train a DP-GAN across N virtual hospitals on this machine. Each hospital's data is "
+            "Train a DP-GAN across N virtual hospitals on this machine (or on a running Ray cluster: --ray-address). "
+            "Each hospital's data is "
             "written as DICOM and prepared like a real node's; the run uses its own Flower "
             "SuperLink (own FLWR_HOME and port) and stops it afterwards. Results: OUT/summary.json, "
             "OUT/samples/*.png, OUT/checkpoints/, and each hospital's privacy ledger. "

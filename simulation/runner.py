@@ -6,7 +6,9 @@ Steps, each visible to the user:
 3. write each hospital's share as real DICOM files, then ``prepare`` it exactly as a hospital
    node would (same code), so the simulation exercises the real hospital path;
 4. start a private SuperLink (own FLWR_HOME and port), ``flwr run`` this app on it with
-   ``num-supernodes = sites``, follow the server's round lines, stop the SuperLink by PID;
+   ``num-supernodes = sites``, follow the server's round lines, stop the SuperLink by PID; with
+   ``--ray-address`` the Simulation Engine joins that Ray cluster (``simulation.ray_cluster``, checked
+   before step 1) instead of starting a private Ray;
 5. with ``--reference``: evaluate the last checkpoint against real images (``common.evaluation.evaluate``);
 6. write ``summary.json`` (each site's epsilon recomputed from its ledger; the evaluation) and
    ``report.html`` (plots and tables, one offline file), and print the summary.
