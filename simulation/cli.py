@@ -61,7 +61,8 @@ def _simulate_parser(sub: SubParsers) -> None:
         "simulate",
         help="run N virtual hospitals through Flower's Simulation Engine",
         description=(
-            "Train a DP-GAN across N virtual hospitals on this machine. Each hospital's data is "
+            "Train a DP-GAN across N virtual hospitals on this machine (or on a running Ray cluster: --ray-address). "
+            "Each hospital's data is "
             "written as DICOM and prepared like a real node's; the run uses its own Flower "
             "SuperLink (own FLWR_HOME and port) and stops it afterwards. Results: OUT/summary.json, "
             "OUT/samples/*.png, OUT/checkpoints/, and each hospital's privacy ledger. "
@@ -109,6 +110,10 @@ def _simulate_parser(sub: SubParsers) -> None:
                    help="train WITHOUT differential privacy (no clipping, no noise, nothing charged): a non-private "
                         "reference for benchmarks only; a deployed hospital refuses such a run")
     p.add_argument("--cpus-per-site", type=int, default=1, help="whole CPUs reserved per virtual hospital")
+    p.add_argument("--ray-address", default=None, metavar="HOST:PORT",
+                   help="run the virtual hospitals on this running Ray cluster (the GCS address `ray start --head` "
+                        "prints, port 6379 by default) instead of a private Ray on this machine; every node needs "
+                        "the same medsynth checkout and environment, and OUT at the same path (docs/simulation.md)")
     p.add_argument("--device", default=None,
                    help="auto (CUDA when a GPU is visible to the virtual hospitals, else CPU), cpu, cuda")
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds before the run is stopped")
@@ -288,7 +293,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
 #: ``simulate`` options that concern training: refused with ``--write-sites``, which trains nothing.
 TRAINING_ONLY = ("rounds", "epsilon", "delta", "noise_multiplier", "image_size", "local_steps", "batch_size",
                  "sample_rate", "d_steps_per_g", "warm_start_share", "device", "resume", "plain_aggregation",
-                 "secagg_degree", "reference", "no_dp", "init_from", "eval_images", "no_evaluation")
+                 "secagg_degree", "reference", "no_dp", "init_from", "eval_images", "no_evaluation", "ray_address")
 
 
 def _secagg_degree(value: str | None, sites: int) -> int | None:
@@ -356,6 +361,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             evaluation=not args.no_evaluation,
             eval_images=args.eval_images,
             init_from=args.init_from,
+            ray_address=args.ray_address,
         )
     )
     return 0

@@ -6,7 +6,9 @@ Steps, each visible to the user:
 3. write each hospital's share as real DICOM files, then ``prepare`` it exactly as a hospital
    node would (same code), so the simulation exercises the real hospital path;
 4. start a private SuperLink (own FLWR_HOME and port), ``flwr run`` this app on it with
-   ``num-supernodes = sites``, follow the server's round lines, stop the SuperLink by PID;
+   ``num-supernodes = sites``, follow the server's round lines, stop the SuperLink by PID; with
+   ``--ray-address`` the Simulation Engine joins that Ray cluster (``simulation.ray_cluster``, checked
+   before step 1) instead of starting a private Ray;
 5. with ``--reference``: evaluate the last checkpoint against real images (``common.evaluation.evaluate``);
 6. write ``summary.json`` (each site's epsilon recomputed from its ledger; the evaluation) and
    ``report.html`` (plots and tables, one offline file), and print the summary.
@@ -41,6 +43,7 @@ from simulation.partition import (
     write_site_dicom,
 )
 from simulation.phantoms import phantom_population
+from simulation.ray_cluster import parse_ray_address, probe_ray_cluster
 from simulation.report import build_summary, format_summary
 from simulation.run_options import RUN_OPTIONS
 from simulation.superlink import LocalSuperLink
@@ -89,6 +92,7 @@ class SimulateOptions:
     evaluation: bool = True  # False: no final evaluation (--no-evaluation)
     eval_images: int | None = None  # synthetic images for the evaluation's TSTR; None: evaluate's default
     init_from: Path | None = None  # a public checkpoint G and D start from (run key init-from); None: seeded init
+    ray_address: str | None = None  # HOST:PORT of a running Ray cluster to run the hospitals on; None: a private Ray
     run: RunConfig = field(init=False, repr=False, compare=False)  # the app defaults with overrides()
 
     def __post_init__(self) -> None:
@@ -99,6 +103,8 @@ class SimulateOptions:
         if self.dp is False and (self.epsilon is not None or self.noise_multiplier is not None):
             raise ConfigError("--no-dp trains without privacy: drop --epsilon / --noise-multiplier")
         parse_partition(self.partition)
+        if self.ray_address is not None:
+            object.__setattr__(self, "ray_address", parse_ray_address(self.ray_address))
         object.__setattr__(self, "run", run_config(self.overrides()))  # a bad override is refused now
         if self.eval_images is not None and self.eval_images < 10:
             raise ConfigError("--eval-images must be at least 10")
@@ -326,6 +332,9 @@ def simulate(opts: SimulateOptions, say: Callable[[str], None] = print) -> dict[
     """Run the whole simulation; returns the summary dict (also written to summary.json)."""
     t0 = time.monotonic()
     check_out_dir(opts.out)
+    if opts.ray_address is not None:  # before anything is written or started
+        say(probe_ray_cluster(opts.ray_address, cpus_per_site=opts.cpus_per_site).describe()
+            + ": the virtual hospitals run there; OUT must be at the same path on every node")
     if opts.resume:
         check_resume_initialisation(opts)
     opts.out.mkdir(parents=True, exist_ok=True)
@@ -351,7 +360,8 @@ def simulate(opts: SimulateOptions, say: Callable[[str], None] = print) -> dict[
         if match:
             say(match.group(0))
 
-    say("starting a private Flower SuperLink and the Simulation Engine (round 1 includes start-up)")
+    engine = "a private Ray" if opts.ray_address is None else f"the Ray cluster at {opts.ray_address}"
+    say(f"starting a private Flower SuperLink and the Simulation Engine on {engine} (round 1 includes start-up)")
     privacy = (f"budget ε={run.privacy.epsilon_budget:g} per hospital at δ={run.privacy.delta:g}"
                + ("" if run.privacy.calibrate else f", fixed σ={run.privacy.noise_multiplier:g}")
                if run.privacy.enabled else "NO DIFFERENTIAL PRIVACY (--no-dp: a non-private reference, never deployed)")
@@ -359,7 +369,7 @@ def simulate(opts: SimulateOptions, say: Callable[[str], None] = print) -> dict[
         f"{'secure' if run.federation.secure_aggregation else 'PLAIN'} aggregation, {privacy}")
     if opts.init_from is not None:
         say(f"model: starts from the public checkpoint {opts.init_from} (its sha256 is in every checkpoint)")
-    with LocalSuperLink(opts.out / ".flwr") as link:
+    with LocalSuperLink(opts.out / ".flwr", ray_address=opts.ray_address) as link:
         result = run_app(
             project_dir(),
             link,

@@ -71,6 +71,11 @@ class LocalSuperLink:
         How long to wait for ``/health``.
     stop_grace_s : float
         Time between SIGTERM and SIGKILL on exit (Ray needs ~8 s mid-run).
+    ray_address : str | None
+        ``HOST:PORT`` of an existing Ray cluster for the Simulation Engine to join
+        (``simulation.ray_cluster``), or ``None`` for a private Ray started by ``flwr-simulation``.
+        A joined cluster's processes are not ours: stopping leaves them running (the workers of our
+        run end with its driver, ``flwr-simulation``).
     """
 
     _START_ATTEMPTS = 3
@@ -83,6 +88,7 @@ class LocalSuperLink:
         database: Path | None = None,
         startup_timeout_s: float = 60.0,
         stop_grace_s: float = 15.0,
+        ray_address: str | None = None,
     ) -> None:
         if not sys.platform.startswith("linux"):
             raise SuperLinkError("LocalSuperLink needs Linux (/proc is used to find processes).")
@@ -96,6 +102,7 @@ class LocalSuperLink:
         self._proc: subprocess.Popen[bytes] | None = None
         self._env: FlowerEnv | None = None
         self._ray_link: Path | None = None
+        self._ray_address = ray_address
 
     # ------------------------------------------------------------------ properties
     @property
@@ -141,7 +148,8 @@ class LocalSuperLink:
         last_tail = ""
         for _ in range(1 if self._fixed_port is not None else self._START_ATTEMPTS):
             port = self._fixed_port if self._fixed_port is not None else free_port()
-            env = FlowerEnv(flwr_home=self.flwr_home, port=port, ray_tmpdir=self._ray_tmpdir(), tag=self._tag)
+            env = FlowerEnv(flwr_home=self.flwr_home, port=port, ray_tmpdir=self._ray_tmpdir(), tag=self._tag,
+                            ray_address=self._ray_address)
             cmd = superlink_command(host=env.host, port=port, simulation=True, database=self._database)
             self._proc = spawn(cmd, env.environ(), self.log_path, cwd=self.flwr_home)
             self._env = env

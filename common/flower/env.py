@@ -127,6 +127,11 @@ class FlowerEnv:
     root_certificates : Path | None
         CA certificate that signed the SuperLink's TLS certificate, or ``None`` for a
         plain-HTTP loopback SuperLink (simulation and the insecure test deployment).
+    ray_address : str | None
+        ``HOST:PORT`` of an existing Ray cluster's GCS for the Simulation Engine to join: set
+        as ``RAY_ADDRESS``, which ``ray.init()`` in ``flwr-simulation`` reads (Flower's backend
+        config has no address key). ``None``: ``RAY_ADDRESS`` is removed and ``flwr-simulation``
+        starts its own private Ray.
     """
 
     flwr_home: Path
@@ -136,6 +141,7 @@ class FlowerEnv:
     connection: str = "medsynth-local"
     tag: str = field(default_factory=lambda: uuid.uuid4().hex)
     root_certificates: Path | None = None
+    ray_address: str | None = None
 
     def __post_init__(self) -> None:
         """Validate values that would otherwise fail deep inside flwr or Ray."""
@@ -171,7 +177,8 @@ class FlowerEnv:
         Starts from ``base`` (default: ``os.environ``), removes variables that would reach
         shared resources and sets: our ``FLWR_HOME``; telemetry, update check and runtime
         dependency installation (``uv sync``, fails offline) off; with a ``ray_tmpdir``, Ray's
-        temp dir and usage stats; the venv ``bin`` first on ``PATH``; and the process tag.
+        temp dir and usage stats; with a ``ray_address``, ``RAY_ADDRESS`` (the only way back in for
+        the scrubbed variable); the venv ``bin`` first on ``PATH``; and the process tag.
         """
         env = dict(os.environ if base is None else base)
         for name in _SCRUBBED_ENV_VARS:
@@ -200,6 +207,8 @@ class FlowerEnv:
                     "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0",
                 }
             )
+        if self.ray_address is not None:
+            env["RAY_ADDRESS"] = self.ray_address
         return env
 
     def write_config(self) -> Path:
