@@ -108,8 +108,9 @@ def stage_app(root: Path, dest: Path) -> Path:
     staged = dest / root.name
     if staged.exists():
         shutil.rmtree(staged)
-    for rel, src in filter_paths_for_publish(app_files(root)).items():
+    files = app_files(root)
+    for rel in filter_paths_for_publish(files):
         target = staged / rel
         target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(src if isinstance(src, Path) else root / rel, target)
+        shutil.copyfile(files[rel], target)
     return staged
