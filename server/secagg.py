@@ -159,8 +159,7 @@ class SecureRounds:
         majority (2t > k + 1) means two groups of t holders always overlap, so honest holders never
         let both kinds of one site's shares be opened.
         """
-        group = effective_degree(n, self.run.federation.secagg_degree) + 1 if n > 0 else 0
-        t = max(self.run.federation.secagg_threshold, default_threshold(group))
+        group, t = self._holders_and_threshold(n)
         if n < max(t, 3):
             raise SecureRoundFailed(f"only {n} hospitals available; secure aggregation needs at least {max(t, 3)}")
         if t > group:
@@ -169,6 +168,12 @@ class SecureRounds:
                 f"{group - 1} among {n} hospitals: raise secagg.degree or lower secagg.threshold"
             )
         return t
+
+    def _holders_and_threshold(self, n: int) -> tuple[int, int]:
+        """Among n hospitals: the holders of each one's shares (its neighbourhood, itself included;
+        0 when n = 0) and t = max(configured, their strict majority), never below 3."""
+        group = effective_degree(n, self.run.federation.secagg_degree) + 1 if n > 0 else 0
+        return group, max(self.run.federation.secagg_threshold, default_threshold(group))
 
     # ---- step 1: train ---------------------------------------------------------------------
     def train(
@@ -296,9 +301,7 @@ class SecureRounds:
         for attempt in range(self.run.federation.secagg_max_retries + 1):
             privacy, node_of = self.train(nodes, global_arrays, server_round, failures, warm_start)
             contributors = {s: n for s, n in node_of.items() if privacy[s].status == "ok"}
-            needed = max(self.run.federation.secagg_threshold, 3,
-                         default_threshold(effective_degree(len(contributors), self.run.federation.secagg_degree) + 1)
-                         if contributors else 3)
+            _, needed = self._holders_and_threshold(len(contributors))  # the same t the session will use
             if len(contributors) < needed:
                 failures.append(
                     f"only {len(contributors)} hospital(s) trained ({', '.join(sorted(contributors)) or 'none'}); "
