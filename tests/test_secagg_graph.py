@@ -372,7 +372,11 @@ def test_a_server_lying_about_dropouts_on_a_sparse_graph_is_refused(certificates
 
     # assert: every hospital told a lie refused with the typed error, and no mask key of u's neighbours opens
     lied_to = {w for w, dead in told_dead.items() if dead}
-    assert len(lied_to) > N // 2
+    # the lies are the whole attack: each of u's K neighbours "dropped" for t holders of its shares,
+    # at most K + 1 − t lies per holder, so at least ⌈K·t / (K + 1 − t)⌉ hospitals were lied to (how
+    # many more depends on the random graph; "more than half" held for most graphs, not all)
+    assert all(sum(v in dead for dead in told_dead.values()) >= t for v in graph.neighbours(u))
+    assert len(lied_to) >= -(-K * t // (K + 1 - t))
     assert lied_to <= set(refused)  # (a story told to too few is refused even when it is the truth)
     expected = UncertifiedSurvivors if certificates.startswith("each") else ConflictingSurvivors
     assert all(isinstance(exc, expected) for exc in refused.values())
