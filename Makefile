@@ -26,12 +26,18 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/mypy common client server simulation medsynth
 
+# Two pytest-xdist workers, one test file per worker at a time (a file's fixtures are built once),
+# longest files first (tests/conftest.py), torch on one thread per worker: 2 cores kept busy
+# without oversubscribing them. TEST_WORKERS=0 runs the suite in one process.
+TEST_WORKERS ?= 2
+PYTEST := OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
+
 test: lint
-	$(BIN)/python -m pytest --durations=15
+	$(PYTEST) --durations=15
 
 # the suite without the end-to-end tests marked slow (those start real Flower processes)
 test-quick: lint
-	$(BIN)/python -m pytest -m "not slow"
+	$(PYTEST) -m "not slow"
 
 bench: install
 	$(BIN)/python -m simulation.bench_dp_step

@@ -103,6 +103,9 @@ def _simulate_parser(sub: SubParsers) -> None:
     p.add_argument("--warm-start-share", type=float, default=None,
                    help="share of each hospital's ε for round 0's release of its class means, which starts "
                         "and anchors the generator (docs/privacy.md); 0: no warm start")
+    p.add_argument("--pretrain-steps", type=int, default=None,
+                   help="steps the server pre-trains the generator on round 0's summed release (post-processing, "
+                        "no privacy cost; fewer: a quicker, rougher start)")
     p.add_argument("--pairs", action="store_true",
                    help="train a generator of image–mask pairs (run key model.pairs; docs/segmentation.md): "
                         "phantoms carry their lesion masks, each hospital's masks/ folder is paired with its images")
@@ -292,8 +295,9 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 #: ``simulate`` options that concern training: refused with ``--write-sites``, which trains nothing.
 TRAINING_ONLY = ("rounds", "epsilon", "delta", "noise_multiplier", "image_size", "local_steps", "batch_size",
-                 "sample_rate", "d_steps_per_g", "warm_start_share", "device", "resume", "plain_aggregation",
-                 "secagg_degree", "reference", "no_dp", "init_from", "eval_images", "no_evaluation", "ray_address")
+                 "sample_rate", "d_steps_per_g", "warm_start_share", "pretrain_steps", "device", "resume",
+                 "plain_aggregation", "secagg_degree", "reference", "no_dp", "init_from", "eval_images",
+                 "no_evaluation", "ray_address")
 
 
 def _secagg_degree(value: str | None, sites: int) -> int | None:
@@ -355,6 +359,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             secure_aggregation=False if args.plain_aggregation else None,
             secagg_degree=_secagg_degree(args.secagg_degree, args.sites),
             warm_start_share=args.warm_start_share,
+            pretrain_steps=args.pretrain_steps,
             dp=False if args.no_dp else None,
             pairs=True if args.pairs else None,
             reference=args.reference,

@@ -23,6 +23,7 @@ RUN_OPTIONS: dict[str, str] = {
     "device": "train.device",
     "secure_aggregation": "secure-aggregation",
     "warm_start_share": "warm-start.budget-share",
+    "pretrain_steps": "warm-start.pretrain-steps",
     "dp": "dp.enabled",
     "pairs": "model.pairs",
     "secagg_degree": "secagg.degree",

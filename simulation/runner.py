@@ -85,6 +85,7 @@ class SimulateOptions:
     secure_aggregation: bool | None = None
     secagg_degree: int | None = None  # SecAgg+ neighbours per hospital (secagg.degree; 0: complete graph)
     warm_start_share: float | None = None
+    pretrain_steps: int | None = None  # the server's pre-training steps of G on round 0's release
     pairs: bool | None = None  # True: image–mask pairs (model.pairs; phantoms' lesion masks); None: the app default
     dp: bool | None = None  # False: no DP at all (--no-dp, a non-private reference); None: the app default
     extra_config: tuple[tuple[str, RunConfigValue], ...] = ()

@@ -128,6 +128,8 @@ def test_the_simulation_and_the_quality_benchmark_start_from_the_app_defaults(tm
     _, bench = parse_args([])
     # assert: only what they say differs from [tool.flwr.app.config]
     assert opts.run == run_config({"min-nodes": 3})
+    assert SimulateOptions(out=tmp_path, sites=3, pretrain_steps=50).run == run_config(
+        {"min-nodes": 3, "warm-start.pretrain-steps": 50})
     assert bench.run == run_config(load_preset("pneumoniamnist"))
     _, quick = parse_args(["--local-steps", "7", "--aux-classifier", "false"])
     assert quick.run.train.local_steps == 7 and quick.run.model.aux_classifier is False

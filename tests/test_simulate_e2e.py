@@ -33,6 +33,7 @@ def demo_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess
         "simulate", "--out", str(out), "--sites", "3", "--rounds", "2", "--epsilon", "8",
         "--patients-per-site", "16", "--images-per-patient", "3", "--local-steps", "4", "--batch-size", "4",
         "--eval-images", "400",  # the default, 5 × 2400 reference training images, takes minutes: the wiring is tested
+        "--pretrain-steps", "50",  # the default 2000 take about 80 s of CPU at the server; the wiring is tested
     )
     return out, proc
 
@@ -48,6 +49,7 @@ def test_three_phantom_hospitals_two_rounds_complete(demo_run: tuple[Path, subpr
     assert [r["round"] for r in summary["rounds"]] == [0, 1, 2]
     assert all(r["sites_trained"] == ["site-0", "site-1", "site-2"] for r in summary["rounds"])
     assert summary["rounds"][0]["loss_d_fake"] is None
+    assert "G pre-trained for 50 steps" in (out / "flower.log").read_text()  # --pretrain-steps reached the server
     assert all(np.isfinite(r["loss_d_fake"]) and np.isfinite(r["loss_g"]) for r in summary["rounds"][1:])
     assert set(summary["sites"]) == {"site-0", "site-1", "site-2"}
     for site, s in summary["sites"].items():
