@@ -1,0 +1,50 @@
+"""The generator's resize upsampling: one transposed convolution that is upsample-then-convolve."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from common.config import run_config
+from common.models import ResizeConv2d, build_models
+
+
+@pytest.mark.parametrize(("c_in", "c_out", "side", "bias"), [(64, 32, 4, False), (32, 16, 8, False), (16, 1, 16, True),
+                                                             (5, 3, 7, True)])
+def test_resize_conv_is_nearest_upsampling_then_the_3x3_convolution(c_in: int, c_out: int, side: int,
+                                                                     bias: bool) -> None:
+    # prepare: the layer, and the same weights applied the plain way (upsample ×2, then conv2d, padding 1)
+    torch.manual_seed(0)
+    layer = ResizeConv2d(c_in, c_out, 3, 1, 1, bias=bias)
+    if layer.bias is not None:
+        torch.nn.init.normal_(layer.bias)
+    x = torch.randn(4, c_in, side, side, requires_grad=True)  # (B, c_in, s, s)
+    probe = torch.randn(4, c_out, 2 * side, 2 * side)  # a random direction for the backward pass
+    # act
+    folded = layer(x)  # (B, c_out, 2s, 2s)
+    grads_folded = torch.autograd.grad((folded * probe).sum(), [x, layer.weight])
+    plain = F.conv2d(F.interpolate(x, scale_factor=2, mode="nearest"), layer.weight, layer.bias, padding=1)
+    grads_plain = torch.autograd.grad((plain * probe).sum(), [x, layer.weight])
+    # assert: the same function and the same gradients, up to float32 rounding
+    assert folded.shape == plain.shape == (4, c_out, 2 * side, 2 * side)
+    assert torch.allclose(folded, plain, atol=1e-5, rtol=0)
+    for got, want in zip(grads_folded, grads_plain, strict=True):
+        assert torch.allclose(got, want, atol=1e-4, rtol=1e-5)
+
+
+def test_the_generator_keeps_its_parameter_names_and_shapes() -> None:
+    # prepare: the app's generator (resize upsampling, 32×32)
+    cfg = run_config().model
+    # act
+    netG, _ = build_models(cfg, seed=0)
+    shapes = {k: tuple(v.shape) for k, v in netG.state_dict().items() if k.startswith("body.")}
+    # assert: the names checkpoints written with nn.Upsample + nn.Conv2d carry (each stage: upsample,
+    # 3×3 convolution, GroupNorm, ReLU; the last: upsample, convolution, tanh)
+    top = cfg.g_width * 4
+    assert shapes == {
+        "body.1.weight": (top // 2, top, 3, 3), "body.2.weight": (top // 2,), "body.2.bias": (top // 2,),
+        "body.5.weight": (top // 4, top // 2, 3, 3), "body.6.weight": (top // 4,), "body.6.bias": (top // 4,),
+        "body.9.weight": (cfg.channels, top // 4, 3, 3), "body.9.bias": (cfg.channels,),
+    }
+    assert netG(torch.zeros(2, cfg.latent_dim), torch.tensor([0, 1])).shape == (2, cfg.channels, 32, 32)
