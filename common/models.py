@@ -89,12 +89,14 @@ class ResizeConv2d(nn.Conv2d):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight  # (c_out, c_in, 3, 3)
-        # K = [w2, w1 + w2, w0 + w1, w0] along the rows (c_out, c_in, 4, 3), then along the columns
-        rows = torch.stack([w[:, :, 2], w[:, :, 1] + w[:, :, 2], w[:, :, 0] + w[:, :, 1], w[:, :, 0]], 2)
-        kernel = torch.stack([rows[..., 2], rows[..., 1] + rows[..., 2], rows[..., 0] + rows[..., 1], rows[..., 0]],
-                             3)  # (c_out, c_in, 4, 4)
+        kernel = _fold(_fold(self.weight, 2), 3)  # (c_out, c_in, 3, 3) → (c_out, c_in, 4, 3) → (c_out, c_in, 4, 4)
         return F.conv_transpose2d(x, kernel.transpose(0, 1), self.bias, stride=2, padding=1)  # (B, c_out, 2s, 2s)
+
+
+def _fold(w: torch.Tensor, dim: int) -> torch.Tensor:
+    """The 3 taps [w0, w1, w2] along ``dim`` → the 4 of :class:`ResizeConv2d`'s kernel, [w2, w1 + w2, w0 + w1, w0]."""
+    w0, w1, w2 = w.unbind(dim)
+    return torch.stack([w2, w1 + w2, w0 + w1, w0], dim)
 
 
 class Generator(nn.Module):
