@@ -217,6 +217,7 @@ class FederationConfig:
     secagg_max_retries: int  # protocol restarts of one round after early dropouts
     secagg_degree: int  # 0: the complete graph; else SecAgg+ neighbours per hospital (common.secagg.graph)
     deterministic_noise: bool  # simulation tests only: seeded DP noise, NOT private
+    messages_in_flight: int  # simulation: a stage's messages pushed at most this many unanswered at a time; 0: all
 
     def __post_init__(self) -> None:
         if self.num_rounds < 1:
@@ -229,6 +230,8 @@ class FederationConfig:
             raise ConfigError(f"secagg.threshold must be 0 (default) or >= 3, got {self.secagg_threshold}")
         if self.secagg_max_retries < 0:
             raise ConfigError(f"secagg.max-retries must be >= 0, got {self.secagg_max_retries}")
+        if self.messages_in_flight < 0:
+            raise ConfigError(f"sim.messages-in-flight must be 0 (all at once) or >= 1, got {self.messages_in_flight}")
         if not (self.secagg_degree == COMPLETE or self.secagg_degree >= MIN_DEGREE):
             raise ConfigError(f"secagg.degree must be 0 (the complete graph) or >= {MIN_DEGREE} (SecAgg+ neighbours "
                               f"per hospital), got {self.secagg_degree}")
@@ -310,6 +313,7 @@ RUN_KEYS: dict[str, tuple[str, str, type]] = {
     "secagg.degree": ("federation", "secagg_degree", int),
     "sim.sites-dir": ("federation", "sites_dir", str),
     "sim.deterministic-noise": ("federation", "deterministic_noise", bool),
+    "sim.messages-in-flight": ("federation", "messages_in_flight", int),
     "data.class-names": ("run", "class_names", str),
     "model.image-size": ("model", "image_size", int),
     "model.latent-dim": ("model", "latent_dim", int),

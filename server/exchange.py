@@ -11,6 +11,15 @@ half the time the stage has taken so far and at most 0.5 s late, and a long trai
 the SuperLink two small requests a second (a pull costs it about 11 ms of CPU). The Simulation
 Engine's in-memory grid, whose own loop pulls every 0.1 s, gets the same pacing (its pulls are
 cheaper still).
+
+The Simulation Engine also needs a window. Every 0.1 s it asks its in-memory LinkState, once per
+virtual hospital, for that hospital's next message, and each ask scans every message stored and
+not yet answered (flwr 1.41 ``InMemoryLinkState.get_message_ins``, with an expiry and federation
+check per message): a stage pushed to all n hospitals at once costs n × n checks per tick. At 500
+hospitals that kept one of the two cores busy and round 1 did not finish in 900 s. With at most w
+messages in flight the tick costs n × w checks, and a few messages per Ray actor keep every actor
+fed. ``medsynth simulate`` sets w; the Deployment Engine's SuperLink indexes its messages and
+keeps the default 0 (everything at once).
 """
 
 from __future__ import annotations
@@ -25,19 +34,34 @@ FIRST_PULL_INTERVAL_S = 0.1  # the first pause between two pulls; doubled after 
 LONGEST_PULL_INTERVAL_S = 0.5
 
 
-def send_and_receive(grid: Grid, messages: Iterable[Message], timeout_s: float) -> list[Message]:
-    """Push ``messages``; return the replies that arrived within ``timeout_s`` seconds (maybe fewer)."""
-    batch = list(messages)  # HttpGrid.push_messages iterates its argument twice
-    waiting = {i for i in grid.push_messages(batch) if i}  # a message that could not be pushed has no id
+def send_and_receive(grid: Grid, messages: Iterable[Message], timeout_s: float, in_flight: int = 0) -> list[Message]:
+    """Push ``messages``; return the replies that arrived within ``timeout_s`` seconds (maybe fewer).
+
+    ``in_flight`` > 0 (run key ``sim.messages-in-flight``) keeps at most that many pushed and
+    unanswered: the rest wait here and are pushed as replies come in, and the pause goes back to
+    the shortest after each reply. A message still waiting here at the deadline is never sent.
+    """
+    queued = list(messages)  # HttpGrid.push_messages iterates its argument twice
+    window = in_flight if in_flight > 0 else len(queued)
     deadline = time.monotonic() + timeout_s
+    waiting: set[str] = set()
     replies: list[Message] = []
     pause = FIRST_PULL_INTERVAL_S
-    while waiting:
+    while True:
+        if queued and len(waiting) < window:
+            batch, queued = queued[: window - len(waiting)], queued[window - len(waiting):]
+            waiting |= {i for i in grid.push_messages(batch) if i}  # a message that could not be pushed has no id
+            continue
+        if not waiting:
+            break
         got = list(grid.pull_messages(waiting))
         replies += got
         waiting -= {m.metadata.reply_to_message_id for m in got}
-        if not waiting or time.monotonic() >= deadline:
+        if (not waiting and not queued) or time.monotonic() >= deadline:
             break
-        time.sleep(pause)
-        pause = min(2 * pause, LONGEST_PULL_INTERVAL_S)
+        if got and in_flight > 0:
+            pause = FIRST_PULL_INTERVAL_S  # room in the window: refill it soon
+        if not (got and queued):
+            time.sleep(pause)
+            pause = min(2 * pause, LONGEST_PULL_INTERVAL_S)
     return replies

@@ -187,6 +187,7 @@ def run_round(
     timeout_s: float,
     aggregate: Aggregate | None = None,
     warm_start: np.ndarray | None = None,
+    in_flight: int = 0,
 ) -> tuple[dict[str, np.ndarray] | None, RoundRecord]:
     """One round; returns (new global arrays or None if nobody trained, the round record)."""
     t0 = time.monotonic()
@@ -195,7 +196,7 @@ def run_round(
         Message(content, dst_node_id=n, message_type=MessageType.TRAIN, group_id=str(server_round))
         for n in nodes
     ]
-    replies = send_and_receive(grid, messages, timeout_s)
+    replies = send_and_receive(grid, messages, timeout_s, in_flight)
     decoded, failures = collect_replies(replies)
     costs = {
         str(m.content.config_records["privacy"]["site"]): SiteCost.of([received_entry(m)])
@@ -224,7 +225,7 @@ def run_round(
 
 
 def deliver_final_model(grid: Grid, arrays: dict[str, np.ndarray], history: Sequence[RoundRecord],
-                        timeout_s: float) -> FinalModel:
+                        timeout_s: float, in_flight: int = 0) -> FinalModel:
     """Send every connected hospital the final global model, the last round of ``history``'s, with each
     hospital's newest privacy report (it keeps both, trains nothing); who kept it."""
     nodes = sorted(grid.get_node_ids())
@@ -232,7 +233,7 @@ def deliver_final_model(grid: Grid, arrays: dict[str, np.ndarray], history: Sequ
     content = encode_final_model(arrays, model_round, latest_privacy(history))
     messages = [Message(content, dst_node_id=n, message_type=FINAL_MODEL, group_id=f"final-{model_round}")
                 for n in nodes]
-    replies = send_and_receive(grid, messages, timeout_s)
+    replies = send_and_receive(grid, messages, timeout_s, in_flight)
     failures: list[str] = []
     received: dict[str, ReceivedMessage] = {}
     for msg in replies:
@@ -392,7 +393,7 @@ def run_federation(grid: Grid, run: RunConfig, paths: ServerPaths, run_id: int) 
             new_arrays, record = secure.run_round(nodes, arrays, server_round, aggregate, release)
         else:
             new_arrays, record = run_round(grid, nodes, arrays, layout, server_round, fed.round_timeout_s,
-                                           aggregate, release)
+                                           aggregate, release, fed.messages_in_flight)
         log.info(describe_round(record, fed.num_rounds))
         if new_arrays is None:
             reason = f"round {server_round}: no hospital could train (budgets spent or failures)"
@@ -411,7 +412,7 @@ def run_federation(grid: Grid, run: RunConfig, paths: ServerPaths, run_id: int) 
         write_server_state(paths.state, state)
         write_report(paths.root)  # readable while the run goes on, and after a crash
     if state.rounds:  # the model of the last completed round: every hospital keeps it
-        final = deliver_final_model(grid, arrays, state.rounds, fed.round_timeout_s)
+        final = deliver_final_model(grid, arrays, state.rounds, fed.round_timeout_s, fed.messages_in_flight)
         log.info(describe_final(final))
         state = replace(state, final_model=final)
     state = replace(state, finished=True)

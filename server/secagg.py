@@ -107,13 +107,6 @@ class SecureRoundFailed(UserError, RuntimeError):
     exit_code = EXIT_RESTARTABLE
 
 
-def _send(grid: Grid, requests: Mapping[int, RecordDict], kind: str, group: str, timeout: float) -> list[Message]:
-    messages = [
-        Message(content, dst_node_id=node, message_type=kind, group_id=group) for node, content in requests.items()
-    ]
-    return send_and_receive(grid, messages, timeout)
-
-
 def _ok(replies: list[Message], failures: list[str], step: str) -> list[Message]:
     """Replies without Flower errors or hospital error records; the rest become failure lines."""
     good = []
@@ -134,11 +127,19 @@ class SecureRounds:
     def __init__(self, grid: Grid, run: RunConfig, run_id: int, layout: UpdateLayout) -> None:
         self.grid, self.run, self.run_id, self.layout = grid, run, run_id, layout
         self.timeout = run.federation.round_timeout_s
+        self.in_flight = run.federation.messages_in_flight
         self.setup_id = 0
         self.server: SecAggServer | None = None
         self.nodes_of: dict[str, int] = {}  # site id → Flower node id, of the current session
         self.received: dict[str, list[ReceivedMessage]] = {}  # per site this round: what it sent
 
+
+    def _send(self, requests: Mapping[int, RecordDict], kind: str, group: str) -> list[Message]:
+        """One stage: ``requests[node]`` to each node; the replies within the round timeout."""
+        messages = [
+            Message(content, dst_node_id=node, message_type=kind, group_id=group) for node, content in requests.items()
+        ]
+        return send_and_receive(self.grid, messages, self.timeout, self.in_flight)
     def _account(self, replies: list[Message]) -> list[Message]:
         """Add each reply (type, payload bytes and digest) to its site's messages of the round."""
         for msg in replies:
@@ -183,7 +184,7 @@ class SecureRounds:
         """Every node trains (or declines) and keeps its update; (privacy records, site → node)."""
         content = encode_train_request(global_arrays, server_round, warm_start)
         content["secagg"] = ConfigRecord({"run": str(self.run_id)})
-        sent = _send(self.grid, dict.fromkeys(nodes, content), MessageType.TRAIN, str(server_round), self.timeout)
+        sent = self._send(dict.fromkeys(nodes, content), MessageType.TRAIN, str(server_round))
         privacy: dict[str, SiteReply] = {}
         node_of: dict[str, int] = {}
         for msg in self._account(_ok(sent, failures, "train")):
@@ -200,7 +201,7 @@ class SecureRounds:
         self.server = None
         group = f"setup-{self.setup_id}"
         replies = self._account(_ok(
-            _send(self.grid, {n: secagg_record(self.ref) for n in nodes_of.values()}, KEYS, group, self.timeout),
+            self._send({n: secagg_record(self.ref) for n in nodes_of.values()}, KEYS, group),
             failures, "keys",
         ))
         adverts: dict[str, KeyAdvert] = {}
@@ -211,7 +212,7 @@ class SecureRounds:
             self.nodes_of[advert.site_id] = msg.metadata.src_node_id
         t = self.threshold(len(adverts))
         request = secagg_record(self.ref, threshold=t, adverts=[adverts[s].to_bytes() for s in sorted(adverts)])
-        sent = _send(self.grid, dict.fromkeys(self.nodes_of.values(), request), SHARE, group, self.timeout)
+        sent = self._send(dict.fromkeys(self.nodes_of.values(), request), SHARE, group)
         replies = self._account(_ok(sent, failures, "share"))
         cts = {str(field(m.content, "site")): pairs(m.content, "receivers", "cts") for m in replies}
         if set(cts) != set(adverts):
@@ -241,7 +242,7 @@ class SecureRounds:
     ) -> tuple[np.ndarray, list[str]]:
         server.begin_round(protocol_round(server_round))
         request = secagg_record(self.ref, round=server_round)
-        sent = _send(self.grid, dict.fromkeys(self.nodes_of.values(), request), MASK, str(server_round), self.timeout)
+        sent = self._send(dict.fromkeys(self.nodes_of.values(), request), MASK, str(server_round))
         for msg in self._account(_ok(sent, failures, "mask")):
             site = str(field(msg.content, "site"))
             if "masked" not in msg.content.array_records:
@@ -258,7 +259,7 @@ class SecureRounds:
                 self.ref, round=server_round, alive=sorted(alive), dead=sorted(dead),
                 s_senders=s_senders, s_cts=s_blobs, b_senders=b_senders, b_cts=b_blobs, **certified,
             )
-        unmasked = _ok(_send(self.grid, unmask_content, UNMASK, str(server_round), self.timeout), failures, "unmask")
+        unmasked = _ok(self._send(unmask_content, UNMASK, str(server_round)), failures, "unmask")
         for msg in self._account(unmasked):
             site = str(field(msg.content, "site"))
             b = dict(zip(str_list(msg.content, "b_sites"), field(msg.content, "b_shares"), strict=True))  # type: ignore[call-overload]
@@ -277,7 +278,7 @@ class SecureRounds:
         alive = server.consistency_request()  # TooFewSurvivors below the quorum: the round restarts
         request = secagg_record(self.ref, round=server_round, alive=list(alive))
         nodes = {self.nodes_of[site]: request for site in alive}
-        sent = _send(self.grid, nodes, CONSISTENCY, str(server_round), self.timeout)
+        sent = self._send(nodes, CONSISTENCY, str(server_round))
         for msg in self._account(_ok(sent, failures, "consistency")):
             signature = bytes(cast(bytes, field(msg.content, "signature")))
             server.receive_signature(str(field(msg.content, "site")), signature)

@@ -43,7 +43,7 @@ from simulation.partition import (
     write_site_dicom,
 )
 from simulation.phantoms import phantom_population
-from simulation.ray_cluster import parse_ray_address, probe_ray_cluster
+from simulation.ray_cluster import RayCluster, parse_ray_address, probe_ray_cluster
 from simulation.report import build_summary, format_summary
 from simulation.run_options import RUN_OPTIONS
 from simulation.superlink import LocalSuperLink
@@ -305,13 +305,28 @@ def build_sites(opts: SimulateOptions, source: SourceData, say: Callable[[str], 
     return ledgers
 
 
-def run_config_for(opts: SimulateOptions, class_names: tuple[str, ...], sites_dir: Path) -> dict[str, RunConfigValue]:
-    """The ``--run-config`` overrides: the options' and the run's folders and classes (every key
-    exists in [tool.flwr.app.config]; checked by parsing them over the app defaults)."""
+MESSAGES_PER_ACTOR = 4  # a stage's messages in flight per Ray actor: each has the next ones queued
+
+
+def messages_in_flight(opts: SimulateOptions, cluster: RayCluster | None = None) -> int:
+    """``sim.messages-in-flight`` for this simulation (why a window: ``server.exchange``): a few per
+    Ray actor of Flower's pool, ``floor(CPUs / cpus-per-site)`` per Ray node (this machine's
+    CPUs on a private Ray, ``cluster``'s live nodes when attached)."""
+    cpus = cluster.node_cpus if cluster is not None else (float(os.cpu_count() or 1),)
+    actors = sum(int(c // opts.cpus_per_site) for c in cpus)
+    return MESSAGES_PER_ACTOR * max(1, actors)
+
+
+def run_config_for(opts: SimulateOptions, class_names: tuple[str, ...], sites_dir: Path,
+                   cluster: RayCluster | None = None) -> dict[str, RunConfigValue]:
+    """The ``--run-config`` overrides: the options' and the run's folders, classes and message
+    window (every key exists in [tool.flwr.app.config]; checked by parsing them over the app
+    defaults). An explicit option wins."""
     cfg: dict[str, RunConfigValue] = {
         "output-dir": str(opts.out.resolve()),
         "sim.sites-dir": str(sites_dir.resolve()),
         "data.class-names": ",".join(class_names),
+        "sim.messages-in-flight": messages_in_flight(opts, cluster),
         **opts.overrides(),
     }
     run_config(cfg)
@@ -333,9 +348,10 @@ def simulate(opts: SimulateOptions, say: Callable[[str], None] = print) -> dict[
     """Run the whole simulation; returns the summary dict (also written to summary.json)."""
     t0 = time.monotonic()
     check_out_dir(opts.out)
+    cluster = None
     if opts.ray_address is not None:  # before anything is written or started
-        say(probe_ray_cluster(opts.ray_address, cpus_per_site=opts.cpus_per_site).describe()
-            + ": the virtual hospitals run there; OUT must be at the same path on every node")
+        cluster = probe_ray_cluster(opts.ray_address, cpus_per_site=opts.cpus_per_site)
+        say(cluster.describe() + ": the virtual hospitals run there; OUT must be at the same path on every node")
     if opts.resume:
         check_resume_initialisation(opts)
     opts.out.mkdir(parents=True, exist_ok=True)
@@ -353,7 +369,7 @@ def simulate(opts: SimulateOptions, say: Callable[[str], None] = print) -> dict[
     say(f"data: {'phantoms' if opts.dataset is None else opts.dataset} — {source.labels.size} images, "
         f"classes {list(source.class_names)}, partition {opts.partition}, {opts.sites} sites")
     ledgers = build_sites(opts, source, say)
-    overrides = run_config_for(opts, source.class_names, opts.out / "sites")
+    overrides = run_config_for(opts, source.class_names, opts.out / "sites", cluster)
     run = opts.run
 
     def on_line(line: str) -> None:

@@ -74,3 +74,66 @@ def test_the_wait_ends_at_the_timeout_with_the_replies_that_came(clock: list[flo
     # assert: the one reply, and the wait stopped at the timeout (no pull after it)
     assert [r.metadata.reply_to_message_id for r in replies] == ["m0"]
     assert 10.0 <= clock[0] < 10.0 + exchange.LONGEST_PULL_INTERVAL_S + 1e-9
+
+
+class WindowGrid:
+    """Message i (in the order given) is answered ``delay[i]`` pulls after it was pushed (None: never);
+    records how many were pushed and unanswered at once, as the Simulation Engine would hold them."""
+
+    def __init__(self, delay: list[int | None]) -> None:
+        self.delay = delay
+        self.pulls = 0
+        self.pushed: dict[str, tuple[Message, int | None]] = {}  # id → (message, pull number it is answered at)
+        self.answered: set[str] = set()
+        self.most_in_flight = 0
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        ids = []
+        for msg in messages:
+            i = len(self.pushed)
+            msg.metadata.__dict__["_message_id"] = f"m{i}"
+            delay = self.delay[i]
+            self.pushed[f"m{i}"] = (msg, None if delay is None else self.pulls + delay)
+            ids.append(f"m{i}")
+        self.most_in_flight = max(self.most_in_flight, len(self.pushed) - len(self.answered))
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        self.pulls += 1
+        out = []
+        for mid in set(message_ids) - self.answered:
+            msg, at = self.pushed[mid]
+            if at is not None and at <= self.pulls:
+                self.answered.add(mid)
+                out.append(Message(RecordDict(), reply_to=msg))
+        return out
+
+
+def test_a_window_keeps_at_most_that_many_in_flight_and_sends_every_message_once(clock: list[float]) -> None:
+    # prepare: ten hospitals answering 1 to 3 pulls after their message arrives
+    grid = WindowGrid([1, 3, 2, 1, 1, 2, 3, 1, 2, 1])
+    # act
+    replies = exchange.send_and_receive(grid, _messages(10), timeout_s=60.0, in_flight=3)  # type: ignore[arg-type]
+    # assert: every reply once, never more than 3 pushed and unanswered, each message pushed once
+    assert sorted(r.metadata.reply_to_message_id for r in replies) == sorted(f"m{i}" for i in range(10))
+    assert grid.most_in_flight == 3 and len(grid.pushed) == 10
+    assert {m.metadata.dst_node_id for m, _ in grid.pushed.values()} == set(range(1, 11))
+
+
+def test_without_a_window_the_whole_stage_is_pushed_at_once(clock: list[float]) -> None:
+    # prepare
+    grid = WindowGrid([1] * 10)
+    # act
+    exchange.send_and_receive(grid, _messages(10), timeout_s=60.0)  # type: ignore[arg-type]
+    # assert
+    assert grid.most_in_flight == 10
+
+
+def test_messages_still_queued_at_the_deadline_are_never_sent(clock: list[float]) -> None:
+    # prepare: a window of one, and the first hospital never answers
+    grid = WindowGrid([None, 1, 1])
+    # act
+    replies = exchange.send_and_receive(grid, _messages(3), timeout_s=10.0, in_flight=1)  # type: ignore[arg-type]
+    # assert: nothing came, only the first was pushed, and the wait ended at the timeout
+    assert replies == [] and list(grid.pushed) == ["m0"]
+    assert 10.0 <= clock[0] < 10.0 + exchange.LONGEST_PULL_INTERVAL_S + 1e-9

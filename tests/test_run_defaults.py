@@ -8,6 +8,7 @@ one name from ``node.toml`` to the code.
 
 from __future__ import annotations
 
+import os
 import shutil
 import tomllib
 from dataclasses import MISSING, fields
@@ -235,3 +236,20 @@ def test_simulate_secagg_degree_auto_is_complete_for_small_and_logarithmic_for_l
     assert opts.run.federation.secagg_degree == 20
     assert SimulateOptions(out=tmp_path, sites=3).run.federation.secagg_degree == 0
     assert _secagg_degree("12", 100) == 12 and _secagg_degree(None, 100) is None
+
+
+def test_a_simulation_windows_its_messages_by_the_ray_actors_it_has(tmp_path: Path) -> None:
+    # prepare: 2 CPUs per virtual hospital; a cluster of a 4-CPU and a 3-CPU node (2 + 1 actors)
+    from simulation.ray_cluster import RayCluster
+    from simulation.runner import MESSAGES_PER_ACTOR, messages_in_flight, run_config_for
+
+    opts = SimulateOptions(out=tmp_path, sites=3, cpus_per_site=2)
+    cluster = RayCluster(address="h:1", ray_version="x", python_version="3.11", node_cpus=(4.0, 3.0))
+    # act
+    attached = messages_in_flight(opts, cluster)
+    local = run_config_for(opts, ("a", "b"), tmp_path)
+    # assert: a few per actor, set in the run config, and the app default (all at once) left alone
+    assert attached == 3 * MESSAGES_PER_ACTOR
+    assert local["sim.messages-in-flight"] == MESSAGES_PER_ACTOR * max(1, (os.cpu_count() or 1) // 2)
+    assert run_config_for(opts, ("a", "b"), tmp_path, cluster)["sim.messages-in-flight"] == attached
+    assert opts.run.federation.messages_in_flight == 0
