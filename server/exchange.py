@@ -24,6 +24,7 @@ keeps the default 0 (everything at once).
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterable
 
@@ -32,6 +33,8 @@ from flwr.serverapp import Grid
 
 FIRST_PULL_INTERVAL_S = 0.1  # the first pause between two pulls; doubled after each one
 LONGEST_PULL_INTERVAL_S = 0.5
+
+log = logging.getLogger("medsynth.server")
 
 
 def send_and_receive(grid: Grid, messages: Iterable[Message], timeout_s: float, in_flight: int = 0) -> list[Message]:
@@ -42,8 +45,10 @@ def send_and_receive(grid: Grid, messages: Iterable[Message], timeout_s: float, 
     the shortest after each reply. A message still waiting here at the deadline is never sent.
     """
     queued = list(messages)  # HttpGrid.push_messages iterates its argument twice
+    stage, total = (queued[0].metadata.message_type if queued else ""), len(queued)
     window = in_flight if in_flight > 0 else len(queued)
-    deadline = time.monotonic() + timeout_s
+    started = time.monotonic()
+    deadline = started + timeout_s
     waiting: set[str] = set()
     replies: list[Message] = []
     pause = FIRST_PULL_INTERVAL_S
@@ -64,4 +69,5 @@ def send_and_receive(grid: Grid, messages: Iterable[Message], timeout_s: float, 
         if not (got and queued):
             time.sleep(pause)
             pause = min(2 * pause, LONGEST_PULL_INTERVAL_S)
+    log.info("stage %s: %d of %d replies in %.1f s", stage, len(replies), total, time.monotonic() - started)
     return replies

@@ -160,7 +160,9 @@ def child_main(args: argparse.Namespace) -> None:
     opts = SimulateOptions(out=args.out, sites=args.sites, rounds=ROUNDS, patients_per_site=args.patients_per_site,
                            local_steps=args.local_steps, timeout_s=args.timeout,
                            secure_aggregation=False if args.plain_aggregation else None,
-                           secagg_degree=_degree(args.secagg_degree, args.sites))
+                           secagg_degree=_degree(args.secagg_degree, args.sites),
+                           extra_config=() if args.messages_in_flight is None
+                           else (("sim.messages-in-flight", args.messages_in_flight),))
     check_out_dir(opts.out)
     source = load_source(opts)
     build_sites(opts, source, say=lambda line: None, parallel=args.prepare_parallel)
@@ -220,6 +222,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--setup-only", action="store_true", help="stop each run after the set-up (no Flower)")
     p.add_argument("--prepare-parallel", type=int, default=None,
                    help="sites prepared at once (default: one per core; 1: one after another, as before issue 20)")
+    p.add_argument("--messages-in-flight", type=int, default=None, metavar="W",
+                   help="a stage's messages pushed at most W at a time (sim.messages-in-flight; 0: all at once; "
+                        "default: as `medsynth simulate`, 4 per Ray actor)")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
@@ -233,6 +238,7 @@ def main(argv: list[str] | None = None) -> None:
     extra += [] if args.secagg_degree is None else ["--secagg-degree", args.secagg_degree]
     extra += ["--setup-only"] if args.setup_only else []
     extra += [] if args.prepare_parallel is None else ["--prepare-parallel", str(args.prepare_parallel)]
+    extra += [] if args.messages_in_flight is None else ["--messages-in-flight", str(args.messages_in_flight)]
     print(f"{ROUNDS} rounds per run, {args.patients_per_site} phantom patients per site, "
           f"{'plain' if args.plain_aggregation else 'secure'} aggregation, other settings the app's defaults; "
           f"{os.cpu_count()} cores", flush=True)

@@ -22,15 +22,13 @@ import re
 import shutil
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm import tqdm
 
-from client.prepare.pipeline import PrepareReport, load_or_create_salt, prepare_site
+from client.prepare.pipeline import load_or_create_salt, prepare_site
 from common.config import SIM_MEMBERS_FILE, ConfigError, ConfigValue, RunConfig, format_members, run_config, site_paths
 from common.flower import RunConfigValue, app_dir, run_app
 from common.report.html import write_report
@@ -46,6 +44,7 @@ from simulation.phantoms import phantom_population
 from simulation.ray_cluster import RayCluster, parse_ray_address, probe_ray_cluster
 from simulation.report import build_summary, format_summary
 from simulation.run_options import RUN_OPTIONS
+from simulation.sites import SiteBuild, prepare_sites
 from simulation.superlink import LocalSuperLink
 
 ROUND_LINE = re.compile(r"round (\d+)/(\d+): .*|round 0 \(warm start\): .*")
@@ -243,56 +242,20 @@ def site_shares(opts: SimulateOptions, source: SourceData) -> dict[str, np.ndarr
     return {f"site-{i}": indices for i, indices in enumerate(parts)}
 
 
-def prepare_one_site(opts: SimulateOptions, source: SourceData, site: str, indices: np.ndarray,
-                     workers: int) -> PrepareReport:
-    """Write one site's share as DICOM files and ``prepare`` it as a hospital node would, with
-    ``workers`` decoding processes (``client.prepare.workers``); a resumed run keeps its files."""
-    root = opts.out / "sites" / site
-    if not opts.resume and (root / "dicom").exists():
-        shutil.rmtree(root / "dicom")
-    if not (root / "dicom").exists():
-        write_site_dicom(source, indices, root / "dicom", site_name=site, seed=opts.run.federation.seed,
-                         masks=opts.run.model.pairs)
-    paths = site_paths(root)
-    return prepare_site(
-        root / "dicom",
-        paths.cache_dir,
-        image_size=opts.run.model.image_size,
-        salt=load_or_create_salt(paths.salt_path),
-        class_names=source.class_names,
-        progress=False,
-        workers=workers,
-        pairs=opts.run.model.pairs,
-    )
-
-
 def build_sites(opts: SimulateOptions, source: SourceData, say: Callable[[str], None],
                 parallel: int | None = None) -> dict[str, Path]:
     """Write and prepare every site, several at once, make their keys; returns site id → ledger path.
 
     ``parallel`` sites (default: one per core, at most the site count) are prepared at the same
-    time in threads, each with ``cores // parallel`` (at least 1) decoding workers: the threads
-    mostly wait on their workers, so the cores stay busy with decoding instead of one site's
-    worker start-up after another. Each site's result is what a one-at-a-time build gives (its
-    files, salt and cache depend on the site alone); lines are said in site order.
+    time (``simulation.sites.prepare_sites``). Each site's result is what a one-at-a-time build
+    gives (its files, salt and cache depend on the site alone); lines are said in site order.
     """
     shares = site_shares(opts, source)
     cores = os.cpu_count() or 1
     parallel = min(len(shares), cores) if parallel is None else max(1, min(parallel, len(shares)))
-    workers = max(1, cores // parallel)
-    reports: dict[str, PrepareReport] = {}
-    with ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="prepare") as pool, \
-            tqdm(total=len(shares), desc="prepare sites", unit="site") as bar:
-        futures = {pool.submit(prepare_one_site, opts, source, site, indices, workers): site
-                   for site, indices in shares.items()}
-        try:
-            for future in as_completed(futures):
-                reports[futures[future]] = future.result()
-                bar.update(1)
-        except BaseException:
-            for future in futures:
-                future.cancel()  # sites not started yet; running ones finish (their workers are reaped)
-            raise
+    build = SiteBuild(out=opts.out, seed=opts.run.federation.seed, image_size=opts.run.model.image_size,
+                      pairs=opts.run.model.pairs, resume=opts.resume)
+    reports = prepare_sites(build, source, shares, parallel)
     ledgers: dict[str, Path] = {}
     for site in shares:
         report = reports[site]

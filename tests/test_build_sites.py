@@ -34,3 +34,22 @@ def test_sites_prepared_at_once_hold_what_one_after_another_gives(tmp_path: Path
         assert patients == p_patients == 3
         np.testing.assert_array_equal(images, p_images)
         np.testing.assert_array_equal(labels, p_labels)
+
+
+def test_a_simulated_site_holds_what_the_nodes_sandboxed_prepare_gives(tmp_path: Path) -> None:
+    # prepare: a site built by the simulation (its own files, decoded in the preparing process)
+    from client.prepare.pipeline import load_or_create_salt, prepare_site
+
+    built = _prepared(tmp_path / "built", parallel=2)
+    site = site_paths(tmp_path / "built" / "sites" / "site-0")
+    # act: the same files through a hospital node's sandboxed decoding workers, with the site's salt
+    prepare_site(tmp_path / "built" / "sites" / "site-0" / "dicom", tmp_path / "sandboxed",
+                 image_size=SimulateOptions(out=tmp_path, sites=2).run.model.image_size,
+                 salt=load_or_create_salt(site.salt_path), class_names=("normal", "lesion"), progress=False,
+                 workers=1)
+    sandboxed = load_cache(tmp_path / "sandboxed")
+    # assert: the same images, labels and patients
+    images, labels, patients = built["site-0"]
+    np.testing.assert_array_equal(images, sandboxed.images)
+    np.testing.assert_array_equal(labels, sandboxed.labels)
+    assert patients == sandboxed.num_patients

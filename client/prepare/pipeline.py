@@ -193,7 +193,7 @@ def triage(entries: Sequence[FolderEntry], rule: LabelRule,
 
 def run_jobs(jobs: list[FileJob], settings: PrepareSettings, workers: int) -> Iterator[FileOutcome]:
     """Outcomes of ``jobs``: in sandboxed workers, or in this process when ``workers`` is 0."""
-    if workers == 0:  # no time or memory limit: for debugging only
+    if workers == 0:  # no time or memory limit: debugging, and files this process wrote itself (a simulation)
         yield from (process_file(job, settings) for job in jobs)
         return
     try:
