@@ -8,6 +8,7 @@ import json
 import re
 import shutil
 import subprocess
+import warnings
 import xml.etree.ElementTree as ET
 from html.parser import HTMLParser
 from pathlib import Path
@@ -17,26 +18,26 @@ import pytest
 from PIL import Image
 
 from common.audit_record import AuditFinding, AuditReport, write_audit
-from common.report.html import write_report
+from common.report.html import _spread, write_report
 from common.report.plots import DPI, bar_chart, image_table, line_chart, line_figure
 from common.report.samples import save_png
 
 SVG = "{http://www.w3.org/2000/svg}svg"
 
 
-def _run_folder(root: Path, rounds: int = 3) -> Path:
-    """server_state.json, summary.json and sample grids as a 3-site simulation leaves them."""
+def _run_folder(root: Path, rounds: int = 3, num_sites: int = 3) -> Path:
+    """server_state.json, summary.json and sample grids as a simulation of ``num_sites`` leaves them."""
     records = []
     for r in range(1, rounds + 1):
         privacy = {f"site-{s}": {"status": "ok", "epsilon": 2.5 * r + s, "epsilon_budget": 10.0, "delta": 1e-5,
-                                 "steps": 20 * r} for s in range(3)}
+                                 "steps": 20 * r} for s in range(num_sites)}
         records.append({"round": r, "sites_trained": sorted(privacy), "sites_budget_exhausted": [],
                         "loss_d_fake": 1.5 - 0.1 * r, "loss_g": 0.7 + 0.2 * r, "privacy": privacy, "failures": [],
                         "seconds": 12.5})
     (root / "server_state.json").write_text(json.dumps({"rounds": records, "finished": True,
                                                         "secure_aggregation": True}))
     sites = {f"site-{s}": {"epsilon": 7.5 + s, "delta": 1e-5, "epsilon_budget": 10.0, "steps": 60, "status": "ok"}
-             for s in range(3)}
+             for s in range(num_sites)}
     (root / "summary.json").write_text(json.dumps({"run_id": 42, "sites": sites, "wall_seconds": 99.0}))
     for r in range(1, rounds + 1):
         save_png(np.full((20, 40), 40 * r, np.uint8), root / "samples" / f"round-{r:04d}.png")
@@ -82,6 +83,24 @@ def test_report_holds_loss_epsilon_and_sample_plots_and_tables(tmp_path: Path) -
     assert "<td>site-2</td><td>9.5</td><td>1e-05</td><td>10</td><td>60</td><td>ok</td>" in page
     assert "<td>3</td><td>site-0, site-1, site-2</td><td>1.2</td><td>1.3</td><td>12.5</td>" in page
     assert "Evaluation" not in page  # no reference given
+
+
+def test_with_many_hospitals_the_charts_show_their_spread_and_the_table_every_one(tmp_path: Path) -> None:
+    # prepare: 100 hospitals (a legend of 100 names would squeeze the plot to nothing)
+    run = _run_folder(tmp_path, num_sites=100)
+    # act: any warning (matplotlib's "constrained_layout not applied") fails the test
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        page = write_report(run).read_text()
+    # assert: ε per round as highest, median and lowest (round 3: 7.5 + 99, median 7.5 + 49.5, 7.5),
+    # no bar per hospital, and every hospital in the table
+    images = _images(page)
+    assert "Epsilon per round" in images and "Epsilon against budget" not in images
+    assert "100 hospitals: the chart shows the highest, the median and the lowest ε" in page
+    assert all(f"<td>site-{s}</td>" in page for s in range(100))
+    spread = _spread({f"site-{s}": [(1.0, 2.5 + s), (2.0, 5.0 + s)] for s in range(100)})
+    assert spread == {"highest": [(1.0, 101.5), (2.0, 104.0)], "median": [(1.0, 52.0), (2.0, 54.5)],
+                      "lowest": [(1.0, 2.5), (2.0, 5.0)]}
 
 
 def test_a_deployed_run_fills_the_privacy_table_and_wall_time_from_the_round_records(tmp_path: Path) -> None:

@@ -20,6 +20,7 @@ import base64
 import datetime as dt
 import html
 import math
+import statistics
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ from common.round_record import RECORDS_FILE, RoundRecord, ServerState, read_ser
 
 REPORT_FILE = "report.html"
 MAX_GRIDS = 8
+MAX_DRAWN_HOSPITALS = 12  # above it, charts show the spread over hospitals (a legend of 100 fills the figure)
 _CSS = """body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}
 table{border-collapse:collapse;margin:.5em 0 1.5em}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}
 th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}img{max-width:100%}
@@ -74,6 +76,17 @@ def _training(rounds: Sequence[RoundRecord]) -> str:
     return "".join(parts)
 
 
+def _spread(per_site: Mapping[str, Sequence[tuple[float, float]]]) -> dict[str, list[tuple[float, float]]]:
+    """Per x (round): the highest, median and lowest y over the sites that have a point there."""
+    at: dict[float, list[float]] = {}
+    for points in per_site.values():
+        for x, y in points:
+            at.setdefault(x, []).append(y)
+    xs = sorted(at)
+    return {name: [(x, float(pick(at[x]))) for x in xs]
+            for name, pick in (("highest", max), ("median", statistics.median), ("lowest", min))}
+
+
 def _privacy(rounds: Sequence[RoundRecord], sites: Mapping[str, Mapping[str, Any]],
              attempted: RoundRecord | None = None) -> str:
     """ε per round and per hospital. The table's figures come from ``summary.json`` (a simulation
@@ -92,19 +105,26 @@ def _privacy(rounds: Sequence[RoundRecord], sites: Mapping[str, Mapping[str, Any
     parts = ["<h2>Privacy spent per hospital</h2>",
              '<p class="note">ε per patient at the hospital\'s δ, cumulative over every step its ledger holds. '
              "Dashed: the hospital's budget; no hospital trains past it.</p>"]
+    title = "Cumulative privacy loss of each hospital after each round"
+    if len(per_round) > MAX_DRAWN_HOSPITALS:
+        parts.append(f'<p class="note">{len(per_round)} hospitals: the chart shows the highest, the median and '
+                     "the lowest ε after each round; the table lists every hospital.</p>")
+        per_round = _spread(per_round)
+        title = f"Cumulative privacy loss after each round: highest, median and lowest of {len(budgets)} hospitals"
     if per_round:
         hlines = {f"budget ε = {b:g}": b for b in sorted({b for b in budgets.values() if math.isfinite(b)})}
-        parts.append(_img(line_chart(per_round, title="Cumulative privacy loss of each hospital after each round",
+        parts.append(_img(line_chart(per_round, title=title,
                                      xlabel="federated round", ylabel="ε per patient (at the hospital's δ)",
                                      hlines=hlines, integer_x=True),
                           "Epsilon per round", SVG_MIME))
-    if final:
-        names = sorted(final)
+    names = sorted(final)
+    if names and len(names) <= MAX_DRAWN_HOSPITALS:  # else the table alone: a bar per hospital would be unreadable
         parts.append(_img(bar_chart(
             names, {"epsilon spent": [float(final[s].get("epsilon", math.nan)) for s in names]},
             markers={"budget": [float(final[s].get("epsilon_budget", math.nan) or math.nan) for s in names]},
             title="Privacy loss spent by each hospital against its budget",
             ylabel="ε per patient (at the hospital's δ)"), "Epsilon against budget", SVG_MIME))
+    if names:
         parts.append(_table(["hospital", "ε", "δ", "budget", "DP steps", "status"],
                             [[s, final[s].get("epsilon"), final[s].get("delta"), final[s].get("epsilon_budget"),
                               final[s].get("steps"), final[s].get("status", "–")] for s in names]))
