@@ -40,13 +40,11 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
-import signal
 import subprocess
 import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from types import FrameType
 
 from common import round_record
 from common.atomic import write_json_atomic
@@ -62,6 +60,7 @@ from common.flower import (
     SuperLinkError,
     flwr_json,
     run_app,
+    sigterm_raises_interrupt,
     spawn,
     superlink_command,
     terminate_then_kill,
@@ -341,22 +340,17 @@ def read_server_state(results_dir: Path) -> ServerState | None:
         raise ConfigError(str(exc)) from exc
 
 
-def _raise_on_sigterm(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def start_server(cfg: ServerDeployConfig, say: Callable[[str], None] = print) -> ServerState | None:
     """``medsynth server start``: run the federation; the SuperLink is stopped however this ends."""
     if cfg.state_dir.resolve().is_relative_to(cfg.app_dir.resolve()):
         raise ConfigError(f"[superlink] state-dir {cfg.state_dir} lies inside the app folder {cfg.app_dir}; "
                           "`flwr run` would bundle it. Use a folder outside it.")
-    previous = signal.signal(signal.SIGTERM, _raise_on_sigterm)
     daemon = SuperLinkDaemon(cfg, say)
-    try:
-        state = daemon.run()
-    finally:
-        daemon.stop()
-        signal.signal(signal.SIGTERM, previous)
+    with sigterm_raises_interrupt():
+        try:
+            state = daemon.run()
+        finally:
+            daemon.stop()
     say(format_status(state, cfg))
     return state
 

@@ -39,6 +39,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from common.flower import sigterm_raises_interrupt
+
 DEFAULT_SITES = (10, 20, 50, 100, 500)
 ROUNDS = 2
 SAMPLE_EVERY_S = 0.5
@@ -131,8 +133,10 @@ def run_one(sites: int, patients_per_site: int, out: Path, timeout_s: float,
     try:
         code = child.wait(timeout=timeout_s + 600)
     except subprocess.TimeoutExpired:
-        child.kill()
-        code = child.wait()
+        code = stop_child(child)
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM (main): the child and what it started stop too
+        stop_child(child)
+        raise
     finally:
         stop.set()
         sampler.join()
@@ -140,6 +144,20 @@ def run_one(sites: int, patients_per_site: int, out: Path, timeout_s: float,
     times = json.loads(result_path.read_text()) if result_path.exists() else {}
     return ScaleResult(sites, times.get("setup_s"), times.get("round0_s"), times.get("first_round_s"),
                        times.get("steady_round_s"), peak, cpu, sum(loads) / max(len(loads), 1), code)
+
+
+CHILD_STOP_GRACE_S = 60.0  # the child's SuperLink, Ray and Flower processes stop within ≈ 30 s of SIGTERM
+
+
+def stop_child(child: subprocess.Popen[bytes]) -> int:
+    """SIGTERM the child, which then stops the Flower and Ray processes it started; SIGKILL after
+    :data:`CHILD_STOP_GRACE_S` (those may then survive). Its exit code."""
+    child.terminate()
+    try:
+        return child.wait(timeout=CHILD_STOP_GRACE_S)
+    except subprocess.TimeoutExpired:
+        child.kill()
+        return child.wait()
 
 
 def child_main(args: argparse.Namespace) -> None:
@@ -189,7 +207,7 @@ def child_main(args: argparse.Namespace) -> None:
             times["steady_round_s"] = marks[2] - marks[1]
         result_path.write_text(json.dumps(times))
 
-    with LocalSuperLink(opts.out / ".flwr") as link:
+    with sigterm_raises_interrupt(), LocalSuperLink(opts.out / ".flwr") as link:  # stopped however this ends
         run_app(project_dir(), link, run_config=overrides, num_supernodes=opts.sites,
                 num_cpus_per_node=opts.cpus_per_site, log_path=opts.out / "flower.log",
                 timeout_s=opts.timeout_s, on_line=on_line)
@@ -244,7 +262,8 @@ def main(argv: list[str] | None = None) -> None:
           f"{os.cpu_count()} cores", flush=True)
     rows = []
     for sites in args.sites:
-        r = run_one(sites, args.patients_per_site, args.out / f"sites-{sites}", args.timeout, extra)
+        with sigterm_raises_interrupt():
+            r = run_one(sites, args.patients_per_site, args.out / f"sites-{sites}", args.timeout, extra)
         rows.append(r)
         print(f"[{sites} sites] done: exit {r.exit_code}, {r.cpu_s:.0f} CPU s, mean load {r.mean_load:.1f}",
               flush=True)

@@ -26,8 +26,9 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
+from types import FrameType
 
 from common.flower.env import TAG_ENV_VAR, FlowerEnv
 from common.flower.errors import CertificateNotTrusted, DaemonExited, HealthTimeout
@@ -47,6 +48,22 @@ __all__ = [
 #: Seconds we wait for processes to disappear after SIGKILL (they only need to be scheduled).
 _KILL_WAIT_S = 5.0
 _POLL_S = 0.2
+
+
+def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+@contextlib.contextmanager
+def sigterm_raises_interrupt() -> Iterator[None]:
+    """Inside: SIGTERM raises ``KeyboardInterrupt`` in the main thread, as Ctrl-C does, so the
+    ``finally`` blocks and context managers that stop the Flower processes we started run (the
+    default action would end this process and leave them running). The previous handler after."""
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def tail(path: Path, lines: int = 40) -> str:
