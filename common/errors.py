@@ -19,6 +19,7 @@ from typing import ClassVar
 
 EXIT_FIX_CONFIG = 2
 EXIT_RESTARTABLE = 1
+EXIT_INTERRUPTED = 130  # SIGINT, or SIGTERM during `server start`; the systemd units count it as success
 
 
 class UserError(Exception):

@@ -29,11 +29,10 @@ from dataclasses import dataclass
 from types import ModuleType
 
 from common.cli_help import DefaultsOnceHelpFormatter
-from common.errors import EXIT_FIX_CONFIG, UserError
+from common.errors import EXIT_FIX_CONFIG, EXIT_INTERRUPTED, UserError
 
 PROG = "medsynth"
 CERTS = "certs"
-EXIT_INTERRUPTED = 130  # SIGINT, or SIGTERM during `server start`; the systemd units count it as success
 
 
 @dataclass(frozen=True)

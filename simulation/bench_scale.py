@@ -39,6 +39,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from common.errors import EXIT_INTERRUPTED
 from common.flower import sigterm_raises_interrupt
 
 DEFAULT_SITES = (10, 20, 50, 100, 500)
@@ -276,4 +277,9 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: what this run started has been stopped (run_one, child_main)
+        print("bench_scale: interrupted; the simulation and the Flower and Ray processes it started were stopped",
+              file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)
