@@ -106,11 +106,11 @@ def _privacy(rounds: Sequence[RoundRecord], sites: Mapping[str, Mapping[str, Any
              '<p class="note">ε per patient at the hospital\'s δ, cumulative over every step its ledger holds. '
              "Dashed: the hospital's budget; no hospital trains past it.</p>"]
     title = "Cumulative privacy loss of each hospital after each round"
-    if len(per_round) > MAX_DRAWN_HOSPITALS:
-        parts.append(f'<p class="note">{len(per_round)} hospitals: the chart shows the highest, the median and '
+    if (drawn := len(per_round)) > MAX_DRAWN_HOSPITALS:
+        parts.append(f'<p class="note">{drawn} hospitals: the chart shows the highest, the median and '
                      "the lowest ε after each round; the table lists every hospital.</p>")
         per_round = _spread(per_round)
-        title = f"Cumulative privacy loss after each round: highest, median and lowest of {len(budgets)} hospitals"
+        title = f"Cumulative privacy loss after each round: highest, median and lowest of {drawn} hospitals"
     if per_round:
         hlines = {f"budget ε = {b:g}": b for b in sorted({b for b in budgets.values() if math.isfinite(b)})}
         parts.append(_img(line_chart(per_round, title=title,
