@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common.config import GLOBAL_MODEL_DIR, LATENT_SCALE, site_paths
+from common.config import CANDIDATES, GLOBAL_MODEL_DIR, LATENT_SCALE, site_paths
 from common.errors import UserError
 from common.export import SIDECAR, ExportError, ExportFormat, Provenance, SitePrivacy, export_images
 from common.pairs import IMAGE_CHANNEL
@@ -98,7 +98,8 @@ def _own_privacy(ledger_path: Path) -> dict[str, SitePrivacy]:
 
 def augment_site(state_dir: Path, label: str, n: int, *, cache_dir: Path | None = None,
                  checkpoint: Path | None = None, out: Path | None = None, seed: int | None = None,
-                 latent_scale: float = LATENT_SCALE, fmt: ExportFormat = "npz") -> AugmentResult:
+                 latent_scale: float = LATENT_SCALE, candidates: int = CANDIDATES,
+                 fmt: ExportFormat = "npz") -> AugmentResult:
     """Draw ``n`` images of class ``label`` (image–mask pairs for a pair model) and export them beside
     the hospital's cache.
 
@@ -112,6 +113,8 @@ def augment_site(state_dir: Path, label: str, n: int, *, cache_dir: Path | None 
         raise AugmentUnavailable(f"--n must be at least 1, got {n}")
     if not 0 < latent_scale <= 1:
         raise AugmentUnavailable(f"--latent-scale must be in (0, 1], got {latent_scale}")
+    if candidates < 1:
+        raise AugmentUnavailable(f"--candidates must be at least 1, got {candidates}")
     paths = site_paths(state_dir)
     cache = (cache_dir or paths.cache_dir).resolve()
     generator = load_generator(model_source(state_dir, checkpoint))
@@ -139,8 +142,10 @@ def augment_site(state_dir: Path, label: str, n: int, *, cache_dir: Path | None 
     if (target / SIDECAR).exists():
         raise AugmentUnavailable(f"{target} already holds an export; give --out or another --seed")
     labels = np.full(n, index, dtype=np.int64)
-    images = generator.sample(labels, seed=seed, latent_scale=latent_scale)  # (n, C, S, S) in [-1, 1], C = 2: pairs
+    images = generator.sample(labels, seed=seed, latent_scale=latent_scale,
+                              candidates=candidates)  # (n, C, S, S) in [-1, 1], C = 2: pairs
     sampling = {"seed": seed, "class": names[index], "n": n, "latent_scale": latent_scale,
+                "candidates": candidates if generator.discriminator is not None else 1,
                 "purpose": "augment the hospital's training set; not patient data"}
     if own_only or relayed:
         sampling["privacy_note"] = OWN_LEDGER_NOTE if own_only else RELAYED_NOTE

@@ -30,6 +30,7 @@ from common.cli_help import DefaultsOnceHelpFormatter
 
 _SIDECAR = "medsynth_export.json"  # common.export.SIDECAR, named here without importing numpy for --help
 _LATENT_SCALE = 0.7  # common.config.LATENT_SCALE (checked equal by tests/test_augment.py)
+_CANDIDATES = 3  # common.config.CANDIDATES (likewise)
 
 if TYPE_CHECKING:
     SubParsers = argparse._SubParsersAction[argparse.ArgumentParser]
@@ -160,6 +161,9 @@ def add_parsers(sub: SubParsers) -> None:
     p.add_argument("--seed", type=int, default=None, help="seed of the latent vectors (default: random)")
     p.add_argument("--latent-scale", type=float, default=_LATENT_SCALE,
                    help="spread of the latents, z ~ N(0, scale^2 I), in (0, 1] (docs/evaluation.md)")
+    p.add_argument("--candidates", type=int, default=_CANDIDATES,
+                   help="draw this many images per image kept, keep the one the model's discriminator finds most "
+                        "likely of the class (1: no filter; docs/evaluation.md)")
     p.set_defaults(func=cmd_augment)
 
     p = nsub.add_parser(
@@ -373,7 +377,7 @@ def cmd_augment(args: argparse.Namespace) -> int:
 
     state, cache = _site_dirs(args)
     result = augment_site(state, args.label, args.n, cache_dir=cache, checkpoint=args.checkpoint, out=args.out,
-                          seed=args.seed, latent_scale=args.latent_scale, fmt=args.format)
+                          seed=args.seed, latent_scale=args.latent_scale, candidates=args.candidates, fmt=args.format)
     p = result.provenance
     eps = {s: round(v.epsilon, 4) for s, v in p.sites.items()}
     what = "image–mask pair(s)" if result.pairs else "image(s)"

@@ -21,10 +21,10 @@ import torch
 
 from common.atomic import read_json_object
 from common.checkpoint import Checkpoint, CheckpointInvalid, latest_valid_checkpoint, load_checkpoint
-from common.config import LATENT_SCALE, ModelConfig
+from common.config import CANDIDATES, LATENT_SCALE, ModelConfig
 from common.errors import UserError
 from common.export import Provenance, privacy_from_history, privacy_from_reports
-from common.models import Generator, build_models, sample_latents
+from common.models import Discriminator, Generator, build_models, class_filter_applies, draw_images
 from common.round_record import RECORDS_FILE, Initialisation, read_server_state
 from common.weights import UpdateLayoutError, load_model_arrays, model_arrays
 
@@ -35,25 +35,31 @@ class CheckpointUnusable(UserError, ValueError):
 
 @dataclass(frozen=True, eq=False)
 class LoadedGenerator:
-    """The generator of one checkpoint, in eval mode, with what it needs to sample and to be cited."""
+    """The generator of one checkpoint, in eval mode, with what it needs to sample and to be cited.
+
+    ``discriminator``: the checkpoint's D when it can judge classes (``common.models.class_filter_applies``),
+    for the class filter of :meth:`sample`; else None.
+    """
 
     generator: Generator
     cfg: ModelConfig
     class_names: tuple[str, ...]
     provenance: Provenance
+    discriminator: Discriminator | None = None
 
     @torch.no_grad()
     def sample(self, labels: np.ndarray, *, seed: int, latent_scale: float = LATENT_SCALE,
-               batch_size: int = 512) -> np.ndarray:
+               candidates: int = CANDIDATES, batch_size: int = 512) -> np.ndarray:
         """Images (n, C, S, S) float32 in [-1, 1] for class labels (n,); latents N(0, latent_scale²·I) from
-        ``seed``. C = 2 for a pair model: channel 1 is the mask (``common.pairs.binary_masks``)."""
+        ``seed``, each image the best of ``candidates`` draws by D's class head (``common.models.draw_images``).
+        C = 2 for a pair model: channel 1 is the mask (``common.pairs.binary_masks``)."""
         gen = torch.Generator().manual_seed(seed)
         self.generator.eval()
         out = []
         for i in range(0, labels.shape[0], batch_size):
             y = torch.from_numpy(np.asarray(labels[i : i + batch_size], dtype=np.int64))
-            z = sample_latents(y.shape[0], self.cfg.latent_dim, gen, latent_scale)  # (b, latent)
-            out.append(self.generator(z, y if self.cfg.conditional else None))
+            out.append(draw_images(self.generator, self.discriminator, y, gen, latent_scale=latent_scale,
+                                   candidates=candidates))  # (b, C, S, S)
         side = self.cfg.image_size
         return torch.cat(out).numpy() if out else np.zeros((0, self.cfg.channels, side, side), np.float32)
 
@@ -165,6 +171,7 @@ def load_generator(path: Path, *, class_names: tuple[str, ...] | None = None,
     except UpdateLayoutError as exc:
         raise CheckpointUnusable(f"{ckpt.path.name}: {exc}") from exc
     netG.eval()
+    netD.eval()
     state = read_server_state(ckpt.path.parent.parent / RECORDS_FILE)
     run_id = ckpt.run_id if ckpt.run_id is not None else summary.get("run_id")
     provenance = Provenance(
@@ -178,4 +185,4 @@ def load_generator(path: Path, *, class_names: tuple[str, ...] | None = None,
         secure_aggregation=state.secure_aggregation if state is not None else None,
         initialisation=ckpt.initialisation,
     )
-    return LoadedGenerator(netG, cfg, tuple(names), provenance)
+    return LoadedGenerator(netG, cfg, tuple(names), provenance, netD if class_filter_applies(cfg) else None)

@@ -26,7 +26,7 @@ import numpy as np
 
 from common.atomic import write_json_atomic
 from common.cli_help import DefaultsOnceHelpFormatter, says_its_default
-from common.config import LATENT_SCALE, parse_class_names
+from common.config import CANDIDATES, LATENT_SCALE, parse_class_names
 from common.export import FORMATS, SIDECAR, ExportError, export_images
 from simulation.run_options import AUTO_C, AUTO_COMPLETE_UP_TO, auto_degree
 
@@ -184,6 +184,9 @@ def _evaluate_parsers(sub: SubParsers) -> None:
     e.add_argument("--seed", type=int, default=0, help="seed of the latent vectors and subsampling")
     e.add_argument("--latent-scale", type=float, default=LATENT_SCALE,
                    help="spread of the latents, z ~ N(0, scale² I); 1 draws as in training (docs/evaluation.md)")
+    e.add_argument("--candidates", type=int, default=CANDIDATES,
+                   help="draw this many images per image kept and keep the one the model's discriminator finds most "
+                        "likely of its class (1: no filter; docs/evaluation.md)")
     e.add_argument("--memorization-ratio", type=float, default=0.5,
                    help="a synthetic image counts as memorized when d(nearest train) < RATIO × d(nearest held-out)")
     e.add_argument("--aggregate-only", action="store_true",
@@ -215,6 +218,9 @@ def _evaluate_parsers(sub: SubParsers) -> None:
     s.add_argument("--seed", type=int, default=None, help="seed of the latent vectors (default: random)")
     s.add_argument("--latent-scale", type=float, default=LATENT_SCALE,
                    help="spread of the latents, z ~ N(0, scale² I); 1 draws as in training (docs/evaluation.md)")
+    s.add_argument("--candidates", type=int, default=CANDIDATES,
+                   help="draw this many images per image kept and keep the one the model's discriminator finds most "
+                        "likely of its class (1: no filter; docs/evaluation.md)")
     s.add_argument("--classes", default=None,
                    help="comma-separated class names in class-index order, for a checkpoint whose run did not "
                         "record them (default: the run's names, else class0, class1, ...)")
@@ -403,7 +409,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     opts = EvaluateOptions(
         checkpoint=args.checkpoint, reference=args.reference, out=args.out, held_out=args.held_out,
         n_synthetic=args.n_synthetic, class_balance=args.class_balance, seed=args.seed, latent_scale=args.latent_scale,
-        aggregate_only=args.aggregate_only, memorization_ratio=args.memorization_ratio, cache_dir=args.cache_dir,
+        candidates=args.candidates, aggregate_only=args.aggregate_only, memorization_ratio=args.memorization_ratio,
+        cache_dir=args.cache_dir,
     )
     if not 0 < opts.memorization_ratio <= 1:
         raise EvaluationError("--memorization-ratio must be in (0, 1]")
@@ -425,6 +432,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
         raise ExportError("--n must be at least 1")
     if not 0 < args.latent_scale <= 1:
         raise ExportError(f"--latent-scale must be in (0, 1], got {args.latent_scale}")
+    if args.candidates < 1:
+        raise ExportError(f"--candidates must be at least 1, got {args.candidates}")
     override = parse_class_names(args.classes) if args.classes else None
     generator = load_generator(args.checkpoint, override_names=override)
     names = generator.class_names
@@ -433,9 +442,11 @@ def cmd_sample(args: argparse.Namespace) -> int:
         labels = np.full(args.n, _class_index(args.label, names), dtype=np.int64)
     else:
         labels = np.arange(args.n, dtype=np.int64) % len(names)
-    images = generator.sample(labels, seed=seed, latent_scale=args.latent_scale)
+    images = generator.sample(labels, seed=seed, latent_scale=args.latent_scale, candidates=args.candidates)
+    candidates = args.candidates if generator.discriminator is not None else 1  # the filter needs a class head
     files = export_images(images, labels, args.out, args.format, generator.provenance,
-                          sampling={"seed": seed, "class": args.label, "n": args.n, "latent_scale": args.latent_scale})
+                          sampling={"seed": seed, "class": args.label, "n": args.n, "latent_scale": args.latent_scale,
+                                    "candidates": candidates})
     eps = {s: round(p.epsilon, 4) for s, p in generator.provenance.sites.items()}
     pairs = (" (image–mask pairs: masks in masks/, as DICOM SEG <name>.seg.dcm beside DICOM images, or the npz's "
              "'masks')" if generator.cfg.pairs else "")

@@ -17,7 +17,7 @@ from flwr.app import ConfigRecord
 from client.augment import SYNTHETIC_DIR
 from client.ledger import PrivacyLedger
 from common.checkpoint import load_checkpoint, save_checkpoint
-from common.config import GLOBAL_MODEL_DIR, LATENT_SCALE
+from common.config import CANDIDATES, GLOBAL_MODEL_DIR, LATENT_SCALE
 from common.dataset import CACHE_FILE, read_cache_fingerprint, save_cache
 from common.dp.accounting import Charge
 from common.evaluation.augment import (
@@ -257,7 +257,7 @@ def test_train_classifier_prints_and_writes_numbers_only(site: Path, capsys: pyt
 def test_cli_defaults_written_once() -> None:
     from client import cli
 
-    assert (cli._LATENT_SCALE, cli._SIDECAR) == (LATENT_SCALE, SIDECAR)
+    assert (cli._LATENT_SCALE, cli._CANDIDATES, cli._SIDECAR) == (LATENT_SCALE, CANDIDATES, SIDECAR)
 
 
 def test_benchmark_names_the_most_skewed_and_the_smallest_hospital() -> None:

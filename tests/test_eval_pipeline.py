@@ -70,7 +70,8 @@ class FixedSource:
         self.class_names = ("class0", "class1")
         self.provenance = Provenance("0" * 64, "none", 0, None, {}, self.class_names, {})
 
-    def sample(self, labels: np.ndarray, *, seed: int, latent_scale: float = 1.0) -> np.ndarray:  # scale: unused
+    def sample(self, labels: np.ndarray, *, seed: int, latent_scale: float = 1.0,
+               candidates: int = 1) -> np.ndarray:  # scale, candidates: unused
         rng = np.random.default_rng(seed)
         if self.pool is None:
             return rng.uniform(-1, 1, (labels.size, 1, 32, 32)).astype(np.float32)

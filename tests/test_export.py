@@ -137,8 +137,8 @@ def test_latent_scale_draws_the_same_latents_narrowed(trained: tuple[Path, Path]
     with torch.no_grad():
         by_hand = {s: loaded.generator(s * z, labels).numpy() for s in (1.0, LATENT_SCALE)}
     # act
-    drawn = {s: loaded.sample(labels.numpy(), seed=5, latent_scale=s) for s in (1.0, LATENT_SCALE)}
-    default = loaded.sample(labels.numpy(), seed=5)
+    drawn = {s: loaded.sample(labels.numpy(), seed=5, latent_scale=s, candidates=1) for s in (1.0, LATENT_SCALE)}
+    default = loaded.sample(labels.numpy(), seed=5, candidates=1)
     args = ["sample", "--checkpoint", str(run), "--n", "2", "--latent-scale"]
     code = main([*args, "1", "--out", str(tmp_path / "a")])
     refused = main([*args, "0", "--out", str(tmp_path / "b")])

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from common.config import run_config
-from common.models import ResizeConv2d, build_models
+from common.models import Discriminator, Generator, ResizeConv2d, build_models, draw_images, sample_latents
 
 
 @pytest.mark.parametrize(("c_in", "c_out", "side", "bias"), [(64, 32, 4, False), (32, 16, 8, False), (16, 1, 16, True),
@@ -48,3 +50,53 @@ def test_the_generator_keeps_its_parameter_names_and_shapes() -> None:
         "body.9.weight": (cfg.channels, top // 4, 3, 3), "body.9.bias": (cfg.channels,),
     }
     assert netG(torch.zeros(2, cfg.latent_dim), torch.tensor([0, 1])).shape == (2, cfg.channels, 32, 32)
+
+
+def _class_filter_models(aux: bool = True) -> tuple[Generator, Discriminator]:
+    cfg = replace(run_config({"model.aux-classifier": aux}).model, num_classes=2)
+    netG, netD = build_models(cfg, seed=3)
+    with torch.no_grad():  # a class head that prefers bright images for class 1: the filter has something to pick
+        first = netD.body[0]
+        assert isinstance(first, torch.nn.Conv2d)
+        first.weight.add_(0.05)
+        if netD.classify is not None:
+            netD.classify.weight[1].add_(0.5)
+    netG.eval()
+    netD.eval()
+    return netG, netD
+
+
+def test_the_class_filter_keeps_the_candidate_the_class_head_likes_best() -> None:
+    # prepare: the candidates drawn independently from the same latent stream
+    netG, netD = _class_filter_models()
+    labels = torch.tensor([0, 1, 1, 0, 1, 0, 0, 1])
+    k, b = 3, labels.shape[0]
+    with torch.no_grad():
+        z = sample_latents(k * b, netG.cfg.latent_dim, torch.Generator().manual_seed(5))
+        candidates = netG(z, labels.repeat(k)).view(k, b, 1, 32, 32)
+        log_p = torch.stack([netD(candidates[j], labels)[1].log_softmax(1)[torch.arange(b), labels] for j in range(k)])
+    # act
+    kept = draw_images(netG, netD, labels, torch.Generator().manual_seed(5), candidates=k)
+    # assert: each kept image is its best-scored candidate, and the filter raised the class head's mean belief
+    best = log_p.argmax(dim=0)
+    assert torch.equal(kept, candidates[best, torch.arange(b)])
+    assert log_p.max(dim=0).values.mean() > log_p.mean()
+    assert len(set(best.tolist())) > 1  # not always the first draw
+
+
+def test_one_candidate_or_no_class_head_is_the_plain_draw() -> None:
+    # prepare
+    netG, netD = _class_filter_models()
+    bare_G, bare_D = _class_filter_models(aux=False)
+    labels = torch.tensor([1, 0, 1])
+    with torch.no_grad():
+        plain = netG(sample_latents(3, netG.cfg.latent_dim, torch.Generator().manual_seed(9)), labels)
+        bare = bare_G(sample_latents(3, bare_G.cfg.latent_dim, torch.Generator().manual_seed(9)), labels)
+    # act
+    one = draw_images(netG, netD, labels, torch.Generator().manual_seed(9), candidates=1)
+    headless = draw_images(bare_G, bare_D, labels, torch.Generator().manual_seed(9), candidates=3)
+    # assert
+    assert torch.equal(one, plain)
+    assert torch.equal(headless, bare)
+    with pytest.raises(ValueError, match="at least 1"):
+        draw_images(netG, netD, labels, torch.Generator(), candidates=0)

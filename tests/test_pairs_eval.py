@@ -73,7 +73,8 @@ class PairSource:
         self.class_names = NAMES
         self.provenance = Provenance("0" * 64, "none", 0, None, {}, NAMES, {})
 
-    def sample(self, labels: np.ndarray, *, seed: int, latent_scale: float = 1.0) -> np.ndarray:  # scale: unused
+    def sample(self, labels: np.ndarray, *, seed: int, latent_scale: float = 1.0,
+               candidates: int = 1) -> np.ndarray:  # scale, candidates: unused
         rng = np.random.default_rng(seed)
         if self.rows is None:
             return rng.uniform(-1, 1, (labels.size, 2, 32, 32)).astype(np.float32)

@@ -36,7 +36,7 @@ import numpy as np
 
 from common.atomic import write_bytes_atomic, write_json_atomic
 from common.checkpoint_model import load_generator
-from common.config import LATENT_SCALE, ModelConfig
+from common.config import CANDIDATES, LATENT_SCALE, ModelConfig
 from common.dataset import DatasetError, load_cache
 from common.errors import UserError
 from common.evaluation.features import FeatureExtractor, default_cache_dir, load_or_train_extractor
@@ -78,7 +78,8 @@ class ImageSource(Protocol):
     def class_names(self) -> tuple[str, ...]: ...
     @property
     def provenance(self) -> Provenance: ...
-    def sample(self, labels: np.ndarray, *, seed: int, latent_scale: float = ...) -> np.ndarray: ...
+    def sample(self, labels: np.ndarray, *, seed: int, latent_scale: float = ...,
+               candidates: int = ...) -> np.ndarray: ...
 
 
 @dataclass(frozen=True)
@@ -94,6 +95,7 @@ class EvaluateOptions:
     class_balance: Literal["real", "uniform"] = "real"
     seed: int = 0
     latent_scale: float = LATENT_SCALE  # sampling spread of the latents (common.models)
+    candidates: int = CANDIDATES  # draws per image kept, by D's class head (common.models.draw_images)
     aggregate_only: bool = False
     memorization_ratio: float = 0.5
     cache_dir: Path | None = None
@@ -106,6 +108,8 @@ class EvaluateOptions:
             raise EvaluationError(f"class balance must be 'real' or 'uniform', got {self.class_balance!r}")
         if not 0 < self.latent_scale <= 1:
             raise EvaluationError(f"--latent-scale must be in (0, 1], got {self.latent_scale}")
+        if self.candidates < 1:
+            raise EvaluationError(f"--candidates must be at least 1, got {self.candidates}")
 
 
 def run_folder(checkpoint: Path) -> Path:
@@ -244,11 +248,12 @@ def evaluate(
     num_classes = len(reference.class_names)
     shares = reference.class_shares() if opts.class_balance == "real" else np.full(num_classes, 1.0 / num_classes)
     labels = balanced_labels(n, shares, seed=opts.seed)
-    fake = generator.sample(labels, seed=opts.seed, latent_scale=opts.latent_scale)
+    fake = generator.sample(labels, seed=opts.seed, latent_scale=opts.latent_scale, candidates=opts.candidates)
     real_cap = reference.train.images[:FIDELITY_MAX]
     fidelity_fake = fake[: real_cap.shape[0]]  # FD/KID/PRDC: as many synthetic as real images
     result: dict[str, Any] = {"fd_kind": FD_KIND, "n_synthetic": n, "n_test": len(reference.test),
                               "class_balance": opts.class_balance, "latent_scale": opts.latent_scale,
+                              "candidates": opts.candidates,
                               **_fidelity(extractor, fidelity_fake, real_cap, opts.seed)}
     say(f"domain FD {result['fd']:.3f}, KID {result['kid']:.4f}, precision {result['precision']:.3f}, "
         f"recall {result['recall']:.3f}")
@@ -311,7 +316,8 @@ def evaluate_pair_model(opts: EvaluateOptions, generator: ImageSource, say: Call
     epochs = opts.unet_epochs
     num_classes = len(generator.class_names)
     labels = balanced_labels(n, np.full(num_classes, 1.0 / num_classes), seed=opts.seed)
-    synthetic = Pairs.of_channels(generator.sample(labels, seed=opts.seed, latent_scale=opts.latent_scale))
+    synthetic = Pairs.of_channels(generator.sample(labels, seed=opts.seed, latent_scale=opts.latent_scale,
+                                                   candidates=opts.candidates))
     say(f"pair model {generator.provenance.checkpoint}: U-Nets on {n} synthetic and {len(real_train.images)} real "
         f"training pairs, tested on {len(real_test.images)} real pairs ({epochs} epochs each)")
     scores = evaluate_pairs(synthetic, real_train, real_test, seed=opts.seed, epochs=epochs)

@@ -68,7 +68,7 @@ from common.audit_record import AuditFinding
 from common.checkpoint_model import model_config_from_arrays, resolve_checkpoint
 from common.config import LATENT_SCALE, ModelConfig
 from common.evaluation.reference import LabelledImages
-from common.models import Discriminator, Generator, build_models, sample_latents
+from common.models import Discriminator, Generator, build_models, draw_images
 from common.weights import load_model_arrays
 
 CONFIDENCE = 0.95  # of every ε lower bound
@@ -212,11 +212,11 @@ class ReleasedModel:
 
     @torch.no_grad()
     def sample(self, labels: np.ndarray, *, seed: int, latent_scale: float = LATENT_SCALE) -> np.ndarray:
-        """Synthetic images (n, 1, S, S) for ``labels`` (n,), drawn as ``medsynth sample`` draws them."""
+        """Synthetic images (n, 1, S, S) for ``labels`` (n,), drawn as ``medsynth sample`` draws them
+        (the class filter included)."""
         gen = torch.Generator().manual_seed(seed)
         y = torch.from_numpy(np.asarray(labels, np.int64))
-        z = sample_latents(y.shape[0], self.cfg.latent_dim, gen, latent_scale)  # (n, latent)
-        out: np.ndarray = self.generator(z, y if self.cfg.conditional else None).numpy()
+        out: np.ndarray = draw_images(self.generator, self.discriminator, y, gen, latent_scale=latent_scale).numpy()
         return out
 
 
