@@ -366,7 +366,7 @@ def format_segmentation(ev: dict[str, Any]) -> str:
 def _number(ev: dict[str, Any], key: str, digits: int = 4) -> str:
     """One number of an evaluation for a table: ``–`` when absent or not finite (memorization without held-out)."""
     v = ev.get(key)
-    return "–" if v is None or (isinstance(v, float) and not np.isfinite(v)) else f"{v:.{digits}g}"
+    return "–" if v is None or (isinstance(v, float) and not np.isfinite(v)) else f"{v:#.{digits}g}"  # 0.900, not 0.9
 
 
 def format_evaluation(ev: dict[str, Any]) -> str:
