@@ -59,7 +59,7 @@ def sample_latents(n: int, latent_dim: int, gen: torch.Generator | None, scale: 
 # confidence (He et al., "Is synthetic data from generative models ready for image
 # recognition?", ICLR 2023). D is the output of the accounted mechanism like G, so filtering is
 # post-processing: no privacy cost. Measured on PneumoniaMNIST (docs/benchmarks.md): TSTR AUC of
-# one ε = 10 generator 0.877 unfiltered, 0.923 best of 3. Pair models (channel 1 a mask) are
+# three ε = 10 generators 0.864 unfiltered, 0.911 best of 3 (mean of the seeds). Pair models (channel 1 a mask) are
 # drawn unfiltered: their class head was not measured as a judge.
 
 
