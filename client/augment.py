@@ -145,7 +145,7 @@ def augment_site(state_dir: Path, label: str, n: int, *, cache_dir: Path | None 
     images = generator.sample(labels, seed=seed, latent_scale=latent_scale,
                               candidates=candidates)  # (n, C, S, S) in [-1, 1], C = 2: pairs
     sampling = {"seed": seed, "class": names[index], "n": n, "latent_scale": latent_scale,
-                "candidates": candidates if generator.discriminator is not None else 1,
+                "candidates": generator.candidates_drawn(candidates),
                 "purpose": "augment the hospital's training set; not patient data"}
     if own_only or relayed:
         sampling["privacy_note"] = OWN_LEDGER_NOTE if own_only else RELAYED_NOTE

@@ -63,6 +63,10 @@ class LoadedGenerator:
         side = self.cfg.image_size
         return torch.cat(out).numpy() if out else np.zeros((0, self.cfg.channels, side, side), np.float32)
 
+    def candidates_drawn(self, candidates: int) -> int:
+        """The draws per kept image :meth:`sample` makes when asked for ``candidates``: 1 without a judging D."""
+        return candidates if self.discriminator is not None else 1
+
 
 def model_config_from_arrays(arrays: dict[str, np.ndarray], num_classes: int | None = None) -> ModelConfig:
     """The :class:`ModelConfig` that made these ``g.*``/``d.*`` tensors."""

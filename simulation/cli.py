@@ -443,10 +443,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
     else:
         labels = np.arange(args.n, dtype=np.int64) % len(names)
     images = generator.sample(labels, seed=seed, latent_scale=args.latent_scale, candidates=args.candidates)
-    candidates = args.candidates if generator.discriminator is not None else 1  # the filter needs a class head
     files = export_images(images, labels, args.out, args.format, generator.provenance,
                           sampling={"seed": seed, "class": args.label, "n": args.n, "latent_scale": args.latent_scale,
-                                    "candidates": candidates})
+                                    "candidates": generator.candidates_drawn(args.candidates)})
     eps = {s: round(p.epsilon, 4) for s, p in generator.provenance.sites.items()}
     pairs = (" (image–mask pairs: masks in masks/, as DICOM SEG <name>.seg.dcm beside DICOM images, or the npz's "
              "'masks')" if generator.cfg.pairs else "")

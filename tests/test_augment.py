@@ -81,6 +81,7 @@ def test_augment_writes_beside_the_cache_never_into_it(site: Path, capsys: pytes
     assert sidecar["privacy"]["sites"]["site-0"]["epsilon"] == pytest.approx(eps) and eps > 0
     assert "other hospitals" in sidecar["sampling"]["privacy_note"]
     assert sidecar["sampling"]["latent_scale"] == LATENT_SCALE
+    assert sidecar["sampling"]["candidates"] == CANDIDATES  # the app model has a class head: filtered
 
 
 def test_a_run_checkpoint_lists_every_hospitals_epsilon(site: Path, tmp_path: Path,

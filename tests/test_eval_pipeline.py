@@ -79,6 +79,9 @@ class FixedSource:
         picks = [rng.choice(np.flatnonzero(train.labels == c)) for c in labels]
         return train.images[picks]
 
+    def candidates_drawn(self, candidates: int) -> int:  # no discriminator: every draw is kept
+        return 1
+
 
 def test_tstr_of_real_as_synthetic_equals_trtr(toy_npz: Path, cache_dir: Path) -> None:
     # prepare

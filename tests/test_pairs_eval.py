@@ -80,6 +80,9 @@ class PairSource:
             return rng.uniform(-1, 1, (labels.size, 2, 32, 32)).astype(np.float32)
         return self.rows[rng.integers(0, self.rows.shape[0], labels.size)]
 
+    def candidates_drawn(self, candidates: int) -> int:  # no discriminator: every draw is kept
+        return 1
+
 
 def test_a_pair_cache_as_reference_gives_its_images_only(site: Path, tmp_path: Path) -> None:
     # act

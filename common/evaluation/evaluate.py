@@ -80,6 +80,7 @@ class ImageSource(Protocol):
     def provenance(self) -> Provenance: ...
     def sample(self, labels: np.ndarray, *, seed: int, latent_scale: float = ...,
                candidates: int = ...) -> np.ndarray: ...
+    def candidates_drawn(self, candidates: int) -> int: ...
 
 
 @dataclass(frozen=True)
@@ -253,7 +254,7 @@ def evaluate(
     fidelity_fake = fake[: real_cap.shape[0]]  # FD/KID/PRDC: as many synthetic as real images
     result: dict[str, Any] = {"fd_kind": FD_KIND, "n_synthetic": n, "n_test": len(reference.test),
                               "class_balance": opts.class_balance, "latent_scale": opts.latent_scale,
-                              "candidates": opts.candidates,
+                              "candidates": generator.candidates_drawn(opts.candidates),
                               **_fidelity(extractor, fidelity_fake, real_cap, opts.seed)}
     say(f"domain FD {result['fd']:.3f}, KID {result['kid']:.4f}, precision {result['precision']:.3f}, "
         f"recall {result['recall']:.3f}")
