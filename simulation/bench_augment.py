@@ -201,14 +201,18 @@ def goal_verdict(rows: Sequence[SiteRow]) -> str:
     return "\n".join(out) or "no ε = 10 run: goal not evaluated"
 
 
+# (row, that hospital's images corrupted, its prepare step): the step runs at the noisy hospital only, as its own
+# ``node prepare --denoise`` would; the other hospitals' caches are untouched.
 NOISE_ROWS = (("clean", False, "none"), ("noisy", True, "none"), ("noisy + median3", True, "median3"))
 
 
 def noisy_sites(data: Path, seed: int, image_size: int, *, site: int, share: float, amount: float,
                 denoise_name: str) -> list[LocalDataset]:
     """The benchmark's sites with a ``share`` of hospital ``site``'s images corrupted by salt-and-pepper
-    noise (``amount`` of their pixels) on the raw pixels, then, like ``node prepare --denoise``, each
-    frame scaled to [0, 1], denoised (``common.denoise``) and resized: what that hospital's cache would hold."""
+    noise (``amount`` of their pixels) on the raw pixels, then, like ``node prepare --denoise``, each of that
+    hospital's frames scaled to [0, 1], denoised (``common.denoise``) and resized: what its cache would hold.
+    The other hospitals' images are neither corrupted nor denoised (a median filter on a clean archive only
+    blurs it)."""
     from common.denoise import denoise, salt_and_pepper
     from common.evaluation.reference import to_model_range, unit_per_image
     from simulation.partition import split_by_patient
@@ -225,7 +229,7 @@ def noisy_sites(data: Path, seed: int, image_size: int, *, site: int, share: flo
             raw = raw.copy()
             raw[hit] = salt_and_pepper(raw[hit], amount, rng)
         unit = unit_per_image(raw)
-        if denoise_name != "none":
+        if i == site and denoise_name != "none":
             unit = np.stack([denoise(f, denoise_name) for f in unit])
         out.append(LocalDataset(images=to_model_range(unit, image_size), labels=source.labels[idx],
                                 patients=np.arange(idx.size, dtype=np.int64), class_names=source.class_names,
