@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from common.checkpoint import latest_valid_checkpoint
-from common.config import RunConfig, run_config
+from common.config import CANDIDATES, RunConfig, run_config
 from common.dataset import LocalDataset
 from common.evaluation.augment import (
     ALL_CLASSES_ARM,
@@ -120,12 +120,13 @@ def site_roles(sites: Sequence[LocalDataset]) -> list[tuple[str, ...]]:
 
 def compare_sites(run_dir: Path, epsilon: float, seed: int, data: Path, settings: AugmentSettings, *,
                   only: Sequence[int] | str | None, all_classes: bool, chosen: Sequence[str] = (),
-                  extra_share: float | None = None,
+                  extra_share: float | None = None, candidates: int = CANDIDATES,
                   say: Callable[[str], None],
                   preset: str = PRESET) -> list[SiteRow]:
     """Every hospital's (a)–(d) on the official test split, the synthetic images from ``run_dir``'s model.
 
-    ``only``: hospital indices, or ``"key"`` for the most skewed and the smallest.
+    ``only``: hospital indices, or ``"key"`` for the most skewed and the smallest. ``candidates``: draws per
+    synthetic image, the best kept by D's class head (``medsynth node augment --candidates``).
     """
     from common.checkpoint_model import load_generator
     from simulation.fed_inprocess import medmnist_sites
@@ -147,7 +148,8 @@ def compare_sites(run_dir: Path, epsilon: float, seed: int, data: Path, settings
             max(1, round(extra_share * int((train.labels == rare).sum())))
         t0 = time.monotonic()
         wanted = range(site.num_classes) if all_classes or ALL_CLASSES_ARM in chosen else (rare,)
-        synthetic = {c: generator.sample(np.full(extra, c, dtype=np.int64), seed=seed * 1000 + 10 * i + c)
+        synthetic = {c: generator.sample(np.full(extra, c, dtype=np.int64), seed=seed * 1000 + 10 * i + c,
+                                         candidates=candidates)
                      for c in wanted}
         t1 = time.monotonic()
         arms = tuple(chosen) if chosen else (*ARMS, ALL_CLASSES_ARM) if all_classes else ARMS
@@ -297,6 +299,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--extra-share", type=float, default=None, metavar="R",
                    help="(c) and (d) add R × the hospital's real rare-class training images (default: as many as "
                         "level the rare class with the largest)")
+    p.add_argument("--candidates", type=int, default=CANDIDATES, metavar="K",
+                   help=f"draws per synthetic image of (d) and (e), the best kept by D's class head; 1: no filter "
+                        f"(default: {CANDIDATES}, as node augment)")
     p.add_argument("--noise-site", type=int, default=None, metavar="I",
                    help="instead of the augment table: the noise experiment, hospital I's images partly corrupted "
                         "with salt-and-pepper noise; federations clean, noisy, noisy + median3 (quality and TSTR)")
@@ -324,7 +329,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(line, flush=True)
 
     say(f"PneumoniaMNIST, {SITES} hospitals, {PARTITION}, preset {args.preset}, ε {epsilons}, seeds {seeds}; "
-        f"classifier {settings.classifier}; load average {os.getloadavg()[0]:.2f}")
+        f"synthetic images best of {args.candidates} draws; classifier {settings.classifier}; "
+        f"load average {os.getloadavg()[0]:.2f}")
     t0 = time.monotonic()
     if args.noise_site is not None:
         tables = [format_noise(noise_experiment(root, eps, seed, args.data, site=args.noise_site,
@@ -344,6 +350,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 continue
             rows += compare_sites(run_dir, eps, seed, args.data, replace(settings, seed=seed), only=only,
                                   all_classes=args.all_classes, chosen=chosen, extra_share=args.extra_share,
+                                  candidates=args.candidates,
                                   say=say, preset=args.preset)
     if args.train_only:
         return 0
@@ -353,7 +360,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"load average {os.getloadavg()[0]:.2f}.")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "bench_augment.json").write_text(json.dumps(
-        {"epsilons": epsilons, "seeds": seeds, "notice": NOTICE, "verdict": verdict,
+        {"epsilons": epsilons, "seeds": seeds, "candidates": args.candidates, "notice": NOTICE, "verdict": verdict,
          "rows": [{"epsilon": r.epsilon, "seed": r.seed, "site": r.site, "patients": r.patients,
                    "counts": list(r.counts), "roles": list(r.roles), "sample_s": r.sample_s,
                    "compare_s": r.compare_s, **r.comparison.to_json()} for r in rows]}, indent=1))
