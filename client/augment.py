@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common.config import CANDIDATES, GLOBAL_MODEL_DIR, LATENT_SCALE, site_paths
+from common.config import CANDIDATES, CLASSIFIER_REPEATS, GLOBAL_MODEL_DIR, LATENT_SCALE, site_paths
 from common.errors import UserError
 from common.export import SIDECAR, ExportError, ExportFormat, Provenance, SitePrivacy, export_images
 from common.pairs import IMAGE_CHANNEL
@@ -198,6 +198,7 @@ def find_exports(state_dir: Path) -> list[Path]:
 def compare_at_site(state_dir: Path, *, cache_dir: Path | None = None, synthetic: Sequence[Path] = (),
                     label: str | None = None, extra: int | None = None, all_classes: bool = False,
                     seed: int = 0, bootstrap: int = 1000, epochs: int | None = None,
+                    repeats: int = CLASSIFIER_REPEATS,
                     say: Callable[[str], None] = print) -> tuple[str, dict[str, object]]:
     """Train the hospital's classifier (a)–(d) on its own patients (60 % train, 20 % validation, 20 %
     test, by patient, seeded), return the table and the JSON written to ``STATE/augment/comparison.json``.
@@ -234,7 +235,7 @@ def compare_at_site(state_dir: Path, *, cache_dir: Path | None = None, synthetic
     if epochs is not None and epochs < 1:
         raise AugmentUnavailable(f"--epochs must be at least 1, got {epochs}")
     classifier = HOSPITAL_CLASSIFIER if epochs is None else replace(HOSPITAL_CLASSIFIER, epochs=epochs)
-    settings = AugmentSettings(classifier=classifier, seed=seed, bootstrap=bootstrap)
+    settings = AugmentSettings(classifier=classifier, seed=seed, bootstrap=bootstrap, repeats=repeats)
     result = compare_arms(train, val, test, data.num_classes, data.class_names, synthetic=synth.by_class,
                           rare=rare, extra=extra, arms=arms, settings=settings)
     record: dict[str, object] = {**result.to_json(), "synthetic_exports": [str(p) for p in synth.sources],

@@ -31,6 +31,7 @@ from common.cli_help import DefaultsOnceHelpFormatter
 _SIDECAR = "medsynth_export.json"  # common.export.SIDECAR, named here without importing numpy for --help
 _LATENT_SCALE = 0.7  # common.config.LATENT_SCALE (checked equal by tests/test_augment.py)
 _CANDIDATES = 3  # common.config.CANDIDATES (likewise)
+_CLASSIFIER_REPEATS = 3  # common.config.CLASSIFIER_REPEATS (likewise)
 
 if TYPE_CHECKING:
     SubParsers = argparse._SubParsersAction[argparse.ArgumentParser]
@@ -192,6 +193,9 @@ def add_parsers(sub: SubParsers) -> None:
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples of the test patients")
     p.add_argument("--epochs", type=int, default=None,
                    help="epochs of every arm's classifier (default: the hospital classifier's 20)")
+    p.add_argument("--repeats", type=int, default=_CLASSIFIER_REPEATS,
+                   help="classifiers trained per arm, each with its own seed; every score is their mean (one small "
+                        "classifier's own randomness moves a rare class's sensitivity by 10-20 points)")
     p.set_defaults(func=cmd_train_classifier)
 
 
@@ -398,7 +402,7 @@ def cmd_train_classifier(args: argparse.Namespace) -> int:
     state, cache = _site_dirs(args)
     table, record = compare_at_site(state, cache_dir=cache, synthetic=args.synthetic or (), label=args.label,
                                     extra=args.extra, all_classes=args.all_classes, seed=args.seed,
-                                    bootstrap=args.bootstrap, epochs=args.epochs)
+                                    bootstrap=args.bootstrap, epochs=args.epochs, repeats=args.repeats)
     print(f"training images per class {record['train_counts']}; rare class {record['rare']}, "
           f"+{record['extra']} images in (c) and (d); {record['test_images']} test images "
           f"({record['test_patients']} patients)")

@@ -74,6 +74,7 @@ def parse_class_names(text: str) -> tuple[str, ...]:
 UPSAMPLE_KINDS = ("resize", "transposed")  # model.upsample: see common/models.py
 LATENT_SCALE = 0.7  # sampling spread of the latents, z ~ N(0, 0.7² I): see common/models.py
 CANDIDATES = 3  # each synthetic image is the best of 3 draws by D's class head: see common/models.py
+CLASSIFIER_REPEATS = 3  # a hospital's augment comparison: classifiers per arm: see common/evaluation/augment.py
 
 
 @dataclass(frozen=True)

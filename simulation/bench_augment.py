@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from common.checkpoint import latest_valid_checkpoint
-from common.config import CANDIDATES, RunConfig, run_config
+from common.config import CANDIDATES, CLASSIFIER_REPEATS, RunConfig, run_config
 from common.dataset import LocalDataset
 from common.evaluation.augment import (
     ALL_CLASSES_ARM,
@@ -295,6 +295,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="only these arms, comma-separated, e.g. real,synthetic-all (default: a-d, and e with "
                         "--all-classes); (a) 'real' is always run, the differences are against it")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples of the test images")
+    p.add_argument("--repeats", type=int, default=CLASSIFIER_REPEATS,
+                   help="classifiers per arm and hospital, seeded apart; scores are their mean (default: "
+                        f"{CLASSIFIER_REPEATS}, as node train-classifier)")
     p.add_argument("--train-only", action="store_true", help="train the missing federations and stop")
     p.add_argument("--extra-share", type=float, default=None, metavar="R",
                    help="(c) and (d) add R × the hospital's real rare-class training images (default: as many as "
@@ -322,14 +325,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
     only: Sequence[int] | str | None = (None if args.sites == "all" else args.sites if args.sites == "key"
                                         else [int(x) for x in args.sites.split(",")])
-    settings = AugmentSettings(bootstrap=args.bootstrap)
+    settings = AugmentSettings(bootstrap=args.bootstrap, repeats=args.repeats)
     chosen = ["real", *(a for a in args.arms.split(",") if a and a != "real")] if args.arms else []
 
     def say(line: str) -> None:
         print(line, flush=True)
 
     say(f"PneumoniaMNIST, {SITES} hospitals, {PARTITION}, preset {args.preset}, ε {epsilons}, seeds {seeds}; "
-        f"synthetic images best of {args.candidates} draws; classifier {settings.classifier}; "
+        f"synthetic images best of {args.candidates} draws; {settings.repeats} × classifier {settings.classifier}; "
         f"load average {os.getloadavg()[0]:.2f}")
     t0 = time.monotonic()
     if args.noise_site is not None:

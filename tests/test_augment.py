@@ -8,6 +8,7 @@ charge): no federation is trained here.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -17,11 +18,12 @@ from flwr.app import ConfigRecord
 from client.augment import SYNTHETIC_DIR
 from client.ledger import PrivacyLedger
 from common.checkpoint import load_checkpoint, save_checkpoint
-from common.config import CANDIDATES, GLOBAL_MODEL_DIR, LATENT_SCALE
+from common.config import CANDIDATES, CLASSIFIER_REPEATS, GLOBAL_MODEL_DIR, LATENT_SCALE
 from common.dataset import CACHE_FILE, read_cache_fingerprint, save_cache
 from common.dp.accounting import Charge
 from common.evaluation.augment import (
     ARMS,
+    AugmentError,
     AugmentSettings,
     Split,
     arm_training_set,
@@ -213,6 +215,37 @@ def test_arms_share_patients_seed_and_settings() -> None:
     assert b.delta_rare_sensitivity is not None and b.delta_rare_sensitivity.value == 0.0
 
 
+def test_repeats_score_the_mean_of_classifiers_seeded_apart() -> None:
+    """With 2 repeats every arm's score is the mean of the two single classifiers seeded classifier.seed and
+    classifier.seed + 10 (recomputed here one by one), and the paired Δ is the difference of those means."""
+    # prepare
+    train, val, test = _splits()
+    base = AugmentSettings(classifier=TINY, bootstrap=0, seed=5, repeats=1)
+    singles = [compare_arms(train, val, test, 2, ("normal", "lesion"), synthetic={}, extra=12,
+                            arms=("real", "oversample"),
+                            settings=replace(base, classifier=replace(TINY, seed=TINY.seed + 10 * j)))
+               for j in (0, 1)]
+    # act
+    both = compare_arms(train, val, test, 2, ("normal", "lesion"), synthetic={}, extra=12,
+                        arms=("real", "oversample"), settings=replace(base, repeats=2))
+    # assert
+    for arm in ("real", "oversample"):
+        one = [r.arm(arm) for r in singles]
+        got = both.arm(arm)
+        assert got.balanced_accuracy.value == pytest.approx(np.mean([a.balanced_accuracy.value for a in one]))
+        assert got.auc.value == pytest.approx(np.mean([a.auc.value for a in one]))
+        assert got.rare_sensitivity_runs == tuple(a.sensitivity[0].value for a in one)
+    delta = both.arm("oversample").delta_rare_sensitivity
+    assert delta is not None and delta.value == pytest.approx(
+        np.mean([r.arm("oversample").sensitivity[0].value - r.arm("real").sensitivity[0].value for r in singles]))
+    assert both.to_json()["repeats"] == 2
+
+
+def test_repeats_below_one_refused() -> None:
+    with pytest.raises(AugmentError, match="repeats"):
+        AugmentSettings(repeats=0)
+
+
 def test_each_arm_adds_only_its_own_images() -> None:
     # prepare
     train, _, _ = _splits()
@@ -258,7 +291,8 @@ def test_train_classifier_prints_and_writes_numbers_only(site: Path, capsys: pyt
 def test_cli_defaults_written_once() -> None:
     from client import cli
 
-    assert (cli._LATENT_SCALE, cli._CANDIDATES, cli._SIDECAR) == (LATENT_SCALE, CANDIDATES, SIDECAR)
+    assert (cli._LATENT_SCALE, cli._CANDIDATES, cli._CLASSIFIER_REPEATS, cli._SIDECAR) == \
+        (LATENT_SCALE, CANDIDATES, CLASSIFIER_REPEATS, SIDECAR)
 
 
 def test_benchmark_names_the_most_skewed_and_the_smallest_hospital() -> None:

@@ -33,13 +33,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from common.config import CLASSIFIER_REPEATS
 from common.errors import UserError
 from common.evaluation.classifier import ClassifierConfig, SmallCNN, predict_proba, train_classifier
 from common.evaluation.tstr import auc
@@ -74,12 +75,18 @@ class AugmentSettings:
     flip: bool = True  # classic: horizontal flip with probability ½
     bootstrap: int = 1000  # resamples of the test patients
     seed: int = 0  # the patient split, the oversampling draw and the bootstrap
+    # Classifiers trained per arm, with initialisation and batch-order seeds classifier.seed + 10·j: one small
+    # classifier's own training randomness moves a rare class's sensitivity by 10–20 points on the same
+    # images (``make bench-augment``), so every score is the mean over the repeats, the same seeds in every arm.
+    repeats: int = CLASSIFIER_REPEATS
 
     def __post_init__(self) -> None:
         if self.rotation_deg < 0 or self.brightness < 0 or not 0 <= self.contrast < 1:
             raise AugmentError("rotation, brightness must be >= 0 and contrast in [0, 1)")
         if self.bootstrap < 0:
             raise AugmentError("bootstrap resamples must be >= 0")
+        if self.repeats < 1:
+            raise AugmentError("repeats (classifiers trained per arm) must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -193,6 +200,7 @@ class ArmResult:
     specificity: tuple[Estimate, ...]
     delta_balanced_accuracy: Estimate | None = None  # this arm − real, paired bootstrap
     delta_rare_sensitivity: Estimate | None = None
+    rare_sensitivity_runs: tuple[float, ...] = ()  # the rare class's sensitivity of each repeat, on all test images
 
     def to_json(self) -> dict[str, Any]:
         def e(x: Estimate | None) -> list[float] | None:
@@ -202,7 +210,8 @@ class ArmResult:
                 "balanced_accuracy": e(self.balanced_accuracy), "auc": e(self.auc),
                 "sensitivity": [e(s) for s in self.sensitivity], "specificity": [e(s) for s in self.specificity],
                 "delta_balanced_accuracy": e(self.delta_balanced_accuracy),
-                "delta_rare_sensitivity": e(self.delta_rare_sensitivity)}
+                "delta_rare_sensitivity": e(self.delta_rare_sensitivity),
+                "rare_sensitivity_runs": list(self.rare_sensitivity_runs)}
 
 
 @dataclass(frozen=True)
@@ -230,22 +239,24 @@ class Comparison:
                 "train_counts": list(self.train_counts), "val_images": self.val_images,
                 "test_images": self.test_images, "test_patients": self.test_patients,
                 "classifier": vars(self.settings.classifier),
-                "bootstrap": self.settings.bootstrap, "seed": self.settings.seed,
+                "bootstrap": self.settings.bootstrap, "seed": self.settings.seed, "repeats": self.settings.repeats,
                 "arms": [a.to_json() for a in self.arms]}
 
     def format(self) -> str:
-        """A Markdown table: one row per arm; percentages with 95 % bootstrap intervals over test patients."""
+        """A Markdown table: one row per arm; percentages with 95 % bootstrap intervals over test patients,
+        each the mean of the arm's repeated classifiers (their rare-class sensitivities in the last column)."""
         rare = self.class_names[self.rare]
         head = (f"| arm | train images | balanced acc. | AUC | sensitivity {rare} (rare) | Δ sens. {rare} vs (a) | "
                 + " | ".join(f"sens. {n}" for i, n in enumerate(self.class_names) if i != self.rare)
-                + f" | spec. {rare} |")
+                + f" | spec. {rare} | sens. {rare}, each of {self.settings.repeats} classifiers |")
         lines = [head, "|" + "---|" * (head.count("|") - 1)]
         for a in self.arms:
             delta = a.delta_rare_sensitivity.format() if a.delta_rare_sensitivity is not None else "–"
             others = " | ".join(a.sensitivity[i].format() for i in range(len(self.class_names)) if i != self.rare)
+            runs = " / ".join(f"{v * 100:.1f}" for v in a.rare_sensitivity_runs)
             lines.append(f"| {ARM_TITLES[a.arm]} | {a.train_images} | {a.balanced_accuracy.format()} | "
                          f"{a.auc.format(1.0, 3)} | {a.sensitivity[self.rare].format()} | {delta} | {others} | "
-                         f"{a.specificity[self.rare].format()} |")
+                         f"{a.specificity[self.rare].format()} | {runs} |")
         return "\n".join(lines)
 
 
@@ -260,6 +271,20 @@ def scores(proba: np.ndarray, labels: np.ndarray, num_classes: int) -> dict[str,
     present = [s for s in sens if math.isfinite(s)]
     return {"balanced_accuracy": float(np.mean(present)) if present else float("nan"),
             "auc": auc(proba, labels), "sensitivity": sens, "specificity": spec}
+
+
+def mean_scores(probas: Sequence[np.ndarray], labels: np.ndarray, num_classes: int) -> dict[str, Any]:
+    """:func:`scores` of each repeat's probabilities (N, C), averaged score by score over the repeats."""
+    each = [scores(p, labels, num_classes) for p in probas]
+    if len(each) == 1:
+        return each[0]
+
+    def mean(values: Sequence[float]) -> float:
+        return float(np.mean(values))
+
+    return {"balanced_accuracy": mean([s["balanced_accuracy"] for s in each]), "auc": mean([s["auc"] for s in each]),
+            "sensitivity": [mean([s["sensitivity"][c] for s in each]) for c in range(num_classes)],
+            "specificity": [mean([s["specificity"][c] for s in each]) for c in range(num_classes)]}
 
 
 def _bootstrap_indices(patients: np.ndarray, resamples: int, seed: int) -> list[np.ndarray]:
@@ -309,8 +334,9 @@ def arm_training_set(arm: str, train: Split, rare: int, extra: int, synthetic: M
 def compare_arms(train: Split, val: Split, test: Split, num_classes: int, class_names: Sequence[str], *,
                  synthetic: Mapping[int, np.ndarray], rare: int | None = None, extra: int | None = None,
                  arms: Sequence[str] = ARMS, settings: AugmentSettings = AugmentSettings()) -> Comparison:
-    """Train one classifier per arm on ``train`` (+ what the arm adds), pick its step on ``val``'s balanced
-    accuracy, score it on ``test``, with bootstrap intervals over ``test``'s patients.
+    """Train ``settings.repeats`` classifiers per arm on ``train`` (+ what the arm adds), pick each one's step
+    on ``val``'s balanced accuracy, score them on ``test`` (the mean over the repeats), with bootstrap
+    intervals over ``test``'s patients.
 
     ``synthetic`` maps a class to synthetic images (M, 1, S, S) in [-1, 1]; arm ``synthetic`` needs at
     least ``extra`` of the rare class. ``rare`` defaults to the class with the fewest training images,
@@ -344,19 +370,23 @@ def compare_arms(train: Split, val: Split, test: Split, num_classes: int, class_
     def select(model: SmallCNN) -> float:
         return float(scores(predict_proba(model, val.images), val.labels, num_classes)["balanced_accuracy"])
 
-    probas: dict[str, np.ndarray] = {}
+    probas: dict[str, list[np.ndarray]] = {}
     base_full: dict[str, Any] = {}
     base: list[dict[str, Any]] = []
     results: list[ArmResult] = []
     for arm in arms:
         x, y = arm_training_set(arm, train, rare, extra, synthetic, settings.seed)
         augment = classic_augment(settings) if arm == "classic" else None
-        model = train_classifier(x, y, num_classes, cfg, desc=f"classifier {arm}", select=select,
-                                 augment=augment)
-        proba = predict_proba(model, test.images)
+        proba = []  # one (N, C) per repeat
+        for j in range(settings.repeats):
+            model = train_classifier(x, y, num_classes, replace(cfg, seed=cfg.seed + 10 * j),
+                                     desc=f"classifier {arm}" + (f" {j + 1}/{settings.repeats}" if settings.repeats > 1
+                                                                 else ""), select=select, augment=augment)
+            proba.append(predict_proba(model, test.images))
         probas[arm] = proba
-        full = scores(proba, test.labels, num_classes)
-        resampled = [scores(proba[i], test.labels[i], num_classes) for i in boot]
+        full = mean_scores(proba, test.labels, num_classes)
+        resampled = [mean_scores([p[i] for p in proba], test.labels[i], num_classes) for i in boot]
+        runs = tuple(float(scores(p, test.labels, num_classes)["sensitivity"][rare]) for p in proba)
 
         def est(key: str, c: int | None = None, *, full: dict[str, Any] = full,
                 resampled: list[dict[str, Any]] = resampled) -> Estimate:
@@ -378,7 +408,7 @@ def compare_arms(train: Split, val: Split, test: Split, num_classes: int, class_
             balanced_accuracy=est("balanced_accuracy"), auc=est("auc"),
             sensitivity=tuple(est("sensitivity", c) for c in range(num_classes)),
             specificity=tuple(est("specificity", c) for c in range(num_classes)),
-            delta_balanced_accuracy=delta_ba, delta_rare_sensitivity=delta_rare))
+            delta_balanced_accuracy=delta_ba, delta_rare_sensitivity=delta_rare, rare_sensitivity_runs=runs))
     return Comparison(class_names=tuple(class_names), rare=rare, extra=extra,
                       train_counts=tuple(int(v) for v in np.bincount(train.labels, minlength=num_classes)),
                       val_images=val.size, test_images=test.size, test_patients=int(np.unique(test.patients).size),
