@@ -250,7 +250,8 @@ def noise_experiment(root: Path, epsilon: float, seed: int, data: Path, *, site:
     plan = FedPlan.from_run(replace(run, train=replace(run.train, device="cpu")), epsilon)
     rows: list[tuple[str, dict[str, object]]] = []
     for name, noisy, step in NOISE_ROWS:
-        out = root / "noise" / f"eps{epsilon:g}" / f"seed{seed}" / name.replace(" + ", "-")
+        out = (root / "noise" / f"site{site}-share{share:g}-amount{amount:g}" / f"eps{epsilon:g}" / f"seed{seed}"
+               / name.replace(" + ", "-"))
         if name == "clean":
             out = run_folder(root, epsilon, seed)  # the augment benchmark's own federation
             ensure_federation(root, epsilon, seed, data, say, preset)
