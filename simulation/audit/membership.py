@@ -66,7 +66,7 @@ from scipy.stats import beta, gaussian_kde
 
 from common.audit_record import AuditFinding
 from common.checkpoint_model import model_config_from_arrays, resolve_checkpoint
-from common.config import LATENT_SCALE, ModelConfig
+from common.config import CANDIDATES, LATENT_SCALE, ModelConfig
 from common.evaluation.reference import LabelledImages
 from common.models import Discriminator, Generator, build_models, draw_images
 from common.weights import load_model_arrays
@@ -211,12 +211,14 @@ class ReleasedModel:
         return ReleasedModel(netG, netD, cfg)
 
     @torch.no_grad()
-    def sample(self, labels: np.ndarray, *, seed: int, latent_scale: float = LATENT_SCALE) -> np.ndarray:
+    def sample(self, labels: np.ndarray, *, seed: int, latent_scale: float = LATENT_SCALE,
+               candidates: int = CANDIDATES) -> np.ndarray:
         """Synthetic images (n, 1, S, S) for ``labels`` (n,), drawn as ``medsynth sample`` draws them
-        (the class filter included)."""
+        (the class filter included: each the best of ``candidates`` draws by D's class head)."""
         gen = torch.Generator().manual_seed(seed)
         y = torch.from_numpy(np.asarray(labels, np.int64))
-        out: np.ndarray = draw_images(self.generator, self.discriminator, y, gen, latent_scale=latent_scale).numpy()
+        out: np.ndarray = draw_images(self.generator, self.discriminator, y, gen, latent_scale=latent_scale,
+                                      candidates=candidates).numpy()
         return out
 
 
@@ -243,6 +245,7 @@ class AttackSettings:
     latent_restarts: int = 1
     latent_prior: float = 1e-3  # weight of ‖z‖² in the latent search (keeps z plausible)
     pca_dims: int = PCA_DIMS
+    candidates: int = CANDIDATES  # the released set's draws per image, the best kept by D's class head (1: none)
 
 
 def _nearest_sq_distance(queries: np.ndarray, pool: np.ndarray, batch: int = 256) -> np.ndarray:
@@ -364,7 +367,7 @@ def attack_scores(model: ReleasedModel, data: MembershipData, *, seed: int,
     """Each attack's scores of the members and of the non-members (higher: "member")."""
     shares = np.bincount(data.reference.labels, minlength=model.cfg.num_classes) / len(data.reference)
     labels = np.random.default_rng(seed).choice(model.cfg.num_classes, settings.n_synthetic, p=shares)
-    synthetic = model.sample(labels, seed=seed)  # (n_synthetic, 1, S, S): the released set
+    synthetic = model.sample(labels, seed=seed, candidates=settings.candidates)  # (n_synthetic, 1, S, S): released
     ref = data.reference.images
     out: dict[Attack, tuple[np.ndarray, np.ndarray]] = {}
     for attack in ATTACKS:

@@ -139,10 +139,12 @@ def run_label(epsilon: float | None, dataset: str, seed: int) -> str:
 
 
 def audit_run(dataset: str, epsilon: float | None, seed: int, grid: GridSettings, attacks: AttackSettings,
-              out: Path, data: Path | None = DATA) -> list[AuditFinding]:
+              out: Path, data: Path | None = DATA, trained: Path | None = None) -> list[AuditFinding]:
     """Train one federation on the members and attack its release; writes ``out/audit.json``.
 
-    ``dataset``: "phantoms" (``data`` unused), or a name for the MedMNIST ``.npz`` at ``data`` (e.g. "pneumonia")."""
+    ``dataset``: "phantoms" (``data`` unused), or a name for the MedMNIST ``.npz`` at ``data`` (e.g. "pneumonia").
+    ``trained``: a run folder this grid trained before (same data set, kind, seed and grid): attack its
+    release instead of training (e.g. with other attack settings)."""
     from simulation.fed_inprocess import FedPlan, train_federated  # torch-heavy: only when training
 
     label = run_label(epsilon, dataset, seed)
@@ -160,10 +162,14 @@ def audit_run(dataset: str, epsilon: float | None, seed: int, grid: GridSettings
     d_steps = run.train.d_steps_per_g if epsilon is not None else 1  # as bench_quality's non-private row
     plan = FedPlan.from_run(replace(run, train=replace(run.train, d_steps_per_g=d_steps, device="cpu")), epsilon)
     t0 = time.monotonic()
-    train_federated(split.sites, plan, out, say)
-    say(f"trained in {time.monotonic() - t0:.0f} s; attacking")
-    findings = membership_findings(out, split.data, run=label, claimed_epsilon=epsilon, seed=seed,
+    if trained is None:
+        train_federated(split.sites, plan, out, say)
+        say(f"trained in {time.monotonic() - t0:.0f} s; attacking")
+    else:
+        say(f"attacking the release trained in {trained}")
+    findings = membership_findings(trained or out, split.data, run=label, claimed_epsilon=epsilon, seed=seed,
                                    settings=attacks, say=say)
+    out.mkdir(parents=True, exist_ok=True)
     write_audit(out, AuditReport(tuple(findings)))
     return findings
 
@@ -189,10 +195,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--seeds", default="0,1,2", help="default 0,1,2")
     p.add_argument("--data", type=Path, default=DATA, help="PneumoniaMNIST .npz (default ../shared/data/...)")
     p.add_argument("--out", type=Path, default=Path("medsynth-output/audit-mia"), help="results folder")
+    p.add_argument("--trained", type=Path, default=None, metavar="DIR",
+                   help="attack the runs an earlier call trained into DIR (its --out, same grid) instead of "
+                        "training; findings go to --out")
     for name in ("members_per_site", "rounds", "local_steps", "batch_size", "pretrain_steps"):
         p.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(g, name),
                        help=f"default {getattr(g, name)}")
-    for name in ("n_synthetic", "latent_steps", "latent_restarts"):
+    for name in ("n_synthetic", "latent_steps", "latent_restarts", "candidates"):
         p.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(a, name),
                        help=f"default {getattr(a, name)}")
     args = p.parse_args(argv)
@@ -204,7 +213,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     grid = GridSettings(args.members_per_site, args.rounds, args.local_steps, args.batch_size, args.pretrain_steps)
     attacks = AttackSettings(n_synthetic=args.n_synthetic, latent_steps=args.latent_steps,
-                             latent_restarts=args.latent_restarts)
+                             latent_restarts=args.latent_restarts, candidates=args.candidates)
     kinds = [None if k == "none" else float(k) for k in args.kinds.split(",") if k]
     seeds = [int(s) for s in args.seeds.split(",") if s]
     print(f"grid {grid}, attacks {attacks}; load average {os.getloadavg()[0]:.2f}", flush=True)
@@ -213,8 +222,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     for dataset in datasets:
         for eps in kinds:
             for seed in seeds:
-                out = args.out / dataset / ("nodp" if eps is None else f"eps{eps:g}") / f"seed{seed}"
-                findings += audit_run(dataset, eps, seed, grid, attacks, out, args.data)
+                where = Path(dataset) / ("nodp" if eps is None else f"eps{eps:g}") / f"seed{seed}"
+                findings += audit_run(dataset, eps, seed, grid, attacks, args.out / where, args.data,
+                                      trained=None if args.trained is None else args.trained / where)
                 (args.out / "audit_mia.md").write_text(format_table(findings) + "\n")
     table = format_table(findings)
     print(f"\n{table}\n\nTotal wall time {(time.monotonic() - t0) / 60:.1f} min; load average "
