@@ -107,6 +107,7 @@ class SiteRow:
     comparison: Comparison
     sample_s: float
     compare_s: float
+    val_rare: int = 0  # rare-class images in the validation split, which picks each classifier's step
 
 
 def site_roles(sites: Sequence[LocalDataset]) -> list[tuple[str, ...]]:
@@ -156,10 +157,12 @@ def compare_sites(run_dir: Path, epsilon: float, seed: int, data: Path, settings
         comparison = compare_arms(train, val, test, site.num_classes, site.class_names, synthetic=synthetic,
                                   rare=rare, extra=extra, arms=arms, settings=settings)
         row = SiteRow(epsilon, seed, i, site.num_patients, tuple(int(v) for v in np.bincount(site.labels)),
-                      roles[i], comparison, round(t1 - t0, 1), round(time.monotonic() - t1, 1))
+                      roles[i], comparison, round(t1 - t0, 1), round(time.monotonic() - t1, 1),
+                      val_rare=int((val.labels == rare).sum()))
         rows.append(row)
         say(f"eps={epsilon:g} seed {seed} site-{i} ({', '.join(roles[i]) or '-'}; {site.num_patients} patients "
-            f"{list(row.counts)}; rare {site.class_names[rare]} +{extra}) in {row.compare_s / 60:.1f} min\n"
+            f"{list(row.counts)}; rare {site.class_names[rare]} +{extra}, {row.val_rare} in validation) in "
+            f"{row.compare_s / 60:.1f} min\n"
             + comparison.format())
     return rows
 
@@ -176,12 +179,21 @@ def format_summary(rows: Sequence[SiteRow]) -> str:
         sens = " / ".join(f"{a.sensitivity[c.rare].value * 100:.1f}" for a in c.arms)
         bal = " / ".join(f"{a.balanced_accuracy.value * 100:.1f}" for a in c.arms)
         d = next((a for a in c.arms if a.arm == "synthetic"), c.arms[-1])
-        name = f"site-{r.site}" + (f" ({', '.join(r.roles)})" if r.roles else "")
+        name = f"site-{r.site}" + (f" ({', '.join(r.roles)})" if r.roles else "") + (
+            f" † {r.val_rare} rare in validation" if r.val_rare < FEW_VALIDATION_RARE else "")
         lines.append(f"| {r.epsilon:g} | {r.seed} | {name} | {r.patients} {list(r.counts)} | {c.class_names[c.rare]} "
                      f"+{c.extra} | {names} | {sens} | {bal} | {ARM_TITLES[d.arm][:3]} "
                      f"{d.delta_rare_sensitivity.format() if d.delta_rare_sensitivity else '–'} | "
                      f"{d.delta_balanced_accuracy.format() if d.delta_balanced_accuracy else '–'} |")
+    if any(r.val_rare < FEW_VALIDATION_RARE for r in rows):
+        lines.append(f"\n† fewer than {FEW_VALIDATION_RARE} rare-class images in the hospital's validation split: "
+                     "the step each classifier keeps is close to chance there.")
     return "\n".join(lines)
+
+
+#: Below this many rare-class validation images the step each classifier keeps (best validation balanced
+#: accuracy) is close to chance: such a hospital's row is marked (†) and its sensitivities mean little.
+FEW_VALIDATION_RARE = 5
 
 
 def goal_verdict(rows: Sequence[SiteRow]) -> str:
@@ -366,7 +378,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     (args.out / "bench_augment.json").write_text(json.dumps(
         {"epsilons": epsilons, "seeds": seeds, "candidates": args.candidates, "notice": NOTICE, "verdict": verdict,
          "rows": [{"epsilon": r.epsilon, "seed": r.seed, "site": r.site, "patients": r.patients,
-                   "counts": list(r.counts), "roles": list(r.roles), "sample_s": r.sample_s,
+                   "counts": list(r.counts), "roles": list(r.roles), "val_rare": r.val_rare, "sample_s": r.sample_s,
                    "compare_s": r.compare_s, **r.comparison.to_json()} for r in rows]}, indent=1))
     (args.out / "bench_augment.md").write_text(summary + "\n\n" + NOTICE + "\n" + verdict + "\n")
     return 0
