@@ -308,3 +308,22 @@ def test_benchmark_names_the_most_skewed_and_the_smallest_hospital() -> None:
     roles = site_roles([site(10, 30), site(5, 95), site(3, 7), site(50, 50)])
     # assert
     assert roles == [(), ("most skewed",), ("smallest",), ()]
+
+
+def test_benchmark_marks_a_hospital_whose_validation_holds_few_rare_images() -> None:
+    """A row whose validation split holds fewer than FEW_VALIDATION_RARE rare images is marked (†) with the
+    count, and the table says why; a row with enough is not."""
+    from simulation.bench_augment import FEW_VALIDATION_RARE, SiteRow, format_summary
+
+    # prepare
+    train, val, test = _splits()
+    comparison = compare_arms(train, val, test, 2, ("normal", "lesion"), synthetic={0: train.images[:12]}, extra=12,
+                              settings=AugmentSettings(classifier=TINY, bootstrap=0, repeats=1))
+    few, enough = (SiteRow(10.0, 0, i, 48, (12, 36), ("most skewed",), comparison, 0.0, 0.0, val_rare=v)
+                   for i, v in ((1, FEW_VALIDATION_RARE - 1), (2, FEW_VALIDATION_RARE)))
+    # act
+    table = format_summary([few, enough])
+    # assert
+    lines = table.splitlines()
+    assert f"site-1 (most skewed) † {FEW_VALIDATION_RARE - 1} rare in validation" in lines[2]
+    assert "†" not in lines[3] and lines[-1].startswith("† fewer than")
