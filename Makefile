@@ -61,7 +61,7 @@ bench-quality: install
 bench-audit: install
 	$(BIN)/python -m simulation.bench_audit
 
-# needs ../shared/data/medmnist/pneumoniamnist.npz; federations are the slow part (~5-10 min each):
+# needs ../shared/data/medmnist/pneumoniamnist.npz; federations take ~2.5 min each, three classifiers per arm the rest:
 # BENCH_AUGMENT_ARGS="--checkpoints DIR" reuses trained ones (docs/augment.md)
 bench-augment: install
 	$(BIN)/python -m simulation.bench_augment $(BENCH_AUGMENT_ARGS)
