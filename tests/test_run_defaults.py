@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 import tomllib
-from dataclasses import MISSING, fields
+from dataclasses import MISSING, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -135,6 +135,19 @@ def test_the_simulation_and_the_quality_benchmark_start_from_the_app_defaults(tm
     _, quick = parse_args(["--local-steps", "7", "--aux-classifier", "false"])
     assert quick.run.train.local_steps == 7 and quick.run.model.aux_classifier is False
     assert quick.run.train.batch_size == load_preset("pneumoniamnist")["train.batch-size"]
+
+
+def test_the_quality_benchmarks_reference_row_differs_only_in_d_steps_and_rounds() -> None:
+    # prepare
+    _, bench = parse_args([])
+    _, four = parse_args(["--nodp-rounds", "4"])
+    # act
+    dp_row, reference = bench.row_run(10.0), bench.row_run(None)
+    # assert: the DP rows run the preset; the reference 1 D step per G step and 6 rounds, nothing else
+    assert dp_row == bench.run and dp_row.federation.num_rounds == 3
+    assert reference.train.d_steps_per_g == 1 and reference.federation.num_rounds == 6
+    assert replace(reference, train=bench.run.train, federation=bench.run.federation) == bench.run
+    assert four.row_run(None).federation.num_rounds == 4 and four.row_run(1.0).federation.num_rounds == 3
 
 
 def test_presets_hold_only_known_overrides_and_are_loaded_by_name(tmp_path: Path) -> None:
