@@ -137,16 +137,18 @@ def test_the_simulation_and_the_quality_benchmark_start_from_the_app_defaults(tm
     assert quick.run.train.batch_size == load_preset("pneumoniamnist")["train.batch-size"]
 
 
-def test_the_quality_benchmarks_reference_row_differs_only_in_d_steps_and_rounds() -> None:
+def test_the_quality_benchmarks_reference_row_differs_only_in_d_steps_rounds_and_features() -> None:
     # prepare
     _, bench = parse_args([])
     _, four = parse_args(["--nodp-rounds", "4"])
     # act
     dp_row, reference = bench.row_run(10.0), bench.row_run(None)
-    # assert: the DP rows run the preset; the reference 1 D step per G step and 6 rounds, nothing else
-    assert dp_row == bench.run and dp_row.federation.num_rounds == 3
+    # assert: the DP rows run the preset; the reference 1 D step per G step, 6 rounds, 2000 frequencies
+    assert dp_row == bench.run and dp_row.federation.num_rounds == 3 and dp_row.warm_start.frequencies == 500
     assert reference.train.d_steps_per_g == 1 and reference.federation.num_rounds == 6
-    assert replace(reference, train=bench.run.train, federation=bench.run.federation) == bench.run
+    assert reference.warm_start.frequencies == 2000
+    assert replace(reference, train=bench.run.train, federation=bench.run.federation,
+                   warm_start=bench.run.warm_start) == bench.run
     assert four.row_run(None).federation.num_rounds == 4 and four.row_run(1.0).federation.num_rounds == 3
 
 
