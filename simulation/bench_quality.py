@@ -131,10 +131,9 @@ def run_inprocess(name: str, epsilon: float | None, s: BenchSettings, data: Path
         print(f"[{name}] {line}", flush=True)
 
     shutil.rmtree(out, ignore_errors=True)
-    run = s.run
+    run = s.row_run(epsilon)
     sites = medmnist_sites(data, s.sites, s.partition, run.federation.seed, run.model.image_size, s.max_images)
-    row = s.row_run(epsilon)
-    plan = FedPlan.from_run(replace(row, train=replace(row.train, device="cpu")), epsilon)
+    plan = FedPlan.from_run(replace(run, train=replace(run.train, device="cpu")), epsilon)
     t0 = time.monotonic()
     state = train_federated(sites, plan, out, say)
     train_s = round(time.monotonic() - t0, 1)
