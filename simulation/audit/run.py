@@ -6,7 +6,7 @@ statistics of ``simulation.audit.one_run``. Per seed: the canaries' placement an
 run (no canary in, other coins) are shared by every audited run.
 
 The second part (``AuditOptions.membership``) is membership inference on what is released: its
-own federations, trained on small member sets so that a non-private run memorizes
+own federations, trained long enough on their member sets that a non-private run memorizes
 (``simulation.audit.mia_runs``), attacked with ``simulation.audit.membership``; one per DP budget
 and one non-private control per seed. ``audit.json`` (``common.audit_record``) holds every finding.
 """
@@ -199,7 +199,7 @@ BROKEN_NOISE_SCALE = 1e-3
 def membership_part(opts: AuditOptions, seed: int,
                     say: Callable[[str], None] = print) -> list[AuditFinding]:
     """Membership inference for one seed: a federation per DP budget (and the non-private control)
-    trained on ``opts.grid``'s member patients (default 4 × 32), attacked on its G, D and synthetic
+    trained on ``opts.grid``'s member patients (default 4 × 128, 24 rounds), attacked on its G, D and synthetic
     set (``mia_runs.audit_run``); each in OUT/membership/<run>/ with its audit.json and report."""
     from common.report.html import write_report
 
@@ -266,11 +266,12 @@ def verdict(f: AuditFinding) -> str:
 
 def format_findings(findings: Sequence[AuditFinding]) -> str:
     """The audit's table (Markdown)."""
-    lines = ["| attack | target | run | AUC | claimed ε | ε lower bound | confidence | verdict |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| attack | target | run | AUC | TPR @ 0.1 % FPR | claimed ε | ε lower bound | confidence | verdict |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for f in findings:
         claim = "–" if f.claimed_epsilon is None else f"{f.claimed_epsilon:.2f}"
         auc = "–" if f.auc is None else f"{f.auc:.3f}"
-        lines.append(f"| {f.attack} | {f.target} | {f.run} | {auc} | {claim} | {f.epsilon_lower_bound:.2f} | "
+        tpr = "–" if f.tpr_at_01pct_fpr is None else f"{f.tpr_at_01pct_fpr:.3f}"
+        lines.append(f"| {f.attack} | {f.target} | {f.run} | {auc} | {tpr} | {claim} | {f.epsilon_lower_bound:.2f} | "
                      f"{f.confidence:.2f} | {verdict(f)} |")
     return "\n".join(lines)
