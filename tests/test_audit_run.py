@@ -8,11 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from common.audit_record import read_audit
+from common.audit_record import AuditFinding, read_audit
 from common.config import ConfigError
-from simulation.audit.membership import ATTACKS, AttackSettings
+from simulation.audit.membership import ATTACKS, CONTROL, AttackSettings
 from simulation.audit.mia_runs import GridSettings
 from simulation.audit.run import AuditOptions, audit
+from simulation.bench_audit import chance_se, goals
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -31,7 +32,7 @@ def test_a_tiny_audit_writes_its_findings_and_the_reports(tmp_path: Path) -> Non
     assert read_audit(tmp_path) == report
     dp, broken, *membership = report.findings
     assert dp.claimed_epsilon == pytest.approx(1.0, abs=0.02) and broken.claimed_epsilon == dp.claimed_epsilon
-    assert dp.epsilon_lower_bound <= dp.claimed_epsilon
+    assert dp.claimed_epsilon is not None and dp.epsilon_lower_bound <= dp.claimed_epsilon
     assert "64 canaries" in dp.detail and broken.detail.startswith("broken control")
     # assert: the membership part attacked the ε = 1 federation with every attack and its control
     assert len(membership) == 2 * len(ATTACKS) and {f.run for f in membership} == {"phantoms, ε = 1, seed 0"}
@@ -50,3 +51,37 @@ def test_help_says_it_is_a_lower_bound() -> None:
                           cwd=REPO, check=False, timeout=300)
     text = " ".join(done.stdout.split())
     assert done.returncode == 0 and "LOWER BOUND" in text and "not a proof" in text
+
+
+def _finding(attack: str, run: str, claim: float | None, bound: float, auc: float | None = None,
+             tpr: float | None = None, detail: str = "dp; 10 right") -> AuditFinding:
+    return AuditFinding(attack=attack, target="t", run=run, claimed_epsilon=claim, epsilon_lower_bound=bound,
+                        confidence=0.95, auc=auc, tpr_at_1pct_fpr=tpr, tpr_at_01pct_fpr=tpr, detail=detail)
+
+
+def test_the_benchmark_reads_each_goal_off_the_findings() -> None:
+    # prepare: a DP run within its claim, a broken control caught, membership attacks at ε = 10 within
+    # the goal but one at ε = 1 above it, a non-private control above chance on one seed only
+    findings = [
+        _finding("one-run", "ε = 1, seed 0", 1.0, 0.0),
+        _finding("one-run", "broken, seed 0", 1.0, 1.4, detail="broken control (σ × 1e-3); 345 right"),
+        _finding("DOMIAS", "ε = 10, seed 0", 10.0, 0.0, auc=0.53, tpr=0.004),
+        _finding("DOMIAS", "ε = 1, seed 0", 1.0, 0.0, auc=0.57, tpr=0.004),
+        _finding("DOMIAS" + CONTROL, "ε = 1, seed 0", 1.0, 0.0, auc=0.70, tpr=0.5),  # a control: not a goal
+        _finding("discriminator logit", "no DP, seed 0", None, 0.5, auc=0.68, tpr=0.02),
+        _finding("discriminator logit", "no DP, seed 1", None, 0.0, auc=0.53, tpr=0.0),
+    ]
+    # act
+    lines = goals(findings, members=512)
+    # assert: the line of each goal, in order, with its verdict
+    assert len(lines) == 5 and "every lower bound ≤ its claim" in lines[0] and "broken control" in lines[1]
+    verdicts = [("NOT met" if "NOT met" in line else "met") for line in lines]
+    assert verdicts == ["met", "met", "met", "NOT met", "NOT met"]
+    assert "ε = 10" in lines[2] and "ε = 1:" in lines[3] and "0.570" in lines[3]
+    assert "0.680, 0.530" in lines[4] and f"{0.5 + 3 * chance_se(512):.3f}" in lines[4]
+
+
+def test_the_chance_level_of_an_auc_shrinks_with_the_queries() -> None:
+    # Hanley–McNeil at AUC 0.5: √((m + n + 1) / (12 m n)); 512 + 512 queries: 0.018, 128 + 128: 0.036
+    assert chance_se(512) == pytest.approx(0.0180, abs=1e-4)
+    assert chance_se(128) == pytest.approx(0.0361, abs=1e-4)
