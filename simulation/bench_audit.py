@@ -69,16 +69,16 @@ def audit_set(name: str, opts: AuditOptions, threads: int) -> SetResult:
     return SetResult(name, report.findings, (time.monotonic() - t0) / 60)
 
 
-def chance_se(members: int) -> float:
-    """Standard error of an AUC at chance from ``members`` members and as many non-members
-    (Hanley and McNeil, Radiology 1982: (m + n + 1) / (12 m n) at AUC 0.5)."""
-    return math.sqrt((2 * members + 1) / (12 * members * members))
+def chance_se(members: int, non_members: int) -> float:
+    """Standard error of an AUC at chance from m members and n non-members (Hanley and McNeil,
+    Radiology 1982: the variance is (m + n + 1) / (12 m n) at AUC 0.5)."""
+    return math.sqrt((members + non_members + 1) / (12 * members * non_members))
 
 
-def goals(findings: Sequence[AuditFinding], members: int) -> list[str]:
+def goals(findings: Sequence[AuditFinding], members: int, non_members: int) -> list[str]:
     """Issue 16's goals read off one data set's findings, one Markdown line each.
 
-    ``members``: members (= non-members) per membership run, for the chance level of an AUC."""
+    ``members``, ``non_members``: queries per membership run, for the chance level of an AUC."""
     one_run = [f for f in findings if f.attack == "one-run"]
     dp = [f for f in one_run if f.detail.startswith("dp")]
     broken = [f for f in one_run if f.detail.startswith("broken")]
@@ -106,7 +106,7 @@ def goals(findings: Sequence[AuditFinding], members: int) -> list[str]:
     if control:
         seeds = dict.fromkeys(f.run for f in control)  # one run label per seed, in order
         best = {run: max(f.auc or 0.0 for f in control if f.run == run) for run in seeds}
-        line = 0.5 + 3 * chance_se(members)
+        line = 0.5 + 3 * chance_se(members, non_members)
         lines.append(f"- membership attacks on the non-private control clearly above chance (best attack per "
                      f"seed ≥ {line:.3f}, 3 standard errors): {'met' if min(best.values()) >= line else 'NOT met'} "
                      f"({', '.join(f'{a:.3f}' for a in best.values())})")
@@ -144,9 +144,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         results = list(pool.map(audit_set, names, [options[n] for n in names], [threads] * len(names)))
     tables = []
     for r in results:
-        members = SITES * options[r.name].grid.members_per_site
+        grid = options[r.name].grid
         tables.append(f"### {r.name} ({r.minutes:.1f} min)\n\n{format_findings(r.findings)}\n\nGoals:\n\n"
-                      + "\n".join(goals(r.findings, members)))
+                      + "\n".join(goals(r.findings, SITES * grid.members_per_site, grid.non_members)))
     text = "\n\n".join(tables)
     total = (time.monotonic() - t0) / 60
     print(f"\n{text}\n\nTotal wall time {total:.1f} min (goal: 60 min on 2 cores); load average "

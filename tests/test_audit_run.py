@@ -21,10 +21,11 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 def test_a_tiny_audit_writes_its_findings_and_the_reports(tmp_path: Path) -> None:
     # prepare: 2 phantom hospitals of 12 patients, one round of 4 steps, 64 canaries; the membership
-    # part on 4 × 4 member patients, one round of 2 steps, small attacks
+    # part on 4 × 4 member patients and 16 non-members, one round of 2 steps, small attacks
     opts = AuditOptions(out=tmp_path, sites=2, partition="iid", patients_per_site=12, epsilons=(1.0,),
                         control=False, broken=1.0, rounds=1, local_steps=4, canaries=64,
-                        grid=GridSettings(members_per_site=4, rounds=1, local_steps=2, pretrain_steps=5),
+                        grid=GridSettings(members_per_site=4, rounds=1, local_steps=2, pretrain_steps=5,
+                                          non_members=16),
                         attack_settings=AttackSettings(n_synthetic=40, latent_steps=2))
     # act
     report = audit(opts, say=lambda line: None)
@@ -72,16 +73,18 @@ def test_the_benchmark_reads_each_goal_off_the_findings() -> None:
         _finding("discriminator logit", "no DP, seed 1", None, 0.0, auc=0.53, tpr=0.0),
     ]
     # act
-    lines = goals(findings, members=512)
+    lines = goals(findings, members=512, non_members=512)
     # assert: the line of each goal, in order, with its verdict
     assert len(lines) == 5 and "every lower bound ≤ its claim" in lines[0] and "broken control" in lines[1]
     verdicts = [("NOT met" if "NOT met" in line else "met") for line in lines]
     assert verdicts == ["met", "met", "met", "NOT met", "NOT met"]
     assert "ε = 10" in lines[2] and "ε = 1:" in lines[3] and "0.570" in lines[3]
-    assert "0.680, 0.530" in lines[4] and f"{0.5 + 3 * chance_se(512):.3f}" in lines[4]
+    assert "0.680, 0.530" in lines[4] and f"{0.5 + 3 * chance_se(512, 512):.3f}" in lines[4]
 
 
 def test_the_chance_level_of_an_auc_shrinks_with_the_queries() -> None:
-    # Hanley–McNeil at AUC 0.5: √((m + n + 1) / (12 m n)); 512 + 512 queries: 0.018, 128 + 128: 0.036
-    assert chance_se(512) == pytest.approx(0.0180, abs=1e-4)
-    assert chance_se(128) == pytest.approx(0.0361, abs=1e-4)
+    # Hanley–McNeil at AUC 0.5: √((m + n + 1) / (12 m n)); 128 + 128 queries: 0.036, 512 + 512: 0.018,
+    # 512 members + 4096 non-members: 0.0135
+    assert chance_se(128, 128) == pytest.approx(0.0361, abs=1e-4)
+    assert chance_se(512, 512) == pytest.approx(0.0180, abs=1e-4)
+    assert chance_se(512, 4096) == pytest.approx(0.0135, abs=1e-4)

@@ -172,3 +172,12 @@ def test_phantom_split_keeps_members_and_non_members_apart() -> None:
     assert members <= trained
     assert not {x.tobytes() for x in split.data.non_members.images} & trained
     assert len(split.data.members) == len(split.data.non_members) == 12
+
+
+def test_the_splits_query_as_many_non_members_as_asked() -> None:
+    # act: 4 × 2 members, 20 non-members
+    split = phantom_split(members_per_site=2, seed=3, size=16, reference_patients=5, non_members=20)
+    # assert: every member trained at one site, 20 non-member queries none of which trained
+    assert len(split.data.members) == 8 and len(split.data.non_members) == 20
+    trained = {x.tobytes() for s in split.sites for x in s.images}
+    assert not {x.tobytes() for x in split.data.non_members.images} & trained

@@ -12,23 +12,28 @@ Data sets:
 
 * ``pneumonia``: PneumoniaMNIST's training split (one image per patient, as MedMNIST has no
   patient ids) shuffled with the seed: the first ``sites × members_per_site`` images are the
-  members, dealt round-robin to the hospitals, the next as many the non-members; the test
-  split is the reference.
-* ``phantoms``: a phantom population (``simulation.phantoms``, 2 images per patient) of twice
-  as many patients; the first half (by the seed's shuffle) are members, the rest non-members;
+  members, dealt round-robin to the hospitals, the next ``non_members`` the non-members; the
+  test split is the reference.
+* ``phantoms``: a phantom population (``simulation.phantoms``, 2 images per patient) of members
+  and non-members; the first ``sites × members_per_site`` patients (by the seed's shuffle) are
+  members, the rest non-members;
   each patient is queried with its first image (a member's is one it trained on); the
   reference is a population drawn with another seed. Pixels: the CT soft-tissue window
   (center 40, width 400, PS3.3 LINEAR) to [0, 1], then the model side.
 
 Member set and exposure (default 128 patients per hospital, 512 in all; 24 rounds × 50 local
-steps at batch 32, so q = 32/128 = 0.25). Near chance an AUC from m members and m non-members
-has a standard error of about √(1/(6m)): 0.018 at 512, against 0.036 at 128, where one phantom
-split alone gave 0.62–0.65 in every run kind, DP or not. Memorization needs each member to be
+steps at batch 32, so q = 32/128 = 0.25; 4096 non-members). Near chance an AUC from m members
+and n non-members has a standard error of √((m + n + 1) / (12 m n)) (Hanley and McNeil 1982):
+0.036 at 128 + 128, where one phantom split alone gave 0.62–0.65 in every run kind, DP or not;
+0.018 at 512 + 512; 0.013 at 512 + 4096. The non-members are cheap (queries, not training), and
+they make a TPR at 0.1 % FPR measurable: with 512 non-members that rate allows no false positive
+at all, and a model that learnt nothing still shows a TPR ≥ 1 % (6 members above every
+non-member) with probability about 2⁻⁶ per attack; with 4096 it allows 4. Memorization needs each member to be
 seen often: at 6 rounds a non-private run on 512 members was barely above chance (D's logit
 0.535 on the phantoms, 0.560 on PneumoniaMNIST, seed 0), at 24 rounds 0.586 and 0.678, so the
 non-private control shows that the attacks work. The DP runs use the same sites, rounds and q;
-σ is calibrated so the planned steps end at ε (δ 1e-5). 512 + 512 queries bound what an attack
-can show (see ``membership``). The warm start runs with fewer pre-training steps than the app's
+σ is calibrated so the planned steps end at ε (δ 1e-5). The number of queries bounds what an
+attack can show (see ``membership``). The warm start runs with fewer pre-training steps than the app's
 (``--pretrain-steps``): the same private release, shorter pre-training of G.
 
     python -m simulation.audit.mia_runs [--datasets pneumonia,phantoms] [--kinds none,10,1] [--seeds 0,1,2]
@@ -48,7 +53,7 @@ from pathlib import Path
 import numpy as np
 
 from common.audit_record import AuditFinding, AuditReport, write_audit
-from common.config import RunConfig, run_config
+from common.config import ConfigError, RunConfig, run_config
 from common.dataset import LocalDataset
 from common.evaluation.reference import LabelledImages, to_model_range, unit_per_image
 from simulation.audit.membership import AttackSettings, MembershipData, membership_findings
@@ -75,14 +80,20 @@ def _site(images: np.ndarray, labels: np.ndarray, patients: np.ndarray, names: t
                         class_names=names, patient_identity=True)
 
 
-def medmnist_split(npz: Path, members_per_site: int, seed: int, size: int = 32) -> AuditSplit:
-    """Members and non-members from a MedMNIST training split (seeded shuffle), reference its test split."""
+def medmnist_split(npz: Path, members_per_site: int, seed: int, size: int = 32,
+                   non_members: int | None = None) -> AuditSplit:
+    """Members and non-members (``non_members``, default as many as members) from a MedMNIST
+    training split (seeded shuffle), reference its test split."""
     train, test = load_medmnist_npz(npz, "train"), load_medmnist_npz(npz, "test")
     x, y = train.images, train.labels.astype(np.int64)
     n = SITES * members_per_site
+    n_out = n if non_members is None else non_members
+    if n + n_out > y.size:
+        raise ConfigError(f"{npz.name}'s training split has {y.size} images: too few for {n} members and "
+                          f"{n_out} non-members (lower --members-per-site or --non-members)")
     order = np.random.default_rng(seed).permutation(y.size)
-    members, non = order[:n], order[n : 2 * n]
-    images = to_model_range(unit_per_image(x[np.r_[members, non]]), size)  # (2n, 1, S, S)
+    members, non = order[:n], order[n : n + n_out]
+    images = to_model_range(unit_per_image(x[np.r_[members, non]]), size)  # (n + n_out, 1, S, S)
     names = train.class_names
     sites = tuple(_site(images[:n][i::SITES], y[members][i::SITES], np.arange(n)[i::SITES], names)
                   for i in range(SITES))
@@ -99,12 +110,15 @@ def phantom_pixels(stored: np.ndarray, size: int) -> np.ndarray:
     return to_model_range(unit, size)
 
 
-def phantom_split(members_per_site: int, seed: int, size: int = 32, reference_patients: int = 300) -> AuditSplit:
-    """Member / non-member patients of one phantom population; reference: another population."""
+def phantom_split(members_per_site: int, seed: int, size: int = 32, reference_patients: int = 300,
+                  non_members: int | None = None) -> AuditSplit:
+    """Member / non-member patients (``non_members``, default as many as members) of one phantom
+    population; reference: another population."""
     n = SITES * members_per_site
-    source = phantom_population(2 * n, 2, image_size=64, seed=seed)  # 2 images per patient, grouped
-    patient = np.repeat(np.arange(2 * n), 2)
-    order = np.random.default_rng(seed).permutation(2 * n)
+    total = n + (n if non_members is None else non_members)
+    source = phantom_population(total, 2, image_size=64, seed=seed)  # 2 images per patient, grouped
+    patient = np.repeat(np.arange(total), 2)
+    order = np.random.default_rng(seed).permutation(total)
     members, non = order[:n], order[n:]
     pixels = phantom_pixels(source.images, size)
     site_images = [np.flatnonzero(np.isin(patient, members[i::SITES])) for i in range(SITES)]
@@ -127,6 +141,7 @@ class GridSettings:
     local_steps: int = 50
     batch_size: int = 32
     pretrain_steps: int = 300
+    non_members: int = 4096  # queried non-member patients: at 0.1 % FPR 4 false positives are allowed
 
     def run(self, seed: int) -> RunConfig:
         return run_config({**load_preset("pneumoniamnist"), "num-server-rounds": self.rounds,
@@ -154,9 +169,9 @@ def audit_run(dataset: str, epsilon: float | None, seed: int, grid: GridSettings
         print(f"[{label}] {line}", flush=True)
 
     if dataset == "phantoms":
-        split = phantom_split(grid.members_per_site, seed)
+        split = phantom_split(grid.members_per_site, seed, non_members=grid.non_members)
     elif data is not None:
-        split = medmnist_split(data, grid.members_per_site, seed)
+        split = medmnist_split(data, grid.members_per_site, seed, non_members=grid.non_members)
     else:
         raise ValueError(f"data set {dataset!r} needs the path of its .npz")
     run = grid.run(seed)
@@ -199,7 +214,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--trained", type=Path, default=None, metavar="DIR",
                    help="attack the runs an earlier call trained into DIR (its --out, same grid) instead of "
                         "training; findings go to --out")
-    for name in ("members_per_site", "rounds", "local_steps", "batch_size", "pretrain_steps"):
+    for name in ("members_per_site", "rounds", "local_steps", "batch_size", "pretrain_steps", "non_members"):
         p.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(g, name),
                        help=f"default {getattr(g, name)}")
     for name in ("n_synthetic", "latent_steps", "latent_restarts", "candidates"):
@@ -212,7 +227,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "pneumonia" in datasets and not args.data.is_file():
         print(f"error: {args.data} not found (see ../shared/data/README.md)", file=sys.stderr)
         return 2
-    grid = GridSettings(args.members_per_site, args.rounds, args.local_steps, args.batch_size, args.pretrain_steps)
+    grid = GridSettings(args.members_per_site, args.rounds, args.local_steps, args.batch_size, args.pretrain_steps,
+                        args.non_members)
     attacks = AttackSettings(n_synthetic=args.n_synthetic, latent_steps=args.latent_steps,
                              latent_restarts=args.latent_restarts, candidates=args.candidates)
     kinds = [None if k == "none" else float(k) for k in args.kinds.split(",") if k]
