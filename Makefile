@@ -57,7 +57,8 @@ bench-prepare: install
 bench-quality: install
 	$(BIN)/python -m simulation.bench_quality
 
-# the one-run privacy audit (medsynth audit): phantoms and PneumoniaMNIST, 3 seeds; under an hour on 2 cores
+# medsynth audit, both parts (one-run audit; membership inference on G, D and the synthetic set): phantoms and
+# PneumoniaMNIST side by side, 3 seeds; about half an hour on 2 cores (docs/benchmarks.md)
 bench-audit: install
 	$(BIN)/python -m simulation.bench_audit
 
