@@ -37,7 +37,7 @@ from pathlib import Path
 
 from common.audit_record import AuditFinding
 from simulation.audit.membership import CONTROL
-from simulation.audit.mia_runs import SITES
+from simulation.audit.mia_runs import SITES, chosen_datasets
 from simulation.audit.run import AuditOptions, audit, format_findings
 from simulation.bench_quality import DATA
 
@@ -126,12 +126,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--no-membership", action="store_true", help="skip the membership-inference part")
     args = p.parse_args(argv)
     seeds = tuple(int(s) for s in args.seeds.split(","))
-    names = [n for n in args.sets.split(",") if n]
-    if unknown := set(names) - {"phantoms", "pneumoniamnist"}:
-        p.error(f"unknown data set(s) {sorted(unknown)}; use phantoms, pneumoniamnist")
-    if "pneumoniamnist" in names and not args.data.is_file():
-        print(f"error: {args.data} not found (see ../shared/data/README.md)", file=sys.stderr)
-        return 2
+    names = chosen_datasets(p, args.sets, ("pneumoniamnist", "phantoms"), args.data)
     jobs = max(1, min(args.jobs, len(names)))
     threads = max(1, (os.cpu_count() or 1) // jobs)
     t0 = time.monotonic()

@@ -202,6 +202,17 @@ def format_table(findings: Sequence[AuditFinding]) -> str:
     return "\n".join(lines)
 
 
+def chosen_datasets(p: argparse.ArgumentParser, text: str, known: tuple[str, str], data: Path) -> list[str]:
+    """The comma-separated data sets of ``text`` among ``known`` (the MedMNIST name, then "phantoms");
+    an unknown name, or the MedMNIST one without its ``data`` file, is a usage error (exit 2)."""
+    names = [n for n in text.split(",") if n]
+    if unknown := set(names) - set(known):
+        p.error(f"unknown data set(s) {sorted(unknown)}; use {', '.join(known)}")
+    if known[0] in names and not data.is_file():
+        p.error(f"{data} not found (see ../shared/data/README.md)")
+    return names
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m simulation.audit.mia_runs", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -221,12 +232,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(a, name),
                        help=f"default {getattr(a, name)}")
     args = p.parse_args(argv)
-    datasets = [d for d in args.datasets.split(",") if d]
-    if unknown := set(datasets) - {"pneumonia", "phantoms"}:
-        p.error(f"unknown data set(s) {sorted(unknown)}; use pneumonia, phantoms")
-    if "pneumonia" in datasets and not args.data.is_file():
-        print(f"error: {args.data} not found (see ../shared/data/README.md)", file=sys.stderr)
-        return 2
+    datasets = chosen_datasets(p, args.datasets, ("pneumonia", "phantoms"), args.data)
     grid = GridSettings(args.members_per_site, args.rounds, args.local_steps, args.batch_size, args.pretrain_steps,
                         args.non_members)
     attacks = AttackSettings(n_synthetic=args.n_synthetic, latent_steps=args.latent_steps,
