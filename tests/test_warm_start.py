@@ -247,3 +247,22 @@ def test_the_server_app_does_not_load_opacus() -> None:
 
     code = "import sys, server.app, server.rounds; sys.exit(1 if 'opacus' in sys.modules else 0)"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+def test_a_pair_patient_moves_the_release_by_at_most_one_and_its_mask_counts() -> None:
+    # prepare: image–mask pairs (2 channels), saturated worst cases, the spec a pair run derives
+    spec = EmbeddingSpec.of(run_config({"model.pairs": True, "model.image-size": 32, "warm-start.frequencies": 50}))
+    rng = np.random.default_rng(1)
+    rows = rng.choice([-1.0, 1.0], size=(20, 2, 32, 32)).astype(np.float32)  # (N, 2, S, S): image, mask
+    rows[:2] = 1.0
+    labels, patients = rng.integers(0, spec.num_classes, 20), np.arange(20)
+    full = patient_sum(spec, rows, labels, patients)
+    # act: remove each patient; flip one patient's mask only
+    shifts = [np.linalg.norm(full - patient_sum(spec, rows[patients != p], labels[patients != p],
+                                                patients[patients != p])) for p in range(20)]
+    other_mask = rows.copy()
+    other_mask[0, 1] *= -1.0
+    # assert: sensitivity ≤ 1 with both channels; the release has the pair's size; the mask moves it
+    assert spec.channels == 2 and full.shape == (spec.num_classes * (2 * 64 + 2 * 50 + 1),)
+    assert max(shifts) <= 1.0 + 1e-9
+    assert np.linalg.norm(full - patient_sum(spec, other_mask, labels, patients)) > 0.1

@@ -61,19 +61,20 @@ class FeatureMap:
     def __init__(self, spec: EmbeddingSpec) -> None:
         self.spec = spec
         gen = torch.Generator().manual_seed(spec.seed)
-        dim = FOURIER_SIDE**2
+        dim = spec.channels * FOURIER_SIDE**2
         scales = torch.tensor([math.sqrt(dim) / 8, math.sqrt(dim) / 4]).repeat_interleave(
             math.ceil(spec.frequencies / 2))[: spec.frequencies]  # (D,) lengthscales ℓ
-        self.freqs = torch.randn(dim, spec.frequencies, generator=gen) / scales  # (256, D)
+        self.freqs = torch.randn(dim, spec.frequencies, generator=gen) / scales  # (C·256, D)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        # Pairs (B, 2, S, S): the image channel only. The release's shape and sensitivity stay
-        # those of the image model; the mask channel is learnt by the adversarial (DP-SGD) part.
-        x = x[:, :1]  # (B, 1, S, S)
-        coarse = F.adaptive_avg_pool2d(x, COARSE_SIDE).flatten(1) * (COARSE / COARSE_SIDE)  # (B, 64)
+        # Pairs (B, 2, S, S): image and mask embedded together, so the kernel sees their joint law
+        # (where the mask lies on the image), not each channel's alone.
+        x = x[:, : self.spec.channels]  # (B, C, S, S)
+        c = self.spec.channels
+        coarse = F.adaptive_avg_pool2d(x, COARSE_SIDE).flatten(1) * (COARSE / (COARSE_SIDE * math.sqrt(c)))  # (B, C·64)
         proj = F.adaptive_avg_pool2d(x, FOURIER_SIDE).flatten(1) @ self.freqs.to(x.device)  # (B, D)
         fourier = torch.cat([proj.cos(), proj.sin()], dim=1) * (FOURIER / math.sqrt(self.spec.frequencies))
-        return torch.cat([coarse, fourier], dim=1)  # (B, 64 + 2D)
+        return torch.cat([coarse, fourier], dim=1)  # (B, C·64 + 2D)
 
 
 def patient_sum(spec: EmbeddingSpec, images: np.ndarray, labels: np.ndarray, patients: np.ndarray) -> np.ndarray:

@@ -27,11 +27,12 @@ class EmbeddingSpec:
     num_classes: int
     frequencies: int = 500  # D: the Fourier part has 2·D values
     seed: int = 0
+    channels: int = 1  # 2 for image–mask pairs: both channels are embedded, jointly
 
     @property
     def feature_dim(self) -> int:
         """Length of φ(x) (without the count slot)."""
-        return COARSE_SIDE**2 + 2 * self.frequencies
+        return self.channels * COARSE_SIDE**2 + 2 * self.frequencies
 
     @property
     def size(self) -> int:
@@ -42,4 +43,4 @@ class EmbeddingSpec:
     def of(run: RunConfig) -> EmbeddingSpec:
         """The run's spec: every hospital and the server derive the same public features."""
         return EmbeddingSpec(run.model.image_size, run.model.num_classes, run.warm_start.frequencies,
-                             seed=run.federation.seed)
+                             seed=run.federation.seed, channels=run.model.channels)
