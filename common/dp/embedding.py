@@ -30,6 +30,13 @@ The features are public: fixed by the image side and a public seed, never fitted
     higher than ℓ = 4 and 8 (TSTR AUC on PneumoniaMNIST, docs/benchmarks.md);
   * the count slot ``COUNT``: with COARSE² + FOURIER² + COUNT² ≤ 1 every vector has norm ≤ 1.
 
+Image–mask pairs (``model.pairs``, C = 2 channels): both channels enter both parts, jointly: the
+coarse part pools each channel (C·64 values, norm ≤ 8·√C, scaled by ``COARSE / (8·√C)``) and the
+Fourier part takes the joined C·256 vector (ℓ = √(C·256) / 8 and / 4), so the kernel compares
+pairs, image and mask together, and the matched mean embedding says where masks lie on images.
+Measured on HC18 (ε = 10, seed 0, docs/segmentation.md): the synthetic masks' agreement with their
+own images (a real-trained U-Net's Dice) rose from 0.17 with the image channel alone to 0.61.
+
 How many frequencies (``warm-start.frequencies``, D). The Fourier part's signal, a class's
 summed mean embedding, has a norm that hardly depends on D (PneumoniaMNIST, 4 hospitals: 332
 for the rarer class at D = 250, 500 or 2000), while the noise on it has norm σ·√(2D) per
