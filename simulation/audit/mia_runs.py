@@ -28,13 +28,14 @@ and n non-members has a standard error of √((m + n + 1) / (12 m n)) (Hanley an
 0.018 at 512 + 512; 0.013 at 512 + 4096. The non-members are cheap (queries, not training), and
 they make a TPR at 0.1 % FPR measurable: with 512 non-members that rate allows no false positive
 at all, and a model that learnt nothing still shows a TPR ≥ 1 % (6 members above every
-non-member) with probability about 2⁻⁶ per attack; with 4096 it allows 4. Memorization needs each member to be
-seen often: at 6 rounds a non-private run on 512 members was barely above chance (D's logit
-0.535 on the phantoms, 0.560 on PneumoniaMNIST, seed 0), at 24 rounds 0.586 and 0.678, so the
-non-private control shows that the attacks work. The DP runs use the same sites, rounds and q;
-σ is calibrated so the planned steps end at ε (δ 1e-5). The number of queries bounds what an
-attack can show (see ``membership``). The warm start runs with fewer pre-training steps than the app's
-(``--pretrain-steps``): the same private release, shorter pre-training of G.
+non-member) with probability about 2⁻⁶ per attack; with 4096 it allows 4. Memorization needs
+each member to be seen often: at 6 rounds a non-private run on 512 members was barely above
+chance (D's logit 0.535 on the phantoms, 0.560 on PneumoniaMNIST, seed 0), at 24 rounds 0.586
+and 0.678, so the non-private control shows that the attacks work. The DP runs use the same
+sites, rounds and q; σ is calibrated so the planned steps end at ε (δ 1e-5). The number of
+queries bounds what an attack can show (see ``membership``). The warm start runs with fewer
+pre-training steps than the app's (``--pretrain-steps``): the same private release, shorter
+pre-training of G.
 
     python -m simulation.audit.mia_runs [--datasets pneumonia,phantoms] [--kinds none,10,1] [--seeds 0,1,2]
 """
