@@ -38,7 +38,7 @@ from pathlib import Path
 from common.audit_record import AuditFinding
 from simulation.audit.membership import CONTROL
 from simulation.audit.mia_runs import SITES, chosen_datasets
-from simulation.audit.run import AuditOptions, audit, format_findings
+from simulation.audit.run import AuditOptions, audit, format_findings, is_one_run
 from simulation.bench_quality import DATA
 
 # Issue 16's goals for the membership attacks on a DP run (stated at ε = 10, checked at every budget).
@@ -79,9 +79,8 @@ def goals(findings: Sequence[AuditFinding], members: int, non_members: int) -> l
     """Issue 16's goals read off one data set's findings, one Markdown line each.
 
     ``members``, ``non_members``: queries per membership run, for the chance level of an AUC."""
-    one_run = [f for f in findings if f.attack == "one-run"]
-    dp = [f for f in one_run if f.detail.startswith("dp")]
-    broken = [f for f in one_run if f.detail.startswith("broken")]
+    dp = [f for f in findings if is_one_run(f, "dp")]
+    broken = [f for f in findings if is_one_run(f, "broken")]
     attacks = [f for f in findings if f.attack != "one-run" and f.auc is not None and not f.attack.endswith(CONTROL)]
     lines = []
     if dp:

@@ -199,8 +199,7 @@ def warm_start(netG: torch.nn.Module, sites: Sequence[LocalDataset], plan: FedPl
     ws = plan.warm_start
     if not ws.enabled:
         return None, []
-    spec = EmbeddingSpec(plan.model.image_size, plan.model.num_classes, ws.frequencies, seed=plan.seed,
-                         channels=plan.model.channels)
+    spec = EmbeddingSpec.of_parts(plan.model, ws, plan.seed)
     sigma = None if plan.epsilon is None else release_noise_multiplier(
         [], budget=plan.epsilon, share=ws.budget_share, delta=plan.delta, accountant="prv")  # as every sim call
     total = np.zeros(spec.size)

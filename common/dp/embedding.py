@@ -76,8 +76,8 @@ class FeatureMap:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         # Pairs (B, 2, S, S): image and mask embedded together, so the kernel sees their joint law
         # (where the mask lies on the image), not each channel's alone.
-        x = x[:, : self.spec.channels]  # (B, C, S, S)
         c = self.spec.channels
+        x = x[:, :c]  # (B, C, S, S)
         coarse = F.adaptive_avg_pool2d(x, COARSE_SIDE).flatten(1) * (COARSE / (COARSE_SIDE * math.sqrt(c)))  # (B, C·64)
         proj = F.adaptive_avg_pool2d(x, FOURIER_SIDE).flatten(1) @ self.freqs.to(x.device)  # (B, D)
         fourier = torch.cat([proj.cos(), proj.sin()], dim=1) * (FOURIER / math.sqrt(self.spec.frequencies))

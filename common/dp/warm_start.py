@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from common.config import RunConfig
+from common.config import ModelConfig, RunConfig, WarmStartConfig
 
 COARSE, FOURIER, COUNT = 0.6, 0.6, 0.5  # per-part scales: 0.36 + 0.36 + 0.25 ≤ 1
 COARSE_SIDE, FOURIER_SIDE = 8, 16  # pooled sides of the two parts
@@ -42,5 +42,10 @@ class EmbeddingSpec:
     @staticmethod
     def of(run: RunConfig) -> EmbeddingSpec:
         """The run's spec: every hospital and the server derive the same public features."""
-        return EmbeddingSpec(run.model.image_size, run.model.num_classes, run.warm_start.frequencies,
-                             seed=run.federation.seed, channels=run.model.channels)
+        return EmbeddingSpec.of_parts(run.model, run.warm_start, run.federation.seed)
+
+    @staticmethod
+    def of_parts(model: ModelConfig, warm_start: WarmStartConfig, seed: int) -> EmbeddingSpec:
+        """The same spec from a run's parts (the in-process simulation keeps those, not the run)."""
+        return EmbeddingSpec(model.image_size, model.num_classes, warm_start.frequencies, seed=seed,
+                             channels=model.channels)

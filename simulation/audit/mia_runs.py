@@ -48,7 +48,7 @@ import os
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -226,7 +226,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--trained", type=Path, default=None, metavar="DIR",
                    help="attack the runs an earlier call trained into DIR (its --out, same grid) instead of "
                         "training; findings go to --out")
-    for name in ("members_per_site", "rounds", "local_steps", "batch_size", "pretrain_steps", "non_members"):
+    for name in (f.name for f in fields(GridSettings)):
         p.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(g, name),
                        help=f"default {getattr(g, name)}")
     for name in ("n_synthetic", "latent_steps", "latent_restarts", "candidates"):
@@ -234,8 +234,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                        help=f"default {getattr(a, name)}")
     args = p.parse_args(argv)
     datasets = chosen_datasets(p, args.datasets, ("pneumonia", "phantoms"), args.data)
-    grid = GridSettings(args.members_per_site, args.rounds, args.local_steps, args.batch_size, args.pretrain_steps,
-                        args.non_members)
+    grid = GridSettings(**{f.name: getattr(args, f.name) for f in fields(GridSettings)})
     attacks = AttackSettings(n_synthetic=args.n_synthetic, latent_steps=args.latent_steps,
                              latent_restarts=args.latent_restarts, candidates=args.candidates)
     kinds = [None if k == "none" else float(k) for k in args.kinds.split(",") if k]

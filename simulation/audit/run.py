@@ -254,12 +254,17 @@ def _slug(label: str) -> str:
     return "-".join(part for part in keep.split("-") if part)
 
 
+def is_one_run(f: AuditFinding, kind: str) -> bool:
+    """Whether ``f`` is a one-run audit of an :class:`AuditedRun` of ``kind`` ("dp", "broken", ...):
+    :func:`one_run_audit` starts a finding's detail with its run's kind."""
+    return f.attack == "one-run" and f.detail.startswith(kind)
+
+
 def verdict(f: AuditFinding) -> str:
     """What a finding says of the claim: consistent, exceeded, or (a broken control) caught or missed."""
-    broken = f.detail.startswith("broken")
     if f.claimed_epsilon is None:
         return "no claim (control)"
-    if broken:
+    if is_one_run(f, "broken"):
         return "caught (bound > claim)" if f.exceeds_claim else "NOT caught: the audit is too weak here"
     return "EXCEEDS THE CLAIM" if f.exceeds_claim else "consistent (bound ≤ claim)"
 
