@@ -124,7 +124,7 @@ def test_fab_hash_is_deterministic_and_the_one_the_gate_computes(tmp_path: Path)
     # assert: one digest, byte for byte Flower's, from a handful of files
     assert published == fab_hash_of_app(REPO) == flowers
     assert fab_sha256(build_fab_from_disk(staged)) == flowers
-    assert staged.name == REPO.name and sum(1 for p in staged.rglob("*") if p.is_file()) < 400
+    assert sum(1 for p in staged.rglob("*") if p.is_file()) < 400
 
 
 def test_supernode_exits_are_diagnosed() -> None:

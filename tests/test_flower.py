@@ -8,6 +8,8 @@ their session or ignore SIGTERM.
 
 from __future__ import annotations
 
+import hashlib
+import shutil
 import subprocess
 import sys
 import time
@@ -34,6 +36,7 @@ from common.flower import (
     terminate_then_kill,
     wait_healthy,
 )
+from common.flower.fab import app_files, build_fab, stage_app
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -134,18 +137,29 @@ def test_app_dir_is_this_checkout() -> None:
 
 
 @pytest.mark.parametrize("name", ["tmp.O8fdBcGmah", "medsynth_v2", "2medsynth", "m" * 33])
-def test_an_app_folder_name_flower_refuses_is_a_config_error_that_says_what_to_do(tmp_path: Path, name: str) -> None:
-    # prepare: a project folder whose name `flwr build` would refuse
+def test_a_checkout_flower_would_refuse_by_name_is_staged_under_one_it_accepts(tmp_path: Path, name: str) -> None:
+    # prepare: a checkout whose folder name `flwr build` refuses (e.g. `git clone . $(mktemp -d)`)
+    from flwr.cli.build import build_fab_from_disk
+    from flwr.supercore.utils import is_valid_name
+
     root = tmp_path / name
-    root.mkdir()
-    (root / "pyproject.toml").write_text("[project]\n")
-    # act / assert
-    with pytest.raises(ConfigError, match="clone or move it"):
-        check_app_folder(root)
-    ok = tmp_path / "medsynth-v2"
-    ok.mkdir()
-    (ok / "pyproject.toml").write_text("[project]\n")
-    assert check_app_folder(ok) == ok
+    for rel, path in app_files(REPO).items():  # the files the bundle takes, enough for `flwr build`
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, root / rel)
+    assert not is_valid_name(root.name)[0]
+    # act
+    assert check_app_folder(root) == root
+    staged = stage_app(root, tmp_path / "staged")
+    # assert: Flower accepts the staged folder's name and builds the checkout's FAB of it
+    assert is_valid_name(staged.name)[0]
+    fabs = (build_fab_from_disk(staged), build_fab(root), build_fab(REPO))
+    digests = {hashlib.sha256(fab).hexdigest() for fab in fabs}
+    assert len(digests) == 1
+
+
+def test_a_folder_without_the_project_is_a_config_error_that_says_what_to_do(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="make install"):
+        check_app_folder(tmp_path)
 
 
 def _env(tmp_path: Path, port: int = 1) -> FlowerEnv:

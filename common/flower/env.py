@@ -87,21 +87,13 @@ def app_dir() -> Path:
     return check_app_folder(Path(__file__).resolve().parents[2])
 
 
-#: Flower's rule for an app folder's name (``flwr build``/``flwr run`` refuse any other, after
-#: resolving links): a letter, then letters, digits and hyphens, 32 characters at most.
-_APP_FOLDER_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9-]{0,31}$")
-
-
 def check_app_folder(root: Path) -> Path:
-    """``root`` if it is an app folder Flower accepts; else a ``ConfigError`` saying what to do
-    (Flower's own refusal comes from deep inside ``flwr run``, after the daemons started)."""
+    """``root`` if it holds the medsynth project, else a ``ConfigError`` saying what to do.
+
+    Its name does not matter: ``flwr run`` is given a copy staged under a name Flower accepts
+    (:func:`common.flower.fab.stage_app`)."""
     if not (root / "pyproject.toml").is_file():
         raise ConfigError(f"cannot find the medsynth project at {root}; install it with `make install`")
-    if not _APP_FOLDER_NAME_RE.match(root.name):
-        raise ConfigError(
-            f"the medsynth folder's name {root.name!r} is not one Flower accepts for an app (a letter, then "
-            "letters, digits and hyphens, at most 32 characters): clone or move it into e.g. `medsynth/`"
-        )
     return root
 
 

@@ -99,13 +99,20 @@ def build_fab(root: Path) -> bytes:
     return build_fab_from_files(app_files(root))[0]
 
 
+#: The staged copy's folder name. ``flwr run`` refuses an app folder whose name is not a letter
+#: followed by letters, digits and hyphens (≤ 32), e.g. a ``mktemp -d`` checkout ``tmp.O8fdBcGmah``;
+#: the FAB holds the files, not the folder's name, so staging under a fixed name lets any checkout run.
+STAGED_APP_NAME = "medsynth"
+
+
 def stage_app(root: Path, dest: Path) -> Path:
-    """Copy the files of ``root``'s bundle into ``dest/<root's name>`` (made anew) and return that
-    folder: ``flwr run`` of it builds the same FAB as of ``root``, from a few hundred files."""
+    """Copy the files of ``root``'s bundle into ``dest/STAGED_APP_NAME`` (made anew) and return that
+    folder: ``flwr run`` of it builds the same FAB as of ``root``, from a few hundred files, whatever
+    ``root`` itself is called."""
     from flwr.cli.utils import filter_paths_for_publish
 
     root = root.expanduser().resolve()
-    staged = dest / root.name
+    staged = dest / STAGED_APP_NAME
     if staged.exists():
         shutil.rmtree(staged)
     files = app_files(root)
