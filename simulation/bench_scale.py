@@ -9,21 +9,29 @@ the warm-start round 0; round 2 is the steady round) in a fresh child process an
   0" is the part of it up to the warm start's line (Flower's start-up, the secure-aggregation
   set-up and round 0, whose G pre-training runs at the server);
 * steady round: from ``round 1/2`` to ``round 2/2``;
-* peak memory: the largest sum of resident set sizes (RSS) of the child's whole process tree
-  (the simulation, the SuperLink, Ray and its workers), sampled every half second. Pages shared
-  between processes count once per process, so this overstates what is in use;
+* peak memory: the largest sum, over the child's whole process tree (the simulation, the
+  SuperLink, Ray and its workers), of each process's proportional set size (PSS: a page shared
+  by k processes counts 1/k in each, so the sum is the memory the tree holds), sampled every half
+  second; beside it the same sum of resident set sizes (RSS), which counts a shared page once per
+  process (each Ray actor maps torch's libraries) and so overstates what is in use;
 * CPU: user + system seconds of every process of the tree (each as last sampled: a process's
   last half second before it exits is missed; all phases), and the
   machine's mean 1-minute load average along the run: on a shared machine the wall times above
   grow with the other jobs' load, the CPU seconds much less.
 
-The run settings are the app's defaults (``[tool.flwr.app.config]``: secure aggregation on, the
-model, training and DP settings) except those named on the command line or below: 2 rounds,
-``--patients-per-site`` phantom patients per site (default 50). Nothing is evaluated afterwards
-(``medsynth simulate`` would evaluate against a fresh phantom population). Times are wall
-clock on this machine and are printed, never asserted.
+With ``--aggregation both`` (the default) each site count runs twice, plain aggregation first,
+then secure, and the secure row gives secure / plain of the steady round, the two measured side
+by side in one invocation.
 
-    python -m simulation.bench_scale [--sites 10 20 50 100 500] [--patients-per-site 50]
+The run settings are the app's defaults (``[tool.flwr.app.config]``: the model, training and DP
+settings) except those named on the command line or below: 2 rounds, ``--patients-per-site``
+phantom patients per site (default 50), and the SecAgg+ graph that ``medsynth simulate
+--secagg-degree auto`` picks (``--secagg-degree``, default ``auto``: the complete graph up to 40
+hospitals, k = ⌈3·log2 n⌉ neighbours above). Nothing is evaluated afterwards (``medsynth
+simulate`` would evaluate against a fresh phantom population). Times are wall clock on this
+machine and are printed, never asserted.
+
+    python -m simulation.bench_scale [--sites 5 10 20 50 100 500] [--aggregation both|secure|plain]
 """
 
 from __future__ import annotations
@@ -42,7 +50,8 @@ from pathlib import Path
 from common.errors import EXIT_INTERRUPTED
 from common.flower import sigterm_raises_interrupt
 
-DEFAULT_SITES = (10, 20, 50, 100, 500)
+DEFAULT_SITES = (5, 10, 20, 50, 100, 500)
+AGGREGATIONS = {"both": ("plain", "secure"), "secure": ("secure",), "plain": ("plain",)}
 ROUNDS = 2
 SAMPLE_EVERY_S = 0.5
 
@@ -52,11 +61,13 @@ class ScaleResult:
     """One simulation's figures (seconds, bytes); None where the run did not get that far."""
 
     sites: int
+    aggregation: str  # "secure" or "plain"
     setup_s: float | None
     round0_s: float | None  # start-up and the warm start (round 0), part of the first round
     first_round_s: float | None
     steady_round_s: float | None
-    peak_rss_bytes: int
+    peak_pss_bytes: int  # Σ PSS over the tree: shared pages split between the processes that map them
+    peak_rss_bytes: int  # Σ RSS over the tree: shared pages counted once per process
     cpu_s: float  # user + system CPU of every process of the tree, as last sampled, all phases
     mean_load: float  # the machine's 1-minute load average, sampled along the run (other jobs included)
     exit_code: int
@@ -80,16 +91,23 @@ def _children() -> dict[int, list[int]]:
 
 @dataclass
 class TreeSample:
-    """One look at a process tree: Σ RSS now, and each process's CPU so far (clock ticks)."""
+    """One look at a process tree: Σ PSS and Σ RSS now, and each process's CPU so far (clock ticks)."""
 
+    pss_bytes: int
     rss_bytes: int
     cpu_ticks: dict[int, int]
 
 
+def _kib_field(path: str, name: str) -> int:
+    """Bytes of the ``name:  N kB`` line of a /proc file (0 if absent)."""
+    with open(path, encoding="ascii", errors="replace") as f:
+        return next((int(line.split()[1]) * 1024 for line in f if line.startswith(name)), 0)
+
+
 def sample_tree(root: int) -> TreeSample:
-    """Σ VmRSS of ``root`` and all its descendants, and their user + system CPU ticks (Linux /proc;
-    processes gone meanwhile are skipped)."""
-    tree, rss, ticks, todo = _children(), 0, {}, [root]
+    """Σ Pss (``smaps_rollup``) and Σ VmRSS of ``root`` and all its descendants, and their user +
+    system CPU ticks (Linux /proc; processes gone meanwhile are skipped)."""
+    tree, pss, rss, ticks, todo = _children(), 0, 0, {}, [root]
     while todo:
         pid = todo.pop()
         todo.extend(tree.get(pid, []))
@@ -98,14 +116,14 @@ def sample_tree(root: int) -> TreeSample:
                 fields = f.read()
             after = fields[fields.rindex(")") + 2 :].split()  # state is field 3; utime, stime are 14, 15
             ticks[pid] = int(after[11]) + int(after[12])
-            with open(f"/proc/{pid}/status", encoding="ascii", errors="replace") as f:
-                rss += next((int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:")), 0)
+            rss += _kib_field(f"/proc/{pid}/status", "VmRSS:")
+            pss += _kib_field(f"/proc/{pid}/smaps_rollup", "Pss:")
         except (OSError, ValueError, IndexError):
             continue
-    return TreeSample(rss, ticks)
+    return TreeSample(pss, rss, ticks)
 
 
-def run_one(sites: int, patients_per_site: int, out: Path, timeout_s: float,
+def run_one(sites: int, aggregation: str, patients_per_site: int, out: Path, timeout_s: float,
             extra: list[str]) -> ScaleResult:
     """One child simulation of ``sites`` hospitals; samples its process tree's memory meanwhile."""
     if out.exists():
@@ -113,18 +131,19 @@ def run_one(sites: int, patients_per_site: int, out: Path, timeout_s: float,
     out.mkdir(parents=True)
     result_path = out / "bench_scale.json"
     cmd = [sys.executable, "-m", "simulation.bench_scale", "--child", "--sites", str(sites),
-           "--patients-per-site", str(patients_per_site), "--out", str(out), "--timeout", str(timeout_s), *extra]
+           "--patients-per-site", str(patients_per_site), "--out", str(out), "--timeout", str(timeout_s), *extra,
+           *(["--plain-aggregation"] if aggregation == "plain" else [])]
     child = subprocess.Popen(cmd)
-    peak = 0
+    peak_pss = peak_rss = 0
     cpu_ticks: dict[int, int] = {}  # pid → its CPU ticks when last seen
     loads: list[float] = []
     stop = threading.Event()
 
     def sample() -> None:
-        nonlocal peak
+        nonlocal peak_pss, peak_rss
         while not stop.is_set():
             now = sample_tree(child.pid)
-            peak = max(peak, now.rss_bytes)
+            peak_pss, peak_rss = max(peak_pss, now.pss_bytes), max(peak_rss, now.rss_bytes)
             cpu_ticks.update(now.cpu_ticks)
             loads.append(os.getloadavg()[0])
             stop.wait(SAMPLE_EVERY_S)
@@ -143,8 +162,8 @@ def run_one(sites: int, patients_per_site: int, out: Path, timeout_s: float,
         sampler.join()
     cpu = sum(cpu_ticks.values()) / os.sysconf("SC_CLK_TCK")
     times = json.loads(result_path.read_text()) if result_path.exists() else {}
-    return ScaleResult(sites, times.get("setup_s"), times.get("round0_s"), times.get("first_round_s"),
-                       times.get("steady_round_s"), peak, cpu, sum(loads) / max(len(loads), 1), code)
+    return ScaleResult(sites, aggregation, times.get("setup_s"), times.get("round0_s"), times.get("first_round_s"),
+                       times.get("steady_round_s"), peak_pss, peak_rss, cpu, sum(loads) / max(len(loads), 1), code)
 
 
 CHILD_STOP_GRACE_S = 60.0  # the child's SuperLink, Ray and Flower processes stop within ≈ 30 s of SIGTERM
@@ -164,6 +183,7 @@ def stop_child(child: subprocess.Popen[bytes]) -> int:
 def child_main(args: argparse.Namespace) -> None:
     """Inside the child: set-up, then the federation; writes the phase times as they happen."""
     from common.flower import run_app
+    from simulation.run_options import secagg_degree_option
     from simulation.runner import (
         ROUND_LINE,
         SimulateOptions,
@@ -179,7 +199,7 @@ def child_main(args: argparse.Namespace) -> None:
     opts = SimulateOptions(out=args.out, sites=args.sites, rounds=ROUNDS, patients_per_site=args.patients_per_site,
                            local_steps=args.local_steps, timeout_s=args.timeout,
                            secure_aggregation=False if args.plain_aggregation else None,
-                           secagg_degree=_degree(args.secagg_degree, args.sites),
+                           secagg_degree=secagg_degree_option(args.secagg_degree, args.sites),
                            extra_config=() if args.messages_in_flight is None
                            else (("sim.messages-in-flight", args.messages_in_flight),))
     check_out_dir(opts.out)
@@ -214,29 +234,45 @@ def child_main(args: argparse.Namespace) -> None:
                 timeout_s=opts.timeout_s, on_line=on_line)
 
 
-def _degree(value: str | None, sites: int) -> int | None:
-    """``--secagg-degree``: None (the app's default), K, or ``auto`` (``simulation.run_options.auto_degree``)."""
-    from simulation.run_options import auto_degree
-
-    return None if value is None else auto_degree(sites) if value == "auto" else int(value)
-
-
 def _fmt(seconds: float | None) -> str:
     return "—" if seconds is None else f"{seconds:.1f} s"
+
+
+def steady_ratio(rows: list[ScaleResult], r: ScaleResult) -> str:
+    """Secure / plain steady round at ``r``'s site count, when both ran; else blank."""
+    plain = next((p for p in rows if p.sites == r.sites and p.aggregation == "plain"), None)
+    if r.aggregation != "secure" or plain is None or not (r.steady_round_s and plain.steady_round_s):
+        return ""
+    return f"{r.steady_round_s / plain.steady_round_s:.2f}×"
+
+
+def print_table(rows: list[ScaleResult]) -> None:
+    print(f"\n{'sites':>6} {'aggregation':>11} {'set-up':>9} {'first round':>12} {'(to round 0)':>13} "
+          f"{'steady round':>13} {'secure/plain':>12} {'peak PSS (tree)':>16} {'peak RSS (tree)':>16} "
+          f"{'CPU (tree)':>11} {'load':>5} {'exit':>5}")
+    for r in rows:
+        print(f"{r.sites:>6} {r.aggregation:>11} {_fmt(r.setup_s):>9} {_fmt(r.first_round_s):>12} "
+              f"{_fmt(r.round0_s):>13} {_fmt(r.steady_round_s):>13} {steady_ratio(rows, r):>12} "
+              f"{r.peak_pss_bytes / 2**30:>13.2f} GB {r.peak_rss_bytes / 2**30:>13.2f} GB {r.cpu_s:>9.0f} s "
+              f"{r.mean_load:>5.1f} {r.exit_code:>5}")
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sites", type=int, nargs="+", default=list(DEFAULT_SITES),
                    help=f"site counts, one simulation each; default {' '.join(map(str, DEFAULT_SITES))}")
+    p.add_argument("--aggregation", choices=list(AGGREGATIONS), default="both",
+                   help="both (default): plain, then secure aggregation at each site count, and their ratio; "
+                        "or only one of them")
     p.add_argument("--patients-per-site", type=int, default=50, help="phantom patients per hospital; default 50")
     p.add_argument("--local-steps", type=int, default=None,
                    help="D steps per hospital per round (default: the app's train.local-steps)")
-    p.add_argument("--plain-aggregation", action="store_true", help="secure aggregation off (default: on)")
-    p.add_argument("--secagg-degree", default=None, metavar="K|auto",
-                   help="SecAgg+ neighbours per hospital (secagg.degree; auto: as `simulate --secagg-degree auto`)")
+    p.add_argument("--plain-aggregation", action="store_true", help=argparse.SUPPRESS)  # the child's
+    p.add_argument("--secagg-degree", default="auto", metavar="K|auto",
+                   help="SecAgg+ neighbours per hospital (secagg.degree); default auto, as `simulate "
+                        "--secagg-degree auto`: the complete graph up to 40 hospitals, ⌈3·log2 n⌉ above")
     p.add_argument("--out", type=Path, default=Path("medsynth-output/bench-scale"),
-                   help="work folder, one sub-folder per site count (emptied first)")
+                   help="work folder, one sub-folder per site count and aggregation (emptied first)")
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds before one simulation is stopped")
     p.add_argument("--setup-only", action="store_true", help="stop each run after the set-up (no Flower)")
     p.add_argument("--prepare-parallel", type=int, default=None,
@@ -253,27 +289,24 @@ def main(argv: list[str] | None = None) -> None:
     if min(args.sites) < 1 or args.patients_per_site < 1 or (args.prepare_parallel or 1) < 1:
         p.error("--sites, --patients-per-site and --prepare-parallel must be >= 1")
     extra = [] if args.local_steps is None else ["--local-steps", str(args.local_steps)]
-    extra += ["--plain-aggregation"] if args.plain_aggregation else []
-    extra += [] if args.secagg_degree is None else ["--secagg-degree", args.secagg_degree]
+    extra += ["--secagg-degree", args.secagg_degree]
     extra += ["--setup-only"] if args.setup_only else []
     extra += [] if args.prepare_parallel is None else ["--prepare-parallel", str(args.prepare_parallel)]
     extra += [] if args.messages_in_flight is None else ["--messages-in-flight", str(args.messages_in_flight)]
-    print(f"{ROUNDS} rounds per run, {args.patients_per_site} phantom patients per site, "
-          f"{'plain' if args.plain_aggregation else 'secure'} aggregation, other settings the app's defaults; "
+    modes = AGGREGATIONS[args.aggregation]
+    print(f"{ROUNDS} rounds per run, {args.patients_per_site} phantom patients per site, {' then '.join(modes)} "
+          f"aggregation (secagg.degree {args.secagg_degree}), other settings the app's defaults; "
           f"{os.cpu_count()} cores", flush=True)
     rows = []
     for sites in args.sites:
-        with sigterm_raises_interrupt():
-            r = run_one(sites, args.patients_per_site, args.out / f"sites-{sites}", args.timeout, extra)
-        rows.append(r)
-        print(f"[{sites} sites] done: exit {r.exit_code}, {r.cpu_s:.0f} CPU s, mean load {r.mean_load:.1f}",
-              flush=True)
-    print(f"\n{'sites':>6} {'set-up':>9} {'first round':>12} {'(to round 0)':>13} {'steady round':>13} "
-          f"{'peak RSS (tree)':>16} {'CPU (tree)':>11} {'load':>5} {'exit':>5}")
-    for r in rows:
-        print(f"{r.sites:>6} {_fmt(r.setup_s):>9} {_fmt(r.first_round_s):>12} {_fmt(r.round0_s):>13} "
-              f"{_fmt(r.steady_round_s):>13} {r.peak_rss_bytes / 2**30:>14.2f} GB {r.cpu_s:>9.0f} s "
-              f"{r.mean_load:>5.1f} {r.exit_code:>5}")
+        for mode in modes:
+            with sigterm_raises_interrupt():
+                r = run_one(sites, mode, args.patients_per_site, args.out / f"sites-{sites}-{mode}", args.timeout,
+                            extra)
+            rows.append(r)
+            print(f"[{sites} sites, {mode}] done: exit {r.exit_code}, {r.cpu_s:.0f} CPU s, "
+                  f"mean load {r.mean_load:.1f}", flush=True)
+    print_table(rows)
 
 
 if __name__ == "__main__":

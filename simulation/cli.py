@@ -28,7 +28,7 @@ from common.atomic import write_json_atomic
 from common.cli_help import DefaultsOnceHelpFormatter, says_its_default
 from common.config import CANDIDATES, LATENT_SCALE, parse_class_names
 from common.export import FORMATS, SIDECAR, ExportError, export_images
-from simulation.run_options import AUTO_C, AUTO_COMPLETE_UP_TO, auto_degree
+from simulation.run_options import AUTO_C, AUTO_COMPLETE_UP_TO, secagg_degree_option
 
 if TYPE_CHECKING:
     SubParsers = argparse._SubParsersAction[argparse.ArgumentParser]
@@ -306,20 +306,6 @@ TRAINING_ONLY = ("rounds", "epsilon", "delta", "noise_multiplier", "image_size",
                  "no_evaluation", "ray_address")
 
 
-def _secagg_degree(value: str | None, sites: int) -> int | None:
-    """``--secagg-degree``: None (the app default), an integer, or ``auto`` (``auto_degree``)."""
-    if value is None:
-        return None
-    if value == "auto":
-        return auto_degree(sites)
-    try:
-        return int(value)
-    except ValueError:
-        from common.config import ConfigError
-
-        raise ConfigError(f"--secagg-degree {value!r}: an integer (0: the complete graph) or auto") from None
-
-
 def cmd_simulate(args: argparse.Namespace) -> int:
     """``medsynth simulate``: a whole federation on this machine (``simulation.runner``), or with
     ``--write-sites`` only its hospitals' data (``simulation.rehearsal``)."""
@@ -363,7 +349,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             timeout_s=args.timeout,
             resume=args.resume,
             secure_aggregation=False if args.plain_aggregation else None,
-            secagg_degree=_secagg_degree(args.secagg_degree, args.sites),
+            secagg_degree=secagg_degree_option(args.secagg_degree, args.sites),
             warm_start_share=args.warm_start_share,
             pretrain_steps=args.pretrain_steps,
             dp=False if args.no_dp else None,

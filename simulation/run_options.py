@@ -42,3 +42,17 @@ def auto_degree(sites: int) -> int:
     if sites <= AUTO_COMPLETE_UP_TO:
         return 0
     return math.ceil(AUTO_C * math.log2(sites))
+
+
+def secagg_degree_option(value: str | None, sites: int) -> int | None:
+    """``--secagg-degree`` (simulate, bench_scale): None (the app default), an integer, or ``auto``."""
+    if value is None:
+        return None
+    if value == "auto":
+        return auto_degree(sites)
+    try:
+        return int(value)
+    except ValueError:
+        from common.config import ConfigError
+
+        raise ConfigError(f"--secagg-degree {value!r}: an integer (0: the complete graph) or auto") from None

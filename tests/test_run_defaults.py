@@ -239,18 +239,17 @@ def test_simulate_secagg_degree_auto_is_complete_for_small_and_logarithmic_for_l
     tmp_path: Path,
 ) -> None:
     # prepare
-    from simulation.cli import _secagg_degree
-    from simulation.run_options import AUTO_COMPLETE_UP_TO
+    from simulation.run_options import AUTO_COMPLETE_UP_TO, secagg_degree_option
 
     # act
-    small, large, huge = (_secagg_degree("auto", n) for n in (AUTO_COMPLETE_UP_TO, 100, 500))
+    small, large, huge = (secagg_degree_option("auto", n) for n in (AUTO_COMPLETE_UP_TO, 100, 500))
     opts = SimulateOptions(out=tmp_path, sites=100, secagg_degree=large)
 
     # assert: k = ceil(3 log2 n) above the bound, the run key set, and the app default left alone otherwise
     assert (small, large, huge) == (0, 20, 27)
     assert opts.run.federation.secagg_degree == 20
     assert SimulateOptions(out=tmp_path, sites=3).run.federation.secagg_degree == 0
-    assert _secagg_degree("12", 100) == 12 and _secagg_degree(None, 100) is None
+    assert secagg_degree_option("12", 100) == 12 and secagg_degree_option(None, 100) is None
 
 
 def test_a_simulation_windows_its_messages_by_the_ray_actors_it_has(tmp_path: Path) -> None:
