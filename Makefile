@@ -42,8 +42,9 @@ test-quick: lint
 bench: install
 	$(BIN)/python -m simulation.bench_dp_step
 
-# medsynth simulate at 10, 20, 50, 100, 500 hospitals (set-up, first and steady round, peak memory);
-# hours on 2 cores: BENCH_SCALE_ARGS="--sites 10 20" picks fewer (docs/benchmarks.md)
+# medsynth simulate at 5, 10, 20, 50, 100, 500 hospitals, plain then secure aggregation (set-up, first and
+# steady round, secure/plain, peak memory); 45 min on 2 cores: BENCH_SCALE_ARGS="--sites 10 20"
+# picks fewer (docs/benchmarks.md)
 bench-scale: install
 	$(BIN)/python -m simulation.bench_scale $(BENCH_SCALE_ARGS)
 
