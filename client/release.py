@@ -81,16 +81,20 @@ class ReleaseRecord:
         raw = self._state["released"].get(str(run), {}).get(str(round), [])
         return [Release(**r) for r in raw]
 
-    def record(self, run: int, round: int, setup: int, sha256: str) -> Release:
-        """Refuse an update already released for (run, round); else record it durably (call
-        before the masked vector is handed to Flower: a crash afterwards loses an update, never
-        sends one twice)."""
+    def refuse_again(self, run: int, round: int, setup: int, sha256: str) -> None:
+        """``AlreadyReleased`` if the update with digest ``sha256`` already left for (run, round)."""
         for earlier in self.releases(run, round):
             if earlier.sha256 == sha256:
                 raise AlreadyReleased(
                     f"the update of run {run} round {round} already left this hospital masked in session "
                     f"{earlier.setup}; it is never masked again (session {setup} asked). Train again or sit out"
                 )
+
+    def record(self, run: int, round: int, setup: int, sha256: str) -> Release:
+        """Refuse an update already released for (run, round); else record it durably (call
+        before the masked vector is handed to Flower: a crash afterwards loses an update, never
+        sends one twice)."""
+        self.refuse_again(run, round, setup, sha256)
         release = Release(setup=setup, sha256=sha256,
                           at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"))
         self._state["released"].setdefault(str(run), {}).setdefault(str(round), []).append(asdict(release))

@@ -13,8 +13,10 @@ A round, seen from the hospital (see ``common.protocol.secagg``):
 2. key setup among the hospitals that trained (only when the session changes);
 3. ``mask``: the cached update, masked under the session's keys, leaves — at most once: its
    digest is recorded on disk first (``client.release``), and a second session asking for the
-   same update is refused (``AlreadyReleased``). Asked to ``train`` again for that round, the
-   hospital trains again (charged like any round) instead of re-sending what already left;
+   same update is refused (``AlreadyReleased``). The update is then dropped from
+   ``context.state`` (its digest stays): Flower passes that state to and from every later
+   message, and nothing needs the update once it has left. Asked to ``train`` again for that
+   round, the hospital trains again (charged like any round) instead of re-sending what left;
 4. on a sparse graph only, ``consistency``: the hospital signs the round's one survivor set, at
    most one per round (``common.secagg.consistency``);
 5. ``unmask``: shares, after the protocol's guards (on a sparse graph: a quorum of signatures on
@@ -60,6 +62,9 @@ from common.secagg import (
 from common.weights import UpdateLayout
 
 STATE_CLIENT, STATE_UPDATE, STATE_PRIVACY = "secagg-client", "secagg-update", "secagg-privacy"
+#: (run, round, digest) of the update that left masked; the update itself is then dropped from the
+#: state, which Flower hands to every later message (1.3 MB each way at the default model)
+STATE_LEFT = "secagg-left"
 
 
 def _identity(site: SiteConfig) -> SiteIdentity:
@@ -158,6 +163,7 @@ def train_secure(
     reply = train_round(run, site, arrays, run_id=run_id, server_round=server_round,
                         warm_start=decode_warm_start(content))
     state.array_records.pop(STATE_UPDATE, None)
+    state.config_records.pop(STATE_LEFT, None)  # what a mask request now refers to is this round's new reply
     if reply.update is not None:
         x = quantizer_for(run, UpdateLayout.of(arrays), server_round).encode(reply.update)  # ValueOutOfRange: refuse
         state[STATE_UPDATE] = ArrayRecord({"x": Array(x)})
@@ -173,12 +179,18 @@ def mask(site: SiteConfig, content: RecordDict, state: RecordDict) -> RecordDict
     client = _load_client(state, site, ref)
     cached = _cached(state, ref.run_id, server_round)
     if cached is None or cached[0] is None:
+        left = state.config_records.get(STATE_LEFT)
+        if left is not None and (str(left["run"]), left["round"]) == (str(ref.run_id), server_round):
+            ReleaseRecord.read(site.released_path).refuse_again(ref.run_id, server_round, ref.setup_id,
+                                                                str(left["sha256"]))  # AlreadyReleased
         raise NothingToMask(f"site {site.site_id} trained no update for run {ref.run_id} round {server_round}")
-    x = cached[0]
+    x, digest = cached[0], _digest(cached[0])
     masked = client.mask(protocol_round(server_round), x)
     with ReleaseRecord.locked(site.released_path) as record:
-        record.record(ref.run_id, server_round, ref.setup_id, _digest(x))  # AlreadyReleased: refuse
+        record.record(ref.run_id, server_round, ref.setup_id, digest)  # AlreadyReleased: refuse
     _save_client(state, client)
+    state.array_records.pop(STATE_UPDATE)  # it left; never masked again, so no later message carries it
+    state[STATE_LEFT] = ConfigRecord({"run": str(ref.run_id), "round": server_round, "sha256": digest})
     receivers, blobs = split_pairs(masked.b_share_cts)
     out = secagg_record(site=site.site_id, receivers=receivers, cts=blobs)
     out["masked"] = ArrayRecord({"y": Array(masked.y)})

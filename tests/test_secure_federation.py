@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from flwr.app import ConfigRecord
 
+from client.release import ReleaseRecord
 from common.checkpoint import latest_valid_checkpoint
 from common.config import RunConfig
 from common.round_record import ServerState
@@ -109,6 +110,14 @@ def test_in_a_secure_round_only_the_ledger_figures_travel_in_plain_text(sites4: 
     assert {kind for kind, _ in grid.sent} == {
         "train", "train.secagg_keys", "train.secagg_share", "train.secagg_mask", "train.secagg_unmask",
         "query.final_model"}
+    # once masked, an update is no longer kept in the state Flower hands to every later message;
+    # its digest is, and it is the one the hospital recorded as released
+    for node, pid in grid.nodes.items():
+        state = grid.states[node]
+        assert "secagg-update" not in state.array_records
+        left = state.config_records["secagg-left"]
+        released = ReleaseRecord.read(sites4 / f"site-{pid}" / "released.json").releases(RUN_ID, 1)
+        assert [r.sha256 for r in released] == [left["sha256"]]
 
 
 def _drop_once(kind: str, pid: int) -> DropRule:
