@@ -1,12 +1,13 @@
 """Flower ClientApp: translates messages into typed calls (``client.task``, ``client.secagg``).
 
 Actions: ``train`` (a round: plain update, or — when the request carries a ``secagg`` record —
-train and keep the update for masking), ``train.secagg_keys`` / ``train.secagg_share`` (session
-setup), ``train.secagg_mask``, ``train.secagg_consistency`` (sparse SecAgg+ graphs only: sign the
-round's survivor set) and ``train.secagg_unmask``, and ``query.final_model`` (the final
-global model after the last round: kept, not trained on; ``client.final_model``). Before any action the run is checked
-against the hospital's own settings (``client.policy``). Every reply, errors included, is first
-written to the hospital's audit log (``client.audit``).
+train and keep the update for masking, or mask it at once when the record names the session),
+``train.secagg_keys`` / ``train.secagg_share`` (session setup), ``train.secagg_mask``,
+``train.secagg_consistency`` (sparse SecAgg+ graphs only: sign the round's survivor set) and
+``train.secagg_unmask`` (with the next round's key shares when asked), and ``query.final_model``
+(the final global model after the last round: kept, not trained on; ``client.final_model``).
+Before any action the run is checked against the hospital's own settings (``client.policy``).
+Every reply, errors included, is first written to the hospital's audit log (``client.audit``).
 
 Nothing data-dependent leaves in an error: a failure becomes an ``error`` reply whose reason is
 one of the fixed texts of ``common.protocol.messages.ERRORS`` (a code and a sentence, no value); the
@@ -194,7 +195,7 @@ def secagg_consistency(msg: Message, context: Context) -> Message:
 
 @app.train("secagg_unmask")
 def secagg_unmask(msg: Message, context: Context) -> Message:
-    return _handle(msg, context, lambda run, site: secagg.unmask(site, msg.content, context.state))
+    return _handle(msg, context, lambda run, site: secagg.unmask(run, site, msg.content, context.state))
 
 
 __all__ = ["app"]

@@ -9,7 +9,9 @@ A round, seen from the hospital (see ``common.protocol.secagg``):
 
 1. ``train``: check, charge, train, quantise; the update stays here (``context.state``) and only
    the privacy record leaves. A hospital that declines (budget spent) keeps nothing to mask, so
-   it can never be counted as a survivor of a sum it did not contribute to.
+   it can never be counted as a survivor of a sum it did not contribute to. When the request
+   names this hospital's current session (every round of a reused session), step 3 follows in
+   the same reply; the session checks of step 3 run before anything is trained;
 2. key setup among the hospitals that trained (only when the session changes);
 3. ``mask``: the cached update, masked under the session's keys, leaves — at most once: its
    digest is recorded on disk first (``client.release``), and a second session asking for the
@@ -35,7 +37,14 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 from client.release import ReleaseRecord
 from common.config import RunConfig, SiteConfig
 from common.errors import MissingFile
-from common.protocol.messages import SiteReply, decode_reply, decode_train_request, decode_warm_start, encode_reply
+from common.protocol.messages import (
+    ProtocolError,
+    SiteReply,
+    decode_reply,
+    decode_train_request,
+    decode_warm_start,
+    encode_reply,
+)
 from common.protocol.secagg import (
     SessionRef,
     bytes_list,
@@ -65,6 +74,8 @@ STATE_CLIENT, STATE_UPDATE, STATE_PRIVACY = "secagg-client", "secagg-update", "s
 #: (run, round, digest) of the update that left masked; the update itself is then dropped from the
 #: state, which Flower hands to every later message (1.3 MB each way at the default model)
 STATE_LEFT = "secagg-left"
+#: the next round's session while it is set up alongside this round (advert sent, shares not yet)
+STATE_NEXT = "secagg-next"
 
 
 def _identity(site: SiteConfig) -> SiteIdentity:
@@ -139,19 +150,49 @@ def _digest(x: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(x).tobytes()).hexdigest()
 
 
+def masking_session(content: RecordDict) -> SessionRef | None:
+    """The session a ``train`` request asks the update to be masked under at once, or None (train
+    and keep it for a later ``train.secagg_mask``). The server asks so while its current session's
+    participants are exactly the hospitals it asks to train (``server.secagg``)."""
+    return session_of(content) if "setup" in content.config_records["secagg"] else None
+
+
 def train_secure(
     run: RunConfig, site: SiteConfig, content: RecordDict, state: RecordDict, *, run_id: int
 ) -> RecordDict:
-    """Train once (ledger first), quantise, keep the update here; the reply is the privacy record.
+    """Train once (ledger first), quantise, keep the update here; the reply is the privacy record,
+    and, when the request names this hospital's current session (``masking_session``), the update
+    masked under it (exactly what ``mask`` would send next).
 
     An update already trained for (run, round) that has not left is reused (no new charge): a
     restart after an early dropout costs nothing. One that left masked is never sent again, so
-    a new request to train for that round trains again.
+    a new request to train for that round trains again. A request to mask at once is checked
+    against the session before anything is trained (``SecAggClient.check_can_mask``): a request
+    this hospital would refuse to mask costs it nothing.
     """
     if run_of(content) != run_id:
         raise ReplayDetected(f"train request names run {run_of(content)}, this is run {run_id}")
     pinned_roster(site)  # a roster this hospital would refuse at setup: refuse before charging anything
     arrays, server_round = decode_train_request(content)
+    session = masking_session(content)
+    if session is not None:
+        if int(cast(int, field(content, "round"))) != server_round:
+            raise ProtocolError(f"the secagg record names round {field(content, 'round')}, the request {server_round}")
+        _load_client(state, site, session).check_can_mask(protocol_round(server_round))
+    out = _train_or_reuse(run, site, arrays, content, state, run_id=run_id, server_round=server_round)
+    if session is None or decode_reply(out).status != "ok":
+        return out  # kept for a later mask request; or declined: nothing to mask, never a survivor
+    nxt = {"next_setup": field(content, "next_setup")} if "next_setup" in content.config_records["secagg"] else {}
+    masked = mask(site, secagg_record(session, round=server_round, **nxt), state)
+    out["secagg"], out["masked"] = masked.config_records["secagg"], masked.array_records["masked"]
+    return out
+
+
+def _train_or_reuse(
+    run: RunConfig, site: SiteConfig, arrays: dict[str, np.ndarray], content: RecordDict, state: RecordDict, *,
+    run_id: int, server_round: int,
+) -> RecordDict:
+    """The privacy record of (run, round)'s update, trained now unless one trained for it is still here."""
     cached = _cached(state, run_id, server_round)
     if cached is not None:
         x, reply = cached
@@ -185,6 +226,7 @@ def mask(site: SiteConfig, content: RecordDict, state: RecordDict) -> RecordDict
                                                                 str(left["sha256"]))  # AlreadyReleased
         raise NothingToMask(f"site {site.site_id} trained no update for run {ref.run_id} round {server_round}")
     x, digest = cached[0], _digest(cached[0])
+    next_advert = _start_next(site, content, state)
     masked = client.mask(protocol_round(server_round), x)
     with ReleaseRecord.locked(site.released_path) as record:
         record.record(ref.run_id, server_round, ref.setup_id, digest)  # AlreadyReleased: refuse
@@ -192,9 +234,46 @@ def mask(site: SiteConfig, content: RecordDict, state: RecordDict) -> RecordDict
     state.array_records.pop(STATE_UPDATE)  # it left; never masked again, so no later message carries it
     state[STATE_LEFT] = ConfigRecord({"run": str(ref.run_id), "round": server_round, "sha256": digest})
     receivers, blobs = split_pairs(masked.b_share_cts)
-    out = secagg_record(site=site.site_id, receivers=receivers, cts=blobs)
+    out = secagg_record(site=site.site_id, receivers=receivers, cts=blobs, **next_advert)
     out["masked"] = ArrayRecord({"y": Array(masked.y)})
     return out
+
+
+def _start_next(site: SiteConfig, content: RecordDict, state: RecordDict) -> dict[str, bytes]:
+    """When the mask request names the next round's session (``next_setup``): fresh keys for it,
+    as ``advertise_keys`` makes them, kept as ``STATE_NEXT``; the advert's reply field."""
+    if "next_setup" not in content.config_records["secagg"]:
+        return {}
+    ref = session_of(content)
+    nxt = SessionRef(ref.run_id, int(cast(int, field(content, "next_setup"))))
+    if nxt.setup_id == ref.setup_id:
+        raise ReplayDetected(f"the next session {nxt.setup_id} is the current one")
+    pinned_roster(site)
+    client, advert = SecAggClient.start(_identity(site), Session(nxt.run_id, nxt.setup_id))
+    state[STATE_NEXT] = ConfigRecord({"blob": client.to_bytes()})
+    return {"next_advert": advert.to_bytes()}
+
+
+def _share_next(run: RunConfig, site: SiteConfig, content: RecordDict, state: RecordDict) -> dict[str, object]:
+    """When the unmask request carries the next session's adverts: this hospital's key shares for
+    it (``share_keys``' checks and reply), and that session becomes the current one here."""
+    if "next_adverts" not in content.config_records["secagg"]:
+        return {}
+    nxt = SessionRef(session_of(content).run_id, int(cast(int, field(content, "next_setup"))))
+    if STATE_NEXT not in state.config_records:
+        raise ReplayDetected(f"no next session at {site.site_id} for {nxt}: this hospital sent no advert for it")
+    client = SecAggClient.from_bytes(cast(bytes, state.config_records[STATE_NEXT]["blob"]), _identity(site))
+    if (client.session.run_id, client.session.setup_id) != (nxt.run_id, nxt.setup_id):
+        raise ReplayDetected(f"key shares asked for session {nxt.setup_id}, but this site advertised for "
+                             f"{client.session.setup_id}")
+    adverts = {a.site_id: a for a in (KeyAdvert.from_bytes(b) for b in bytes_list(content, "next_adverts"))}
+    cts = client.share_keys(adverts, pinned_roster(site), int(cast(int, field(content, "next_threshold"))),
+                            min_participants=site.min_participants, degree=run.federation.secagg_degree,
+                            min_degree=site.min_neighbours)
+    _save_client(state, client)
+    state.config_records.pop(STATE_NEXT)
+    receivers, blobs = split_pairs(cts)
+    return {"next_receivers": receivers, "next_cts": blobs}
 
 
 def sign_survivors(site: SiteConfig, content: RecordDict, state: RecordDict) -> RecordDict:
@@ -208,9 +287,10 @@ def sign_survivors(site: SiteConfig, content: RecordDict, state: RecordDict) -> 
     return secagg_record(site=site.site_id, signature=signature)
 
 
-def unmask(site: SiteConfig, content: RecordDict, state: RecordDict) -> RecordDict:
+def unmask(run: RunConfig, site: SiteConfig, content: RecordDict, state: RecordDict) -> RecordDict:
     """Reveal b-shares of the alive and s-shares of the dead, after the protocol's checks (on a
-    sparse graph: the survivor set's signatures, verified against the roster this hospital pinned)."""
+    sparse graph: the survivor set's signatures, verified against the roster this hospital pinned);
+    with the next round's adverts, also this hospital's key shares for that session."""
     ref = session_of(content)
     client = _load_client(state, site, ref)
     signatures = optional_pairs(content, "signers", "signatures")
@@ -225,6 +305,7 @@ def unmask(site: SiteConfig, content: RecordDict, state: RecordDict) -> RecordDi
         roster=pinned_roster(site) if signatures is not None else None,
     )
     _save_client(state, client)
+    next_shares = _share_next(run, site, content, state)  # the next session replaces this one here
     b_sites, s_sites = sorted(reply.b_shares), sorted(reply.s_shares)
     return secagg_record(
         site=site.site_id,
@@ -232,4 +313,5 @@ def unmask(site: SiteConfig, content: RecordDict, state: RecordDict) -> RecordDi
         b_shares=[reply.b_shares[s].to_bytes() for s in b_sites],
         s_sites=s_sites,
         s_shares=[reply.s_shares[s].to_bytes() for s in s_sites],
+        **next_shares,
     )

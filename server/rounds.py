@@ -390,7 +390,8 @@ def run_federation(grid: Grid, run: RunConfig, paths: ServerPaths, run_id: int) 
         kept: list[np.ndarray] = []
         aggregate = warm_start_aggregate(run, netG, netD, kept) if server_round == WARM_START_ROUND else None
         if secure is not None:
-            new_arrays, record = secure.run_round(nodes, arrays, server_round, aggregate, release)
+            new_arrays, record = secure.run_round(nodes, arrays, server_round, aggregate, release,
+                                                  prepare_next=server_round < fed.num_rounds)
         else:
             new_arrays, record = run_round(grid, nodes, arrays, layout, server_round, fed.round_timeout_s,
                                            aggregate, release, fed.messages_in_flight)

@@ -16,6 +16,17 @@ A round (message flow in ``common.protocol.secagg``):
    survivors (``common.secagg.consistency``; the complete graph skips it);
 5. ``train.secagg_unmask`` to the survivors (with the signatures, on a sparse graph), then the sum.
 
+Every round but the last also sets up the next round's session (``NextSession``): the masking
+step asks each hospital for an advert of fresh keys, the unmask step carries those adverts and
+collects the key shares, so the set-up takes no stage of its own. When the next round asks exactly
+that session's participants to train, steps 1 and 3 are one message: the ``train`` request names
+the session and round, and each hospital that trains replies with its privacy record *and* its
+masked vector. A steady round is thus train-and-mask, (consistency,) unmask: one stage more than
+a plain round. Only a session that served no round is used so: a hospital that declines or drops
+out in that stage is a dropout of a session no earlier update depends on, so its s-key can be
+reconstructed and the others' updates are summed at once (nobody trains twice). When fewer than t
+masked, the round restarts and the hospitals whose update left train again (charged).
+
 Dropouts: up to n − t contributors may vanish after masking (their s-keys are reconstructed, the
 session is spent); on a sparse graph more than two thirds of the session must have masked and
 signed the survivor set, while dropouts after signing cost nothing more. Fewer than t at any
@@ -31,6 +42,8 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 from typing import TypedDict, cast
 
 import numpy as np
@@ -121,6 +134,18 @@ def _ok(replies: list[Message], failures: list[str], step: str) -> list[Message]
     return good
 
 
+@dataclass
+class NextSession:
+    """The next round's session, set up alongside this round: each hospital's advert comes with its
+    masked vector, its key shares with its unmask reply (no stage of its own)."""
+
+    setup_id: int
+    adverts: dict[str, KeyAdvert] = dataclass_field(default_factory=dict)
+    nodes_of: dict[str, int] = dataclass_field(default_factory=dict)  # site → Flower node
+    threshold: int = 0
+    cts: dict[str, dict[str, bytes]] = dataclass_field(default_factory=dict)  # sender → receiver → ciphertext
+
+
 class SecureRounds:
     """Drives sessions and rounds; holds only public keys, ciphertexts and masked vectors."""
 
@@ -128,11 +153,13 @@ class SecureRounds:
         self.grid, self.run, self.run_id, self.layout = grid, run, run_id, layout
         self.timeout = run.federation.round_timeout_s
         self.in_flight = run.federation.messages_in_flight
-        self.setup_id = 0
+        self.setup_id = 0  # the current session's id
+        self.last_setup_id = 0  # the last id handed out: a session id is never used twice in a run
         self.server: SecAggServer | None = None
         self.nodes_of: dict[str, int] = {}  # site id → Flower node id, of the current session
+        self.next: NextSession | None = None  # the next round's session, set up during this round
+        self.prepare_next = False  # whether this round sets up the next round's session
         self.received: dict[str, list[ReceivedMessage]] = {}  # per site this round: what it sent
-
 
     def _send(self, requests: Mapping[int, RecordDict], kind: str, group: str) -> list[Message]:
         """One stage: ``requests[node]`` to each node; the replies within the round timeout."""
@@ -140,6 +167,11 @@ class SecureRounds:
             Message(content, dst_node_id=node, message_type=kind, group_id=group) for node, content in requests.items()
         ]
         return send_and_receive(self.grid, messages, self.timeout, self.in_flight)
+
+    def _new_setup_id(self) -> int:
+        self.last_setup_id += 1
+        return self.last_setup_id
+
     def _account(self, replies: list[Message]) -> list[Message]:
         """Add each reply (type, payload bytes and digest) to its site's messages of the round."""
         for msg in replies:
@@ -179,17 +211,29 @@ class SecureRounds:
     # ---- step 1: train ---------------------------------------------------------------------
     def train(
         self, nodes: list[int], global_arrays: dict[str, np.ndarray], server_round: int, failures: list[str],
-        warm_start: np.ndarray | None = None,
+        warm_start: np.ndarray | None = None, mask_under: SecAggServer | None = None,
     ) -> tuple[dict[str, SiteReply], dict[str, int]]:
-        """Every node trains (or declines) and keeps its update; (privacy records, site → node)."""
+        """Every node trains (or declines) and keeps its update; (privacy records, site → node).
+
+        With ``mask_under`` (the current session, whose participants are exactly ``nodes``) each
+        hospital also masks its update under it in the same reply (step 3 folded into step 1), and
+        the masked vectors go to that session's round.
+        """
         content = encode_train_request(global_arrays, server_round, warm_start)
-        content["secagg"] = ConfigRecord({"run": str(self.run_id)})
+        if mask_under is None:
+            content["secagg"] = ConfigRecord({"run": str(self.run_id)})
+        else:
+            mask_under.begin_round(protocol_round(server_round))
+            request = secagg_record(self.ref, round=server_round, **self._next_fields())
+            content["secagg"] = request.config_records["secagg"]
         sent = self._send(dict.fromkeys(nodes, content), MessageType.TRAIN, str(server_round))
         privacy: dict[str, SiteReply] = {}
         node_of: dict[str, int] = {}
         for msg in self._account(_ok(sent, failures, "train")):
             reply = decode_reply(msg.content)
             privacy[reply.site_id], node_of[reply.site_id] = reply, msg.metadata.src_node_id
+            if mask_under is not None and reply.status == "ok":
+                self._receive_masked(mask_under, msg)
         if len(sent) < len(nodes):
             failures.append(f"train: {len(nodes) - len(sent)} hospital(s) did not answer within {self.timeout:.0f} s")
         return privacy, node_of
@@ -197,7 +241,7 @@ class SecureRounds:
     # ---- step 2: session setup -------------------------------------------------------------
     def setup(self, nodes_of: Mapping[str, int], failures: list[str]) -> None:
         """Key adverts from every contributor, then their encrypted s-key shares; fresh session id."""
-        self.setup_id += 1
+        self.setup_id = self._new_setup_id()
         self.server = None
         group = f"setup-{self.setup_id}"
         replies = self._account(_ok(
@@ -225,6 +269,16 @@ class SecureRounds:
         log.info("secure aggregation session %d: %d hospitals, %d neighbours each, threshold %d", self.setup_id,
                  len(adverts), server.graph.degree, t)
 
+    def _session_of(self, nodes: list[int]) -> SecAggServer | None:
+        """The current session when it has served no round yet and its participants are exactly
+        ``nodes``: the round's train requests then ask for the masked update at once. (A session
+        that served a round is never used so: a participant that contributed to it and then
+        drops out could not be unmasked, and every other update of the round would be lost.)"""
+        server = self.server
+        if server is None or server.round != 0 or sorted(self.nodes_of.values()) != sorted(nodes):
+            return None
+        return server
+
     def _session_for(self, contributors: Mapping[str, int], failures: list[str]) -> SecAggServer:
         """The current session if its participants are exactly the contributors and none of them
         was ever unmasked as dropped; else a new one among the contributors."""
@@ -236,31 +290,94 @@ class SecureRounds:
             raise SecureRoundFailed("no session")
         return server
 
-    # ---- steps 3-4: mask and unmask --------------------------------------------------------
+    # ---- steps 3-5: mask, consistency, unmask ------------------------------------------------
+    def _receive_masked(self, server: SecAggServer, msg: Message) -> None:
+        """A masked vector into the round; the sender's advert for the next session, if asked for."""
+        site = str(field(msg.content, "site"))
+        if "masked" not in msg.content.array_records:
+            raise ProtocolError(f"{site} sent no masked vector")
+        y = msg.content.array_records["masked"]["y"].numpy()
+        server.receive_masked(site, MaskedInput(y, pairs(msg.content, "receivers", "cts")))
+        if self.next is not None and "next_advert" in msg.content.config_records["secagg"]:
+            advert = KeyAdvert.from_bytes(cast(bytes, field(msg.content, "next_advert")))
+            if advert.site_id != site:
+                raise ProtocolError(f"{site} sent an advert for the next session under the name {advert.site_id!r}")
+            self.next.adverts[site], self.next.nodes_of[site] = advert, msg.metadata.src_node_id
+
+    def _next_fields(self) -> dict[str, object]:
+        """What a round's mask requests carry to start the next round's session: a new session id
+        (nothing when this is the run's last round)."""
+        if not self.prepare_next:
+            return {}
+        self.next = NextSession(self._new_setup_id())
+        return {"next_setup": self.next.setup_id}
+
+    def _next_share_fields(self, responders: set[str]) -> dict[str, object]:
+        """What every unmask request carries for the next session's key shares: its id, threshold
+        and the adverts of the responders that sent one (nothing when it cannot be set up)."""
+        nxt = self.next
+        if nxt is None:
+            return {}
+        nxt.adverts = {s: a for s, a in nxt.adverts.items() if s in responders}
+        group, t = self._holders_and_threshold(len(nxt.adverts))
+        if set(nxt.adverts) != responders or len(nxt.adverts) < max(t, 3) or t > group:
+            self.next = None  # the next round sets its session up on its own
+            return {}
+        nxt.threshold = t
+        return {"next_setup": nxt.setup_id, "next_threshold": t,
+                "next_adverts": [nxt.adverts[s].to_bytes() for s in sorted(nxt.adverts)]}
+
+    def _receive_next_shares(self, msg: Message) -> None:
+        if self.next is not None and "next_cts" in msg.content.config_records["secagg"]:
+            self.next.cts[str(field(msg.content, "site"))] = pairs(msg.content, "next_receivers", "next_cts")
+
+    def _install_next(self) -> None:
+        """The next session becomes the current one when every advertiser's key shares arrived."""
+        nxt, self.next = self.next, None
+        if nxt is None or set(nxt.cts) != set(nxt.adverts):
+            return
+        try:
+            server = SecAggServer(Session(self.run_id, nxt.setup_id), nxt.adverts, nxt.threshold, self.layout.size,
+                                  degree=self.run.federation.secagg_degree)
+            server.route_s_shares(nxt.cts)
+        except SecAggAbort as exc:
+            log.warning("the next session %d could not be set up (%s); the next round sets one up", nxt.setup_id, exc)
+            return
+        self.server, self.setup_id, self.nodes_of = server, nxt.setup_id, dict(nxt.nodes_of)
+        log.info("secure aggregation session %d set up with the round: %d hospitals, %d neighbours each, "
+                 "threshold %d", nxt.setup_id, len(nxt.adverts), server.graph.degree, nxt.threshold)
+
+    def _mask(self, server: SecAggServer, server_round: int, failures: list[str]) -> None:
+        """Step 3 for a session set up this round: every participant's kept update, masked."""
+        server.begin_round(protocol_round(server_round))
+        request = secagg_record(self.ref, round=server_round, **self._next_fields())
+        sent = self._send(dict.fromkeys(self.nodes_of.values(), request), MASK, str(server_round))
+        for msg in self._account(_ok(sent, failures, "mask")):
+            self._receive_masked(server, msg)
+
     def _masked_round(
         self, server: SecAggServer, server_round: int, failures: list[str]
     ) -> tuple[np.ndarray, list[str]]:
-        server.begin_round(protocol_round(server_round))
-        request = secagg_record(self.ref, round=server_round)
-        sent = self._send(dict.fromkeys(self.nodes_of.values(), request), MASK, str(server_round))
-        for msg in self._account(_ok(sent, failures, "mask")):
-            site = str(field(msg.content, "site"))
-            if "masked" not in msg.content.array_records:
-                raise ProtocolError(f"{site} sent no masked vector")
-            y = msg.content.array_records["masked"]["y"].numpy()
-            server.receive_masked(site, MaskedInput(y, pairs(msg.content, "receivers", "cts")))
+        """Steps 3-5 after a train stage that kept the updates: mask, then unmask."""
+        self._mask(server, server_round, failures)
+        return self._unmask(server, server_round, failures)
+
+    def _unmask(self, server: SecAggServer, server_round: int, failures: list[str]) -> tuple[np.ndarray, list[str]]:
+        """Steps 4-5 once the masked vectors are in: (the sum of the survivors' vectors, survivors)."""
         certified = self._consistency(server, server_round, failures)
         requests = server.unmask_requests()
+        next_session = self._next_share_fields(set(requests))
         unmask_content: dict[int, RecordDict] = {}
         for site, (alive, dead, s_cts, b_cts) in requests.items():
             s_senders, s_blobs = split_pairs(s_cts)
             b_senders, b_blobs = split_pairs(b_cts)
             unmask_content[self.nodes_of[site]] = secagg_record(
                 self.ref, round=server_round, alive=sorted(alive), dead=sorted(dead),
-                s_senders=s_senders, s_cts=s_blobs, b_senders=b_senders, b_cts=b_blobs, **certified,
+                s_senders=s_senders, s_cts=s_blobs, b_senders=b_senders, b_cts=b_blobs, **certified, **next_session,
             )
         unmasked = _ok(self._send(unmask_content, UNMASK, str(server_round)), failures, "unmask")
         for msg in self._account(unmasked):
+            self._receive_next_shares(msg)
             site = str(field(msg.content, "site"))
             b = dict(zip(str_list(msg.content, "b_sites"), field(msg.content, "b_shares"), strict=True))  # type: ignore[call-overload]
             s = dict(zip(str_list(msg.content, "s_sites"), field(msg.content, "s_shares"), strict=True))  # type: ignore[call-overload]
@@ -287,34 +404,41 @@ class SecureRounds:
 
     def run_round(
         self, nodes: list[int], global_arrays: dict[str, np.ndarray], server_round: int,
-        aggregate: Aggregate | None = None, warm_start: np.ndarray | None = None,
+        aggregate: Aggregate | None = None, warm_start: np.ndarray | None = None, prepare_next: bool = False,
     ) -> tuple[dict[str, np.ndarray] | None, RoundRecord]:
         """One secure round with bounded restarts; returns (new arrays or None, round record).
 
         ``aggregate`` turns the sum into the new model (default: FedAvg of the global model);
-        ``warm_start`` is the summed release the train requests carry.
+        ``warm_start`` is the summed release the train requests carry; ``prepare_next``: set up
+        the next round's session alongside this round (every round but the run's last).
         """
         combine = aggregate or fedavg_of(global_arrays, self.layout)
         t0 = time.monotonic()
         failures: list[str] = []
         self.received = {}
+        self.prepare_next = prepare_next
         privacy: dict[str, SiteReply] = {}
         for attempt in range(self.run.federation.secagg_max_retries + 1):
-            privacy, node_of = self.train(nodes, global_arrays, server_round, failures, warm_start)
-            contributors = {s: n for s, n in node_of.items() if privacy[s].status == "ok"}
-            _, needed = self._holders_and_threshold(len(contributors))  # the same t the session will use
-            if len(contributors) < needed:
-                failures.append(
-                    f"only {len(contributors)} hospital(s) trained ({', '.join(sorted(contributors)) or 'none'}); "
-                    f"secure aggregation needs at least {needed}: round abandoned, no update was requested"
-                )
-                if len(privacy) == len(nodes):  # everybody answered: asking again changes nothing
-                    break
-                nodes = sorted(self.grid.get_node_ids())
-                continue
+            self.next = None
             try:
-                server = self._session_for(contributors, failures)
-                total, alive = self._masked_round(server, server_round, failures)
+                # the session already covers exactly these hospitals: train and mask in one message
+                server = self._session_of(nodes)
+                privacy, node_of = self.train(nodes, global_arrays, server_round, failures, warm_start, server)
+                contributors = {s: n for s, n in node_of.items() if privacy[s].status == "ok"}
+                _, needed = self._holders_and_threshold(len(contributors))  # the same t the session will use
+                if server is None and len(contributors) < needed:
+                    failures.append(
+                        f"only {len(contributors)} hospital(s) trained ({', '.join(sorted(contributors)) or 'none'}); "
+                        f"secure aggregation needs at least {needed}: round abandoned, no update was requested"
+                    )
+                    if len(privacy) == len(nodes):  # everybody answered: asking again changes nothing
+                        break
+                    nodes = sorted(self.grid.get_node_ids())
+                    continue
+                if server is None:
+                    total, alive = self._masked_round(self._session_for(contributors, failures), server_round, failures)
+                else:
+                    total, alive = self._unmask(server, server_round, failures)
             except (SecureRoundFailed, SecAggAbort, ProtocolError) as exc:
                 failures.append(f"attempt {attempt + 1}: {type(exc).__name__}: {exc}")
                 log.warning("round %d attempt %d failed: %s", server_round, attempt + 1, exc)
@@ -322,14 +446,14 @@ class SecureRounds:
                 nodes = sorted(self.grid.get_node_ids())
                 continue
             dead = sorted(set(self.nodes_of) - set(alive))
+            stats = SecureStats(session=self.setup_id, alive=tuple(alive), dead=tuple(dead), attempts=attempt + 1)
             if dead:
                 self.server = None  # the dead sites' s-keys were revealed: new session next round
+            self._install_next()
             vector = quantizer_for(self.run, self.layout, server_round).decode_sum(total, len(alive))
             new_arrays, metrics = combine(vector)
-            return new_arrays, self._record(
-                server_round, privacy, failures, t0, sorted(alive), metrics,
-                SecureStats(session=self.setup_id, alive=tuple(alive), dead=tuple(dead), attempts=attempt + 1),
-            )
+            return new_arrays, self._record(server_round, privacy, failures, t0, sorted(alive), metrics, stats)
+        self.next = None
         return None, self._record(server_round, privacy, failures, t0, [], None, None)
 
     def _record(

@@ -6,20 +6,28 @@ Message types (ClientApp named actions) and what each carries, all in one Config
     train                server → every site    global model + round + {run}
                          site → server          privacy record only: the site trains (or declines)
                                                 and keeps its quantised update locally
+                         server → every site    global model + round + {run, setup, round}: the
+                                                sites are exactly the current session's participants
+                         site → server          privacy record + what train.secagg_mask returns
+                                                (masked vector, b-seed shares, next_advert); a site
+                                                that declines: the privacy record only
     train.secagg_keys    server → contributors  {run, setup}                 (only for a new session)
                          site → server          {site, advert}
     train.secagg_share   server → contributors  {run, setup, threshold, adverts[]}
                          site → server          {site, receivers[], cts[]}   s-key shares, encrypted
-    train.secagg_mask    server → contributors  {run, setup, round}
+    train.secagg_mask    server → contributors  {run, setup, round} + {next_setup} (below)
                          site → server          masked vector ``masked/y`` (uint64)
                                                 + {site, receivers[], cts[]} b-seed shares, encrypted
+                                                + {next_advert}                when asked
     train.secagg_consistency
                          server → survivors     {run, setup, round, alive[]}   sparse graph only (below)
                          site → server          {site, signature}              Ed25519, 64 bytes
     train.secagg_unmask  server → site          {run, setup, round, alive[], dead[], s_senders[], s_cts[],
                                                  b_senders[], b_cts[]}
                                                 + {signers[], signatures[]}    sparse graph only (below)
+                                                + {next_setup, next_threshold, next_adverts[]}
                          site → server          {site, b_sites[], b_shares[], s_sites[], s_shares[]}
+                                                + {next_receivers[], next_cts[]}  when asked
 
 With ``secagg.degree`` = k > 0 in the run config (SecAgg+, ``common.secagg.graph``) every site
 derives the session's graph from the adverts it receives, and the ``receivers``, ``cts``,
@@ -34,7 +42,21 @@ lies about dropouts there), so a complete-graph round has the same four messages
 
 Only hospitals that trained take part in a session (contributors): one that declines sends no
 masked vector and can never be counted as a survivor. A session is reused for the next round
-while its participants are that round's contributors; otherwise a new one is set up.
+while its participants are that round's contributors; otherwise a new one is set up. In a round
+whose train requests go to exactly the current session's participants, the train request names
+the session (``setup``) and round, and the hospital masks at once (no ``train.secagg_mask``): a
+round of a reused session is train, (consistency,) unmask.
+
+The next round's session is set up alongside a round (every round but the run's last): the mask
+request (or the train request that masks) names a new session id (``next_setup``); each site
+replies with a fresh advert for it (``next_advert``, as ``train.secagg_keys`` would), and the
+unmask request carries the adverts of every site asked to unmask (``next_adverts``) with the
+threshold, to which each replies with its encrypted s-key shares (``next_receivers``, ``next_cts``,
+as ``train.secagg_share`` would). When every advertiser's shares arrived, that session is the next
+round's, unused: if its participants are the hospitals asked to train, the round is train (and
+mask), (consistency,) unmask — the key set-up costs no stage of its own, and because each round
+has a session of its own, a hospital that drops out of a round is unmasked from a session no
+update of an earlier round depends on.
 """
 
 from __future__ import annotations
@@ -117,7 +139,7 @@ def pairs(content: RecordDict, keys: str, values: str) -> dict[str, bytes]:
     return dict(zip(k, v, strict=True))
 
 
-def secagg_record(session: SessionRef | None = None, **values: object) -> RecordDict:
+def secagg_record(session: SessionRef | None = None, /, **values: object) -> RecordDict:
     """A RecordDict holding one ``secagg`` ConfigRecord (session fields first)."""
     data: dict[str, object] = dict(session.fields()) if session else {}
     data.update(values)

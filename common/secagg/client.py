@@ -163,13 +163,20 @@ class SecAggClient:
         self.graph, self._requested_degree = graph, degree
         return cts
 
-    def mask(self, round: int, x: np.ndarray) -> MaskedInput:
-        """Round 2: y = x + PRG(b_u) + Σ_{v∈N(u)} sign(u,v)·PRG(s_uv,r) mod 2^64, and encrypted shares of
-        b_u for N[u]."""
+    def check_can_mask(self, round: int) -> CommGraph:
+        """The checks ``mask`` makes before it masks anything (key setup done, ``round`` after the last
+        masked one), without side effects: a hospital asked to train and mask in one message runs
+        them before it trains, so a request it would refuse to mask is refused before any charge."""
         graph = self._require_setup("mask")
         check_u64("round", round)
         if round <= self.round:
             raise ReplayDetected(f"round {round} is not after this site's last masked round {self.round}")
+        return graph
+
+    def mask(self, round: int, x: np.ndarray) -> MaskedInput:
+        """Round 2: y = x + PRG(b_u) + Σ_{v∈N(u)} sign(u,v)·PRG(s_uv,r) mod 2^64, and encrypted shares of
+        b_u for N[u]."""
+        graph = self.check_can_mask(round)
         if not isinstance(x, np.ndarray) or x.dtype != np.uint64 or x.ndim != 1 or x.size == 0:
             raise TypeError("x must be a non-empty 1-D np.uint64 array (quantize it with Quantizer.encode)")
         me, length = self.site_id, x.shape[0]
