@@ -20,10 +20,11 @@ What is reported (per hospital per round unless noted; medians)
   message sent → sum aggregated; the checkpoint and sample grid are not included). The ratio
   secure / plain is the figure to compare with the goal (≤ 1.3×). It is given over all rounds
   and over steady rounds only.
-* setup vs steady rounds: a secure round that opened a session (key adverts and encrypted
-  key shares: round 1, or the round after a dropout) is a *setup* round; the others are
-  *steady*. For plain aggregation round 1 is listed as "first" for comparison (it pays the
-  one-off installation of the app on each SuperNode).
+* setup vs steady rounds: a secure round with a key set-up stage of its own (key adverts and
+  encrypted key shares: the first round, or one after a change of hospitals) is a *setup*
+  round; the others, whose session was set up alongside the round before, are *steady*. For
+  plain aggregation round 1 is listed as "first" for comparison (it pays the one-off
+  installation of the app on each SuperNode).
 * protocol CPU: the CPU seconds each hospital spent in the secure-aggregation steps (key
   agreement, sharing, masking, unmasking), read from its own audit log (``cpu_s``; hospitals
   never send timings); setup steps count in the round they preceded. It does not include
@@ -72,6 +73,7 @@ from pathlib import Path
 from client.audit import read_entries
 from common.config import ConfigError
 from common.flower import NodeConfig, RunConfigValue, SuperLinkError, flwr_json, run_app
+from common.protocol.secagg import KEYS
 from common.round_record import RECORDS_FILE, RecordError, RoundRecord, read_server_state
 from simulation.deployment import LocalDeployment
 from simulation.runner import (
@@ -151,17 +153,13 @@ def cpu_per_round(ledgers: dict[str, Path], run_id: int, training: bool) -> dict
 
 
 def setup_rounds_of(rounds: Sequence[RoundRecord], secure: bool) -> frozenset[int]:
-    """Rounds that opened a secure-aggregation session (plain: just round 1, for comparison)."""
+    """Rounds that ran a key set-up stage of their own (``train.secagg_keys``: the first round, or
+    one after a change of hospitals); plain: just round 1, for comparison. A round whose session
+    was set up alongside the round before (``server.secagg``) is steady."""
     if not secure:
         return frozenset(r.round for r in rounds[:1])
-    found: set[int] = set()
-    last_session = None
-    for record in rounds:
-        session = None if record.secure is None else record.secure.session
-        if session != last_session:
-            found.add(record.round)
-        last_session = session
-    return frozenset(found)
+    return frozenset(r.round for r in rounds
+                     if any(m.type == KEYS for cost in (r.costs or {}).values() for m in cost.received))
 
 
 def clientapp_seconds(deployment: LocalDeployment, run_id: int) -> float | None:
