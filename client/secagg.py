@@ -10,20 +10,23 @@ A round, seen from the hospital (see ``common.protocol.secagg``):
 1. ``train``: check, charge, train, quantise; the update stays here (``context.state``) and only
    the privacy record leaves. A hospital that declines (budget spent) keeps nothing to mask, so
    it can never be counted as a survivor of a sum it did not contribute to. When the request
-   names this hospital's current session (every round of a reused session), step 3 follows in
-   the same reply; the session checks of step 3 run before anything is trained;
-2. key setup among the hospitals that trained (only when the session changes);
+   names this hospital's current session (a round whose session was set up alongside the round
+   before), step 3 follows in the same reply; its session checks run before anything is trained;
+2. key setup among the hospitals that trained (when no session was set up with the round before);
 3. ``mask``: the cached update, masked under the session's keys, leaves — at most once: its
    digest is recorded on disk first (``client.release``), and a second session asking for the
    same update is refused (``AlreadyReleased``). The update is then dropped from
    ``context.state`` (its digest stays): Flower passes that state to and from every later
    message, and nothing needs the update once it has left. Asked to ``train`` again for that
-   round, the hospital trains again (charged like any round) instead of re-sending what left;
+   round, the hospital trains again (charged like any round) instead of re-sending what left.
+   When asked (``next_setup``), fresh keys for the next round's session leave with it (an advert,
+   as in step 2), kept as ``STATE_NEXT``;
 4. on a sparse graph only, ``consistency``: the hospital signs the round's one survivor set, at
    most one per round (``common.secagg.consistency``);
 5. ``unmask``: shares, after the protocol's guards (on a sparse graph: a quorum of signatures on
    the request's survivor set, checked against the pinned roster) and the hospital's own
-   ``min-participants``.
+   ``min-participants``; with the next session's adverts, this hospital's key shares for it
+   (step 2's checks), and that session becomes its current one.
 """
 
 from __future__ import annotations
@@ -152,8 +155,8 @@ def _digest(x: np.ndarray) -> str:
 
 def masking_session(content: RecordDict) -> SessionRef | None:
     """The session a ``train`` request asks the update to be masked under at once, or None (train
-    and keep it for a later ``train.secagg_mask``). The server asks so while its current session's
-    participants are exactly the hospitals it asks to train (``server.secagg``)."""
+    and keep it for a later ``train.secagg_mask``). The server asks so when the hospitals it asks
+    to train are exactly the participants of a session that served no round yet (``server.secagg``)."""
     return session_of(content) if "setup" in content.config_records["secagg"] else None
 
 

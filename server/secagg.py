@@ -343,7 +343,8 @@ class SecureRounds:
         except SecAggAbort as exc:
             log.warning("the next session %d could not be set up (%s); the next round sets one up", nxt.setup_id, exc)
             return
-        self.server, self.setup_id, self.nodes_of = server, nxt.setup_id, dict(nxt.nodes_of)
+        self.server, self.setup_id = server, nxt.setup_id
+        self.nodes_of = {site: node for site, node in nxt.nodes_of.items() if site in nxt.adverts}
         log.info("secure aggregation session %d set up with the round: %d hospitals, %d neighbours each, "
                  "threshold %d", nxt.setup_id, len(nxt.adverts), server.graph.degree, nxt.threshold)
 
