@@ -8,9 +8,7 @@ stage while the hospitals are already done. This module does the same two calls 
 Grid API, ``push_messages`` and ``pull_messages``, with a pause that starts short and doubles
 while replies are missing, up to :data:`LONGEST_PULL_INTERVAL_S`: a reply is noticed within about
 half the time the stage has taken so far and at most 0.5 s late, and a long training stage costs
-the SuperLink two small requests a second (a pull costs it about 11 ms of CPU). The Simulation
-Engine's in-memory grid, whose own loop pulls every 0.1 s, gets the same pacing (its pulls are
-cheaper still).
+the SuperLink two small requests a second (a pull costs it about 11 ms of CPU).
 
 The Simulation Engine also needs a window. Every 0.1 s it asks its in-memory LinkState, once per
 virtual hospital, for that hospital's next message, and each ask scans every message stored and
@@ -20,6 +18,12 @@ hospitals that kept one of the two cores busy and round 1 did not finish in 900 
 messages in flight the tick costs n × w checks, and a few messages per Ray actor keep every actor
 fed. ``medsynth simulate`` sets w; the Deployment Engine's SuperLink indexes its messages and
 keeps the default 0 (everything at once).
+
+With a window the pauses are shorter (:data:`WINDOW_FIRST_PULL_INTERVAL_S` doubling up to
+:data:`WINDOW_LONGEST_PULL_INTERVAL_S`): a window is refilled only after a pull has seen replies,
+so every pause there is time the Ray actors may sit idle, and a pull of the in-memory grid is a
+few dictionary lookups (no request to a SuperLink). Short stages of many small messages (a secure
+round's consistency and unmask) are made of such refills.
 """
 
 from __future__ import annotations
@@ -33,6 +37,8 @@ from flwr.serverapp import Grid
 
 FIRST_PULL_INTERVAL_S = 0.1  # the first pause between two pulls; doubled after each one
 LONGEST_PULL_INTERVAL_S = 0.5
+WINDOW_FIRST_PULL_INTERVAL_S = 0.02  # the same with a window (``in_flight`` > 0: the Simulation Engine)
+WINDOW_LONGEST_PULL_INTERVAL_S = 0.1
 
 log = logging.getLogger("medsynth.server")
 
@@ -51,7 +57,9 @@ def send_and_receive(grid: Grid, messages: Iterable[Message], timeout_s: float, 
     deadline = started + timeout_s
     waiting: set[str] = set()
     replies: list[Message] = []
-    pause = FIRST_PULL_INTERVAL_S
+    first, longest = ((WINDOW_FIRST_PULL_INTERVAL_S, WINDOW_LONGEST_PULL_INTERVAL_S) if in_flight > 0
+                      else (FIRST_PULL_INTERVAL_S, LONGEST_PULL_INTERVAL_S))
+    pause = first
     while True:
         if queued and len(waiting) < window:
             batch, queued = queued[: window - len(waiting)], queued[window - len(waiting):]
@@ -65,9 +73,9 @@ def send_and_receive(grid: Grid, messages: Iterable[Message], timeout_s: float, 
         if (not waiting and not queued) or time.monotonic() >= deadline:
             break
         if got and in_flight > 0:
-            pause = FIRST_PULL_INTERVAL_S  # room in the window: refill it soon
+            pause = first  # room in the window: refill it soon
         if not (got and queued):
             time.sleep(pause)
-            pause = min(2 * pause, LONGEST_PULL_INTERVAL_S)
+            pause = min(2 * pause, longest)
     log.info("stage %s: %d of %d replies in %.1f s", stage, len(replies), total, time.monotonic() - started)
     return replies

@@ -120,6 +120,19 @@ def test_a_window_keeps_at_most_that_many_in_flight_and_sends_every_message_once
     assert {m.metadata.dst_node_id for m, _ in grid.pushed.values()} == set(range(1, 11))
 
 
+def test_with_a_window_the_pauses_between_pulls_are_the_short_ones(clock: list[float]) -> None:
+    # prepare: two hospitals, the second answering at the 5th pull after its push
+    grid = WindowGrid([1, 5])
+    # act
+    exchange.send_and_receive(grid, _messages(2), timeout_s=60.0, in_flight=2)  # type: ignore[arg-type]
+    # assert: 5 pulls, the 4 pauses between them doubling from the window's first up to its longest
+    # (a reply in the first pull resets the pause)
+    pauses = [exchange.WINDOW_FIRST_PULL_INTERVAL_S * 2**i for i in range(4)]
+    assert grid.pulls == 5
+    assert clock[0] == pytest.approx(sum(min(p, exchange.WINDOW_LONGEST_PULL_INTERVAL_S) for p in pauses))
+    assert clock[0] < 4 * exchange.FIRST_PULL_INTERVAL_S
+
+
 def test_without_a_window_the_whole_stage_is_pushed_at_once(clock: list[float]) -> None:
     # prepare
     grid = WindowGrid([1] * 10)
