@@ -102,11 +102,13 @@ def _save_client(state: RecordDict, client: SecAggClient) -> None:
     state[STATE_CLIENT] = ConfigRecord({"blob": client.to_bytes()})
 
 
-def _load_client(state: RecordDict, site: SiteConfig, session: SessionRef) -> SecAggClient:
-    if STATE_CLIENT not in state.config_records:
+def _load_client(state: RecordDict, site: SiteConfig, session: SessionRef, key: str = STATE_CLIENT) -> SecAggClient:
+    """The protocol state kept under ``key`` (the current session, or ``STATE_NEXT``), refused
+    (``ReplayDetected``) unless it is ``session``'s."""
+    if key not in state.config_records:
         raise ReplayDetected(f"no secure-aggregation session at {site.site_id} for {session}; the key setup "
                              "for this run never reached this site")
-    client = SecAggClient.from_bytes(cast(bytes, state.config_records[STATE_CLIENT]["blob"]), _identity(site))
+    client = SecAggClient.from_bytes(cast(bytes, state.config_records[key]["blob"]), _identity(site))
     if (client.session.run_id, client.session.setup_id) != (session.run_id, session.setup_id):
         raise ReplayDetected(
             f"message for session {session.run_id}/{session.setup_id}, but this site is in "
@@ -117,26 +119,35 @@ def _load_client(state: RecordDict, site: SiteConfig, session: SessionRef) -> Se
 
 def advertise_keys(site: SiteConfig, content: RecordDict, state: RecordDict) -> RecordDict:
     """Setup step 1: fresh per-session X25519 keys, signed with the site's Ed25519 key."""
-    ref = session_of(content)
-    pinned_roster(site)  # refuse a tampered roster before anything of this session leaves
-    client, advert = SecAggClient.start(_identity(site), Session(ref.run_id, ref.setup_id))
+    client, advert = _start(site, session_of(content))
     _save_client(state, client)
     return secagg_record(site=site.site_id, advert=advert.to_bytes())
+
+
+def _start(site: SiteConfig, ref: SessionRef) -> tuple[SecAggClient, KeyAdvert]:
+    pinned_roster(site)  # refuse a tampered roster before anything of this session leaves
+    return SecAggClient.start(_identity(site), Session(ref.run_id, ref.setup_id))
 
 
 def share_keys(run: RunConfig, site: SiteConfig, content: RecordDict, state: RecordDict) -> RecordDict:
     """Setup step 2: check every advert against the pinned roster, derive the run's graph
     (``secagg.degree``; refused below the hospital's ``min-neighbours``), send encrypted s-key
     shares to this hospital's neighbourhood."""
-    ref = session_of(content)
-    client = _load_client(state, site, ref)
-    adverts = {a.site_id: a for a in (KeyAdvert.from_bytes(b) for b in bytes_list(content, "adverts"))}
-    cts = client.share_keys(adverts, pinned_roster(site), int(cast(int, field(content, "threshold"))),
+    client = _load_client(state, site, session_of(content))
+    receivers, blobs = _share(run, site, client, content, "adverts", "threshold")
+    _save_client(state, client)
+    return secagg_record(site=site.site_id, receivers=receivers, cts=blobs)
+
+
+def _share(run: RunConfig, site: SiteConfig, client: SecAggClient, content: RecordDict, adverts_key: str,
+           threshold_key: str) -> tuple[list[str], list[bytes]]:
+    """``client``'s encrypted s-key shares for the adverts in ``content[adverts_key]``, after every
+    check of ``SecAggClient.share_keys`` against this hospital's pins and settings."""
+    adverts = {a.site_id: a for a in (KeyAdvert.from_bytes(b) for b in bytes_list(content, adverts_key))}
+    cts = client.share_keys(adverts, pinned_roster(site), int(cast(int, field(content, threshold_key))),
                             min_participants=site.min_participants, degree=run.federation.secagg_degree,
                             min_degree=site.min_neighbours)
-    _save_client(state, client)
-    receivers, blobs = split_pairs(cts)
-    return secagg_record(site=site.site_id, receivers=receivers, cts=blobs)
+    return split_pairs(cts)
 
 
 def _cached(state: RecordDict, run_id: int, server_round: int) -> tuple[np.ndarray | None, SiteReply] | None:
@@ -251,8 +262,7 @@ def _start_next(site: SiteConfig, content: RecordDict, state: RecordDict) -> dic
     nxt = SessionRef(ref.run_id, int(cast(int, field(content, "next_setup"))))
     if nxt.setup_id == ref.setup_id:
         raise ReplayDetected(f"the next session {nxt.setup_id} is the current one")
-    pinned_roster(site)
-    client, advert = SecAggClient.start(_identity(site), Session(nxt.run_id, nxt.setup_id))
+    client, advert = _start(site, nxt)
     state[STATE_NEXT] = ConfigRecord({"blob": client.to_bytes()})
     return {"next_advert": advert.to_bytes()}
 
@@ -263,19 +273,10 @@ def _share_next(run: RunConfig, site: SiteConfig, content: RecordDict, state: Re
     if "next_adverts" not in content.config_records["secagg"]:
         return {}
     nxt = SessionRef(session_of(content).run_id, int(cast(int, field(content, "next_setup"))))
-    if STATE_NEXT not in state.config_records:
-        raise ReplayDetected(f"no next session at {site.site_id} for {nxt}: this hospital sent no advert for it")
-    client = SecAggClient.from_bytes(cast(bytes, state.config_records[STATE_NEXT]["blob"]), _identity(site))
-    if (client.session.run_id, client.session.setup_id) != (nxt.run_id, nxt.setup_id):
-        raise ReplayDetected(f"key shares asked for session {nxt.setup_id}, but this site advertised for "
-                             f"{client.session.setup_id}")
-    adverts = {a.site_id: a for a in (KeyAdvert.from_bytes(b) for b in bytes_list(content, "next_adverts"))}
-    cts = client.share_keys(adverts, pinned_roster(site), int(cast(int, field(content, "next_threshold"))),
-                            min_participants=site.min_participants, degree=run.federation.secagg_degree,
-                            min_degree=site.min_neighbours)
+    client = _load_client(state, site, nxt, STATE_NEXT)
+    receivers, blobs = _share(run, site, client, content, "next_adverts", "next_threshold")
     _save_client(state, client)
     state.config_records.pop(STATE_NEXT)
-    receivers, blobs = split_pairs(cts)
     return {"next_receivers": receivers, "next_cts": blobs}
 
 
