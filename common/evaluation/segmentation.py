@@ -16,11 +16,19 @@ averaged per image: a phantom without a lesion has an empty mask, for which a pe
 undefined. A set with no foreground at all in prediction and truth scores 1.
 
 The U-Net is deliberately small (two poolings, GroupNorm, width ``UNET_WIDTH``): it is a
-yardstick of the data, trained with a fixed seed and schedule, not a product.
+yardstick of the data, trained with a fixed seed and schedule, not a product. It is trained the
+way segmenters are trained, with spatial and intensity augmentation (:func:`augment`; the kinds
+nnU-Net applies by default: Isensee et al., "nnU-Net: a self-configuring method for deep
+learning-based biomedical image segmentation", Nature Methods 2021), and every arm alike: a
+segmenter trained on a small set without it learns where the set's objects happen to lie and how
+bright they happen to be. Measured on HC18 (ε = 10, three seeds, docs/segmentation.md): without
+augmentation the synthetic-trained U-Net's Dice on real images ranged 0.21–0.80 between
+generators that drew their heads a little off the real ones' sizes and places; with it 0.69–0.78.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -33,6 +41,15 @@ UNET_WIDTH = 16
 UNET_EPOCHS = 30
 UNET_BATCH = 32
 UNET_LR = 2e-3
+# Augmentation, drawn per image (module docstring): zoom, rotation and shift together (one affine
+# map of image and mask), gain and per-pixel multiplicative noise on the image, and a 3×3 blur of
+# half the batches.
+AUG_ZOOM = (0.7, 1.3)
+AUG_ROTATION = math.pi / 6  # ±30°
+AUG_SHIFT = 0.15  # ± in normalised coordinates (the image spans [-1, 1]): ±7.5 % of its width
+AUG_GAIN = (0.7, 1.3)
+AUG_NOISE = 0.3  # standard deviation of the multiplicative noise
+AUG_BLUR = 0.5  # probability that a batch is blurred
 
 
 def _block(c_in: int, c_out: int) -> nn.Sequential:
@@ -71,7 +88,7 @@ def train_unet(images: np.ndarray, masks: np.ndarray, *, seed: int, epochs: int 
     """A :class:`SmallUNet` trained on images (N, 1, S, S) in [-1, 1] and bool masks (N, S, S).
 
     Loss: binary cross-entropy plus soft Dice (1 − 2·Σpt / (Σp + Σt) over the batch), Adam,
-    random horizontal flips; everything seeded by ``seed``.
+    each batch augmented by :func:`augment`; everything seeded by ``seed``.
     """
     if images.ndim != 4 or images.shape[1] != 1 or masks.shape != (images.shape[0], *images.shape[2:]):
         raise ValueError(f"need images (N, 1, S, S) and masks (N, S, S), got {images.shape} and {masks.shape}")
@@ -86,10 +103,7 @@ def train_unet(images: np.ndarray, masks: np.ndarray, *, seed: int, epochs: int 
         order = torch.randperm(x_all.shape[0], generator=gen)
         for start in range(0, order.numel(), UNET_BATCH):
             idx = order[start : start + UNET_BATCH]
-            x, t = x_all[idx], t_all[idx]
-            flip = torch.rand(idx.numel(), generator=gen) < 0.5  # (b,) image and mask flipped together
-            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-            t = torch.where(flip[:, None, None, None], t.flip(-1), t)
+            x, t = augment(x_all[idx], t_all[idx], gen)
             logits = net(x)
             p = torch.sigmoid(logits)
             soft_dice = 1 - (2 * (p * t).sum() + 1) / (p.sum() + t.sum() + 1)
@@ -98,6 +112,33 @@ def train_unet(images: np.ndarray, masks: np.ndarray, *, seed: int, epochs: int 
             loss.backward()
             opt.step()
     return net.eval()
+
+
+@torch.no_grad()
+def augment(x: torch.Tensor, t: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images (b, 1, S, S) in [-1, 1] and masks (b, 1, S, S) in {0, 1} → the same, augmented alike.
+
+    A horizontal flip (half the images); one affine map per image (zoom, rotation, shift: the
+    ``AUG_*`` ranges, drawn uniformly) applied to the image (bilinear, black outside) and to the
+    mask (bilinear, then > 0.5); then, on the image only, a gain, multiplicative noise and, for
+    the whole batch with probability ``AUG_BLUR``, a 3×3 box blur.
+    """
+    b = x.shape[0]
+    flip = (torch.rand(b, generator=gen) < 0.5)[:, None, None, None]  # (b, 1, 1, 1) image and mask together
+    x, t = torch.where(flip, x.flip(-1), x), torch.where(flip, t.flip(-1), t)
+    zoom = AUG_ZOOM[0] + (AUG_ZOOM[1] - AUG_ZOOM[0]) * torch.rand(b, generator=gen)  # (b,)
+    angle = (2 * torch.rand(b, generator=gen) - 1) * AUG_ROTATION  # (b,)
+    tx, ty = ((2 * torch.rand(b, generator=gen) - 1) * AUG_SHIFT for _ in range(2))  # (b,) each
+    cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom  # the map from output to input coordinates
+    theta = torch.stack([torch.stack([cos, -sin, tx], 1), torch.stack([sin, cos, ty], 1)], 1)  # (b, 2, 3)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)  # (b, S, S, 2)
+    x = F.grid_sample(x + 1, grid, align_corners=False, padding_mode="zeros") - 1  # outside: -1, black
+    t = (F.grid_sample(t, grid, align_corners=False, padding_mode="zeros") > 0.5).float()
+    x01 = (x + 1) / 2 * (AUG_GAIN[0] + (AUG_GAIN[1] - AUG_GAIN[0]) * torch.rand(b, 1, 1, 1, generator=gen))
+    x01 = x01 * (1 + AUG_NOISE * torch.randn(x.shape, generator=gen))
+    if torch.rand(1, generator=gen).item() < AUG_BLUR:
+        x01 = F.avg_pool2d(x01, 3, 1, 1)
+    return x01.clamp(0, 1) * 2 - 1, t
 
 
 @torch.no_grad()
