@@ -8,7 +8,10 @@ the warm-start round 0; round 2 is the steady round) in a fresh child process an
 * first round: from starting the private SuperLink to the server's ``round 1/2`` line; "to round
   0" is the part of it up to the warm start's line (Flower's start-up, the secure-aggregation
   set-up and round 0, whose G pre-training runs at the server);
-* steady round: from ``round 1/2`` to ``round 2/2``;
+* steady round: from ``round 1/2`` to ``round 2/2`` as the streamed log shows them (at the
+  resolution of Flower's log stream and including the checkpoint between them), and beside it round 2's own ``seconds`` in the server's records
+  (``server_state.json``: the round's wall time at the server, exact); secure / plain divides the
+  latter;
 * peak memory: the largest sum, over the child's whole process tree (the simulation, the
   SuperLink, Ray and its workers), of each process's proportional set size (PSS: a page shared
   by k processes counts 1/k in each, so the sum is the memory the tree holds), sampled every half
@@ -65,7 +68,8 @@ class ScaleResult:
     setup_s: float | None
     round0_s: float | None  # start-up and the warm start (round 0), part of the first round
     first_round_s: float | None
-    steady_round_s: float | None
+    steady_round_s: float | None  # between the log lines
+    steady_round_server_s: float | None  # round 2's seconds in the server's records
     peak_pss_bytes: int  # Σ PSS over the tree: shared pages split between the processes that map them
     peak_rss_bytes: int  # Σ RSS over the tree: shared pages counted once per process
     cpu_s: float  # user + system CPU of every process of the tree, as last sampled, all phases
@@ -163,7 +167,8 @@ def run_one(sites: int, aggregation: str, patients_per_site: int, out: Path, tim
     cpu = sum(cpu_ticks.values()) / os.sysconf("SC_CLK_TCK")
     times = json.loads(result_path.read_text()) if result_path.exists() else {}
     return ScaleResult(sites, aggregation, times.get("setup_s"), times.get("round0_s"), times.get("first_round_s"),
-                       times.get("steady_round_s"), peak_pss, peak_rss, cpu, sum(loads) / max(len(loads), 1), code)
+                       times.get("steady_round_s"), times.get("steady_round_server_s"), peak_pss, peak_rss, cpu,
+                       sum(loads) / max(len(loads), 1), code)
 
 
 CHILD_STOP_GRACE_S = 60.0  # the child's SuperLink, Ray and Flower processes stop within ≈ 30 s of SIGTERM
@@ -183,6 +188,7 @@ def stop_child(child: subprocess.Popen[bytes]) -> int:
 def child_main(args: argparse.Namespace) -> None:
     """Inside the child: set-up, then the federation; writes the phase times as they happen."""
     from common.flower import run_app
+    from common.round_record import RECORDS_FILE, read_server_state
     from simulation.run_options import secagg_degree_option
     from simulation.runner import (
         ROUND_LINE,
@@ -232,6 +238,11 @@ def child_main(args: argparse.Namespace) -> None:
         run_app(project_dir(), link, run_config=overrides, num_supernodes=opts.sites,
                 num_cpus_per_node=opts.cpus_per_site, log_path=opts.out / "flower.log",
                 timeout_s=opts.timeout_s, on_line=on_line)
+    state = read_server_state(opts.out / RECORDS_FILE)
+    steady = [r.seconds for r in state.rounds if r.round == 2] if state is not None else []
+    if steady:
+        times["steady_round_server_s"] = steady[0]
+        result_path.write_text(json.dumps(times))
 
 
 def _fmt(seconds: float | None) -> str:
@@ -239,20 +250,21 @@ def _fmt(seconds: float | None) -> str:
 
 
 def steady_ratio(rows: list[ScaleResult], r: ScaleResult) -> str:
-    """Secure / plain steady round at ``r``'s site count, when both ran; else blank."""
+    """Secure / plain steady round (the server's records) at ``r``'s site count, when both ran; else blank."""
     plain = next((p for p in rows if p.sites == r.sites and p.aggregation == "plain"), None)
-    if r.aggregation != "secure" or plain is None or not (r.steady_round_s and plain.steady_round_s):
+    if r.aggregation != "secure" or plain is None or not (r.steady_round_server_s and plain.steady_round_server_s):
         return ""
-    return f"{r.steady_round_s / plain.steady_round_s:.2f}×"
+    return f"{r.steady_round_server_s / plain.steady_round_server_s:.2f}×"
 
 
 def print_table(rows: list[ScaleResult]) -> None:
     print(f"\n{'sites':>6} {'aggregation':>11} {'set-up':>9} {'first round':>12} {'(to round 0)':>13} "
-          f"{'steady round':>13} {'secure/plain':>12} {'peak PSS (tree)':>16} {'peak RSS (tree)':>16} "
+          f"{'steady round':>13} {'(server)':>9} {'secure/plain':>12} {'peak PSS (tree)':>16} {'peak RSS (tree)':>16} "
           f"{'CPU (tree)':>11} {'load':>5} {'exit':>5}")
     for r in rows:
         print(f"{r.sites:>6} {r.aggregation:>11} {_fmt(r.setup_s):>9} {_fmt(r.first_round_s):>12} "
-              f"{_fmt(r.round0_s):>13} {_fmt(r.steady_round_s):>13} {steady_ratio(rows, r):>12} "
+              f"{_fmt(r.round0_s):>13} {_fmt(r.steady_round_s):>13} {_fmt(r.steady_round_server_s):>9} "
+              f"{steady_ratio(rows, r):>12} "
               f"{r.peak_pss_bytes / 2**30:>13.2f} GB {r.peak_rss_bytes / 2**30:>13.2f} GB {r.cpu_s:>9.0f} s "
               f"{r.mean_load:>5.1f} {r.exit_code:>5}")
 
