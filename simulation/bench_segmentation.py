@@ -141,7 +141,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--epsilons", default="10,1,none", help="comma-separated budgets; 'none': no DP")
     p.add_argument("--rounds", type=int, default=None, help="federated rounds (default: the app's)")
     p.add_argument("--local-steps", type=int, default=None, help="D steps per round (default: the app's)")
-    p.add_argument("--unet-epochs", type=int, default=10, help="epochs of every U-Net")
+    p.add_argument("--unet-epochs", type=int, default=20,
+                   help="epochs of every U-Net (default 20: the augmented real-trained U-Net's Dice settles by then)")
     args = p.parse_args(argv)
     run(args.data, args.out, [int(s) for s in args.seeds.split(",")], parse_epsilons(args.epsilons),
         rounds=args.rounds, local_steps=args.local_steps, unet_epochs=args.unet_epochs)
