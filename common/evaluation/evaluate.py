@@ -100,7 +100,7 @@ class EvaluateOptions:
     aggregate_only: bool = False
     memorization_ratio: float = 0.5
     cache_dir: Path | None = None
-    unet_epochs: int = 15  # pair models: epochs of each U-Net (common.evaluation.segmentation)
+    unet_epochs: int = 20  # pair models: epochs of each U-Net (augmented: docs/segmentation.md, 20 as the benchmark)
 
     def __post_init__(self) -> None:
         if self.n_synthetic is not None and self.n_synthetic < 10:
