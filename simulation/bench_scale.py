@@ -9,9 +9,9 @@ the warm-start round 0; round 2 is the steady round) in a fresh child process an
   0" is the part of it up to the warm start's line (Flower's start-up, the secure-aggregation
   set-up and round 0, whose G pre-training runs at the server);
 * steady round: from ``round 1/2`` to ``round 2/2`` as the streamed log shows them (at the
-  resolution of Flower's log stream and including the checkpoint between them), and beside it round 2's own ``seconds`` in the server's records
-  (``server_state.json``: the round's wall time at the server, exact); secure / plain divides the
-  latter;
+  resolution of Flower's log stream and including the checkpoint between them), and beside it
+  round 2's own ``seconds`` in the server's records (``server_state.json``: the round's wall time
+  at the server, exact); secure / plain divides the latter;
 * peak memory: the largest sum, over the child's whole process tree (the simulation, the
   SuperLink, Ray and its workers), of each process's proportional set size (PSS: a page shared
   by k processes counts 1/k in each, so the sum is the memory the tree holds), sampled every half
