@@ -372,9 +372,10 @@ def simulate(opts: SimulateOptions, say: Callable[[str], None] = print) -> dict[
 REFERENCE_SEED_OFFSET = 1_000_003  # the phantom reference's seed: never the training population's
 REFERENCE_PATIENTS = 1000  # 2000 images: 400 real test images, enough for AUC to compare runs
 # Pair mode: the U-Nets of the segmentation evaluation train on CPU; a simulation's evaluation of a pair
-# model is a smoke check (100 reference patients, 3 epochs); `make bench-segmentation` measures.
+# model is a smoke check (100 reference patients, 10 epochs: the augmented U-Net of 3 epochs still
+# predicted no lesion at all); `make bench-segmentation` measures.
 PAIR_REFERENCE_PATIENTS = 100
-PAIR_UNET_EPOCHS = 3
+PAIR_UNET_EPOCHS = 10
 
 
 def phantom_reference(opts: SimulateOptions, say: Callable[[str], None]) -> Path:

@@ -45,4 +45,4 @@ def test_pair_mode_trains_privately_and_is_evaluated_by_segmentation(tmp_path: P
     evaluation = summary["evaluation"]
     assert evaluation["kind"] == "segmentation"
     assert 0 <= evaluation["dice_synthetic"] <= 1 and 0 <= evaluation["agreement_dice"] <= 1
-    assert evaluation["dice_real"] > 0  # lesions are learnable from real pairs even in 3 epochs
+    assert evaluation["dice_real"] > 0  # lesions are learnable from real pairs in 10 epochs (measured 0.57)
