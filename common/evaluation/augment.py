@@ -143,6 +143,14 @@ def balancing_extra(labels: np.ndarray, num_classes: int, rare: int) -> int:
     return int(counts.max() - counts[rare])
 
 
+def affine_theta(angle: torch.Tensor, zoom: torch.Tensor, shift_x: torch.Tensor,
+                 shift_y: torch.Tensor) -> torch.Tensor:
+    """``F.affine_grid``'s matrices (B, 2, 3) for a rotation by ``angle`` (B,) radians, a zoom (B,)
+    (> 1 magnifies) and a shift (B,) each in normalised coordinates: the map from output to input."""
+    cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom  # (B,)
+    return torch.stack([torch.stack([cos, -sin, shift_x], 1), torch.stack([sin, cos, shift_y], 1)], 1)
+
+
 def classic_augment(settings: AugmentSettings) -> Callable[[torch.Tensor, torch.Generator], torch.Tensor]:
     """The batch transform of arm ``classic``: (B, 1, S, S) → (B, 1, S, S), random per image from ``gen``.
 
@@ -155,9 +163,7 @@ def classic_augment(settings: AugmentSettings) -> Callable[[torch.Tensor, torch.
             x = torch.where(flip[:, None, None, None], x.flip(-1), x)
         if settings.rotation_deg > 0:
             angle = (torch.rand(b, generator=gen) * 2 - 1) * math.radians(settings.rotation_deg)  # (B,)
-            cos, sin = torch.cos(angle), torch.sin(angle)
-            theta = torch.stack([torch.stack([cos, -sin, torch.zeros(b)], 1),
-                                 torch.stack([sin, cos, torch.zeros(b)], 1)], 1)  # (B, 2, 3)
+            theta = affine_theta(angle, torch.ones(b), torch.zeros(b), torch.zeros(b))  # (B, 2, 3)
             grid = F.affine_grid(theta, list(x.shape), align_corners=False)
             x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
         if settings.contrast > 0:

@@ -37,6 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from common.evaluation.augment import affine_theta
+
 UNET_WIDTH = 16
 UNET_EPOCHS = 30
 UNET_BATCH = 32
@@ -129,8 +131,7 @@ def augment(x: torch.Tensor, t: torch.Tensor, gen: torch.Generator) -> tuple[tor
     zoom = AUG_ZOOM[0] + (AUG_ZOOM[1] - AUG_ZOOM[0]) * torch.rand(b, generator=gen)  # (b,)
     angle = (2 * torch.rand(b, generator=gen) - 1) * AUG_ROTATION  # (b,)
     tx, ty = ((2 * torch.rand(b, generator=gen) - 1) * AUG_SHIFT for _ in range(2))  # (b,) each
-    cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom  # the map from output to input coordinates
-    theta = torch.stack([torch.stack([cos, -sin, tx], 1), torch.stack([sin, cos, ty], 1)], 1)  # (b, 2, 3)
+    theta = affine_theta(angle, zoom, tx, ty)  # (b, 2, 3)
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)  # (b, S, S, 2)
     x = F.grid_sample(x + 1, grid, align_corners=False, padding_mode="zeros") - 1  # outside: -1, black
     t = (F.grid_sample(t, grid, align_corners=False, padding_mode="zeros") > 0.5).float()
