@@ -17,7 +17,8 @@ real training pairs, tested on the real test pairs; the same U-Net trained on th
 pairs (once per seed); and the agreement of each synthetic mask with its image (every U-Net
 trained with augmentation). The goal of issue 17: at ε = 10, synthetic Dice ≥ 0.85 × real Dice and agreement
 Dice ≥ 0.8. Numbers are printed and written to ``OUT/bench_segmentation.json``; they are
-measured, never asserted.
+measured, never asserted. The nine runs go ``--jobs`` (2) at a time, one process each with the
+cores shared between them; a seed's real-trained U-Net is trained once and saved beside its runs.
 
     python -m simulation.bench_segmentation --epsilons 10,none --seeds 0
 """
@@ -27,18 +28,22 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import multiprocessing
+import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from PIL import Image
 
 from common.checkpoint_model import load_generator
 from common.config import run_config
 from common.dataset import LocalDataset, resize_to_square
-from common.evaluation.segmentation import Pairs, SmallUNet, evaluate_pairs, real_reference_net
+from common.evaluation.segmentation import UNET_WIDTH, Pairs, SmallUNet, evaluate_pairs, real_reference_net
 from common.pairs import to_mask_channel
 from simulation.datasets import HC18_DIR, split_exams
 from simulation.fed_inprocess import FedPlan, train_federated
@@ -87,49 +92,112 @@ def parse_epsilons(text: str) -> list[float | None]:
     return [None if e.strip().lower() in ("none", "nodp", "inf") else float(e) for e in text.split(",") if e.strip()]
 
 
-def run(data: Path, out: Path, seeds: Sequence[int], epsilons: Sequence[float | None], *, rounds: int | None,
-        local_steps: int | None, unet_epochs: int) -> list[dict[str, Any]]:
+def _say(name: str) -> Callable[[str], None]:
+    return lambda line: print(f"[{name}] {line}", flush=True)
+
+
+def _split(data: Path, seed: int) -> tuple[np.ndarray, np.ndarray, Pairs, Pairs, np.ndarray]:
+    """(rows, exams, real training pairs, real test pairs, training indices) of one seed's split."""
     rows, exams = load_hc18_pairs(data)
-    results: list[dict[str, Any]] = []
-    for seed in seeds:
-        split = split_exams(exams, seed)  # 0 train, 1 val, 2 test: whole exams
-        train, test = np.flatnonzero(split != 2), np.flatnonzero(split == 2)
-        if set(exams[train]) & set(exams[test]):
-            raise RuntimeError("an exam is in both the training and the test split")
-        real_train, real_test = Pairs.of_channels(rows[train]), Pairs.of_channels(rows[test])
-        sites = hospital_sites(rows[train], exams[train], seed)
-        print(f"seed {seed}: {train.size} training pairs ({len(set(exams[train]))} exams) at {SITES} hospitals "
-              f"{[s.images.shape[0] for s in sites]}, {test.size} test pairs ({len(set(exams[test]))} exams)")
-        t0 = time.monotonic()
-        real_net: SmallUNet = real_reference_net(real_train, seed=seed, epochs=unet_epochs)
-        real_seconds = time.monotonic() - t0
-        for eps in epsilons:
-            overrides: dict[str, object] = {**PAIR_OVERRIDES, "seed": seed}
-            if rounds is not None:
-                overrides["num-server-rounds"] = rounds
-            if local_steps is not None:
-                overrides["train.local-steps"] = local_steps
-            cfg = run_config(overrides)
-            name = "nodp" if eps is None else f"eps{eps:g}"
-            folder = out / f"seed{seed}-{name}"
-            t1 = time.monotonic()
-            train_federated(sites, FedPlan.from_run(cfg, eps), folder)
-            fed_seconds = time.monotonic() - t1
-            gen = load_generator(folder, class_names=(CLASS,))
-            synthetic = Pairs.of_channels(gen.sample(np.zeros(train.size, np.int64), seed=seed))
-            scores = evaluate_pairs(synthetic, real_train, real_test, seed=seed, epochs=unet_epochs,
-                                    real_net=real_net)
-            result = {"seed": seed, "epsilon": eps, **scores.to_json(), "federation_seconds": round(fed_seconds, 1),
-                      "wall_seconds": round(time.monotonic() - t1 + real_seconds, 1),
-                      "rounds": cfg.federation.num_rounds, "local_steps": cfg.train.local_steps}
-            results.append(result)
-            print(f"  ε={'none' if eps is None else f'{eps:g}'}: Dice synthetic→real {scores.dice_synthetic:.3f} "
-                  f"(IoU {scores.iou_synthetic:.3f}), real→real {scores.dice_real:.3f} (IoU {scores.iou_real:.3f}), "
-                  f"ratio {scores.ratio:.3f}, agreement Dice {scores.agreement_dice:.3f}; federation "
-                  f"{fed_seconds:.0f} s", flush=True)
-            out.mkdir(parents=True, exist_ok=True)
-            (out / "bench_segmentation.json").write_text(json.dumps(results, indent=2))
-    return results
+    split = split_exams(exams, seed)  # 0 train, 1 val, 2 test: whole exams
+    train, test = np.flatnonzero(split != 2), np.flatnonzero(split == 2)
+    if set(exams[train]) & set(exams[test]):
+        raise RuntimeError("an exam is in both the training and the test split")
+    return rows, exams, Pairs.of_channels(rows[train]), Pairs.of_channels(rows[test]), train
+
+
+def _real_net_path(out: Path, seed: int) -> Path:
+    return out / f"seed{seed}-real-unet.pt"
+
+
+def real_net_task(data: Path, out: Path, seed: int, unet_epochs: int, threads: int) -> float:
+    """Train one seed's real-trained U-Net (TRTR and the agreement judge) and save it; its seconds.
+
+    Runs in a worker process with ``threads`` torch threads."""
+    torch.set_num_threads(threads)
+    rows, exams, real_train, real_test, train = _split(data, seed)
+    sites = hospital_sites(rows[train], exams[train], seed)
+    _say(f"seed {seed}")(f"{train.size} training pairs ({len(set(exams[train]))} exams) at {SITES} hospitals "
+                         f"{[s.images.shape[0] for s in sites]}, {real_test.images.shape[0]} test pairs; "
+                         f"training the real U-Net")
+    t0 = time.monotonic()
+    net = real_reference_net(real_train, seed=seed, epochs=unet_epochs)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.save(net.state_dict(), _real_net_path(out, seed))
+    return time.monotonic() - t0
+
+
+def budget_task(data: Path, out: Path, seed: int, eps: float | None, *, rounds: int | None,
+                local_steps: int | None, unet_epochs: int, threads: int) -> dict[str, Any]:
+    """One federation (seed, budget) trained and evaluated against the seed's saved real U-Net."""
+    torch.set_num_threads(threads)
+    rows, exams, real_train, real_test, train = _split(data, seed)
+    real_net = SmallUNet(UNET_WIDTH)
+    real_net.load_state_dict(torch.load(_real_net_path(out, seed)))
+    real_net.eval()
+    overrides: dict[str, object] = {**PAIR_OVERRIDES, "seed": seed}
+    if rounds is not None:
+        overrides["num-server-rounds"] = rounds
+    if local_steps is not None:
+        overrides["train.local-steps"] = local_steps
+    cfg = run_config(overrides)
+    name = "nodp" if eps is None else f"eps{eps:g}"
+    folder = out / f"seed{seed}-{name}"
+    say = _say(f"seed {seed} {name}")
+    t1 = time.monotonic()
+    train_federated(hospital_sites(rows[train], exams[train], seed), FedPlan.from_run(cfg, eps), folder, say=say)
+    fed_seconds = time.monotonic() - t1
+    gen = load_generator(folder, class_names=(CLASS,))
+    synthetic = Pairs.of_channels(gen.sample(np.zeros(train.size, np.int64), seed=seed))
+    scores = evaluate_pairs(synthetic, real_train, real_test, seed=seed, epochs=unet_epochs, real_net=real_net)
+    say(f"Dice synthetic→real {scores.dice_synthetic:.3f} (IoU {scores.iou_synthetic:.3f}), real→real "
+        f"{scores.dice_real:.3f} (IoU {scores.iou_real:.3f}), ratio {scores.ratio:.3f}, agreement Dice "
+        f"{scores.agreement_dice:.3f}; federation {fed_seconds:.0f} s")
+    return {"seed": seed, "epsilon": eps, **scores.to_json(), "federation_seconds": round(fed_seconds, 1),
+            "wall_seconds": round(time.monotonic() - t1, 1), "rounds": cfg.federation.num_rounds,
+            "local_steps": cfg.train.local_steps}
+
+
+def run(data: Path, out: Path, seeds: Sequence[int], epsilons: Sequence[float | None], *, rounds: int | None,
+        local_steps: int | None, unet_epochs: int, jobs: int) -> list[dict[str, Any]]:
+    """Every (seed, budget) run, ``jobs`` worker processes at once; results in (seed, budget) order.
+
+    A seed's real U-Net is trained first (once); its three federations start when it is saved, so
+    no worker waits while another trains a judge."""
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    print(f"{len(seeds)} seeds × {len(epsilons)} budgets: {jobs} at once, {threads} torch thread(s) each",
+          flush=True)
+    order = {(seed, eps): i for i, (seed, eps) in enumerate((s, e) for s in seeds for e in epsilons)}
+    results: dict[tuple[int, float | None], dict[str, Any]] = {}
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        pending: dict[Future[Any], tuple[int, float | None] | int] = {
+            pool.submit(real_net_task, data, out, seed, unet_epochs, threads): seed for seed in seeds}
+        while pending:
+            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for future in done:
+                key = pending.pop(future)
+                value = future.result()
+                if isinstance(key, int):  # a real U-Net: its seed's federations may start
+                    for eps in epsilons:
+                        pending[pool.submit(budget_task, data, out, key, eps, rounds=rounds, local_steps=local_steps,
+                                            unet_epochs=unet_epochs, threads=threads)] = (key, eps)
+                    continue
+                results[key] = value
+                ordered = [results[k] for k in sorted(results, key=order.__getitem__)]
+                out.mkdir(parents=True, exist_ok=True)
+                (out / "bench_segmentation.json").write_text(json.dumps(ordered, indent=2))
+    return [results[k] for k in sorted(results, key=order.__getitem__)]
+
+
+def table(results: Sequence[dict[str, Any]]) -> str:
+    """The results as a Markdown table, one row per (seed, budget)."""
+    lines = ["| seed | ε | Dice synthetic → real | real → real | ratio | agreement | federation |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for r in results:
+        eps = "no DP" if r["epsilon"] is None else f"{r['epsilon']:g}"
+        lines.append(f"| {r['seed']} | {eps} | {r['dice_synthetic']:.3f} | {r['dice_real']:.3f} | {r['ratio']:.3f} | "
+                     f"{r['agreement_dice']:.3f} | {r['federation_seconds']:.0f} s |")
+    return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -143,9 +211,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--local-steps", type=int, default=None, help="D steps per round (default: the app's)")
     p.add_argument("--unet-epochs", type=int, default=20,
                    help="epochs of every U-Net (default 20: the augmented real-trained U-Net's Dice settles by then)")
+    p.add_argument("--jobs", type=int, default=2,
+                   help="runs at once, one process each, sharing the cores (default 2: the benchmark's 2 cores)")
     args = p.parse_args(argv)
-    run(args.data, args.out, [int(s) for s in args.seeds.split(",")], parse_epsilons(args.epsilons),
-        rounds=args.rounds, local_steps=args.local_steps, unet_epochs=args.unet_epochs)
+    t0 = time.monotonic()
+    results = run(args.data, args.out, [int(s) for s in args.seeds.split(",")], parse_epsilons(args.epsilons),
+                  rounds=args.rounds, local_steps=args.local_steps, unet_epochs=args.unet_epochs,
+                  jobs=max(1, args.jobs))
+    print(f"\n{table(results)}\n\nTotal wall time {(time.monotonic() - t0) / 60:.1f} min (goal: 60 min on 2 cores); "
+          f"results in {args.out / 'bench_segmentation.json'}.")
     return 0
 
 
