@@ -37,7 +37,10 @@ from common.config import CANDIDATES, LATENT_SCALE, ModelConfig
 # mode give images more typical of their class, at some cost in diversity. Measured on
 # PneumoniaMNIST (docs/benchmarks.md; the same generator sampled both ways): TSTR AUC higher at
 # ε = 10 and ε = 1. Post-processing of the generator, so no privacy cost; ``--latent-scale 1``
-# on ``medsynth sample``/``evaluate`` draws as in training.
+# on ``medsynth sample``/``evaluate`` draws as in training. An unconditional generator (the pair
+# models) has no effect from the scale: its bias-free projection of z is followed by GroupNorm,
+# which divides out any common factor, so its images depend on z's direction alone (checked by
+# tests/test_models.py). Only a conditional G, whose label embedding is joined to z, is truncated.
 
 
 def sample_latents(n: int, latent_dim: int, gen: torch.Generator | None, scale: float = LATENT_SCALE) -> torch.Tensor:

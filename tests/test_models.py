@@ -100,3 +100,20 @@ def test_one_candidate_or_no_class_head_is_the_plain_draw() -> None:
     assert torch.equal(headless, bare)
     with pytest.raises(ValueError, match="at least 1"):
         draw_images(netG, netD, labels, torch.Generator(), candidates=0)
+
+
+def test_the_latent_scale_truncates_a_conditional_generator_only() -> None:
+    # prepare: an unconditional pair generator and a conditional image generator, same latents
+    torch.manual_seed(0)
+    pair_G = Generator(run_config({"model.pairs": True, "model.conditional": False,
+                                   "model.aux-classifier": False}).model).eval()
+    cond_G = Generator(run_config({}).model).eval()
+    z = torch.randn(4, pair_G.cfg.latent_dim, generator=torch.Generator().manual_seed(1))
+    y = torch.tensor([0, 1, 0, 1])
+    # act
+    with torch.no_grad():
+        pair_full, pair_scaled = pair_G(z), pair_G(0.3 * z)
+        cond_full, cond_scaled = cond_G(z, y), cond_G(0.3 * z, y)
+    # assert: GroupNorm after the bias-free projection divides the factor out (common/models.py)
+    assert (pair_full - pair_scaled).abs().max() < 1e-4
+    assert (cond_full - cond_scaled).abs().max() > 1e-2
