@@ -161,7 +161,8 @@ def add_parsers(sub: SubParsers) -> None:
                    help="npz is what train-classifier reads; png/dicom for viewing (one sub-folder per class)")
     p.add_argument("--seed", type=int, default=None, help="seed of the latent vectors (default: random)")
     p.add_argument("--latent-scale", type=float, default=_LATENT_SCALE,
-                   help="spread of the latents, z ~ N(0, scale^2 I), in (0, 1] (docs/evaluation.md)")
+                   help="spread of the latents, z ~ N(0, scale^2 I), in (0, 1]; conditional models only: an "
+                        "unconditional (pair) model's images do not depend on it (docs/evaluation.md)")
     p.add_argument("--candidates", type=int, default=_CANDIDATES,
                    help="draw this many images per image kept, keep the one the model's discriminator finds most "
                         "likely of the class (1: no filter; docs/evaluation.md)")

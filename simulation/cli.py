@@ -183,7 +183,8 @@ def _evaluate_parsers(sub: SubParsers) -> None:
                    help="class mix of the synthetic set: that of the real training split (default), or uniform")
     e.add_argument("--seed", type=int, default=0, help="seed of the latent vectors and subsampling")
     e.add_argument("--latent-scale", type=float, default=LATENT_SCALE,
-                   help="spread of the latents, z ~ N(0, scale² I); 1 draws as in training (docs/evaluation.md)")
+                   help="spread of the latents, z ~ N(0, scale² I); 1 draws as in training; conditional models "
+                        "only: an unconditional (pair) model's images do not depend on it (docs/evaluation.md)")
     e.add_argument("--candidates", type=int, default=CANDIDATES,
                    help="draw this many images per image kept and keep the one the model's discriminator finds most "
                         "likely of its class (1: no filter; docs/evaluation.md)")
@@ -217,7 +218,8 @@ def _evaluate_parsers(sub: SubParsers) -> None:
     s.add_argument("--out", type=Path, required=True, help="output folder (must not hold an earlier export)")
     s.add_argument("--seed", type=int, default=None, help="seed of the latent vectors (default: random)")
     s.add_argument("--latent-scale", type=float, default=LATENT_SCALE,
-                   help="spread of the latents, z ~ N(0, scale² I); 1 draws as in training (docs/evaluation.md)")
+                   help="spread of the latents, z ~ N(0, scale² I); 1 draws as in training; conditional models "
+                        "only: an unconditional (pair) model's images do not depend on it (docs/evaluation.md)")
     s.add_argument("--candidates", type=int, default=CANDIDATES,
                    help="draw this many images per image kept and keep the one the model's discriminator finds most "
                         "likely of its class (1: no filter; docs/evaluation.md)")
