@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import json
 import multiprocessing
 import os
@@ -96,9 +97,15 @@ def _say(name: str) -> Callable[[str], None]:
     return lambda line: print(f"[{name}] {line}", flush=True)
 
 
+@functools.lru_cache(maxsize=1)
+def _hc18(data: Path) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`load_hc18_pairs`, once per worker process (its tasks only index the arrays, never write)."""
+    return load_hc18_pairs(data)
+
+
 def _split(data: Path, seed: int) -> tuple[np.ndarray, np.ndarray, Pairs, Pairs, np.ndarray]:
     """(rows, exams, real training pairs, real test pairs, training indices) of one seed's split."""
-    rows, exams = load_hc18_pairs(data)
+    rows, exams = _hc18(data)
     split = split_exams(exams, seed)  # 0 train, 1 val, 2 test: whole exams
     train, test = np.flatnonzero(split != 2), np.flatnonzero(split == 2)
     if set(exams[train]) & set(exams[test]):
@@ -169,6 +176,10 @@ def run(data: Path, out: Path, seeds: Sequence[int], epsilons: Sequence[float | 
           flush=True)
     order = {(seed, eps): i for i, (seed, eps) in enumerate((s, e) for s in seeds for e in epsilons)}
     results: dict[tuple[int, float | None], dict[str, Any]] = {}
+
+    def ordered() -> list[dict[str, Any]]:
+        return [results[k] for k in sorted(results, key=order.__getitem__)]
+
     with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
         pending: dict[Future[Any], tuple[int, float | None] | int] = {
             pool.submit(real_net_task, data, out, seed, unet_epochs, threads): seed for seed in seeds}
@@ -183,10 +194,9 @@ def run(data: Path, out: Path, seeds: Sequence[int], epsilons: Sequence[float | 
                                             unet_epochs=unet_epochs, threads=threads)] = (key, eps)
                     continue
                 results[key] = value
-                ordered = [results[k] for k in sorted(results, key=order.__getitem__)]
-                out.mkdir(parents=True, exist_ok=True)
-                (out / "bench_segmentation.json").write_text(json.dumps(ordered, indent=2))
-    return [results[k] for k in sorted(results, key=order.__getitem__)]
+                out.mkdir(parents=True, exist_ok=True)  # the results so far, after every run
+                (out / "bench_segmentation.json").write_text(json.dumps(ordered(), indent=2))
+    return ordered()
 
 
 def table(results: Sequence[dict[str, Any]]) -> str:
