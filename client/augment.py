@@ -99,7 +99,7 @@ def _own_privacy(ledger_path: Path) -> dict[str, SitePrivacy]:
 def augment_site(state_dir: Path, label: str, n: int, *, cache_dir: Path | None = None,
                  checkpoint: Path | None = None, out: Path | None = None, seed: int | None = None,
                  latent_scale: float = LATENT_SCALE, candidates: int = CANDIDATES,
-                 fmt: ExportFormat = "npz") -> AugmentResult:
+                 fmt: ExportFormat = "npz", say: Callable[[str], None] | None = None) -> AugmentResult:
     """Draw ``n`` images of class ``label`` (image–mask pairs for a pair model) and export them beside
     the hospital's cache.
 
@@ -142,8 +142,8 @@ def augment_site(state_dir: Path, label: str, n: int, *, cache_dir: Path | None 
     if (target / SIDECAR).exists():
         raise AugmentUnavailable(f"{target} already holds an export; give --out or another --seed")
     labels = np.full(n, index, dtype=np.int64)
-    images = generator.sample(labels, seed=seed, latent_scale=latent_scale,
-                              candidates=candidates)  # (n, C, S, S) in [-1, 1], C = 2: pairs
+    images = generator.sample(labels, seed=seed, latent_scale=latent_scale, candidates=candidates,
+                              say=say)  # (n, C, S, S) in [-1, 1], C = 2: pairs
     sampling = {"seed": seed, "class": names[index], "n": n, "latent_scale": latent_scale,
                 "candidates": generator.candidates_drawn(candidates),
                 "purpose": "augment the hospital's training set; not patient data"}

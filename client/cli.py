@@ -26,7 +26,7 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from common.cli_help import DefaultsOnceHelpFormatter
+from common.cli_help import CANDIDATES_HELP, DefaultsOnceHelpFormatter
 
 _SIDECAR = "medsynth_export.json"  # common.export.SIDECAR, named here without importing numpy for --help
 _LATENT_SCALE = 0.7  # common.config.LATENT_SCALE (checked equal by tests/test_augment.py)
@@ -164,8 +164,7 @@ def add_parsers(sub: SubParsers) -> None:
                    help="spread of the latents, z ~ N(0, scale^2 I), in (0, 1]; conditional models only: an "
                         "unconditional (pair) model's images do not depend on it (docs/evaluation.md)")
     p.add_argument("--candidates", type=int, default=_CANDIDATES,
-                   help="draw this many images per image kept, keep the one the model's discriminator finds most "
-                        "likely of the class (1: no filter; docs/evaluation.md)")
+                   help=CANDIDATES_HELP)
     p.set_defaults(func=cmd_augment)
 
     p = nsub.add_parser(
@@ -382,7 +381,8 @@ def cmd_augment(args: argparse.Namespace) -> int:
 
     state, cache = _site_dirs(args)
     result = augment_site(state, args.label, args.n, cache_dir=cache, checkpoint=args.checkpoint, out=args.out,
-                          seed=args.seed, latent_scale=args.latent_scale, candidates=args.candidates, fmt=args.format)
+                          seed=args.seed, latent_scale=args.latent_scale, candidates=args.candidates, fmt=args.format,
+                          say=print)
     p = result.provenance
     eps = {s: round(v.epsilon, 4) for s, v in p.sites.items()}
     what = "image–mask pair(s)" if result.pairs else "image(s)"

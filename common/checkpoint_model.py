@@ -13,6 +13,7 @@ checkpoints folder, the caller (e.g. the reference data set), else ``class0, cla
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from common.config import CANDIDATES, LATENT_SCALE, ModelConfig
 from common.errors import UserError
 from common.export import Provenance, privacy_from_history, privacy_from_reports
 from common.models import Discriminator, Generator, build_models, class_filter_applies, draw_images
+from common.pair_filter import filtered_pair_sampler
 from common.round_record import RECORDS_FILE, Initialisation, read_server_state
 from common.weights import UpdateLayoutError, load_model_arrays, model_arrays
 
@@ -49,23 +51,31 @@ class LoadedGenerator:
 
     @torch.no_grad()
     def sample(self, labels: np.ndarray, *, seed: int, latent_scale: float = LATENT_SCALE,
-               candidates: int = CANDIDATES, batch_size: int = 512) -> np.ndarray:
+               candidates: int = CANDIDATES, batch_size: int = 512,
+               say: Callable[[str], None] | None = None) -> np.ndarray:
         """Images (n, C, S, S) float32 in [-1, 1] for class labels (n,); latents N(0, latent_scale²·I) from
         ``seed``, each image the best of ``candidates`` draws by D's class head (``common.models.draw_images``).
-        C = 2 for a pair model: channel 1 is the mask (``common.pairs.binary_masks``)."""
+        C = 2 for a pair model: channel 1 is the mask (``common.pairs.binary_masks``), and each pair is the
+        best of ``candidates`` draws by the consistency filter (``common.pair_filter``; ``say`` hears that
+        its U-Net trains)."""
         gen = torch.Generator().manual_seed(seed)
         self.generator.eval()
+        draw_pairs = (filtered_pair_sampler(self.generator, labels.shape[0], seed=seed, latent_scale=latent_scale,
+                                            candidates=candidates, say=say)
+                      if self.cfg.pairs and candidates > 1 and labels.shape[0] > 0 else None)
         out = []
         for i in range(0, labels.shape[0], batch_size):
             y = torch.from_numpy(np.asarray(labels[i : i + batch_size], dtype=np.int64))
-            out.append(draw_images(self.generator, self.discriminator, y, gen, latent_scale=latent_scale,
+            out.append(draw_pairs(y, gen) if draw_pairs is not None else
+                       draw_images(self.generator, self.discriminator, y, gen, latent_scale=latent_scale,
                                    candidates=candidates))  # (b, C, S, S)
         side = self.cfg.image_size
         return torch.cat(out).numpy() if out else np.zeros((0, self.cfg.channels, side, side), np.float32)
 
     def candidates_drawn(self, candidates: int) -> int:
-        """The draws per kept image :meth:`sample` makes when asked for ``candidates``: 1 without a judging D."""
-        return candidates if self.discriminator is not None else 1
+        """The draws per kept image :meth:`sample` makes when asked for ``candidates``: 1 without a judge
+        (neither a class-judging D nor, for a pair model, the consistency filter)."""
+        return candidates if self.discriminator is not None or self.cfg.pairs else 1
 
 
 def model_config_from_arrays(arrays: dict[str, np.ndarray], num_classes: int | None = None) -> ModelConfig:

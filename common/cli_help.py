@@ -13,6 +13,12 @@ from __future__ import annotations
 import argparse
 import re
 
+# --candidates of sample, evaluate and node augment: one text for the two filters it drives
+# (common/models.py's class filter, common/pair_filter.py's consistency filter).
+CANDIDATES_HELP = ("draw this many per image kept and keep the one the model's discriminator finds most likely of its "
+                   "class; of a pair model, the pair whose mask a U-Net trained on the model's own pairs agrees with "
+                   "best (1: no filter; docs/evaluation.md)")
+
 _MENTIONS_DEFAULT = re.compile(r"\bdefault\b", re.IGNORECASE)
 
 

@@ -42,9 +42,17 @@ import torch
 from PIL import Image
 
 from common.checkpoint_model import load_generator
-from common.config import run_config
+from common.config import CANDIDATES, run_config
 from common.dataset import LocalDataset, resize_to_square
-from common.evaluation.segmentation import UNET_WIDTH, Pairs, SmallUNet, evaluate_pairs, real_reference_net
+from common.evaluation.segmentation import (
+    UNET_WIDTH,
+    Pairs,
+    SmallUNet,
+    dice_iou,
+    evaluate_pairs,
+    predict,
+    real_reference_net,
+)
 from common.pairs import to_mask_channel
 from simulation.datasets import HC18_DIR, split_exams
 from simulation.fed_inprocess import FedPlan, train_federated
@@ -135,8 +143,12 @@ def real_net_task(data: Path, out: Path, seed: int, unet_epochs: int, threads: i
 
 
 def budget_task(data: Path, out: Path, seed: int, eps: float | None, *, rounds: int | None,
-                local_steps: int | None, unet_epochs: int, threads: int) -> dict[str, Any]:
-    """One federation (seed, budget) trained and evaluated against the seed's saved real U-Net."""
+                local_steps: int | None, unet_epochs: int, candidates: int, threads: int) -> dict[str, Any]:
+    """One federation (seed, budget) trained and evaluated against the seed's saved real U-Net.
+
+    The synthetic pairs are drawn as ``medsynth sample`` draws them (each the best of ``candidates``
+    by the consistency filter, ``common.pair_filter``); the agreement of an unfiltered draw is
+    reported beside it."""
     torch.set_num_threads(threads)
     rows, exams, real_train, real_test, train = _split(data, seed)
     real_net = SmallUNet(UNET_WIDTH)
@@ -155,18 +167,22 @@ def budget_task(data: Path, out: Path, seed: int, eps: float | None, *, rounds: 
     train_federated(hospital_sites(rows[train], exams[train], seed), FedPlan.from_run(cfg, eps), folder, say=say)
     fed_seconds = time.monotonic() - t1
     gen = load_generator(folder, class_names=(CLASS,))
-    synthetic = Pairs.of_channels(gen.sample(np.zeros(train.size, np.int64), seed=seed))
+    labels = np.zeros(train.size, np.int64)
+    synthetic = Pairs.of_channels(gen.sample(labels, seed=seed, candidates=candidates, say=say))
     scores = evaluate_pairs(synthetic, real_train, real_test, seed=seed, epochs=unet_epochs, real_net=real_net)
+    unfiltered = Pairs.of_channels(gen.sample(labels, seed=seed, candidates=1))
+    agreement_unfiltered = dice_iou(predict(real_net, unfiltered.images), unfiltered.masks)[0]
     say(f"Dice synthetic→real {scores.dice_synthetic:.3f} (IoU {scores.iou_synthetic:.3f}), real→real "
         f"{scores.dice_real:.3f} (IoU {scores.iou_real:.3f}), ratio {scores.ratio:.3f}, agreement Dice "
-        f"{scores.agreement_dice:.3f}; federation {fed_seconds:.0f} s")
-    return {"seed": seed, "epsilon": eps, **scores.to_json(), "federation_seconds": round(fed_seconds, 1),
+        f"{scores.agreement_dice:.3f} (unfiltered {agreement_unfiltered:.3f}); federation {fed_seconds:.0f} s")
+    return {"seed": seed, "epsilon": eps, **scores.to_json(), "candidates": gen.candidates_drawn(candidates),
+            "agreement_dice_unfiltered": agreement_unfiltered, "federation_seconds": round(fed_seconds, 1),
             "wall_seconds": round(time.monotonic() - t1, 1), "rounds": cfg.federation.num_rounds,
             "local_steps": cfg.train.local_steps}
 
 
 def run(data: Path, out: Path, seeds: Sequence[int], epsilons: Sequence[float | None], *, rounds: int | None,
-        local_steps: int | None, unet_epochs: int, jobs: int) -> list[dict[str, Any]]:
+        local_steps: int | None, unet_epochs: int, candidates: int, jobs: int) -> list[dict[str, Any]]:
     """Every (seed, budget) run, ``jobs`` worker processes at once; results in (seed, budget) order.
 
     A seed's real U-Net is trained first (once); its three federations start when it is saved, so
@@ -191,7 +207,8 @@ def run(data: Path, out: Path, seeds: Sequence[int], epsilons: Sequence[float | 
                 if isinstance(key, int):  # a real U-Net: its seed's federations may start
                     for eps in epsilons:
                         pending[pool.submit(budget_task, data, out, key, eps, rounds=rounds, local_steps=local_steps,
-                                            unet_epochs=unet_epochs, threads=threads)] = (key, eps)
+                                            unet_epochs=unet_epochs, candidates=candidates,
+                                            threads=threads)] = (key, eps)
                     continue
                 results[key] = value
                 out.mkdir(parents=True, exist_ok=True)  # the results so far, after every run
@@ -201,12 +218,13 @@ def run(data: Path, out: Path, seeds: Sequence[int], epsilons: Sequence[float | 
 
 def table(results: Sequence[dict[str, Any]]) -> str:
     """The results as a Markdown table, one row per (seed, budget)."""
-    lines = ["| seed | ε | Dice synthetic → real | real → real | ratio | agreement | federation |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| seed | ε | Dice synthetic → real | real → real | ratio | agreement | unfiltered | federation |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in results:
         eps = "no DP" if r["epsilon"] is None else f"{r['epsilon']:g}"
         lines.append(f"| {r['seed']} | {eps} | {r['dice_synthetic']:.3f} | {r['dice_real']:.3f} | {r['ratio']:.3f} | "
-                     f"{r['agreement_dice']:.3f} | {r['federation_seconds']:.0f} s |")
+                     f"{r['agreement_dice']:.3f} | {r['agreement_dice_unfiltered']:.3f} | "
+                     f"{r['federation_seconds']:.0f} s |")
     return "\n".join(lines)
 
 
@@ -221,13 +239,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--local-steps", type=int, default=None, help="D steps per round (default: the app's)")
     p.add_argument("--unet-epochs", type=int, default=20,
                    help="epochs of every U-Net (default 20: the augmented real-trained U-Net's Dice settles by then)")
+    p.add_argument("--candidates", type=int, default=CANDIDATES, metavar="K",
+                   help=f"each synthetic pair the best of K draws by the consistency filter (common/pair_filter.py; "
+                        f"default {CANDIDATES}, as medsynth sample); 1 draws unfiltered")
     p.add_argument("--jobs", type=int, default=2,
                    help="runs at once, one process each, sharing the cores (default 2: the benchmark's 2 cores)")
     args = p.parse_args(argv)
     t0 = time.monotonic()
     results = run(args.data, args.out, [int(s) for s in args.seeds.split(",")], parse_epsilons(args.epsilons),
                   rounds=args.rounds, local_steps=args.local_steps, unet_epochs=args.unet_epochs,
-                  jobs=max(1, args.jobs))
+                  candidates=args.candidates, jobs=max(1, args.jobs))
     print(f"\n{table(results)}\n\nTotal wall time {(time.monotonic() - t0) / 60:.1f} min (goal: 60 min on 2 cores); "
           f"results in {args.out / 'bench_segmentation.json'}.")
     return 0

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from common.atomic import write_json_atomic
-from common.cli_help import DefaultsOnceHelpFormatter, says_its_default
+from common.cli_help import CANDIDATES_HELP, DefaultsOnceHelpFormatter, says_its_default
 from common.config import CANDIDATES, LATENT_SCALE, parse_class_names
 from common.export import FORMATS, SIDECAR, ExportError, export_images
 from simulation.run_options import AUTO_C, AUTO_COMPLETE_UP_TO, secagg_degree_option
@@ -186,8 +186,7 @@ def _evaluate_parsers(sub: SubParsers) -> None:
                    help="spread of the latents, z ~ N(0, scale² I); 1 draws as in training; conditional models "
                         "only: an unconditional (pair) model's images do not depend on it (docs/evaluation.md)")
     e.add_argument("--candidates", type=int, default=CANDIDATES,
-                   help="draw this many images per image kept and keep the one the model's discriminator finds most "
-                        "likely of its class (1: no filter; docs/evaluation.md)")
+                   help=CANDIDATES_HELP)
     e.add_argument("--memorization-ratio", type=float, default=0.5,
                    help="a synthetic image counts as memorized when d(nearest train) < RATIO × d(nearest held-out)")
     e.add_argument("--aggregate-only", action="store_true",
@@ -221,8 +220,7 @@ def _evaluate_parsers(sub: SubParsers) -> None:
                    help="spread of the latents, z ~ N(0, scale² I); 1 draws as in training; conditional models "
                         "only: an unconditional (pair) model's images do not depend on it (docs/evaluation.md)")
     s.add_argument("--candidates", type=int, default=CANDIDATES,
-                   help="draw this many images per image kept and keep the one the model's discriminator finds most "
-                        "likely of its class (1: no filter; docs/evaluation.md)")
+                   help=CANDIDATES_HELP)
     s.add_argument("--classes", default=None,
                    help="comma-separated class names in class-index order, for a checkpoint whose run did not "
                         "record them (default: the run's names, else class0, class1, ...)")
@@ -430,7 +428,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         labels = np.full(args.n, _class_index(args.label, names), dtype=np.int64)
     else:
         labels = np.arange(args.n, dtype=np.int64) % len(names)
-    images = generator.sample(labels, seed=seed, latent_scale=args.latent_scale, candidates=args.candidates)
+    images = generator.sample(labels, seed=seed, latent_scale=args.latent_scale, candidates=args.candidates, say=print)
     files = export_images(images, labels, args.out, args.format, generator.provenance,
                           sampling={"seed": seed, "class": args.label, "n": args.n, "latent_scale": args.latent_scale,
                                     "candidates": generator.candidates_drawn(args.candidates)})

@@ -8,6 +8,7 @@ tiny untrained pair generators or stand-ins whose answer is known; no federation
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -74,13 +75,13 @@ class PairSource:
         self.provenance = Provenance("0" * 64, "none", 0, None, {}, NAMES, {})
 
     def sample(self, labels: np.ndarray, *, seed: int, latent_scale: float = 1.0,
-               candidates: int = 1) -> np.ndarray:  # scale, candidates: unused
+               candidates: int = 1, say: Callable[[str], None] | None = None) -> np.ndarray:  # all but seed unused
         rng = np.random.default_rng(seed)
         if self.rows is None:
             return rng.uniform(-1, 1, (labels.size, 2, 32, 32)).astype(np.float32)
         return self.rows[rng.integers(0, self.rows.shape[0], labels.size)]
 
-    def candidates_drawn(self, candidates: int) -> int:  # no discriminator: every draw is kept
+    def candidates_drawn(self, candidates: int) -> int:  # no filter: every draw is kept
         return 1
 
 

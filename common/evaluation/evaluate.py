@@ -79,7 +79,7 @@ class ImageSource(Protocol):
     @property
     def provenance(self) -> Provenance: ...
     def sample(self, labels: np.ndarray, *, seed: int, latent_scale: float = ...,
-               candidates: int = ...) -> np.ndarray: ...
+               candidates: int = ..., say: Callable[[str], None] | None = ...) -> np.ndarray: ...
     def candidates_drawn(self, candidates: int) -> int: ...
 
 
@@ -318,7 +318,7 @@ def evaluate_pair_model(opts: EvaluateOptions, generator: ImageSource, say: Call
     num_classes = len(generator.class_names)
     labels = balanced_labels(n, np.full(num_classes, 1.0 / num_classes), seed=opts.seed)
     synthetic = Pairs.of_channels(generator.sample(labels, seed=opts.seed, latent_scale=opts.latent_scale,
-                                                   candidates=opts.candidates))
+                                                   candidates=opts.candidates, say=say))
     say(f"pair model {generator.provenance.checkpoint}: U-Nets on {n} synthetic and {len(real_train.images)} real "
         f"training pairs, tested on {len(real_test.images)} real pairs ({epochs} epochs each)")
     scores = evaluate_pairs(synthetic, real_train, real_test, seed=opts.seed, epochs=epochs)
@@ -326,7 +326,8 @@ def evaluate_pair_model(opts: EvaluateOptions, generator: ImageSource, say: Call
     real_cap = reference.train.images[:FIDELITY_MAX]
     fidelity_fake = synthetic.images[: real_cap.shape[0]]  # (M, 1, S, S): the images of the pairs, no mask
     result: dict[str, Any] = {
-        "kind": "segmentation", **scores.to_json(), "fd_kind": FD_KIND + "; images only, masks not included",
+        "kind": "segmentation", **scores.to_json(), "candidates": generator.candidates_drawn(opts.candidates),
+        "fd_kind": FD_KIND + "; images only, masks not included",
         **_fidelity(extractor, fidelity_fake, real_cap, opts.seed),
     }
     out = output_dir(opts)
