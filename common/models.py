@@ -63,7 +63,7 @@ def sample_latents(n: int, latent_dim: int, gen: torch.Generator | None, scale: 
 # recognition?", ICLR 2023). D is the output of the accounted mechanism like G, so filtering is
 # post-processing: no privacy cost. Measured on PneumoniaMNIST (docs/benchmarks.md): TSTR AUC of
 # three ε = 10 generators 0.864 unfiltered, 0.911 best of 3 (mean of the seeds). Pair models (channel 1 a mask) are
-# drawn unfiltered: their class head was not measured as a judge.
+# not judged by class: their samplers keep the best of K pairs by common.pair_filter's consistency filter.
 
 
 def class_filter_applies(cfg: ModelConfig) -> bool:

@@ -12,9 +12,11 @@ Per seed and per budget (ε = 10, ε = 1, and no DP) one federation of pair mode
 one class, unconditional, the anchor weight of :data:`PAIR_OVERRIDES`, the app's other defaults)
 is trained in process (``simulation.fed_inprocess``: the hospitals' local round, noise
 calibration and FedAvg; no secure aggregation, which does not change the sum), then evaluated
-by ``common.evaluation.segmentation``: a U-Net trained on as many synthetic pairs as there are
-real training pairs, tested on the real test pairs; the same U-Net trained on the real training
-pairs (once per seed); and the agreement of each synthetic mask with its image (every U-Net
+by ``common.evaluation.segmentation`` as ``medsynth evaluate`` evaluates a pair model: a U-Net
+trained on ``PAIRS_MULTIPLE`` (3) times as many synthetic pairs as there are real training pairs,
+each pair the best of ``--candidates`` draws by the consistency filter (``common.pair_filter``),
+tested on the real test pairs; the same U-Net trained on the real training pairs (once per seed);
+and the agreement of each synthetic mask with its image, also of an unfiltered draw (every U-Net
 trained with augmentation). The goal of issue 17: at ε = 10, synthetic Dice ≥ 0.85 × real Dice and agreement
 Dice ≥ 0.8. Numbers are printed and written to ``OUT/bench_segmentation.json``; they are
 measured, never asserted. The nine runs go ``--jobs`` (2) at a time, one process each with the
@@ -45,6 +47,7 @@ from common.checkpoint_model import load_generator
 from common.config import CANDIDATES, run_config
 from common.dataset import LocalDataset, resize_to_square
 from common.evaluation.segmentation import (
+    PAIRS_MULTIPLE,
     UNET_WIDTH,
     Pairs,
     SmallUNet,
@@ -167,7 +170,7 @@ def budget_task(data: Path, out: Path, seed: int, eps: float | None, *, rounds: 
     train_federated(hospital_sites(rows[train], exams[train], seed), FedPlan.from_run(cfg, eps), folder, say=say)
     fed_seconds = time.monotonic() - t1
     gen = load_generator(folder, class_names=(CLASS,))
-    labels = np.zeros(train.size, np.int64)
+    labels = np.zeros(PAIRS_MULTIPLE * train.size, np.int64)  # as medsynth evaluate draws for a pair model
     synthetic = Pairs.of_channels(gen.sample(labels, seed=seed, candidates=candidates, say=say))
     scores = evaluate_pairs(synthetic, real_train, real_test, seed=seed, epochs=unet_epochs, real_net=real_net)
     unfiltered = Pairs.of_channels(gen.sample(labels, seed=seed, candidates=1))

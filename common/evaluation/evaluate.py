@@ -42,7 +42,7 @@ from common.errors import UserError
 from common.evaluation.features import FeatureExtractor, default_cache_dir, load_or_train_extractor
 from common.evaluation.metrics import Memorization, frechet_distance, kernel_distance, memorization, precision_recall
 from common.evaluation.reference import ReferenceData, load_reference, rows_in_test_split
-from common.evaluation.segmentation import Pairs, evaluate_pairs
+from common.evaluation.segmentation import PAIRS_MULTIPLE, Pairs, evaluate_pairs
 from common.evaluation.tstr import TSTR_CONFIG, ClassifierScore, balanced_labels, train_and_score
 from common.export import Provenance
 from common.report.plots import image_table
@@ -91,7 +91,7 @@ class EvaluateOptions:
     reference: Path
     out: Path | None = None
     held_out: Path | None = None
-    n_synthetic: int | None = None  # None: TSTR_MULTIPLE × the real training images (≤ max_synthetic)
+    n_synthetic: int | None = None  # None: TSTR_MULTIPLE × the real training images, PAIRS_MULTIPLE × pairs (≤ max)
     max_synthetic: int = 20000
     class_balance: Literal["real", "uniform"] = "real"
     seed: int = 0
@@ -313,7 +313,7 @@ def evaluate_pair_model(opts: EvaluateOptions, generator: ImageSource, say: Call
     is_test = rows_in_test_split(ds, opts.seed)
     real_train, real_test = Pairs.of_channels(ds.images[~is_test]), Pairs.of_channels(ds.images[is_test])
     reference = load_reference(opts.reference, generator.cfg.image_size, held_out=opts.held_out, seed=opts.seed)
-    n = opts.n_synthetic or len(real_train.images)  # as many synthetic as real training pairs
+    n = opts.n_synthetic or min(PAIRS_MULTIPLE * len(real_train.images), opts.max_synthetic)
     epochs = opts.unet_epochs
     num_classes = len(generator.class_names)
     labels = balanced_labels(n, np.full(num_classes, 1.0 / num_classes), seed=opts.seed)
