@@ -178,7 +178,8 @@ def _evaluate_parsers(sub: SubParsers) -> None:
     e.add_argument("--out", type=Path, default=None, help="output folder (default: RUN/evaluation)")
     e.add_argument("--n", type=int, default=None, dest="n_synthetic",
                    help="synthetic images to draw for TSTR (default: 5 × the real training images, at most 20000; "
-                        "FD, KID, precision/recall and memorization use as many as there are real ones, ≤ 5000)")
+                        "a pair model's U-Net: 3 × the real training pairs; FD, KID, precision/recall and "
+                        "memorization use as many as there are real ones, ≤ 5000)")
     e.add_argument("--class-balance", choices=("real", "uniform"), default="real",
                    help="class mix of the synthetic set: that of the real training split (default), or uniform")
     e.add_argument("--seed", type=int, default=0, help="seed of the latent vectors and subsampling")
