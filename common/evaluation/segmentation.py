@@ -44,9 +44,9 @@ UNET_EPOCHS = 30
 # The synthetic-trained U-Net learns from this many times the real training pairs (drawn from the
 # model; synthetic pairs cost nothing), as TSTR of an image model trains on 5× its real images
 # (common.evaluation.evaluate.TSTR_MULTIPLE). Measured on an HC18 ε = 10 generator (seed 0, 20
-# epochs, each pair the best of 2 by common.pair_filter): Dice on real test pairs 0.754 from 1×
-# (700 pairs), 0.830 from 3×. The real-trained reference, which sees 1×, gains less from three
-# times the steps: 0.960 at 20 epochs, 0.970 at 60 (same seed).
+# epochs, pairs kept as the better-scoring half of twice as many by common.pair_filter's score):
+# Dice on real test pairs 0.754 from 1× (700 pairs), 0.830 from 3×. The real-trained reference,
+# which sees 1×, gains less from three times the steps: 0.960 at 20 epochs, 0.970 at 60.
 PAIRS_MULTIPLE = 3
 UNET_BATCH = 32
 UNET_LR = 2e-3
