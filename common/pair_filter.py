@@ -25,7 +25,7 @@ U-Net trained on them scored a little lower on real test pairs (Dice 0.768 / 0.8
 0.763 / 0.813 / 0.734); the pair evaluation therefore draws more of them
 (``common.evaluation.segmentation.PAIRS_MULTIPLE``).
 Cost: one U-Net training (:data:`FILTER_EPOCHS` epochs over up to 1000 pairs) and K draws per kept
-pair: 700 pairs of a 64 × 64 model took 122–134 s on one core (the other one busy).
+pair: 700 pairs of a 64 × 64 HC18 model took 126 s on one core and 67 s on two (unfiltered: 0.5 s).
 """
 
 from __future__ import annotations
