@@ -34,13 +34,12 @@ from collections.abc import Callable
 
 import torch
 
-from common.evaluation.segmentation import SmallUNet, train_unet
+from common.evaluation.segmentation import SmallUNet, predict, train_unet
 from common.models import Generator, sample_latents
 from common.pairs import IMAGE_CHANNEL, MASK_CHANNEL
 
 FILTER_PAIRS = (256, 1000)  # the judge trains on twice the pairs asked for, within these bounds
 FILTER_EPOCHS = 10
-JUDGE_BATCH = 256  # images per judge forward: a 64 × 64 U-Net's activations stay near 100 MB
 FILTER_SEED_OFFSET = 7919  # the judge's pairs are drawn from seed + this: never the candidates themselves
 
 
@@ -64,9 +63,7 @@ def mask_agreement(judge: SmallUNet, pairs: torch.Tensor) -> torch.Tensor:
 
     1 where both are empty (a pair without foreground that the judge leaves empty agrees fully).
     """
-    judge.eval()
-    images = pairs[:, IMAGE_CHANNEL : IMAGE_CHANNEL + 1]  # (m, 1, S, S)
-    pred = torch.cat([judge(images[i : i + JUDGE_BATCH])[:, 0] > 0 for i in range(0, images.shape[0], JUDGE_BATCH)])
+    pred = torch.from_numpy(predict(judge, pairs[:, IMAGE_CHANNEL : IMAGE_CHANNEL + 1].numpy()))  # (m, S, S)
     truth = pairs[:, MASK_CHANNEL] > 0.0  # (m, S, S)
     inter = (pred & truth).flatten(1).sum(1).double()  # (m,)
     total = (pred.flatten(1).sum(1) + truth.flatten(1).sum(1)).double()  # (m,)
