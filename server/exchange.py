@@ -19,11 +19,18 @@ messages in flight the tick costs n × w checks, and a few messages per Ray acto
 fed. ``medsynth simulate`` sets w; the Deployment Engine's SuperLink indexes its messages and
 keeps the default 0 (everything at once).
 
+A window costs time where the messages are light. The Simulation Engine takes at most one
+message per hospital per 0.1 s tick, so a stage of n messages w at a time needs at least n / w
+ticks: at 100 hospitals and w = 8, 1.25 s for a stage whose messages take milliseconds (a secure
+round's consistency and unmask, the final model), the floor of the secure round's extra time
+there. Only training messages are long, and only a long stage of many stored messages makes the
+scan costly, so every other stage is pushed at least :data:`LIGHT_STAGE_IN_FLIGHT` at a time.
+
 With a window the pauses are shorter (:data:`WINDOW_FIRST_PULL_INTERVAL_S` doubling up to
 :data:`WINDOW_LONGEST_PULL_INTERVAL_S`): a window is refilled only after a pull has seen replies,
 so every pause there is time the Ray actors may sit idle, and a pull of the in-memory grid is a
-few dictionary lookups (no request to a SuperLink). Short stages of many small messages (a secure
-round's consistency and unmask) are made of such refills.
+few dictionary lookups (no request to a SuperLink). Short stages of many small messages are made of such
+refills when they have more messages than their window.
 """
 
 from __future__ import annotations
@@ -32,13 +39,17 @@ import logging
 import time
 from collections.abc import Iterable
 
-from flwr.app import Message
+from flwr.app import Message, MessageType
 from flwr.serverapp import Grid
 
 FIRST_PULL_INTERVAL_S = 0.1  # the first pause between two pulls; doubled after each one
 LONGEST_PULL_INTERVAL_S = 0.5
 WINDOW_FIRST_PULL_INTERVAL_S = 0.02  # the same with a window (``in_flight`` > 0: the Simulation Engine)
 WINDOW_LONGEST_PULL_INTERVAL_S = 0.1
+# The least window of a stage that does not train (a few ms of work per message): 100 hospitals'
+# short stage goes out in one tick, 500 hospitals' in four, and a tick checks at most 128 stored
+# messages per hospital.
+LIGHT_STAGE_IN_FLIGHT = 128
 
 log = logging.getLogger("medsynth.server")
 
@@ -48,10 +59,14 @@ def send_and_receive(grid: Grid, messages: Iterable[Message], timeout_s: float, 
 
     ``in_flight`` > 0 (run key ``sim.messages-in-flight``) keeps at most that many pushed and
     unanswered: the rest wait here and are pushed as replies come in, and the pause goes back to
-    the shortest after each reply. A message still waiting here at the deadline is never sent.
+    the shortest after each reply. A stage of other than training messages keeps at least
+    :data:`LIGHT_STAGE_IN_FLIGHT` (module docstring). A message still waiting here at the deadline
+    is never sent.
     """
     queued = list(messages)  # HttpGrid.push_messages iterates its argument twice
     stage, total = (queued[0].metadata.message_type if queued else ""), len(queued)
+    if in_flight > 0 and stage != MessageType.TRAIN:
+        in_flight = max(in_flight, LIGHT_STAGE_IN_FLIGHT)
     window = in_flight if in_flight > 0 else len(queued)
     started = time.monotonic()
     deadline = started + timeout_s

@@ -40,8 +40,8 @@ class SlowGrid:
         return out
 
 
-def _messages(n: int) -> list[Message]:
-    return [Message(RecordDict(), dst_node_id=i + 1, message_type="train", group_id="1") for i in range(n)]
+def _messages(n: int, kind: str = "train") -> list[Message]:
+    return [Message(RecordDict(), dst_node_id=i + 1, message_type=kind, group_id="1") for i in range(n)]
 
 
 @pytest.fixture
@@ -140,6 +140,22 @@ def test_without_a_window_the_whole_stage_is_pushed_at_once(clock: list[float]) 
     exchange.send_and_receive(grid, _messages(10), timeout_s=60.0)  # type: ignore[arg-type]
     # assert
     assert grid.most_in_flight == 10
+
+
+def test_a_stage_that_does_not_train_goes_out_at_least_a_light_window_at_a_time(clock: list[float]) -> None:
+    # prepare: a window of 3 (a simulation's training window), a stage of 200 light messages
+    # (a secure round's unmask), and a training stage of 10
+    light, training = WindowGrid([1] * 200), WindowGrid([1] * 10)
+    # act
+    light_replies = exchange.send_and_receive(light, _messages(200, "train.secagg_unmask"), timeout_s=60.0,  # type: ignore[arg-type]
+                                              in_flight=3)
+    exchange.send_and_receive(training, _messages(10), timeout_s=60.0, in_flight=3)  # type: ignore[arg-type]
+    # assert: the light stage keeps 128 in flight (two pushes, two pulls, not 67), every message
+    # once; the training stage keeps its window of 3
+    assert exchange.LIGHT_STAGE_IN_FLIGHT == 128
+    assert light.most_in_flight == 128 and light.pulls == 2 and len(light.pushed) == 200
+    assert len(light_replies) == 200
+    assert training.most_in_flight == 3
 
 
 def test_messages_still_queued_at_the_deadline_are_never_sent(clock: list[float]) -> None:
