@@ -23,10 +23,14 @@ A window costs time where the messages are light. The Simulation Engine takes at
 message per hospital per 0.1 s tick, so a stage of n messages w at a time needs at least n / w
 ticks: at 100 hospitals and w = 8, 1.25 s for a stage whose messages take milliseconds (a secure
 round's consistency and unmask, the final model), the floor of the secure round's extra time
-there. Only training messages are long, and only a long stage of many stored messages makes the
-scan costly, so every other stage is pushed at least :data:`LIGHT_STAGE_IN_FLIGHT` at a time.
-Measured at 100 hospitals on 2 cores (docs/benchmarks.md): a secure round's consistency and
-unmask took 1.4 s and 1.3 s with w = 8, and 0.4 s and 1.0 s with it.
+there. Only training messages are long, so every other stage is pushed more at a time: as many as
+keep a tick's scan within :data:`LIGHT_STAGE_SCAN` checks (hospitals × stored messages; the
+stage's message count stands for the hospitals), at most :data:`LIGHT_STAGE_IN_FLIGHT` and never
+fewer than w. Measured on 2 cores (docs/benchmarks.md): at 100 hospitals a secure round's
+consistency and unmask took 1.4 s and 1.3 s with w = 8, and 0.4 s and 1.0 s with 128 in flight;
+at 500 hospitals 128 in flight made each tick check 64,000 stored messages: in the last round of
+a one-step run those two stages took 11.3 s and 37.8 s, against 6.7 s and 24.2 s at 25 (and
+11.1 s and 28.5 s at w = 8).
 
 With a window the pauses are shorter (:data:`WINDOW_FIRST_PULL_INTERVAL_S` doubling up to
 :data:`WINDOW_LONGEST_PULL_INTERVAL_S`): a window is refilled only after a pull has seen replies,
@@ -48,10 +52,16 @@ FIRST_PULL_INTERVAL_S = 0.1  # the first pause between two pulls; doubled after 
 LONGEST_PULL_INTERVAL_S = 0.5
 WINDOW_FIRST_PULL_INTERVAL_S = 0.02  # the same with a window (``in_flight`` > 0: the Simulation Engine)
 WINDOW_LONGEST_PULL_INTERVAL_S = 0.1
-# The least window of a stage that does not train (a few ms of work per message): 100 hospitals'
-# short stage goes out in one tick, 500 hospitals' in four, and a tick checks at most 128 stored
-# messages per hospital.
+# The window of a stage that does not train (a few ms of work per message): at most this many in
+# flight, and at most LIGHT_STAGE_SCAN // hospitals, so that a tick checks no more stored messages
+# than 100 hospitals' stage does at 128 (100 hospitals: 128, one tick; 500: 25).
 LIGHT_STAGE_IN_FLIGHT = 128
+LIGHT_STAGE_SCAN = 100 * LIGHT_STAGE_IN_FLIGHT
+
+
+def light_stage_window(messages: int, in_flight: int) -> int:
+    """The window of a stage of ``messages`` that do not train, given the training window ``in_flight`` > 0."""
+    return max(in_flight, min(LIGHT_STAGE_IN_FLIGHT, LIGHT_STAGE_SCAN // max(1, messages)))
 
 log = logging.getLogger("medsynth.server")
 
@@ -61,14 +71,14 @@ def send_and_receive(grid: Grid, messages: Iterable[Message], timeout_s: float, 
 
     ``in_flight`` > 0 (run key ``sim.messages-in-flight``) keeps at most that many pushed and
     unanswered: the rest wait here and are pushed as replies come in, and the pause goes back to
-    the shortest after each reply. A stage of other than training messages keeps at least
-    :data:`LIGHT_STAGE_IN_FLIGHT` (module docstring). A message still waiting here at the deadline
-    is never sent.
+    the shortest after each reply. A stage of other than training messages keeps
+    :func:`light_stage_window` in flight (module docstring). A message still waiting here at the
+    deadline is never sent.
     """
     queued = list(messages)  # HttpGrid.push_messages iterates its argument twice
     stage, total = (queued[0].metadata.message_type if queued else ""), len(queued)
     if in_flight > 0 and stage != MessageType.TRAIN:
-        in_flight = max(in_flight, LIGHT_STAGE_IN_FLIGHT)
+        in_flight = light_stage_window(total, in_flight)
     window = in_flight if in_flight > 0 else len(queued)
     started = time.monotonic()
     deadline = started + timeout_s

@@ -142,20 +142,24 @@ def test_without_a_window_the_whole_stage_is_pushed_at_once(clock: list[float]) 
     assert grid.most_in_flight == 10
 
 
-def test_a_stage_that_does_not_train_goes_out_at_least_a_light_window_at_a_time(clock: list[float]) -> None:
-    # prepare: a window of 3 (a simulation's training window), a stage of 200 light messages
-    # (a secure round's unmask), and a training stage of 10
-    light, training = WindowGrid([1] * 200), WindowGrid([1] * 10)
+def test_a_stage_that_does_not_train_goes_out_a_light_window_at_a_time(clock: list[float]) -> None:
+    # prepare: a window of 3 (a simulation's training window); light stages (a secure round's
+    # unmask) of 100, 200 and 500 messages, and a training stage of 10
+    light = {n: WindowGrid([1] * n) for n in (100, 200, 500)}
+    training = WindowGrid([1] * 10)
     # act
-    light_replies = exchange.send_and_receive(light, _messages(200, "train.secagg_unmask"), timeout_s=60.0,  # type: ignore[arg-type]
-                                              in_flight=3)
+    replies = {n: exchange.send_and_receive(grid, _messages(n, "train.secagg_unmask"), timeout_s=600.0,  # type: ignore[arg-type]
+                                            in_flight=3) for n, grid in light.items()}
     exchange.send_and_receive(training, _messages(10), timeout_s=60.0, in_flight=3)  # type: ignore[arg-type]
-    # assert: the light stage keeps 128 in flight (two pushes, two pulls, not 67), every message
-    # once; the training stage keeps its window of 3
-    assert exchange.LIGHT_STAGE_IN_FLIGHT == 128
-    assert light.most_in_flight == 128 and light.pulls == 2 and len(light.pushed) == 200
-    assert len(light_replies) == 200
+    # assert: a light stage keeps 100 × 128 // n in flight, at most 128 (100 hospitals: all at once,
+    # one pull; 200: 64; 500: 25, so a tick of the engine checks at most 12,800 stored messages),
+    # every message once; the training stage keeps its window of 3
+    assert (exchange.LIGHT_STAGE_IN_FLIGHT, exchange.LIGHT_STAGE_SCAN) == (128, 12_800)
+    assert {n: grid.most_in_flight for n, grid in light.items()} == {100: 100, 200: 64, 500: 25}
+    assert light[100].pulls == 1 and light[200].pulls == 4
+    assert all(len(grid.pushed) == n and len(replies[n]) == n for n, grid in light.items())
     assert training.most_in_flight == 3
+    assert exchange.light_stage_window(20_000, 3) == 3  # never below the training window
 
 
 def test_messages_still_queued_at_the_deadline_are_never_sent(clock: list[float]) -> None:
