@@ -175,7 +175,8 @@ def budget_task(data: Path, out: Path, seed: int, eps: float | None, *, rounds: 
     scores = evaluate_pairs(synthetic, real_train, real_test, seed=seed, epochs=unet_epochs, real_net=real_net)
     unfiltered = Pairs.of_channels(gen.sample(labels, seed=seed, candidates=1))
     agreement_unfiltered = dice_iou(predict(real_net, unfiltered.images), unfiltered.masks)[0]
-    say(f"Dice synthetic→real {scores.dice_synthetic:.3f} (IoU {scores.iou_synthetic:.3f}), real→real "
+    say(f"Dice synthetic→real {scores.dice_synthetic:.3f} (IoU {scores.iou_synthetic:.3f}; real images smoothed, "
+        f"σ {scores.smoothing_sigma:g}; as they are {scores.dice_synthetic_unsmoothed:.3f}), real→real "
         f"{scores.dice_real:.3f} (IoU {scores.iou_real:.3f}), ratio {scores.ratio:.3f}, agreement Dice "
         f"{scores.agreement_dice:.3f} (unfiltered {agreement_unfiltered:.3f}); federation {fed_seconds:.0f} s")
     return {"seed": seed, "epsilon": eps, **scores.to_json(), "candidates": gen.candidates_drawn(candidates),
@@ -221,11 +222,13 @@ def run(data: Path, out: Path, seeds: Sequence[int], epsilons: Sequence[float | 
 
 def table(results: Sequence[dict[str, Any]]) -> str:
     """The results as a Markdown table, one row per (seed, budget)."""
-    lines = ["| seed | ε | Dice synthetic → real | real → real | ratio | agreement | unfiltered | federation |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| seed | ε | Dice synthetic → real | (images as they are) | σ | real → real | ratio | agreement | "
+             "unfiltered | federation |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in results:
         eps = "no DP" if r["epsilon"] is None else f"{r['epsilon']:g}"
-        lines.append(f"| {r['seed']} | {eps} | {r['dice_synthetic']:.3f} | {r['dice_real']:.3f} | {r['ratio']:.3f} | "
+        lines.append(f"| {r['seed']} | {eps} | {r['dice_synthetic']:.3f} | {r['dice_synthetic_unsmoothed']:.3f} | "
+                     f"{r['smoothing_sigma']:g} | {r['dice_real']:.3f} | {r['ratio']:.3f} | "
                      f"{r['agreement_dice']:.3f} | {r['agreement_dice_unfiltered']:.3f} | "
                      f"{r['federation_seconds']:.0f} s |")
     return "\n".join(lines)

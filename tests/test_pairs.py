@@ -15,7 +15,17 @@ from common.checkpoint_model import model_config_from_arrays
 from common.config import ConfigError, run_config
 from common.dataset import load_cache, resize_to_square
 from common.dp.train import PatientSampler, train_local_round
-from common.evaluation.segmentation import Pairs, augment, dice_iou, predict, train_unet
+from common.evaluation.segmentation import (
+    SMOOTHING_SIGMAS,
+    Pairs,
+    augment,
+    dice_iou,
+    matching_sigma,
+    predict,
+    sharpness,
+    smooth,
+    train_unet,
+)
 from common.export import Provenance, export_images
 from common.models import build_models
 from common.pairs import mask_rel, to_mask_channel
@@ -165,6 +175,32 @@ def test_dice_and_iou_golden_numbers() -> None:
     pred[0, 1:3] = True  # 8 pixels, 4 shared
     assert dice_iou(pred, truth) == pytest.approx((0.5, 1 / 3))
     assert dice_iou(np.zeros_like(truth), np.zeros_like(truth)) == (1.0, 1.0)
+
+
+def test_smoothing_keeps_a_flat_image_and_lowers_the_sharpness_of_a_checkerboard() -> None:
+    # prepare: a flat image and a ±1 checkerboard (every neighbour differs by 2)
+    flat = np.full((1, 1, 8, 8), 0.3, np.float32)
+    board = np.where((np.arange(8)[:, None] + np.arange(8)) % 2 == 0, 1.0, -1.0).astype(np.float32)[None, None]
+    # act
+    smoothed = smooth(board, 1.0)
+    # assert: the kernel sums to 1; sharpness 2 + 2 = 4 before, far less after; σ 0 is the identity
+    assert np.allclose(smooth(flat, 1.5), flat, atol=1e-6)
+    assert sharpness(board) == pytest.approx(4.0)
+    assert sharpness(smoothed) < 0.5 and smooth(board, 0.0) is board
+
+
+def test_the_matching_sigma_recovers_the_blur_of_a_blurred_copy_and_is_0_for_sharper_images() -> None:
+    # prepare: "real" images of noisy discs; "synthetic" ones the same images blurred by σ = 1.5
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:32, :32]
+    discs = np.stack([(yy - cy) ** 2 + (xx - cx) ** 2 < 49 for cy, cx in rng.integers(8, 24, (20, 2))])
+    real = (np.where(discs, 0.5, -0.5) + rng.normal(0, 0.3, discs.shape)).astype(np.float32)[:, None]
+    # act
+    sigma = matching_sigma(smooth(real, 1.5), real)
+    sharper = matching_sigma(real + rng.normal(0, 0.3, real.shape).astype(np.float32), real)
+    # assert
+    assert sigma == 1.5 and sigma in SMOOTHING_SIGMAS
+    assert sharper == 0.0
 
 
 def test_unet_learns_bright_discs() -> None:

@@ -32,7 +32,8 @@ from medsynth.cli import main
 from tests.helpers import app_model, toy_dataset
 
 NAMES = ("normal", "lesion")
-SEG_KEYS = {"dice_synthetic", "iou_synthetic", "dice_real", "iou_real", "agreement_dice", "ratio"}
+SEG_KEYS = {"dice_synthetic", "iou_synthetic", "dice_synthetic_unsmoothed", "smoothing_sigma", "dice_real", "iou_real",
+            "agreement_dice", "ratio"}
 IMAGE_KEYS = {"fd", "kid", "precision", "recall", "memorization_rate", "nearer_train_share"}
 
 

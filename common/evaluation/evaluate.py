@@ -350,7 +350,9 @@ def format_segmentation(ev: dict[str, Any]) -> str:
     from an evaluation written before they were part of it)."""
     lines = [
         f"  U-Net trained on synthetic pairs, tested on real:  Dice {ev['dice_synthetic']:.3f}  IoU "
-        f"{ev['iou_synthetic']:.3f}",
+        f"{ev['iou_synthetic']:.3f}" + (
+            f"  (real images smoothed, σ {ev['smoothing_sigma']:g} px; as they are: Dice "
+            f"{ev['dice_synthetic_unsmoothed']:.3f})" if "smoothing_sigma" in ev else ""),
         f"  U-Net trained on real pairs, tested on real:       Dice {ev['dice_real']:.3f}  IoU {ev['iou_real']:.3f}",
         f"  ratio synthetic / real Dice {ev['ratio']:.3f}    agreement (real U-Net on synthetic images vs their "
         f"masks) Dice {ev['agreement_dice']:.3f}",
