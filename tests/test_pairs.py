@@ -200,7 +200,7 @@ def test_the_matching_sigma_recovers_the_blur_of_a_blurred_copy_and_is_0_for_sha
     sharper = matching_sigma(real + rng.normal(0, 0.3, real.shape).astype(np.float32), real)
     # assert
     assert sigma == 1.5 and sigma in SMOOTHING_SIGMAS
-    assert sharper == 0.0
+    assert sharper == 0.0 and matching_sigma(real[:0], real) == 0.0
 
 
 def test_unet_learns_bright_discs() -> None:

@@ -181,8 +181,11 @@ def matching_sigma(synthetic: np.ndarray, real: np.ndarray) -> float:
     A generator trained under DP draws smoother images than the real ones (no speckle, soft edges), and
     a U-Net trained on them reads a real image's fine texture as structure it never saw. Smoothing the
     real images it segments to the synthetic set's sharpness (:func:`sharpness`) closes that gap; it
-    reads the real images only, never their masks. 0 when the synthetic images are as sharp or sharper.
+    reads the real images only, never their masks. 0 when the synthetic images are as sharp or sharper,
+    or either set is empty.
     """
+    if len(synthetic) == 0 or len(real) == 0:
+        return 0.0  # nothing to match
     target = sharpness(synthetic)
     return min(SMOOTHING_SIGMAS, key=lambda s: abs(sharpness(smooth(real, s)) - target))
 
