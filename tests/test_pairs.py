@@ -20,6 +20,7 @@ from common.evaluation.segmentation import (
     Pairs,
     augment,
     dice_iou,
+    gaussian_blur,
     matching_sigma,
     predict,
     sharpness,
@@ -203,6 +204,17 @@ def test_the_matching_sigma_recovers_the_blur_of_a_blurred_copy_and_is_0_for_sha
     assert sharper == 0.0 and matching_sigma(real[:0], real) == 0.0
 
 
+def test_the_augmentations_blur_blurs_each_image_by_its_own_sigma() -> None:
+    # prepare: two noisy images, σ 0.5 for the first and 2 for the second, the augmentation's radius 6
+    images = np.random.default_rng(1).normal(0, 0.5, (2, 1, 24, 24)).astype(np.float32)
+    # act
+    blurred = gaussian_blur(torch.from_numpy(images), torch.tensor([0.5, 2.0]), 6).numpy()
+    # assert: each equals the evaluation's smoothing at its σ (whose radius, ⌈3σ⌉, cuts 2e-8 of the weight at σ 0.5)
+    assert np.allclose(blurred[:1], smooth(images[:1], 0.5), atol=1e-6)
+    assert np.allclose(blurred[1:], smooth(images[1:], 2.0), atol=1e-6)
+    assert sharpness(blurred[1:]) < sharpness(blurred[:1]) < sharpness(images)
+
+
 def test_unet_learns_bright_discs() -> None:
     # prepare: discs brighter than a noisy background; the mask is the disc
     rng = np.random.default_rng(0)
@@ -232,10 +244,11 @@ def test_augmentation_moves_image_and_mask_together() -> None:
 
     # act
     aug_images, aug_masks = augment(images, masks, torch.Generator().manual_seed(0))
-    # assert: the mask stays binary, and each image's brightness is centred where its mask is,
-    # after zooms, rotations and shifts that moved the discs by 5.8 pixels on average
+    # assert: the mask stays binary, and each image's brightness above its background is centred where its
+    # mask is, after zooms, rotations and shifts that moved the discs by 5.8 pixels on average
     assert set(aug_masks.unique().tolist()) <= {0.0, 1.0} and aug_images.min() >= -1 and aug_images.max() <= 1
-    mask_at, image_at = centroids(aug_masks[:, 0]), centroids(aug_images[:, 0] + 1)
+    above_background = aug_images[:, 0] - aug_images[:, 0].amin(dim=(1, 2), keepdim=True)  # a contrast cut lifts it
+    mask_at, image_at = centroids(aug_masks[:, 0]), centroids(above_background)
     assert (mask_at - image_at).norm(dim=1).max() < 0.5  # measured 0.32 pixels
     assert (mask_at - centroids(masks[:, 0])).norm(dim=1).mean() > 3  # the augmentation did move them
 

@@ -53,14 +53,20 @@ PAIRS_MULTIPLE = 3
 UNET_BATCH = 32
 UNET_LR = 2e-3
 # Augmentation, drawn per image (module docstring): zoom, rotation and shift together (one affine
-# map of image and mask), gain and per-pixel multiplicative noise on the image, and a 3×3 blur of
-# half the batches.
+# map of image and mask), gain and per-pixel multiplicative noise on the image, a 3×3 blur of
+# half the batches, then a Gaussian blur, a contrast change and a gamma, each with its probability.
 AUG_ZOOM = (0.7, 1.3)
 AUG_ROTATION = math.pi / 6  # ±30°
 AUG_SHIFT = 0.15  # ± in normalised coordinates (the image spans [-1, 1]): ±7.5 % of its width
 AUG_GAIN = (0.7, 1.3)
 AUG_NOISE = 0.3  # standard deviation of the multiplicative noise
 AUG_BLUR = 0.5  # probability that a batch is blurred
+AUG_GAUSSIAN_SIGMA = (0.5, 2.0)  # pixels, drawn uniformly; to σ 2 because a DP generator's images are that smooth
+AUG_GAUSSIAN_P = 0.5
+AUG_CONTRAST = (0.65, 1.5)  # factor on each pixel's distance from the image's mean brightness
+AUG_CONTRAST_P = 0.5
+AUG_GAMMA = (0.7, 1.5)  # brightness in [0, 1] raised to this power
+AUG_GAMMA_P = 0.3
 # The synthetic-trained U-Net segments real images smoothed to the synthetic images' sharpness
 # (:func:`matching_sigma`): Gaussian σ in pixels, the first of these that matches best.
 SMOOTHING_SIGMAS = tuple(0.25 * i for i in range(13))  # 0, 0.25, …, 3
@@ -135,7 +141,14 @@ def augment(x: torch.Tensor, t: torch.Tensor, gen: torch.Generator) -> tuple[tor
     A horizontal flip (half the images); one affine map per image (zoom, rotation, shift: the
     ``AUG_*`` ranges, drawn uniformly) applied to the image (bilinear, black outside) and to the
     mask (bilinear, then > 0.5); then, on the image only, a gain, multiplicative noise and, for
-    the whole batch with probability ``AUG_BLUR``, a 3×3 box blur.
+    the whole batch with probability ``AUG_BLUR``, a 3×3 box blur; then per image, each with its
+    probability, a Gaussian blur (σ in ``AUG_GAUSSIAN_SIGMA``), a contrast change about the image's
+    mean brightness and a gamma (nnU-Net's intensity kinds, with a wider blur).
+
+    Why the last three: without them the real-trained U-Net reads a DP generator's smooth, low-contrast
+    heads as smaller than they are. On two HC18 ε = 10 generators its agreement with their masks was
+    0.780 / 0.784, the area it found 0.69–0.75 of the masks'; with them 0.881 / 0.856 and 0.93, while
+    its Dice on real test pairs stayed 0.964 → 0.963 and 0.966 → 0.960 (docs/segmentation.md).
     """
     b = x.shape[0]
     flip = (torch.rand(b, generator=gen) < 0.5)[:, None, None, None]  # (b, 1, 1, 1) image and mask together
@@ -151,22 +164,53 @@ def augment(x: torch.Tensor, t: torch.Tensor, gen: torch.Generator) -> tuple[tor
     x01 = x01 * (1 + AUG_NOISE * torch.randn(x.shape, generator=gen))
     if torch.rand(1, generator=gen).item() < AUG_BLUR:
         x01 = F.avg_pool2d(x01, 3, 1, 1)
+    x01 = x01.clamp(0, 1)
+    sigma = _uniform(AUG_GAUSSIAN_SIGMA, b, gen)  # (b,)
+    blurred = torch.rand(b, generator=gen) < AUG_GAUSSIAN_P  # (b,)
+    x01 = torch.where(blurred[:, None, None, None], gaussian_blur(x01, sigma, GAUSSIAN_RADIUS), x01)
+    contrast = _maybe_uniform(AUG_CONTRAST, AUG_CONTRAST_P, b, gen)  # (b,)
+    mean = x01.mean(dim=(1, 2, 3), keepdim=True)  # (b, 1, 1, 1)
+    x01 = ((x01 - mean) * contrast[:, None, None, None] + mean).clamp(0, 1)
+    x01 = x01 ** _maybe_uniform(AUG_GAMMA, AUG_GAMMA_P, b, gen)[:, None, None, None]
     return x01.clamp(0, 1) * 2 - 1, t
+
+
+GAUSSIAN_RADIUS = math.ceil(3 * AUG_GAUSSIAN_SIGMA[1])  # the augmentation's kernel: 3σ of the widest blur
+
+
+def _uniform(bounds: tuple[float, float], b: int, gen: torch.Generator) -> torch.Tensor:
+    """(b,) drawn uniformly from ``bounds``."""
+    return bounds[0] + (bounds[1] - bounds[0]) * torch.rand(b, generator=gen)
+
+
+def _maybe_uniform(bounds: tuple[float, float], p: float, b: int, gen: torch.Generator) -> torch.Tensor:
+    """(b,): with probability ``p`` each, a value drawn uniformly from ``bounds``; else 1 (the identity of a
+    factor or a power)."""
+    applied = torch.rand(b, generator=gen) < p  # (b,)
+    return torch.where(applied, _uniform(bounds, b, gen), torch.ones(b))
+
+
+def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, radius: int) -> torch.Tensor:
+    """Images (b, 1, S, S), each convolved with a Gaussian of its own σ (b,) pixels, cut at ``radius``
+    (separable, normalised to sum 1, edges replicated)."""
+    b = x.shape[0]
+    t = torch.arange(-radius, radius + 1, dtype=torch.float32)  # (2r+1,)
+    kernel = torch.exp(-(t[None] ** 2) / (2 * sigma[:, None] ** 2))  # (b, 2r+1)
+    kernel = kernel / kernel.sum(dim=1, keepdim=True)
+    y = F.pad(x, (radius,) * 4, mode="replicate").transpose(0, 1)  # (1, b, S+2r, S+2r): one group per image
+    y = F.conv2d(y, kernel.view(b, 1, 1, -1), groups=b)
+    y = F.conv2d(y, kernel.view(b, 1, -1, 1), groups=b)  # (1, b, S, S)
+    return y.transpose(0, 1)
 
 
 @torch.no_grad()
 def smooth(images: np.ndarray, sigma: float) -> np.ndarray:
     """Images (N, 1, S, S) convolved with a Gaussian of ``sigma`` pixels (separable, radius ⌈3σ⌉, edges
     replicated); ``sigma`` 0 returns them unchanged."""
-    if sigma <= 0:
+    if sigma <= 0 or len(images) == 0:
         return images
-    radius = math.ceil(3 * sigma)
-    t = torch.arange(-radius, radius + 1, dtype=torch.float32)  # (2r+1,)
-    kernel = torch.exp(-(t**2) / (2 * sigma**2))
-    kernel = kernel / kernel.sum()
-    x = F.pad(torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)), (radius,) * 4, mode="replicate")
-    x = F.conv2d(F.conv2d(x, kernel.view(1, 1, 1, -1)), kernel.view(1, 1, -1, 1))  # (N, 1, S, S)
-    return x.numpy()
+    x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))  # (N, 1, S, S)
+    return gaussian_blur(x, torch.full((x.shape[0],), sigma), math.ceil(3 * sigma)).numpy()
 
 
 def sharpness(images: np.ndarray) -> float:
