@@ -1,17 +1,20 @@
 """Benchmark: how ``medsynth simulate`` scales with the number of virtual hospitals (issue 20).
 
-For each site count it runs one simulation of two rounds (round 1 includes Flower's start-up and
-the warm-start round 0; round 2 is the steady round) in a fresh child process and prints:
+For each site count it runs one simulation of ``--rounds`` rounds (default 2; round 1 includes
+Flower's start-up and the warm-start round 0; rounds 2 on are steady rounds) in a fresh child
+process and prints:
 
 * set-up: phantom data, every site written as DICOM and prepared (``simulation.runner.build_sites``),
   keys and roster;
 * first round: from starting the private SuperLink to the server's ``round 1/2`` line; "to round
   0" is the part of it up to the warm start's line (Flower's start-up, the secure-aggregation
   set-up and round 0, whose G pre-training runs at the server);
-* steady round: from ``round 1/2`` to ``round 2/2`` as the streamed log shows them (at the
-  resolution of Flower's log stream and including the checkpoint between them), and beside it
-  round 2's own ``seconds`` in the server's records (``server_state.json``: the round's wall time
-  at the server, exact); secure / plain divides the latter;
+* steady round: from ``round 1/R`` to ``round R/R`` as the streamed log shows them, over R − 1
+  (at the resolution of Flower's log stream and including the checkpoints between them), and
+  beside it the median of rounds 2 … R's own ``seconds`` in the server's records
+  (``server_state.json``: each round's wall time at the server, exact); secure / plain divides
+  the latter. A few-second round varies from round to round by more than a 5 % goal, so a ratio
+  at few hospitals wants ``--rounds`` well above 2;
 * peak memory: the largest sum, over the child's whole process tree (the simulation, the
   SuperLink, Ray and its workers), of each process's proportional set size (PSS: a page shared
   by k processes counts 1/k in each, so the sum is the memory the tree holds), sampled every half
@@ -24,10 +27,11 @@ the warm-start round 0; round 2 is the steady round) in a fresh child process an
 
 With ``--aggregation both`` (the default) each site count runs twice, plain aggregation first,
 then secure, and the secure row gives secure / plain of the steady round, the two measured side
-by side in one invocation.
+by side in one invocation (a site count named more than once, ``--sites 5 5 5``, runs the pair
+that many times, and each secure row divides by the plain run just before it).
 
 The run settings are the app's defaults (``[tool.flwr.app.config]``: the model, training and DP
-settings) except those named on the command line or below: 2 rounds, ``--patients-per-site``
+settings) except those named on the command line or below: ``--rounds`` rounds, ``--patients-per-site``
 phantom patients per site (default 50), and the SecAgg+ graph that ``medsynth simulate
 --secagg-degree auto`` picks (``--secagg-degree``, default ``auto``: the complete graph up to 40
 hospitals, k = ⌈3·log2 n⌉ neighbours above). Nothing is evaluated afterwards (``medsynth
@@ -43,6 +47,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import threading
@@ -55,7 +60,7 @@ from common.flower import sigterm_raises_interrupt
 
 DEFAULT_SITES = (5, 10, 20, 50, 100, 500)
 AGGREGATIONS = {"both": ("plain", "secure"), "secure": ("secure",), "plain": ("plain",)}
-ROUNDS = 2
+ROUNDS = 2  # the default: the first round and one steady round
 SAMPLE_EVERY_S = 0.5
 
 
@@ -68,8 +73,8 @@ class ScaleResult:
     setup_s: float | None
     round0_s: float | None  # start-up and the warm start (round 0), part of the first round
     first_round_s: float | None
-    steady_round_s: float | None  # between the log lines
-    steady_round_server_s: float | None  # round 2's seconds in the server's records
+    steady_round_s: float | None  # between the log lines, per round
+    steady_round_server_s: float | None  # the median of rounds 2 … R's seconds in the server's records
     peak_pss_bytes: int  # Σ PSS over the tree: shared pages split between the processes that map them
     peak_rss_bytes: int  # Σ RSS over the tree: shared pages counted once per process
     cpu_s: float  # user + system CPU of every process of the tree, as last sampled, all phases
@@ -127,7 +132,7 @@ def sample_tree(root: int) -> TreeSample:
     return TreeSample(pss, rss, ticks)
 
 
-def run_one(sites: int, aggregation: str, patients_per_site: int, out: Path, timeout_s: float,
+def run_one(sites: int, aggregation: str, patients_per_site: int, rounds: int, out: Path, timeout_s: float,
             extra: list[str]) -> ScaleResult:
     """One child simulation of ``sites`` hospitals; samples its process tree's memory meanwhile."""
     if out.exists():
@@ -135,7 +140,8 @@ def run_one(sites: int, aggregation: str, patients_per_site: int, out: Path, tim
     out.mkdir(parents=True)
     result_path = out / "bench_scale.json"
     cmd = [sys.executable, "-m", "simulation.bench_scale", "--child", "--sites", str(sites),
-           "--patients-per-site", str(patients_per_site), "--out", str(out), "--timeout", str(timeout_s), *extra,
+           "--patients-per-site", str(patients_per_site), "--rounds", str(rounds), "--out", str(out),
+           "--timeout", str(timeout_s), *extra,
            *(["--plain-aggregation"] if aggregation == "plain" else [])]
     child = subprocess.Popen(cmd)
     peak_pss = peak_rss = 0
@@ -202,7 +208,7 @@ def child_main(args: argparse.Namespace) -> None:
     from simulation.superlink import LocalSuperLink
 
     t0 = time.monotonic()
-    opts = SimulateOptions(out=args.out, sites=args.sites, rounds=ROUNDS, patients_per_site=args.patients_per_site,
+    opts = SimulateOptions(out=args.out, sites=args.sites, rounds=args.rounds, patients_per_site=args.patients_per_site,
                            local_steps=args.local_steps, timeout_s=args.timeout,
                            secure_aggregation=False if args.plain_aggregation else None,
                            secagg_degree=secagg_degree_option(args.secagg_degree, args.sites),
@@ -230,8 +236,9 @@ def child_main(args: argparse.Namespace) -> None:
             times["round0_s"] = marks[0] - started
         if 1 in marks:
             times["first_round_s"] = marks[1] - started
-        if 1 in marks and 2 in marks:
-            times["steady_round_s"] = marks[2] - marks[1]
+        last = max(marks)
+        if 1 in marks and last >= 2:
+            times["steady_round_s"] = (marks[last] - marks[1]) / (last - 1)
         result_path.write_text(json.dumps(times))
 
     with sigterm_raises_interrupt(), LocalSuperLink(opts.out / ".flwr") as link:  # stopped however this ends
@@ -239,9 +246,9 @@ def child_main(args: argparse.Namespace) -> None:
                 num_cpus_per_node=opts.cpus_per_site, log_path=opts.out / "flower.log",
                 timeout_s=opts.timeout_s, on_line=on_line)
     state = read_server_state(opts.out / RECORDS_FILE)
-    steady = [r.seconds for r in state.rounds if r.round == 2] if state is not None else []
+    steady = [r.seconds for r in state.rounds if r.round >= 2] if state is not None else []  # rounds 2 … R
     if steady:
-        times["steady_round_server_s"] = steady[0]
+        times["steady_round_server_s"] = statistics.median(steady)
         result_path.write_text(json.dumps(times))
 
 
@@ -250,8 +257,10 @@ def _fmt(seconds: float | None) -> str:
 
 
 def steady_ratio(rows: list[ScaleResult], r: ScaleResult) -> str:
-    """Secure / plain steady round (the server's records) at ``r``'s site count, when both ran; else blank."""
-    plain = next((p for p in rows if p.sites == r.sites and p.aggregation == "plain"), None)
+    """Secure / plain steady round (the server's records) at ``r``'s site count: ``r`` over the plain run of
+    that count just before it, when both ran; else blank."""
+    before = rows[: next(i for i, row in enumerate(rows) if row is r)]
+    plain = next((p for p in reversed(before) if p.sites == r.sites and p.aggregation == "plain"), None)
     if r.aggregation != "secure" or plain is None or not (r.steady_round_server_s and plain.steady_round_server_s):
         return ""
     return f"{r.steady_round_server_s / plain.steady_round_server_s:.2f}×"
@@ -277,6 +286,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="both (default): plain, then secure aggregation at each site count, and their ratio; "
                         "or only one of them")
     p.add_argument("--patients-per-site", type=int, default=50, help="phantom patients per hospital; default 50")
+    p.add_argument("--rounds", type=int, default=ROUNDS,
+                   help=f"rounds per run (default {ROUNDS}); the steady round is the median of rounds 2 … R")
     p.add_argument("--local-steps", type=int, default=None,
                    help="D steps per hospital per round (default: the app's train.local-steps)")
     p.add_argument("--plain-aggregation", action="store_true", help=argparse.SUPPRESS)  # the child's
@@ -300,21 +311,24 @@ def main(argv: list[str] | None = None) -> None:
         return
     if min(args.sites) < 1 or args.patients_per_site < 1 or (args.prepare_parallel or 1) < 1:
         p.error("--sites, --patients-per-site and --prepare-parallel must be >= 1")
+    if args.rounds < 2:
+        p.error("--rounds must be >= 2: round 1 holds the start-up, the steady round is round 2 on")
     extra = [] if args.local_steps is None else ["--local-steps", str(args.local_steps)]
     extra += ["--secagg-degree", args.secagg_degree]
     extra += ["--setup-only"] if args.setup_only else []
     extra += [] if args.prepare_parallel is None else ["--prepare-parallel", str(args.prepare_parallel)]
     extra += [] if args.messages_in_flight is None else ["--messages-in-flight", str(args.messages_in_flight)]
     modes = AGGREGATIONS[args.aggregation]
-    print(f"{ROUNDS} rounds per run, {args.patients_per_site} phantom patients per site, {' then '.join(modes)} "
+    print(f"{args.rounds} rounds per run, {args.patients_per_site} phantom patients per site, {' then '.join(modes)} "
           f"aggregation (secagg.degree {args.secagg_degree}), other settings the app's defaults; "
           f"{os.cpu_count()} cores", flush=True)
-    rows = []
-    for sites in args.sites:
+    rows: list[ScaleResult] = []
+    for i, sites in enumerate(args.sites):
+        repeat = args.sites[:i].count(sites)  # a site count named again keeps its earlier runs' folders
         for mode in modes:
+            folder = args.out / (f"sites-{sites}-{mode}" + (f"-{repeat + 1}" if repeat else ""))
             with sigterm_raises_interrupt():
-                r = run_one(sites, mode, args.patients_per_site, args.out / f"sites-{sites}-{mode}", args.timeout,
-                            extra)
+                r = run_one(sites, mode, args.patients_per_site, args.rounds, folder, args.timeout, extra)
             rows.append(r)
             print(f"[{sites} sites, {mode}] done: exit {r.exit_code}, {r.cpu_s:.0f} CPU s, "
                   f"mean load {r.mean_load:.1f}", flush=True)
