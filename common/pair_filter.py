@@ -1,9 +1,10 @@
 """The consistency filter of a pair model's samples (``model.pairs``): keep the pairs whose mask fits its image.
 
 Why. A pair generator trained under DP does not always draw a mask that follows its image. On
-HC18 at ε = 10, a U-Net trained on real pairs agrees with the synthetic masks at Dice 0.74–0.83
-(docs/segmentation.md), and where it disagrees the synthetic image is usually ambiguous: a
-blurred head without a clear outline, with a mask drawn anyway.
+HC18 at ε = 10, a U-Net trained on real pairs agrees with unfiltered synthetic masks at Dice
+0.83–0.86 (docs/segmentation.md; 0.70–0.84 before its training learned blurred, low-contrast
+images too), and where it disagrees the synthetic image is usually ambiguous: a blurred head
+without a clear outline, with a mask drawn anyway.
 
 The filter. Each kept pair is the best of ``candidates`` draws, as the class filter keeps the best
 of K images of a conditional model (``common.models.draw_images``), with a judge of pairs instead
