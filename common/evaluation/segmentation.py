@@ -63,6 +63,7 @@ AUG_NOISE = 0.3  # standard deviation of the multiplicative noise
 AUG_BLUR = 0.5  # probability that a batch is blurred
 AUG_GAUSSIAN_SIGMA = (0.5, 2.0)  # pixels, drawn uniformly; to σ 2 because a DP generator's images are that smooth
 AUG_GAUSSIAN_P = 0.5
+GAUSSIAN_RADIUS = math.ceil(3 * AUG_GAUSSIAN_SIGMA[1])  # the augmentation's kernel: 3σ of the widest blur
 AUG_CONTRAST = (0.65, 1.5)  # factor on each pixel's distance from the image's mean brightness
 AUG_CONTRAST_P = 0.5
 AUG_GAMMA = (0.7, 1.5)  # brightness in [0, 1] raised to this power
@@ -153,14 +154,14 @@ def augment(x: torch.Tensor, t: torch.Tensor, gen: torch.Generator) -> tuple[tor
     b = x.shape[0]
     flip = (torch.rand(b, generator=gen) < 0.5)[:, None, None, None]  # (b, 1, 1, 1) image and mask together
     x, t = torch.where(flip, x.flip(-1), x), torch.where(flip, t.flip(-1), t)
-    zoom = AUG_ZOOM[0] + (AUG_ZOOM[1] - AUG_ZOOM[0]) * torch.rand(b, generator=gen)  # (b,)
+    zoom = _uniform(AUG_ZOOM, b, gen)  # (b,)
     angle = (2 * torch.rand(b, generator=gen) - 1) * AUG_ROTATION  # (b,)
     tx, ty = ((2 * torch.rand(b, generator=gen) - 1) * AUG_SHIFT for _ in range(2))  # (b,) each
     theta = affine_theta(angle, zoom, tx, ty)  # (b, 2, 3)
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)  # (b, S, S, 2)
     x = F.grid_sample(x + 1, grid, align_corners=False, padding_mode="zeros") - 1  # outside: -1, black
     t = (F.grid_sample(t, grid, align_corners=False, padding_mode="zeros") > 0.5).float()
-    x01 = (x + 1) / 2 * (AUG_GAIN[0] + (AUG_GAIN[1] - AUG_GAIN[0]) * torch.rand(b, 1, 1, 1, generator=gen))
+    x01 = (x + 1) / 2 * _uniform(AUG_GAIN, b, gen)[:, None, None, None]
     x01 = x01 * (1 + AUG_NOISE * torch.randn(x.shape, generator=gen))
     if torch.rand(1, generator=gen).item() < AUG_BLUR:
         x01 = F.avg_pool2d(x01, 3, 1, 1)
@@ -173,9 +174,6 @@ def augment(x: torch.Tensor, t: torch.Tensor, gen: torch.Generator) -> tuple[tor
     x01 = ((x01 - mean) * contrast[:, None, None, None] + mean).clamp(0, 1)
     x01 = x01 ** _maybe_uniform(AUG_GAMMA, AUG_GAMMA_P, b, gen)[:, None, None, None]
     return x01.clamp(0, 1) * 2 - 1, t
-
-
-GAUSSIAN_RADIUS = math.ceil(3 * AUG_GAUSSIAN_SIGMA[1])  # the augmentation's kernel: 3σ of the widest blur
 
 
 def _uniform(bounds: tuple[float, float], b: int, gen: torch.Generator) -> torch.Tensor:
