@@ -80,8 +80,12 @@ def test_node_status_says_what_runs_what_is_spent_and_where_the_logs_are(
     log = start_log_path(cfg.state_dir, time.time())
     log.parent.mkdir(parents=True)
     log.write_text("")
-    daemon = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "medsynth-node-daemon"])
+    # The child says it runs before the test reads /proc: Popen returns once the exec closed its
+    # close-on-exec pipe, which is before the kernel sets the new command line (read empty until then).
+    daemon = subprocess.Popen([sys.executable, "-c", "import time; print('up', flush=True); time.sleep(60)",
+                               "medsynth-node-daemon"], stdout=subprocess.PIPE, text=True)
     try:
+        assert daemon.stdout is not None and daemon.stdout.readline() == "up\n"
         (cfg.state_dir / DAEMON_FILE).write_text(json.dumps(
             {"pid": daemon.pid, "supernode_pid": 1, "tag": "t", "runtime_port": 9094, "log": str(log), "started": 0}))
         # act
@@ -89,7 +93,7 @@ def test_node_status_says_what_runs_what_is_spent_and_where_the_logs_are(
         out = capsys.readouterr().out
     finally:
         daemon.kill()
-        daemon.wait()
+        daemon.communicate()  # waits, and closes its pipe
     gone, _ = node_status(cfg)
     # assert
     assert fresh_code == 0 and "nothing spent yet: budget ε 10" in fresh and "last round: none yet" in fresh
