@@ -56,6 +56,8 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from opacus.optimizers import DPOptimizer
 from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 
+from common.keystream import keystream_words
+
 KEY_BYTES = 32
 # ChaCha20's 32-bit block counter (RFC 8439 §2.3): 2³² blocks of 64 bytes = 2³⁵ words of 8 bytes
 # per key. One round uses steps × D params words (50 × 13 035 at the default config).
@@ -116,8 +118,7 @@ class ChaCha20Gaussian:
         if self._words_used + n > MAX_WORDS:
             raise RuntimeError(f"ChaCha20 stream exhausted: {self._words_used} + {n} words > 2**35 for one key")
         self._words_used += n
-        stream = self._stream.update(bytes(8 * n))  # keystream XOR zeros = keystream
-        return np.frombuffer(stream, dtype="<u8").astype(np.uint64, copy=False)
+        return keystream_words(self._stream, n)
 
     def standard_normal(self, n: int) -> np.ndarray:
         """(n,) float64 i.i.d. N(0, 1); consumes 3·⌈n/2⌉ words."""

@@ -30,6 +30,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from common.keystream import keystream_words
 from common.secagg.encoding import Writer
 from common.secagg.errors import KeySwapDetected, ReplayDetected
 from common.secagg.session import Session
@@ -82,8 +83,7 @@ def prg_words(key: bytes, length: int) -> np.ndarray:
         raise ValueError(f"PRG keys are {KEY_BYTES} bytes, got {len(key)}")
     if not 0 <= length <= MAX_PRG_WORDS:
         raise ValueError(f"PRG length must be in [0, 2**35] words, got {length}")
-    stream = Cipher(algorithms.ChaCha20(key, bytes(16)), mode=None).encryptor().update(bytes(8 * length))
-    return np.frombuffer(stream, dtype="<u8").astype(np.uint64, copy=False)
+    return keystream_words(Cipher(algorithms.ChaCha20(key, bytes(16)), mode=None).encryptor(), length)
 
 
 def share_ad(session: Session, round: int, sender: str, receiver: str, kind: str) -> bytes:
