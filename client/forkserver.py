@@ -45,6 +45,7 @@ one that Flower imports in the child.
 from __future__ import annotations
 
 import contextlib
+import gc
 import importlib
 import importlib.util
 import json
@@ -63,10 +64,15 @@ from types import FrameType, ModuleType
 
 #: The environment variable through which the SuperNode's ClientApps find the fork server's socket.
 SOCKET_ENV = "MEDSYNTH_CLIENTAPP_FORKSERVER"
-#: Imported once by the fork server: the heavy third-party libraries a ClientApp uses.
+#: Imported once by the fork server: the heavy third-party libraries a ClientApp uses. Two are
+#: imported late by the libraries themselves, so they are named here: ``httpcore`` when Flower's
+#: ClientApp makes its HTTP client for the SuperNode (every message), and ``torch._dynamo`` when
+#: training makes its first ``torch.optim`` optimizer (``Optimizer.__init__`` runs under
+#: ``torch._disable_dynamo``). In a forked child they cost 0.28 s and about 0.4 s of CPU per message.
 PREIMPORTS = (
-    "numpy", "scipy.stats", "torch", "opacus", "safetensors.torch", "PIL.Image", "pydicom", "cryptography.x509",
-    "flwr.app", "flwr.clientapp", "flwr.supernode.cli.flwr_clientapp", "flwr.supernode.runtime.run_clientapp",
+    "numpy", "scipy.stats", "torch", "torch._dynamo", "opacus", "safetensors.torch", "PIL.Image", "pydicom",
+    "cryptography.x509", "httpcore", "flwr.app", "flwr.clientapp", "flwr.supernode.cli.flwr_clientapp",
+    "flwr.supernode.runtime.run_clientapp",
 )
 #: Top-level packages of this repository; the app bundle brings its own copy, so the fork server must not import them.
 OURS = ("client", "common", "server", "simulation", "medsynth")
@@ -168,11 +174,23 @@ def check_nothing_of_ours() -> None:
 
 
 def preimport() -> None:
-    """Import :data:`PREIMPORTS` and the app allow-list, and nothing of this repository's packages."""
+    """Import :data:`PREIMPORTS` and the app allow-list, and nothing of this repository's packages;
+    then freeze what was imported out of the garbage collector's reach.
+
+    The imports leave about 420,000 objects that Python's cyclic garbage collector tracks. A
+    forked child inherits them, and its first full collections walk all of them: making one HTTP
+    client took 276 ms of CPU in a child of a fork server without ``gc.freeze`` and 41 ms with it
+    (without ``httpcore`` preimported). ``gc.freeze`` (Python's documentation recommends it before
+    ``fork`` for this reason) moves them to a permanent generation that collections skip; they
+    are module-level objects that live as long as the process anyway. Objects a child makes are
+    collected as usual.
+    """
     for name in PREIMPORTS:
         importlib.import_module(name)
     _gate()
     check_nothing_of_ours()
+    gc.collect()
+    gc.freeze()
 
 
 def _peer_uid(conn: socket.socket) -> int:

@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 import torch
 
+from client import forkserver
 from client.fab_gate import ANY_APP_ENV
 from client.forkserver import SOCKET_ENV, ForkServerError, check_nothing_of_ours, launcher_command, reseed_in_child
 from client.forkserver import write_wrapper as write_clientapp_wrapper
@@ -183,6 +184,37 @@ def test_forked_clientapps_do_not_share_a_random_stream() -> None:
     # what the fork server's children do
     own = _draw_in_children(reseed=True)
     assert own[0][0] != own[1][0] and own[0][1] != own[1][1]
+
+
+def test_a_forked_clientapp_imports_nothing_to_reach_its_supernode_or_to_train() -> None:
+    # prepare: a fresh interpreter becomes a fork server as launch_supernode makes one (this test
+    # process imported `client`, so the fork server's own check would refuse to run here)
+    script = textwrap.dedent("""
+        import gc, importlib.util, json, os, sys
+        spec = importlib.util.spec_from_file_location("forkserver", sys.argv[1])
+        fs = sys.modules["forkserver"] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(fs)
+        fs.preimport()
+        r, w = os.pipe()
+        if os.fork() == 0:  # act: what every message's ClientApp does first, and what training does
+            before = set(sys.modules)
+            import httpx, torch
+            httpx.Client()  # Flower's ClientApp: its HTTP client for the SuperNode's runtime API
+            torch.optim.Adam([torch.zeros(1, requires_grad=True)])  # training's first optimizer
+            os.write(w, json.dumps({"new": sorted(set(sys.modules) - before),
+                                    "frozen": gc.get_freeze_count(), "enabled": gc.isenabled()}).encode())
+            os._exit(0)
+        os.close(w)
+        print(os.read(r, 1 << 16).decode())
+        """)
+    done = subprocess.run([sys.executable, "-c", script, str(Path(forkserver.__file__))], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    child = json.loads(done.stdout)
+    # assert: no library is imported in the child (each late import cost it 0.3 s of CPU), the
+    # preimported objects are out of the collector's reach, and the child still collects its own
+    assert child["new"] == []
+    assert child["frozen"] > 100_000 and child["enabled"] is True
 
 
 def test_the_fork_server_refuses_to_hold_this_repositorys_code() -> None:
