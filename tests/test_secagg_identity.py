@@ -8,6 +8,7 @@ import stat
 import pytest
 
 from common.secagg import KeyAdvert, KeySwapDetected, Roster, SecAggClient, Session, SiteIdentity
+from common.secagg.identity import ed25519_valid
 
 
 def test_identity_file_is_private_pkcs8_and_loads_back(tmp_path):
@@ -69,3 +70,25 @@ def test_advert_signature_covers_every_field():
     for forged in variants:
         with pytest.raises(KeySwapDetected, match="does not verify"):
             roster.verify("a", forged.signed_payload(), forged.signature)
+
+
+def test_a_remembered_signature_check_answers_only_for_the_same_bytes():
+    # prepare: one site's advert, checked once, so that its answer is remembered in this process
+    identity, other = SiteIdentity.generate("a"), SiteIdentity.generate("b")
+    roster = Roster({"a": identity.public_key(), "b": other.public_key()})
+    _, advert = SecAggClient.start(identity, Session(7, 3))
+    payload, signature = advert.signed_payload(), advert.signature
+    roster.verify("a", payload, signature)
+    hits = ed25519_valid.cache_info().hits
+
+    # act / assert: the same check again is answered from memory (and still passes) ...
+    roster.verify("a", bytes(payload), bytes(signature))
+    assert roster.signature_valid("a", payload, signature)
+    assert ed25519_valid.cache_info().hits == hits + 2
+    # ... while a byte changed anywhere, or another site's key, is a new check that fails
+    flipped = bytes([signature[0] ^ 1]) + signature[1:]
+    for site, data, sig in [("a", payload, flipped), ("a", payload + b"\x00", signature), ("b", payload, signature)]:
+        assert not roster.signature_valid(site, data, sig)
+        with pytest.raises(KeySwapDetected, match="does not verify"):
+            roster.verify(site, data, sig)
+    assert ed25519_valid(identity.public_key(), payload, signature)

@@ -10,6 +10,7 @@ from one run, setup or site never validates for another.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -88,6 +89,30 @@ class SiteIdentity:
         return SiteIdentity(site_id, key)
 
 
+#: Distinct (key, data, signature) checks remembered per process: one stage at 500 hospitals
+#: checks about 1,000 (the next session's adverts and the survivor set's signatures).
+CHECKS_REMEMBERED = 4096
+
+
+@functools.lru_cache(maxsize=CHECKS_REMEMBERED)
+def ed25519_valid(public_key: bytes, data: bytes, signature: bytes) -> bool:
+    """Whether ``signature`` is ``public_key``'s Ed25519 signature (RFC 8032) of ``data``.
+
+    Remembered per process, keyed by the exact bytes of all three: verification is a
+    deterministic function of them, so a remembered answer is the one a fresh check would give,
+    and a changed byte anywhere is a new check. What it saves: in the Simulation Engine one
+    process plays many hospitals, and each of them checks the same signed messages (every
+    advert of the next session, every signature on the survivor set), 82 µs a check. At 100
+    hospitals each checks about 200 a round (16 ms), 20,000 checks of 200 distinct signatures.
+    On the Deployment Engine a ClientApp process handles one message and checks each once.
+    """
+    try:
+        Ed25519PublicKey.from_public_bytes(public_key).verify(signature, data)
+    except InvalidSignature:
+        return False
+    return True
+
+
 class Roster:
     """site_id → raw Ed25519 public key of every consortium member, distributed out of band."""
 
@@ -142,26 +167,18 @@ class Roster:
         """Whether ``signature`` is ``site_id``'s roster key's signature of ``data`` (False for a
         site not in the roster)."""
         pk = self.keys.get(site_id)
-        if pk is None:
-            return False
-        try:
-            Ed25519PublicKey.from_public_bytes(pk).verify(signature, data)
-        except InvalidSignature:
-            return False
-        return True
+        return pk is not None and ed25519_valid(pk, bytes(data), bytes(signature))
 
     def verify(self, site_id: str, data: bytes, signature: bytes) -> None:
         """``KeySwapDetected`` unless ``signature`` is ``site_id``'s roster key's signature of ``data``."""
         pk = self.keys.get(site_id)
         if pk is None:
             raise KeySwapDetected(f"site {site_id!r} is not in the roster; add its public key out of band first")
-        try:
-            Ed25519PublicKey.from_public_bytes(pk).verify(signature, data)
-        except InvalidSignature as exc:
+        if not ed25519_valid(pk, bytes(data), bytes(signature)):
             raise KeySwapDetected(
                 f"key advert of site {site_id!r} does not verify against its roster key: keys were replaced "
                 "in transit or signed by another site; aborting setup"
-            ) from exc
+            )
 
 
 @dataclass(frozen=True)
