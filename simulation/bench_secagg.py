@@ -11,8 +11,9 @@ its own node config consents). On that same deployment, back to back in this one
 with plain aggregation (``secure-aggregation = false``), then R rounds with secure aggregation.
 Each run starts from empty ledgers (a fresh consortium, same budget and so the same calibrated
 noise) and writes to its own output folder. The model is the default of ``pyproject.toml``;
-only the training length (``--local-steps``, ``--batch-size``) can be changed. The default of 20
-local steps (fewer than the app's) keeps the whole benchmark under about 10 minutes on 2 CPUs.
+only the training length (``--local-steps``, ``--batch-size``) can be changed; both default to
+the app's (``train.local-steps`` = 50, ``train.batch-size``). At those, 3 hospitals take about
+2 minutes on 2 CPUs and 20 about 8 (docs/benchmarks.md).
 
 What is reported (per hospital per round unless noted; medians)
 ----------------------------------------------------------------
@@ -50,7 +51,7 @@ steady round times.
 Nothing is asserted; timings depend on the machine and on anything else running on it (the
 load average is printed).
 
-    python -m simulation.bench_secagg [--sites 5] [--rounds 3] [--local-steps 20] [--batch-size 32]
+    python -m simulation.bench_secagg [--sites 5] [--rounds 3] [--local-steps 50] [--batch-size 32]
         [--launch fork-server|plain|both] [--out DIR]
 """
 
@@ -338,9 +339,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--local-steps",
         type=int,
-        default=20,
-        help="private D steps per hospital per round; default 20, fewer than the app's train.local-steps (at "
-        "50 steps a round took about 130 s with 5 hospitals on 2 CPUs, the whole benchmark about 15 minutes)",
+        default=None,
+        help="private D steps per hospital per round; default: the app's train.local-steps",
     )
     p.add_argument("--batch-size", type=int, default=None,
                    help="generated rows per D and G step; default: the app's train.batch-size")
@@ -364,7 +364,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.sites < 3:
         p.error("--sites must be >= 3 (secure aggregation's threshold is never below 3)")
-    if args.rounds < 1 or args.local_steps < 1 or (args.batch_size is not None and args.batch_size < 1):
+    if args.rounds < 1 or any(v is not None and v < 1 for v in (args.local_steps, args.batch_size)):
         p.error("--rounds, --local-steps and --batch-size must be >= 1")
     if args.patients_per_site < 1 or args.images_per_patient < 1 or args.timeout <= 0:
         p.error("--patients-per-site and --images-per-patient must be >= 1 and --timeout > 0")
@@ -421,8 +421,9 @@ def main(argv: list[str] | None = None) -> int:
             tables[launch] = (plain, secure_result)
         for launch, (plain, secure_result) in tables.items():
             say("")
-            say(f"{args.sites} hospitals, {args.rounds} rounds per mode, {args.local_steps} local steps, batch "
-                f"{opts.run.train.batch_size}, default model, ClientApps: {launch}; medians per hospital per round; "
+            train = opts.run.train
+            say(f"{args.sites} hospitals, {args.rounds} rounds per mode, {train.local_steps} local steps, batch "
+                f"{train.batch_size}, default model, ClientApps: {launch}; medians per hospital per round; "
                 f"load average now {os.getloadavg()[0]:.2f}; total {time.monotonic() - t0:.0f} s")
             say(format_table(plain, secure_result))
         if len(tables) == 2:
