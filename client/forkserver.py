@@ -68,7 +68,7 @@ SOCKET_ENV = "MEDSYNTH_CLIENTAPP_FORKSERVER"
 #: imported late by the libraries themselves, so they are named here: ``httpcore`` when Flower's
 #: ClientApp makes its HTTP client for the SuperNode (every message), and ``torch._dynamo`` when
 #: training makes its first ``torch.optim`` optimizer (``Optimizer.__init__`` runs under
-#: ``torch._disable_dynamo``). In a forked child they cost 0.28 s and about 0.4 s of CPU per message.
+#: ``torch._disable_dynamo``). In a forked child they cost 0.28 s and 0.32 s of CPU per message.
 PREIMPORTS = (
     "numpy", "scipy.stats", "torch", "torch._dynamo", "opacus", "safetensors.torch", "PIL.Image", "pydicom",
     "cryptography.x509", "httpcore", "flwr.app", "flwr.clientapp", "flwr.supernode.cli.flwr_clientapp",
