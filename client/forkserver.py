@@ -375,12 +375,16 @@ def launch_supernode(command: Sequence[str]) -> None:
 # SuperNode here backs off instead: right after it handled a message it pulls again within
 # SUPERNODE_FIRST_POLL_S, and each empty answer doubles the pause, up to Flower's 3 s. The wait
 # for the next stage is then at most about the time since the last one; an idle hospital polls
-# as Flower's does.
+# as Flower's does. While a message is handled the loop also waits, 0.5 s at a time, for the
+# ClientApp's reply and its objects in the SuperNode's own memory (no request leaves the
+# process); those waits are cut to HANDLING_POLL_S, so a reply leaves within 0.05 s of being made.
 
 #: The SuperNode's first pause after a message; doubled after each empty pull up to Flower's own.
 SUPERNODE_FIRST_POLL_S = 0.25
 FLOWER_IDLE_SLEEP_S = 3.0  # the SuperNode loop's sleep after an empty pull (flwr 1.41)
 BUSY_PULL_S = 1.0  # a pull-to-pull gap longer than this (besides the pause) means a message was handled
+#: The SuperNode's pause while it waits for a ClientApp's reply in its own state (Flower's: 0.5 s).
+HANDLING_POLL_S = 0.05
 #: The SuperExec's pause between two asks for a ClientApp to launch (Flower's default: 1 s).
 SUPEREXEC_POLL_S = 0.5
 SUPEREXEC_POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"  # read by flwr.supercore.superexec.run_superexec
@@ -388,7 +392,8 @@ SUPEREXEC_POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"  # read by flwr.superco
 
 class BriskClock:
     """The ``time`` module as Flower's SuperNode loop sees it here: the same, but its idle sleep
-    backs off from :data:`SUPERNODE_FIRST_POLL_S` after each handled message (see above).
+    backs off from :data:`SUPERNODE_FIRST_POLL_S` after each handled message, and its waits for
+    a reply last :data:`HANDLING_POLL_S` (see above).
     Installed only into ``flwr.supernode.start_client_internal``."""
 
     def __init__(self) -> None:
@@ -401,7 +406,7 @@ class BriskClock:
     def sleep(self, seconds: float) -> None:
         if seconds < FLOWER_IDLE_SLEEP_S:  # a wait while a message is handled (its reply, its objects)
             self._pause = SUPERNODE_FIRST_POLL_S
-            time.sleep(seconds)
+            time.sleep(min(seconds, HANDLING_POLL_S))
             return
         if self._returned is not None and time.monotonic() - self._returned > BUSY_PULL_S:
             self._pause = SUPERNODE_FIRST_POLL_S  # the last pull brought a message (it took a while)

@@ -268,7 +268,7 @@ def test_the_supernode_polls_briskly_after_a_message_and_backs_off_to_flowers_pa
     # (become_supernode replaces exactly that); record what the clock is asked to sleep
     from flwr.supernode import start_client_internal as loop
 
-    from client.forkserver import SUPERNODE_FIRST_POLL_S, BriskClock
+    from client.forkserver import HANDLING_POLL_S, SUPERNODE_FIRST_POLL_S, BriskClock
 
     assert getattr(loop, "time", None) is time, "flwr's SuperNode loop changed: it would poll at Flower's 3 s"
     slept: list[float] = []
@@ -281,7 +281,9 @@ def test_the_supernode_polls_briskly_after_a_message_and_backs_off_to_flowers_pa
     clock.sleep(0.5)
     clock.sleep(3)
     clock.sleep(3)
-    # assert: the pause doubles from the first poll up to Flower's 3 s, and starts again after a message
+    # assert: the pause doubles from the first poll up to Flower's 3 s, and starts again after a
+    # message; the wait for the reply is cut short
     first = SUPERNODE_FIRST_POLL_S
-    assert slept == [first, 2 * first, 4 * first, 8 * first, 3, 3, 0.5, first, 2 * first]
+    assert slept == [first, 2 * first, 4 * first, 8 * first, 3, 3, HANDLING_POLL_S, first, 2 * first]
+    assert HANDLING_POLL_S < 0.5
     assert clock.monotonic is time.monotonic and clock.time is time.time
