@@ -221,8 +221,8 @@ class Discriminator(nn.Module):
             if labels is None:
                 raise ValueError("conditional discriminator needs labels (B,) of class indices")
             # The one-hot input requires grad only so that torch's full backward hooks (which
-            # Opacus registers for per-sample gradients) see a differentiable input and do not
-            # warn; the gradient w.r.t. the one-hot itself is never used.
+            # Opacus's hook mode registers; production uses ExpandedWeights, the benchmark times
+            # both) see a differentiable input and do not warn; its gradient (B, K) is never used.
             onehot = F.one_hot(labels, self.cfg.num_classes).to(h.dtype).requires_grad_(True)
             logit = logit + (self.label_projection(onehot) * h).sum(dim=1)  # (B,) projection
         return logit, class_logits

@@ -131,8 +131,8 @@ def _d_update(priv: PrivateDiscriminator, batch: tuple[torch.Tensor, ...], condi
     real, y_real, fake, y_fake = batch
     _sync(device)
     t0 = time.perf_counter()
-    loss, _, _ = discriminator_loss(priv.module, real, y_real, fake, y_fake, conditional)
     priv.optimizer.zero_grad(set_to_none=True)
+    loss, _, _ = discriminator_loss(priv.module, real, y_real, fake, y_fake, conditional)
     loss.backward()
     priv.optimizer.step()
     _sync(device)
@@ -202,10 +202,12 @@ class ModeD:
 def mode_discriminator(mode: str, model: ModelConfig, train: TrainConfig, privacy: PrivacyConfig) -> ModeD:
     """D (same initial weights for every mode) wired as ``mode`` says, noise from a ``torch.Generator``.
 
-    ``hooks``: production (``GradSampleModule``, per-sample gradients from module hooks);
+    ``hooks``: Opacus's ``GradSampleModule`` (per-sample gradients from module hooks; the input
+    requires a gradient so that the first layer's full backward hook does not warn);
     ``functorch``: the same module with every layer's per-sample gradient by ``torch.func``;
-    ``ew``: torch's ExpandedWeights; ``ghost``: Opacus's fast gradient clipping (per-sample norms
-    only, ghost norms for the linear layers, then a second backward of the clip-weighted loss);
+    ``ew``: torch's ExpandedWeights, production (``common.dp.train``); ``ghost``: Opacus's fast
+    gradient clipping (per-sample norms only, ghost norms for the linear layers, then a second
+    backward of the clip-weighted loss);
     ``fake-apart``: per-sample gradients for the real rows only, the fake rows' gradient as one
     plain sum: NOT the production update (fake rows unclipped), timed to size the lever only.
     """
@@ -268,7 +270,10 @@ def mode_update(d: ModeD, batch: tuple[torch.Tensor, ...], conditional: bool) ->
         for p, g in zip(gsm.parameters(), fake_sum, strict=True):
             p.grad.add_(g / opt.expected_batch_size)
         opt.original_optimizer.step()
-    else:
+    elif d.mode in ("hooks", "functorch"):
+        _row_losses(d.module, real, y_real, fake, y_fake, conditional).sum().backward()
+        d.optimizer.step()
+    else:  # plain and ew: the production loss
         loss, _, _ = discriminator_loss(d.module, real, y_real, fake, y_fake, conditional)
         loss.backward()
         d.optimizer.step()

@@ -184,8 +184,8 @@ def test_a_full_step_counts_in_the_accountant_and_refuses_reused_gradients() -> 
     try:
         # act: two steps, then a step on gradients already used
         for _ in range(2):
-            loss, _, _ = discriminator_loss(priv.module, real, y_real, fake, y_fake, cfg.conditional)
             priv.optimizer.zero_grad(set_to_none=True)
+            loss, _, _ = discriminator_loss(priv.module, real, y_real, fake, y_fake, cfg.conditional)
             loss.backward()
             priv.optimizer.step()
         # assert: the accountant saw both steps with the configured (σ, q); the weights moved;

@@ -76,6 +76,34 @@ def test_every_row_is_clipped_separately() -> None:
     assert float(total.norm()) <= 8 * 1.0 * (1 + 1e-4)
 
 
+def test_each_rows_per_sample_gradient_is_that_rows_own_gradient() -> None:
+    # prepare: a conditional D with its class head; 3 real rows and 2 fake rows
+    cfg = app_model()
+    _, netD = build_models(cfg, seed=5)
+    gen = torch.Generator().manual_seed(6)
+    real, y_real = torch.rand(3, 1, 32, 32, generator=gen) * 2 - 1, torch.tensor([0, 1, 0])
+    fake, y_fake = torch.rand(2, 1, 32, 32, generator=gen) * 2 - 1, torch.tensor([1, 1])
+    priv = make_private_discriminator(netD, train=app_train(batch_size=4), noise_multiplier=0.0,
+                                      max_grad_norm=1.0, sample_rate=0.5)
+    try:
+        # act: the production forward and backward over all 5 rows
+        priv.optimizer.zero_grad(set_to_none=True)
+        loss, _, _ = discriminator_loss(priv.module, real, y_real, fake, y_fake, cfg.conditional)
+        loss.backward()
+        per_row = [p.grad_sample.detach().clone() for p in netD.parameters()]  # each (5, *p.shape)
+    finally:
+        priv.module._close()
+    # assert: row i's gradient equals plain autograd's gradient of row i's loss alone (D unwrapped)
+    rows = [(real[i : i + 1], y_real[i : i + 1], fake[:0], y_fake[:0]) for i in range(3)]
+    rows += [(real[:0], y_real[:0], fake[j : j + 1], y_fake[j : j + 1]) for j in range(2)]
+    for i, (r, yr, f, yf) in enumerate(rows):
+        netD.zero_grad(set_to_none=True)
+        alone, _, _ = discriminator_loss(netD, r, yr, f, yf, cfg.conditional)
+        alone.backward()
+        for p, g in zip(netD.parameters(), per_row, strict=True):
+            torch.testing.assert_close(g[i], p.grad, rtol=1e-4, atol=1e-6)
+
+
 def test_discriminator_passes_opacus_validator() -> None:
     for size in (32, 64):
         _, netD = build_models(app_model(image_size=size))
@@ -101,7 +129,7 @@ def test_generator_step_leaves_no_per_sample_gradients_and_no_accountant_step() 
     g_before = [p.detach().clone() for p in netG.parameters()]
     optG = torch.optim.Adam(netG.parameters(), lr=1e-3)
     # act
-    generator_step(netG, priv.module, optG, priv.optimizer, cfg, 4, CPU)
+    generator_step(netG, netD, optG, priv.optimizer, cfg, 4, CPU)
     # assert
     assert priv.accountant.history == history_before == [(1.0, 0.1, 1)]
     for p in netD.parameters():

@@ -83,9 +83,9 @@ def gradient_probe(netG: Generator, netD: Discriminator, sites: list[LocalDatase
                 z, y_fake = sample_noise(train.batch_size, model, device, gen)
                 with torch.no_grad():
                     fake = netG(z, y_fake if model.conditional else None)  # (B, 1, S, S)
+                private.optimizer.zero_grad(set_to_none=True)
                 loss, _, _ = discriminator_loss(private.module, images[idx], labels[idx], fake, y_fake,
                                                 model.conditional)
-                private.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 private.optimizer.step()
         finally:
