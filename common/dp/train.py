@@ -23,8 +23,8 @@ moves the accountant nor leaves per-sample gradients; D's gradients are cleared 
 Wiring, step and accountant are kept apart as in Opacus core:
 ``GradSampleModuleExpandedWeights`` (Opacus's ``grad_sample_mode="ew"``: per-row gradients by
 torch's ExpandedWeights, the same as Opacus's module hooks give, with no hook per layer and no
-gradient for the input images; a private local step at the app's defaults took 15.9 ms instead
-of 19.6 ms, docs/benchmarks.md), ``DPOptimizer`` (clip + noise; its noise drawn from ChaCha20
+gradient for the input images; a private local step at the app's defaults took 15.6–16.6 ms
+instead of 20.3 ms, docs/benchmarks.md), ``DPOptimizer`` (clip + noise; its noise drawn from ChaCha20
 keyed by the OS, see ``common.dp.noise``), an accountant attached as a step hook that counts the
 steps actually taken, which the caller checks against what it charged to the ledger.
 ExpandedWeights refuses a forward while per-sample gradients of the last step are still held, so
